@@ -1,0 +1,5 @@
+//! The trainable LLaMA-family model.
+
+pub mod config;
+
+pub use config::{LlamaConfig, RopeScaling};
