@@ -5,7 +5,10 @@
 //! `training` (optimizer, schedule, loop, checkpoints), `eval` (generation, answer extraction),
 //! `cli` (the `candle-peft` command).
 
+pub mod adapters;
 pub mod error;
+pub mod fsutil;
+pub mod loading;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -1,5 +1,10 @@
 //! The trainable LLaMA-family model.
 
 pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod ops;
 
 pub use config::{LlamaConfig, RopeScaling};
+pub use linear::{FrozenLinear, Linear, LinearAdapter};
+pub use llama::{BlockControl, KvCache, Llama};

@@ -1,0 +1,97 @@
+//! LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022) and its
+//! rsLoRA scaling (Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023).
+//!
+//! `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, with A [r, in] kaiming-uniform (a = √5, i.e. U(±1/√in)),
+//! B [out, r] zero, and `s = α / r` (rsLoRA: `s = α / √r`). PEFT's keys: `lora_A.weight`,
+//! `lora_B.weight`. Merge: `W ← W + s·B A`.
+
+use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::{uniform_var, Dropout, Targets};
+use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter};
+use crate::Result;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: Targets,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+}
+
+/// The low-rank pair of one adapted linear layer.
+pub struct LoraLinear {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    dropout: Dropout,
+}
+
+impl LoraLinear {
+    pub fn new(base: &FrozenLinear, cfg: &LoraConfig, rng: &mut StdRng) -> Result<Self> {
+        let (out, inp) = (base.out_features(), base.in_features());
+        let device = base.weight().device();
+        let bound = 1.0 / (inp as f64).sqrt();
+        Ok(Self {
+            a: uniform_var(&[cfg.r, inp], bound, rng, device)?,
+            b: Var::zeros((out, cfg.r), DType::F32, device)?,
+            scale: cfg.scale(),
+            dropout: Dropout::new(cfg.lora_dropout, rng),
+        })
+    }
+
+    /// `s · B A` in the base weight's dtype.
+    pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?.to_dtype(dtype)?)
+    }
+
+    /// `s · (x Aᵀ) Bᵀ`, with the adapter weights cast to x's dtype as autocast would.
+    pub fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        Ok((matmul_t(&matmul_t(x, &a)?, &b)? * self.scale)?)
+    }
+
+    pub fn dropout(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.dropout.apply(x, train)
+    }
+
+    pub fn dropout_active(&self) -> bool {
+        self.dropout.p > 0.0
+    }
+}
+
+impl LinearAdapter for LoraLinear {
+    fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
+    }
+
+    fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
+        Ok((w.to_dtype(DType::F32)? + self.delta_weight(DType::F32)?)?.to_dtype(w.dtype())?)
+    }
+
+    fn unmerged_weight(&self, w: &Tensor) -> Result<Tensor> {
+        Ok((w.to_dtype(DType::F32)? - self.delta_weight(DType::F32)?)?.to_dtype(w.dtype())?)
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+    }
+}

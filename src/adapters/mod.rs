@@ -1,0 +1,276 @@
+//! Adapters: one config per method, and the one place that injects them into a model's target
+//! modules by name (as PEFT's `target_modules`), saves them and loads them, in PEFT's file format
+//! (`adapter_config.json` + `adapter_model.safetensors`, keys such as
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+
+pub mod dora;
+pub mod ia3;
+pub mod lora;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::loading::hub::ModelSource;
+use crate::loading::weights::Weights;
+use crate::model::{Linear, LinearAdapter, Llama};
+
+pub use dora::DoraLinear;
+pub use ia3::{Ia3Config, Ia3Linear};
+pub use lora::{LoraConfig, LoraLinear};
+
+/// Which modules to adapt: a list of names matched against the end of the module path, or
+/// (PEFT's other form) one regular expression that must match the whole path. `all-linear`
+/// selects every linear layer of the decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+impl Targets {
+    pub fn matches(&self, path: &str) -> Result<bool> {
+        Ok(match self {
+            Targets::List(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Targets::Pattern(p) if p == "all-linear" => true,
+            Targets::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
+                .map_err(|e| Error::Adapter(format!("target_modules pattern `{p}`: {e}")))?
+                .is_match(path),
+        })
+    }
+}
+
+/// The methods the engine implements, each with its own config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterConfig {
+    /// LoRA, rsLoRA (`use_rslora`) and DoRA (`use_dora`), as PEFT's `LoraConfig`.
+    Lora(LoraConfig),
+    Ia3(Ia3Config),
+}
+
+/// Keys of PEFT's configs that the engine reads or that do not change the computation.
+const LORA_KEYS: &[&str] = &["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"];
+const IA3_KEYS: &[&str] = &["target_modules", "feedforward_modules"];
+const COMMON_KEYS: &[&str] = &[
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "init_lora_weights", "init_ia3_weights",
+];
+
+impl AdapterConfig {
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Ia3(_) => "IA3",
+        }
+    }
+
+    pub fn targets(&self) -> &Targets {
+        match self {
+            AdapterConfig::Lora(c) => &c.target_modules,
+            AdapterConfig::Ia3(c) => &c.target_modules,
+        }
+    }
+
+    /// Parse PEFT's `adapter_config.json`. Keys the engine does not know are ignored (PEFT adds
+    /// some every release); an option that changes the computation and is not implemented is an error.
+    pub fn from_peft_json(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::BadFile { path: path.to_path_buf(), msg };
+        let peft_type = v.get("peft_type").and_then(Value::as_str).ok_or_else(|| bad("no `peft_type`".into()))?;
+        let (known, cfg): (&[&str], AdapterConfig) = match peft_type {
+            "LORA" => {
+                let cfg: LoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("LoRA config: {e}")))?;
+                (LORA_KEYS, AdapterConfig::Lora(cfg))
+            }
+            "IA3" => {
+                let cfg: Ia3Config = serde_json::from_value(v.clone()).map_err(|e| bad(format!("IA3 config: {e}")))?;
+                (IA3_KEYS, AdapterConfig::Ia3(cfg))
+            }
+            other => return Err(bad(format!("peft_type `{other}` is not implemented by this engine (LORA, IA3)"))),
+        };
+        let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        for (key, value) in obj {
+            if known.contains(&key.as_str()) || COMMON_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            let inert = match value {
+                Value::Null => true,
+                Value::Bool(b) => !b,
+                Value::Object(m) => m.is_empty(),
+                Value::Array(a) => a.is_empty(),
+                Value::String(s) => key == "bias" && s == "none" || key == "megatron_core",
+                Value::Number(_) => key == "qalora_group_size",
+            };
+            if inert {
+                tracing::debug!("{}: ignoring `{key}`", path.display());
+            } else {
+                return Err(bad(format!("option `{key}` = {value} is not implemented by this engine")));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The `adapter_config.json` PEFT would write for this adapter.
+    pub fn to_peft_json(&self, base_model: Option<&str>) -> Value {
+        let mut v = match self {
+            AdapterConfig::Lora(c) => json!({
+                "r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+                "target_modules": c.target_modules, "use_rslora": c.use_rslora, "use_dora": c.use_dora,
+                "bias": "none", "fan_in_fan_out": false, "init_lora_weights": true,
+                "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": null,
+                "layers_to_transform": null, "layers_pattern": null,
+            }),
+            AdapterConfig::Ia3(c) => json!({
+                "target_modules": c.target_modules, "feedforward_modules": c.feedforward_modules,
+                "fan_in_fan_out": false, "init_ia3_weights": true, "modules_to_save": null,
+            }),
+        };
+        v["peft_type"] = json!(self.peft_type());
+        v["task_type"] = json!("CAUSAL_LM");
+        v["inference_mode"] = json!(true);
+        v["base_model_name_or_path"] = json!(base_model);
+        v["revision"] = Value::Null;
+        v
+    }
+}
+
+/// Attach adapters to every linear layer that the config targets; returns how many.
+/// Initialisation is seeded, so the same seed gives the same adapter.
+pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut count = 0;
+    for (path, linear) in model.named_linears_mut() {
+        if !cfg.targets().matches(&path)? {
+            continue;
+        }
+        let adapter = build(cfg, &path, linear, &mut rng)?;
+        linear.set_adapter(adapter);
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Adapter(format!("target_modules {:?} matched no module of the model", cfg.targets())));
+    }
+    Ok(count)
+}
+
+fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> Result<Box<dyn LinearAdapter>> {
+    let base = linear.base();
+    Ok(match cfg {
+        AdapterConfig::Lora(c) if c.r == 0 => return Err(Error::Adapter("LoRA rank r must be at least 1".into())),
+        AdapterConfig::Lora(c) if c.use_dora => Box::new(DoraLinear::new(base, c, rng)?),
+        AdapterConfig::Lora(c) => Box::new(LoraLinear::new(base, c, rng)?),
+        AdapterConfig::Ia3(c) => {
+            let ff = match &c.feedforward_modules {
+                Some(t) => t.matches(path)?,
+                None => false,
+            };
+            Box::new(Ia3Linear::new(base, ff)?)
+        }
+    })
+}
+
+/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors`,
+/// written atomically (an interrupted save leaves the previous adapter in place).
+pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    let tensors = adapter_tensors(model)?;
+    crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, &tensors, base_model))
+}
+
+/// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
+pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
+    model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect()
+}
+
+pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
+    let json = serde_json::to_string_pretty(&cfg.to_peft_json(base_model)).map_err(|e| Error::Adapter(e.to_string()))?;
+    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
+    let path = dir.join("adapter_model.safetensors");
+    candle_core::safetensors::save(tensors, &path).map_err(|e| Error::BadFile { path, msg: e.to_string() })
+}
+
+/// Read an adapter's config (local directory or hub repo).
+pub fn read_adapter_config(source: &ModelSource) -> Result<AdapterConfig> {
+    let path = source.file("adapter_config.json")?;
+    let v: Value = crate::error::read_json(&path)?;
+    AdapterConfig::from_peft_json(&v, &path)
+}
+
+/// Attach a saved adapter to the model: inject by its config, then overwrite every trainable
+/// tensor with the saved one. A missing tensor or a shape that does not fit the model is an
+/// error naming the module and both shapes.
+pub fn load_adapter(model: &mut Llama, source: &ModelSource) -> Result<AdapterConfig> {
+    let cfg = read_adapter_config(source)?;
+    inject(model, &cfg, 0)?;
+    let weights = Weights::from_safetensors(&[source.file("adapter_model.safetensors")?])?;
+    load_adapter_tensors(model, &weights)?;
+    Ok(cfg)
+}
+
+pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
+    let params = model.trainable_params();
+    let expected: std::collections::HashSet<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+    for (key, var) in &params {
+        let t = weights.get_any(key, DType::F32, var.device()).map_err(|e| match e {
+            Error::MissingTensor { origin, .. } => Error::MissingTensor { origin, name: key.clone() },
+            e => e,
+        })?;
+        if t.dims() != var.dims() {
+            let module = key.rsplit_once(".lora_").or_else(|| key.rsplit_once(".ia3_")).map_or(key.as_str(), |(m, _)| m);
+            return Err(Error::Adapter(format!(
+                "{}: `{key}` has shape {:?} but module `{module}` of the model needs {:?}",
+                weights.origin(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t)?;
+    }
+    for name in weights.names() {
+        if !expected.contains(name.as_str()) {
+            tracing::warn!("{}: tensor `{name}` matches no adapter parameter of the model; ignored", weights.origin());
+        }
+    }
+    Ok(())
+}
+
+/// Set every adapter tensor (e.g. random values in tests, or values restored by hand).
+pub fn trainable_var_map(model: &Llama) -> HashMap<String, Var> {
+    model.trainable_params().into_iter().collect()
+}
+
+/// A trainable tensor drawn from U(-bound, bound), f32, from a seeded generator.
+pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device: &Device) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
+}
+
+/// Inverted dropout with its own seeded generator, so CPU training is deterministic.
+pub(crate) struct Dropout {
+    pub p: f64,
+    rng: Mutex<StdRng>,
+}
+
+impl Dropout {
+    pub fn new(p: f64, rng: &mut StdRng) -> Self {
+        Self { p, rng: Mutex::new(StdRng::seed_from_u64(rng.random())) }
+    }
+
+    pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let mut rng = self.rng.lock().expect("dropout rng lock");
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}

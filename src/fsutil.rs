@@ -1,0 +1,42 @@
+//! Atomic writes: a checkpoint or adapter directory is written beside its destination and swapped
+//! in with renames, so an interrupted write never leaves the previous version damaged.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+/// Write a directory through `fill`, which receives a fresh temporary directory; then replace
+/// `dir` with it. If `fill` fails or the process dies, `dir` is untouched.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old: Option<PathBuf> = if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).at(dir)?;
+        Some(old)
+    } else {
+        None
+    };
+    std::fs::rename(&tmp, dir).at(dir)?;
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(())
+}
+
+/// Write a whole file atomically (temporary file, then rename).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
+}

@@ -1,0 +1,4 @@
+//! Where models come from: Hugging Face directories (local or in the hub cache), GGUF files.
+
+pub mod hub;
+pub mod weights;

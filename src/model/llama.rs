@@ -1,0 +1,406 @@
+//! A trainable LLaMA-family decoder (LLaMA-2, LLaMA-3 with GQA and llama3 RoPE scaling, SmolLM2
+//! with tied embeddings), written for fine-tuning: every op on the path from an adapter to the
+//! loss has a backward pass in candle, the base weights are frozen tensors (never `Var`s), and
+//! adapters attach to the linear layers (`Linear`) or across whole residual blocks (`BlockControl`).
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::{LlamaConfig, RopeScaling};
+use super::linear::Linear;
+use super::ops;
+use crate::loading::weights::Weights;
+use crate::Result;
+
+/// The names of the seven linear layers of a decoder layer, as Hugging Face and PEFT call them.
+pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// A control across a whole residual sub-block: its output is added to the block's output.
+pub trait BlockControl: Send + Sync {
+    fn forward(&self, block_input: &Tensor, train: bool) -> Result<Tensor>;
+    /// Trainable tensors with their key suffix in the adapter file.
+    fn params(&self) -> Vec<(String, Var)>;
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    /// Added across the attention block, from the layer input (Double Control).
+    pub attn_control: Option<Box<dyn BlockControl>>,
+    /// Added across the MLP block, from the residual stream after attention (Parallel Control).
+    pub mlp_control: Option<Box<dyn BlockControl>>,
+}
+
+/// Keys and values of the tokens seen so far, per layer, with their padding mask.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Vec<Vec<u32>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep the rows named by `rows` (in that order): beam search reorders its hypotheses.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        if self.layers.is_empty() {
+            return Ok(());
+        }
+        let device = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
+        let idx = Tensor::new(rows, &device)?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.mask = rows.iter().map(|&r| self.mask[r as usize].clone()).collect();
+        Ok(())
+    }
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// None when the head is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Build the model from Hugging Face-named weights, converted to `dtype` on `device`.
+    pub fn load(config: LlamaConfig, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+        let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(get(name, &[out, inp])?)) };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj.weight"), c.num_attention_heads * hd, h)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj.weight"), kv * hd, h)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj.weight"), kv * hd, h)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), h, c.num_attention_heads * hd)?,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj.weight"), im, h)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj.weight"), im, h)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj.weight"), h, im)?,
+                },
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn_control: None,
+                mlp_control: None,
+            });
+        }
+        let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            None
+        } else {
+            Some(get("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        Ok(Self {
+            inv_freq: inv_freq(c),
+            embed_tokens,
+            layers,
+            norm: get("model.norm.weight", &[h])?,
+            lm_head,
+            dtype,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
+    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{p}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    pub fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("{p}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Every trainable tensor of every adapter, keyed as in the adapter file
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn trainable_params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (path, lin) in self.named_linears() {
+            if let Some(a) = lin.adapter() {
+                out.extend(a.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (block, control) in [("attn_control", &l.attn_control), ("mlp_control", &l.mlp_control)] {
+                if let Some(c) = control {
+                    let p = format!("base_model.model.model.layers.{i}.{block}");
+                    out.extend(c.params().into_iter().map(|(k, v)| (format!("{p}.{k}"), v)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Logits [b, t, vocab] in f32. `mask` is [b][t] (1 = token, 0 = padding) for the new tokens;
+    /// with a cache, the tokens are appended after the cached ones.
+    pub fn forward(&self, input_ids: &Tensor, mask: Option<&[Vec<u32>]>, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, mask, cache, train)?;
+        self.logits(&hidden)
+    }
+
+    /// The final hidden states [b, t, hidden] (after the last norm).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: Option<&[Vec<u32>]>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let new_mask: Vec<Vec<u32>> = match mask {
+            Some(m) => m.to_vec(),
+            None => vec![vec![1; t]; b],
+        };
+        let mut scratch = KvCache::new();
+        let cache = cache.unwrap_or(&mut scratch);
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+            cache.mask = vec![Vec::new(); b];
+        }
+        for (row, m) in cache.mask.iter_mut().zip(&new_mask) {
+            row.extend_from_slice(m);
+        }
+        let bias = ops::attention_bias(&cache.mask, t, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope_tables(&ops::positions(&cache.mask, t), b, t)?;
+        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, kv, train)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, train)
+    }
+
+    /// Project hidden states to the vocabulary, in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(super::linear::matmul_t(hidden, head)?.to_dtype(DType::F32)?)
+    }
+
+    fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (b, 1, t, half), &self.device)?;
+        Ok((angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
+        let mut h2 = (h + self.attention(&layer.self_attn, &attn_in, bias, cos, sin, kv, train)?)?;
+        if let Some(c) = &layer.attn_control {
+            h2 = (h2 + c.forward(h, train)?)?;
+        }
+        let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
+        let m = &layer.mlp;
+        let act = (candle_nn::ops::silu(&m.gate_proj.forward(&mlp_in, train)?)? * m.up_proj.forward(&mlp_in, train)?)?;
+        let mut out = (&h2 + m.down_proj.forward(&act, train)?)?;
+        if let Some(c) = &layer.mlp_control {
+            out = (out + c.forward(&h2, train)?)?;
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = ops::rope(&heads(attn.q_proj.forward(x, train)?, nh)?, cos, sin)?;
+        let mut k = ops::rope(&heads(attn.k_proj.forward(x, train)?, nkv)?, cos, sin)?;
+        let mut v = heads(attn.v_proj.forward(x, train)?, nkv)?;
+        if let Some((pk, pv)) = kv.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *kv = Some((k.detach(), v.detach()));
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let probs = ops::softmax_last_dim(&scores, train)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        attn.o_proj.forward(&out, train)
+    }
+}
+
+/// Repeat each key/value head `n` times so grouped-query attention can use one matmul.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, h, n, t, d))?.reshape((b, h * n, t, d))?)
+}
+
+/// RoPE inverse frequencies, with Llama 3.1's scaling applied when configured.
+fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
+    let hd = c.head_dim;
+    let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    match &c.rope_scaling {
+        None => base.into_iter().map(|f| f as f32).collect(),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let scaled = if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    };
+                    scaled as f32
+                })
+                .collect()
+        }
+    }
+}
+
+/// Random weights with Hugging Face names (normal, std `std`; norms at 1), for tests and the demo.
+pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::collections::HashMap<String, Tensor>> {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // Box-Muller: rand_distr is not a dependency, and this is only for test weights.
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    };
+    let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+    let mut w = std::collections::HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), normal(&[c.vocab_size, h])?);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [c.num_attention_heads * hd, h]),
+            ("self_attn.k_proj", [kv * hd, h]),
+            ("self_attn.v_proj", [kv * hd, h]),
+            ("self_attn.o_proj", [h, c.num_attention_heads * hd]),
+            ("mlp.gate_proj", [im, h]),
+            ("mlp.up_proj", [im, h]),
+            ("mlp.down_proj", [h, im]),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), normal(&shape)?);
+        }
+        w.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, &Device::Cpu)?);
+        w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, &Device::Cpu)?);
+    }
+    w.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, &Device::Cpu)?);
+    if !c.tie_word_embeddings {
+        w.insert("lm_head.weight".to_string(), normal(&[c.vocab_size, h])?);
+    }
+    Ok(w)
+}
+
+/// Last-position hidden state of each row: [b, t, h] -> [b, 1, h].
+pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
+    let t = hidden.dim(1)?;
+    Ok(hidden.narrow(1, t - 1, 1)?)
+}

@@ -1,0 +1,104 @@
+//! Differentiable building blocks of the LLaMA forward pass.
+//!
+//! candle-nn's fast `rms_norm`, `softmax_last_dim` and `rope` are custom ops without a backward
+//! pass, so gradients would silently stop at them. Training goes through the formulations below,
+//! made of ops that candle can differentiate; inference may take the fused ops (`train == false`).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::Result;
+
+/// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
+    if !train {
+        return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
+pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let p = if train {
+        // The max is a constant shift: detaching it keeps the gradient exact and skips a backward op.
+        let max = xf.max_keepdim(D::Minus1)?.detach();
+        let e = xf.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&xf)?
+    };
+    Ok(p.to_dtype(dtype)?)
+}
+
+/// Rotary embedding in the Hugging Face ("rotate half") layout.
+/// `x`: [b, heads, t, head_dim]; `cos`, `sin`: [b, 1, t, head_dim / 2] in x's dtype.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[a, b], D::Minus1)?)
+}
+
+/// Additive attention bias [b, 1, t, past + t]: 0 where query i may attend key j (causal and not
+/// padding), a large negative number elsewhere. `mask` is [b, past + t] with 1 for real tokens.
+/// A finite value (not -inf) keeps rows that are entirely padding free of NaN.
+pub fn attention_bias(mask: &[Vec<u32>], t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let total = mask.first().map_or(t, Vec::len);
+    let past = total - t;
+    let neg = match dtype {
+        DType::F16 => -65504.0f32,
+        _ => -1e30f32,
+    };
+    let mut data = vec![0f32; b * t * total];
+    for (row, m) in mask.iter().enumerate() {
+        for i in 0..t {
+            for (j, &keep) in m.iter().enumerate() {
+                if j > past + i || keep == 0 {
+                    data[(row * t + i) * total + j] = neg;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, t, total), device)?.to_dtype(dtype)?)
+}
+
+/// Positions of the last `t` tokens of each row, counting only real tokens (as `generate` does
+/// for left-padded batches), so that a padded row sees the positions it would see alone.
+pub fn positions(mask: &[Vec<u32>], t: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(mask.len() * t);
+    for m in mask {
+        // Number of real tokens strictly before each position; pads get 0.
+        let pos: Vec<u32> = m
+            .iter()
+            .scan(0u32, |seen, &keep| {
+                let p = if keep == 0 { 0 } else { *seen };
+                *seen += keep.min(1);
+                Some(p)
+            })
+            .collect();
+        out.extend_from_slice(&pos[m.len() - t..]);
+    }
+    out
+}
+
+/// Mean cross-entropy over the labels that are not -100. `logits`: [n, vocab]; `labels`: [n] i64.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let keep = labels.ge(0i64)?;
+    let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        return Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into()));
+    }
+    let safe = keep.where_cond(labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let total = (picked * keep.to_dtype(DType::F32)?)?.sum_all()?;
+    Ok((total.neg()? / count as f64)?)
+}
