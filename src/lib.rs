@@ -10,5 +10,6 @@ pub mod error;
 pub mod fsutil;
 pub mod loading;
 pub mod model;
+pub mod training;
 
 pub use error::{Error, Result};

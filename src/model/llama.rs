@@ -139,6 +139,13 @@ impl Llama {
         })
     }
 
+    /// A model with random weights (normal with std 1/√hidden, norms at 1), for tests and the demo.
+    pub fn random(config: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let std = 1.0 / (config.hidden_size as f32).sqrt();
+        let weights = Weights::from_tensors(random_weights(&config, std, seed)?, "random weights");
+        Self::load(config, &weights, dtype, device)
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -250,7 +257,8 @@ impl Llama {
     /// Project hidden states to the vocabulary, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        Ok(super::linear::matmul_t(hidden, head)?.to_dtype(DType::F32)?)
+        let acc = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        Ok(super::linear::matmul_t(hidden, head)?.to_dtype(acc)?)
     }
 
     fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {

@@ -8,13 +8,22 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::Result;
 
+/// The dtype reductions run in: f32 for half types, f64 kept as f64 (finite-difference tests).
+fn accumulate_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
     if !train {
         return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
     }
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let xf = x.to_dtype(accumulate_dtype(dtype))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
     Ok(normed.broadcast_mul(weight)?)
@@ -23,7 +32,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Te
 /// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
 pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let xf = x.to_dtype(accumulate_dtype(dtype))?;
     let p = if train {
         // The max is a constant shift: detaching it keeps the gradient exact and skips a backward op.
         let max = xf.max_keepdim(D::Minus1)?.detach();
@@ -48,7 +57,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Additive attention bias [b, 1, t, past + t]: 0 where query i may attend key j (causal and not
 /// padding), a large negative number elsewhere. `mask` is [b, past + t] with 1 for real tokens.
-/// A finite value (not -inf) keeps rows that are entirely padding free of NaN.
+/// A padding query attends to itself only: with every key masked its softmax would be a uniform
+/// average over the whole row, which leaks later tokens into the loss term that the last pad
+/// position carries (it predicts the first real token) and whose gradient disagrees with the
+/// forward, since the scores vanish against the mask value.
 pub fn attention_bias(mask: &[Vec<u32>], t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let b = mask.len();
     let total = mask.first().map_or(t, Vec::len);
@@ -61,7 +73,9 @@ pub fn attention_bias(mask: &[Vec<u32>], t: usize, dtype: DType, device: &Device
     for (row, m) in mask.iter().enumerate() {
         for i in 0..t {
             for (j, &keep) in m.iter().enumerate() {
-                if j > past + i || keep == 0 {
+                let own = j == past + i;
+                let pad_query = m[past + i] == 0;
+                if j > past + i || (keep == 0 && !(own && pad_query)) {
                     data[(row * t + i) * total + j] = neg;
                 }
             }
@@ -91,14 +105,15 @@ pub fn positions(mask: &[Vec<u32>], t: usize) -> Vec<u32> {
 
 /// Mean cross-entropy over the labels that are not -100. `logits`: [n, vocab]; `labels`: [n] i64.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let acc = accumulate_dtype(logits.dtype());
     let keep = labels.ge(0i64)?;
     let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     if count == 0.0 {
         return Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into()));
     }
     let safe = keep.where_cond(labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(acc)?, D::Minus1)?;
     let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let total = (picked * keep.to_dtype(DType::F32)?)?.sum_all()?;
+    let total = (picked * keep.to_dtype(acc)?)?.sum_all()?;
     Ok((total.neg()? / count as f64)?)
 }

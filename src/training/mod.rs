@@ -1,0 +1,7 @@
+//! Training: AdamW and its schedule, the optimizer step, the loop with checkpoints.
+
+pub mod optim;
+pub mod step;
+
+pub use optim::{AdamW, AdamWConfig};
+pub use step::{causal_lm_loss, eval_loss, StepConfig, StepStats, TrainBatch, Trainer};

@@ -1,0 +1,128 @@
+//! One optimizer step: the causal-LM loss over micro-batches, gradient accumulation, clipping at
+//! a global norm, the scheduled learning rate and AdamW. A non-finite loss stops training with a
+//! report that names the step.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+
+use super::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
+use crate::error::{Error, Result};
+use crate::model::{ops, Llama};
+
+/// A micro-batch on the model's device: token ids [b, t] (u32), the padding mask, labels [b, t]
+/// (i64, -100 where no loss is taken).
+pub struct TrainBatch {
+    pub input_ids: Tensor,
+    pub mask: Vec<Vec<u32>>,
+    pub labels: Tensor,
+}
+
+impl TrainBatch {
+    pub fn tokens(&self) -> usize {
+        self.mask.iter().map(|r| r.iter().filter(|&&m| m == 1).count()).sum()
+    }
+}
+
+/// Mean next-token cross-entropy of the batch (labels shifted by one, -100 ignored).
+pub fn causal_lm_loss(model: &Llama, batch: &TrainBatch, train: bool) -> Result<Tensor> {
+    let (b, t) = batch.input_ids.dims2()?;
+    if t < 2 {
+        return Err(Error::Training("a training sequence needs at least 2 tokens".into()));
+    }
+    let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.mask), None, train)?;
+    let logits = model.logits(&hidden.narrow(1, 0, t - 1)?)?;
+    let vocab = logits.dim(2)?;
+    let labels = batch.labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
+    ops::cross_entropy(&logits.reshape((b * (t - 1), vocab))?, &labels)
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig {
+    pub optim: AdamWConfig,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    pub max_grad_norm: Option<f64>,
+}
+
+pub struct Trainer {
+    pub optimizer: AdamW,
+    pub config: StepConfig,
+    /// Optimizer steps taken so far.
+    pub step: usize,
+    params: Vec<(String, Var)>,
+}
+
+impl Trainer {
+    /// `lr_scale` gives each trainable tensor's learning-rate multiplier from its name.
+    pub fn new(model: &Llama, config: StepConfig, lr_scale: impl Fn(&str) -> f64) -> Result<Self> {
+        let params = model.trainable_params();
+        if params.is_empty() {
+            return Err(Error::Training("the model has no trainable parameters: inject an adapter first".into()));
+        }
+        let groups = params.iter().map(|(n, v)| (n.clone(), v.clone(), lr_scale(n))).collect();
+        Ok(Self { optimizer: AdamW::new(groups, config.optim)?, config, step: 0, params })
+    }
+
+    pub fn lr(&self) -> f64 {
+        linear_schedule(self.step, self.config.warmup_steps, self.config.total_steps, self.config.optim.lr)
+    }
+
+    /// Accumulate gradients over the micro-batches (each loss divided by their number, as the
+    /// HF Trainer does), clip, and update.
+    pub fn step(&mut self, model: &Llama, micro_batches: &[TrainBatch]) -> Result<StepStats> {
+        let n = micro_batches.len().max(1) as f64;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in micro_batches {
+            let loss = causal_lm_loss(model, batch, true)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(Error::Training(format!("non-finite loss ({value}) at step {}", self.step + 1)));
+            }
+            loss_sum += value;
+            tokens += batch.tokens();
+            let store = (loss / n)?.backward()?;
+            for (name, var) in &self.params {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.to_dtype(candle_core::DType::F32)?;
+                    let sum = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        let grad_norm = match self.config.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => clip_grad_norm(&mut grads, f64::INFINITY)?,
+        };
+        if !grad_norm.is_finite() {
+            return Err(Error::Training(format!("non-finite gradient norm at step {}", self.step + 1)));
+        }
+        let lr = self.lr();
+        self.optimizer.step(&grads, lr)?;
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss: loss_sum / n, grad_norm, lr, tokens })
+    }
+}
+
+/// Mean loss over batches without updating anything (the held-out loss).
+pub fn eval_loss(model: &Llama, batches: &[TrainBatch]) -> Result<f64> {
+    let mut sum = 0f64;
+    for b in batches {
+        sum += causal_lm_loss(model, b, false)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(sum / batches.len().max(1) as f64)
+}
