@@ -5,7 +5,9 @@
 //! `training` (optimizer, schedule, loop, checkpoints), `eval` (generation, answer extraction),
 //! `cli` (the `candle-peft` command).
 
+pub mod data;
 pub mod error;
+
 pub mod model;
 
 pub use error::{Error, Result};

@@ -1,0 +1,9 @@
+//! Data in the LLM-Adapters format: the JSON records, the prompt templates, tokenization with
+//! labels, batching, and the rebuild of the commonsense sets from OLMo's request files.
+//! Source of every convention here: `shared/research/seeds.md` §0.1–§0.3.
+
+pub mod dataset;
+pub mod prompt;
+
+pub use dataset::{load_examples, train_val_split, Example};
+pub use prompt::{eval_prompt, train_prompt};
