@@ -7,7 +7,7 @@
 
 pub mod data;
 pub mod error;
-
+pub mod eval;
 pub mod model;
 
 pub use error::{Error, Result};
