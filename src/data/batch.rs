@@ -62,9 +62,12 @@ impl Batch {
             )));
         }
         let pad = self.seq_len - row.input_ids.len();
-        self.input_ids.extend(std::iter::repeat_n(pad_id, pad).chain(row.input_ids.iter().copied()));
-        self.attention_mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, row.input_ids.len())));
-        self.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad).chain(row.labels.iter().copied()));
+        self.input_ids
+            .extend(std::iter::repeat_n(pad_id, pad).chain(row.input_ids.iter().copied()));
+        self.attention_mask
+            .extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, row.input_ids.len())));
+        self.labels
+            .extend(std::iter::repeat_n(IGNORE_INDEX, pad).chain(row.labels.iter().copied()));
         Ok(())
     }
 
@@ -115,7 +118,15 @@ impl<'a> BatchIter<'a> {
             return Err(Error::msg("batch iterator needs data and a batch size > 0"));
         }
         let order = epoch_order(data.len(), seed, 0);
-        Ok(Self { data, batch_size, pad_id, pad_multiple: 8, seed, pos: BatchPosition::default(), order })
+        Ok(Self {
+            data,
+            batch_size,
+            pad_id,
+            pad_multiple: 8,
+            seed,
+            pos: BatchPosition::default(),
+            order,
+        })
     }
 
     pub fn with_pad_multiple(mut self, multiple: usize) -> Self {
@@ -147,11 +158,17 @@ impl<'a> BatchIter<'a> {
 
     fn next_batch(&mut self) -> Result<Batch> {
         if self.pos.index >= self.data.len() {
-            self.pos = BatchPosition { epoch: self.pos.epoch + 1, index: 0 };
+            self.pos = BatchPosition {
+                epoch: self.pos.epoch + 1,
+                index: 0,
+            };
             self.order = epoch_order(self.data.len(), self.seed, self.pos.epoch);
         }
         let end = (self.pos.index + self.batch_size).min(self.data.len());
-        let rows: Vec<&Tokenized> = self.order[self.pos.index..end].iter().map(|&i| &self.data[i]).collect();
+        let rows: Vec<&Tokenized> = self.order[self.pos.index..end]
+            .iter()
+            .map(|&i| &self.data[i])
+            .collect();
         let batch = Batch::collate(&rows, self.pad_id, self.pad_multiple)?;
         self.pos.index = end;
         Ok(batch)
@@ -175,8 +192,15 @@ mod tests {
     use super::*;
 
     fn tk(ids: &[u32], masked: usize) -> Tokenized {
-        let labels = ids.iter().enumerate().map(|(i, &x)| if i < masked { IGNORE_INDEX } else { x as i64 }).collect();
-        Tokenized { input_ids: ids.to_vec(), labels }
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i < masked { IGNORE_INDEX } else { x as i64 })
+            .collect();
+        Tokenized {
+            input_ids: ids.to_vec(),
+            labels,
+        }
     }
 
     #[test]
@@ -186,8 +210,14 @@ mod tests {
         let batch = Batch::collate(&[&a, &b], 0, 8).unwrap();
         assert_eq!((batch.batch, batch.seq_len), (2, 16));
         let row = |v: &[u32], r: usize| v[r * 16..(r + 1) * 16].to_vec();
-        assert_eq!(row(&batch.input_ids, 1), [vec![0; 13], vec![1, 5, 2]].concat());
-        assert_eq!(row(&batch.attention_mask, 1), [vec![0; 13], vec![1; 3]].concat());
+        assert_eq!(
+            row(&batch.input_ids, 1),
+            [vec![0; 13], vec![1, 5, 2]].concat()
+        );
+        assert_eq!(
+            row(&batch.attention_mask, 1),
+            [vec![0; 13], vec![1; 3]].concat()
+        );
         assert_eq!(batch.labels[16..], [vec![-100; 14], vec![5, 2]].concat());
         assert_eq!(row(&batch.input_ids, 0)[..6], [0; 6]);
         assert_eq!(row(&batch.attention_mask, 0)[6..], [1; 10]);
@@ -204,7 +234,10 @@ mod tests {
         assert_eq!(t.input_ids.dtype(), candle_core::DType::U32);
         assert_eq!(t.attention_mask.dtype(), candle_core::DType::U32);
         assert_eq!(t.labels.dtype(), candle_core::DType::I64);
-        assert_eq!(t.labels.to_vec2::<i64>().unwrap()[0], vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            t.labels.to_vec2::<i64>().unwrap()[0],
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
+        );
     }
 
     fn data(n: u32) -> Vec<Tokenized> {
@@ -212,7 +245,9 @@ mod tests {
     }
 
     fn firsts(b: &Batch) -> Vec<u32> {
-        (0..b.batch).map(|r| b.input_ids[(r + 1) * b.seq_len - 1]).collect()
+        (0..b.batch)
+            .map(|r| b.input_ids[(r + 1) * b.seq_len - 1])
+            .collect()
     }
 
     #[test]
@@ -221,12 +256,21 @@ mod tests {
         let mut it = BatchIter::new(&d, 4, 0, 42).unwrap();
         assert_eq!(it.batches_per_epoch(), 3);
         let epoch0: Vec<Batch> = (0..3).map(|_| it.next().unwrap().unwrap()).collect();
-        assert_eq!(epoch0.iter().map(|b| b.batch).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(
+            epoch0.iter().map(|b| b.batch).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
         let mut seen: Vec<u32> = epoch0.iter().flat_map(firsts).collect();
         let order0 = seen.clone();
         seen.sort();
         assert_eq!(seen, (100..110).collect::<Vec<_>>());
-        assert_eq!(it.position(), BatchPosition { epoch: 0, index: 10 });
+        assert_eq!(
+            it.position(),
+            BatchPosition {
+                epoch: 0,
+                index: 10
+            }
+        );
         let b = it.next().unwrap().unwrap();
         assert_eq!(it.position(), BatchPosition { epoch: 1, index: 4 });
         let epoch1: Vec<u32> = firsts(&b);
@@ -244,9 +288,18 @@ mod tests {
         let json = serde_json::to_string(&pos).unwrap();
         let expected: Vec<Batch> = (0..4).map(|_| it.next().unwrap().unwrap()).collect();
         let saved: BatchPosition = serde_json::from_str(&json).unwrap();
-        let mut resumed = BatchIter::new(&d, 3, 0, 7).unwrap().with_position(saved).unwrap();
+        let mut resumed = BatchIter::new(&d, 3, 0, 7)
+            .unwrap()
+            .with_position(saved)
+            .unwrap();
         let got: Vec<Batch> = (0..4).map(|_| resumed.next().unwrap().unwrap()).collect();
         assert_eq!(got, expected);
-        assert!(BatchIter::new(&d, 3, 0, 7).unwrap().with_position(BatchPosition { epoch: 0, index: 14 }).is_err());
+        assert!(BatchIter::new(&d, 3, 0, 7)
+            .unwrap()
+            .with_position(BatchPosition {
+                epoch: 0,
+                index: 14
+            })
+            .is_err());
     }
 }

@@ -42,14 +42,46 @@ struct TaskSource {
 }
 
 const SOURCES: [TaskSource; 8] = [
-    TaskSource { task: Task::BoolQ, olmo_name: "boolq", eval_variants: &["val_rc_5shot", "rc_0shot"] },
-    TaskSource { task: Task::Piqa, olmo_name: "piqa", eval_variants: &["val_rc_5shot"] },
-    TaskSource { task: Task::SocialIqa, olmo_name: "socialiqa", eval_variants: &["val_rc_5shot"] },
-    TaskSource { task: Task::HellaSwag, olmo_name: "hellaswag", eval_variants: &["val_rc_5shot"] },
-    TaskSource { task: Task::WinoGrande, olmo_name: "winogrande", eval_variants: &["val_rc_5shot"] },
-    TaskSource { task: Task::ArcEasy, olmo_name: "arc_easy", eval_variants: &["test_rc_5shot"] },
-    TaskSource { task: Task::ArcChallenge, olmo_name: "arc_challenge", eval_variants: &["test_rc_5shot"] },
-    TaskSource { task: Task::OpenBookQa, olmo_name: "openbookqa", eval_variants: &["test_rc_5shot"] },
+    TaskSource {
+        task: Task::BoolQ,
+        olmo_name: "boolq",
+        eval_variants: &["val_rc_5shot", "rc_0shot"],
+    },
+    TaskSource {
+        task: Task::Piqa,
+        olmo_name: "piqa",
+        eval_variants: &["val_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::SocialIqa,
+        olmo_name: "socialiqa",
+        eval_variants: &["val_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::HellaSwag,
+        olmo_name: "hellaswag",
+        eval_variants: &["val_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::WinoGrande,
+        olmo_name: "winogrande",
+        eval_variants: &["val_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::ArcEasy,
+        olmo_name: "arc_easy",
+        eval_variants: &["test_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::ArcChallenge,
+        olmo_name: "arc_challenge",
+        eval_variants: &["test_rc_5shot"],
+    },
+    TaskSource {
+        task: Task::OpenBookQa,
+        olmo_name: "openbookqa",
+        eval_variants: &["test_rc_5shot"],
+    },
 ];
 
 /// How many examples each task gave, and from which files.
@@ -87,17 +119,36 @@ pub fn convert_commonsense(olmo_dir: &Path, out_dir: &Path) -> Result<Conversion
     let mut tasks = Vec::new();
     let mut train_all = Vec::new();
     for source in &SOURCES {
-        let train_file = root.join(source.olmo_name).join(TRAIN_VARIANT).join("requests.jsonl.gz");
+        let train_file = root
+            .join(source.olmo_name)
+            .join(TRAIN_VARIANT)
+            .join("requests.jsonl.gz");
         let test_file = eval_file(&root, source)?;
         let train = convert_file(source.task, &train_file)?;
         let test = convert_file(source.task, &test_file)?;
-        write_examples(&out_dir.join("dataset").join(source.task.dir_name()).join("test.json"), &test)?;
-        tasks.push(TaskCounts { task: source.task, train: train.len(), test: test.len(), train_file, test_file });
+        write_examples(
+            &out_dir
+                .join("dataset")
+                .join(source.task.dir_name())
+                .join("test.json"),
+            &test,
+        )?;
+        tasks.push(TaskCounts {
+            task: source.task,
+            train: train.len(),
+            test: test.len(),
+            train_file,
+            test_file,
+        });
         train_all.extend(train);
     }
     let train_path = out_dir.join("commonsense_train.json");
     write_examples(&train_path, &train_all)?;
-    Ok(ConversionReport { tasks, train_total: train_all.len(), train_path })
+    Ok(ConversionReport {
+        tasks,
+        train_total: train_all.len(),
+        train_path,
+    })
 }
 
 fn tasks_root(olmo_dir: &Path) -> PathBuf {
@@ -113,19 +164,31 @@ fn eval_file(root: &Path, source: &TaskSource) -> Result<PathBuf> {
     let candidates: Vec<PathBuf> = source
         .eval_variants
         .iter()
-        .map(|v| root.join(source.olmo_name).join(v).join("requests.jsonl.gz"))
+        .map(|v| {
+            root.join(source.olmo_name)
+                .join(v)
+                .join("requests.jsonl.gz")
+        })
         .collect();
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| Error::BadFile {
-        path: candidates[0].clone(),
-        msg: format!("no evaluation requests for {} (looked for {:?})", source.task, source.eval_variants),
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| Error::BadFile {
+            path: candidates[0].clone(),
+            msg: format!(
+                "no evaluation requests for {} (looked for {:?})",
+                source.task, source.eval_variants
+            ),
+        })
 }
 
 fn write_examples(path: &Path, examples: &[Example]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
-    let text = serde_json::to_string_pretty(examples).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(examples)
+        .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
     std::fs::write(path, text + "\n").at(path)
 }
 
@@ -134,7 +197,11 @@ pub fn convert_file(task: Task, path: &Path) -> Result<Vec<Example>> {
     let docs = read_docs(path)?;
     docs.iter()
         .map(|d| {
-            to_example(task, &d.doc).map_err(|msg| Error::BadRow { path: path.to_path_buf(), row: d.line, msg })
+            to_example(task, &d.doc).map_err(|msg| Error::BadRow {
+                path: path.to_path_buf(),
+                row: d.line,
+                msg,
+            })
         })
         .collect()
 }
@@ -157,7 +224,11 @@ fn read_docs(path: &Path) -> Result<Vec<DocLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |msg: String| Error::BadRow { path: path.to_path_buf(), row: line_no, msg };
+        let bad = |msg: String| Error::BadRow {
+            path: path.to_path_buf(),
+            row: line_no,
+            msg,
+        };
         let (doc_id, doc) = parse_request(&line).map_err(bad)?;
         if doc_id >= UNCONDITIONAL_DOC_ID {
             continue;
@@ -172,7 +243,11 @@ fn read_docs(path: &Path) -> Result<Vec<DocLine>> {
             }
             None => {
                 seen.insert(doc_id, docs.len());
-                docs.push(DocLine { doc_id, line: line_no, doc });
+                docs.push(DocLine {
+                    doc_id,
+                    line: line_no,
+                    doc,
+                });
             }
         }
     }
@@ -184,7 +259,10 @@ fn read_docs(path: &Path) -> Result<Vec<DocLine>> {
 fn parse_request(line: &str) -> std::result::Result<(u64, Map<String, Value>), String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(mut obj) = value else {
-        return Err(format!("expected a JSON object, found {}", json_kind(&value)));
+        return Err(format!(
+            "expected a JSON object, found {}",
+            json_kind(&value)
+        ));
     };
     let doc_id = obj
         .get("doc_id")
@@ -193,7 +271,10 @@ fn parse_request(line: &str) -> std::result::Result<(u64, Map<String, Value>), S
         .ok_or("field `doc_id` is not a non-negative integer")?;
     match obj.remove("doc") {
         Some(Value::Object(doc)) => Ok((doc_id, doc)),
-        Some(other) => Err(format!("field `doc` is {}, expected an object", json_kind(&other))),
+        Some(other) => Err(format!(
+            "field `doc` is {}, expected an object",
+            json_kind(&other)
+        )),
         None => Err("missing field `doc`".into()),
     }
 }
@@ -223,11 +304,16 @@ fn to_example(task: Task, doc: &Map<String, Value>) -> DocResult<Example> {
 fn boolq(doc: &Map<String, Value>) -> DocResult<(String, String)> {
     let query = str_field(doc, "query")?;
     let question = boolq_question(query).ok_or_else(|| {
-        format!("boolq query does not end with \"\\nQuestion: …?\\nAnswer:\": {:?}", tail(query))
+        format!(
+            "boolq query does not end with \"\\nQuestion: …?\\nAnswer:\": {:?}",
+            tail(query)
+        )
     })?;
     let choices = choices(doc)?;
     if choices != ["yes", "no"] {
-        return Err(format!("boolq choices are {choices:?}, expected [\"yes\", \"no\"]"));
+        return Err(format!(
+            "boolq choices are {choices:?}, expected [\"yes\", \"no\"]"
+        ));
     }
     let answer = if gold(doc, 2)? == 0 { "true" } else { "false" };
     let instruction =
@@ -242,7 +328,11 @@ fn boolq_question(query: &str) -> Option<&str> {
 }
 
 fn piqa(doc: &Map<String, Value>) -> DocResult<(String, String)> {
-    let (goal, sol1, sol2) = (str_field(doc, "goal")?, str_field(doc, "sol1")?, str_field(doc, "sol2")?);
+    let (goal, sol1, sol2) = (
+        str_field(doc, "goal")?,
+        str_field(doc, "sol1")?,
+        str_field(doc, "sol2")?,
+    );
     let answer = format!("solution{}", gold(doc, 2)? + 1);
     let instruction = format!(
         "Please choose the correct solution to the question: {goal}\n\nSolution1: {sol1}\n\nSolution2: {sol2}\n\nAnswer format: solution1/solution2"
@@ -252,7 +342,11 @@ fn piqa(doc: &Map<String, Value>) -> DocResult<(String, String)> {
 
 fn social_iqa(doc: &Map<String, Value>) -> DocResult<(String, String)> {
     let (context, question) = (str_field(doc, "context")?, str_field(doc, "question")?);
-    let (a, b, c) = (str_field(doc, "answerA")?, str_field(doc, "answerB")?, str_field(doc, "answerC")?);
+    let (a, b, c) = (
+        str_field(doc, "answerA")?,
+        str_field(doc, "answerB")?,
+        str_field(doc, "answerC")?,
+    );
     let answer = format!("answer{}", gold(doc, 3)? + 1);
     let instruction = format!(
         "Please choose the correct answer to the question: {context} {question}\n\nAnswer1: {a} Answer2: {b} Answer3: {c}\n\nAnswer format: answer1/answer2/answer3"
@@ -264,7 +358,10 @@ fn hellaswag(doc: &Map<String, Value>) -> DocResult<(String, String)> {
     let query = str_field(doc, "query")?; // "{activity_label}: {ctx}", preprocessed by OLMo
     let endings = choices(doc)?;
     if endings.len() != 4 {
-        return Err(format!("hellaswag doc has {} endings, expected 4", endings.len()));
+        return Err(format!(
+            "hellaswag doc has {} endings, expected 4",
+            endings.len()
+        ));
     }
     let answer = format!("ending{}", gold(doc, 4)? + 1);
     let instruction = format!(
@@ -280,7 +377,11 @@ fn winogrande(doc: &Map<String, Value>) -> DocResult<(String, String)> {
     let answer = match str_field(doc, "answer")? {
         "1" => "option1",
         "2" => "option2",
-        other => return Err(format!("winogrande answer is {other:?}, expected \"1\" or \"2\"")),
+        other => {
+            return Err(format!(
+                "winogrande answer is {other:?}, expected \"1\" or \"2\""
+            ))
+        }
     };
     let instruction = format!(
         "Please choose the correct answer to fill in the blank to complete the given sentence: {sentence}\n\nOption1: {o1} Option2: {o2} Answer format: option1/option2"
@@ -311,13 +412,21 @@ fn question_answer(doc: &Map<String, Value>) -> DocResult<(String, String)> {
 
 /// "Name1: a Name2: b …"
 fn numbered(name: &str, items: &[&str]) -> String {
-    items.iter().enumerate().map(|(i, s)| format!("{name}{}: {s}", i + 1)).collect::<Vec<_>>().join(" ")
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{name}{}: {s}", i + 1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn str_field<'a>(doc: &'a Map<String, Value>, key: &str) -> DocResult<&'a str> {
     match doc.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("doc field `{key}` is {}, expected a string", json_kind(other))),
+        Some(other) => Err(format!(
+            "doc field `{key}` is {}, expected a string",
+            json_kind(other)
+        )),
         None => Err(format!("doc has no field `{key}`")),
     }
 }
@@ -326,12 +435,21 @@ fn choices(doc: &Map<String, Value>) -> DocResult<Vec<&str>> {
     let Some(Value::Array(items)) = doc.get("choices") else {
         return Err("doc field `choices` is missing or not a list".into());
     };
-    items.iter().map(|v| v.as_str().ok_or_else(|| "doc field `choices` holds a non-string".to_string())).collect()
+    items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| "doc field `choices` holds a non-string".to_string())
+        })
+        .collect()
 }
 
 /// The 0-based gold index, checked against the number of choices.
 fn gold(doc: &Map<String, Value>, n: usize) -> DocResult<usize> {
-    let g = doc.get("gold").and_then(Value::as_u64).ok_or("doc field `gold` is missing or not an integer")?;
+    let g = doc
+        .get("gold")
+        .and_then(Value::as_u64)
+        .ok_or("doc field `gold` is missing or not an integer")?;
     if (g as usize) < n {
         Ok(g as usize)
     } else {

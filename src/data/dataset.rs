@@ -32,17 +32,30 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
         other => {
             return Err(Error::BadFile {
                 path: path.to_path_buf(),
-                msg: format!("expected a JSON list of examples, found {}", json_kind(&other)),
+                msg: format!(
+                    "expected a JSON list of examples, found {}",
+                    json_kind(&other)
+                ),
             })
         }
     };
-    rows.into_iter().enumerate().map(|(row, value)| parse_row(path, row, value)).collect()
+    rows.into_iter()
+        .enumerate()
+        .map(|(row, value)| parse_row(path, row, value))
+        .collect()
 }
 
 fn parse_row(path: &Path, row: usize, value: serde_json::Value) -> Result<Example> {
-    let bad = |msg: String| Error::BadRow { path: path.to_path_buf(), row, msg };
+    let bad = |msg: String| Error::BadRow {
+        path: path.to_path_buf(),
+        row,
+        msg,
+    };
     if !value.is_object() {
-        return Err(bad(format!("expected an object, found {}", json_kind(&value))));
+        return Err(bad(format!(
+            "expected an object, found {}",
+            json_kind(&value)
+        )));
     }
     serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
@@ -60,7 +73,11 @@ pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// Split off `val_size` examples at random, like `train_test_split(test_size=val_size,
 /// shuffle=True, seed=seed)`: both parts come in shuffled order. Returns `(train, val)`.
-pub fn train_val_split<T: Clone>(items: &[T], val_size: usize, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
+pub fn train_val_split<T: Clone>(
+    items: &[T],
+    val_size: usize,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>)> {
     if val_size > 0 && val_size >= items.len() {
         return Err(Error::msg(format!(
             "validation size {val_size} must be smaller than the dataset ({} examples)",
@@ -150,7 +167,9 @@ mod tests {
         let (row, msg) = row_error(&format!(r#"[{ok}, {{"instruction": "i"}}]"#));
         assert_eq!(row, 1);
         assert!(msg.contains("output"), "{msg}");
-        let (row, msg) = row_error(&format!(r#"[{ok}, {ok}, {{"instruction": 3, "output": "o"}}]"#));
+        let (row, msg) = row_error(&format!(
+            r#"[{ok}, {ok}, {{"instruction": 3, "output": "o"}}]"#
+        ));
         assert_eq!(row, 2);
         assert!(msg.contains("invalid type"), "{msg}");
         let (row, msg) = row_error(r#"["just a string"]"#);
@@ -175,7 +194,10 @@ mod tests {
         let mut all: Vec<u32> = train.iter().chain(&val).copied().collect();
         all.sort();
         assert_eq!(all, items);
-        assert_eq!(train_val_split(&items, 12, 42).unwrap(), (train.clone(), val.clone()));
+        assert_eq!(
+            train_val_split(&items, 12, 42).unwrap(),
+            (train.clone(), val.clone())
+        );
         assert_ne!(train_val_split(&items, 12, 43).unwrap().1, val);
         assert!(train_val_split(&items, 100, 42).is_err());
         assert_eq!(train_val_split(&items, 0, 42).unwrap().0.len(), 100);

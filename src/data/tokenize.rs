@@ -27,7 +27,11 @@ pub struct TokenizeOptions {
 
 impl Default for TokenizeOptions {
     fn default() -> Self {
-        Self { cutoff_len: 256, train_on_inputs: true, add_eos: true }
+        Self {
+            cutoff_len: 256,
+            train_on_inputs: true,
+            add_eos: true,
+        }
     }
 }
 
@@ -52,7 +56,9 @@ pub fn tokenize_example(
     let mut labels: Vec<i64> = input_ids.iter().map(|&id| id as i64).collect();
     if !opts.train_on_inputs {
         let user = train_prompt_prefix(&example.instruction, &example.input);
-        let user_len = encode(tokenizer, &user, bos, None, opts)?.len().min(labels.len());
+        let user_len = encode(tokenizer, &user, bos, None, opts)?
+            .len()
+            .min(labels.len());
         labels[..user_len].fill(IGNORE_INDEX);
     }
     Ok(Tokenized { input_ids, labels })
@@ -66,7 +72,9 @@ fn encode(
     eos: Option<u32>,
     opts: &TokenizeOptions,
 ) -> Result<Vec<u32>> {
-    let encoding = tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut ids = encoding.get_ids().to_vec();
     if let Some(bos) = bos {
         if ids.first() != Some(&bos) {
@@ -122,7 +130,12 @@ pub(crate) mod tests {
     const HEADER: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: ### Response:";
 
     fn example(instr: &str, out: &str) -> Example {
-        Example { instruction: instr.into(), input: String::new(), output: out.into(), answer: None }
+        Example {
+            instruction: instr.into(),
+            input: String::new(),
+            output: out.into(),
+            answer: None,
+        }
     }
 
     fn ids_of(tok: &Tokenizer, text: &str) -> Vec<u32> {
@@ -131,22 +144,42 @@ pub(crate) mod tests {
 
     #[test]
     fn full_prompt_with_bos_eos_and_labels_equal_ids() {
-        let tok = word_tokenizer(&format!("{HEADER} pick one the correct answer is answer2"), true);
+        let tok = word_tokenizer(
+            &format!("{HEADER} pick one the correct answer is answer2"),
+            true,
+        );
         let ex = example("pick one", "the correct answer is answer2");
         let t = tokenize_example(&tok, &ex, Some(1), 2, &TokenizeOptions::default()).unwrap();
         let body = ids_of(&tok, &train_prompt(&ex.instruction, "", &ex.output));
         let expected: Vec<u32> = [vec![1], body, vec![2]].concat();
         assert_eq!(t.input_ids, expected);
-        assert_eq!(t.labels, expected.iter().map(|&x| x as i64).collect::<Vec<_>>());
+        assert_eq!(
+            t.labels,
+            expected.iter().map(|&x| x as i64).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn bos_is_added_when_the_tokenizer_does_not() {
         let tok = word_tokenizer(&format!("{HEADER} q a"), false);
-        let t = tokenize_example(&tok, &example("q", "a"), Some(1), 2, &TokenizeOptions::default()).unwrap();
+        let t = tokenize_example(
+            &tok,
+            &example("q", "a"),
+            Some(1),
+            2,
+            &TokenizeOptions::default(),
+        )
+        .unwrap();
         assert_eq!(t.input_ids[0], 1);
         assert_eq!(t.input_ids.iter().filter(|&&x| x == 1).count(), 1);
-        let t = tokenize_example(&tok, &example("q", "a"), None, 2, &TokenizeOptions::default()).unwrap();
+        let t = tokenize_example(
+            &tok,
+            &example("q", "a"),
+            None,
+            2,
+            &TokenizeOptions::default(),
+        )
+        .unwrap();
         assert_ne!(t.input_ids[0], 1);
         assert_eq!(*t.input_ids.last().unwrap(), 2);
     }
@@ -157,11 +190,17 @@ pub(crate) mod tests {
         let ex = example("q", "a");
         let full = tokenize_example(&tok, &ex, Some(1), 2, &TokenizeOptions::default()).unwrap();
         let n = full.input_ids.len(); // BOS + words + EOS
-        // Exactly room for the words: EOS no longer fits (len == cutoff).
-        let opts = TokenizeOptions { cutoff_len: n - 1, ..Default::default() };
+                                      // Exactly room for the words: EOS no longer fits (len == cutoff).
+        let opts = TokenizeOptions {
+            cutoff_len: n - 1,
+            ..Default::default()
+        };
         let t = tokenize_example(&tok, &ex, Some(1), 2, &opts).unwrap();
         assert_eq!(t.input_ids, full.input_ids[..n - 1]);
-        let opts = TokenizeOptions { cutoff_len: 5, ..Default::default() };
+        let opts = TokenizeOptions {
+            cutoff_len: 5,
+            ..Default::default()
+        };
         let t = tokenize_example(&tok, &ex, Some(1), 2, &opts).unwrap();
         assert_eq!(t.input_ids, full.input_ids[..5]);
         assert_eq!(t.labels.len(), 5);
@@ -171,7 +210,10 @@ pub(crate) mod tests {
     fn train_on_inputs_false_masks_the_prompt() {
         let tok = word_tokenizer(&format!("{HEADER} q the answer"), true);
         let ex = example("q", "the answer");
-        let opts = TokenizeOptions { train_on_inputs: false, ..Default::default() };
+        let opts = TokenizeOptions {
+            train_on_inputs: false,
+            ..Default::default()
+        };
         let t = tokenize_example(&tok, &ex, Some(1), 2, &opts).unwrap();
         let n = t.input_ids.len();
         // Unmasked: "the", "answer", EOS.

@@ -79,16 +79,25 @@ impl Task {
     fn regex(self) -> &'static Regex {
         static CACHE: OnceLock<Vec<Regex>> = OnceLock::new();
         let all = CACHE.get_or_init(|| {
-            Task::ALL.iter().map(|t| Regex::new(t.pattern()).expect("static pattern")).collect()
+            Task::ALL
+                .iter()
+                .map(|t| Regex::new(t.pattern()).expect("static pattern"))
+                .collect()
         });
-        &all[Task::ALL.iter().position(|&t| t == self).expect("task in ALL")]
+        &all[Task::ALL
+            .iter()
+            .position(|&t| t == self)
+            .expect("task in ALL")]
     }
 
     /// Parse a task name: the LLM-Adapters names, case and `-`/`_`/space insensitive, plus the
     /// usual short forms (siqa, arc-c, arc-e, obqa, ...).
     pub fn from_name(name: &str) -> Result<Task> {
-        let key: String =
-            name.chars().filter(|c| !matches!(c, '-' | '_' | ' ')).collect::<String>().to_lowercase();
+        let key: String = name
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_' | ' '))
+            .collect::<String>()
+            .to_lowercase();
         let task = match key.as_str() {
             "boolq" => Task::BoolQ,
             "piqa" => Task::Piqa,
@@ -100,7 +109,10 @@ impl Task {
             "openbookqa" | "obqa" => Task::OpenBookQa,
             _ => {
                 let known: Vec<&str> = Task::ALL.iter().map(|t| t.dir_name()).collect();
-                return Err(Error::msg(format!("unknown task `{name}`; known tasks: {}", known.join(", "))));
+                return Err(Error::msg(format!(
+                    "unknown task `{name}`; known tasks: {}",
+                    known.join(", ")
+                )));
             }
         };
         Ok(task)
@@ -122,12 +134,19 @@ impl fmt::Display for Task {
 
 /// The model's response: the text after the last "### Response:", stripped.
 pub fn response_text(decoded: &str) -> &str {
-    decoded.rsplit("### Response:").next().unwrap_or(decoded).trim()
+    decoded
+        .rsplit("### Response:")
+        .next()
+        .unwrap_or(decoded)
+        .trim()
 }
 
 /// The first match of the task's pattern in `output`, or "" when there is none.
 pub fn extract_answer(task: Task, output: &str) -> String {
-    task.regex().find(output).map(|m| m.as_str().to_string()).unwrap_or_default()
+    task.regex()
+        .find(output)
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default()
 }
 
 /// Whether the prediction extracted from `output` equals the gold `answer` exactly.
@@ -152,13 +171,22 @@ mod tests {
         assert_eq!(Task::from_name("OBQA").unwrap(), Task::OpenBookQa);
         assert_eq!(Task::from_name("BoolQ").unwrap(), Task::BoolQ);
         let err = Task::from_name("mmlu").unwrap_err().to_string();
-        assert!(err.contains("unknown task `mmlu`") && err.contains("ARC-Easy"), "{err}");
+        assert!(
+            err.contains("unknown task `mmlu`") && err.contains("ARC-Easy"),
+            "{err}"
+        );
     }
 
     #[test]
     fn serde_uses_dir_names() {
-        assert_eq!(serde_json::to_string(&Task::ArcChallenge).unwrap(), "\"ARC-Challenge\"");
-        assert_eq!(serde_json::from_str::<Task>("\"social_i_qa\"").unwrap(), Task::SocialIqa);
+        assert_eq!(
+            serde_json::to_string(&Task::ArcChallenge).unwrap(),
+            "\"ARC-Challenge\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Task>("\"social_i_qa\"").unwrap(),
+            Task::SocialIqa
+        );
     }
 
     #[test]
@@ -170,7 +198,11 @@ mod tests {
             (Task::SocialIqa, "the correct answer is answer3", "answer3"),
             (Task::HellaSwag, "the correct answer is ending4", "ending4"),
             (Task::WinoGrande, "the correct answer is option1", "option1"),
-            (Task::ArcChallenge, "the correct answer is answer5", "answer5"),
+            (
+                Task::ArcChallenge,
+                "the correct answer is answer5",
+                "answer5",
+            ),
             (Task::ArcEasy, "the correct answer is answer1", "answer1"),
             (Task::OpenBookQa, "the correct answer is answer4", "answer4"),
         ];
@@ -183,8 +215,14 @@ mod tests {
     #[test]
     fn first_match_wins() {
         assert_eq!(extract_answer(Task::BoolQ, "false, not true"), "false");
-        assert_eq!(extract_answer(Task::Piqa, "solution2 rather than solution1"), "solution2");
-        assert_eq!(extract_answer(Task::HellaSwag, "ending3 ending1"), "ending3");
+        assert_eq!(
+            extract_answer(Task::Piqa, "solution2 rather than solution1"),
+            "solution2"
+        );
+        assert_eq!(
+            extract_answer(Task::HellaSwag, "ending3 ending1"),
+            "ending3"
+        );
         assert_eq!(extract_answer(Task::ArcEasy, "answer2answer4"), "answer2");
         // A match inside a word counts, as with re.findall.
         assert_eq!(extract_answer(Task::BoolQ, "it is untrue"), "true");
@@ -193,7 +231,11 @@ mod tests {
     #[test]
     fn no_match_is_empty_and_wrong() {
         assert_eq!(extract_answer(Task::BoolQ, "the correct answer is yes"), "");
-        assert_eq!(extract_answer(Task::BoolQ, "True"), "", "case-sensitive as in Python");
+        assert_eq!(
+            extract_answer(Task::BoolQ, "True"),
+            "",
+            "case-sensitive as in Python"
+        );
         assert_eq!(extract_answer(Task::WinoGrande, "option3"), "");
         assert_eq!(extract_answer(Task::HellaSwag, "ending5"), "");
         assert!(!is_correct(Task::Piqa, "no idea", "solution1"));

@@ -22,13 +22,22 @@ pub struct TaskScore {
 
 impl TaskScore {
     fn new(task: Task) -> Self {
-        Self { task, correct: 0, total: 0, accuracy: 0.0 }
+        Self {
+            task,
+            correct: 0,
+            total: 0,
+            accuracy: 0.0,
+        }
     }
 
     fn add(&mut self, correct: usize, total: usize) {
         self.correct += correct;
         self.total += total;
-        self.accuracy = if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 };
+        self.accuracy = if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        };
     }
 }
 
@@ -75,7 +84,8 @@ impl EvalReport {
     }
 
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("serializing the report: {e}")))
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::msg(format!("serializing the report: {e}")))
     }
 
     pub fn save_json(&self, path: &Path) -> Result<()> {
@@ -84,8 +94,17 @@ impl EvalReport {
 
     /// An aligned table: task, correct, total, accuracy in %, then the average.
     pub fn table(&self) -> String {
-        let width = self.tasks.iter().map(|s| s.task.dir_name().len()).max().unwrap_or(0).max("Average".len());
-        let mut out = format!("{:<width$}  {:>8}  {:>8}  {:>8}\n", "task", "correct", "total", "acc %");
+        let width = self
+            .tasks
+            .iter()
+            .map(|s| s.task.dir_name().len())
+            .max()
+            .unwrap_or(0)
+            .max("Average".len());
+        let mut out = format!(
+            "{:<width$}  {:>8}  {:>8}  {:>8}\n",
+            "task", "correct", "total", "acc %"
+        );
         for s in &self.tasks {
             out += &format!(
                 "{:<width$}  {:>8}  {:>8}  {:>8.2}\n",
@@ -96,7 +115,13 @@ impl EvalReport {
             );
         }
         if let Some(avg) = self.average {
-            out += &format!("{:<width$}  {:>8}  {:>8}  {:>8.2}\n", "Average", "", "", 100.0 * avg);
+            out += &format!(
+                "{:<width$}  {:>8}  {:>8}  {:>8.2}\n",
+                "Average",
+                "",
+                "",
+                100.0 * avg
+            );
         }
         out
     }
@@ -138,9 +163,18 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4);
         assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
-        assert!(lines[1].starts_with("boolq ") && lines[1].ends_with("60.00"), "{table}");
-        assert!(lines[2].starts_with("ARC-Challenge ") && lines[2].ends_with("50.00"), "{table}");
-        assert!(lines[3].starts_with("Average ") && lines[3].ends_with("55.00"), "{table}");
+        assert!(
+            lines[1].starts_with("boolq ") && lines[1].ends_with("60.00"),
+            "{table}"
+        );
+        assert!(
+            lines[2].starts_with("ARC-Challenge ") && lines[2].ends_with("50.00"),
+            "{table}"
+        );
+        assert!(
+            lines[3].starts_with("Average ") && lines[3].ends_with("55.00"),
+            "{table}"
+        );
     }
 
     #[test]
