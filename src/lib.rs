@@ -6,7 +6,9 @@
 //! `cli` (the `candle-peft` command).
 
 pub mod adapters;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fsutil;
 pub mod loading;
 pub mod model;
