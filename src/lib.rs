@@ -6,6 +6,7 @@
 //! `cli` (the `candle-peft` command).
 
 pub mod error;
+pub mod loading;
 pub mod model;
 
 pub use error::{Error, Result};
