@@ -80,6 +80,10 @@ fn smollm2_gguf_loads_as_hf_llama() {
     assert_eq!(enc.get_ids()[0], 1);
     assert_eq!(*enc.get_ids().last().unwrap(), 2);
     assert_eq!(tokenizer.decode(enc.get_ids(), false).unwrap(), text);
+    // Ids from tests/reference/smollm2_reference.py (Python `tokenizers`, built from the same GGUF).
+    let reference = [504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 4521, 314, 11452, 30];
+    let prompt = "The capital of France is Paris. The capital of Germany is Berlin.";
+    assert_eq!(tokenizer.encode(prompt, false).unwrap().get_ids(), &reference);
 }
 
 #[test]

@@ -482,6 +482,31 @@ pub(crate) mod tests {
         assert!(unpermute_qk(&Tensor::zeros((6, 4), DType::F32, &Device::Cpu).unwrap(), 4).is_err());
     }
 
+    /// Attention scores of one projection applied to both sides: rotate-half RoPE on HF-layout
+    /// weights must give exactly what llama.cpp's interleaved RoPE gives on its permuted weights.
+    #[test]
+    fn unpermuted_weights_with_rotate_half_rope_match_llama_cpp_rope() {
+        let (heads, hd, inp, t) = (3, 8, 16, 5);
+        let dev = &Device::Cpu;
+        let w_hf = Tensor::randn(0f32, 1.0, (heads * hd, inp), dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (t, inp), dev).unwrap();
+        let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+        let pos = Tensor::arange(0f32, t as f32, dev).unwrap().reshape((t, 1)).unwrap();
+        let angles = pos.broadcast_mul(&Tensor::new(inv_freq, dev).unwrap().reshape((1, hd / 2)).unwrap()).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let scores = |w: &Tensor, rope: fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let q = x.matmul(&w.t().unwrap()).unwrap().reshape((1, t, heads, hd)).unwrap();
+            let q = rope(&q.transpose(1, 2).unwrap().contiguous().unwrap(), &cos, &sin).unwrap();
+            q.matmul(&q.transpose(2, 3).unwrap()).unwrap()
+        };
+        let w_cpp = permute_llama_cpp(&w_hf, heads);
+        let hf = scores(&unpermute_qk(&w_cpp, heads).unwrap(), candle_nn::rotary_emb::rope);
+        let cpp = scores(&w_cpp, candle_nn::rotary_emb::rope_i);
+        assert!(max_abs_diff(&hf, &cpp) < 1e-4, "max diff {}", max_abs_diff(&hf, &cpp));
+        // And the check has teeth: skipping the un-permute breaks it.
+        assert!(max_abs_diff(&scores(&w_cpp, candle_nn::rotary_emb::rope), &cpp) > 1e-2);
+    }
+
     #[test]
     fn loads_tiny_gguf_with_hf_names_config_and_values() {
         let dir = tempfile::tempdir().unwrap();
