@@ -98,3 +98,24 @@ fn smollm2_converts_to_hf_dir() {
     let config = candle_peft::model::config::LlamaConfig::from_file(&out.join("config.json")).unwrap();
     assert_eq!((config.vocab_size, config.num_key_value_heads), (49152, 3));
 }
+
+/// The engine's SmolLM2 forward against an independent numpy implementation
+/// (tests/reference/smollm2_reference.py, run by CI into `smollm2_reference.json` beside the
+/// assets): the mean log-likelihood of the reference prompt agrees within 1e-3.
+#[test]
+fn smollm2_forward_matches_independent_reference() {
+    let (Some(gguf), Some(reference)) = (asset(SMOLLM2), asset("smollm2_reference.json")) else { return };
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
+    let ids: Vec<u32> = reference["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let expected = reference["mean_logprob"].as_f64().unwrap();
+    let loaded = candle_peft::loading::load_model(gguf.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let input = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = loaded.model.forward(&input, None, None, false).unwrap().squeeze(0).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+    let mean = (1..ids.len()).map(|i| logp[i - 1][ids[i] as usize] as f64).sum::<f64>() / (ids.len() - 1) as f64;
+    assert!((mean - expected).abs() < 1e-3, "engine {mean} vs reference {expected}");
+    // The tokenizer rebuilt from the GGUF gives the reference's ids for the reference's text.
+    let text = reference["text"].as_str().unwrap();
+    let enc = loaded.tokenizer.unwrap().encode(text, true).unwrap();
+    assert_eq!(enc.get_ids(), ids.as_slice());
+}

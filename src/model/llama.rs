@@ -3,6 +3,8 @@
 //! loss has a backward pass in candle, the base weights are frozen tensors (never `Var`s), and
 //! adapters attach to the linear layers (`Linear`) or across whole residual blocks (`BlockControl`).
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{LlamaConfig, RopeScaling};
@@ -192,6 +194,24 @@ impl Llama {
             ] {
                 out.push((format!("{p}.{name}"), lin));
             }
+        }
+        out
+    }
+
+    /// The frozen weights with their Hugging Face names (merged adapters included), for export.
+    pub fn hf_weights(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        out.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
+        out.insert("model.norm.weight".to_string(), self.norm.clone());
+        if let Some(head) = &self.lm_head {
+            out.insert("lm_head.weight".to_string(), head.clone());
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            out.insert(format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone());
+            out.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone());
+        }
+        for (path, lin) in self.named_linears() {
+            out.insert(format!("{path}.weight"), lin.base().weight().clone());
         }
         out
     }

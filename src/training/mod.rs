@@ -1,6 +1,8 @@
 //! Training: AdamW and its schedule, the optimizer step, the loop with checkpoints.
 
+pub mod checkpoint;
 pub mod optim;
+pub mod run;
 pub mod step;
 
 pub use optim::{AdamW, AdamWConfig};

@@ -1,0 +1,167 @@
+//! The fine-tuning loop of the LLM-Adapters recipe (seeds.md §0.3): tokenize, hold out a
+//! validation split, iterate seeded left-padded micro-batches, accumulate to the batch size,
+//! step, evaluate the held-out loss every N steps, checkpoint every N steps (resumable), and
+//! log every step to a progress bar and a JSONL metrics file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
+use super::step::{eval_loss, StepConfig, TrainBatch, Trainer};
+use crate::adapters::{save_adapter, AdapterConfig};
+use crate::data::batch::{Batch, BatchIter};
+use crate::data::tokenize::Tokenized;
+use crate::error::{Error, IoContext, Result};
+use crate::model::Llama;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub output_dir: PathBuf,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub steps: StepConfig,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    pub seed: u64,
+    pub pad_id: u32,
+    pub resume: bool,
+    /// Shown in adapter_config.json's `base_model_name_or_path`.
+    pub base_model: Option<String>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub last_eval_loss: Option<f64>,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// Optimizer steps needed for `epochs` passes over `n` examples at `batch_size`.
+pub fn steps_for_epochs(n: usize, batch_size: usize, epochs: f64) -> usize {
+    ((n.div_ceil(batch_size.max(1)) as f64) * epochs).ceil().max(1.0) as usize
+}
+
+pub fn to_train_batch(b: &Batch, device: &Device) -> Result<TrainBatch> {
+    let t = b.to_tensors(device)?;
+    let mask = b.attention_mask.chunks(b.seq_len).map(<[u32]>::to_vec).collect();
+    Ok(TrainBatch { input_ids: t.input_ids, mask, labels: t.labels })
+}
+
+/// Train the adapters already injected into `model`. Checkpoints go to `output_dir/checkpoint`,
+/// the final adapter to `output_dir`, metrics to `output_dir/metrics.jsonl`.
+pub fn train(
+    model: &Llama,
+    adapter: &AdapterConfig,
+    train_set: &[Tokenized],
+    val_set: &[Tokenized],
+    cfg: &RunConfig,
+    lr_scale: impl Fn(&str) -> f64,
+) -> Result<RunSummary> {
+    if cfg.micro_batch_size == 0 || cfg.batch_size % cfg.micro_batch_size != 0 {
+        return Err(Error::Training(format!(
+            "batch size {} must be a multiple of the micro-batch size {}",
+            cfg.batch_size, cfg.micro_batch_size
+        )));
+    }
+    let accum = cfg.batch_size / cfg.micro_batch_size;
+    std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
+    let ckpt_dir = cfg.output_dir.join("checkpoint");
+    let mut trainer = Trainer::new(model, cfg.steps, lr_scale)?;
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: cfg.steps.total_steps,
+        data_position: Default::default(),
+        optimizer_t: 0,
+        best_eval_loss: None,
+        seed: cfg.seed,
+    };
+    if cfg.resume && ckpt_dir.join(super::checkpoint::STATE_FILE).is_file() {
+        state = load_checkpoint(&ckpt_dir, model, &mut trainer)?;
+        tracing::info!("resumed from {} at step {}", ckpt_dir.display(), state.step);
+    }
+    let mut batches = BatchIter::new(train_set, cfg.micro_batch_size, cfg.pad_id, cfg.seed)?.with_position(state.data_position)?;
+    let val_batches = val_set
+        .chunks(cfg.micro_batch_size)
+        .map(|rows| to_train_batch(&Batch::collate(&rows.iter().collect::<Vec<_>>(), cfg.pad_id, 8)?, model.device()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.output_dir.join("metrics.jsonl"))
+        .at(cfg.output_dir.join("metrics.jsonl"))?;
+    let bar = progress_bar(cfg.steps.total_steps, state.step, cfg.progress);
+    let start = Instant::now();
+    let mut summary =
+        RunSummary { steps: 0, first_loss: None, last_loss: None, last_eval_loss: None, tokens: 0, seconds: 0.0, tokens_per_second: 0.0 };
+    while trainer.step < cfg.steps.total_steps {
+        let micro = (0..accum)
+            .map(|_| to_train_batch(&batches.next().expect("BatchIter is endless")?, model.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let stats = trainer.step(model, &micro)?;
+        summary.tokens += stats.tokens;
+        summary.first_loss.get_or_insert(stats.loss);
+        summary.last_loss = Some(stats.loss);
+        let elapsed = start.elapsed().as_secs_f64();
+        let tps = summary.tokens as f64 / elapsed.max(1e-9);
+        log_line(&mut metrics, &serde_json::json!({
+            "step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+            "tokens": stats.tokens, "tokens_per_s": tps, "elapsed_s": elapsed,
+        }))?;
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", stats.loss, stats.lr, tps));
+        bar.inc(1);
+        let last = trainer.step == cfg.steps.total_steps;
+        if !val_batches.is_empty() && cfg.eval_steps > 0 && (trainer.step % cfg.eval_steps == 0 || last) {
+            let loss = eval_loss(model, &val_batches)?;
+            summary.last_eval_loss = Some(loss);
+            log_line(&mut metrics, &serde_json::json!({ "step": trainer.step, "eval_loss": loss }))?;
+            bar.println(format!("step {}: eval loss {loss:.4}", trainer.step));
+            if state.best_eval_loss.is_none_or(|b| loss < b) {
+                state.best_eval_loss = Some(loss);
+                save_adapter(model, adapter, &cfg.output_dir.join("best"), cfg.base_model.as_deref())?;
+            }
+        }
+        if (cfg.save_steps > 0 && trainer.step % cfg.save_steps == 0) || last {
+            state.step = trainer.step;
+            state.data_position = batches.position();
+            state.optimizer_t = trainer.optimizer.t;
+            save_checkpoint(&ckpt_dir, model, adapter, &trainer, &state, cfg.base_model.as_deref())?;
+        }
+    }
+    bar.finish_and_clear();
+    save_adapter(model, adapter, &cfg.output_dir, cfg.base_model.as_deref())?;
+    summary.steps = trainer.step;
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.tokens_per_second = summary.tokens as f64 / summary.seconds.max(1e-9);
+    Ok(summary)
+}
+
+fn log_line(file: &mut std::fs::File, value: &serde_json::Value) -> Result<()> {
+    writeln!(file, "{value}").map_err(|source| Error::Io { path: PathBuf::from("metrics.jsonl"), source })
+}
+
+fn progress_bar(total: usize, done: usize, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_position(done as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid progress template"),
+    );
+    bar
+}
+
+/// The checkpoint directory of a run.
+pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoint")
+}
