@@ -57,6 +57,16 @@ impl LoraLinear {
         })
     }
 
+    /// A pair with given values (PiSSA, OLoRA, EVA and the rank-2r conversion set A and B).
+    pub fn from_parts(a: &Tensor, b: &Tensor, scale: f64, dropout: f64, rng: &mut StdRng) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            scale,
+            dropout: Dropout::new(dropout, rng),
+        })
+    }
+
     /// `s · B A` in the base weight's dtype.
     pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?.to_dtype(dtype)?)

@@ -3,9 +3,14 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`, keys such as
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
 
+pub mod adalora;
 pub mod dora;
+pub mod full;
 pub mod ia3;
+pub mod linalg;
 pub mod lora;
+pub mod lora_init;
+pub mod sift;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +26,11 @@ use crate::loading::hub::ModelSource;
 use crate::loading::weights::Weights;
 use crate::model::{Linear, LinearAdapter, Llama};
 
+pub use adalora::{AdaLoraConfig, AdaLoraHook, AdaLoraLinear};
 pub use dora::DoraLinear;
+pub use full::{FullConfig, FullLinear};
+pub use lora_init::{convert_to_lora, save_converted, InitKind, InitLoraLinear};
+pub use sift::{SiftConfig, SiftHook, SiftLinear};
 pub use ia3::{Ia3Config, Ia3Linear};
 pub use lora::{LoraConfig, LoraLinear};
 
@@ -52,12 +61,27 @@ impl Targets {
 pub enum AdapterConfig {
     /// LoRA, rsLoRA (`use_rslora`) and DoRA (`use_dora`), as PEFT's `LoraConfig`.
     Lora(LoraConfig),
+    /// LoRA initialised from W (PiSSA, OLoRA): PEFT's LoRA with `init_lora_weights` "pissa"/"olora".
+    LoraInit(LoraConfig, InitKind),
     Ia3(Ia3Config),
+    /// PEFT's `AdaLoraConfig`.
+    AdaLora(AdaLoraConfig),
+    /// Sparse increment fine-tuning (engine format, `peft_type: "SIFT"`).
+    Sift(SiftConfig),
+    /// Full fine-tuning of the targeted weights, optionally with GaLore (engine format, `"FULL"`).
+    Full(FullConfig),
 }
 
 /// Keys of PEFT's configs that the engine reads or that do not change the computation.
 const LORA_KEYS: &[&str] = &["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"];
 const IA3_KEYS: &[&str] = &["target_modules", "feedforward_modules"];
+/// AdaLoRA inherits LoRA's `r`, which PEFT ignores for AdaLoRA (the rank is `init_r`).
+const ADALORA_KEYS: &[&str] = &[
+    "r", "lora_alpha", "lora_dropout", "target_modules", "target_r", "init_r", "tinit", "tfinal", "deltaT",
+    "beta1", "beta2", "orth_reg_weight", "total_step",
+];
+const SIFT_KEYS: &[&str] = &["target_modules", "sparse_rate"];
+const FULL_KEYS: &[&str] = &["target_modules", "galore"];
 const COMMON_KEYS: &[&str] = &[
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "init_lora_weights", "init_ia3_weights",
@@ -66,15 +90,21 @@ const COMMON_KEYS: &[&str] = &[
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
-            AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Lora(_) | AdapterConfig::LoraInit(..) => "LORA",
             AdapterConfig::Ia3(_) => "IA3",
+            AdapterConfig::AdaLora(_) => "ADALORA",
+            AdapterConfig::Sift(_) => "SIFT",
+            AdapterConfig::Full(_) => "FULL",
         }
     }
 
     pub fn targets(&self) -> &Targets {
         match self {
-            AdapterConfig::Lora(c) => &c.target_modules,
+            AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) => &c.target_modules,
             AdapterConfig::Ia3(c) => &c.target_modules,
+            AdapterConfig::AdaLora(c) => &c.target_modules,
+            AdapterConfig::Sift(c) => &c.target_modules,
+            AdapterConfig::Full(c) => &c.target_modules,
         }
     }
 
@@ -86,13 +116,37 @@ impl AdapterConfig {
         let (known, cfg): (&[&str], AdapterConfig) = match peft_type {
             "LORA" => {
                 let cfg: LoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("LoRA config: {e}")))?;
-                (LORA_KEYS, AdapterConfig::Lora(cfg))
+                let init = v.get("init_lora_weights").and_then(Value::as_str).unwrap_or("");
+                // pissa_niter_K is PEFT's randomised SVD: read as PiSSA with the exact SVD.
+                let kind = match init {
+                    "pissa" => Some(InitKind::Pissa),
+                    s if s.starts_with("pissa_niter_") => Some(InitKind::Pissa),
+                    "olora" => Some(InitKind::Olora),
+                    _ => None,
+                };
+                match kind {
+                    Some(_) if cfg.use_dora => return Err(bad(format!("init_lora_weights `{init}` with use_dora is not implemented"))),
+                    Some(kind) => (LORA_KEYS, AdapterConfig::LoraInit(cfg, kind)),
+                    None => (LORA_KEYS, AdapterConfig::Lora(cfg)),
+                }
+            }
+            "ADALORA" => {
+                let cfg: AdaLoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("AdaLoRA config: {e}")))?;
+                (ADALORA_KEYS, AdapterConfig::AdaLora(cfg))
+            }
+            "SIFT" => {
+                let cfg: SiftConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("SIFT config: {e}")))?;
+                (SIFT_KEYS, AdapterConfig::Sift(cfg))
+            }
+            "FULL" => {
+                let cfg: FullConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("FULL config: {e}")))?;
+                (FULL_KEYS, AdapterConfig::Full(cfg))
             }
             "IA3" => {
                 let cfg: Ia3Config = serde_json::from_value(v.clone()).map_err(|e| bad(format!("IA3 config: {e}")))?;
                 (IA3_KEYS, AdapterConfig::Ia3(cfg))
             }
-            other => return Err(bad(format!("peft_type `{other}` is not implemented by this engine (LORA, IA3)"))),
+            other => return Err(bad(format!("peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, FULL)"))),
         };
         let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
         for (key, value) in obj {
@@ -118,14 +172,30 @@ impl AdapterConfig {
 
     /// The `adapter_config.json` PEFT would write for this adapter.
     pub fn to_peft_json(&self, base_model: Option<&str>) -> Value {
-        let mut v = match self {
-            AdapterConfig::Lora(c) => json!({
+        let lora = |c: &LoraConfig, init: Value| {
+            json!({
                 "r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
                 "target_modules": c.target_modules, "use_rslora": c.use_rslora, "use_dora": c.use_dora,
-                "bias": "none", "fan_in_fan_out": false, "init_lora_weights": true,
+                "bias": "none", "fan_in_fan_out": false, "init_lora_weights": init,
                 "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": null,
                 "layers_to_transform": null, "layers_pattern": null,
-            }),
+            })
+        };
+        let mut v = match self {
+            AdapterConfig::Lora(c) => lora(c, json!(true)),
+            AdapterConfig::LoraInit(c, kind) => lora(c, json!(kind.peft_name())),
+            AdapterConfig::AdaLora(c) => {
+                let mut v = serde_json::to_value(c).expect("AdaLoraConfig serialises");
+                v["r"] = json!(c.target_r);
+                v["bias"] = json!("none");
+                v["fan_in_fan_out"] = json!(false);
+                v["init_lora_weights"] = json!(true);
+                v["rank_pattern"] = Value::Null;
+                v["modules_to_save"] = Value::Null;
+                v
+            }
+            AdapterConfig::Sift(c) => serde_json::to_value(c).expect("SiftConfig serialises"),
+            AdapterConfig::Full(c) => serde_json::to_value(c).expect("FullConfig serialises"),
             AdapterConfig::Ia3(c) => json!({
                 "target_modules": c.target_modules, "feedforward_modules": c.feedforward_modules,
                 "fan_in_fan_out": false, "init_ia3_weights": true, "modules_to_save": null,
@@ -149,7 +219,10 @@ pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize
         if !cfg.targets().matches(&path)? {
             continue;
         }
-        let adapter = build(cfg, &path, linear, &mut rng)?;
+        let (adapter, residual) = build(cfg, &path, linear, &mut rng)?;
+        if let Some(w) = residual {
+            linear.set_base_weight(w);
+        }
         linear.set_adapter(adapter);
         count += 1;
     }
@@ -159,10 +232,25 @@ pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize
     Ok(count)
 }
 
-fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> Result<Box<dyn LinearAdapter>> {
+/// The adapter of one layer and, for PiSSA/OLoRA, the residual weight that replaces the base.
+type Built = (Box<dyn LinearAdapter>, Option<Tensor>);
+
+fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> Result<Built> {
     let base = linear.base();
-    Ok(match cfg {
-        AdapterConfig::Lora(c) if c.r == 0 => return Err(Error::Adapter("LoRA rank r must be at least 1".into())),
+    if linear.is_merged() {
+        return Err(Error::Adapter(format!("{path}: cannot inject into a merged layer")));
+    }
+    let adapter: Box<dyn LinearAdapter> = match cfg {
+        AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) if c.r == 0 => {
+            return Err(Error::Adapter("LoRA rank r must be at least 1".into()))
+        }
+        AdapterConfig::LoraInit(c, kind) => {
+            let (adapter, residual) = InitLoraLinear::new(base, c, *kind, rng)?;
+            return Ok((Box::new(adapter), Some(residual)));
+        }
+        AdapterConfig::AdaLora(c) => Box::new(AdaLoraLinear::new(base, c, rng)?),
+        AdapterConfig::Sift(c) => Box::new(SiftLinear::new(base, c)?),
+        AdapterConfig::Full(_) => Box::new(FullLinear::new(base)?),
         AdapterConfig::Lora(c) if c.use_dora => Box::new(DoraLinear::new(base, c, rng)?),
         AdapterConfig::Lora(c) => Box::new(LoraLinear::new(base, c, rng)?),
         AdapterConfig::Ia3(c) => {
@@ -172,7 +260,28 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
             };
             Box::new(Ia3Linear::new(base, ff)?)
         }
-    })
+    };
+    Ok((adapter, None))
+}
+
+/// What a method adds to the Trainer beyond AdamW on its parameters: AdaLoRA's regulariser and
+/// rank allocator, SIFT's index selection, GaLore's projection. Call right after `Trainer::new`
+/// (before restoring a checkpoint: GaLore's moments have the projected shape).
+pub fn configure_trainer(trainer: &mut crate::training::Trainer, model: &Llama, cfg: &AdapterConfig) -> Result<()> {
+    match cfg {
+        AdapterConfig::AdaLora(c) => {
+            // The trainer knows the number of steps: PEFT needs it as `total_step`.
+            let mut c = c.clone();
+            c.total_step.get_or_insert(trainer.config.total_steps);
+            trainer.hooks.push(Box::new(AdaLoraHook::new(model, &c)?));
+        }
+        AdapterConfig::Sift(_) => trainer.hooks.push(Box::new(SiftHook::new(model))),
+        AdapterConfig::Full(FullConfig { galore: Some(g), .. }) => {
+            trainer.optimizer.enable_galore(|name| name.ends_with(".weight"), *g)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors`,
@@ -183,8 +292,24 @@ pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: 
 }
 
 /// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
+/// SIFT's indices are saved with them (not trainable, but part of the adapter).
 pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
-    model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect()
+    let mut out: HashMap<String, Tensor> =
+        model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect::<Result<_>>()?;
+    for (path, sift) in sift_layers(model) {
+        if let Some(idx) = sift.indices() {
+            out.insert(format!("base_model.model.{path}.sift_indices"), idx.contiguous()?);
+        }
+    }
+    Ok(out)
+}
+
+fn sift_layers(model: &Llama) -> Vec<(String, &SiftLinear)> {
+    model
+        .named_linears()
+        .into_iter()
+        .filter_map(|(p, l)| l.adapter().and_then(|a| a.as_any()).and_then(|a| a.downcast_ref::<SiftLinear>()).map(|s| (p, s)))
+        .collect()
 }
 
 pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
@@ -214,14 +339,21 @@ pub fn load_adapter(model: &mut Llama, source: &ModelSource) -> Result<AdapterCo
 
 pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
     let params = model.trainable_params();
-    let expected: std::collections::HashSet<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+    let mut expected: std::collections::HashSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
+    for (path, sift) in sift_layers(model) {
+        let key = format!("base_model.model.{path}.sift_indices");
+        if weights.names().iter().any(|n| *n == key) {
+            sift.set_indices(&weights.get_any(&key, DType::U32, &Device::Cpu)?)?;
+        }
+        expected.insert(key);
+    }
     for (key, var) in &params {
         let t = weights.get_any(key, DType::F32, var.device()).map_err(|e| match e {
             Error::MissingTensor { origin, .. } => Error::MissingTensor { origin, name: key.clone() },
             e => e,
         })?;
         if t.dims() != var.dims() {
-            let module = key.rsplit_once(".lora_").or_else(|| key.rsplit_once(".ia3_")).map_or(key.as_str(), |(m, _)| m);
+            let module = key.rsplit_once(".lora_").or_else(|| key.rsplit_once(".ia3_")).or_else(|| key.rsplit_once(".sift_")).map_or(key.as_str(), |(m, _)| m);
             return Err(Error::Adapter(format!(
                 "{}: `{key}` has shape {:?} but module `{module}` of the model needs {:?}",
                 weights.origin(),

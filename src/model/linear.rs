@@ -55,6 +55,11 @@ pub trait LinearAdapter: Send + Sync {
     fn unmerged_weight(&self, merged: &Tensor) -> Result<Tensor>;
     /// Trainable tensors with their key suffix in PEFT's file format (e.g. `lora_A.weight`).
     fn params(&self) -> Vec<(String, Var)>;
+    /// The concrete adapter, for the methods that need more than this trait (PiSSA's conversion,
+    /// SIFT's indices, EVA's re-initialisation).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A linear layer of the model: the frozen base plus, optionally, one adapter.
@@ -84,6 +89,12 @@ impl Linear {
 
     pub fn set_adapter(&mut self, adapter: Box<dyn LinearAdapter>) {
         self.adapter = Some(adapter);
+        self.merged = false;
+    }
+
+    /// Detach the adapter (EVA gives some layers rank 0, i.e. no adapter).
+    pub fn clear_adapter(&mut self) {
+        self.adapter = None;
         self.merged = false;
     }
 

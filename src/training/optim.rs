@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
+use super::galore::{GaloreConfig, Projector};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -32,6 +33,8 @@ pub struct Param {
     pub lr_scale: f64,
     m: Tensor,
     v: Tensor,
+    /// Set for the weights trained with GaLore (their moments are in the projected space).
+    pub galore: Option<Projector>,
 }
 
 pub struct AdamW {
@@ -48,7 +51,7 @@ impl AdamW {
             .map(|(name, var, lr_scale)| {
                 let m = var.as_tensor().zeros_like()?;
                 let v = var.as_tensor().zeros_like()?;
-                Ok(Param { name, var, lr_scale, m, v })
+                Ok(Param { name, var, lr_scale, m, v, galore: None })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { config, params, t: 0 })
@@ -63,6 +66,21 @@ impl AdamW {
         for p in &mut self.params {
             let Some(g) = grads.get(&p.name) else { continue };
             let lr = lr * p.lr_scale;
+            if let Some(proj) = &mut p.galore {
+                // galore_torch.GaLoreAdamW: moments of the projected gradient, HF-AdamW arithmetic.
+                let low = proj.project(g, self.t - 1)?;
+                p.m = ((&p.m * c.beta1)? + (&low * (1.0 - c.beta1))?)?;
+                p.v = ((&p.v * c.beta2)? + (low.sqr()? * (1.0 - c.beta2))?)?;
+                let step_size = lr * bc2.sqrt() / bc1;
+                let norm = (&p.m / (p.v.sqrt()? + c.eps)?)?;
+                let update = proj.project_back(&norm)?.to_dtype(p.var.dtype())?;
+                let mut theta = (p.var.as_tensor() - (update * step_size)?)?;
+                if c.weight_decay > 0.0 {
+                    theta = (&theta * (1.0 - lr * c.weight_decay))?;
+                }
+                p.var.set(&theta)?;
+                continue;
+            }
             let theta = p.var.as_tensor();
             let decayed = if c.weight_decay > 0.0 { (theta * (1.0 - lr * c.weight_decay))? } else { theta.clone() };
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
@@ -74,12 +92,34 @@ impl AdamW {
         Ok(())
     }
 
+    /// Train the 2-D parameters that `select` picks by name with GaLore; their moments restart
+    /// at zero in the projected shape.
+    pub fn enable_galore(&mut self, select: impl Fn(&str) -> bool, config: GaloreConfig) -> Result<usize> {
+        let mut n = 0;
+        for p in &mut self.params {
+            if !select(&p.name) || p.var.rank() != 2 {
+                continue;
+            }
+            let shape = p.var.dims2()?;
+            let proj = Projector::new(config, shape);
+            let low = proj.low_shape(shape);
+            p.m = Tensor::zeros(low, p.var.dtype(), p.var.device())?;
+            p.v = p.m.clone();
+            p.galore = Some(proj);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
             out.insert(format!("m.{}", p.name), p.m.contiguous()?);
             out.insert(format!("v.{}", p.name), p.v.contiguous()?);
+            if let Some(ortho) = p.galore.as_ref().and_then(|g| g.ortho.as_ref()) {
+                out.insert(format!("galore_p.{}", p.name), ortho.contiguous()?);
+            }
         }
         Ok(out)
     }
@@ -97,6 +137,9 @@ impl AdamW {
                     )));
                 }
                 *slot = value.to_device(slot.device())?.to_dtype(slot.dtype())?;
+            }
+            if let (Some(proj), Some(ortho)) = (p.galore.as_mut(), tensors.get(&format!("galore_p.{}", p.name))) {
+                proj.ortho = Some(ortho.to_device(p.var.device())?.to_dtype(DType::F32)?);
             }
         }
         self.t = t;

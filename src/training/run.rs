@@ -76,6 +76,7 @@ pub fn train(
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
     let ckpt_dir = cfg.output_dir.join("checkpoint");
     let mut trainer = Trainer::new(model, cfg.steps, lr_scale)?;
+    crate::adapters::configure_trainer(&mut trainer, model, adapter)?;
     let mut state = TrainerState {
         step: 0,
         total_steps: cfg.steps.total_steps,

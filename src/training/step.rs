@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use super::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
@@ -54,12 +55,34 @@ pub struct StepConfig {
     pub max_grad_norm: Option<f64>,
 }
 
+/// What a method that needs more than "loss, backward, AdamW" plugs into the step (AdaLoRA's
+/// regulariser and rank allocator, SIFT's index selection). Every method has a no-op default.
+pub trait StepHook: Send {
+    /// A term added to every micro-batch's loss before backward (and to the reported loss).
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// After each micro-batch's backward, with its full gradient store.
+    fn after_backward(&mut self, _grads: &GradStore) -> Result<()> {
+        Ok(())
+    }
+    /// With the accumulated gradients (keyed by parameter name), before clipping and the update.
+    fn before_update(&mut self, _step: usize, _grads: &mut HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+    /// After the optimizer update, with the clipped gradients; `step` counts from 0.
+    fn after_update(&mut self, _step: usize, _grads: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Trainer {
     pub optimizer: AdamW,
     pub config: StepConfig,
     /// Optimizer steps taken so far.
     pub step: usize,
     params: Vec<(String, Var)>,
+    pub hooks: Vec<Box<dyn StepHook>>,
 }
 
 impl Trainer {
@@ -70,7 +93,7 @@ impl Trainer {
             return Err(Error::Training("the model has no trainable parameters: inject an adapter first".into()));
         }
         let groups = params.iter().map(|(n, v)| (n.clone(), v.clone(), lr_scale(n))).collect();
-        Ok(Self { optimizer: AdamW::new(groups, config.optim)?, config, step: 0, params })
+        Ok(Self { optimizer: AdamW::new(groups, config.optim)?, config, step: 0, params, hooks: Vec::new() })
     }
 
     pub fn lr(&self) -> f64 {
@@ -85,7 +108,12 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in micro_batches {
-            let loss = causal_lm_loss(model, batch, true)?;
+            let mut loss = causal_lm_loss(model, batch, true)?;
+            for hook in &self.hooks {
+                if let Some(reg) = hook.regularizer()? {
+                    loss = (loss + reg)?;
+                }
+            }
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(Error::Training(format!("non-finite loss ({value}) at step {}", self.step + 1)));
@@ -93,6 +121,9 @@ impl Trainer {
             loss_sum += value;
             tokens += batch.tokens();
             let store = (loss / n)?.backward()?;
+            for hook in &mut self.hooks {
+                hook.after_backward(&store)?;
+            }
             for (name, var) in &self.params {
                 if let Some(g) = store.get(var.as_tensor()) {
                     let g = g.to_dtype(candle_core::DType::F32)?;
@@ -104,6 +135,9 @@ impl Trainer {
                 }
             }
         }
+        for hook in &mut self.hooks {
+            hook.before_update(self.step, &mut grads)?;
+        }
         let grad_norm = match self.config.max_grad_norm {
             Some(max) => clip_grad_norm(&mut grads, max)?,
             None => clip_grad_norm(&mut grads, f64::INFINITY)?,
@@ -113,6 +147,9 @@ impl Trainer {
         }
         let lr = self.lr();
         self.optimizer.step(&grads, lr)?;
+        for hook in &mut self.hooks {
+            hook.after_update(self.step, &grads)?;
+        }
         self.step += 1;
         Ok(StepStats { step: self.step, loss: loss_sum / n, grad_norm, lr, tokens })
     }
