@@ -442,3 +442,50 @@ fn every_method_overfits_a_tiny_batch() {
         assert!(last < 0.7 * first, "{cfg:?}: loss {first} -> {last}");
     }
 }
+
+#[test]
+fn eva_init_has_orthonormal_rows_and_respects_cap_and_budget() {
+    let r = 3;
+    let mut cfg = adapters::EvaConfig::new(lora_cfg(r, &ALL));
+    let mut model = tiny();
+    let before = logits(&model);
+    inject(&mut model, &AdapterConfig::Eva(cfg.clone()), 1).unwrap();
+    let batches = vec![batch(), batch()];
+    let ranks = adapters::initialize_eva(&mut model, &mut cfg, &batches, 2).unwrap();
+    let n_layers = 14;
+    assert_eq!(ranks.len(), n_layers);
+    assert_eq!(ranks.values().sum::<usize>(), r * n_layers, "{ranks:?}");
+    assert!(ranks.values().all(|&k| k <= 2 * r), "{ranks:?}");
+    assert!(ranks.values().any(|&k| k != r), "ranks were redistributed: {ranks:?}");
+    for (path, lin) in model.named_linears() {
+        let Some(a) = lin.adapter() else {
+            assert_eq!(ranks[&path], 0);
+            continue;
+        };
+        // A plain LoraLinear: its A and B through params.
+        let params = a.params();
+        let at = params[0].1.as_tensor();
+        assert_eq!(at.dims()[0], ranks[&path]);
+        let k = at.dims()[0];
+        let aat = at.matmul(&at.t().unwrap()).unwrap();
+        assert!(max_diff(&aat, &Tensor::eye(k, DType::F32, &Device::Cpu).unwrap()) < 1e-4, "{path}");
+        assert_eq!(params[1].1.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+    assert!(max_diff(&before, &logits(&model)) < 1e-5, "B = 0 leaves the model unchanged");
+    // Save / load with the rank pattern, after training.
+    let eva = AdapterConfig::Eva(cfg.clone());
+    let mut t = trainer(&model, &eva, 1e-2, 20);
+    let first = loss_value(&model, &batch());
+    for _ in 0..20 {
+        t.step(&model, &[batch()]).unwrap();
+    }
+    let last = loss_value(&model, &batch());
+    assert!(last < 0.7 * first, "EVA: loss {first} -> {last}");
+    let expected = logits(&model);
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&model, &eva, dir.path(), None).unwrap();
+    let mut fresh = tiny();
+    let loaded = load_adapter(&mut fresh, &ModelSource::parse(dir.path().to_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(loaded, eva);
+    assert!(max_diff(&expected, &logits(&fresh)) < 1e-4);
+}

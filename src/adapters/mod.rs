@@ -5,6 +5,7 @@
 
 pub mod adalora;
 pub mod dora;
+pub mod eva;
 pub mod full;
 pub mod ia3;
 pub mod linalg;
@@ -28,6 +29,7 @@ use crate::model::{Linear, LinearAdapter, Llama};
 
 pub use adalora::{AdaLoraConfig, AdaLoraHook, AdaLoraLinear};
 pub use dora::DoraLinear;
+pub use eva::{initialize_eva, EvaConfig};
 pub use full::{FullConfig, FullLinear};
 pub use lora_init::{convert_to_lora, save_converted, InitKind, InitLoraLinear};
 pub use sift::{SiftConfig, SiftHook, SiftLinear};
@@ -63,6 +65,8 @@ pub enum AdapterConfig {
     Lora(LoraConfig),
     /// LoRA initialised from W (PiSSA, OLoRA): PEFT's LoRA with `init_lora_weights` "pissa"/"olora".
     LoraInit(LoraConfig, InitKind),
+    /// EVA: PEFT's LoRA with `init_lora_weights: "eva"`; the data-driven init is `initialize_eva`.
+    Eva(EvaConfig),
     Ia3(Ia3Config),
     /// PEFT's `AdaLoraConfig`.
     AdaLora(AdaLoraConfig),
@@ -80,6 +84,10 @@ const ADALORA_KEYS: &[&str] = &[
     "r", "lora_alpha", "lora_dropout", "target_modules", "target_r", "init_r", "tinit", "tfinal", "deltaT",
     "beta1", "beta2", "orth_reg_weight", "total_step",
 ];
+const EVA_KEYS: &[&str] = &[
+    "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "eva_config", "rank_pattern",
+    "alpha_pattern",
+];
 const SIFT_KEYS: &[&str] = &["target_modules", "sparse_rate"];
 const FULL_KEYS: &[&str] = &["target_modules", "galore"];
 const COMMON_KEYS: &[&str] = &[
@@ -90,7 +98,7 @@ const COMMON_KEYS: &[&str] = &[
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
-            AdapterConfig::Lora(_) | AdapterConfig::LoraInit(..) => "LORA",
+            AdapterConfig::Lora(_) | AdapterConfig::LoraInit(..) | AdapterConfig::Eva(_) => "LORA",
             AdapterConfig::Ia3(_) => "IA3",
             AdapterConfig::AdaLora(_) => "ADALORA",
             AdapterConfig::Sift(_) => "SIFT",
@@ -101,6 +109,7 @@ impl AdapterConfig {
     pub fn targets(&self) -> &Targets {
         match self {
             AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) => &c.target_modules,
+            AdapterConfig::Eva(c) => &c.lora.target_modules,
             AdapterConfig::Ia3(c) => &c.target_modules,
             AdapterConfig::AdaLora(c) => &c.target_modules,
             AdapterConfig::Sift(c) => &c.target_modules,
@@ -124,11 +133,21 @@ impl AdapterConfig {
                     "olora" => Some(InitKind::Olora),
                     _ => None,
                 };
-                match kind {
+                if init == "eva" {
+                    if cfg.use_dora {
+                        return Err(bad("EVA with use_dora is not implemented".into()));
+                    }
+                    let rho = v.get("eva_config").and_then(|e| e.get("rho")).and_then(Value::as_f64).unwrap_or(2.0);
+                    let pattern = |key: &str| -> Result<Value> { Ok(v.get(key).cloned().filter(|p| !p.is_null()).unwrap_or(json!({}))) };
+                    let rank_pattern = serde_json::from_value(pattern("rank_pattern")?).map_err(|e| bad(format!("rank_pattern: {e}")))?;
+                    let alpha_pattern = serde_json::from_value(pattern("alpha_pattern")?).map_err(|e| bad(format!("alpha_pattern: {e}")))?;
+                    let eva = EvaConfig { lora: cfg, rho, rank_pattern, alpha_pattern };
+                    (EVA_KEYS, AdapterConfig::Eva(eva))
+                } else { match kind {
                     Some(_) if cfg.use_dora => return Err(bad(format!("init_lora_weights `{init}` with use_dora is not implemented"))),
                     Some(kind) => (LORA_KEYS, AdapterConfig::LoraInit(cfg, kind)),
                     None => (LORA_KEYS, AdapterConfig::Lora(cfg)),
-                }
+                } }
             }
             "ADALORA" => {
                 let cfg: AdaLoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("AdaLoRA config: {e}")))?;
@@ -184,6 +203,16 @@ impl AdapterConfig {
         let mut v = match self {
             AdapterConfig::Lora(c) => lora(c, json!(true)),
             AdapterConfig::LoraInit(c, kind) => lora(c, json!(kind.peft_name())),
+            AdapterConfig::Eva(c) => {
+                let mut v = lora(&c.lora, json!("eva"));
+                v["eva_config"] = json!({
+                    "rho": c.rho, "tau": 0.99, "use_label_mask": true, "label_mask_value": -100,
+                    "whiten": false, "adjust_scaling_factors": true,
+                });
+                v["rank_pattern"] = json!(c.rank_pattern);
+                v["alpha_pattern"] = json!(c.alpha_pattern);
+                v
+            }
             AdapterConfig::AdaLora(c) => {
                 let mut v = serde_json::to_value(c).expect("AdaLoraConfig serialises");
                 v["r"] = json!(c.target_r);
@@ -219,6 +248,14 @@ pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize
         if !cfg.targets().matches(&path)? {
             continue;
         }
+        if let AdapterConfig::Eva(c) = cfg {
+            // A layer that EVA gave rank 0 has no adapter.
+            if let Some(l) = eva::build(linear.base(), c, &path, &mut rng)? {
+                linear.set_adapter(Box::new(l));
+                count += 1;
+            }
+            continue;
+        }
         let (adapter, residual) = build(cfg, &path, linear, &mut rng)?;
         if let Some(w) = residual {
             linear.set_base_weight(w);
@@ -250,6 +287,7 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
         }
         AdapterConfig::AdaLora(c) => Box::new(AdaLoraLinear::new(base, c, rng)?),
         AdapterConfig::Sift(c) => Box::new(SiftLinear::new(base, c)?),
+        AdapterConfig::Eva(_) => unreachable!("EVA layers are built by inject"),
         AdapterConfig::Full(_) => Box::new(FullLinear::new(base)?),
         AdapterConfig::Lora(c) if c.use_dora => Box::new(DoraLinear::new(base, c, rng)?),
         AdapterConfig::Lora(c) => Box::new(LoraLinear::new(base, c, rng)?),

@@ -92,6 +92,12 @@ impl Linear {
         self.merged = false;
     }
 
+    /// Remove the adapter and hand it back (EVA wraps adapters to record their inputs).
+    pub fn take_adapter(&mut self) -> Option<Box<dyn LinearAdapter>> {
+        self.merged = false;
+        self.adapter.take()
+    }
+
     /// Detach the adapter (EVA gives some layers rank 0, i.e. no adapter).
     pub fn clear_adapter(&mut self) {
         self.adapter = None;
