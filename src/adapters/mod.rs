@@ -62,6 +62,20 @@ const COMMON_KEYS: &[&str] = &[
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "init_lora_weights", "init_ia3_weights",
 ];
+/// PEFT options (up to 0.21) that change what the adapter computes, or which weights it holds,
+/// and that the engine does not implement. Each is accepted only at its inert value (null,
+/// false, empty, PEFT's default); anything else is an error naming the option, because reading
+/// the adapter without it would silently compute something else. Keys in none of these lists
+/// are ignored: PEFT adds options every release, nearly all of them inert at their default, and
+/// refusing every adapter saved by a newer PEFT would be worse than a warning.
+const UNIMPLEMENTED_KEYS: &[&str] = &[
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "bias", "corda_config",
+    "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "kasa_config",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_bias",
+    "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save", "monteclora_config",
+    "qalora_group_size", "rank_pattern", "target_parameters", "trainable_token_indices", "use_bdlora",
+    "use_qalora", "velora_config",
+];
 
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
@@ -99,6 +113,10 @@ impl AdapterConfig {
             if known.contains(&key.as_str()) || COMMON_KEYS.contains(&key.as_str()) {
                 continue;
             }
+            if !UNIMPLEMENTED_KEYS.contains(&key.as_str()) {
+                tracing::warn!("{}: ignoring unknown option `{key}` = {value}", path.display());
+                continue;
+            }
             let inert = match value {
                 Value::Null => true,
                 Value::Bool(b) => !b,
@@ -108,7 +126,7 @@ impl AdapterConfig {
                 Value::Number(_) => key == "qalora_group_size",
             };
             if inert {
-                tracing::debug!("{}: ignoring `{key}`", path.display());
+                tracing::debug!("{}: ignoring `{key}` = {value}", path.display());
             } else {
                 return Err(bad(format!("option `{key}` = {value} is not implemented by this engine")));
             }
