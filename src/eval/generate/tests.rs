@@ -109,6 +109,7 @@ fn exhaustive(m: &Llama, prompt: &[u32], len: usize) -> Vec<(Vec<u32>, f32)> {
 fn beam_search_keeping_every_prefix_is_the_exhaustive_argmax() {
     let m = model(3);
     let prompts = vec![vec![1, 5, 7], vec![1, 9, 4, 4, 10]];
+    let mut greedy_missed = 0;
     for len in [2usize, 3] {
         // V^(len-1) beams keep every prefix alive, so the search is exact.
         let cfg = config(len, V.pow(len as u32 - 1), NO_EOS);
@@ -118,8 +119,13 @@ fn beam_search_keeping_every_prefix_is_the_exhaustive_argmax() {
             let best = all.iter().map(|(_, s)| *s).fold(f32::NEG_INFINITY, f32::max);
             let score = all.iter().find(|(t, _)| t == tokens).expect("a full-length continuation").1;
             assert!((score - best).abs() < 1e-4, "len {len}: beam {tokens:?} scores {score}, best {best}");
+            let g = greedy(&m, std::slice::from_ref(prompt), &config(len, 1, NO_EOS)).unwrap().remove(0);
+            let g_score = all.iter().find(|(t, _)| *t == g).unwrap().1;
+            greedy_missed += usize::from(g_score < best - 1e-4);
         }
     }
+    // The test has teeth: greedy decoding misses the best continuation in some of these cases.
+    assert!(greedy_missed > 0, "greedy found every argmax; pick a harder seed");
 }
 
 #[test]
