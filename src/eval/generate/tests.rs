@@ -229,3 +229,44 @@ fn top_k_is_stable() {
     assert_eq!(top_k(&[1.0, 2.0], 5), vec![1, 0]);
     assert!(top_k(&[1.0], 0).is_empty());
 }
+
+/// Decode speed on a model of SmolLM2-135M's shape with random weights (f32, CPU). Run with
+/// `cargo test --release --lib bench_decode -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run in release"]
+fn bench_decode_smollm2_shape() {
+    let c = LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        tie_word_embeddings: true,
+        ..LlamaConfig::tiny(49152)
+    };
+    let m = Llama::random(c, 0, DType::F32, &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = (0..100).map(|i| 1 + (i * 7919) % 49000).collect();
+    for (batch, num_beams) in [(1, 1), (8, 1), (1, 4)] {
+        let prompts = vec![prompt.clone(); batch];
+        let cfg = config(32, num_beams, NO_EOS);
+        let start = std::time::Instant::now();
+        let mut cache = KvCache::new();
+        prefill(&m, &prompts, 0, &mut cache).unwrap();
+        let prefill_s = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let out = generate(&m, &prompts, &cfg).unwrap();
+        let total_s = start.elapsed().as_secs_f64();
+        let decode_s = total_s - prefill_s;
+        let steps = out[0].len() - 1;
+        println!(
+            "batch {batch}, beams {num_beams}: prefill of {} tokens {prefill_s:.2} s; {} steps in {decode_s:.2} s = \
+             {:.1} steps/s, {:.1} tokens/s over the batch",
+            prompt.len(),
+            steps,
+            steps as f64 / decode_s,
+            (steps * batch) as f64 / decode_s,
+        );
+    }
+}
