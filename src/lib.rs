@@ -6,7 +6,9 @@
 //! `cli` (the `candle-peft` command).
 
 pub mod adapters;
+pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsutil;

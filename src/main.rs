@@ -1,1 +1,10 @@
-fn main() {}
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = candle_peft::cli::main() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -3,10 +3,11 @@
 //! Source: `shared/research/seeds.md` §0.4 (LLM-Adapters `commonsense_evaluate.py`, ParallelControl
 //! `llama_evaluation.py`). Each example becomes `eval_prompt(instruction, input)`, tokenized with
 //! the tokenizer's special tokens (BOS where its post-processor adds one, as `tokenizer(prompt)`
-//! does). The output is decoded like the reference: the whole sequence, prompt included, with
-//! `skip_special_tokens=True`, then the text after the last "### Response:", stripped
-//! (`response_text`). Decoding the new tokens alone gives the same text unless the model writes
-//! "### Response:" itself, where the reference keeps only what follows it. The prediction is the
+//! does). The reference decodes the whole sequence, prompt included, with
+//! `skip_special_tokens=True`, and keeps the text after the last "### Response:". Here only the
+//! new tokens are decoded, then cut after the last "### Response:" they contain (`response_text`):
+//! the same text, without relying on the tokenizer to decode the prompt's marker byte for byte
+//! (a word-level tokenizer decodes "Response:" as "Response :"). The prediction is the
 //! first match of the task's pattern (`extract_answer`), correct iff it equals the gold answer.
 //!
 //! The reference generates one prompt at a time; here prompts are batched (left-padded), which
@@ -71,7 +72,7 @@ pub fn evaluate_task(
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let outputs = generate(model, &batch, cfg)?;
         for (&i, new_tokens) in chunk.iter().zip(&outputs) {
-            let p = score_output(tokenizer, task, &examples[i], answers[i], &prompts[i], new_tokens)?;
+            let p = score_output(tokenizer, task, &examples[i], answers[i], new_tokens)?;
             predictions[i] = Some(p);
         }
         done += chunk.len();
@@ -141,17 +142,15 @@ fn encode_prompt(tokenizer: &Tokenizer, example: &Example) -> Result<Vec<u32>> {
     Ok(encoding.get_ids().to_vec())
 }
 
-/// Decode prompt + new tokens as the reference does and score the response.
+/// Decode the new tokens and score the response.
 fn score_output(
     tokenizer: &Tokenizer,
     task: Task,
     example: &Example,
     answer: &str,
-    prompt: &[u32],
     new_tokens: &[u32],
 ) -> Result<Prediction> {
-    let ids: Vec<u32> = prompt.iter().chain(new_tokens).copied().collect();
-    let text = tokenizer.decode(&ids, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let text = tokenizer.decode(new_tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
     let output = response_text(&text).to_string();
     let prediction = extract_answer(task, &output);
     let correct = !prediction.is_empty() && prediction == answer;
@@ -213,12 +212,12 @@ mod tests {
         assert_eq!(prompt[0], 1, "BOS from the post-processor");
         let mut new = ids(&tok, "the correct answer is true");
         new.push(2);
-        let p = score_output(&tok, Task::BoolQ, &ex, "true", &prompt, &new).unwrap();
+        let p = score_output(&tok, Task::BoolQ, &ex, "true", &new).unwrap();
         assert_eq!(p.output, "the correct answer is true");
         assert_eq!((p.prediction.as_str(), p.correct), ("true", true));
         // A second marker in the generated text: only what follows it counts (reference `[-1]`).
         let new = ids(&tok, "true ### Response: false");
-        let p = score_output(&tok, Task::BoolQ, &ex, "true", &prompt, &new).unwrap();
+        let p = score_output(&tok, Task::BoolQ, &ex, "true", &new).unwrap();
         assert_eq!((p.output.as_str(), p.prediction.as_str(), p.correct), ("false", "false", false));
     }
 
