@@ -13,8 +13,8 @@
 //! Measured 2026-11-23 on the 2-core CPU build machine (shared, so times are noisy), batch 4x256,
 //! two AdamW steps each (first / second step time):
 //!
-//! | method              | trainable | step time     | peak RSS  |
-//! |---------------------|-----------|---------------|-----------|
+//! | method                 | trainable | step time     | peak RSS   |
+//! |------------------------|-----------|---------------|------------|
 //! | LoRA r32 q,k,v,up,down | 6,635,520 | 46.7 / 35.4 s | 10,520 MiB |
 //! | Parallel Control r64   | 2,211,840 | 33.4 / 28.0 s |  9,412 MiB |
 //! | Double Control r64     | 4,423,680 | 36.7 / 25.7 s |  9,788 MiB |
