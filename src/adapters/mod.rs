@@ -1,11 +1,15 @@
 //! Adapters: one config per method, and the one place that injects them into a model's target
 //! modules by name (as PEFT's `target_modules`), saves them and loads them, in PEFT's file format
 //! (`adapter_config.json` + `adapter_model.safetensors`, keys such as
-//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). The Control methods are not
+//! targeted by name: they attach a `BlockControl` across the blocks of every decoder layer, and
+//! use the same file layout with their own (non-PEFT) `peft_type`.
 
+pub mod control;
 pub mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod nonlinear_control;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,9 +25,11 @@ use crate::loading::hub::ModelSource;
 use crate::loading::weights::Weights;
 use crate::model::{Linear, LinearAdapter, Llama};
 
+pub use control::{ControlConfig, ParallelControl};
 pub use dora::DoraLinear;
 pub use ia3::{Ia3Config, Ia3Linear};
 pub use lora::{LoraConfig, LoraLinear};
+pub use nonlinear_control::{NonlinearControl, NonlinearControlConfig};
 
 /// Which modules to adapt: a list of names matched against the end of the module path, or
 /// (PEFT's other form) one regular expression that must match the whole path. `all-linear`
@@ -53,11 +59,18 @@ pub enum AdapterConfig {
     /// LoRA, rsLoRA (`use_rslora`) and DoRA (`use_dora`), as PEFT's `LoraConfig`.
     Lora(LoraConfig),
     Ia3(Ia3Config),
+    /// Parallel Control, Double Control and Control + LoRA (not a PEFT type: "CONTROL").
+    Control(ControlConfig),
+    /// Control with the parameter-free attention controller (not a PEFT type: "NONLINEAR_CONTROL").
+    NonlinearControl(NonlinearControlConfig),
 }
 
 /// Keys of PEFT's configs that the engine reads or that do not change the computation.
 const LORA_KEYS: &[&str] = &["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"];
 const IA3_KEYS: &[&str] = &["target_modules", "feedforward_modules"];
+const CONTROL_KEYS: &[&str] =
+    &["control_rank", "control_alpha", "control_dropout", "double_control", "double_control_rank", "lora"];
+const NONLINEAR_CONTROL_KEYS: &[&str] = &["control_rank", "stable_mode"];
 const COMMON_KEYS: &[&str] = &[
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "init_lora_weights", "init_ia3_weights",
@@ -82,13 +95,18 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Lora(_) => "LORA",
             AdapterConfig::Ia3(_) => "IA3",
+            AdapterConfig::Control(_) => "CONTROL",
+            AdapterConfig::NonlinearControl(_) => "NONLINEAR_CONTROL",
         }
     }
 
-    pub fn targets(&self) -> &Targets {
+    /// The linear layers the method adapts (None: it only attaches block controls).
+    pub fn targets(&self) -> Option<&Targets> {
         match self {
-            AdapterConfig::Lora(c) => &c.target_modules,
-            AdapterConfig::Ia3(c) => &c.target_modules,
+            AdapterConfig::Lora(c) => Some(&c.target_modules),
+            AdapterConfig::Ia3(c) => Some(&c.target_modules),
+            AdapterConfig::Control(c) => c.lora.as_ref().map(|l| &l.target_modules),
+            AdapterConfig::NonlinearControl(_) => None,
         }
     }
 
@@ -106,7 +124,20 @@ impl AdapterConfig {
                 let cfg: Ia3Config = serde_json::from_value(v.clone()).map_err(|e| bad(format!("IA3 config: {e}")))?;
                 (IA3_KEYS, AdapterConfig::Ia3(cfg))
             }
-            other => return Err(bad(format!("peft_type `{other}` is not implemented by this engine (LORA, IA3)"))),
+            "CONTROL" => {
+                let cfg: ControlConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("Control config: {e}")))?;
+                (CONTROL_KEYS, AdapterConfig::Control(cfg))
+            }
+            "NONLINEAR_CONTROL" => {
+                let cfg: NonlinearControlConfig =
+                    serde_json::from_value(v.clone()).map_err(|e| bad(format!("nonlinear Control config: {e}")))?;
+                (NONLINEAR_CONTROL_KEYS, AdapterConfig::NonlinearControl(cfg))
+            }
+            other => {
+                return Err(bad(format!(
+                    "peft_type `{other}` is not implemented by this engine (LORA, IA3, CONTROL, NONLINEAR_CONTROL)"
+                )))
+            }
         };
         let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
         for (key, value) in obj {
@@ -148,6 +179,8 @@ impl AdapterConfig {
                 "target_modules": c.target_modules, "feedforward_modules": c.feedforward_modules,
                 "fan_in_fan_out": false, "init_ia3_weights": true, "modules_to_save": null,
             }),
+            AdapterConfig::Control(c) => json!(c),
+            AdapterConfig::NonlinearControl(c) => json!(c),
         };
         v["peft_type"] = json!(self.peft_type());
         v["task_type"] = json!("CAUSAL_LM");
@@ -158,21 +191,37 @@ impl AdapterConfig {
     }
 }
 
-/// Attach adapters to every linear layer that the config targets; returns how many.
+/// Attach adapters to every linear layer that the config targets, and block controls to every
+/// decoder layer for the Control methods; returns how many modules were adapted.
 /// Initialisation is seeded, so the same seed gives the same adapter.
 pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize> {
     let mut rng = StdRng::seed_from_u64(seed);
+    match cfg {
+        AdapterConfig::Control(c) => {
+            let controls = control::attach(model, c, &mut rng)?;
+            match &c.lora {
+                Some(l) => Ok(controls + inject_linears(model, &AdapterConfig::Lora(l.clone()), &mut rng)?),
+                None => Ok(controls),
+            }
+        }
+        AdapterConfig::NonlinearControl(c) => nonlinear_control::attach(model, c, &mut rng),
+        _ => inject_linears(model, cfg, &mut rng),
+    }
+}
+
+fn inject_linears(model: &mut Llama, cfg: &AdapterConfig, rng: &mut StdRng) -> Result<usize> {
+    let targets = cfg.targets().ok_or_else(|| Error::Adapter(format!("{} adapts no linear layer", cfg.peft_type())))?;
     let mut count = 0;
     for (path, linear) in model.named_linears_mut() {
-        if !cfg.targets().matches(&path)? {
+        if !targets.matches(&path)? {
             continue;
         }
-        let adapter = build(cfg, &path, linear, &mut rng)?;
+        let adapter = build(cfg, &path, linear, rng)?;
         linear.set_adapter(adapter);
         count += 1;
     }
     if count == 0 {
-        return Err(Error::Adapter(format!("target_modules {:?} matched no module of the model", cfg.targets())));
+        return Err(Error::Adapter(format!("target_modules {targets:?} matched no module of the model")));
     }
     Ok(count)
 }
@@ -189,6 +238,9 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
                 None => false,
             };
             Box::new(Ia3Linear::new(base, ff)?)
+        }
+        AdapterConfig::Control(_) | AdapterConfig::NonlinearControl(_) => {
+            return Err(Error::Adapter(format!("{} is not a per-linear adapter", cfg.peft_type())))
         }
     })
 }
@@ -239,7 +291,10 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
             e => e,
         })?;
         if t.dims() != var.dims() {
-            let module = key.rsplit_once(".lora_").or_else(|| key.rsplit_once(".ia3_")).map_or(key.as_str(), |(m, _)| m);
+            let module = [".lora_", ".ia3_", ".down_proj", ".up_proj"]
+                .iter()
+                .find_map(|s| key.rsplit_once(s))
+                .map_or(key.as_str(), |(m, _)| m);
             return Err(Error::Adapter(format!(
                 "{}: `{key}` has shape {:?} but module `{module}` of the model needs {:?}",
                 weights.origin(),
