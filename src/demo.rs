@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use serde_json::json;
 
-use crate::adapters::{inject, save_adapter, AdapterConfig, LoraConfig, Targets};
+use crate::adapters::{inject, AdapterConfig, LoraConfig, Targets};
 use crate::data::dataset::Example;
 use crate::data::tokenize::{tokenize_example, TokenizeOptions};
 use crate::error::{Error, Result};
@@ -200,7 +200,6 @@ pub fn run(out: &Path, seed: u64, size: &DemoSize) -> Result<DemoResult> {
         summary.tokens_per_second
     );
     println!("accuracy after fine-tuning:  {:.1}%", 100.0 * after);
-    save_adapter(&model, &adapter, &out.join("adapter"), Some("demo-model"))?;
     let result = DemoResult {
         accuracy_before: before,
         accuracy_after: after,

@@ -13,7 +13,7 @@ pub mod nonlinear_control;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -245,11 +245,13 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
     })
 }
 
-/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors`,
-/// written atomically (an interrupted save leaves the previous adapter in place).
+/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` in `dir`
+/// (created if needed; other files there are kept). Each file is written to a temporary name and
+/// renamed, so an interrupted save leaves the previous files whole.
 pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
     let tensors = adapter_tensors(model)?;
-    crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, &tensors, base_model))
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    write_adapter_files(dir, cfg, &tensors, base_model)
 }
 
 /// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
@@ -259,9 +261,8 @@ pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
 
 pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
     let json = serde_json::to_string_pretty(&cfg.to_peft_json(base_model)).map_err(|e| Error::Adapter(e.to_string()))?;
-    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
-    let path = dir.join("adapter_model.safetensors");
-    candle_core::safetensors::save(tensors, &path).map_err(|e| Error::BadFile { path, msg: e.to_string() })
+    crate::loading::weights::save_safetensors_atomic(tensors, &dir.join("adapter_model.safetensors"))?;
+    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
 /// Read an adapter's config (local directory or hub repo).
@@ -324,15 +325,24 @@ pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device:
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
 }
 
-/// Inverted dropout with its own seeded generator, so CPU training is deterministic.
+/// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
+/// before each forward, so a mask depends only on the adapter's seed and the position in
+/// training, and a resumed run draws the masks the uninterrupted run would have drawn.
+static DROPOUT_KEY: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_dropout_key(step: usize, micro_batch: usize) {
+    DROPOUT_KEY.store(((step as u64) << 20) | micro_batch as u64, Ordering::Relaxed);
+}
+
+/// Inverted dropout whose masks are a function of its seed and the dropout key.
 pub(crate) struct Dropout {
     pub p: f64,
-    rng: Mutex<StdRng>,
+    seed: u64,
 }
 
 impl Dropout {
     pub fn new(p: f64, rng: &mut StdRng) -> Self {
-        Self { p, rng: Mutex::new(StdRng::seed_from_u64(rng.random())) }
+        Self { p, seed: rng.random() }
     }
 
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -340,7 +350,8 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 - self.p;
-        let mut rng = self.rng.lock().expect("dropout rng lock");
+        let key = DROPOUT_KEY.load(Ordering::Relaxed);
+        let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mask: Vec<f32> =
             (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;

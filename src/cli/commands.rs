@@ -109,7 +109,11 @@ fn merge(args: &MergeArgs) -> Result<()> {
 }
 
 /// Write a model as a Hugging Face directory: config.json, model.safetensors, tokenizer.json.
+/// A directory that exists and is not empty is refused rather than replaced.
 pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
+    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Error::BadFile { path: out.to_path_buf(), msg: "exists and is not empty; choose a new directory".into() });
+    }
     let model = &loaded.model;
     let tensors: std::collections::HashMap<_, _> =
         model.hf_weights().into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;

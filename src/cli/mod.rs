@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use crate::adapters::control::ControlConfig;
+use crate::adapters::nonlinear_control::NonlinearControlConfig;
 use crate::adapters::{AdapterConfig, Ia3Config, LoraConfig, Targets};
 use crate::error::{Error, Result};
 
@@ -86,7 +88,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 /// The adapter to train, PEFT-style.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// lora, rslora, dora or ia3.
+    /// lora, rslora, dora, ia3, control (Parallel Control), double_control, control_lora
+    /// (control on the MLP block + LoRA on q,k,v) or nonlinear_control.
     #[arg(long, default_value = "lora")]
     pub method: String,
     #[arg(long, default_value_t = 8)]
@@ -101,6 +104,19 @@ pub struct AdapterArgs {
     /// IA3: the targets whose input (not output) is scaled.
     #[arg(long, value_delimiter = ',', default_value = "down_proj")]
     pub feedforward_modules: Vec<String>,
+    /// Control methods: rank of the control across the MLP block.
+    #[arg(long, default_value_t = 64)]
+    pub control_rank: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub control_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub control_dropout: f64,
+    /// Double Control: rank of the control across the attention block.
+    #[arg(long, default_value_t = 64)]
+    pub double_control_rank: usize,
+    /// Nonlinear control: normalise its input with the layer's post-attention RMSNorm.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub stable_mode: bool,
 }
 
 impl AdapterArgs {
@@ -124,7 +140,26 @@ impl AdapterArgs {
                 target_modules: targets.clone(),
                 feedforward_modules: Some(Targets::List(self.feedforward_modules.clone())),
             }),
-            other => return Err(Error::msg(format!("unknown method `{other}` (lora, rslora, dora, ia3)"))),
+            "control" | "double_control" | "control_lora" => AdapterConfig::Control(ControlConfig {
+                control_rank: self.control_rank,
+                control_alpha: self.control_alpha,
+                control_dropout: self.control_dropout,
+                double_control: self.method == "double_control",
+                double_control_rank: self.double_control_rank,
+                lora: match (self.method.as_str(), lora(false, false)) {
+                    ("control_lora", AdapterConfig::Lora(c)) => Some(c),
+                    _ => None,
+                },
+            }),
+            "nonlinear_control" => AdapterConfig::NonlinearControl(NonlinearControlConfig {
+                control_rank: self.control_rank,
+                stable_mode: self.stable_mode,
+            }),
+            other => {
+                return Err(Error::msg(format!(
+                    "unknown method `{other}` (lora, rslora, dora, ia3, control, double_control, control_lora, nonlinear_control)"
+                )))
+            }
         })
     }
 }
