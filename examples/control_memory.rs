@@ -26,6 +26,9 @@
 //! for q,k,v,up,down), and with LoRA on q,k,v the first layer's attention is tracked too; a
 //! control keeps 3 tensors of width 576 per block. Estimated saving ~0.95 GiB, measured 1.08 GiB.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -81,6 +84,7 @@ fn proc_status_mib(field: &str) -> anyhow::Result<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    candle_peft::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).map_or("control", String::as_str);
     let b: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;

@@ -6,6 +6,7 @@
 //! `cli` (the `candle-peft` command).
 
 pub mod adapters;
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod demo;
