@@ -38,26 +38,6 @@ use candle_peft::model::{Llama, LlamaConfig};
 use candle_peft::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-fn smollm2_135m() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-        pad_token_id: Some(2),
-    }
-}
-
 fn method(name: &str) -> anyhow::Result<AdapterConfig> {
     let control = |double_control| ControlConfig { double_control, ..ControlConfig::default() };
     Ok(match name {
@@ -89,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     let name = args.get(1).map_or("control", String::as_str);
     let b: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;
     let t: usize = args.get(3).map_or(Ok(256), |s| s.parse())?;
-    let mut model = Llama::random(smollm2_135m(), 0, DType::F32, &Device::Cpu)?;
+    let mut model = Llama::random(LlamaConfig::smollm2_135m(), 0, DType::F32, &Device::Cpu)?;
     inject(&mut model, &method(name)?, 0)?;
     let trainable: usize = model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum();
 

@@ -235,17 +235,7 @@ fn top_k_is_stable() {
 #[test]
 #[ignore = "benchmark: run in release"]
 fn bench_decode_smollm2_shape() {
-    let c = LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        tie_word_embeddings: true,
-        ..LlamaConfig::tiny(49152)
-    };
+    let c = LlamaConfig::smollm2_135m();
     let m = Llama::random(c, 0, DType::F32, &Device::Cpu).unwrap();
     let prompt: Vec<u32> = (0..100).map(|i| 1 + (i * 7919) % 49000).collect();
     for (batch, num_beams) in [(1, 1), (8, 1), (1, 4)] {
