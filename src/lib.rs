@@ -6,7 +6,10 @@
 //! `cli` (the `candle-peft` command).
 
 pub mod adapters;
+pub mod alloc;
+pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsutil;

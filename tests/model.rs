@@ -162,3 +162,17 @@ fn loss_falls_when_overfitting_a_tiny_set() {
     }
     assert!(last < 0.3 * first, "loss {first} -> {last}");
 }
+
+#[test]
+fn a_non_finite_loss_stops_training_and_names_the_step() {
+    let mut model = tiny(DType::F32);
+    inject(&mut model, &lora(4, &ALL), 1).unwrap();
+    let cfg = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 10, max_grad_norm: Some(1.0) };
+    let mut trainer = Trainer::new(&model, cfg, |_| 1.0).unwrap();
+    let b = batch(&Device::Cpu);
+    trainer.step(&model, std::slice::from_ref(&b)).unwrap();
+    let (_, a) = &model.trainable_params()[0];
+    a.set(&(a.as_tensor() * f64::NAN).unwrap()).unwrap();
+    let err = trainer.step(&model, std::slice::from_ref(&b)).unwrap_err().to_string();
+    assert!(err.contains("non-finite loss") && err.contains("step 2"), "{err}");
+}

@@ -1,9 +1,12 @@
 //! Adapters: one config per method, and the one place that injects them into a model's target
 //! modules by name (as PEFT's `target_modules`), saves them and loads them, in PEFT's file format
 //! (`adapter_config.json` + `adapter_model.safetensors`, keys such as
-//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). The Control methods are not
+//! targeted by name: they attach a `BlockControl` across the blocks of every decoder layer, and
+//! use the same file layout with their own (non-PEFT) `peft_type`.
 
 pub mod adalora;
+pub mod control;
 pub mod dora;
 pub mod eva;
 pub mod full;
@@ -12,10 +15,11 @@ pub mod linalg;
 pub mod lora;
 pub mod lora_init;
 pub mod sift;
+pub mod nonlinear_control;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -28,6 +32,7 @@ use crate::loading::weights::Weights;
 use crate::model::{Linear, LinearAdapter, Llama};
 
 pub use adalora::{AdaLoraConfig, AdaLoraHook, AdaLoraLinear};
+pub use control::{ControlConfig, ParallelControl};
 pub use dora::DoraLinear;
 pub use eva::{initialize_eva, EvaConfig};
 pub use full::{FullConfig, FullLinear};
@@ -35,6 +40,7 @@ pub use lora_init::{convert_to_lora, save_converted, InitKind, InitLoraLinear};
 pub use sift::{SiftConfig, SiftHook, SiftLinear};
 pub use ia3::{Ia3Config, Ia3Linear};
 pub use lora::{LoraConfig, LoraLinear};
+pub use nonlinear_control::{NonlinearControl, NonlinearControlConfig};
 
 /// Which modules to adapt: a list of names matched against the end of the module path, or
 /// (PEFT's other form) one regular expression that must match the whole path. `all-linear`
@@ -74,6 +80,10 @@ pub enum AdapterConfig {
     Sift(SiftConfig),
     /// Full fine-tuning of the targeted weights, optionally with GaLore (engine format, `"FULL"`).
     Full(FullConfig),
+    /// Parallel Control, Double Control and Control + LoRA (not a PEFT type: "CONTROL").
+    Control(ControlConfig),
+    /// Control with the parameter-free attention controller (not a PEFT type: "NONLINEAR_CONTROL").
+    NonlinearControl(NonlinearControlConfig),
 }
 
 /// Keys of PEFT's configs that the engine reads or that do not change the computation.
@@ -90,9 +100,26 @@ const EVA_KEYS: &[&str] = &[
 ];
 const SIFT_KEYS: &[&str] = &["target_modules", "sparse_rate"];
 const FULL_KEYS: &[&str] = &["target_modules", "galore"];
+const CONTROL_KEYS: &[&str] =
+    &["control_rank", "control_alpha", "control_dropout", "double_control", "double_control_rank", "lora"];
+const NONLINEAR_CONTROL_KEYS: &[&str] = &["control_rank", "stable_mode"];
 const COMMON_KEYS: &[&str] = &[
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "init_lora_weights", "init_ia3_weights",
+];
+/// PEFT options (up to 0.21) that change what the adapter computes, or which weights it holds,
+/// and that the engine does not implement. Each is accepted only at its inert value (null,
+/// false, empty, PEFT's default); anything else is an error naming the option, because reading
+/// the adapter without it would silently compute something else. Keys in none of these lists
+/// are ignored: PEFT adds options every release, nearly all of them inert at their default, and
+/// refusing every adapter saved by a newer PEFT would be worse than a warning.
+const UNIMPLEMENTED_KEYS: &[&str] = &[
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "bias", "corda_config",
+    "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "kasa_config",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_bias",
+    "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save", "monteclora_config",
+    "qalora_group_size", "rank_pattern", "target_parameters", "trainable_token_indices", "use_bdlora",
+    "use_qalora", "velora_config",
 ];
 
 impl AdapterConfig {
@@ -103,17 +130,22 @@ impl AdapterConfig {
             AdapterConfig::AdaLora(_) => "ADALORA",
             AdapterConfig::Sift(_) => "SIFT",
             AdapterConfig::Full(_) => "FULL",
+            AdapterConfig::Control(_) => "CONTROL",
+            AdapterConfig::NonlinearControl(_) => "NONLINEAR_CONTROL",
         }
     }
 
-    pub fn targets(&self) -> &Targets {
+    /// The linear layers the method adapts (None: it only attaches block controls).
+    pub fn targets(&self) -> Option<&Targets> {
         match self {
-            AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) => &c.target_modules,
-            AdapterConfig::Eva(c) => &c.lora.target_modules,
-            AdapterConfig::Ia3(c) => &c.target_modules,
-            AdapterConfig::AdaLora(c) => &c.target_modules,
-            AdapterConfig::Sift(c) => &c.target_modules,
-            AdapterConfig::Full(c) => &c.target_modules,
+            AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) => Some(&c.target_modules),
+            AdapterConfig::Eva(c) => Some(&c.lora.target_modules),
+            AdapterConfig::Ia3(c) => Some(&c.target_modules),
+            AdapterConfig::AdaLora(c) => Some(&c.target_modules),
+            AdapterConfig::Sift(c) => Some(&c.target_modules),
+            AdapterConfig::Full(c) => Some(&c.target_modules),
+            AdapterConfig::Control(c) => c.lora.as_ref().map(|l| &l.target_modules),
+            AdapterConfig::NonlinearControl(_) => None,
         }
     }
 
@@ -165,11 +197,28 @@ impl AdapterConfig {
                 let cfg: Ia3Config = serde_json::from_value(v.clone()).map_err(|e| bad(format!("IA3 config: {e}")))?;
                 (IA3_KEYS, AdapterConfig::Ia3(cfg))
             }
-            other => return Err(bad(format!("peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, FULL)"))),
+            "CONTROL" => {
+                let cfg: ControlConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("Control config: {e}")))?;
+                (CONTROL_KEYS, AdapterConfig::Control(cfg))
+            }
+            "NONLINEAR_CONTROL" => {
+                let cfg: NonlinearControlConfig =
+                    serde_json::from_value(v.clone()).map_err(|e| bad(format!("nonlinear Control config: {e}")))?;
+                (NONLINEAR_CONTROL_KEYS, AdapterConfig::NonlinearControl(cfg))
+            }
+            other => {
+                return Err(bad(format!(
+                    "peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, FULL, CONTROL, NONLINEAR_CONTROL)"
+                )))
+            }
         };
         let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
         for (key, value) in obj {
             if known.contains(&key.as_str()) || COMMON_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            if !UNIMPLEMENTED_KEYS.contains(&key.as_str()) {
+                tracing::warn!("{}: ignoring unknown option `{key}` = {value}", path.display());
                 continue;
             }
             let inert = match value {
@@ -181,7 +230,7 @@ impl AdapterConfig {
                 Value::Number(_) => key == "qalora_group_size",
             };
             if inert {
-                tracing::debug!("{}: ignoring `{key}`", path.display());
+                tracing::debug!("{}: ignoring `{key}` = {value}", path.display());
             } else {
                 return Err(bad(format!("option `{key}` = {value} is not implemented by this engine")));
             }
@@ -229,6 +278,8 @@ impl AdapterConfig {
                 "target_modules": c.target_modules, "feedforward_modules": c.feedforward_modules,
                 "fan_in_fan_out": false, "init_ia3_weights": true, "modules_to_save": null,
             }),
+            AdapterConfig::Control(c) => json!(c),
+            AdapterConfig::NonlinearControl(c) => json!(c),
         };
         v["peft_type"] = json!(self.peft_type());
         v["task_type"] = json!("CAUSAL_LM");
@@ -239,24 +290,40 @@ impl AdapterConfig {
     }
 }
 
-/// Attach adapters to every linear layer that the config targets; returns how many.
+/// Attach adapters to every linear layer that the config targets, and block controls to every
+/// decoder layer for the Control methods; returns how many modules were adapted.
 /// Initialisation is seeded, so the same seed gives the same adapter.
 pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize> {
     let mut rng = StdRng::seed_from_u64(seed);
+    match cfg {
+        AdapterConfig::Control(c) => {
+            let controls = control::attach(model, c, &mut rng)?;
+            match &c.lora {
+                Some(l) => Ok(controls + inject_linears(model, &AdapterConfig::Lora(l.clone()), &mut rng)?),
+                None => Ok(controls),
+            }
+        }
+        AdapterConfig::NonlinearControl(c) => nonlinear_control::attach(model, c, &mut rng),
+        _ => inject_linears(model, cfg, &mut rng),
+    }
+}
+
+fn inject_linears(model: &mut Llama, cfg: &AdapterConfig, rng: &mut StdRng) -> Result<usize> {
+    let targets = cfg.targets().ok_or_else(|| Error::Adapter(format!("{} adapts no linear layer", cfg.peft_type())))?;
     let mut count = 0;
     for (path, linear) in model.named_linears_mut() {
-        if !cfg.targets().matches(&path)? {
+        if !targets.matches(&path)? {
             continue;
         }
         if let AdapterConfig::Eva(c) = cfg {
             // A layer that EVA gave rank 0 has no adapter.
-            if let Some(l) = eva::build(linear.base(), c, &path, &mut rng)? {
+            if let Some(l) = eva::build(linear.base(), c, &path, rng)? {
                 linear.set_adapter(Box::new(l));
                 count += 1;
             }
             continue;
         }
-        let (adapter, residual) = build(cfg, &path, linear, &mut rng)?;
+        let (adapter, residual) = build(cfg, &path, linear, rng)?;
         if let Some(w) = residual {
             linear.set_base_weight(w);
         }
@@ -264,7 +331,7 @@ pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize
         count += 1;
     }
     if count == 0 {
-        return Err(Error::Adapter(format!("target_modules {:?} matched no module of the model", cfg.targets())));
+        return Err(Error::Adapter(format!("target_modules {targets:?} matched no module of the model")));
     }
     Ok(count)
 }
@@ -298,6 +365,9 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
             };
             Box::new(Ia3Linear::new(base, ff)?)
         }
+        AdapterConfig::Control(_) | AdapterConfig::NonlinearControl(_) => {
+            return Err(Error::Adapter(format!("{} is not a per-linear adapter", cfg.peft_type())))
+        }
     };
     Ok((adapter, None))
 }
@@ -322,11 +392,13 @@ pub fn configure_trainer(trainer: &mut crate::training::Trainer, model: &Llama, 
     Ok(())
 }
 
-/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors`,
-/// written atomically (an interrupted save leaves the previous adapter in place).
+/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` in `dir`
+/// (created if needed; other files there are kept). Each file is written to a temporary name and
+/// renamed, so an interrupted save leaves the previous files whole.
 pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
     let tensors = adapter_tensors(model)?;
-    crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, &tensors, base_model))
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    write_adapter_files(dir, cfg, &tensors, base_model)
 }
 
 /// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
@@ -352,9 +424,8 @@ fn sift_layers(model: &Llama) -> Vec<(String, &SiftLinear)> {
 
 pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
     let json = serde_json::to_string_pretty(&cfg.to_peft_json(base_model)).map_err(|e| Error::Adapter(e.to_string()))?;
-    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
-    let path = dir.join("adapter_model.safetensors");
-    candle_core::safetensors::save(tensors, &path).map_err(|e| Error::BadFile { path, msg: e.to_string() })
+    crate::loading::weights::save_safetensors_atomic(tensors, &dir.join("adapter_model.safetensors"))?;
+    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
 /// Read an adapter's config (local directory or hub repo).
@@ -391,7 +462,10 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
             e => e,
         })?;
         if t.dims() != var.dims() {
-            let module = key.rsplit_once(".lora_").or_else(|| key.rsplit_once(".ia3_")).or_else(|| key.rsplit_once(".sift_")).map_or(key.as_str(), |(m, _)| m);
+            let module = [".lora_", ".ia3_", ".sift_", ".down_proj", ".up_proj"]
+                .iter()
+                .find_map(|s| key.rsplit_once(s))
+                .map_or(key.as_str(), |(m, _)| m);
             return Err(Error::Adapter(format!(
                 "{}: `{key}` has shape {:?} but module `{module}` of the model needs {:?}",
                 weights.origin(),
@@ -421,15 +495,24 @@ pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device:
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
 }
 
-/// Inverted dropout with its own seeded generator, so CPU training is deterministic.
+/// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
+/// before each forward, so a mask depends only on the adapter's seed and the position in
+/// training, and a resumed run draws the masks the uninterrupted run would have drawn.
+static DROPOUT_KEY: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_dropout_key(step: usize, micro_batch: usize) {
+    DROPOUT_KEY.store(((step as u64) << 20) | micro_batch as u64, Ordering::Relaxed);
+}
+
+/// Inverted dropout whose masks are a function of its seed and the dropout key.
 pub(crate) struct Dropout {
     pub p: f64,
-    rng: Mutex<StdRng>,
+    seed: u64,
 }
 
 impl Dropout {
     pub fn new(p: f64, rng: &mut StdRng) -> Self {
-        Self { p, rng: Mutex::new(StdRng::seed_from_u64(rng.random())) }
+        Self { p, seed: rng.random() }
     }
 
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -437,7 +520,8 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 - self.p;
-        let mut rng = self.rng.lock().expect("dropout rng lock");
+        let key = DROPOUT_KEY.load(Ordering::Relaxed);
+        let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mask: Vec<f32> =
             (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;

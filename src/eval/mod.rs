@@ -1,8 +1,13 @@
-//! Evaluation on the commonsense benchmark: answer extraction from a model's output and the
-//! per-task accuracy report. Source: `shared/research/seeds.md` §0.4.
+//! Evaluation on the commonsense benchmark: generation (greedy, beam search), answer extraction
+//! from a model's output, the evaluation loop and the per-task accuracy report.
+//! Source: `shared/research/seeds.md` §0.4.
 
 pub mod answer;
+pub mod evaluate;
+pub mod generate;
 pub mod report;
 
 pub use answer::{extract_answer, Task};
+pub use evaluate::{evaluate_dir, evaluate_task, Prediction};
+pub use generate::{beam_search, generate, greedy, GenerationConfig};
 pub use report::{EvalReport, TaskScore};

@@ -152,6 +152,27 @@ impl LlamaConfig {
         v
     }
 
+    /// SmolLM2-135M's shape (as its GGUF metadata gives it), for benchmarks with random weights.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            pad_token_id: Some(2),
+        }
+    }
+
     /// A tiny model for tests and the demo.
     pub fn tiny(vocab_size: usize) -> Self {
         Self {

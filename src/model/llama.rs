@@ -18,9 +18,22 @@ pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "ga
 
 /// A control across a whole residual sub-block: its output is added to the block's output.
 pub trait BlockControl: Send + Sync {
-    fn forward(&self, block_input: &Tensor, train: bool) -> Result<Tensor>;
+    fn forward(&self, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor>;
     /// Trainable tensors with their key suffix in the adapter file.
     fn params(&self) -> Vec<(String, Var)>;
+    /// Whether the control mixes tokens (then it needs `ctx.past_input` when a cache is used,
+    /// and the layer keeps its block inputs in the `KvCache`).
+    fn mixes_tokens(&self) -> bool {
+        false
+    }
+}
+
+/// What a block control may need besides its block input [b, t, d].
+pub struct ControlContext<'a> {
+    /// The additive attention bias [b, 1, t, past + t] of the attention (causal and padding).
+    pub bias: &'a Tensor,
+    /// The block inputs of the cached tokens [b, past, d], for controls that mix tokens.
+    pub past_input: Option<&'a Tensor>,
 }
 
 pub struct Attention {
@@ -51,6 +64,8 @@ pub struct DecoderLayer {
 #[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, the MLP control's past block inputs when that control mixes tokens.
+    control_inputs: Vec<Option<Tensor>>,
     mask: Vec<Vec<u32>>,
 }
 
@@ -77,6 +92,9 @@ impl KvCache {
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
+        }
+        for x in self.control_inputs.iter_mut().flatten() {
+            *x = x.index_select(&idx, 0)?;
         }
         self.mask = rows.iter().map(|&r| self.mask[r as usize].clone()).collect();
         Ok(())
@@ -260,6 +278,7 @@ impl Llama {
         let cache = cache.unwrap_or(&mut scratch);
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
+            cache.control_inputs = vec![None; self.layers.len()];
             cache.mask = vec![Vec::new(); b];
         }
         for (row, m) in cache.mask.iter_mut().zip(&new_mask) {
@@ -268,8 +287,8 @@ impl Llama {
         let bias = ops::attention_bias(&cache.mask, t, self.dtype, &self.device)?;
         let (cos, sin) = self.rope_tables(&ops::positions(&cache.mask, t), b, t)?;
         let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, kv, train)?;
+        for ((layer, kv), past) in self.layers.iter().zip(cache.layers.iter_mut()).zip(cache.control_inputs.iter_mut()) {
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, (kv, past), train)?;
         }
         ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, train)
     }
@@ -299,21 +318,28 @@ impl Llama {
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        (kv, past_input): (&mut Option<(Tensor, Tensor)>, &mut Option<Tensor>),
         train: bool,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
         let mut h2 = (h + self.attention(&layer.self_attn, &attn_in, bias, cos, sin, kv, train)?)?;
         if let Some(c) = &layer.attn_control {
-            h2 = (h2 + c.forward(h, train)?)?;
+            h2 = (h2 + c.forward(h, &ControlContext { bias, past_input: None }, train)?)?;
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
         let act = (candle_nn::ops::silu(&m.gate_proj.forward(&mlp_in, train)?)? * m.up_proj.forward(&mlp_in, train)?)?;
         let mut out = (&h2 + m.down_proj.forward(&act, train)?)?;
         if let Some(c) = &layer.mlp_control {
-            out = (out + c.forward(&h2, train)?)?;
+            out = (out + c.forward(&h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?)?;
+            if c.mixes_tokens() {
+                let seen = match past_input.as_ref() {
+                    Some(p) => Tensor::cat(&[p, &h2.detach()], 1)?,
+                    None => h2.detach(),
+                };
+                *past_input = Some(seen);
+            }
         }
         Ok(out)
     }

@@ -7,4 +7,4 @@ pub mod ops;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{FrozenLinear, Linear, LinearAdapter};
-pub use llama::{BlockControl, KvCache, Llama};
+pub use llama::{BlockControl, ControlContext, KvCache, Llama};

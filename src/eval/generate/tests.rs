@@ -1,0 +1,262 @@
+//! Generation tests on a tiny random model (vocabulary 12, so that exhaustive search over short
+//! horizons is cheap) and on hand-made log-probabilities for the beam-search rules.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::*;
+
+const V: usize = 12;
+/// An EOS id outside the vocabulary: no hypothesis ever ends early.
+const NO_EOS: u32 = 1000;
+
+fn model(seed: u64) -> Llama {
+    Llama::random(LlamaConfig::tiny(V), seed, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn config(max_new_tokens: usize, num_beams: usize, eos: u32) -> GenerationConfig {
+    GenerationConfig { max_new_tokens, num_beams, eos_token_ids: vec![eos], pad_token_id: 0 }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![vec![1, 5, 7], vec![1, 3, 4, 9, 10, 11, 6], vec![1], vec![1, 8, 8, 2, 4]]
+}
+
+/// Log-probs [b, t, vocab] of whole sequences (equal lengths), without a cache.
+fn full_log_probs(model: &Llama, seqs: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    let t = seqs[0].len();
+    let ids: Vec<u32> = seqs.concat();
+    let input = Tensor::from_vec(ids, (seqs.len(), t), &Device::Cpu).unwrap();
+    let logits = model.forward(&input, None, None, false).unwrap();
+    candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec3().unwrap()
+}
+
+/// Greedy decoding by recomputing the whole sequence at each step (no cache, no batch).
+fn reference_greedy(model: &Llama, prompt: &[u32], cfg: &GenerationConfig) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..cfg.max_new_tokens {
+        let lp = full_log_probs(model, std::slice::from_ref(&seq)).remove(0);
+        let last = lp.last().unwrap();
+        let mut best = 0;
+        for (i, &v) in last.iter().enumerate() {
+            if v > last[best] {
+                best = i;
+            }
+        }
+        out.push(best as u32);
+        seq.push(best as u32);
+        if cfg.is_eos(best as u32) {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn kv_cache_logits_match_the_full_forward() {
+    let m = model(1);
+    let prompts = vec![vec![1, 5, 7, 3, 9], vec![1, 4, 6]];
+    let continuation = [[2u32, 11, 4, 6], [10, 3, 3, 8]];
+    let mut cache = KvCache::new();
+    let mut logits = prefill(&m, &prompts, 0, &mut cache).unwrap();
+    for step in 0..=continuation[0].len() {
+        let got = logits.to_vec2::<f32>().unwrap();
+        for (row, prompt) in prompts.iter().enumerate() {
+            let seq: Vec<u32> = prompt.iter().chain(&continuation[row][..step]).copied().collect();
+            let input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let full = m.forward(&input, None, None, false).unwrap();
+            let want = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap().pop().unwrap();
+            let diff = got[row].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "row {row}, step {step}: max |diff| {diff}");
+        }
+        if step < continuation[0].len() {
+            logits = decode_step(&m, &[continuation[0][step], continuation[1][step]], &mut cache).unwrap();
+        }
+    }
+}
+
+#[test]
+fn greedy_matches_recomputing_the_sequence() {
+    let m = model(2);
+    let cfg = config(8, 1, NO_EOS);
+    for p in prompts() {
+        assert_eq!(greedy(&m, std::slice::from_ref(&p), &cfg).unwrap()[0], reference_greedy(&m, &p, &cfg));
+    }
+}
+
+/// Sum of log-probs of every continuation of `prompt` of length `len`, by brute force:
+/// (continuation, score) for all V^len continuations.
+fn exhaustive(m: &Llama, prompt: &[u32], len: usize) -> Vec<(Vec<u32>, f32)> {
+    let prefixes: Vec<Vec<u32>> = (0..V.pow(len as u32 - 1))
+        .map(|k| (0..len - 1).map(|j| ((k / V.pow((len - 2 - j) as u32)) % V) as u32).collect())
+        .collect();
+    let seqs: Vec<Vec<u32>> = prefixes.iter().map(|p| prompt.iter().chain(p).copied().collect()).collect();
+    let lp = full_log_probs(m, &seqs);
+    let n = prompt.len();
+    let mut out = Vec::new();
+    for (k, prefix) in prefixes.iter().enumerate() {
+        let head: f32 = prefix.iter().enumerate().map(|(j, &tok)| lp[k][n - 1 + j][tok as usize]).sum();
+        for x in 0..V as u32 {
+            let mut tokens = prefix.clone();
+            tokens.push(x);
+            out.push((tokens, head + lp[k][n + len - 2][x as usize]));
+        }
+    }
+    out
+}
+
+#[test]
+fn beam_search_keeping_every_prefix_is_the_exhaustive_argmax() {
+    let m = model(3);
+    let prompts = vec![vec![1, 5, 7], vec![1, 9, 4, 4, 10]];
+    let mut greedy_missed = 0;
+    for len in [2usize, 3] {
+        // V^(len-1) beams keep every prefix alive, so the search is exact.
+        let cfg = config(len, V.pow(len as u32 - 1), NO_EOS);
+        let got = beam_search(&m, &prompts, &cfg).unwrap();
+        for (prompt, tokens) in prompts.iter().zip(&got) {
+            let all = exhaustive(&m, prompt, len);
+            let best = all.iter().map(|(_, s)| *s).fold(f32::NEG_INFINITY, f32::max);
+            let score = all.iter().find(|(t, _)| t == tokens).expect("a full-length continuation").1;
+            assert!((score - best).abs() < 1e-4, "len {len}: beam {tokens:?} scores {score}, best {best}");
+            let g = greedy(&m, std::slice::from_ref(prompt), &config(len, 1, NO_EOS)).unwrap().remove(0);
+            let g_score = all.iter().find(|(t, _)| *t == g).unwrap().1;
+            greedy_missed += usize::from(g_score < best - 1e-4);
+        }
+    }
+    // The test has teeth: greedy decoding misses the best continuation in some of these cases.
+    assert!(greedy_missed > 0, "greedy found every argmax; pick a harder seed");
+}
+
+#[test]
+fn one_beam_without_eos_is_greedy() {
+    let m = model(4);
+    let cfg = config(8, 1, NO_EOS);
+    let ps = prompts();
+    assert_eq!(beam_search_impl(&m, &ps, &cfg).unwrap(), greedy(&m, &ps, &cfg).unwrap());
+}
+
+#[test]
+fn batched_generation_equals_one_by_one() {
+    let m = model(5);
+    let ps = prompts();
+    // Make EOS a token that greedy decoding of the first prompt emits at step 3, so that rows
+    // finish at different steps.
+    let eos = greedy(&m, &ps[..1], &config(8, 1, NO_EOS)).unwrap()[0][3];
+    for num_beams in [1, 3] {
+        let cfg = config(10, num_beams, eos);
+        let batched = generate(&m, &ps, &cfg).unwrap();
+        for (p, got) in ps.iter().zip(&batched) {
+            assert_eq!(got, &generate(&m, std::slice::from_ref(p), &cfg).unwrap()[0], "num_beams {num_beams}");
+            let eos_at = got.iter().position(|&t| t == eos);
+            assert!(eos_at.is_none_or(|i| i + 1 == got.len()), "EOS ends the output: {got:?}");
+        }
+        if num_beams == 1 {
+            assert!(batched[0].len() <= 4 && batched[0].last() == Some(&eos), "{:?}", batched[0]);
+        }
+    }
+}
+
+#[test]
+fn rejects_empty_prompts_and_allows_zero_tokens() {
+    let m = model(6);
+    assert!(greedy(&m, &[vec![]], &config(4, 1, NO_EOS)).is_err());
+    assert_eq!(beam_search(&m, &[vec![1, 2]], &config(0, 4, NO_EOS)).unwrap(), vec![Vec::<u32>::new()]);
+}
+
+/// Run one prompt's beam search on hand-made log-probs; the answer and the number of steps.
+fn run_rules(logp_of: impl Fn(&[u32]) -> Vec<f32>, vocab: usize, cfg: &GenerationConfig) -> (Vec<u32>, usize) {
+    let mut g = BeamGroup::new(cfg.num_beams);
+    for step in 0..cfg.max_new_tokens {
+        let logp: Vec<f32> = g.running.iter().flat_map(|h| logp_of(&h.tokens)).collect();
+        g.advance(&logp, vocab, step + 1, cfg);
+        if !g.open {
+            return (g.best(), step + 1);
+        }
+    }
+    (g.best(), cfg.max_new_tokens)
+}
+
+fn ln(p: &[f32]) -> Vec<f32> {
+    p.iter().map(|x| x.ln()).collect()
+}
+
+#[test]
+fn finished_scores_are_divided_by_the_new_tokens_eos_included() {
+    // Token 0 is EOS. [EOS] scores ln .5 / 1 = -0.693; [1, 1] scores (ln .3 + ln .9) / 2 = -0.654
+    // and wins. Unnormalised, [EOS] would win; divided by prompt + new tokens (transformers ≤ 4.2x),
+    // with a 10-token prompt, [EOS] would win too (-0.063 against -0.109).
+    let logp_of = |prefix: &[u32]| match prefix {
+        [] => ln(&[0.5, 0.3, 0.2]),
+        [1] => ln(&[0.05, 0.9, 0.05]),
+        _ => ln(&[0.1, 0.1, 0.8]),
+    };
+    let (best, steps) = run_rules(logp_of, 3, &config(2, 2, 0));
+    assert_eq!((best, steps), (vec![1, 1], 2));
+}
+
+#[test]
+fn stops_when_no_running_beam_can_beat_the_full_finished_list() {
+    // Step 1: [EOS] finishes (-0.511). Step 2: [1, EOS] finishes ((ln .3 + ln .6) / 2 = -0.857);
+    // [2, EOS] ranks third of the four candidates, so it is only a backup and does not finish.
+    // The list is full and the best running beam, [1, 1] at (ln .3 + ln .3) / 2 = -1.204, cannot
+    // beat -0.857: the search stops after 2 of 5 steps with [EOS], which keeps its EOS.
+    let logp_of = |_: &[u32]| ln(&[0.6, 0.3, 0.1]);
+    let (best, steps) = run_rules(logp_of, 3, &config(5, 2, 0));
+    assert_eq!((best, steps), (vec![0], 2));
+}
+
+#[test]
+fn only_the_top_num_beams_candidates_can_finish() {
+    // Two beams. Step 1: [1] (ln .5) and [2] (ln .3) run; [EOS] (ln .2) is ranked third: a backup.
+    // At step 2 the max length finishes the top two candidates only.
+    let logp_of = |prefix: &[u32]| match prefix {
+        [] => ln(&[0.2, 0.5, 0.3]),
+        _ => ln(&[0.1, 0.1, 0.8]),
+    };
+    let cfg = config(2, 2, 0);
+    let mut g = BeamGroup::new(2);
+    g.advance(&[logp_of(&[]), logp_of(&[])].concat(), 3, 1, &cfg);
+    assert!(g.finished.is_empty(), "{:?}", g.finished);
+    assert_eq!(g.running.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(), vec![vec![1], vec![2]]);
+    let (best, _) = run_rules(logp_of, 3, &cfg);
+    assert_eq!(best, vec![1, 2]);
+}
+
+#[test]
+fn top_k_is_stable() {
+    assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0, 3.0], 3), vec![1, 2, 4]);
+    assert_eq!(top_k(&[1.0, 2.0], 5), vec![1, 0]);
+    assert!(top_k(&[1.0], 0).is_empty());
+}
+
+/// Decode speed on a model of SmolLM2-135M's shape with random weights (f32, CPU). Run with
+/// `cargo test --release --lib bench_decode -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run in release"]
+fn bench_decode_smollm2_shape() {
+    let c = LlamaConfig::smollm2_135m();
+    let m = Llama::random(c, 0, DType::F32, &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = (0..100).map(|i| 1 + (i * 7919) % 49000).collect();
+    for (batch, num_beams) in [(1, 1), (8, 1), (1, 4)] {
+        let prompts = vec![prompt.clone(); batch];
+        let cfg = config(32, num_beams, NO_EOS);
+        let start = std::time::Instant::now();
+        let mut cache = KvCache::new();
+        prefill(&m, &prompts, 0, &mut cache).unwrap();
+        let prefill_s = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let out = generate(&m, &prompts, &cfg).unwrap();
+        let total_s = start.elapsed().as_secs_f64();
+        let decode_s = total_s - prefill_s;
+        let steps = out[0].len() - 1;
+        println!(
+            "batch {batch}, beams {num_beams}: prefill of {} tokens {prefill_s:.2} s; {} steps in {decode_s:.2} s = \
+             {:.1} steps/s, {:.1} tokens/s over the batch",
+            prompt.len(),
+            steps,
+            steps as f64 / decode_s,
+            (steps * batch) as f64 / decode_s,
+        );
+    }
+}
