@@ -27,6 +27,8 @@ pub fn run(command: Command) -> Result<()> {
             println!("{report}");
             Ok(())
         }
+        Command::Bench(super::BenchCommand::Methods(args)) => super::bench::methods(&args).map(|_| ()),
+        Command::Bench(super::BenchCommand::Step(args)) => super::bench::step(&args),
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }

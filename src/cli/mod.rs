@@ -1,6 +1,7 @@
 //! The `candle-peft` command: finetune, eval, generate, merge, convert, data, demo.
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
+pub mod bench;
 pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Build datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
 }
@@ -341,6 +345,50 @@ pub enum DataCommand {
         #[arg(long, default_value = ".")]
         output_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BenchCommand {
+    /// A few training steps of every method on one model and batch: parameters, optimizer state,
+    /// peak memory, step time.
+    Methods(BenchMethodsArgs),
+    /// One method in this process (what `methods` runs for each).
+    Step(BenchStepArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMethodsArgs {
+    /// Methods to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// smollm2 (SmolLM2-135M's shape) or tiny, with random weights.
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    /// Write the reports as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchStepArgs {
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,0 +1,161 @@
+//! `bench methods`: a few training steps of every method on the same model and batch, one fresh
+//! process per method (so that each peak is its own), reporting trainable parameters, optimizer
+//! state, peak memory over the loaded model and step time, as a table and JSON.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::{AdapterArgs, BenchMethodsArgs, BenchStepArgs};
+use crate::adapters::{configure_trainer, initialize_eva, inject, AdapterConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::model::{Llama, LlamaConfig};
+use crate::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
+
+pub const ALL_METHODS: &[&str] = &[
+    "lora", "rslora", "dora", "ia3", "pissa", "olora", "eva", "adalora", "sift", "full", "galore", "control",
+    "double_control", "control_lora", "nonlinear_control",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodReport {
+    pub method: String,
+    pub trainable_params: usize,
+    pub optimizer_state_bytes: usize,
+    /// Peak resident memory over the resident memory once the model was loaded.
+    pub peak_extra_mib: f64,
+    pub peak_rss_mib: f64,
+    /// Mean over the steps after the first (the first one also pays for first-touch allocations).
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+fn shape(name: &str) -> Result<LlamaConfig> {
+    match name {
+        "smollm2" => Ok(LlamaConfig::smollm2_135m()),
+        "tiny" => Ok(LlamaConfig::tiny(512)),
+        other => Err(Error::msg(format!("unknown shape `{other}` (smollm2, tiny)"))),
+    }
+}
+
+/// VmRSS / VmHWM of this process in MiB.
+fn proc_status_mib(field: &str) -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").at("/proc/self/status")?;
+    let line = text.lines().find(|l| l.starts_with(field)).ok_or_else(|| Error::msg(format!("no {field} in /proc/self/status")))?;
+    let kib: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or_else(|| Error::msg(format!("bad {field} line")))?;
+    Ok(kib / 1024.0)
+}
+
+fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<TrainBatch> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(3..vocab as u32)).collect();
+    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    Ok(TrainBatch {
+        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        mask: vec![vec![1; t]; b],
+        labels: Tensor::from_vec(labels, (b, t), &Device::Cpu)?,
+    })
+}
+
+/// One method in this process: prints its report as one JSON line.
+pub fn step(args: &BenchStepArgs) -> Result<()> {
+    let mut model = Llama::random(shape(&args.shape)?, 0, DType::F32, &Device::Cpu)?;
+    let batch = random_batch(model.config.vocab_size, args.batch, args.seq, 1)?;
+    let mut adapter = args.adapter.to_config()?;
+    inject(&mut model, &adapter, 0)?;
+    if let AdapterConfig::Eva(eva) = &mut adapter {
+        initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
+    }
+    let baseline = proc_status_mib("VmRSS")?;
+    let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.steps, max_grad_norm: Some(1.0) };
+    let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
+    configure_trainer(&mut trainer, &model, &adapter)?;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for _ in 0..args.steps {
+        let start = Instant::now();
+        losses.push(trainer.step(&model, std::slice::from_ref(&batch))?.loss);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let later = if times.len() > 1 { &times[1..] } else { &times[..] };
+    let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
+    let optimizer_state_bytes = trainer.optimizer.state_tensors()?.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+    let peak = proc_status_mib("VmHWM")?;
+    let report = MethodReport {
+        method: args.adapter.method.clone(),
+        trainable_params: model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum(),
+        optimizer_state_bytes,
+        peak_extra_mib: peak - baseline,
+        peak_rss_mib: peak,
+        step_seconds,
+        tokens_per_second: (args.batch * args.seq) as f64 / step_seconds,
+        first_loss: losses[0],
+        last_loss: *losses.last().unwrap_or(&f64::NAN),
+    };
+    println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
+    Ok(())
+}
+
+/// Every method, each in a child process running `bench step`.
+pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
+    let exe = std::env::current_exe().map_err(|e| Error::msg(format!("cannot find this executable: {e}")))?;
+    let names: Vec<String> = if args.methods.is_empty() { ALL_METHODS.iter().map(|s| s.to_string()).collect() } else { args.methods.clone() };
+    let mut reports = Vec::new();
+    for name in &names {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "step", "--method", name, "--shape", &args.shape])
+            .args(["--batch", &args.batch.to_string(), "--seq", &args.seq.to_string(), "--steps", &args.steps.to_string()])
+            .args(adapter_flags(&args.adapter));
+        let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;
+        if !out.status.success() {
+            return Err(Error::msg(format!("bench step --method {name} failed:\n{}", String::from_utf8_lossy(&out.stderr))));
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: MethodReport = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+            .map_err(|e| Error::msg(format!("bench step --method {name}: unreadable report ({e}): {line}")))?;
+        eprintln!("{name}: {:.2} s/step, peak +{:.0} MiB", report.step_seconds, report.peak_extra_mib);
+        reports.push(report);
+    }
+    println!("{}", table(&reports, args));
+    if let Some(path) = &args.output {
+        let json = serde_json::to_string_pretty(&reports).map_err(|e| Error::msg(e.to_string()))?;
+        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(reports)
+}
+
+/// The shared hyperparameters, passed on to each child.
+fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
+    vec![
+        format!("--r={}", a.r),
+        format!("--lora-alpha={}", a.lora_alpha),
+        format!("--lora-dropout={}", a.lora_dropout),
+        format!("--target-modules={}", a.target_modules.join(",")),
+        format!("--control-rank={}", a.control_rank),
+        format!("--double-control-rank={}", a.double_control_rank),
+    ]
+}
+
+fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
+    let mut s = format!(
+        "shape {}, batch {} x {}, f32, CPU, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
+        args.shape, args.batch, args.seq, args.steps, "method", "trainable", "optim MiB", "peak +MiB", "s/step", "tok/s"
+    );
+    for r in reports {
+        s += &format!(
+            "{:<18} {:>12} {:>12.1} {:>14.0} {:>10.3} {:>10.0}\n",
+            r.method,
+            r.trainable_params,
+            r.optimizer_state_bytes as f64 / 1048576.0,
+            r.peak_extra_mib,
+            r.step_seconds,
+            r.tokens_per_second
+        );
+    }
+    s
+}

@@ -1,0 +1,81 @@
+//! The `candle-peft` command end to end on a small model the test writes: finetune driven by a
+//! TOML config, eval, generate, merge, and `bench methods`.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use candle_peft::model::llama::random_weights;
+use candle_peft::model::LlamaConfig;
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "candle-peft {args:?} failed:\n{text}");
+    text
+}
+
+/// A model directory (config, safetensors, tokenizer) and a dataset in the demo task's format.
+fn setup(dir: &Path) {
+    let (train, test) = candle_peft::demo::task(0, 12);
+    let tok = candle_peft::demo::tokenizer(&[train.clone(), test.clone()].concat()).unwrap();
+    let mut c = LlamaConfig::tiny(tok.get_vocab_size(true));
+    c.pad_token_id = Some(0);
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("config.json"), c.to_hf_json().to_string()).unwrap();
+    candle_core::safetensors::save(&random_weights(&c, 0.1, 1).unwrap(), model.join("model.safetensors")).unwrap();
+    tok.save(model.join("tokenizer.json"), false).unwrap();
+    std::fs::write(dir.join("train.json"), serde_json::to_string(&train[..60]).unwrap()).unwrap();
+    std::fs::create_dir_all(dir.join("dataset/winogrande")).unwrap();
+    std::fs::write(dir.join("dataset/winogrande/test.json"), serde_json::to_string(&test).unwrap()).unwrap();
+}
+
+#[test]
+fn finetune_eval_generate_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_str().unwrap().to_string();
+    std::fs::write(
+        d.join("run.toml"),
+        format!(
+            "model = \"{}\"\ndata = \"{}\"\noutput_dir = \"{}\"\nmethod = \"lora\"\nr = 4\ntarget_modules = [\"q_proj\", \"v_proj\"]\nbatch_size = 8\nmicro_batch_size = 4\nmax_steps = 3\nval_set_size = 8\neval_steps = 2\nwarmup_steps = 1\n",
+            p("model"), p("train.json"), p("run")
+        ),
+    )
+    .unwrap();
+    // The command line overrides the file: r = 2, not 4.
+    cli(&["finetune", "--config", &p("run.toml"), "--r", "2"]);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("run/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 2);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 3);
+    assert!(metrics.contains("eval_loss"));
+
+    let out = cli(&["eval", "--model", &p("model"), "--adapter", &p("run"), "--dataset-dir", &p("dataset"), "--tasks", "winogrande", "--max-new-tokens", "6", "--output", &p("acc.json")]);
+    assert!(out.contains("winogrande"), "{out}");
+    let acc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("acc.json")).unwrap()).unwrap();
+    assert!(acc.to_string().contains("winogrande"), "{acc}");
+
+    cli(&["generate", "--model", &p("model"), "--adapter", &p("run"), "--prompt", "She painted the old door", "--max-new-tokens", "4", "--num-beams", "2"]);
+
+    cli(&["merge", "--model", &p("model"), "--adapter", &p("run"), "--output", &p("merged")]);
+    let merged = candle_peft::loading::load_model(&p("merged"), DType::F32, &Device::Cpu).unwrap();
+    assert!(merged.tokenizer.is_some());
+    // merge refuses to overwrite a directory with contents
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(["merge", "--model", &p("model"), "--adapter", &p("run"), "--output", &p("merged")]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
+}
+
+#[test]
+fn bench_methods_reports_every_method_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    cli(&["bench", "methods", "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--methods", "lora,control", "--output", json.to_str().unwrap()]);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[1]["method"], "control");
+    assert!(reports.iter().all(|r| r["trainable_params"].as_u64().unwrap() > 0 && r["step_seconds"].as_f64().unwrap() > 0.0));
+}
