@@ -69,6 +69,20 @@ fn plain_directory_and_shards_and_hub_cache_give_the_same_model() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let diff = (logits("test-org/tiny-llama") - &reference).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    // An adapter given as a repo id comes from the same cache (PEFT's fixture, same shapes).
+    let adapter_repo = cache.join("models--test-org--tiny-lora");
+    let snap = adapter_repo.join("snapshots").join("feed");
+    std::fs::create_dir_all(&snap).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft/lora_r4_all");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture.join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(adapter_repo.join("refs")).unwrap();
+    std::fs::write(adapter_repo.join("refs/main"), "feed").unwrap();
+    let mut model = load_model("test-org/tiny-llama", DType::F32, &Device::Cpu).unwrap().model;
+    let cfg = candle_peft::adapters::load_adapter(&mut model, &hub::ModelSource::parse("test-org/tiny-lora").unwrap()).unwrap();
+    assert_eq!(cfg.peft_type(), "LORA");
+    assert_eq!(model.trainable_params().len(), 28);
     // Offline, a repo that is not cached names the repo and the file.
     let e = err_of("test-org/absent");
     assert!(e.contains("test-org/absent") && e.contains("config.json") && e.contains("HF_HUB_OFFLINE"), "{e}");

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use candle_peft::adapters::adalora::AdaLoraConfig;
+use candle_peft::adapters::lora_init::{save_converted, InitKind};
 use candle_peft::adapters::{inject, save_adapter, AdapterConfig, Ia3Config, LoraConfig, Targets};
 use candle_peft::loading::weights::Weights;
 use candle_peft::model::llama::random_weights;
@@ -184,6 +186,11 @@ fn peft_logits(model_dir: &Path, adapter_dir: &Path, ids_json: &Path, merge: boo
 
 /// Train `cfg` on a tiny model, save it, and check that PEFT computes the engine's logits.
 fn roundtrip(cfg: AdapterConfig, tied: bool) {
+    roundtrip_saved_with(cfg, tied, save_adapter);
+}
+
+/// As `roundtrip`, saving with `save` (PiSSA and OLoRA save a plain LoRA against the original base).
+fn roundtrip_saved_with(cfg: AdapterConfig, tied: bool, save: fn(&Llama, &AdapterConfig, &Path, Option<&str>) -> candle_peft::Result<()>) {
     python(); // fail before any work when PEFT is not available
     let tmp = tempfile::tempdir().unwrap();
     let (model_dir, adapter_dir, ids_json) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ids.json"));
@@ -194,7 +201,7 @@ fn roundtrip(cfg: AdapterConfig, tied: bool) {
 
     inject(&mut model, &cfg, 5).unwrap();
     train(&model, &Batch::random(1, 8, 2).train_batch());
-    save_adapter(&model, &cfg, &adapter_dir, Some(model_dir.to_str().unwrap())).unwrap();
+    save(&model, &cfg, &adapter_dir, Some(model_dir.to_str().unwrap())).unwrap();
 
     let ours = model.forward(&eval.input_ids(), Some(&eval.mask), None, false).unwrap();
     let effect = eval.max_diff(&ours, &base);
@@ -242,4 +249,21 @@ fn ia3_k_v_and_feedforward_down() {
         feedforward_modules: Some(names(&["down_proj"])),
     });
     roundtrip(cfg, true);
+}
+
+/// PiSSA and OLoRA train against a residual base; PEFT users get a plain LoRA against the
+/// original base (`path_initial_model_for_weight_conversion`), which must give the same logits.
+#[test]
+#[ignore = "needs PyTorch + PEFT: run scripts/peft_venv.sh, then CANDLE_PEFT_PYTHON=... cargo test --test peft_roundtrip -- --ignored"]
+fn pissa_and_olora_converted_to_lora() {
+    for kind in [InitKind::Pissa, InitKind::Olora] {
+        let AdapterConfig::Lora(c) = lora(4, 8.0, &ALL, 0.0, false, false) else { unreachable!() };
+        roundtrip_saved_with(AdapterConfig::LoraInit(c, kind), true, save_converted);
+    }
+}
+
+#[test]
+#[ignore = "needs PyTorch + PEFT: run scripts/peft_venv.sh, then CANDLE_PEFT_PYTHON=... cargo test --test peft_roundtrip -- --ignored"]
+fn adalora_all_projections() {
+    roundtrip(AdapterConfig::AdaLora(AdaLoraConfig::new(names(&ALL), 6, 4, 100)), true);
 }
