@@ -368,7 +368,8 @@ impl Llama {
         }
         *kv = Some((k.detach(), v.detach()));
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        // Scaling q (t x hd) rather than the scores (t x t) saves a score-sized copy in training.
+        let scores = (q * (1.0 / (hd as f64).sqrt()))?.matmul(&k.t()?)?.broadcast_add(bias)?;
         let probs = ops::softmax_last_dim(&scores, train)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         attn.o_proj.forward(&out, train)

@@ -1,6 +1,7 @@
 //! The trainable LLaMA-family model.
 
 pub mod config;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod ops;

@@ -29,19 +29,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Te
     Ok(normed.broadcast_mul(weight)?)
 }
 
-/// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
+/// Softmax over the last dimension, computed in f32 (f64 kept) and cast back to the input dtype.
+/// Training on the CPU takes the fused op, which keeps only its input and output for backward.
 pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(accumulate_dtype(dtype))?;
-    let p = if train {
-        // The max is a constant shift: detaching it keeps the gradient exact and skips a backward op.
-        let max = xf.max_keepdim(D::Minus1)?.detach();
-        let e = xf.broadcast_sub(&max)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&xf)?
+    let p = match (train, xf.device()) {
+        (false, _) => candle_nn::ops::softmax_last_dim(&xf)?,
+        (true, Device::Cpu) => xf.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)?,
+        (true, _) => softmax_last_dim_reference(&xf)?,
     };
     Ok(p.to_dtype(dtype)?)
+}
+
+/// The softmax as plain differentiable candle ops: the reference for the fused op.
+pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
+    // The max is a constant shift: detaching it keeps the gradient exact and skips a backward op.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Rotary embedding in the Hugging Face ("rotate half") layout.
@@ -104,16 +110,25 @@ pub fn positions(mask: &[Vec<u32>], t: usize) -> Vec<u32> {
 }
 
 /// Mean cross-entropy over the labels that are not -100. `logits`: [n, vocab]; `labels`: [n] i64.
+/// On the CPU the fused op keeps only the logits for backward.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let acc = accumulate_dtype(logits.dtype());
-    let keep = labels.ge(0i64)?;
-    let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let count = labels.ge(0i64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     if count == 0.0 {
         return Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into()));
     }
+    let logits = logits.to_dtype(accumulate_dtype(logits.dtype()))?;
+    let total = match logits.device() {
+        Device::Cpu => logits.contiguous()?.apply_op2(&labels.contiguous()?, super::fused::CrossEntropyRows)?.sum_all()?,
+        _ => cross_entropy_sum_reference(&logits, labels)?,
+    };
+    Ok((total / count as f64)?)
+}
+
+/// The summed cross-entropy as plain differentiable candle ops: the reference for the fused op.
+pub fn cross_entropy_sum_reference(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let keep = labels.ge(0i64)?;
     let safe = keep.where_cond(labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(acc)?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let total = (picked * keep.to_dtype(acc)?)?.sum_all()?;
-    Ok((total.neg()? / count as f64)?)
+    Ok((picked * keep.to_dtype(logits.dtype())?)?.sum_all()?.neg()?)
 }
