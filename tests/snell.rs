@@ -277,6 +277,9 @@ fn gradient_of_a_zero_distance_is_zero() {
     let d = tensor(&[0.5, -2.0, 0.1, 1.0], &[2, 2]);
     assert_eq!(vec_of(&sparsify(&d, 0.0).unwrap()), vec![0.5, -2.0, 0.1, 1.0]);
     assert_eq!(vec_of(&sparsify(&d, 0.5).unwrap()), vec![0.0, -4.0, 0.0, 1.0]);
+    // The comparison is strict: entries equal to τ are dropped.
+    let d = tensor(&[1.0, -1.0, 1.0, 2.0], &[2, 2]);
+    assert_eq!(vec_of(&sparsify(&d, 0.5).unwrap()), vec![0.0, 0.0, 0.0, 4.0]);
     assert!(sparsify(&d, 1.0).is_err());
 }
 

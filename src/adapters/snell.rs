@@ -59,7 +59,7 @@ impl SnellConfig {
         if self.r == 0 {
             return Err(Error::Adapter(format!("SNELL on `{what}`: rank r must be at least 1")));
         }
-        if self.heads == 0 || self.r % self.heads != 0 {
+        if self.heads == 0 || !self.r.is_multiple_of(self.heads) {
             return Err(Error::Adapter(format!(
                 "SNELL on `{what}`: heads = {} must be at least 1 and divide r = {}",
                 self.heads, self.r
@@ -93,7 +93,7 @@ pub struct SnellLinear {
 
 impl SnellLinear {
     pub fn new(base: &FrozenLinear, cfg: &SnellConfig, rng: &mut StdRng) -> Result<Self> {
-        cfg.validate("?")?;
+        cfg.validate("a linear layer")?;
         let (out, inp) = (base.out_features(), base.in_features());
         let k = cfg.r / cfg.heads;
         let device = base.weight().device();
@@ -230,18 +230,23 @@ pub fn sparsify(delta: &Tensor, s: f64) -> Result<Tensor> {
 fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
     let a = t.abs()?.flatten_all()?;
     match a.dtype() {
-        DType::F64 => quantile_f64(&a.to_vec1::<f64>()?, s),
-        _ => Ok(quantile_f32(&a.to_dtype(DType::F32)?.to_vec1::<f32>()?, s)? as f64),
+        DType::F64 => quantile_in_place_f64(&mut a.to_vec1::<f64>()?, s),
+        _ => Ok(quantile_in_place_f32(&mut a.to_dtype(DType::F32)?.to_vec1::<f32>()?, s)? as f64),
     }
 }
 
 macro_rules! quantile_impl {
-    ($name:ident, $t:ty) => {
+    ($name:ident, $in_place:ident, $t:ty) => {
         /// `torch.quantile(values, q)` (interpolation "linear") for a tensor of this dtype: the
         /// position `q·(n−1)` is computed in the dtype (as torch does, q being cast to it), the
         /// order statistics below and above it are found by selection on a copy (O(n)), and
         /// interpolated with torch's `lerp`. NaN anywhere gives NaN, as torch.
         pub fn $name(values: &[$t], q: f64) -> Result<$t> {
+            $in_place(&mut values.to_vec(), q)
+        }
+
+        /// As the function above, reordering `values` instead of copying them.
+        pub fn $in_place(values: &mut [$t], q: f64) -> Result<$t> {
             if values.is_empty() {
                 return Err(Error::Adapter("quantile of an empty set".into()));
             }
@@ -256,9 +261,8 @@ macro_rules! quantile_impl {
             let below = (rank as usize).min(n - 1);
             let above = (rank.ceil() as usize).min(n - 1);
             let weight = rank - below as $t;
-            let mut v = values.to_vec();
             let cmp = |a: &$t, b: &$t| a.partial_cmp(b).expect("no NaN");
-            let (_, lo, rest) = v.select_nth_unstable_by(below, cmp);
+            let (_, lo, rest) = values.select_nth_unstable_by(below, cmp);
             let lo = *lo;
             let hi = if above > below { rest.iter().copied().fold(<$t>::INFINITY, <$t>::min) } else { lo };
             // ATen's lerp: start + w·(end − start) for |w| < 0.5, else end − (end − start)·(1 − w).
@@ -267,5 +271,5 @@ macro_rules! quantile_impl {
     };
 }
 
-quantile_impl!(quantile_f32, f32);
-quantile_impl!(quantile_f64, f64);
+quantile_impl!(quantile_f32, quantile_in_place_f32, f32);
+quantile_impl!(quantile_f64, quantile_in_place_f64, f64);
