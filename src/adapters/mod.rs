@@ -15,6 +15,7 @@ pub mod linalg;
 pub mod lora;
 pub mod lora_init;
 pub mod sift;
+pub mod snell;
 pub mod nonlinear_control;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ pub use eva::{initialize_eva, EvaConfig};
 pub use full::{FullConfig, FullLinear};
 pub use lora_init::{convert_to_lora, save_converted, InitKind, InitLoraLinear};
 pub use sift::{SiftConfig, SiftHook, SiftLinear};
+pub use snell::{SnellConfig, SnellLinear};
 pub use ia3::{Ia3Config, Ia3Linear};
 pub use lora::{LoraConfig, LoraLinear};
 pub use nonlinear_control::{NonlinearControl, NonlinearControlConfig};
@@ -78,6 +80,8 @@ pub enum AdapterConfig {
     AdaLora(AdaLoraConfig),
     /// Sparse increment fine-tuning (engine format, `peft_type: "SIFT"`).
     Sift(SiftConfig),
+    /// SNELL, kernelized LoRA with competition-based sparsification (engine format, `"SNELL"`).
+    Snell(SnellConfig),
     /// Full fine-tuning of the targeted weights, optionally with GaLore (engine format, `"FULL"`).
     Full(FullConfig),
     /// Parallel Control, Double Control and Control + LoRA (not a PEFT type: "CONTROL").
@@ -99,6 +103,7 @@ const EVA_KEYS: &[&str] = &[
     "alpha_pattern",
 ];
 const SIFT_KEYS: &[&str] = &["target_modules", "sparse_rate"];
+const SNELL_KEYS: &[&str] = &["r", "heads", "sparsity", "target_modules"];
 const FULL_KEYS: &[&str] = &["target_modules", "galore"];
 const CONTROL_KEYS: &[&str] =
     &["control_rank", "control_alpha", "control_dropout", "double_control", "double_control_rank", "lora"];
@@ -129,6 +134,7 @@ impl AdapterConfig {
             AdapterConfig::Ia3(_) => "IA3",
             AdapterConfig::AdaLora(_) => "ADALORA",
             AdapterConfig::Sift(_) => "SIFT",
+            AdapterConfig::Snell(_) => "SNELL",
             AdapterConfig::Full(_) => "FULL",
             AdapterConfig::Control(_) => "CONTROL",
             AdapterConfig::NonlinearControl(_) => "NONLINEAR_CONTROL",
@@ -143,6 +149,7 @@ impl AdapterConfig {
             AdapterConfig::Ia3(c) => Some(&c.target_modules),
             AdapterConfig::AdaLora(c) => Some(&c.target_modules),
             AdapterConfig::Sift(c) => Some(&c.target_modules),
+            AdapterConfig::Snell(c) => Some(&c.target_modules),
             AdapterConfig::Full(c) => Some(&c.target_modules),
             AdapterConfig::Control(c) => c.lora.as_ref().map(|l| &l.target_modules),
             AdapterConfig::NonlinearControl(_) => None,
@@ -189,6 +196,10 @@ impl AdapterConfig {
                 let cfg: SiftConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("SIFT config: {e}")))?;
                 (SIFT_KEYS, AdapterConfig::Sift(cfg))
             }
+            "SNELL" => {
+                let cfg: SnellConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("SNELL config: {e}")))?;
+                (SNELL_KEYS, AdapterConfig::Snell(cfg))
+            }
             "FULL" => {
                 let cfg: FullConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("FULL config: {e}")))?;
                 (FULL_KEYS, AdapterConfig::Full(cfg))
@@ -208,7 +219,7 @@ impl AdapterConfig {
             }
             other => {
                 return Err(bad(format!(
-                    "peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, FULL, CONTROL, NONLINEAR_CONTROL)"
+                    "peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, SNELL, FULL, CONTROL, NONLINEAR_CONTROL)"
                 )))
             }
         };
@@ -273,6 +284,7 @@ impl AdapterConfig {
                 v
             }
             AdapterConfig::Sift(c) => serde_json::to_value(c).expect("SiftConfig serialises"),
+            AdapterConfig::Snell(c) => serde_json::to_value(c).expect("SnellConfig serialises"),
             AdapterConfig::Full(c) => serde_json::to_value(c).expect("FullConfig serialises"),
             AdapterConfig::Ia3(c) => json!({
                 "target_modules": c.target_modules, "feedforward_modules": c.feedforward_modules,
@@ -354,6 +366,10 @@ fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> 
         }
         AdapterConfig::AdaLora(c) => Box::new(AdaLoraLinear::new(base, c, rng)?),
         AdapterConfig::Sift(c) => Box::new(SiftLinear::new(base, c)?),
+        AdapterConfig::Snell(c) => {
+            c.validate(path)?;
+            Box::new(SnellLinear::new(base, c, rng)?)
+        }
         AdapterConfig::Eva(_) => unreachable!("EVA layers are built by inject"),
         AdapterConfig::Full(_) => Box::new(FullLinear::new(base)?),
         AdapterConfig::Lora(c) if c.use_dora => Box::new(DoraLinear::new(base, c, rng)?),
@@ -462,7 +478,7 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
             e => e,
         })?;
         if t.dims() != var.dims() {
-            let module = [".lora_", ".ia3_", ".sift_", ".down_proj", ".up_proj"]
+            let module = [".lora_", ".ia3_", ".sift_", ".snell_", ".down_proj", ".up_proj"]
                 .iter()
                 .find_map(|s| key.rsplit_once(s))
                 .map_or(key.as_str(), |(m, _)| m);

@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::adapters::control::ControlConfig;
 use crate::adapters::nonlinear_control::NonlinearControlConfig;
-use crate::adapters::{AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, SiftConfig, Targets};
+use crate::adapters::{
+    AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, SiftConfig, SnellConfig, Targets,
+};
 use crate::training::galore::GaloreConfig;
 use crate::error::{Error, Result};
 
@@ -95,7 +97,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 pub struct AdapterArgs {
     /// lora, rslora, dora, ia3, control (Parallel Control), double_control, control_lora
     /// (control on the MLP block + LoRA on q,k,v), nonlinear_control, or EfficientFT's pissa,
-    /// olora, eva, adalora, sift, full (full fine-tuning of the targets), galore (full + GaLore).
+    /// olora, eva, adalora, sift, full (full fine-tuning of the targets), galore (full + GaLore),
+    /// or snell (SNELL: kernelized LoRA of rank r with sparsification; `--sparsity 0` is KLoRA).
     #[arg(long, default_value = "lora")]
     pub method: String,
     #[arg(long, default_value_t = 8)]
@@ -131,6 +134,12 @@ pub struct AdapterArgs {
     /// SIFT: fraction of each targeted weight's entries that is trained.
     #[arg(long, default_value_t = 0.2)]
     pub sparse_rate: f64,
+    /// SNELL: number of distance-kernel heads (must divide r).
+    #[arg(long, default_value_t = 2)]
+    pub snell_heads: usize,
+    /// SNELL: quantile of |ΔW| under which entries are dropped, in [0, 1) (0: KLoRA).
+    #[arg(long, default_value_t = 0.5)]
+    pub sparsity: f64,
     /// GaLore: projection rank (default r), refresh gap and scale.
     #[arg(long)]
     pub galore_rank: Option<usize>,
@@ -197,6 +206,11 @@ impl AdapterArgs {
                 AdapterConfig::AdaLora(c)
             }
             "sift" => AdapterConfig::Sift(SiftConfig { target_modules: targets.clone(), sparse_rate: self.sparse_rate }),
+            "snell" => {
+                let c = SnellConfig { r: self.r, heads: self.snell_heads, sparsity: self.sparsity, target_modules: targets.clone() };
+                c.validate("--method snell")?;
+                AdapterConfig::Snell(c)
+            }
             "full" | "galore" => AdapterConfig::Full(FullConfig {
                 target_modules: targets.clone(),
                 galore: (self.method == "galore").then(|| GaloreConfig {
@@ -207,7 +221,7 @@ impl AdapterArgs {
             }),
             other => {
                 return Err(Error::msg(format!(
-                    "unknown method `{other}` (lora, rslora, dora, ia3, control, double_control, control_lora, nonlinear_control, pissa, olora, eva, adalora, sift, full, galore)"
+                    "unknown method `{other}` (lora, rslora, dora, ia3, control, double_control, control_lora, nonlinear_control, pissa, olora, eva, adalora, sift, snell, full, galore)"
                 )))
             }
         })

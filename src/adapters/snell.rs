@@ -1,0 +1,275 @@
+//! SNELL (Shen, Sun, Ji, Huang, Wang, "Expanding Sparse Tuning for Low Memory Usage", NeurIPS 2024;
+//! ssfgunner/SNELL `model/vision_transformer_timm.py`, classes `KLoRA` and `SNELL`, seeds.md §3).
+//!
+//! Per adapted weight W [d_out, d_in], rank r and H heads (2 in the paper), two trainable tensors
+//! `In` [H, d_in, r/H] and `Out` [H, d_out, r/H], both kaiming-uniform (a = √5) with the fan-in
+//! torch computes for a 3-D tensor (`size(1)·size(2)`), i.e. U(±1/√(d·r/H)); the update is NOT
+//! zero at start. The kernelized low-rank merge is a signed sum of Euclidean distance kernels:
+//!
+//! `ΔW[i, j] = Σ_h c_h · ‖In[h, i, :] − Out[h, j, :]‖₂`   (ΔW is d_in × d_out, `torch.cdist` summed over h)
+//!
+//! with `c = 0.1·(+1, −1)` (for other H, `c_h = 0.1·(−1)^h`). With sparsity s > 0 the weights compete
+//! by magnitude, the threshold being recomputed every forward from the current ΔW:
+//!
+//! `τ = quantile(|ΔW|, s)` (torch.quantile, linear interpolation at position s·(n−1)),
+//! `ΔW_s = ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]`, where the `|ΔW| ⊙ 1[…]` factor is detached (a constant in
+//! backward: not a straight-through estimator, and no gradient through τ or the mask). With
+//! s = 0 it is KLoRA: `ΔW_s = ΔW`, no sparsification and no |ΔW| factor.
+//!
+//! `y = x Wᵀ + x ΔW_s` (x [..., d_in]). Merge: `W ← W + ΔW_sᵀ` (in f32).
+//!
+//! Distances use `‖a‖² + ‖b‖² − 2 a·b` (one GEMM per head, torch.cdist's mm path), clamped at 0,
+//! and a square root whose gradient at a zero distance is 0 (torch's convention).
+//!
+//! Not a PEFT type: the engine writes `peft_type: "SNELL"` with `r`, `heads`, `sparsity`,
+//! `target_modules`, and the tensors `<module>.snell_in` (f32 [H, d_in, r/H]) and
+//! `<module>.snell_out` (f32 [H, d_out, r/H]), e.g.
+//! `base_model.model.model.layers.0.self_attn.q_proj.snell_in`.
+
+use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::{uniform_var, Targets};
+use crate::model::{FrozenLinear, LinearAdapter};
+use crate::{Error, Result};
+
+fn default_heads() -> usize {
+    2
+}
+
+/// The scale of the head coefficients (`SCALE_FACTOR_fc` in the seed code).
+pub const SNELL_SCALE: f64 = 0.1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnellConfig {
+    /// Total rank r, split evenly over the heads (r/H per head).
+    pub r: usize,
+    #[serde(default = "default_heads")]
+    pub heads: usize,
+    /// The quantile s of |ΔW| below which entries are dropped, in [0, 1); 0 is KLoRA.
+    #[serde(default)]
+    pub sparsity: f64,
+    pub target_modules: Targets,
+}
+
+impl SnellConfig {
+    /// Checks r, heads and sparsity; errors start with `what` (the module being adapted).
+    pub fn validate(&self, what: &str) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Adapter(format!("SNELL on `{what}`: rank r must be at least 1")));
+        }
+        if self.heads == 0 || !self.r.is_multiple_of(self.heads) {
+            return Err(Error::Adapter(format!(
+                "SNELL on `{what}`: heads = {} must be at least 1 and divide r = {}",
+                self.heads, self.r
+            )));
+        }
+        check_sparsity(self.sparsity, what)
+    }
+}
+
+fn check_sparsity(s: f64, what: &str) -> Result<()> {
+    if !(0.0..1.0).contains(&s) {
+        return Err(Error::Adapter(format!("SNELL on `{what}`: sparsity = {s} must lie in [0, 1)")));
+    }
+    Ok(())
+}
+
+/// The head coefficients `c_h = 0.1·(−1)^h` (the seed's `0.1·(+1, −1)` for H = 2).
+pub fn head_coefficients(heads: usize) -> Vec<f64> {
+    (0..heads).map(|h| if h % 2 == 0 { SNELL_SCALE } else { -SNELL_SCALE }).collect()
+}
+
+/// The two kernel factors of one adapted linear layer.
+pub struct SnellLinear {
+    /// `In` [H, d_in, r/H].
+    pub input: Var,
+    /// `Out` [H, d_out, r/H].
+    pub output: Var,
+    pub sparsity: f64,
+    coeffs: Vec<f64>,
+}
+
+impl SnellLinear {
+    pub fn new(base: &FrozenLinear, cfg: &SnellConfig, rng: &mut StdRng) -> Result<Self> {
+        cfg.validate("a linear layer")?;
+        let (out, inp) = (base.out_features(), base.in_features());
+        let k = cfg.r / cfg.heads;
+        let device = base.weight().device();
+        // kaiming_uniform_(a=√5): bound = gain·√3/√fan_in = 1/√fan_in, fan_in = size(1)·size(2).
+        let input = uniform_var(&[cfg.heads, inp, k], 1.0 / ((inp * k) as f64).sqrt(), rng, device)?;
+        let output = uniform_var(&[cfg.heads, out, k], 1.0 / ((out * k) as f64).sqrt(), rng, device)?;
+        Ok(Self { input, output, sparsity: cfg.sparsity, coeffs: head_coefficients(cfg.heads) })
+    }
+
+    /// A layer with given factors, kept in their dtype (f64 for finite-difference checks).
+    pub fn from_parts(input: &Tensor, output: &Tensor, sparsity: f64) -> Result<Self> {
+        check_sparsity(sparsity, "from_parts")?;
+        let (h, _, k) = input.dims3()?;
+        let (h2, _, k2) = output.dims3()?;
+        if h != h2 || k != k2 || input.dtype() != output.dtype() {
+            return Err(Error::Adapter(format!(
+                "SNELL factors do not fit: In {:?} {:?}, Out {:?} {:?}",
+                input.dims(),
+                input.dtype(),
+                output.dims(),
+                output.dtype()
+            )));
+        }
+        Ok(Self {
+            input: Var::from_tensor(input)?,
+            output: Var::from_tensor(output)?,
+            sparsity,
+            coeffs: head_coefficients(h),
+        })
+    }
+
+    pub fn heads(&self) -> usize {
+        self.coeffs.len()
+    }
+
+    /// The dense kernel update ΔW [d_in, d_out] in the factors' dtype, differentiable.
+    pub fn kernel_delta(&self) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for (h, &c) in self.coeffs.iter().enumerate() {
+            let d = (pairwise_distances(&self.input.as_tensor().get(h)?, &self.output.as_tensor().get(h)?)? * c)?;
+            acc = Some(match acc {
+                None => d,
+                Some(a) => (a + d)?,
+            });
+        }
+        acc.ok_or_else(|| Error::Adapter("SNELL with no head".into()))
+    }
+
+    /// The sparsified update ΔW_s [d_in, d_out] (ΔW itself when sparsity is 0), differentiable.
+    pub fn sparse_delta(&self) -> Result<Tensor> {
+        sparsify(&self.kernel_delta()?, self.sparsity)
+    }
+
+    /// The threshold τ of the current ΔW (None when sparsity is 0).
+    pub fn threshold(&self) -> Result<Option<f64>> {
+        if self.sparsity == 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(abs_quantile(&self.kernel_delta()?.detach(), self.sparsity)?))
+    }
+
+    /// `ΔW_sᵀ` [d_out, d_in] in f32 (what merge adds to W).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok(self.sparse_delta()?.to_dtype(DType::F32)?.t()?.contiguous()?)
+    }
+
+    /// `x ΔW_s`, with ΔW_s cast to x's dtype as autocast would.
+    pub fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        let delta = self.sparse_delta()?.to_dtype(x.dtype())?;
+        let dims = x.dims();
+        let inner = dims[dims.len() - 1];
+        let rows = x.elem_count() / inner.max(1);
+        let y = x.reshape((rows, inner))?.matmul(&delta)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("SNELL input needs at least one dim") = delta.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl LinearAdapter for SnellLinear {
+    fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
+        Ok((base.forward(x)? + self.branch(x)?)?)
+    }
+
+    fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
+        Ok((w.to_dtype(DType::F32)? + self.delta_weight()?)?.to_dtype(w.dtype())?)
+    }
+
+    fn unmerged_weight(&self, w: &Tensor) -> Result<Tensor> {
+        Ok((w.to_dtype(DType::F32)? - self.delta_weight()?)?.to_dtype(w.dtype())?)
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("snell_in".into(), self.input.clone()), ("snell_out".into(), self.output.clone())]
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// `D[i, j] = ‖a_i − b_j‖₂` for a [m, k], b [n, k], as `√max(‖a_i‖² + ‖b_j‖² − 2 a_i·b_j, 0)`;
+/// the gradient at a zero (or clamped) distance is 0.
+pub fn pairwise_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let a2 = a.sqr()?.sum_keepdim(1)?; // [m, 1]
+    let b2 = b.sqr()?.sum_keepdim(1)?.t()?; // [1, n]
+    let ab = a.matmul(&b.t()?)?; // [m, n]
+    let sq = (a2.broadcast_add(&b2)? - (ab * 2.0)?)?;
+    safe_sqrt(&sq)
+}
+
+/// `√max(v, 0)` with gradient 0 wherever v ≤ 0: there the input is replaced by the constant 1
+/// (`√(v·0 + 1) − 1 = 0`), so no infinite derivative reaches the graph.
+fn safe_sqrt(v: &Tensor) -> Result<Tensor> {
+    let z = v.detach().le(0.0)?.to_dtype(v.dtype())?;
+    let keep = z.affine(-1.0, 1.0)?;
+    Ok(((v * keep)? + &z)?.sqrt()?.sub(&z)?)
+}
+
+/// `ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]` with `τ = quantile(|ΔW|, s)` and the `|ΔW| ⊙ 1[…]` factor detached;
+/// `ΔW` itself when s = 0 (KLoRA).
+pub fn sparsify(delta: &Tensor, s: f64) -> Result<Tensor> {
+    check_sparsity(s, "sparsify")?;
+    if s == 0.0 {
+        return Ok(delta.clone());
+    }
+    let a = delta.detach().abs()?;
+    let tau = abs_quantile(&delta.detach(), s)?;
+    let n_sub = (a.gt(tau)?.to_dtype(a.dtype())? * &a)?.detach();
+    Ok((delta * n_sub)?)
+}
+
+/// `torch.quantile(|t|.flatten(), s)` in t's dtype (f32 or f64; others go through f32).
+fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
+    let a = t.abs()?.flatten_all()?;
+    match a.dtype() {
+        DType::F64 => quantile_in_place_f64(&mut a.to_vec1::<f64>()?, s),
+        _ => Ok(quantile_in_place_f32(&mut a.to_dtype(DType::F32)?.to_vec1::<f32>()?, s)? as f64),
+    }
+}
+
+macro_rules! quantile_impl {
+    ($name:ident, $in_place:ident, $t:ty) => {
+        /// `torch.quantile(values, q)` (interpolation "linear") for a tensor of this dtype: the
+        /// position `q·(n−1)` is computed in the dtype (as torch does, q being cast to it), the
+        /// order statistics below and above it are found by selection on a copy (O(n)), and
+        /// interpolated with torch's `lerp`. NaN anywhere gives NaN, as torch.
+        pub fn $name(values: &[$t], q: f64) -> Result<$t> {
+            $in_place(&mut values.to_vec(), q)
+        }
+
+        /// As the function above, reordering `values` instead of copying them.
+        pub fn $in_place(values: &mut [$t], q: f64) -> Result<$t> {
+            if values.is_empty() {
+                return Err(Error::Adapter("quantile of an empty set".into()));
+            }
+            if !(0.0..=1.0).contains(&q) {
+                return Err(Error::Adapter(format!("quantile q = {q} must lie in [0, 1]")));
+            }
+            if values.iter().any(|v| v.is_nan()) {
+                return Ok(<$t>::NAN);
+            }
+            let n = values.len();
+            let rank = (q as $t) * ((n - 1) as $t);
+            let below = (rank as usize).min(n - 1);
+            let above = (rank.ceil() as usize).min(n - 1);
+            let weight = rank - below as $t;
+            let cmp = |a: &$t, b: &$t| a.partial_cmp(b).expect("no NaN");
+            let (_, lo, rest) = values.select_nth_unstable_by(below, cmp);
+            let lo = *lo;
+            let hi = if above > below { rest.iter().copied().fold(<$t>::INFINITY, <$t>::min) } else { lo };
+            // ATen's lerp: start + w·(end − start) for |w| < 0.5, else end − (end − start)·(1 − w).
+            Ok(if weight.abs() < 0.5 { lo + weight * (hi - lo) } else { hi - (hi - lo) * (1.0 - weight) })
+        }
+    };
+}
+
+quantile_impl!(quantile_f32, quantile_in_place_f32, f32);
+quantile_impl!(quantile_f64, quantile_in_place_f64, f64);
