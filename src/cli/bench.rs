@@ -16,7 +16,7 @@ use crate::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
 
 pub const ALL_METHODS: &[&str] = &[
     "lora", "rslora", "dora", "ia3", "pissa", "olora", "eva", "adalora", "sift", "full", "galore", "control",
-    "double_control", "control_lora", "nonlinear_control",
+    "double_control", "control_lora", "nonlinear_control", "snell",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
