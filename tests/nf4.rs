@@ -374,12 +374,15 @@ fn storage_of_7b_linears() {
     let packed: usize = per_layer.iter().map(|&n| n.div_ceil(2)).sum::<usize>() * layers;
     let total: usize = per_layer.iter().map(|&n| Nf4Tensor::storage_bytes_for(n, 64, true)).sum::<usize>() * layers;
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    // the rest stays bf16: embeddings and head [32000, 4096] each, 65 norms of 4096
+    let rest = 2 * (2 * 32000 * h + (2 * layers + 1) * h);
+    let n: usize = per_layer.iter().sum::<usize>() * layers;
     eprintln!(
-        "7B linears: {} weights, packed {:.3} GiB, with scales {:.3} GiB (bf16: {:.3} GiB)",
-        per_layer.iter().sum::<usize>() * layers,
+        "7B linears: {n} weights, packed {:.3} GiB, with scales {:.3} GiB (bf16: {:.3} GiB); whole model with bf16 embeddings, head, norms: {:.3} GiB",
         gib(packed),
         gib(total),
-        gib(2 * per_layer.iter().sum::<usize>() * layers)
+        gib(2 * n),
+        gib(total + rest)
     );
     // the formula agrees with a real quantized matrix
     let w = Tensor::randn(0f32, 1.0, (96, 300), &Device::Cpu).unwrap();
