@@ -391,3 +391,53 @@ fn storage_of_7b_linears() {
         Nf4Tensor::storage_bytes_for(96 * 300, 64, true)
     );
 }
+
+#[test]
+fn merge_on_the_bnb_checkpoint_writes_a_dequantized_model() {
+    let Some(dir) = fixtures() else { return };
+    let l = load_all(&dir.join("logits.safetensors"));
+    let ids = l["input_ids"].to_dtype(DType::U32).unwrap();
+    let mut loaded = load_model(dir.join("tiny-llama-bnb-4bit").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    inject(&mut loaded.model, &lora(), 1).unwrap();
+    for (_, v) in loaded.model.trainable_params() {
+        v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let adapted = loaded.model.forward(&ids, None, None, false).unwrap();
+    for (_, lin) in loaded.model.named_linears_mut() {
+        lin.merge().unwrap();
+    }
+    let out = tempfile::tempdir().unwrap().keep().join("merged");
+    candle_peft::cli::commands::write_hf_dir(&loaded, &out).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let merged = load_model(out.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap().model;
+    assert!(merged.named_linears().iter().all(|(_, lin)| matches!(lin.base().base_weight(), BaseWeight::Dense(_))));
+    let d = max_abs_diff(&merged.forward(&ids, None, None, false).unwrap(), &adapted);
+    assert!(d < 1e-4, "{d}");
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}
+
+#[test]
+fn a_quantization_config_other_than_bnb_nf4_is_refused() {
+    let Some(dir) = fixtures() else { return };
+    let src = dir.join("tiny-llama-bnb-4bit");
+    for (key, value, needle) in [
+        ("bnb_4bit_quant_type", serde_json::json!("fp4"), "fp4"),
+        ("load_in_8bit", serde_json::json!(true), "8-bit"),
+        ("quant_method", serde_json::json!("gptq"), "gptq"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+        config["quantization_config"][key] = value;
+        std::fs::write(tmp.path().join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+        for f in ["model.safetensors", "tokenizer.json"] {
+            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+        }
+        let e = match load_model(tmp.path().to_str().unwrap(), DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("{key}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("config.json") && e.contains(needle), "{e}");
+    }
+}
