@@ -441,3 +441,55 @@ fn a_quantization_config_other_than_bnb_nf4_is_refused() {
         assert!(e.contains("config.json") && e.contains(needle), "{e}");
     }
 }
+
+#[derive(clap::Parser)]
+struct MethodCli {
+    #[command(flatten)]
+    adapter: candle_peft::cli::AdapterArgs,
+}
+
+/// Every method trains on an NF4 base exactly as on its dequantized dense copy.
+#[test]
+fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
+    use candle_peft::adapters::{configure_trainer, initialize_eva};
+    use candle_peft::training::{AdamWConfig, StepConfig, Trainer};
+    use clap::Parser;
+    let mut c = LlamaConfig::tiny(50);
+    c.rope_scaling = None;
+    let dense = Llama::random(c.clone(), 3, DType::F32, &Device::Cpu).unwrap();
+    let weights = Weights::from_tensors(dense.hf_weights().unwrap(), "random");
+    let b = batch();
+    for method in candle_peft::cli::bench::ALL_METHODS {
+        let mut losses = Vec::new();
+        for quantized in [true, false] {
+            let q = Llama::load_with(c.clone(), &weights, DType::F32, &Device::Cpu, Some(Quantization::Nf4)).unwrap();
+            let model = if quantized { q } else { dequantized_copy(&c, &q) };
+            let mut model = model;
+            let mut adapter = MethodCli::parse_from(["x", "--method", method]).adapter.to_config().unwrap();
+            inject(&mut model, &adapter, 0).unwrap();
+            if let AdapterConfig::Eva(eva) = &mut adapter {
+                initialize_eva(&mut model, eva, std::slice::from_ref(&b), 0).unwrap();
+            }
+            let steps = StepConfig {
+                optim: AdamWConfig { lr: 1e-2, ..Default::default() },
+                warmup_steps: 0,
+                total_steps: 3,
+                max_grad_norm: Some(1.0),
+            };
+            let mut trainer = Trainer::new(&model, steps, |_| 1.0).unwrap();
+            configure_trainer(&mut trainer, &model, &adapter).unwrap();
+            let l: Vec<f64> = (0..3).map(|_| trainer.step(&model, std::slice::from_ref(&b)).unwrap().loss).collect();
+            losses.push(l);
+        }
+        eprintln!("{method}: nf4 {:?} dequantized {:?}", losses[0], losses[1]);
+        for (a, d) in losses[0].iter().zip(&losses[1]) {
+            assert!(
+                a.is_finite() && (a - d).abs() < 1e-4 * d.abs().max(1.0),
+                "{method}: {:?} vs {:?}",
+                losses[0],
+                losses[1]
+            );
+        }
+        assert!(losses[0][2] < losses[0][0], "{method}: loss does not fall {:?}", losses[0]);
+    }
+}
