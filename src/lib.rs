@@ -15,6 +15,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod loading;
 pub mod model;
+pub mod quant;
 pub mod training;
 
 pub use error::{Error, Result};

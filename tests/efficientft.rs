@@ -94,7 +94,7 @@ fn trainer(model: &Llama, cfg: &AdapterConfig, lr: f64, total: usize) -> Trainer
 }
 
 fn base_weights(model: &Llama) -> HashMap<String, Tensor> {
-    model.named_linears().into_iter().map(|(p, l)| (p, l.base().weight().clone())).collect()
+    model.named_linears().into_iter().map(|(p, l)| (p, l.base().weight().unwrap().into_owned())).collect()
 }
 
 fn init_adapter<'a>(model: &'a Llama, path: &str) -> &'a InitLoraLinear {
@@ -112,7 +112,7 @@ fn pissa_and_olora_leave_the_model_unchanged() {
         for (path, lin) in model.named_linears() {
             let a = init_adapter(&model, &path);
             let ba = (a.lora.b.as_tensor().matmul(a.lora.a.as_tensor()).unwrap() * a.lora.scale).unwrap();
-            let rebuilt = (lin.base().weight() + &ba).unwrap();
+            let rebuilt = (&*lin.base().weight().unwrap() + &ba).unwrap();
             assert!(max_diff(&rebuilt, &orig[&path]) < 1e-5, "{kind:?} {path}");
             let r = a.lora.a.dims()[0];
             if kind == InitKind::Olora {
@@ -123,7 +123,7 @@ fn pissa_and_olora_leave_the_model_unchanged() {
             } else {
                 // s·BA is the best rank-r approximation: the residual has no component along
                 // the top-r left singular vectors, i.e. Bᵀ W_res = 0.
-                let proj = a.lora.b.as_tensor().t().unwrap().matmul(lin.base().weight()).unwrap();
+                let proj = a.lora.b.as_tensor().t().unwrap().matmul(&lin.base().weight().unwrap()).unwrap();
                 let size = orig[&path].abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
                 assert!(max_diff(&proj, &proj.zeros_like().unwrap()) < 1e-4 * size.max(1.0), "{path}");
                 // A Aᵀ = diag(S_r / s), decreasing.
@@ -201,7 +201,7 @@ fn forwards_equal_their_formulas() {
     for (_, lin) in model.named_linears().into_iter().filter(|(p, _)| p.ends_with("q_proj")) {
         let l = lin.adapter().unwrap().as_any().unwrap().downcast_ref::<adapters::AdaLoraLinear>().unwrap();
         let ae = l.a.as_tensor().broadcast_mul(l.e.as_tensor()).unwrap();
-        let w = lin.base().weight();
+        let w = lin.base().weight().unwrap().into_owned();
         let expect = (x.matmul(&w.t().unwrap()).unwrap()
             + (x.matmul(&ae.t().unwrap()).unwrap().matmul(&l.b.as_tensor().t().unwrap()).unwrap() * (8.0 / (6.0 + 1e-5)))
                 .unwrap())
@@ -221,12 +221,12 @@ fn forwards_equal_their_formulas() {
         let idx: Vec<u32> = (0..s.k as u32).map(|i| i * 3).collect();
         s.set_indices(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap()).unwrap();
         randomize(&[("v".into(), s.values.clone())], 6, 0.3);
-        let mut dense = lin2.base().weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut dense = lin2.base().weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let vals = s.values.as_tensor().to_vec1::<f32>().unwrap();
         for (i, &j) in idx.iter().enumerate() {
             dense[j as usize] += vals[i];
         }
-        let w2 = Tensor::from_vec(dense, lin2.base().weight().shape(), &Device::Cpu).unwrap();
+        let w2 = Tensor::from_vec(dense, lin2.base().weight().unwrap().shape(), &Device::Cpu).unwrap();
         assert!(max_diff(&lin2.forward(&x, false).unwrap(), &x.matmul(&w2.t().unwrap()).unwrap()) < 1e-5);
     }
 }
@@ -286,7 +286,7 @@ fn sift_updates_exactly_k_entries_per_matrix() {
         let s = a.as_any().unwrap().downcast_ref::<SiftLinear>().unwrap();
         let numel = orig[&path].elem_count();
         assert_eq!(s.k, (0.2 * numel as f64) as usize + 1);
-        let merged = a.merged_weight(lin.base().weight()).unwrap();
+        let merged = a.merged_weight(&lin.base().weight().unwrap()).unwrap();
         let changed = (merged - &orig[&path]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(changed.iter().filter(|v| **v != 0.0).count(), s.k, "{path}");
         checked += 1;

@@ -140,7 +140,7 @@ pub struct AdaLoraLinear {
 impl AdaLoraLinear {
     pub fn new(base: &FrozenLinear, cfg: &AdaLoraConfig, rng: &mut StdRng) -> Result<Self> {
         let (out, inp, r) = (base.out_features(), base.in_features(), cfg.init_r);
-        let device = base.weight().device();
+        let device = base.device();
         let e = Var::zeros((r, 1), DType::F32, device)?;
         let a = normal_var(&[r, inp], 0.02, rng, device)?;
         let b = normal_var(&[out, r], 0.02, rng, device)?;

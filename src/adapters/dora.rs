@@ -25,7 +25,7 @@ pub struct DoraLinear {
 impl DoraLinear {
     pub fn new(base: &FrozenLinear, cfg: &LoraConfig, rng: &mut StdRng) -> Result<Self> {
         let lora = LoraLinear::new(base, cfg, rng)?;
-        let magnitude = Var::from_tensor(&row_norm(&base.weight().to_dtype(DType::F32)?)?)?;
+        let magnitude = Var::from_tensor(&row_norm(&base.weight()?.to_dtype(DType::F32)?)?)?;
         Ok(Self { lora, magnitude, merged_norm: Mutex::new(None) })
     }
 
@@ -43,7 +43,7 @@ fn row_norm(w: &Tensor) -> Result<Tensor> {
 impl LinearAdapter for DoraLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         let base_out = base.forward(x)?;
-        let scale = (self.magnitude.as_tensor() / self.weight_norm(base.weight())?)?.to_dtype(x.dtype())?;
+        let scale = (self.magnitude.as_tensor() / self.weight_norm(&*base.weight()?)?)?.to_dtype(x.dtype())?;
         let dropped = self.lora.dropout(x, train)?;
         // Without active dropout, drop(x) Wᵀ is the base output itself.
         let dropped_base = if train && self.lora.dropout_active() { base.forward(&dropped)? } else { base_out.clone() };

@@ -205,7 +205,7 @@ pub fn initialize_eva(model: &mut Llama, cfg: &mut EvaConfig, batches: &[TrainBa
             lin.clear_adapter();
             continue;
         }
-        let device = lin.base().weight().device().clone();
+        let device = lin.base().device().clone();
         let a = super::linalg::to_tensor(&comps[i].rows(0, r).into_owned(), &device)?;
         let b = Tensor::zeros((lin.base().out_features(), r), DType::F32, &device)?;
         let (_, scale) = cfg.layer(&path);

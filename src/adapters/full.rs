@@ -31,7 +31,7 @@ pub struct FullLinear {
 
 impl FullLinear {
     pub fn new(base: &FrozenLinear) -> Result<Self> {
-        Ok(Self { weight: Var::from_tensor(&base.weight().to_dtype(DType::F32)?)?, original: base.weight().clone() })
+        Ok(Self { weight: Var::from_tensor(&base.weight()?.to_dtype(DType::F32)?)?, original: base.weight()?.into_owned() })
     }
 }
 

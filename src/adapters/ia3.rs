@@ -27,7 +27,7 @@ pub struct Ia3Linear {
 impl Ia3Linear {
     pub fn new(base: &FrozenLinear, feedforward: bool) -> Result<Self> {
         let shape = if feedforward { (1, base.in_features()) } else { (base.out_features(), 1) };
-        Ok(Self { l: Var::ones(shape, DType::F32, base.weight().device())?, feedforward })
+        Ok(Self { l: Var::ones(shape, DType::F32, base.device())?, feedforward })
     }
 
     /// The scaling as a row vector in `dtype`, to broadcast over the last dim of activations.

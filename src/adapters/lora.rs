@@ -47,7 +47,7 @@ pub struct LoraLinear {
 impl LoraLinear {
     pub fn new(base: &FrozenLinear, cfg: &LoraConfig, rng: &mut StdRng) -> Result<Self> {
         let (out, inp) = (base.out_features(), base.in_features());
-        let device = base.weight().device();
+        let device = base.device();
         let bound = 1.0 / (inp as f64).sqrt();
         Ok(Self {
             a: uniform_var(&[cfg.r, inp], bound, rng, device)?,

@@ -59,7 +59,7 @@ pub struct InitLoraLinear {
 impl InitLoraLinear {
     /// The adapter and the residual weight that must replace the base weight.
     pub fn new(base: &FrozenLinear, cfg: &LoraConfig, kind: InitKind, rng: &mut StdRng) -> Result<(Self, Tensor)> {
-        let w = base.weight();
+        let w = &*base.weight()?;
         let scale = cfg.scale();
         let (a, b, w_res) = match kind {
             InitKind::Pissa => pissa_init(w, cfg.r, scale)?,

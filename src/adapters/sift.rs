@@ -56,7 +56,7 @@ impl SiftLinear {
         let shape = (base.out_features(), base.in_features());
         let numel = shape.0 * shape.1;
         let k = ((cfg.sparse_rate * numel as f64) as usize + 1).min(numel);
-        let values = Var::zeros(k, DType::F32, base.weight().device())?;
+        let values = Var::zeros(k, DType::F32, base.device())?;
         Ok(Self { values, k, shape, state: Arc::new(Mutex::new(SiftState::default())) })
     }
 

@@ -7,7 +7,7 @@ use crate::adapters::{inject, load_adapter};
 use crate::data::dataset::{load_examples, train_val_split};
 use crate::data::tokenize::{tokenize_example, TokenizeOptions, Tokenized};
 use crate::error::{Error, Result};
-use crate::loading::{hub::ModelSource, load_model, LoadedModel};
+use crate::loading::{hub::ModelSource, load_model_with, LoadedModel};
 use crate::training::run::{steps_for_epochs, train, RunConfig};
 use crate::training::{AdamWConfig, StepConfig};
 
@@ -35,7 +35,7 @@ pub fn run(command: Command) -> Result<()> {
 
 /// Load the model and, when given, attach an adapter.
 pub fn load_with_adapter(model: &ModelArgs, adapter: Option<&str>) -> Result<LoadedModel> {
-    let mut loaded = load_model(&model.model, model.dtype()?, &model.device()?)?;
+    let mut loaded = load_model_with(&model.model, model.dtype()?, &model.device()?, model.quantize()?)?;
     if let Some(spec) = adapter {
         let cfg = load_adapter(&mut loaded.model, &ModelSource::parse(spec)?)?;
         tracing::info!("adapter {spec}: {}", cfg.peft_type());
@@ -50,7 +50,7 @@ pub fn require_tokenizer(loaded: &LoadedModel) -> Result<&tokenizers::Tokenizer>
 }
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
-    let mut loaded = load_model(&args.model.model, args.model.dtype()?, &args.model.device()?)?;
+    let mut loaded = load_model_with(&args.model.model, args.model.dtype()?, &args.model.device()?, args.model.quantize()?)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
     let mut adapter = args.adapter.to_config()?;
     let n = inject(&mut loaded.model, &adapter, args.seed)?;
@@ -131,7 +131,7 @@ pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
     }
     let model = &loaded.model;
     let tensors: std::collections::HashMap<_, _> =
-        model.hf_weights().into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
+        model.hf_weights()?.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
     let mut config = model.config.to_hf_json();
     config["torch_dtype"] = serde_json::json!(match model.dtype() {
         candle_core::DType::BF16 => "bfloat16",

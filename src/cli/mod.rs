@@ -59,6 +59,10 @@ pub struct ModelArgs {
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Quantize the frozen linear weights at load: nf4 (bitsandbytes NF4, blocks of 64, double
+    /// quantization). A `*-bnb-4bit` checkpoint is read as NF4 without it.
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 impl ModelArgs {
@@ -68,6 +72,10 @@ impl ModelArgs {
 
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
+    }
+
+    pub fn quantize(&self) -> Result<Option<crate::quant::Quantization>> {
+        self.quantize.as_deref().map(str::parse).transpose()
     }
 }
 

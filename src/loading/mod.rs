@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::model::{Llama, LlamaConfig};
+use crate::quant::Quantization;
 
 /// A loaded model with its tokenizer (when the checkpoint has one) and where it came from.
 pub struct LoadedModel {
@@ -24,6 +25,12 @@ pub struct LoadedModel {
 /// Load a model from a GGUF file, a local Hugging Face directory, or a hub repo id
 /// (`org/name[@revision]`), with its weights in `dtype` on `device`.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load_model_with(spec, dtype, device, None)
+}
+
+/// `load_model`, quantizing the frozen linear weights when `quantize` is given (`--quantize nf4`).
+/// A checkpoint saved by transformers + bitsandbytes in NF4 loads as NF4 either way.
+pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<LoadedModel> {
     let path = Path::new(spec);
     if path.is_file() {
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
@@ -32,14 +39,15 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
         let g = gguf::load_gguf(path, dtype, device)?;
         let tokenizer = g.tokenizer_json.as_deref().map(parse_tokenizer).transpose()?;
         let weights = weights::Weights::from_tensors(g.tensors, path.display().to_string());
-        let model = Llama::load(g.config, &weights, dtype, device)?;
+        let model = Llama::load_with(g.config, &weights, dtype, device, quantize)?;
         return Ok(LoadedModel { model, tokenizer, source: spec.to_string() });
     }
     let source = hub::ModelSource::parse(spec)?;
     let files = hub::ModelFiles::resolve(&source)?;
     let config = LlamaConfig::from_file(&files.config)?;
+    check_quantization_config(&files.config)?;
     let weights = weights::Weights::from_safetensors(&files.weights)?;
-    let model = Llama::load(config, &weights, dtype, device)?;
+    let model = Llama::load_with(config, &weights, dtype, device, quantize)?;
     let tokenizer = match &files.tokenizer {
         Some(p) => Some(
             tokenizers::Tokenizer::from_file(p).map_err(|e| Error::BadFile { path: p.clone(), msg: e.to_string() })?,
@@ -51,4 +59,25 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
 
 pub fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer> {
     json.parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
+/// A `quantization_config` in config.json: bitsandbytes 4-bit NF4 is read (per tensor, from its
+/// quant state); any other method or quant type is refused by name.
+fn check_quantization_config(config: &Path) -> Result<()> {
+    let v: serde_json::Value = crate::error::read_json(config)?;
+    let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(()) };
+    let bad = |msg: String| Error::InvalidConfig { path: config.to_path_buf(), msg };
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    if method != "bitsandbytes" {
+        return Err(bad(format!("quantization_config: quant_method `{method}` is not supported (bitsandbytes nf4)")));
+    }
+    let flag = |k: &str| q.get(k).and_then(|b| b.as_bool()).unwrap_or(false);
+    if flag("load_in_8bit") || flag("_load_in_8bit") {
+        return Err(bad("quantization_config: bitsandbytes 8-bit is not supported (nf4 only)".into()));
+    }
+    let qt = q.get("bnb_4bit_quant_type").and_then(|t| t.as_str()).unwrap_or("nf4");
+    if qt != "nf4" {
+        return Err(bad(format!("quantization_config: bnb_4bit_quant_type `{qt}` is not supported (nf4 only)")));
+    }
+    Ok(())
 }

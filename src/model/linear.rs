@@ -1,36 +1,75 @@
 //! A frozen linear layer with an optional adapter attached: the one place where every per-weight
 //! method (LoRA and its family, DoRA, IA3, SNELL) hooks into the model.
 
-use candle_core::{Tensor, Var};
+use std::borrow::Cow;
 
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::quant::Nf4Tensor;
 use crate::Result;
 
-/// The frozen base weight `W` [out, in] of a linear layer (no bias: LLaMA has none).
+/// The frozen base weight `W` [out, in] of a linear layer (no bias: LLaMA has none), dense or NF4.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    /// NF4 (bitsandbytes layout), dequantized into `dtype`, the model's working dtype, when used.
+    Nf4 { weight: Nf4Tensor, dtype: DType },
+}
+
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: BaseWeight,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight: weight.detach() }
+        Self { weight: BaseWeight::Dense(weight.detach()) }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    /// An NF4 base that computes in `dtype`.
+    pub fn nf4(weight: Nf4Tensor, dtype: DType) -> Self {
+        Self { weight: BaseWeight::Nf4 { weight, dtype } }
+    }
+
+    pub fn base_weight(&self) -> &BaseWeight {
         &self.weight
     }
 
+    /// W in the working dtype. Dense: borrowed, free. NF4: dequantized on every call, a dense
+    /// [out, in] matrix allocated for as long as the caller holds it (DoRA's norms, merge, export).
+    pub fn weight(&self) -> Result<Cow<'_, Tensor>> {
+        match &self.weight {
+            BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
+            BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.device(),
+            BaseWeight::Nf4 { weight, .. } => &weight.device,
+        }
+    }
+
+    fn dims(&self) -> &[usize] {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Nf4 { weight, .. } => &weight.shape,
+        }
+    }
+
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims()[0]
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims()[1]
     }
 
-    /// `x Wᵀ` for x of shape [..., in].
+    /// `x Wᵀ` for x of shape [..., in]. NF4 (CPU reference): dequantize, then the dense matmul.
+    /// W is a constant for autograd, so backward computes only `dx = dy · dequant(W)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(x, &self.weight)
+        matmul_t(x, &*self.weight()?)
     }
 }
 
@@ -74,6 +113,11 @@ impl Linear {
         Self { base: FrozenLinear::new(weight), adapter: None, merged: false }
     }
 
+    /// A layer whose frozen weight is NF4, computing in `dtype`.
+    pub fn new_nf4(weight: Nf4Tensor, dtype: DType) -> Self {
+        Self { base: FrozenLinear::nf4(weight, dtype), adapter: None, merged: false }
+    }
+
     pub fn base(&self) -> &FrozenLinear {
         &self.base
     }
@@ -115,10 +159,11 @@ impl Linear {
         }
     }
 
-    /// Fold the adapter into the base weight; the adapter stays attached for `unmerge`.
+    /// Fold the adapter into the base weight; the adapter stays attached for `unmerge`. An NF4
+    /// base becomes dense: dequantized W + ΔW.
     pub fn merge(&mut self) -> Result<()> {
         if let (Some(adapter), false) = (&self.adapter, self.merged) {
-            self.base = FrozenLinear::new(adapter.merged_weight(self.base.weight())?);
+            self.base = FrozenLinear::new(adapter.merged_weight(&*self.base.weight()?)?);
             self.merged = true;
         }
         Ok(())
@@ -126,7 +171,7 @@ impl Linear {
 
     pub fn unmerge(&mut self) -> Result<()> {
         if let (Some(adapter), true) = (&self.adapter, self.merged) {
-            self.base = FrozenLinear::new(adapter.unmerged_weight(self.base.weight())?);
+            self.base = FrozenLinear::new(adapter.unmerged_weight(&*self.base.weight()?)?);
             self.merged = false;
         }
         Ok(())

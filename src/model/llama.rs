@@ -11,6 +11,8 @@ use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops;
 use crate::loading::weights::Weights;
+use crate::quant::{nf4, Nf4Tensor, Quantization};
+use crate::Error;
 use crate::Result;
 
 /// The names of the seven linear layers of a decoder layer, as Hugging Face and PEFT call them.
@@ -116,10 +118,39 @@ pub struct Llama {
 impl Llama {
     /// Build the model from Hugging Face-named weights, converted to `dtype` on `device`.
     pub fn load(config: LlamaConfig, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(config, weights, dtype, device, None)
+    }
+
+    /// `load`, with the seven linear weights of every layer quantized when `quantize` says so
+    /// (embeddings, norms and the head stay in `dtype`). A linear saved by bitsandbytes in 4 bit
+    /// (its `weight.quant_state.bitsandbytes__*` key present) is read as NF4 whatever `quantize`.
+    pub fn load_with(
+        config: LlamaConfig,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let c = &config;
         let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(get(name, &[out, inp])?)) };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            let bnb_4bit = [nf4::QUANT_STATE_NF4, nf4::QUANT_STATE_FP4].iter().any(|s| weights.contains(&format!("{name}.{s}")));
+            if bnb_4bit {
+                let w = Nf4Tensor::from_bnb(weights, name, device)?;
+                if w.shape != [out, inp] {
+                    let (origin, name, got) = (weights.origin().to_string(), name.to_string(), w.shape.clone());
+                    return Err(Error::ShapeMismatch { origin, name, expected: vec![out, inp], got });
+                }
+                return Ok(Linear::new_nf4(w, dtype));
+            }
+            match quantize {
+                None => Ok(Linear::new(get(name, &[out, inp])?)),
+                Some(Quantization::Nf4) => {
+                    Ok(Linear::new_nf4(Nf4Tensor::quantize(&get(name, &[out, inp])?, nf4::BLOCKSIZE, true)?, dtype))
+                }
+            }
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -217,7 +248,8 @@ impl Llama {
     }
 
     /// The frozen weights with their Hugging Face names (merged adapters included), for export.
-    pub fn hf_weights(&self) -> HashMap<String, Tensor> {
+    /// NF4 bases are written dequantized (in the working dtype).
+    pub fn hf_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
         out.insert("model.norm.weight".to_string(), self.norm.clone());
@@ -229,9 +261,9 @@ impl Llama {
             out.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone());
         }
         for (path, lin) in self.named_linears() {
-            out.insert(format!("{path}.weight"), lin.base().weight().clone());
+            out.insert(format!("{path}.weight"), lin.base().weight()?.into_owned());
         }
-        out
+        Ok(out)
     }
 
     /// Every trainable tensor of every adapter, keyed as in the adapter file
