@@ -96,7 +96,7 @@ impl SnellLinear {
         cfg.validate("a linear layer")?;
         let (out, inp) = (base.out_features(), base.in_features());
         let k = cfg.r / cfg.heads;
-        let device = base.weight().device();
+        let device = base.device();
         // kaiming_uniform_(a=√5): bound = gain·√3/√fan_in = 1/√fan_in, fan_in = size(1)·size(2).
         let input = uniform_var(&[cfg.heads, inp, k], 1.0 / ((inp * k) as f64).sqrt(), rng, device)?;
         let output = uniform_var(&[cfg.heads, out, k], 1.0 / ((out * k) as f64).sqrt(), rng, device)?;
