@@ -1,6 +1,8 @@
 //! The EfficientFT methods (seeds.md §4.2) on a tiny LLaMA: PiSSA, OLoRA (and their conversion
 //! to a plain LoRA for the original base), full fine-tuning, SIFT, AdaLoRA, GaLore.
 
+mod common;
+use common::{batch, logits};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -9,7 +11,7 @@ use candle_peft::adapters::{
     FullConfig, InitKind, InitLoraLinear, LoraConfig, SiftConfig, SiftLinear, Targets,
 };
 use candle_peft::loading::hub::ModelSource;
-use candle_peft::model::{Llama, LlamaConfig};
+use candle_peft::model::Llama;
 use candle_peft::training::galore::GaloreConfig;
 use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -49,21 +51,9 @@ fn full(t: &[&str], galore: Option<GaloreConfig>) -> AdapterConfig {
 }
 
 fn tiny() -> Llama {
-    Llama::random(LlamaConfig::tiny(50), 7, DType::F32, &Device::Cpu).unwrap()
+    common::tiny(DType::F32)
 }
 
-fn batch() -> TrainBatch {
-    let d = &Device::Cpu;
-    let ids = Tensor::new(&[[0u32, 0, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], d).unwrap();
-    let mask = vec![vec![0, 0, 1, 1, 1, 1, 1, 1], vec![1; 8]];
-    let labels = Tensor::new(&[[-100i64, -100, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], d).unwrap();
-    TrainBatch { input_ids: ids, mask, labels }
-}
-
-fn logits(model: &Llama) -> Tensor {
-    let b = batch();
-    model.forward(&b.input_ids, Some(&b.mask), None, false).unwrap()
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()

@@ -1,10 +1,12 @@
 //! The trainable LLaMA: adapter gradients against finite differences, gradient flow in bf16,
 //! merge/unmerge, save/load, padding, and loss falling when overfitting.
 
+mod common;
+use common::{batch, logits, tiny};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, LoraConfig, Targets};
 use candle_peft::loading::hub::ModelSource;
-use candle_peft::model::{Llama, LlamaConfig};
+use candle_peft::model::Llama;
 use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -21,12 +23,6 @@ fn lora(r: usize, targets: &[&str]) -> AdapterConfig {
 
 const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-fn tiny(dtype: DType) -> Llama {
-    let mut c = LlamaConfig::tiny(50);
-    c.rope_scaling = None;
-    Llama::random(c, 7, dtype, &Device::Cpu).unwrap()
-}
-
 /// Give every adapter tensor random values so that no gradient is trivially zero.
 fn randomize(model: &Llama, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -34,13 +30,6 @@ fn randomize(model: &Llama, seed: u64) {
         let data: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.2..0.2)).collect();
         v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
     }
-}
-
-fn batch(dtype_device: &Device) -> TrainBatch {
-    let ids = Tensor::new(&[[0u32, 0, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], dtype_device).unwrap();
-    let mask = vec![vec![0, 0, 1, 1, 1, 1, 1, 1], vec![1; 8]];
-    let labels = Tensor::new(&[[-100i64, -100, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], dtype_device).unwrap();
-    TrainBatch { input_ids: ids, mask, labels }
 }
 
 fn loss_value(model: &Llama, b: &TrainBatch) -> f64 {
@@ -52,7 +41,7 @@ fn adapter_gradients_equal_finite_differences() {
     let mut model = tiny(DType::F32);
     inject(&mut model, &lora(4, &ALL), 1).unwrap();
     randomize(&model, 2);
-    let b = batch(&Device::Cpu);
+    let b = batch();
     let grads = causal_lm_loss(&model, &b, true).unwrap().backward().unwrap();
     let mut checked = 0;
     for (name, var) in model.trainable_params() {
@@ -71,7 +60,7 @@ fn adapter_gradients_equal_finite_differences() {
 
 fn central_difference(model: &Llama, var: &Var, idx: usize, eps: f32, b: &TrainBatch) -> f64 {
     let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut eval = |delta: f32| {
+    let eval = |delta: f32| {
         let mut v = orig.clone();
         v[idx] += delta;
         var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -87,17 +76,12 @@ fn gradients_flow_to_every_adapter_tensor_in_bf16() {
     let mut model = tiny(DType::BF16);
     inject(&mut model, &lora(4, &ALL), 1).unwrap();
     randomize(&model, 3);
-    let grads = causal_lm_loss(&model, &batch(&Device::Cpu), true).unwrap().backward().unwrap();
+    let grads = causal_lm_loss(&model, &batch(), true).unwrap().backward().unwrap();
     for (name, var) in model.trainable_params() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         let g = g.to_dtype(DType::F32).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(g.is_finite() && g > 0.0, "{name}: gradient magnitude {g}");
     }
-}
-
-fn logits(model: &Llama) -> Tensor {
-    let b = batch(&Device::Cpu);
-    model.forward(&b.input_ids, Some(&b.mask), None, false).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -154,7 +138,7 @@ fn loss_falls_when_overfitting_a_tiny_set() {
         max_grad_norm: Some(1.0),
     };
     let mut trainer = Trainer::new(&model, cfg, |_| 1.0).unwrap();
-    let b = batch(&Device::Cpu);
+    let b = batch();
     let first = trainer.step(&model, std::slice::from_ref(&b)).unwrap().loss;
     let mut last = first;
     for _ in 1..40 {
@@ -169,7 +153,7 @@ fn a_non_finite_loss_stops_training_and_names_the_step() {
     inject(&mut model, &lora(4, &ALL), 1).unwrap();
     let cfg = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 10, max_grad_norm: Some(1.0) };
     let mut trainer = Trainer::new(&model, cfg, |_| 1.0).unwrap();
-    let b = batch(&Device::Cpu);
+    let b = batch();
     trainer.step(&model, std::slice::from_ref(&b)).unwrap();
     let (_, a) = &model.trainable_params()[0];
     a.set(&(a.as_tensor() * f64::NAN).unwrap()).unwrap();

@@ -1,13 +1,15 @@
 //! SNELL (seeds.md §3) on CPU: the kernel update and its sparsification against loops, gradients
 //! against finite differences, torch.quantile's values, merge, save/load, training, bad input.
 
+mod common;
+use common::{batch, logits};
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::snell::{quantile_f32, quantile_f64, sparsify};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, SnellConfig, SnellLinear, Targets};
 use candle_peft::cli::{Cli, Command};
 use candle_peft::loading::hub::ModelSource;
-use candle_peft::model::{FrozenLinear, Linear, LinearAdapter, Llama, LlamaConfig};
-use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
+use candle_peft::model::{FrozenLinear, Linear, LinearAdapter, Llama};
+use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, Trainer};
 use clap::Parser;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -303,21 +305,9 @@ fn merge_equals_the_unmerged_forward() {
 }
 
 fn tiny() -> Llama {
-    Llama::random(LlamaConfig::tiny(50), 7, DType::F32, &Device::Cpu).unwrap()
+    common::tiny(DType::F32)
 }
 
-fn batch() -> TrainBatch {
-    let d = &Device::Cpu;
-    let ids = Tensor::new(&[[0u32, 0, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], d).unwrap();
-    let mask = vec![vec![0, 0, 1, 1, 1, 1, 1, 1], vec![1; 8]];
-    let labels = Tensor::new(&[[-100i64, -100, 5, 9, 13, 2, 7, 11], [3, 4, 5, 6, 7, 8, 9, 10]], d).unwrap();
-    TrainBatch { input_ids: ids, mask, labels }
-}
-
-fn logits(model: &Llama) -> Tensor {
-    let b = batch();
-    model.forward(&b.input_ids, Some(&b.mask), None, false).unwrap()
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     max_abs_diff(&vec_of(a), &vec_of(b))

@@ -63,20 +63,20 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<TrainBatc
 
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
-    let mut model = Llama::random(shape(&args.shape)?, 0, DType::F32, &Device::Cpu)?;
-    let batch = random_batch(model.config.vocab_size, args.batch, args.seq, 1)?;
+    let mut model = Llama::random(shape(&args.run.shape)?, 0, DType::F32, &Device::Cpu)?;
+    let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;
     if let AdapterConfig::Eva(eva) = &mut adapter {
         initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
     }
     let baseline = proc_status_mib("VmRSS")?;
-    let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.steps, max_grad_norm: Some(1.0) };
+    let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0) };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
     configure_trainer(&mut trainer, &model, &adapter)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
-    for _ in 0..args.steps {
+    for _ in 0..args.run.steps {
         let start = Instant::now();
         losses.push(trainer.step(&model, std::slice::from_ref(&batch))?.loss);
         times.push(start.elapsed().as_secs_f64());
@@ -92,7 +92,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
         peak_extra_mib: peak - baseline,
         peak_rss_mib: peak,
         step_seconds,
-        tokens_per_second: (args.batch * args.seq) as f64 / step_seconds,
+        tokens_per_second: (args.run.batch * args.run.seq) as f64 / step_seconds,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f64::NAN),
     };
@@ -107,8 +107,8 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     let mut reports = Vec::new();
     for name in &names {
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["bench", "step", "--method", name, "--shape", &args.shape])
-            .args(["--batch", &args.batch.to_string(), "--seq", &args.seq.to_string(), "--steps", &args.steps.to_string()])
+        cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape])
+            .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
             .args(adapter_flags(&args.adapter));
         let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;
         if !out.status.success() {
@@ -144,7 +144,7 @@ fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
     let mut s = format!(
         "shape {}, batch {} x {}, f32, CPU, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
-        args.shape, args.batch, args.seq, args.steps, "method", "trainable", "optim MiB", "peak +MiB", "s/step", "tok/s"
+        args.run.shape, args.run.batch, args.run.seq, args.run.steps, "method", "trainable", "optim MiB", "peak +MiB", "s/step", "tok/s"
     );
     for r in reports {
         s += &format!(

@@ -383,15 +383,8 @@ pub struct BenchMethodsArgs {
     /// Methods to run (default: all).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// smollm2 (SmolLM2-135M's shape) or tiny, with random weights.
-    #[arg(long, default_value = "smollm2")]
-    pub shape: String,
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 256)]
-    pub seq: usize,
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
+    #[command(flatten)]
+    pub run: BenchRunArgs,
     #[command(flatten)]
     pub adapter: AdapterArgs,
     /// Write the reports as JSON here.
@@ -401,6 +394,16 @@ pub struct BenchMethodsArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchStepArgs {
+    #[command(flatten)]
+    pub run: BenchRunArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
+
+/// The model and batch every method of a benchmark runs on.
+#[derive(Args, Debug, Clone)]
+pub struct BenchRunArgs {
+    /// smollm2 (SmolLM2-135M's shape) or tiny, with random weights.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
     #[arg(long, default_value_t = 4)]
@@ -409,8 +412,6 @@ pub struct BenchStepArgs {
     pub seq: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    #[command(flatten)]
-    pub adapter: AdapterArgs,
 }
 
 #[derive(Args, Debug, Clone)]
