@@ -241,7 +241,7 @@ impl AdaLoraHook {
         } else {
             let mul = 1.0 - (step - c.tinit) as f64 / (end - c.tinit) as f64;
             let budget = ((self.init_bgt - self.target_bgt) as f64 * mul.powi(3) + self.target_bgt as f64) as usize;
-            (budget, step % c.delta_t.max(1) == 0)
+            (budget, step.is_multiple_of(c.delta_t.max(1)))
         }
     }
 

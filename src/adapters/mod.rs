@@ -467,7 +467,7 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
     let mut expected: std::collections::HashSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
     for (path, sift) in sift_layers(model) {
         let key = format!("base_model.model.{path}.sift_indices");
-        if weights.names().iter().any(|n| *n == key) {
+        if weights.names().contains(&key) {
             sift.set_indices(&weights.get_any(&key, DType::U32, &Device::Cpu)?)?;
         }
         expected.insert(key);

@@ -60,7 +60,7 @@ impl Projector {
     /// The low-rank gradient; `iter` is the parameter's step count before this step.
     pub fn project(&mut self, g: &Tensor, iter: usize) -> Result<Tensor> {
         let g = g.to_dtype(DType::F32)?;
-        if self.ortho.is_none() || iter % self.config.update_proj_gap.max(1) == 0 {
+        if self.ortho.is_none() || iter.is_multiple_of(self.config.update_proj_gap.max(1)) {
             let (u, _, vt) = svd(&to_matrix(&g)?);
             let r = self.config.rank.min(u.ncols());
             let p = if self.right { vt.rows(0, r).into_owned() } else { u.columns(0, r).into_owned() };

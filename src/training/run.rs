@@ -66,7 +66,7 @@ pub fn train(
     cfg: &RunConfig,
     lr_scale: impl Fn(&str) -> f64,
 ) -> Result<RunSummary> {
-    if cfg.micro_batch_size == 0 || cfg.batch_size % cfg.micro_batch_size != 0 {
+    if cfg.micro_batch_size == 0 || !cfg.batch_size.is_multiple_of(cfg.micro_batch_size) {
         return Err(Error::Training(format!(
             "batch size {} must be a multiple of the micro-batch size {}",
             cfg.batch_size, cfg.micro_batch_size
