@@ -2,6 +2,8 @@
 //! against its formula, zero change at init, gradients against finite differences, save/load,
 //! cached generation, and loss falling when overfitting.
 
+mod common;
+use common::central_difference;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::{
     inject, load_adapter, save_adapter, AdapterConfig, ControlConfig, LoraConfig, NonlinearControl, NonlinearControlConfig,
@@ -202,22 +204,6 @@ fn controls_change_nothing_at_init() {
     }
 }
 
-fn loss_value(model: &Llama, b: &TrainBatch) -> f64 {
-    causal_lm_loss(model, b, true).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-fn central_difference(model: &Llama, var: &Var, idx: usize, eps: f32, b: &TrainBatch) -> f64 {
-    let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let eval = |delta: f32| {
-        let mut v = orig.clone();
-        v[idx] += delta;
-        set(var, &v);
-        loss_value(model, b)
-    };
-    let (plus, minus) = (eval(eps), eval(-eps));
-    set(var, &orig);
-    (plus - minus) / (2.0 * eps as f64)
-}
 
 #[test]
 fn gradients_equal_finite_differences() {

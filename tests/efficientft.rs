@@ -2,7 +2,7 @@
 //! to a plain LoRA for the original base), full fine-tuning, SIFT, AdaLoRA, GaLore.
 
 mod common;
-use common::{batch, logits};
+use common::{batch, central_difference, logits, loss_value, save_and_reload};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -13,7 +13,7 @@ use candle_peft::adapters::{
 use candle_peft::loading::hub::ModelSource;
 use candle_peft::model::Llama;
 use candle_peft::training::galore::GaloreConfig;
-use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
+use candle_peft::training::{causal_lm_loss, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const QV: [&str; 2] = ["q_proj", "v_proj"];
@@ -59,9 +59,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn loss_value(model: &Llama, b: &TrainBatch) -> f64 {
-    causal_lm_loss(model, b, true).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
 
 fn randomize(vars: &[(String, Var)], seed: u64, scale: f32) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -72,13 +69,7 @@ fn randomize(vars: &[(String, Var)], seed: u64, scale: f32) {
 }
 
 fn trainer(model: &Llama, cfg: &AdapterConfig, lr: f64, total: usize) -> Trainer {
-    let steps = StepConfig {
-        optim: AdamWConfig { lr, ..Default::default() },
-        warmup_steps: 0,
-        total_steps: total,
-        max_grad_norm: Some(1.0),
-    };
-    let mut t = Trainer::new(model, steps, |_| 1.0).unwrap();
+    let mut t = common::trainer(model, lr, total);
     configure_trainer(&mut t, model, cfg).unwrap();
     t
 }
@@ -221,18 +212,6 @@ fn forwards_equal_their_formulas() {
     }
 }
 
-fn central_difference(model: &Llama, var: &Var, idx: usize, eps: f32, b: &TrainBatch) -> f64 {
-    let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let eval = |delta: f32| {
-        let mut v = orig.clone();
-        v[idx] += delta;
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-        loss_value(model, b)
-    };
-    let (plus, minus) = (eval(eps), eval(-eps));
-    var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap()).unwrap();
-    (plus - minus) / (2.0 * eps as f64)
-}
 
 #[test]
 fn gradients_equal_finite_differences() {
@@ -396,10 +375,7 @@ fn save_then_load_reproduces_logits() {
             t.step(&model, &[batch()]).unwrap();
         }
         let expected = logits(&model);
-        let dir = tempfile::tempdir().unwrap();
-        save_adapter(&model, &cfg, dir.path(), None).unwrap();
-        let mut fresh = tiny();
-        let loaded = load_adapter(&mut fresh, &ModelSource::parse(dir.path().to_str().unwrap()).unwrap()).unwrap();
+        let (loaded, mut fresh) = save_and_reload(&model, &cfg);
         assert_eq!(loaded.peft_type(), cfg.peft_type());
         assert!(max_diff(&expected, &logits(&fresh)) < 1e-4, "{cfg:?}");
         // Merging computes the same function.

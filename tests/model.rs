@@ -2,12 +2,12 @@
 //! merge/unmerge, save/load, padding, and loss falling when overfitting.
 
 mod common;
-use common::{batch, logits, tiny};
-use candle_core::{DType, Device, Tensor, Var};
+use common::{batch, central_difference, logits, tiny};
+use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, LoraConfig, Targets};
 use candle_peft::loading::hub::ModelSource;
 use candle_peft::model::Llama;
-use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
+use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn lora(r: usize, targets: &[&str]) -> AdapterConfig {
@@ -32,9 +32,6 @@ fn randomize(model: &Llama, seed: u64) {
     }
 }
 
-fn loss_value(model: &Llama, b: &TrainBatch) -> f64 {
-    causal_lm_loss(model, b, true).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
 
 #[test]
 fn adapter_gradients_equal_finite_differences() {
@@ -58,18 +55,6 @@ fn adapter_gradients_equal_finite_differences() {
     assert_eq!(checked, 2 * 7 * 2, "every LoRA tensor of both layers is checked");
 }
 
-fn central_difference(model: &Llama, var: &Var, idx: usize, eps: f32, b: &TrainBatch) -> f64 {
-    let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let eval = |delta: f32| {
-        let mut v = orig.clone();
-        v[idx] += delta;
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-        loss_value(model, b)
-    };
-    let (plus, minus) = (eval(eps), eval(-eps));
-    var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap()).unwrap();
-    (plus - minus) / (2.0 * eps as f64)
-}
 
 #[test]
 fn gradients_flow_to_every_adapter_tensor_in_bf16() {

@@ -2,14 +2,13 @@
 //! against finite differences, torch.quantile's values, merge, save/load, training, bad input.
 
 mod common;
-use common::{batch, logits};
+use common::{batch, logits, loss_value, save_and_reload, trainer};
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::snell::{quantile_f32, quantile_f64, sparsify};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, SnellConfig, SnellLinear, Targets};
 use candle_peft::cli::{Cli, Command};
 use candle_peft::loading::hub::ModelSource;
 use candle_peft::model::{FrozenLinear, Linear, LinearAdapter, Llama};
-use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, Trainer};
 use clap::Parser;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -313,14 +312,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     max_abs_diff(&vec_of(a), &vec_of(b))
 }
 
-fn loss_value(model: &Llama) -> f64 {
-    causal_lm_loss(model, &batch(), true).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-fn trainer(model: &Llama, lr: f64, total: usize) -> Trainer {
-    let steps = StepConfig { optim: AdamWConfig { lr, ..Default::default() }, warmup_steps: 0, total_steps: total, max_grad_norm: Some(1.0) };
-    Trainer::new(model, steps, |_| 1.0).unwrap()
-}
 
 #[test]
 fn injection_is_seeded_and_not_zero_at_start() {
@@ -353,10 +344,7 @@ fn save_then_load_reproduces_outputs() {
             t.step(&model, &[batch()]).unwrap();
         }
         let expected = logits(&model);
-        let dir = tempfile::tempdir().unwrap();
-        save_adapter(&model, &cfg, dir.path(), None).unwrap();
-        let mut fresh = tiny();
-        let loaded = load_adapter(&mut fresh, &ModelSource::parse(dir.path().to_str().unwrap()).unwrap()).unwrap();
+        let (loaded, mut fresh) = save_and_reload(&model, &cfg);
         assert_eq!(loaded, cfg);
         assert!(max_diff(&expected, &logits(&fresh)) < 1e-5, "{cfg:?}");
         for (_, lin) in fresh.named_linears_mut() {
@@ -372,11 +360,11 @@ fn overfits_a_tiny_batch() {
         let mut model = tiny();
         inject(&mut model, &cfg, 1).unwrap();
         let mut t = trainer(&model, lr, 30);
-        let first = loss_value(&model);
+        let first = loss_value(&model, &batch());
         for _ in 0..30 {
             t.step(&model, &[batch()]).unwrap();
         }
-        let last = loss_value(&model);
+        let last = loss_value(&model, &batch());
         assert!(last < 0.7 * first, "{cfg:?}: loss {first} -> {last}");
     }
 }

@@ -25,3 +25,40 @@ pub fn logits(model: &Llama) -> Tensor {
     let b = batch();
     model.forward(&b.input_ids, Some(&b.mask), None, false).unwrap()
 }
+
+/// The training loss of `model` on `b`, as f64.
+pub fn loss_value(model: &Llama, b: &TrainBatch) -> f64 {
+    candle_peft::training::causal_lm_loss(model, b, true).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// `(L(θ + ε) − L(θ − ε)) / 2ε` for entry `idx` of `var`, restoring the entry afterwards.
+pub fn central_difference(model: &Llama, var: &candle_core::Var, idx: usize, eps: f32, b: &TrainBatch) -> f64 {
+    let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let set = |v: Vec<f32>| var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    let eval = |delta: f32| {
+        let mut v = orig.clone();
+        v[idx] += delta;
+        set(v);
+        loss_value(model, b)
+    };
+    let (plus, minus) = (eval(eps), eval(-eps));
+    set(orig.clone());
+    (plus - minus) / (2.0 * eps as f64)
+}
+
+/// Save `model`'s adapter, load it onto a fresh `tiny` model: (the loaded config, that model).
+pub fn save_and_reload(model: &Llama, cfg: &candle_peft::adapters::AdapterConfig) -> (candle_peft::adapters::AdapterConfig, Llama) {
+    let dir = tempfile::tempdir().unwrap();
+    candle_peft::adapters::save_adapter(model, cfg, dir.path(), None).unwrap();
+    let mut fresh = tiny(model.dtype());
+    let source = candle_peft::loading::hub::ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
+    let loaded = candle_peft::adapters::load_adapter(&mut fresh, &source).unwrap();
+    (loaded, fresh)
+}
+
+/// AdamW at a constant `lr` for `total` steps, clipping at 1.
+pub fn trainer(model: &Llama, lr: f64, total: usize) -> candle_peft::training::Trainer {
+    use candle_peft::training::{AdamWConfig, StepConfig, Trainer};
+    let steps = StepConfig { optim: AdamWConfig { lr, ..Default::default() }, warmup_steps: 0, total_steps: total, max_grad_norm: Some(1.0) };
+    Trainer::new(model, steps, |_| 1.0).unwrap()
+}
