@@ -499,11 +499,6 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
     Ok(())
 }
 
-/// Set every adapter tensor (e.g. random values in tests, or values restored by hand).
-pub fn trainable_var_map(model: &Llama) -> HashMap<String, Var> {
-    model.trainable_params().into_iter().collect()
-}
-
 /// A trainable tensor drawn from U(-bound, bound), f32, from a seeded generator.
 pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device: &Device) -> Result<Var> {
     let n: usize = shape.iter().product();

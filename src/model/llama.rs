@@ -485,9 +485,3 @@ pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::colle
     }
     Ok(w)
 }
-
-/// Last-position hidden state of each row: [b, t, h] -> [b, 1, h].
-pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
-    let t = hidden.dim(1)?;
-    Ok(hidden.narrow(1, t - 1, 1)?)
-}

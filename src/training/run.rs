@@ -4,7 +4,7 @@
 //! log every step to a progress bar and a JSONL metrics file.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -160,9 +160,4 @@ fn progress_bar(total: usize, done: usize, visible: bool) -> indicatif::Progress
             .expect("valid progress template"),
     );
     bar
-}
-
-/// The checkpoint directory of a run.
-pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {
-    output_dir.join("checkpoint")
 }
