@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
+pub mod kernels;
 pub mod loading;
 pub mod model;
 pub mod quant;

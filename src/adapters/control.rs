@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{uniform_var, Dropout, LoraConfig};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::model::{linear::matmul_t, BlockControl, ControlContext, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +98,18 @@ impl BlockControl for ParallelControl {
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
         let z = self.dropout.apply(&matmul_t(x, &a)?, train)?;
         Ok((matmul_t(&z, &b)? * self.alpha)?)
+    }
+
+    /// On CUDA the rank-r branch is accumulated into the residual sum in one pass
+    /// (src/kernels/control_branch.rs).
+    fn add_to(&self, block_output: &Tensor, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
+        if !kernels::fused_for(x) {
+            return Ok((block_output + self.forward(x, ctx, train)?)?);
+        }
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        let z = self.dropout.apply(&matmul_t(x, &a)?, train)?;
+        kernels::control_branch(block_output, &z, &b, self.alpha)
     }
 
     fn params(&self) -> Vec<(String, Var)> {

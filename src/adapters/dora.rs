@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
 
 use super::lora::{LoraConfig, LoraLinear};
+use crate::kernels;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::Result;
 
@@ -29,8 +30,12 @@ impl DoraLinear {
         Ok(Self { lora, magnitude, merged_norm: Mutex::new(None) })
     }
 
-    /// `‖W + s·B A‖` per output row, in f32, detached.
+    /// `‖W + s·B A‖` per output row, in f32, detached. On CUDA a kernel computes it without
+    /// forming `W + s·B A` (src/kernels/row_norms.rs).
     fn weight_norm(&self, w: &Tensor) -> Result<Tensor> {
+        if kernels::fused_for(w) {
+            return kernels::row_norms(w, &self.lora.b.as_tensor().detach(), &self.lora.a.as_tensor().detach(), self.lora.scale);
+        }
         let v = (w.to_dtype(DType::F32)? + self.lora.delta_weight(DType::F32)?.detach())?;
         Ok(row_norm(&v)?.detach())
     }

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{uniform_var, Dropout, Targets};
+use crate::kernels;
 use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter};
 use crate::Result;
 
@@ -89,7 +90,14 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
+    /// On CUDA, one fused op (src/kernels/lora_linear.rs); elsewhere plain candle ops.
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        if kernels::fused_for(x) {
+            let a = self.a.as_tensor().to_dtype(x.dtype())?;
+            let b = self.b.as_tensor().to_dtype(x.dtype())?;
+            let mask = self.dropout.mask(x, train)?;
+            return kernels::lora_linear(x, &*base.weight()?, &a, &b, self.scale, mask.as_ref());
+        }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }
 

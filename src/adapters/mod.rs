@@ -527,15 +527,23 @@ impl Dropout {
     }
 
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.mask(x, train)? {
+            Some(mask) => Ok((x * mask)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The mask (kept entries 1 / (1 − p), dropped 0) for an input like `x`, in x's dtype and on
+    /// its device, or None when dropout is off.
+    pub fn mask(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         if !train || self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 - self.p;
         let key = DROPOUT_KEY.load(Ordering::Relaxed);
         let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mask: Vec<f32> =
             (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(Some(Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
     }
 }

@@ -29,6 +29,8 @@ pub fn run(command: Command) -> Result<()> {
         }
         Command::Bench(super::BenchCommand::Methods(args)) => super::bench::methods(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Step(args)) => super::bench::step(&args),
+        Command::Bench(super::BenchCommand::Kernels(args)) => super::bench_kernels::kernels(&args).map(|_| ()),
+        Command::Selftest(args) => selftest(&args),
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }
@@ -148,4 +150,20 @@ pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Runs the GPU self-test, prints its table, fails when any check fails.
+fn selftest(args: &super::SelftestArgs) -> Result<()> {
+    let device = super::parse_device(&args.device)?;
+    let checks = crate::kernels::selftest::run(&device, args.seed, args.rounds)?;
+    print!("{}", crate::kernels::selftest::table(&checks));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&checks).map_err(|e| Error::msg(e.to_string()))?;
+        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if failed > 0 {
+        return Err(Error::msg(format!("selftest: {failed} of {} checks failed", checks.len())));
+    }
+    Ok(())
 }

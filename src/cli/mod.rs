@@ -2,6 +2,7 @@
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
@@ -24,6 +25,9 @@ use crate::error::{Error, Result};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Use plain candle ops instead of the fused CUDA kernels (the reference path).
+    #[arg(long, global = true)]
+    pub unfused: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,6 +50,23 @@ pub enum Command {
     Bench(BenchCommand),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
+    /// Check every CUDA kernel against its CPU reference (forward and backward, f32/f16/bf16,
+    /// odd shapes); exits non-zero on any failure. Needs a build with the `cuda` feature.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SelftestArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Random shapes per kernel and dtype.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Also write the checks as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -376,6 +397,36 @@ pub enum BenchCommand {
     Methods(BenchMethodsArgs),
     /// One method in this process (what `methods` runs for each).
     Step(BenchStepArgs),
+    /// Fused kernels against the unfused candle graph, forward + backward, on the GPU.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchKernelsArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Which ops: lora, control, dora (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub ops: Vec<String>,
+    /// Linear shapes IN x OUT (also the DoRA weights, and the control width from the first).
+    #[arg(long, value_delimiter = ',', default_value = "4096x4096,4096x11008,11008x4096")]
+    pub dims: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub ranks: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+    pub tokens: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Write the timings as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run on the CPU (the references: slow, for small --dims and --tokens only).
+    #[arg(long)]
+    pub allow_cpu: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -427,5 +478,6 @@ pub struct DemoArgs {
 pub fn main() -> Result<()> {
     let args = config_file::expand_config_args(std::env::args_os().collect())?;
     let cli = Cli::parse_from(args);
+    crate::kernels::set_unfused(cli.unfused);
     commands::run(cli.command)
 }

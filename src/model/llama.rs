@@ -21,6 +21,11 @@ pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "ga
 /// A control across a whole residual sub-block: its output is added to the block's output.
 pub trait BlockControl: Send + Sync {
     fn forward(&self, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor>;
+    /// `block_output + forward(block_input)`: a control may fuse its output with the residual
+    /// add (Parallel Control does on CUDA).
+    fn add_to(&self, block_output: &Tensor, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
+        Ok((block_output + self.forward(block_input, ctx, train)?)?)
+    }
     /// Trainable tensors with their key suffix in the adapter file.
     fn params(&self) -> Vec<(String, Var)>;
     /// Whether the control mixes tokens (then it needs `ctx.past_input` when a cache is used,
@@ -357,14 +362,14 @@ impl Llama {
         let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
         let mut h2 = (h + self.attention(&layer.self_attn, &attn_in, bias, cos, sin, kv, train)?)?;
         if let Some(c) = &layer.attn_control {
-            h2 = (h2 + c.forward(h, &ControlContext { bias, past_input: None }, train)?)?;
+            h2 = c.add_to(&h2, h, &ControlContext { bias, past_input: None }, train)?;
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
         let act = (candle_nn::ops::silu(&m.gate_proj.forward(&mlp_in, train)?)? * m.up_proj.forward(&mlp_in, train)?)?;
         let mut out = (&h2 + m.down_proj.forward(&act, train)?)?;
         if let Some(c) = &layer.mlp_control {
-            out = (out + c.forward(&h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?)?;
+            out = c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?;
             if c.mixes_tokens() {
                 let seen = match past_input.as_ref() {
                     Some(p) => Tensor::cat(&[p, &h2.detach()], 1)?,

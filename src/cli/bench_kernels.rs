@@ -1,0 +1,208 @@
+//! `bench kernels`: the fused ops against the unfused candle graph they replace, forward plus
+//! backward through candle's autograd (as training runs them), side by side in one process.
+//!
+//! For the LoRA linear each shape reports the frozen linear (`x Wᵀ` forward and `dx` backward,
+//! W constant), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops) and the fused op, with
+//! their ratios to the frozen linear and the achieved TFLOP/s. The control branch
+//! (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against unfused. Every timed
+//! iteration ends with a device synchronisation; the figure is the median over iterations. The
+//! backward is seeded with ones (candle's `backward`), in every variant alike.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+
+use super::BenchKernelsArgs;
+use crate::error::{Error, Result};
+use crate::kernels;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelTiming {
+    pub op: String,
+    pub shape: String,
+    pub variant: String,
+    pub ms: f64,
+    /// Time over the frozen linear's (LoRA rows) or over the unfused variant's (other ops).
+    pub ratio: f64,
+    pub tflops: Option<f64>,
+}
+
+/// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
+fn time(device: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        device.synchronize()?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+fn randn(shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
+}
+
+/// `--dims` as (in, out) pairs.
+fn dims(args: &BenchKernelsArgs) -> Result<Vec<(usize, usize)>> {
+    args.dims
+        .iter()
+        .map(|d| {
+            let parse = |v: &str| v.parse::<usize>().ok().filter(|&v| v > 0);
+            match d.split_once('x').map(|(a, b)| (parse(a), parse(b))) {
+                Some((Some(a), Some(b))) => Ok((a, b)),
+                _ => Err(Error::msg(format!("--dims: `{d}` is not IN x OUT (e.g. 4096x11008)"))),
+            }
+        })
+        .collect()
+}
+
+fn lora_shapes(args: &BenchKernelsArgs) -> Result<Vec<(usize, usize, usize, usize)>> {
+    let mut v = Vec::new();
+    for (d_in, d_out) in dims(args)? {
+        for &r in &args.ranks {
+            for &t in &args.tokens {
+                v.push((d_in, d_out, r, t));
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let (warmup, iters) = (args.warmup, args.iters);
+    for (d_in, d_out, r, t) in lora_shapes(args)? {
+        let shape = format!("{d_in}x{d_out} r{r} T{t}");
+        let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
+        let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
+        let a = Var::from_tensor(&randn(&[r, d_in], 0.02, DType::F32, device)?)?;
+        let b = Var::from_tensor(&randn(&[d_out, r], 0.02, DType::F32, device)?)?;
+        let s = 2.0;
+        let frozen = time(device, warmup, iters, || {
+            x.as_tensor().matmul(&w.t()?)?.backward()?;
+            Ok(())
+        })?;
+        let lora = |fused: bool| -> Result<()> {
+            let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
+            let y = if fused {
+                kernels::lora_linear(x.as_tensor(), &w, &ac, &bc, s, None)?
+            } else {
+                let branch = (x.as_tensor().matmul(&ac.t()?)?.matmul(&bc.t()?)? * s)?;
+                (x.as_tensor().matmul(&w.t()?)? + branch)?
+            };
+            y.backward()?;
+            Ok(())
+        };
+        let unfused = time(device, warmup, iters, || lora(false))?;
+        let fused = time(device, warmup, iters, || lora(true))?;
+        let base_flops = 4.0 * (t * d_in * d_out) as f64;
+        let lora_flops = base_flops + 6.0 * (t * r * (d_in + d_out)) as f64;
+        for (variant, ms, flops) in [("frozen linear", frozen, base_flops), ("unfused LoRA", unfused, lora_flops), ("fused LoRA", fused, lora_flops)] {
+            out.push(KernelTiming {
+                op: "lora_linear".into(),
+                shape: shape.clone(),
+                variant: variant.into(),
+                ms,
+                ratio: ms / frozen,
+                tflops: Some(flops / (ms * 1e-3) / 1e12),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn control_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let d = dims(args)?.first().map_or(4096, |&(d_in, _)| d_in);
+    for &t in &args.tokens {
+        let (r, alpha) = (64, 1.0);
+        let shape = format!("d{d} r{r} T{t}");
+        let base = Var::from_tensor(&randn(&[t, d], 1.0, dtype, device)?)?;
+        let z = Var::from_tensor(&randn(&[t, r], 1.0, dtype, device)?)?;
+        let b = Var::from_tensor(&randn(&[d, r], 0.02, dtype, device)?)?;
+        let run = |fused: bool| -> Result<()> {
+            let y = if fused {
+                kernels::control_branch(base.as_tensor(), z.as_tensor(), b.as_tensor(), alpha)?
+            } else {
+                (base.as_tensor() + (z.as_tensor().matmul(&b.as_tensor().t()?)? * alpha)?)?
+            };
+            y.backward()?;
+            Ok(())
+        };
+        let unfused = time(device, args.warmup, args.iters, || run(false))?;
+        let fused = time(device, args.warmup, args.iters, || run(true))?;
+        for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
+            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None });
+        }
+    }
+    Ok(())
+}
+
+fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    for (cols, rows) in dims(args)? {
+        let r = 64;
+        let shape = format!("{rows}x{cols} r{r}");
+        let w = randn(&[rows, cols], 0.02, dtype, device)?;
+        let b = randn(&[rows, r], 0.02, DType::F32, device)?;
+        let a = randn(&[r, cols], 0.02, DType::F32, device)?;
+        let unfused = time(device, args.warmup, args.iters, || {
+            let v = (w.to_dtype(DType::F32)? + (b.matmul(&a)? * 2.0)?)?;
+            v.sqr()?.sum(1)?.sqrt()?;
+            Ok(())
+        })?;
+        let fused = time(device, args.warmup, args.iters, || {
+            kernels::row_norms(&w, &b, &a, 2.0)?;
+            Ok(())
+        })?;
+        for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
+            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None });
+        }
+    }
+    Ok(())
+}
+
+pub fn table(rows: &[KernelTiming]) -> String {
+    let mut s = format!("{:<16} {:<26} {:<14} {:>9} {:>7} {:>8}\n", "op", "shape", "variant", "ms", "ratio", "TFLOP/s");
+    for r in rows {
+        let tflops = r.tflops.map_or("-".to_string(), |v| format!("{v:.1}"));
+        s += &format!("{:<16} {:<26} {:<14} {:>9.3} {:>7.3} {:>8}\n", r.op, r.shape, r.variant, r.ms, r.ratio, tflops);
+    }
+    s
+}
+
+pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
+    let device = super::parse_device(&args.device)?;
+    let dtype = super::parse_dtype(&args.dtype)?;
+    if !device.is_cuda() && !args.allow_cpu {
+        return Err(Error::msg(
+            "bench kernels measures the CUDA kernels: pass --device cuda (a build with the `cuda` feature), or --allow-cpu with small --tokens to try the CPU references",
+        ));
+    }
+    let mut rows = Vec::new();
+    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora"] } else { args.ops.iter().map(String::as_str).collect() };
+    for op in ops {
+        match op {
+            "lora" => lora_rows(args, &device, dtype, &mut rows)?,
+            "control" => control_rows(args, &device, dtype, &mut rows)?,
+            "dora" => dora_rows(args, &device, dtype, &mut rows)?,
+            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora)"))),
+        }
+    }
+    print!("{}", table(&rows));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&serde_json::json!({
+            "device": args.device,
+            "dtype": args.dtype,
+            "rows": rows,
+        }))
+        .map_err(|e| Error::msg(e.to_string()))?;
+        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(rows)
+}

@@ -1,0 +1,94 @@
+//! The control branch of Parallel / Double Control (seed 001, ICML 2025) fused with the residual
+//! add that follows it:
+//!
+//! ```text
+//! forward    out  = base + α · z Bᵀ          base = h + F(h) [T, d], z = drop(A h) [T, r], B [d, r]
+//! backward   dbase = dout,  dz = α · dout B,  dB = α · doutᵀ z
+//! ```
+//!
+//! Unfused, candle computes `z Bᵀ` [T, d], scales it into a second [T, d] tensor and adds it,
+//! keeping both for a backward that needs neither. Here the branch is accumulated tile by tile
+//! into the output (`kernels/lowrank_add.cu` with a separate source), so the only [T, d] tensor
+//! written is `out`, and the backward needs only z and B.
+//!
+//! Layout: base and out [T, d], z [T, r], B [d, r]; row-major, contiguous, one dtype.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::lowrank_add::{lowrank_add_reference, Factor};
+use super::{cpu_storage, cpu_values};
+use crate::Result;
+
+/// `base + α · z Bᵀ` for base [..., d] and z [..., r], B [d, r] (all one dtype).
+pub fn control_branch(base: &Tensor, z: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    let dims = base.dims().to_vec();
+    let d = *dims.last().ok_or_else(|| crate::Error::msg("control_branch: base is a scalar"))?;
+    let r = b.dim(1)?;
+    if b.dims() != [d, r] || z.dims().last() != Some(&r) || z.elem_count() / r != base.elem_count() / d {
+        return Err(crate::Error::msg(format!(
+            "control_branch: base {:?}, z {:?} and B {:?} do not fit together",
+            base.dims(),
+            z.dims(),
+            b.dims()
+        )));
+    }
+    let base2 = base.contiguous()?.reshape(((), d))?;
+    let z2 = z.contiguous()?.reshape(((), r))?;
+    let out = base2.apply_op3(&z2, &b.contiguous()?, ControlBranchOp { alpha })?;
+    Ok(out.reshape(dims)?)
+}
+
+struct ControlBranchOp {
+    alpha: f64,
+}
+
+impl CustomOp3 for ControlBranchOp {
+    fn name(&self) -> &'static str {
+        "fused-control-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        base: &CpuStorage,
+        l_base: &Layout,
+        z: &CpuStorage,
+        lz: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (t, d) = l_base.shape().dims2()?;
+        let r = lz.dims()[1];
+        let mut out = cpu_values(base, l_base, self.name())?;
+        let z = cpu_values(z, lz, self.name())?;
+        let b = cpu_values(b, lb, self.name())?;
+        lowrank_add_reference(&mut out, &z, &b, Factor::Rows, None, (t, d, r), self.alpha);
+        Ok((cpu_storage(out, base.dtype())?, l_base.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        base: &candle_core::CudaStorage,
+        l_base: &Layout,
+        z: &candle_core::CudaStorage,
+        lz: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::control_branch(self.alpha, (base, l_base), (z, lz), (b, lb))
+    }
+
+    fn bwd(
+        &self,
+        _base: &Tensor,
+        z: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dz = (dout.matmul(b)? * self.alpha)?;
+        let db = (dout.t()?.matmul(z)? * self.alpha)?;
+        Ok((Some(dout.clone()), Some(dz), Some(db)))
+    }
+}

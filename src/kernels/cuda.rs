@@ -1,0 +1,290 @@
+//! CUDA plumbing of the fused ops: the PTX that `build.rs` compiled from `kernels/*.cu`, typed
+//! views of candle's CUDA storage, kernel launches, and a row-major cuBLAS GEMM that takes its
+//! scalars in f32 (cudarc's typed GEMM rounds α to bf16 for bf16 data: 11.3137 would become
+//! 11.3125).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::lowrank_add::{Factor, LowRankAdd};
+use super::row_norms::RowNorms;
+
+pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowrank_add.ptx"));
+pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
+
+/// The element types the kernels are instantiated for.
+pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
+    /// The suffix of the kernel names (`lowrank_add_bf16`).
+    const SUFFIX: &'static str;
+    const CUBLAS: cublas_sys::cudaDataType;
+}
+
+impl KernelType for f32 {
+    const SUFFIX: &'static str = "f32";
+    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_32F;
+}
+
+impl KernelType for f16 {
+    const SUFFIX: &'static str = "f16";
+    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_16F;
+}
+
+impl KernelType for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype`.
+macro_rules! with_kernel_type {
+    ($dtype:expr, $t:ident, $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            other => bail!("no fused kernel for dtype {other:?}"),
+        }
+    };
+}
+
+/// The contiguous elements of a CUDA storage under `layout`.
+fn view<'a, T: KernelType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("{what}: the input must be contiguous"),
+    }
+}
+
+/// The CUDA storage of a tensor held outside the op's arguments (W, masks).
+fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("{what}: the tensor is not on the CUDA device"),
+    }
+}
+
+/// A fresh contiguous tensor around a CUDA buffer (not tracked by autograd).
+fn wrap<T: KernelType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+/// `C [m, n] = α · op(A) op(B) + β · C`, row-major, f32 accumulation. `a_t`: A is stored as
+/// [k, m] (use its transpose); `b_t`: B is stored as [n, k].
+///
+/// cuBLAS is column-major, where row-major C is Cᵀ: it computes `Cᵀ = op(B)ᵀ op(A)ᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: KernelType>(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: &impl DevicePtr<T>,
+    a_t: bool,
+    b: &impl DevicePtr<T>,
+    b_t: bool,
+    beta: f32,
+    c: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let (op_b, ld_b) = if b_t { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
+    let (op_a, ld_a) = if a_t { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let (a_ptr, _a_sync) = a.device_ptr(&stream);
+    let (b_ptr, _b_sync) = b.device_ptr(&stream);
+    let (c_ptr, _c_sync) = c.device_ptr_mut(&stream);
+    // SAFETY: the pointers come from live buffers of at least m·k, k·n and m·n elements (the
+    // callers check the shapes), and cuBLAS runs on candle's stream of the same device.
+    unsafe {
+        cublas::gemm_ex(
+            *blas.handle(),
+            op_b,
+            op_a,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            b_ptr as *const _,
+            T::CUBLAS,
+            ld_b as i32,
+            a_ptr as *const _,
+            T::CUBLAS,
+            ld_a as i32,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            T::CUBLAS,
+            n as i32,
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+    }
+}
+
+/// `out += s · (z Mᵀ) ⊙ mask` (see `kernels/lowrank_add.cu`). Without a mask, cuBLAS accumulates into `out` with β = 1 (tensor cores); otherwise the project's kernel.
+pub(super) fn lowrank_add(
+    op: &LowRankAdd,
+    out: &mut CudaStorage,
+    lo: &Layout,
+    z: &CudaStorage,
+    lz: &Layout,
+    m: &CudaStorage,
+    lm: &Layout,
+) -> Result<()> {
+    let dev = out.device().clone();
+    let dtype = out.dtype();
+    with_kernel_type!(dtype, T, {
+        let (rows, cols) = super::rows_cols(lo);
+        let r = lz.dims()[1];
+        let zv = view::<T>(z, lz, "lowrank-add z")?;
+        let mv = view::<T>(m, lm, "lowrank-add M")?;
+        let Some((start, end)) = lo.contiguous_offsets() else { bail!("lowrank-add: out must be contiguous") };
+        if op.mask.is_none() {
+            let mut ov = out.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+            return gemm::<T>(&dev, (rows, cols, r), op.scale as f32, &zv, false, &mv, op.factor == Factor::Rows, 1.0, &mut ov);
+        }
+        let mask_guard = op.mask.as_ref().map(|t| t.storage_and_layout());
+        let mask = match &mask_guard {
+            Some((s, l)) => Some(view::<T>(cuda_storage(s, "lowrank-add mask")?, l, "lowrank-add mask")?),
+            None => None,
+        };
+        let mut ov = out.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+        launch_lowrank_add::<T>(&dev, &mut ov, None, &zv, &mv, mask.as_ref(), (rows, cols, r), op.factor, op.scale)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_lowrank_add<T: KernelType>(
+    dev: &CudaDevice,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    src: Option<&CudaView<'_, T>>,
+    z: &CudaView<'_, T>,
+    m: &CudaView<'_, T>,
+    mask: Option<&CudaView<'_, T>>,
+    (rows, cols, r): (usize, usize, usize),
+    factor: Factor,
+    scale: f64,
+) -> Result<()> {
+    let func = dev.get_or_load_custom_func(&format!("lowrank_add_{}", T::SUFFIX), "lowrank_add", LOWRANK_ADD_PTX)?;
+    let (sj, sk) = factor.strides(cols, r);
+    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let null: u64 = 0;
+    let (rows, cols, r, sj, sk, scale) = (rows as i32, cols as i32, r as i32, sj as i64, sk as i64, scale as f32);
+    let mut b = func.builder();
+    b.arg(out);
+    match src {
+        Some(s) => b.arg(s),
+        None => b.arg(&null),
+    };
+    b.arg(z);
+    b.arg(m);
+    match mask {
+        Some(s) => b.arg(s),
+        None => b.arg(&null),
+    };
+    b.arg(&rows).arg(&cols).arg(&r).arg(&sj).arg(&sk).arg(&scale);
+    // SAFETY: the argument list matches the kernel's signature; every buffer holds the elements
+    // the shapes above index.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// DoRA's row norms (see `kernels/row_norms.cu`).
+pub(super) fn row_norms(
+    op: &RowNorms,
+    w: &CudaStorage,
+    lw: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    a: &CudaStorage,
+    la: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = w.device().clone();
+    let (rows, cols) = lw.shape().dims2()?;
+    let r = la.dims()[0];
+    with_kernel_type!(w.dtype(), T, {
+        let (wv, bv, av) = (view::<T>(w, lw, "W")?, view::<f32>(b, lb, "B")?, view::<f32>(a, la, "A")?);
+        let out = dev.alloc_zeros::<f32>(rows)?;
+        let func = dev.get_or_load_custom_func(&format!("row_norms_{}", T::SUFFIX), "row_norms", ROW_NORMS_PTX)?;
+        const ROWS_PER_BLOCK: usize = 8;
+        let shared = (ROWS_PER_BLOCK * r * 4) as u32;
+        if shared > 48 * 1024 {
+            bail!("row_norms: rank {r} needs {shared} bytes of shared memory, over the 48 KiB limit");
+        }
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+        let (rows_i, cols_i, r_i, s) = (rows as i32, cols as i32, r as i32, op.scale as f32);
+        let mut builder = func.builder();
+        builder.arg(&wv).arg(&bv).arg(&av).arg(&out).arg(&rows_i).arg(&cols_i).arg(&r_i).arg(&s);
+        // SAFETY: matches `row_norms_*`'s signature; out has `rows` floats.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(rows)))
+    })
+}
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// The fused LoRA forward: `xa = drop(x) Aᵀ`, `y = x Wᵀ`, `y += s · xa Bᵀ` (cuBLAS, β = 1).
+/// Returns y and xa (for the backward).
+pub(super) fn lora_forward(
+    w: &Tensor,
+    dropped: Option<&Tensor>,
+    scale: f64,
+    (x, lx): Arg,
+    (a, la): Arg,
+    (b, lb): Arg,
+) -> Result<((CudaStorage, Shape), Tensor)> {
+    let dev = x.device().clone();
+    let (t, d_in) = lx.shape().dims2()?;
+    let (d_out, r) = lb.shape().dims2()?;
+    with_kernel_type!(x.dtype(), T, {
+        let xv = view::<T>(x, lx, "x")?;
+        let (av, bv) = (view::<T>(a, la, "A")?, view::<T>(b, lb, "B")?);
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let wv = view::<T>(cuda_storage(&w_storage, "W")?, w_layout, "W")?;
+        let d_guard = dropped.map(|t| t.storage_and_layout());
+        let dropped = match &d_guard {
+            Some((s, l)) => Some(view::<T>(cuda_storage(s, "drop(x)")?, l, "drop(x)")?),
+            None => None,
+        };
+        let xd = dropped.as_ref().unwrap_or(&xv);
+        // SAFETY: every element is written by the GEMMs below (β = 0) before it is read.
+        let mut xa = unsafe { dev.alloc::<T>(t * r)? };
+        gemm::<T>(&dev, (t, r, d_in), 1.0, xd, false, &av, true, 0.0, &mut xa)?;
+        // SAFETY: as above.
+        let mut y = unsafe { dev.alloc::<T>(t * d_out)? };
+        gemm::<T>(&dev, (t, d_out, d_in), 1.0, &xv, false, &wv, true, 0.0, &mut y)?;
+        gemm::<T>(&dev, (t, d_out, r), scale as f32, &xa, false, &bv, true, 1.0, &mut y)?;
+        let xa = wrap(xa, &dev, (t, r));
+        Ok(((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((t, d_out))), xa))
+    })
+}
+
+/// The fused control branch: `out = base + α · z Bᵀ`, one pass over [T, d].
+pub(super) fn control_branch(alpha: f64, (base, l_base): Arg, (z, lz): Arg, (b, lb): Arg) -> Result<(CudaStorage, Shape)> {
+    let dev = base.device().clone();
+    let (t, d) = l_base.shape().dims2()?;
+    let r = lz.dims()[1];
+    with_kernel_type!(base.dtype(), T, {
+        let (basev, zv, bv) = (view::<T>(base, l_base, "base")?, view::<T>(z, lz, "z")?, view::<T>(b, lb, "B")?);
+        // SAFETY: the kernel writes every element of out (from base plus the branch).
+        let mut out = unsafe { dev.alloc::<T>(t * d)? };
+        let mut ov = out.slice_mut(..);
+        launch_lowrank_add::<T>(&dev, &mut ov, Some(&basev), &zv, &bv, None, (t, d, r), Factor::Rows, alpha)?;
+        drop(ov);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l_base.shape().clone()))
+    })
+}

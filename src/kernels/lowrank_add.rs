@@ -1,0 +1,127 @@
+//! Low-rank accumulate, in place: `out += s · (z Mᵀ) ⊙ mask`, where `M` is either B [cols, r]
+//! or Aᵀ for A [r, cols] (read through strides, never transposed in memory). The [rows, cols]
+//! product is never materialised: on CUDA each output tile is computed from the rank-r factors
+//! (`kernels/lowrank_add.cu`) or, without a mask, by cuBLAS with β = 1, which accumulates into
+//! `out` directly.
+//!
+//! Layout: `out` [rows, cols], `z` [rows, r], `mask` [rows, cols] (the dropout mask, already
+//! divided by 1 − p): row-major, contiguous.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
+
+use super::{cpu_storage, cpu_values, tensor_values};
+use crate::Result;
+
+/// The rank-r right factor `M` [cols, r] of the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// The tensor is M itself, [cols, r] (LoRA's B).
+    Rows,
+    /// The tensor is Mᵀ, [r, cols] (LoRA's A, in `dx += (dy B) A`).
+    Transposed,
+}
+
+impl Factor {
+    /// Element strides (column j, rank k) of M[j, k] in the tensor's memory.
+    pub(crate) fn strides(self, cols: usize, r: usize) -> (usize, usize) {
+        match self {
+            Factor::Rows => (r, 1),
+            Factor::Transposed => (1, cols),
+        }
+    }
+}
+
+/// The CPU reference: `out[t, j] += s · mask[t, j] · Σ_k z[t, k] · M[j, k]`, accumulated in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn lowrank_add_reference(
+    out: &mut [f64],
+    z: &[f64],
+    m: &[f64],
+    factor: Factor,
+    mask: Option<&[f64]>,
+    (rows, cols, r): (usize, usize, usize),
+    scale: f64,
+) {
+    let (sj, sk) = factor.strides(cols, r);
+    for t in 0..rows {
+        for j in 0..cols {
+            let dot: f64 = (0..r).map(|k| z[t * r + k] * m[j * sj + k * sk]).sum();
+            let keep = mask.map_or(1.0, |mask| mask[t * cols + j]);
+            out[t * cols + j] += scale * keep * dot;
+        }
+    }
+}
+
+/// `out += s · (z Mᵀ) ⊙ mask`, in place on `out` (which must own its storage: a fresh result,
+/// not a view shared with other tensors). Not tracked by autograd: the callers are backward
+/// passes and fused forwards that define their own gradients.
+pub fn lowrank_add(out: &Tensor, z: &Tensor, m: &Tensor, factor: Factor, mask: Option<&Tensor>, scale: f64) -> Result<()> {
+    let (rows, cols) = out.dims2()?;
+    let (z_rows, r) = z.dims2()?;
+    let expected = match factor {
+        Factor::Rows => [cols, r],
+        Factor::Transposed => [r, cols],
+    };
+    if z_rows != rows || m.dims() != expected {
+        return Err(crate::Error::msg(format!(
+            "lowrank_add: out {:?}, z {:?} and factor {:?} ({factor:?}) do not fit together",
+            out.dims(),
+            z.dims(),
+            m.dims()
+        )));
+    }
+    if let Some(mask) = mask {
+        if mask.dims() != out.dims() {
+            return Err(crate::Error::msg(format!("lowrank_add: mask {:?} for out {:?}", mask.dims(), out.dims())));
+        }
+    }
+    let op = LowRankAdd { factor, mask: mask.map(|t| t.contiguous()).transpose()?, scale };
+    out.inplace_op3(&z.contiguous()?, &m.contiguous()?, &op)?;
+    Ok(())
+}
+
+pub(crate) struct LowRankAdd {
+    pub factor: Factor,
+    pub mask: Option<Tensor>,
+    pub scale: f64,
+}
+
+impl InplaceOp3 for LowRankAdd {
+    fn name(&self) -> &'static str {
+        "lowrank-add"
+    }
+
+    fn cpu_fwd(&self, out: &mut CpuStorage, lo: &Layout, z: &CpuStorage, lz: &Layout, m: &CpuStorage, lm: &Layout) -> candle_core::Result<()> {
+        let (rows, cols) = super::rows_cols(lo);
+        let r = lz.dims()[1];
+        let mut acc = cpu_values(out, lo, self.name())?;
+        let mask = self.mask.as_ref().map(tensor_values).transpose()?;
+        let z = cpu_values(z, lz, self.name())?;
+        let m = cpu_values(m, lm, self.name())?;
+        lowrank_add_reference(&mut acc, &z, &m, self.factor, mask.as_deref(), (rows, cols, r), self.scale);
+        let Some((start, end)) = lo.contiguous_offsets() else { candle_core::bail!("lowrank-add: out must be contiguous") };
+        let dtype = out.dtype();
+        match (out, cpu_storage(acc, dtype)?) {
+            (CpuStorage::F64(o), CpuStorage::F64(v)) => o[start..end].copy_from_slice(&v),
+            (CpuStorage::F32(o), CpuStorage::F32(v)) => o[start..end].copy_from_slice(&v),
+            (CpuStorage::F16(o), CpuStorage::F16(v)) => o[start..end].copy_from_slice(&v),
+            (CpuStorage::BF16(o), CpuStorage::BF16(v)) => o[start..end].copy_from_slice(&v),
+            _ => candle_core::bail!("lowrank-add: out, z and M must share one float dtype"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        out: &mut candle_core::CudaStorage,
+        lo: &Layout,
+        z: &candle_core::CudaStorage,
+        lz: &Layout,
+        m: &candle_core::CudaStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::lowrank_add(self, out, lo, z, lz, m, lm)
+    }
+}

@@ -1,0 +1,87 @@
+//! Fused kernels, Rust side. Each op lives in its own file beside its CUDA source in `kernels/`,
+//! with a plain CPU reference of the same math that the tests check against the unfused candle
+//! computation (values and gradients), and that `candle-peft selftest` checks the CUDA kernel
+//! against on the GPU.
+//!
+//! | op | CUDA | what it fuses |
+//! |---|---|---|
+//! | [`lowrank_add`] | `kernels/lowrank_add.cu`, cuBLAS | `out += s · (z Mᵀ) ⊙ mask` in place, no [T, d] product |
+//! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward |
+//! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
+//! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
+//!
+//! Training takes the fused ops whenever the tensors live on a CUDA device, unless
+//! [`set_unfused`] (the CLI's `--unfused`) or `CANDLE_PEFT_UNFUSED=1` asks for the plain candle
+//! ops, which stay the reference and the fallback. On the CPU the plain candle ops are used: the
+//! references here are loops, written to be read, not to be fast.
+
+pub mod control_branch;
+pub mod lora_linear;
+pub mod lowrank_add;
+pub mod row_norms;
+pub mod selftest;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+
+pub use control_branch::control_branch;
+pub use lora_linear::lora_linear;
+pub use lowrank_add::lowrank_add;
+pub use row_norms::row_norms;
+
+static UNFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Use the plain candle ops even on CUDA (the reference path, for comparison and debugging).
+pub fn set_unfused(unfused: bool) {
+    UNFUSED.store(unfused, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels handle tensors like `t`: on CUDA, in f32 / f16 / bf16, unless the
+/// unfused path was asked for.
+pub fn fused_for(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && !UNFUSED.load(Ordering::Relaxed)
+        && std::env::var_os("CANDLE_PEFT_UNFUSED").is_none_or(|v| v == "0")
+}
+
+/// The values of a contiguous CPU tensor storage as f64 (the references compute in f64).
+fn cpu_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f64>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the input must be contiguous")
+    };
+    Ok(match s {
+        CpuStorage::F64(v) => v[start..end].to_vec(),
+        CpuStorage::F32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
+        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// f64 values back into a CPU storage of `dtype`.
+fn cpu_storage(v: Vec<f64>, dtype: DType) -> candle_core::Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F64 => CpuStorage::F64(v),
+        DType::F32 => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
+        other => candle_core::bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// The values of a tensor (any device, any float dtype) as f64, row-major.
+fn tensor_values(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
+
+/// `[..., n]` as `[rows, n]`.
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let cols = l.dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / cols.max(1), cols)
+}

@@ -1,0 +1,213 @@
+//! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
+//! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward.
+//!
+//! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
+//! device computes in that dtype, the reference in f64 on the same values. The error reported is
+//! normwise: `max |got − ref| / max |ref|` over each output (the abs column is `max |got − ref|`).
+//! Bounds: 1e-5 in f32, 1e-2 in f16 and bf16.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::lowrank_add::Factor;
+use super::{control_branch, lora_linear, lowrank_add, row_norms};
+use crate::Result;
+
+/// One checked output of one kernel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub kernel: String,
+    pub dtype: String,
+    pub shape: String,
+    pub output: String,
+    pub max_abs: f64,
+    pub rel: f64,
+    pub bound: f64,
+    pub pass: bool,
+}
+
+fn bound(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+struct Case<'a> {
+    device: &'a Device,
+    dtype: DType,
+    rng: StdRng,
+    checks: Vec<Check>,
+}
+
+impl Case<'_> {
+    /// Random values rounded to the dtype under test, as an f64 CPU tensor.
+    fn draw(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * std as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?)
+    }
+
+    fn mask(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| if self.rng.random::<f64>() < 0.9 { 1.0 / 0.9 } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?)
+    }
+
+    fn on_device(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(self.dtype)?.to_device(self.device)?)
+    }
+
+    fn record(&mut self, kernel: &str, shape: &str, output: &str, got: &Tensor, reference: &Tensor) -> Result<()> {
+        let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let max_abs = (&got - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE);
+        let rel = max_abs / scale;
+        let bound = bound(self.dtype);
+        self.checks.push(Check {
+            kernel: kernel.into(),
+            dtype: format!("{:?}", self.dtype).to_lowercase(),
+            shape: shape.into(),
+            output: output.into(),
+            max_abs,
+            rel,
+            bound,
+            pass: rel.is_finite() && rel <= bound,
+        });
+        Ok(())
+    }
+
+    /// An odd size in [lo, hi].
+    fn odd(&mut self, lo: usize, hi: usize) -> usize {
+        self.rng.random_range(lo..=hi) | 1
+    }
+}
+
+/// Forward and the gradients of every input, for `f` on tensors on `device`, with the output
+/// weighted by `weights` before summing (so that each output element gets its own gradient).
+fn forward_backward(
+    device: &Device,
+    dtype: DType,
+    inputs: &[&Tensor],
+    weights: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)).collect::<candle_core::Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors)?;
+    let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let loss = (y.to_dtype(acc)? * weights.to_dtype(acc)?.to_device(device)?)?.sum_all()?;
+    let grads = loss.backward()?;
+    let g = tensors
+        .iter()
+        .map(|t| grads.get(t).cloned().ok_or_else(|| crate::Error::msg("selftest: an input got no gradient")))
+        .collect::<Result<_>>()?;
+    Ok((y, g))
+}
+
+fn lora_cases(c: &mut Case, with_dropout: bool) -> Result<()> {
+    let (t, d_in, d_out, r) = (c.odd(65, 300), c.odd(65, 700), c.odd(65, 700), c.odd(1, 70));
+    let s = 1.7;
+    let kernel = if with_dropout { "lora_linear+dropout" } else { "lora_linear" };
+    let shape = format!("T{t} in{d_in} out{d_out} r{r}");
+    let (x, w) = (c.draw(&[t, d_in], 1.0)?, c.draw(&[d_out, d_in], 0.1)?);
+    let (a, b) = (c.draw(&[r, d_in], 0.1)?, c.draw(&[d_out, r], 0.1)?);
+    let weights = c.draw(&[t, d_out], 1.0)?;
+    let mask = if with_dropout { Some(c.mask(&[t, d_in])?) } else { None };
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = w.to_dtype(dtype)?.to_device(device)?;
+        let mask = mask.as_ref().map(|m| m.to_dtype(dtype)?.to_device(device)).transpose()?;
+        forward_backward(device, dtype, &[&x, &a, &b], &weights, &|v| lora_linear(&v[0], &w, &v[1], &v[2], s, mask.as_ref()))
+    };
+    let (y, g) = run(c.device, c.dtype)?;
+    let (y_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+    c.record(kernel, &shape, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dx", "dA", "dB"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record(kernel, &shape, name, got, reference)?;
+    }
+    Ok(())
+}
+
+fn control_case(c: &mut Case) -> Result<()> {
+    let (t, d, r) = (c.odd(65, 400), c.odd(65, 700), c.odd(1, 70));
+    let shape = format!("T{t} d{d} r{r}");
+    let (base, z, b) = (c.draw(&[t, d], 1.0)?, c.draw(&[t, r], 1.0)?, c.draw(&[d, r], 0.1)?);
+    let weights = c.draw(&[t, d], 1.0)?;
+    let f = |v: &[Tensor]| control_branch(&v[0], &v[1], &v[2], 0.8);
+    let (y, g) = forward_backward(c.device, c.dtype, &[&base, &z, &b], &weights, &f)?;
+    let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &[&base, &z, &b], &weights, &f)?;
+    c.record("control_branch", &shape, "out", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dbase", "dz", "dB"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("control_branch", &shape, name, got, reference)?;
+    }
+    Ok(())
+}
+
+fn lowrank_cases(c: &mut Case) -> Result<()> {
+    for (factor, masked) in [(Factor::Rows, false), (Factor::Rows, true), (Factor::Transposed, true)] {
+        let (rows, cols, r) = (c.odd(65, 400), c.odd(65, 700), c.odd(1, 70));
+        let kernel = format!("lowrank_add {}{}", if factor == Factor::Rows { "zBᵀ" } else { "zA" }, if masked { " masked" } else { "" });
+        let shape = format!("{rows}x{cols} r{r}");
+        let out = c.draw(&[rows, cols], 1.0)?;
+        let z = c.draw(&[rows, r], 1.0)?;
+        let m = if factor == Factor::Rows { c.draw(&[cols, r], 0.1)? } else { c.draw(&[r, cols], 0.1)? };
+        let mask = if masked { Some(c.mask(&[rows, cols])?) } else { None };
+        let got = c.on_device(&out)?;
+        let dev_mask = mask.as_ref().map(|m| c.on_device(m)).transpose()?;
+        lowrank_add(&got, &c.on_device(&z)?, &c.on_device(&m)?, factor, dev_mask.as_ref(), 0.9)?;
+        let reference = out.copy()?;
+        lowrank_add(&reference, &z, &m, factor, mask.as_ref(), 0.9)?;
+        c.record(&kernel, &shape, "out", &got, &reference)?;
+    }
+    Ok(())
+}
+
+fn row_norms_case(c: &mut Case) -> Result<()> {
+    let (rows, cols, r) = (c.odd(65, 500), c.odd(65, 900), c.odd(1, 70));
+    let (w, b, a) = (c.draw(&[rows, cols], 1.0)?, c.draw(&[rows, r], 0.2)?, c.draw(&[r, cols], 0.2)?);
+    let got = row_norms(&c.on_device(&w)?, &b.to_dtype(DType::F32)?.to_device(c.device)?, &a.to_dtype(DType::F32)?.to_device(c.device)?, 0.5)?;
+    let reference = row_norms(&w, &b, &a, 0.5)?.to_dtype(DType::F64)?;
+    c.record("dora row_norms", &format!("{rows}x{cols} r{r}"), "n", &got, &reference)
+}
+
+/// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
+pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
+    if !device.is_cuda() {
+        return Err(crate::Error::msg("selftest compares the CUDA kernels with their CPU references: it needs a CUDA device"));
+    }
+    let mut checks = Vec::new();
+    for (i, dtype) in [DType::F32, DType::F16, DType::BF16].into_iter().enumerate() {
+        let mut case = Case { device, dtype, rng: StdRng::seed_from_u64(seed + i as u64), checks: Vec::new() };
+        for _ in 0..rounds {
+            lowrank_cases(&mut case)?;
+            lora_cases(&mut case, false)?;
+            lora_cases(&mut case, true)?;
+            control_case(&mut case)?;
+            row_norms_case(&mut case)?;
+        }
+        checks.extend(case.checks);
+    }
+    Ok(checks)
+}
+
+/// The pass/fail table.
+pub fn table(checks: &[Check]) -> String {
+    let mut s = format!("{:<28} {:<5} {:<26} {:<6} {:>11} {:>11} {:>7}  result\n", "kernel", "dtype", "shape", "output", "max abs", "rel", "bound");
+    for c in checks {
+        s += &format!(
+            "{:<28} {:<5} {:<26} {:<6} {:>11.3e} {:>11.3e} {:>7.0e}  {}\n",
+            c.kernel,
+            c.dtype,
+            c.shape,
+            c.output,
+            c.max_abs,
+            c.rel,
+            c.bound,
+            if c.pass { "pass" } else { "FAIL" }
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    s += &format!("{} checks, {} failed\n", checks.len(), failed);
+    s
+}

@@ -1,0 +1,146 @@
+//! The fused ops' CPU references (src/kernels/) against the unfused candle computations they
+//! replace: same values and same gradients, on odd sizes (no multiple of any tile), with and
+//! without dropout masks. `candle-peft selftest` checks the CUDA kernels against these references.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::kernels::lowrank_add::Factor;
+use candle_peft::kernels::{control_branch, lora_linear, lowrank_add, row_norms};
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// A dropout mask with keep probability 0.8, already divided by 0.8.
+fn mask(shape: &[usize]) -> Tensor {
+    let u = Tensor::rand(0f64, 1.0, shape, &Device::Cpu).unwrap();
+    (u.lt(0.8).unwrap().to_dtype(DType::F64).unwrap() / 0.8).unwrap()
+}
+
+fn xwt(x: &Tensor, w: &Tensor) -> Tensor {
+    x.matmul(&w.t().unwrap()).unwrap()
+}
+
+#[test]
+fn lowrank_add_matches_the_dense_product_for_both_factor_layouts() {
+    let (rows, cols, r) = (67, 45, 5);
+    let z = randn(&[rows, r]);
+    for (factor, m) in [(Factor::Rows, randn(&[cols, r])), (Factor::Transposed, randn(&[r, cols]))] {
+        let dense_m = if factor == Factor::Rows { m.clone() } else { m.t().unwrap() };
+        for with_mask in [false, true] {
+            let base = randn(&[rows, cols]);
+            let mk = with_mask.then(|| mask(&[rows, cols]));
+            let mut expected = (xwt(&z, &dense_m) * 1.7).unwrap();
+            if let Some(mk) = &mk {
+                expected = (expected * mk).unwrap();
+            }
+            let expected = (&base + expected).unwrap();
+            let out = base.copy().unwrap();
+            lowrank_add(&out, &z, &m, factor, mk.as_ref(), 1.7).unwrap();
+            assert!(max_diff(&out, &expected) < 1e-12, "{factor:?} mask {with_mask}: {}", max_diff(&out, &expected));
+        }
+    }
+}
+
+#[test]
+fn lowrank_add_rejects_factors_that_do_not_fit() {
+    let out = Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap();
+    let z = Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
+    let m = Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap();
+    let e = lowrank_add(&out, &z, &m, Factor::Rows, None, 1.0).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "{e}");
+}
+
+#[test]
+fn row_norms_equal_the_norms_of_the_materialised_weight() {
+    let (rows, cols, r) = (37, 53, 7);
+    let (w, b, a) = (randn(&[rows, cols]), randn(&[rows, r]), randn(&[r, cols]));
+    let got = row_norms(&w, &b, &a, 0.6).unwrap();
+    assert_eq!(got.dtype(), DType::F32);
+    let v = (&w + (b.matmul(&a).unwrap() * 0.6).unwrap()).unwrap();
+    let expected = v.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    let diff = max_diff(&got.to_dtype(DType::F64).unwrap(), &expected);
+    let scale = expected.max(0).unwrap().to_scalar::<f64>().unwrap();
+    assert!(diff / scale < 1e-6, "{diff}");
+}
+
+/// The fused LoRA linear against `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` in plain candle ops, for the
+/// output and the gradients of x, A and B.
+fn check_lora_linear(with_mask: bool) {
+    let (b, t, d_in, d_out, r, s) = (2, 19, 33, 27, 6, 1.9);
+    let x = Var::from_tensor(&randn(&[b, t, d_in])).unwrap();
+    let w = randn(&[d_out, d_in]);
+    let a = Var::from_tensor(&randn(&[r, d_in])).unwrap();
+    let bb = Var::from_tensor(&randn(&[d_out, r])).unwrap();
+    let mk = with_mask.then(|| mask(&[b, t, d_in]));
+    let weights = randn(&[b, t, d_out]);
+
+    let fused = lora_linear(x.as_tensor(), &w, a.as_tensor(), bb.as_tensor(), s, mk.as_ref()).unwrap();
+    let xd = match &mk {
+        Some(m) => (x.as_tensor() * m).unwrap(),
+        None => x.as_tensor().clone(),
+    };
+    let x2 = x.as_tensor().reshape((b * t, d_in)).unwrap();
+    let xd2 = xd.reshape((b * t, d_in)).unwrap();
+    let branch = xwt(&xwt(&xd2, a.as_tensor()), bb.as_tensor());
+    let unfused = (xwt(&x2, &w) + (branch * s).unwrap()).unwrap().reshape((b, t, d_out)).unwrap();
+    assert!(max_diff(&fused, &unfused) < 1e-10, "forward: {}", max_diff(&fused, &unfused));
+
+    let g_fused = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_unfused = (unfused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("A", &a), ("B", &bb)] {
+        let (gf, gu) = (g_fused.get(v.as_tensor()).unwrap(), g_unfused.get(v.as_tensor()).unwrap());
+        assert!(max_diff(gf, gu) < 1e-10, "d{name} (mask {with_mask}): {}", max_diff(gf, gu));
+    }
+}
+
+#[test]
+fn fused_lora_linear_equals_the_unfused_graph_with_gradients() {
+    check_lora_linear(false);
+}
+
+#[test]
+fn fused_lora_linear_with_dropout_equals_the_unfused_graph_with_gradients() {
+    check_lora_linear(true);
+}
+
+#[test]
+fn fused_control_branch_equals_the_unfused_graph_with_gradients() {
+    let (b, t, d, r, alpha) = (3, 11, 29, 5, 0.7);
+    let base = Var::from_tensor(&randn(&[b, t, d])).unwrap();
+    let z = Var::from_tensor(&randn(&[b, t, r])).unwrap();
+    let bb = Var::from_tensor(&randn(&[d, r])).unwrap();
+    let weights = randn(&[b, t, d]);
+    let fused = control_branch(base.as_tensor(), z.as_tensor(), bb.as_tensor(), alpha).unwrap();
+    let z2 = z.as_tensor().reshape((b * t, r)).unwrap();
+    let branch = (xwt(&z2, bb.as_tensor()) * alpha).unwrap().reshape((b, t, d)).unwrap();
+    let unfused = (base.as_tensor() + branch).unwrap();
+    assert!(max_diff(&fused, &unfused) < 1e-12);
+    let g_fused = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_unfused = (unfused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("base", &base), ("z", &z), ("B", &bb)] {
+        let (gf, gu) = (g_fused.get(v.as_tensor()).unwrap(), g_unfused.get(v.as_tensor()).unwrap());
+        assert!(max_diff(gf, gu) < 1e-11, "d{name}: {}", max_diff(gf, gu));
+    }
+}
+
+#[test]
+fn fused_ops_keep_the_input_dtype() {
+    let x = Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let a = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (4, 2), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let y = lora_linear(&x, &w, &a, &b, 2.0, None).unwrap();
+    assert_eq!((y.dtype(), y.dims()), (DType::BF16, &[5usize, 4][..]));
+    let reference = (xwt(&x.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap())
+        + (xwt(&xwt(&x.to_dtype(DType::F32).unwrap(), &a.to_dtype(DType::F32).unwrap()), &b.to_dtype(DType::F32).unwrap()) * 2.0)
+            .unwrap())
+    .unwrap();
+    let diff = (y.to_dtype(DType::F32).unwrap() - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff / scale < 1e-2, "bf16 relative error {}", diff / scale);
+}
