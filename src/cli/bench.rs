@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,10 @@ pub struct MethodReport {
     /// Peak resident memory over the resident memory once the model was loaded.
     pub peak_extra_mib: f64,
     pub peak_rss_mib: f64,
+    /// On CUDA: the peak of device memory in use over its level once the model was loaded
+    /// (sampled every millisecond: candle keeps no allocator statistics).
+    #[serde(default)]
+    pub gpu_peak_extra_mib: Option<f64>,
     /// Mean over the steps after the first (the first one also pays for first-touch allocations).
     pub step_seconds: f64,
     pub tokens_per_second: f64,
@@ -37,8 +41,9 @@ pub struct MethodReport {
 fn shape(name: &str) -> Result<LlamaConfig> {
     match name {
         "smollm2" => Ok(LlamaConfig::smollm2_135m()),
+        "llama2-7b" => Ok(LlamaConfig::llama2_7b()),
         "tiny" => Ok(LlamaConfig::tiny(512)),
-        other => Err(Error::msg(format!("unknown shape `{other}` (smollm2, tiny)"))),
+        other => Err(Error::msg(format!("unknown shape `{other}` (smollm2, llama2-7b, tiny)"))),
     }
 }
 
@@ -50,27 +55,29 @@ fn proc_status_mib(field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<TrainBatch> {
+fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) -> Result<TrainBatch> {
     let mut rng = StdRng::seed_from_u64(seed);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(3..vocab as u32)).collect();
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     Ok(TrainBatch {
-        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        input_ids: Tensor::from_vec(ids, (b, t), device)?,
         mask: vec![vec![1; t]; b],
-        labels: Tensor::from_vec(labels, (b, t), &Device::Cpu)?,
+        labels: Tensor::from_vec(labels, (b, t), device)?,
     })
 }
 
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
-    let mut model = Llama::random(shape(&args.run.shape)?, 0, DType::F32, &Device::Cpu)?;
-    let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1)?;
+    let device = super::parse_device(&args.run.device)?;
+    let mut model = Llama::random(shape(&args.run.shape)?, 0, super::parse_dtype(&args.run.dtype)?, &device)?;
+    let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1, &device)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;
     if let AdapterConfig::Eva(eva) = &mut adapter {
         initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
     }
     let baseline = proc_status_mib("VmRSS")?;
+    let gpu = GpuMemory::start(&device)?;
     let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0) };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
     configure_trainer(&mut trainer, &model, &adapter)?;
@@ -85,12 +92,14 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
     let optimizer_state_bytes = trainer.optimizer.state_tensors()?.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
     let peak = proc_status_mib("VmHWM")?;
+    let gpu_peak_extra_mib = gpu.map(GpuMemory::finish).transpose()?;
     let report = MethodReport {
         method: args.adapter.method.clone(),
         trainable_params: model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum(),
         optimizer_state_bytes,
         peak_extra_mib: peak - baseline,
         peak_rss_mib: peak,
+        gpu_peak_extra_mib,
         step_seconds,
         tokens_per_second: (args.run.batch * args.run.seq) as f64 / step_seconds,
         first_loss: losses[0],
@@ -107,7 +116,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     let mut reports = Vec::new();
     for name in &names {
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape])
+        cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
             .args(adapter_flags(&args.adapter));
         let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;
@@ -143,8 +152,19 @@ fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
 
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
     let mut s = format!(
-        "shape {}, batch {} x {}, f32, CPU, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
-        args.run.shape, args.run.batch, args.run.seq, args.run.steps, "method", "trainable", "optim MiB", "peak +MiB", "s/step", "tok/s"
+        "shape {}, batch {} x {}, {}, {}, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
+        args.run.shape,
+        args.run.batch,
+        args.run.seq,
+        args.run.dtype,
+        args.run.device,
+        args.run.steps,
+        "method",
+        "trainable",
+        "optim MiB",
+        if args.run.device == "cpu" { "peak +MiB" } else { "GPU peak +MiB" },
+        "s/step",
+        "tok/s"
     );
     for r in reports {
         s += &format!(
@@ -152,10 +172,62 @@ fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
             r.method,
             r.trainable_params,
             r.optimizer_state_bytes as f64 / 1048576.0,
-            r.peak_extra_mib,
+            r.gpu_peak_extra_mib.unwrap_or(r.peak_extra_mib),
             r.step_seconds,
             r.tokens_per_second
         );
     }
     s
+}
+
+/// The peak of device memory in use while training runs, sampled on a thread.
+struct GpuMemory {
+    #[cfg(feature = "cuda")]
+    sampler: Option<(std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<Result<usize>>, usize)>,
+}
+
+impl GpuMemory {
+    /// None on devices other than CUDA.
+    #[cfg(feature = "cuda")]
+    fn start(device: &Device) -> Result<Option<Self>> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let Device::Cuda(dev) = device else { return Ok(None) };
+        device.synchronize()?;
+        let ctx = dev.cuda_stream().context().clone();
+        let used = move || -> Result<usize> {
+            let (free, total) = ctx.mem_get_info().map_err(|e| Error::msg(format!("cuMemGetInfo: {e}")))?;
+            Ok(total - free)
+        };
+        let baseline = used()?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || -> Result<usize> {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(used()?);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(peak.max(used()?))
+        });
+        Ok(Some(Self { sampler: Some((stop, handle, baseline)) }))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start(_device: &Device) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    /// Stops sampling; the peak over the baseline in MiB.
+    #[cfg(feature = "cuda")]
+    fn finish(mut self) -> Result<f64> {
+        let (stop, handle, baseline) = self.sampler.take().expect("started");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = handle.join().map_err(|_| Error::msg("the GPU memory sampler panicked"))??;
+        Ok(peak.saturating_sub(baseline) as f64 / 1048576.0)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn finish(self) -> Result<f64> {
+        Err(Error::msg("no GPU memory sampler without the `cuda` feature"))
+    }
 }

@@ -454,9 +454,15 @@ pub struct BenchStepArgs {
 /// The model and batch every method of a benchmark runs on.
 #[derive(Args, Debug, Clone)]
 pub struct BenchRunArgs {
-    /// smollm2 (SmolLM2-135M's shape) or tiny, with random weights.
+    /// smollm2 (SmolLM2-135M's shape), llama2-7b or tiny, with random weights.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The frozen weights' dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]

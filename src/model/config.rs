@@ -173,6 +173,27 @@ impl LlamaConfig {
         }
     }
 
+    /// LLaMA-2-7B's shape (the PyTorch + PEFT anchors' model), for benchmarks with random weights.
+    pub fn llama2_7b() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 32,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            pad_token_id: Some(0),
+        }
+    }
+
     /// A tiny model for tests and the demo.
     pub fn tiny(vocab_size: usize) -> Self {
         Self {
