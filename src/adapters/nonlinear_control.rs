@@ -15,6 +15,11 @@
 //! down is kaiming-uniform (a = √5, U(±1/√d)) with a zero bias, up and its bias are zero, so
 //! U = 0 and C = 0 at init. Rank r = `control_rank` (64, hard-coded in the seed).
 //!
+//! Computed in rank space, exactly: with `D' = [down(s), 1]` [t, r + 1] and `P = [W_up | b_up]`
+//! [d, r + 1], `U = D' Pᵀ`, so `U Uᵀ = D' (Pᵀ P) D'ᵀ` and `C = (softmax(U Uᵀ + M) D' + D') Pᵀ`.
+//! The scores cost t²·(r + 1) multiply-adds instead of t²·d (d = 4096 on LLaMA-7B, r + 1 = 65),
+//! and backward keeps [t, r + 1] tensors where the direct form keeps several [t, d] ones.
+//!
 //! Departure from the seed: the ViT has no causality, but a causal LM must not let token i see
 //! tokens j > i (training would leak the next token into the prediction of it). M is therefore
 //! the model's attention mask: causal, padding keys masked, and a padding query sees itself only
@@ -27,7 +32,7 @@
 //! `base_model.model.model.layers.N.mlp_control.{down_proj,up_proj}.{weight,bias}` (the seed's
 //! `down_proj`/`up_proj`).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
@@ -75,32 +80,40 @@ impl NonlinearControl {
         })
     }
 
-    /// `U = up(down(s))` in x's dtype.
-    fn u(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `D' = [down(s), 1]` [b, t, r + 1] in the accumulation dtype: U = D' Pᵀ.
+    fn lowrank(&self, x: &Tensor, acc: DType, train: bool) -> Result<Tensor> {
         let s = match &self.norm {
             Some((w, eps)) => ops::rms_norm(x, w, *eps, train)?,
             None => x.clone(),
         };
         let cast = |v: &Var| v.as_tensor().to_dtype(x.dtype());
-        let d = matmul_t(&s, &cast(&self.down_w)?)?.broadcast_add(&cast(&self.down_b)?)?;
-        Ok(matmul_t(&d, &cast(&self.up_w)?)?.broadcast_add(&cast(&self.up_b)?)?)
+        let d = matmul_t(&s, &cast(&self.down_w)?)?.broadcast_add(&cast(&self.down_b)?)?.to_dtype(acc)?;
+        let mut ones_shape = d.dims().to_vec();
+        *ones_shape.last_mut().expect("[b, t, r]") = 1;
+        Ok(Tensor::cat(&[&d, &Tensor::ones(ones_shape, acc, d.device())?], D::Minus1)?)
     }
 }
 
 impl BlockControl for NonlinearControl {
+    /// In rank space (see the module doc): the token mixing costs t²·(r + 1) instead of t²·d,
+    /// and what backward keeps is [b, t, r + 1], not [b, t, d].
     fn forward(&self, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        let u = self.u(x, train)?;
-        let keys = match ctx.past_input {
-            Some(past) => Tensor::cat(&[&self.u(past, train)?, &u], 1)?,
-            None => u.clone(),
-        };
         let acc = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let (q, k) = (u.to_dtype(acc)?, keys.to_dtype(acc)?);
+        let dq = self.lowrank(x, acc, train)?;
+        let dk = match ctx.past_input {
+            Some(past) => Tensor::cat(&[&self.lowrank(past, acc, train)?, &dq], 1)?,
+            None => dq.clone(),
+        };
+        // P = [W_up | b_up] [d, r + 1] and G = Pᵀ P, so that U Uᵀ = D' G D'ᵀ.
+        let p = Tensor::cat(&[self.up_w.as_tensor(), &self.up_b.as_tensor().unsqueeze(1)?], 1)?.to_dtype(acc)?;
+        let g = p.t()?.matmul(&p)?;
         // The attention bias as a 0 / -1e30 mask in the accumulation dtype ([b, t, past + t]).
         let mask = (ctx.bias.squeeze(1)?.lt(0f64)?.to_dtype(acc)? * -1e30)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&mask)?;
-        let mixed = ops::softmax_last_dim(&scores, train)?.matmul(&k)?;
-        Ok((mixed.to_dtype(x.dtype())? + u)?)
+        let scores = dq.broadcast_matmul(&g)?.matmul(&dk.t()?.contiguous()?)?.broadcast_add(&mask)?;
+        let mixed = ops::softmax_last_dim(&scores, train)?.matmul(&dk)?;
+        // C = softmax(U Uᵀ) U + U = (mixed + D') Pᵀ, the product in x's dtype.
+        let sum = (mixed + dq)?.to_dtype(x.dtype())?;
+        Ok(matmul_t(&sum, &p.to_dtype(x.dtype())?)?)
     }
 
     fn params(&self) -> Vec<(String, Var)> {
