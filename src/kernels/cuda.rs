@@ -18,6 +18,7 @@ use super::row_norms::RowNorms;
 
 pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowrank_add.ptx"));
 pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
+pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -63,7 +64,7 @@ macro_rules! with_kernel_type {
 }
 
 /// The contiguous elements of a CUDA storage under `layout`.
-fn view<'a, T: KernelType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
         None => bail!("{what}: the input must be contiguous"),
@@ -286,5 +287,85 @@ pub(super) fn control_branch(alpha: f64, (base, l_base): Arg, (z, lz): Arg, (b, 
         launch_lowrank_add::<T>(&dev, &mut ov, Some(&basev), &zv, &bv, None, (t, d, r), Factor::Rows, alpha)?;
         drop(ov);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l_base.shape().clone()))
+    })
+}
+
+/// The stored-dtype code of `kernels/nf4.cu` (0 f32, 1 f16, 2 bf16).
+fn nf4_stored(w: &crate::quant::Nf4Tensor) -> Result<i32> {
+    match w.dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        other => bail!("NF4 on the GPU: stored dtype {other:?} (f32, f16 or bf16 expected)"),
+    }
+}
+
+/// Runs `f` with the device views of an NF4 tensor's buffers.
+fn with_nf4_views<R>(
+    w: &crate::quant::Nf4Tensor,
+    f: impl FnOnce(&CudaDevice, [&CudaView<'_, u8>; 2], [&CudaView<'_, f32>; 2]) -> Result<R>,
+) -> Result<R> {
+    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (packed_s, packed_l) = b.packed.storage_and_layout();
+    let (absq_s, absq_l) = b.absmax_q.storage_and_layout();
+    let (scales_s, scales_l) = b.scales.storage_and_layout();
+    let (tables_s, tables_l) = b.tables.storage_and_layout();
+    let packed = cuda_storage(&packed_s, "nf4 packed")?;
+    let dev = packed.device().clone();
+    let packed = view::<u8>(packed, packed_l, "nf4 packed")?;
+    let absq = view::<u8>(cuda_storage(&absq_s, "nf4 absmax")?, absq_l, "nf4 absmax")?;
+    let scales = view::<f32>(cuda_storage(&scales_s, "nf4 scales")?, scales_l, "nf4 scales")?;
+    let tables = view::<f32>(cuda_storage(&tables_s, "nf4 tables")?, tables_l, "nf4 tables")?;
+    f(&dev, [&packed, &absq], [&scales, &tables])
+}
+
+/// NF4 dequantize on the device (`nf4_dequantize_*`).
+pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Result<Tensor> {
+    let n = w.elem_count();
+    let stored = nf4_stored(w)?;
+    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (offset, double, blocksize, nested) = (b.offset, b.double_quant as i32, w.blocksize as i32, b.nested_blocksize as i32);
+    with_kernel_type!(dtype, T, {
+        with_nf4_views(w, |dev, [packed, absq], [scales, tables]| {
+            // SAFETY: the kernel writes every one of the n elements.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let func = dev.get_or_load_custom_func(&format!("nf4_dequantize_{}", T::SUFFIX), "nf4", NF4_PTX)?;
+            let threads = n.div_ceil(16);
+            let cfg = LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let n_i = n as i64;
+            let mut builder = func.builder();
+            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&offset).arg(&double).arg(&blocksize).arg(&nested);
+            builder.arg(&n_i).arg(&stored).arg(&out);
+            // SAFETY: matches `nf4_dequantize_*`'s signature; the buffers hold what w's shape needs.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(wrap(out, dev, w.shape.as_slice()))
+        })
+    })
+}
+
+/// The batch-1 NF4 GEMV on the device (`nf4_gemv_*`): x holds `in` values, y gets `out`.
+pub(super) fn nf4_gemv(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let stored = nf4_stored(w)?;
+    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (offset, double, blocksize, nested) = (b.offset, b.double_quant as i32, w.blocksize as i32, b.nested_blocksize as i32);
+    let (x_s, x_l) = x.storage_and_layout();
+    let x_s = cuda_storage(&x_s, "nf4 gemv x")?;
+    with_kernel_type!(x.dtype(), T, {
+        let xv = view::<T>(x_s, x_l, "nf4 gemv x")?;
+        with_nf4_views(w, |dev, [packed, absq], [scales, tables]| {
+            // SAFETY: one warp writes each of the `rows` outputs.
+            let y = unsafe { dev.alloc::<T>(rows)? };
+            let func = dev.get_or_load_custom_func(&format!("nf4_gemv_{}", T::SUFFIX), "nf4", NF4_PTX)?;
+            const ROWS_PER_BLOCK: usize = 8;
+            let cfg = LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
+            let (rows_i, cols_i) = (rows as i32, cols as i32);
+            let mut builder = func.builder();
+            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&offset).arg(&double).arg(&blocksize).arg(&nested);
+            builder.arg(&rows_i).arg(&cols_i).arg(&stored).arg(&xv).arg(&y);
+            // SAFETY: matches `nf4_gemv_*`'s signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(wrap(y, dev, rows))
+        })
     })
 }

@@ -9,6 +9,7 @@
 //! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward |
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
+//! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
 //!
 //! Training takes the fused ops whenever the tensors live on a CUDA device, unless
 //! [`set_unfused`] (the CLI's `--unfused`) or `CANDLE_PEFT_UNFUSED=1` asks for the plain candle
@@ -18,6 +19,7 @@
 pub mod control_branch;
 pub mod lora_linear;
 pub mod lowrank_add;
+pub mod nf4;
 pub mod row_norms;
 pub mod selftest;
 

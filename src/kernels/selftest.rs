@@ -171,6 +171,24 @@ fn row_norms_case(c: &mut Case) -> Result<()> {
     c.record("dora row_norms", &format!("{rows}x{cols} r{r}"), "n", &got, &reference)
 }
 
+fn nf4_cases(c: &mut Case) -> Result<()> {
+    let (rows, cols) = (c.odd(65, 300), c.odd(33, 400) * 2 + 16 * c.rng.random_range(0..2usize));
+    let w = c.draw(&[rows, cols], 0.05)?.to_dtype(c.dtype)?;
+    for double_quant in [false, true] {
+        let mut q = crate::quant::Nf4Tensor::quantize(&w, 64, double_quant)?;
+        let reference = q.dequantize_reference(c.dtype)?.to_dtype(DType::F64)?;
+        q.device = c.device.clone();
+        let shape = format!("{rows}x{cols}{}", if double_quant { " dq" } else { "" });
+        let got = q.dequantize(c.dtype)?;
+        c.record("nf4 dequantize", &shape, "W", &got, &reference)?;
+        let x = c.draw(&[1, cols], 1.0)?;
+        let y = super::nf4::gemv(&q, &c.on_device(&x)?)?;
+        let y_ref = x.matmul(&reference.t()?)?;
+        c.record("nf4 gemv", &shape, "y", &y, &y_ref)?;
+    }
+    Ok(())
+}
+
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
 pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
     if !device.is_cuda() {
@@ -185,6 +203,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             lora_cases(&mut case, true)?;
             control_case(&mut case)?;
             row_norms_case(&mut case)?;
+            nf4_cases(&mut case)?;
         }
         checks.extend(case.checks);
     }

@@ -66,9 +66,16 @@ impl FrozenLinear {
         self.dims()[1]
     }
 
-    /// `x Wᵀ` for x of shape [..., in]. NF4 (CPU reference): dequantize, then the dense matmul.
-    /// W is a constant for autograd, so backward computes only `dx = dy · dequant(W)`.
+    /// `x Wᵀ` for x of shape [..., in]. NF4: dequantize, then the dense matmul; W is a constant
+    /// for autograd, so backward computes only `dx = dy · dequant(W)`. One untracked row of x on
+    /// a GPU (decoding) takes the NF4 GEMV kernel, which reads the packed codes directly.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let BaseWeight::Nf4 { weight, .. } = &self.weight {
+            let single_row = x.elem_count() == self.in_features();
+            if single_row && x.device().is_cuda() && !x.track_op() && crate::kernels::fused_for(x) {
+                return crate::kernels::nf4::gemv(weight, x);
+            }
+        }
         matmul_t(x, &*self.weight()?)
     }
 }

@@ -29,8 +29,11 @@
 //! quant) or four (plain f32 absmax), plus 4 bytes per 256 blocks, the offset and the code tables
 //! (see [`Nf4Tensor::storage_bytes`]). A LLaMA-2-7B's linears: 3.11 GiB (`tests/nf4.rs`).
 //!
-//! The buffers live on the host; [`Nf4Tensor::dequantize`] computes on the CPU and moves the dense
-//! result to `device` (a CUDA dequantize kernel is separate work).
+//! The buffers live on the host; on a GPU they are also uploaded once, and the kernels of
+//! `kernels/nf4.cu` (src/kernels/nf4.rs) dequantize them there and run the batch-1 GEMV of
+//! decoding straight from the packed codes.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -126,6 +129,22 @@ pub struct Nf4Tensor {
     pub absmax: Absmax,
     /// Where dequantized tensors are put.
     pub device: Device,
+    /// The buffers on `device` when it is a GPU, uploaded on first use (`kernels/nf4.cu`).
+    pub(crate) on_device: Arc<OnceLock<Nf4DeviceBuffers>>,
+}
+
+/// The NF4 buffers as the CUDA kernels read them (`kernels/nf4.cu`): packed codes (u8), the
+/// 8-bit absmax codes (u8; one unused byte without double quantization), the f32 scales
+/// (nested_absmax, or the plain absmax), and the NF4 code followed by the nested code (f32, 272).
+#[derive(Debug, Clone)]
+pub struct Nf4DeviceBuffers {
+    pub packed: Tensor,
+    pub absmax_q: Tensor,
+    pub scales: Tensor,
+    pub tables: Tensor,
+    pub offset: f32,
+    pub double_quant: bool,
+    pub nested_blocksize: usize,
 }
 
 fn check_blocksize(blocksize: usize) -> Result<()> {
@@ -213,6 +232,7 @@ impl Nf4Tensor {
             packed,
             absmax,
             device: w.device().clone(),
+            on_device: Default::default(),
         })
     }
 
@@ -253,10 +273,49 @@ impl Nf4Tensor {
     }
 
     /// The dequantized matrix in its stored dtype (what `dequantize_4bit` returns), converted to
-    /// `dtype`, on `self.device`. Costs a dense matrix: 2 or 4 bytes per weight.
+    /// `dtype`, on `self.device`. Costs a dense matrix: 2 or 4 bytes per weight. On a GPU the
+    /// kernel of `kernels/nf4.cu` reads the packed buffers there; elsewhere this CPU reference.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        if self.device.is_cuda() {
+            return crate::kernels::nf4::dequantize(self, dtype);
+        }
+        self.dequantize_reference(dtype)
+    }
+
+    /// The CPU reference of [`Self::dequantize`], whatever the device.
+    pub fn dequantize_reference(&self, dtype: DType) -> Result<Tensor> {
         let t = Tensor::from_vec(self.dequantize_f32(), self.shape.as_slice(), &Device::Cpu)?;
         Ok(t.to_dtype(self.dtype)?.to_dtype(dtype)?.to_device(&self.device)?)
+    }
+
+    /// The buffers on `self.device`, uploaded once.
+    pub fn device_buffers(&self) -> Result<&Nf4DeviceBuffers> {
+        if let Some(b) = self.on_device.get() {
+            return Ok(b);
+        }
+        let dev = &self.device;
+        let f32s = |v: &[f32]| Tensor::new(v, dev);
+        let (absmax_q, scales, offset, double_quant, nested_blocksize) = match &self.absmax {
+            Absmax::F32(a) => (Tensor::zeros(1, DType::U8, dev)?, f32s(a)?, 0.0, false, 1),
+            Absmax::Double { quantized, nested_absmax, offset, nested_blocksize, .. } => {
+                (Tensor::new(quantized.as_slice(), dev)?, f32s(nested_absmax)?, *offset, true, *nested_blocksize)
+            }
+        };
+        let mut tables = self.code.clone();
+        match &self.absmax {
+            Absmax::Double { nested_code, .. } => tables.extend_from_slice(nested_code),
+            Absmax::F32(_) => tables.extend_from_slice(&[0.0; 256]),
+        }
+        let buffers = Nf4DeviceBuffers {
+            packed: Tensor::new(self.packed.as_slice(), dev)?,
+            absmax_q,
+            scales,
+            tables: f32s(&tables)?,
+            offset,
+            double_quant,
+            nested_blocksize,
+        };
+        Ok(self.on_device.get_or_init(|| buffers))
     }
 
     /// Bytes of the quantized storage: packed codes, the scales, the nested scales and offset,
@@ -404,6 +463,7 @@ impl Nf4Tensor {
             packed,
             absmax,
             device: device.clone(),
+            on_device: Default::default(),
         };
         t.validate().map_err(bad)?;
         Ok(t)

@@ -1,0 +1,122 @@
+// NF4 (bitsandbytes' 4-bit NormalFloat) dequantize and batch-1 GEMV, straight from the packed
+// weights. The format (src/quant/nf4.rs has the full description and the CPU reference):
+//
+//   packed     [ceil(n/2)] u8   two 4-bit codes per byte over the row-major flattened matrix,
+//                               the first value in the high nibble
+//   absmax_q   [blocks]    u8   double quantization: the 8-bit code of (absmax − offset) per block
+//   scales     [...]       f32  double: nested_absmax, one per `nested` blocks; plain: absmax
+//   tables     [16 + 256]  f32  the NF4 code, then the signed dynamic map of the nested codes
+//
+//   absmax_b = tables[16 + absmax_q[b]] · scales[b / nested] + offset      (double)
+//            = scales[b]                                                   (plain)
+//   w[e]     = tables[code(e)] · absmax_{e / blocksize}, rounded to the stored dtype
+//
+// Products and sums use __fmul_rn / __fadd_rn so that nvcc does not contract them into FMAs:
+// the values are then bit-identical to the CPU reference (and to bitsandbytes').
+//
+// Dequantize: one thread per 16 values (8 packed bytes, one uint2 load; 16 divides every
+// bitsandbytes block size, so one scale per thread), 2 x 16-byte stores for half types.
+// GEMV: one warp per output row, 16 values per lane per step, f32 accumulation, a warp sum.
+
+#include "common.cuh"
+
+// Rounds v to the weights' stored dtype (0 f32, 1 f16, 2 bf16), as the reference does before
+// converting to the requested dtype.
+__device__ __forceinline__ float round_stored(float v, int stored) {
+    if (stored == 1) return __half2float(__float2half_rn(v));
+    if (stored == 2) return __bfloat162float(__float2bfloat16_rn(v));
+    return v;
+}
+
+__device__ __forceinline__ float block_absmax(long long b, const uint8_t* absmax_q, const float* scales,
+                                              const float* tables, float offset, int double_quant, int nested) {
+    if (!double_quant) return scales[b];
+    return __fadd_rn(__fmul_rn(tables[16 + absmax_q[b]], scales[b / nested]), offset);
+}
+
+__device__ __forceinline__ int nibble(const uint8_t* packed, long long e) {
+    uint8_t byte = packed[e >> 1];
+    return (e & 1) ? (byte & 0xF) : (byte >> 4);
+}
+
+template <typename T>
+__device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax_q, const float* scales,
+                               const float* tables, float offset, int double_quant, int blocksize, int nested,
+                               long long n, int stored, T* out) {
+    long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 16;
+    if (first >= n) return;
+    float absmax = block_absmax(first / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
+    if (first + 16 <= n) {
+        uint2 raw = *reinterpret_cast<const uint2*>(packed + first / 2);
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+        __align__(16) T vals[16];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            vals[2 * i] = from_f32<T>(round_stored(__fmul_rn(tables[bytes[i] >> 4], absmax), stored));
+            vals[2 * i + 1] = from_f32<T>(round_stored(__fmul_rn(tables[bytes[i] & 0xF], absmax), stored));
+        }
+        // 16 values of T are 32 (half types) or 64 (f32) bytes: whole 16-byte stores.
+        const uint4* src = reinterpret_cast<const uint4*>(vals);
+        uint4* dst = reinterpret_cast<uint4*>(out + first);
+#pragma unroll
+        for (int i = 0; i < (int)(16 * sizeof(T) / 16); ++i) dst[i] = src[i];
+    } else {
+        for (long long e = first; e < n; ++e)
+            out[e] = from_f32<T>(round_stored(__fmul_rn(tables[nibble(packed, e)], absmax), stored));
+    }
+}
+
+template <typename T>
+__device__ void nf4_gemv(const uint8_t* packed, const uint8_t* absmax_q, const float* scales, const float* tables,
+                         float offset, int double_quant, int blocksize, int nested, int rows, int cols, int stored,
+                         const T* x, T* y) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    long long base = (long long)row * cols;
+    float acc = 0.f;
+    if (cols % 16 == 0) {
+        for (int c = lane * 16; c < cols; c += 32 * 16) {
+            long long e = base + c;
+            float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
+            uint2 raw = *reinterpret_cast<const uint2*>(packed + e / 2);
+            const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float w0 = round_stored(__fmul_rn(tables[bytes[i] >> 4], absmax), stored);
+                float w1 = round_stored(__fmul_rn(tables[bytes[i] & 0xF], absmax), stored);
+                acc = fmaf(w0, to_f32(x[c + 2 * i]), acc);
+                acc = fmaf(w1, to_f32(x[c + 2 * i + 1]), acc);
+            }
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) {
+            long long e = base + c;
+            float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
+            float w = round_stored(__fmul_rn(tables[nibble(packed, e)], absmax), stored);
+            acc = fmaf(w, to_f32(x[c]), acc);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = from_f32<T>(acc);
+}
+
+#define NF4_KERNELS(SUFFIX, T)                                                                               \
+    extern "C" __global__ void nf4_dequantize_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,      \
+                                                       const float* scales, const float* tables, float offset, \
+                                                       int double_quant, int blocksize, int nested,         \
+                                                       long long n, int stored, T* out) {                   \
+        nf4_dequantize<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, n, stored, \
+                          out);                                                                             \
+    }                                                                                                       \
+    extern "C" __global__ void nf4_gemv_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,            \
+                                                 const float* scales, const float* tables, float offset,    \
+                                                 int double_quant, int blocksize, int nested, int rows,     \
+                                                 int cols, int stored, const T* x, T* y) {                  \
+        nf4_gemv<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows, cols,   \
+                    stored, x, y);                                                                          \
+    }
+
+NF4_KERNELS(f32, float)
+NF4_KERNELS(f16, __half)
+NF4_KERNELS(bf16, __nv_bfloat16)
