@@ -159,7 +159,12 @@ pub fn render_line_chart(chart: &LineChart) -> std::result::Result<Vec<u8>, Stri
     check_size(chart.size)?;
     let (xmin, xmax) = bounds(finite.iter().map(|p| p.0));
     let (xmin, xmax) = widen_if_flat(xmin, xmax);
-    let x_ticks = ticks(xmin, xmax, axis_tick_count(chart.size.0 as f64, 110.0));
+    // Whole-number x (steps, epochs): no ticks between them.
+    let mut x_target = axis_tick_count(chart.size.0 as f64, 110.0);
+    if finite.iter().all(|p| p.0.fract() == 0.0) {
+        x_target = x_target.min((xmax - xmin).round().max(1.0) as usize);
+    }
+    let x_ticks = ticks(xmin, xmax, x_target);
     let (ylo, yhi, y_ticks) = match chart.y_range {
         Some((lo, hi)) => check_range(lo, hi).map(|(lo, hi)| (lo, hi, ticks(lo, hi, axis_tick_count(chart.size.1 as f64, 60.0))))?,
         None => {
@@ -176,7 +181,9 @@ pub fn render_line_chart(chart: &LineChart) -> std::result::Result<Vec<u8>, Stri
     let mut frame = Frame::new(chart.size, &chart.title, &legend, &chart.x_label, &chart.y_label, &y_ticks, (0.0, 0.0));
     let area = frame.area;
     frame.draw_y_axis(ylo, yhi, &y_ticks);
-    let fx = |x: f64| area.x0 + (x - xmin) / (xmax - xmin) * area.width();
+    // The data stops short of the left and right edges, so end markers show whole.
+    let inset = 6.0;
+    let fx = |x: f64| area.x0 + inset + (x - xmin) / (xmax - xmin) * (area.width() - 2.0 * inset);
     let fy = |y: f64| area.y1 - (y - ylo) / (yhi - ylo) * area.height();
     for &t in &x_ticks {
         let x = fx(t).floor();
