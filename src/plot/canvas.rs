@@ -11,6 +11,7 @@ use std::io::Write;
 use noto_sans_mono_bitmap::{get_raster, get_raster_width, FontWeight, RasterHeight};
 
 pub type Rgb = [u8; 3];
+pub type Point = (f64, f64);
 
 /// An axis-aligned rectangle in pixels: `x0 <= x < x1`, `y0 <= y < y1`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +143,7 @@ impl Canvas {
 
     /// Stroke the segments with an anti-aliased pen of `width` pixels. Coverage is the maximum
     /// over the segments, not a sum, so joints and overlaps of one stroke are not darker.
-    pub fn stroke(&mut self, segments: &[((f64, f64), (f64, f64))], width: f64, color: Rgb) {
+    pub fn stroke(&mut self, segments: &[(Point, Point)], width: f64, color: Rgb) {
         let half = width / 2.0;
         let mut coverage: std::collections::HashMap<(i64, i64), f64> = Default::default();
         for &((ax, ay), (bx, by)) in segments {

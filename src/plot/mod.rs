@@ -287,6 +287,9 @@ pub fn render_bar_chart(chart: &BarChart) -> std::result::Result<Vec<u8>, String
     let group = slot * 0.8;
     let bar = group / n_ser as f64;
     let base = fy(0.0_f64.clamp(ylo, yhi));
+    if ylo < 0.0 && yhi > 0.0 {
+        frame.canvas.hairline((area.x0, base.floor()), (area.x1 - 1.0, base.floor()), AXIS);
+    }
     for (c, cat) in chart.categories.iter().enumerate() {
         let centre = area.x0 + slot * (c as f64 + 0.5);
         let below = area.y1 + TICK + 3.0;
@@ -367,11 +370,11 @@ fn nice_step(span: f64, target: usize) -> f64 {
     let raw = span / target.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
     let f = raw / mag;
-    let nice = if f <= 1.0 {
+    let nice = if f <= 1.0 + 1e-9 {
         1.0
-    } else if f <= 2.0 {
+    } else if f <= 2.0 + 1e-9 {
         2.0
-    } else if f <= 5.0 {
+    } else if f <= 5.0 + 1e-9 {
         5.0
     } else {
         10.0
@@ -381,7 +384,10 @@ fn nice_step(span: f64, target: usize) -> f64 {
 
 /// Round-numbered ticks inside [lo, hi].
 fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
-    let step = nice_step(hi - lo, target);
+    ticks_every(lo, hi, nice_step(hi - lo, target))
+}
+
+fn ticks_every(lo: f64, hi: f64, step: f64) -> Vec<f64> {
     let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
     (first..=last).map(|k| k as f64 * step).collect()
@@ -391,7 +397,7 @@ fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
 fn loose(lo: f64, hi: f64, target: usize) -> (f64, f64, Vec<f64>) {
     let step = nice_step(hi - lo, target);
     let (lo, hi) = ((lo / step + 1e-9).floor() * step, (hi / step - 1e-9).ceil() * step);
-    (lo, hi, ticks(lo, hi, ((hi - lo) / step).round() as usize))
+    (lo, hi, ticks_every(lo, hi, step))
 }
 
 /// Enough decimals to tell neighbouring ticks apart, and no more.
@@ -417,7 +423,13 @@ fn value_label(v: f64) -> String {
     } else {
         ((-a.log10().floor()) as usize + 2).min(9)
     };
-    format!("{v:.decimals$}")
+    let text = format!("{v:.decimals$}");
+    if a < 1.0 && text.contains('.') {
+        // 0.610 -> 0.61: below one, trailing zeros only add width.
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -543,7 +555,7 @@ mod tests {
     fn ticks_are_round_and_inside() {
         assert_eq!(ticks(0.0, 100.0, 5), vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
         assert_eq!(ticks(1.0, 300.0, 6), vec![50.0, 100.0, 150.0, 200.0, 250.0, 300.0]);
-        let (lo, hi, t) = loose(0.83, 2.31, 6);
+        let (lo, hi, t) = loose(0.83, 2.31, 8);
         assert!((lo - 0.8).abs() < 1e-12 && (hi - 2.4).abs() < 1e-12, "{lo} {hi}");
         assert_eq!(t.len(), 9);
         assert_eq!(tick_label(t[1], &t), "1.0");
@@ -555,6 +567,7 @@ mod tests {
         assert_eq!(value_label(55.0), "55.0");
         assert_eq!(value_label(100.0), "100");
         assert_eq!(value_label(0.01234), "0.0123");
-        assert_eq!(value_label(3.14159), "3.14");
+        assert_eq!(value_label(0.610), "0.61");
+        assert_eq!(value_label(4.5678), "4.57");
     }
 }
