@@ -3,6 +3,7 @@
 //! Layout: `model` (the trainable LLaMA), `adapters` (one file per method, injected by name),
 //! `loading` (Hugging Face directories, the hub cache, GGUF), `data` (LLM-Adapters format),
 //! `training` (optimizer, schedule, loop, checkpoints), `eval` (generation, answer extraction),
+//! `plot` (PNG charts),
 //! `cli` (the `candle-peft` command).
 
 pub mod adapters;
@@ -16,6 +17,7 @@ pub mod fsutil;
 pub mod kernels;
 pub mod loading;
 pub mod model;
+pub mod plot;
 pub mod quant;
 pub mod training;
 

@@ -53,11 +53,13 @@ fn finetune_eval_generate_merge() {
     let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 3);
     assert!(metrics.contains("eval_loss"));
+    assert!(d.join("run/loss.png").is_file(), "finetune draws its loss curve");
 
     let out = cli(&["eval", "--model", &p("model"), "--adapter", &p("run"), "--dataset-dir", &p("dataset"), "--tasks", "winogrande", "--max-new-tokens", "6", "--output", &p("acc.json")]);
     assert!(out.contains("winogrande"), "{out}");
     let acc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("acc.json")).unwrap()).unwrap();
     assert!(acc.to_string().contains("winogrande"), "{acc}");
+    assert!(d.join("acc.png").is_file(), "eval draws its accuracy chart: {out}");
 
     cli(&["generate", "--model", &p("model"), "--adapter", &p("run"), "--prompt", "She painted the old door", "--max-new-tokens", "4", "--num-beams", "2"]);
 

@@ -31,6 +31,12 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(super::BenchCommand::Step(args)) => super::bench::step(&args),
         Command::Bench(super::BenchCommand::Kernels(args)) => super::bench_kernels::kernels(&args).map(|_| ()),
         Command::Selftest(args) => selftest(&args),
+        Command::Plot(args) => {
+            for path in super::plot_cmd::plot(&args)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }
@@ -112,6 +118,13 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
     })?;
     println!("{}", serde_json::to_string_pretty(&summary).map_err(|e| Error::msg(e.to_string()))?);
     println!("adapter written to {}", args.output_dir.display());
+    // The adapter is safe on disk by now: a chart that cannot be drawn is worth a warning only.
+    let png = args.output_dir.join("loss.png");
+    let label = args.output_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    match crate::plot::runs::write_run_loss_chart(&args.output_dir.join("metrics.jsonl"), &label, &png) {
+        Ok(()) => println!("loss curve written to {}", png.display()),
+        Err(e) => eprintln!("warning: no loss chart: {e}"),
+    }
     Ok(())
 }
 

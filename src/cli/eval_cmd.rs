@@ -50,6 +50,12 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         let text = serde_json::to_string_pretty(&predictions).map_err(|e| Error::msg(e.to_string()))?;
         crate::fsutil::write_file_atomic(&preds, text.as_bytes())?;
         println!("wrote {} and {}", path.display(), preds.display());
+        let png = path.with_extension("png");
+        let label = path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        match crate::plot::bar_chart(&png, &crate::plot::runs::accuracy_chart(&[(label, report.clone())])) {
+            Ok(()) => println!("wrote {}", png.display()),
+            Err(e) => eprintln!("warning: no accuracy chart: {e}"),
+        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The `candle-peft` command: finetune, eval, generate, merge, convert, data, demo.
+//! The `candle-peft` command: finetune, eval, generate, merge, convert, data, bench, plot, demo.
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
 pub mod bench;
@@ -6,6 +6,7 @@ pub mod bench_kernels;
 pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
+pub mod plot_cmd;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,8 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// PNG charts: loss curves from finetune's metrics.jsonl, accuracy bars from eval's JSON.
+    Plot(plot_cmd::PlotArgs),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
     /// Check every CUDA kernel against its CPU reference (forward and backward, f32/f16/bf16,
