@@ -122,6 +122,7 @@ fn from_fixture(t: &HashMap<String, Tensor>, name: &str, c: &serde_json::Value) 
         packed: u8s(&t[&format!("{name}.packed")]),
         absmax,
         device: Device::Cpu,
+        on_device: Default::default(),
     }
 }
 

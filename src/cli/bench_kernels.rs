@@ -203,6 +203,44 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
         .map_err(|e| Error::msg(e.to_string()))?;
         crate::fsutil::write_file_atomic(path, json.as_bytes())?;
         println!("wrote {}", path.display());
+        let png = path.with_extension("png");
+        crate::plot::bar_chart(&png, &chart(&rows, &args.dtype, &args.device))?;
+        println!("wrote {}", png.display());
     }
     Ok(rows)
+}
+
+/// Each op and shape a group, each variant a bar: time over the frozen linear (LoRA) or over the
+/// unfused graph (the other ops), so 1.0 is the bar to beat.
+fn chart(rows: &[KernelTiming], dtype: &str, device: &str) -> crate::plot::BarChart {
+    let mut categories: Vec<String> = Vec::new();
+    let mut variants: Vec<String> = Vec::new();
+    for r in rows {
+        let cat = format!("{} {}", r.op, r.shape);
+        if !categories.contains(&cat) {
+            categories.push(cat);
+        }
+        if !variants.contains(&r.variant) {
+            variants.push(r.variant.clone());
+        }
+    }
+    let series = variants
+        .iter()
+        .map(|v| {
+            let values = categories
+                .iter()
+                .map(|c| rows.iter().find(|r| &r.variant == v && &format!("{} {}", r.op, r.shape) == c).map_or(f64::NAN, |r| r.ratio))
+                .collect();
+            (v.clone(), values)
+        })
+        .collect();
+    crate::plot::BarChart {
+        title: format!("fused kernels, forward + backward, {dtype} on {device} (time ratio, lower is better)"),
+        y_label: "time / frozen linear (LoRA), / unfused (others)".into(),
+        categories,
+        series,
+        value_labels: true,
+        size: (1600, 640),
+        ..Default::default()
+    }
 }

@@ -130,7 +130,7 @@ pub struct Nf4Tensor {
     /// Where dequantized tensors are put.
     pub device: Device,
     /// The buffers on `device` when it is a GPU, uploaded on first use (`kernels/nf4.cu`).
-    pub(crate) on_device: Arc<OnceLock<Nf4DeviceBuffers>>,
+    pub on_device: Arc<OnceLock<Nf4DeviceBuffers>>,
 }
 
 /// The NF4 buffers as the CUDA kernels read them (`kernels/nf4.cu`): packed codes (u8), the
