@@ -4,7 +4,8 @@
 //! For the LoRA linear each shape reports the frozen linear (`x Wᵀ` forward and `dx` backward,
 //! W constant), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops) and the fused op, with
 //! their ratios to the frozen linear and the achieved TFLOP/s. The control branch
-//! (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against unfused. Every timed
+//! (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against unfused; NF4 dequantize and
+//! the batch-1 GEMV report GB/s (ratio: over dequantize-then-matmul). Every timed
 //! iteration ends with a device synchronisation; the figure is the median over iterations. The
 //! backward is seeded with ones (candle's `backward`), in every variant alike.
 
@@ -26,6 +27,10 @@ pub struct KernelTiming {
     /// Time over the frozen linear's (LoRA rows) or over the unfused variant's (other ops).
     pub ratio: f64,
     pub tflops: Option<f64>,
+    /// NF4 rows: GB/s, counted as `qlora_anchor.py` counts them (dequantize: packed bytes read
+    /// plus the bf16 matrix written; GEMV: packed bytes read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
 }
 
 /// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
@@ -111,6 +116,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
                 ms,
                 ratio: ms / frozen,
                 tflops: Some(flops / (ms * 1e-3) / 1e12),
+                gbps: None,
             });
         }
     }
@@ -137,7 +143,7 @@ fn control_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mu
         let unfused = time(device, args.warmup, args.iters, || run(false))?;
         let fused = time(device, args.warmup, args.iters, || run(true))?;
         for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None });
+            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None });
         }
     }
     Ok(())
@@ -160,17 +166,57 @@ fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
             Ok(())
         })?;
         for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None });
+            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None });
         }
     }
     Ok(())
 }
 
+/// NF4 dequantize and GEMV: GB/s, and the GEMV against dequantize-then-matmul.
+fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let mut shapes = dims(args)?;
+    shapes.push((16384, 16384));
+    for (cols, rows) in shapes {
+        let shape = format!("{rows}x{cols}");
+        let w = crate::quant::Nf4Tensor::quantize(&randn(&[rows, cols], 0.02, dtype, &Device::Cpu)?, 64, true)?;
+        let w = crate::quant::Nf4Tensor { device: device.clone(), ..w };
+        let packed = w.packed.len() as f64;
+        let n = w.elem_count() as f64;
+        let x = randn(&[1, cols], 1.0, dtype, device)?;
+        let dequant = time(device, args.warmup, args.iters, || {
+            w.dequantize(dtype)?;
+            Ok(())
+        })?;
+        let gemv = time(device, args.warmup, args.iters, || {
+            kernels::nf4::gemv(&w, &x)?;
+            Ok(())
+        })?;
+        let dense = time(device, args.warmup, args.iters, || {
+            x.matmul(&w.dequantize(dtype)?.t()?)?;
+            Ok(())
+        })?;
+        let row = |variant: &str, ms: f64, bytes: f64| KernelTiming {
+            op: "nf4".into(),
+            shape: shape.clone(),
+            variant: variant.into(),
+            ms,
+            ratio: ms / dense,
+            tflops: None,
+            gbps: Some(bytes / (ms * 1e-3) / 1e9),
+        };
+        out.push(row("dequantize", dequant, packed + n * dtype.size_in_bytes() as f64));
+        out.push(row("gemv", gemv, packed));
+        out.push(row("dequant+matmul", dense, packed));
+    }
+    Ok(())
+}
+
 pub fn table(rows: &[KernelTiming]) -> String {
-    let mut s = format!("{:<16} {:<26} {:<14} {:>9} {:>7} {:>8}\n", "op", "shape", "variant", "ms", "ratio", "TFLOP/s");
+    let mut s = format!("{:<16} {:<26} {:<14} {:>9} {:>7} {:>8} {:>8}\n", "op", "shape", "variant", "ms", "ratio", "TFLOP/s", "GB/s");
     for r in rows {
         let tflops = r.tflops.map_or("-".to_string(), |v| format!("{v:.1}"));
-        s += &format!("{:<16} {:<26} {:<14} {:>9.3} {:>7.3} {:>8}\n", r.op, r.shape, r.variant, r.ms, r.ratio, tflops);
+        let gbps = r.gbps.map_or("-".to_string(), |v| format!("{v:.0}"));
+        s += &format!("{:<16} {:<26} {:<14} {:>9.3} {:>7.3} {:>8} {:>8}\n", r.op, r.shape, r.variant, r.ms, r.ratio, tflops, gbps);
     }
     s
 }
@@ -184,13 +230,14 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
         ));
     }
     let mut rows = Vec::new();
-    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora"] } else { args.ops.iter().map(String::as_str).collect() };
+    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora", "nf4"] } else { args.ops.iter().map(String::as_str).collect() };
     for op in ops {
         match op {
             "lora" => lora_rows(args, &device, dtype, &mut rows)?,
             "control" => control_rows(args, &device, dtype, &mut rows)?,
             "dora" => dora_rows(args, &device, dtype, &mut rows)?,
-            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora)"))),
+            "nf4" => nf4_rows(args, &device, dtype, &mut rows)?,
+            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora, nf4)"))),
         }
     }
     print!("{}", table(&rows));

@@ -410,7 +410,7 @@ pub struct BenchKernelsArgs {
     pub device: String,
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Which ops: lora, control, dora (default: all).
+    /// Which ops: lora, control, dora, nf4 (default: all).
     #[arg(long, value_delimiter = ',')]
     pub ops: Vec<String>,
     /// Linear shapes IN x OUT (also the DoRA weights, and the control width from the first).
