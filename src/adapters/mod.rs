@@ -505,12 +505,12 @@ pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device:
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
 }
 
-/// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
-/// before each forward, so a mask depends only on the adapter's seed and the position in
-/// training, and a resumed run draws the masks the uninterrupted run would have drawn. Per
-/// thread: trainers running side by side (the test harness runs tests in parallel) must not
-/// change each other's masks.
 thread_local! {
+    /// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
+    /// before each forward, so a mask depends only on the adapter's seed and the position in
+    /// training, and a resumed run draws the masks the uninterrupted run would have drawn. Per
+    /// thread: trainers running side by side (the test harness runs tests in parallel) must not
+    /// change each other's masks.
     static DROPOUT_KEY: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 

@@ -3,6 +3,8 @@
 //! candle-nn's fast `rms_norm`, `softmax_last_dim` and `rope` are custom ops without a backward
 //! pass, so gradients would silently stop at them. Training goes through the formulations below,
 //! made of ops that candle can differentiate; inference may take the fused ops (`train == false`).
+//! Training on the CPU in f32/f64 takes the custom ops of `fused.rs` instead, which keep only what
+//! their backward needs; the compositions here are their reference and the other devices' path.
 
 use candle_core::{DType, Device, Tensor, D};
 
