@@ -302,7 +302,7 @@ impl CustomOp1 for RopeHeads {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t, nd) = layout.shape().dims3()?;
         let n = self.heads;
-        if n == 0 || nd % n != 0 || (nd / n) % 2 != 0 {
+        if n == 0 || !nd.is_multiple_of(n) || !(nd / n).is_multiple_of(2) {
             candle_core::bail!("{}: width {nd} is not {n} heads of an even size", self.name());
         }
         let d = nd / n;
@@ -384,7 +384,7 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, t, d) = l1.shape().dims4()?;
         let (bk, g, s, dk) = l2.shape().dims4()?;
-        if bk != b || dk != d || g == 0 || h % g != 0 || l3.shape() != l2.shape() {
+        if bk != b || dk != d || g == 0 || !h.is_multiple_of(g) || l3.shape() != l2.shape() {
             candle_core::bail!("{}: q {:?}, k {:?}, v {:?} do not fit", self.name(), l1.shape(), l2.shape(), l3.shape());
         }
         if self.bias.dims() != [b, 1, t, s] {
