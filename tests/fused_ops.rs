@@ -1,8 +1,12 @@
 //! The fused CPU ops against the plain candle compositions they replace: same values, same
-//! gradients (f64, random inputs, odd sizes, ignored labels).
+//! gradients (f64, random inputs, odd sizes, ignored labels, padding, grouped-query heads), and
+//! the fused gradients against central finite differences.
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::model::ops::{cross_entropy, cross_entropy_sum_reference, softmax_last_dim, softmax_last_dim_reference};
+use candle_peft::model::ops::{
+    attention, attention_bias, attention_reference, cross_entropy, cross_entropy_sum_reference, frozen_matmul_t, rms_norm,
+    rms_norm_reference, rope_heads, rope_heads_reference, softmax_last_dim, softmax_last_dim_reference, swiglu, swiglu_reference,
+};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
@@ -42,4 +46,129 @@ fn a_label_outside_the_vocabulary_is_an_error() {
     let labels = Tensor::new(&[1i64, 9], &Device::Cpu).unwrap();
     let e = cross_entropy(&logits, &labels).unwrap_err().to_string();
     assert!(e.contains("label 9"), "{e}");
+}
+
+fn randn(shape: &[usize], std: f64) -> Var {
+    Var::from_tensor(&Tensor::randn(0f64, std, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// `Σ f(inputs) ⊙ w` for a fixed random w: a scalar whose gradient is a random projection of
+/// the op's Jacobian.
+fn project(y: &Tensor, w: &Tensor) -> Tensor {
+    (y * w).unwrap().sum_all().unwrap()
+}
+
+/// The fused op (`fused`) and the composition (`reference`) of the same inputs: equal values
+/// and equal gradients for every input, and the fused gradients equal to central differences
+/// on a few entries of each input.
+fn check(inputs: &[&Var], fused: impl Fn(&[Tensor]) -> Tensor, reference: impl Fn(&[Tensor]) -> Tensor, tol: f64) {
+    let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let (yf, yr) = (fused(&xs), reference(&xs));
+    assert_eq!(yf.dims(), yr.dims());
+    assert!(max_diff(&yf, &yr) < tol, "values differ by {}", max_diff(&yf, &yr));
+    let w = Tensor::randn(0f64, 1.0, yf.shape(), &Device::Cpu).unwrap();
+    let gf = project(&yf, &w).backward().unwrap();
+    let gr = project(&yr, &w).backward().unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (a, b) = (gf.get(v.as_tensor()).expect("fused gradient"), gr.get(v.as_tensor()).expect("reference gradient"));
+        assert!(max_diff(a, b) < tol, "input {i}: gradients differ by {}", max_diff(a, b));
+        let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let n = a.len();
+        for idx in [0, n / 3, n / 2, n - 1] {
+            let eps = 1e-6;
+            let eval = |delta: f64| {
+                let xs: Vec<Tensor> = xs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, x)| {
+                        if j != i {
+                            return x.clone();
+                        }
+                        let mut d = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                        d[idx] += delta;
+                        Tensor::from_vec(d, x.shape(), &Device::Cpu).unwrap()
+                    })
+                    .collect();
+                project(&fused(&xs), &w).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!((numeric - a[idx]).abs() < 1e-6 * (1.0 + a[idx].abs()), "input {i}[{idx}]: analytic {}, numeric {numeric}", a[idx]);
+        }
+    }
+}
+
+#[test]
+fn fused_rms_norm_equals_reference_with_gradients() {
+    let (x, w) = (randn(&[2, 5, 7], 2.0), randn(&[7], 1.0));
+    check(&[&x, &w], |t| rms_norm(&t[0], &t[1], 1e-5, true).unwrap(), |t| rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(), 1e-12);
+}
+
+#[test]
+fn fused_swiglu_equals_reference_with_gradients() {
+    let (g, u) = (randn(&[3, 4, 6], 3.0), randn(&[3, 4, 6], 1.0));
+    check(&[&g, &u], |t| swiglu(&t[0], &t[1], true).unwrap(), |t| swiglu_reference(&t[0], &t[1]).unwrap(), 1e-12);
+}
+
+/// cos/sin tables [b, 1, t, d/2] of arbitrary angles.
+fn rope_tables(b: usize, t: usize, half: usize) -> (Tensor, Tensor) {
+    let angles = Tensor::randn(0f64, 2.0, (b, 1, t, half), &Device::Cpu).unwrap();
+    (angles.cos().unwrap(), angles.sin().unwrap())
+}
+
+#[test]
+fn fused_rope_heads_equals_reference_with_gradients() {
+    let (b, t, n, d) = (2, 5, 3, 6);
+    let x = randn(&[b, t, n * d], 1.0);
+    let (cos, sin) = rope_tables(b, t, d / 2);
+    check(&[&x], |t| rope_heads(&t[0], n, &cos, &sin, true).unwrap(), |t| rope_heads_reference(&t[0], n, &cos, &sin).unwrap(), 1e-12);
+}
+
+#[test]
+fn fused_attention_equals_reference_with_gradients() {
+    // Grouped-query (6 query heads on 2 key/value heads), one row left-padded by 3, one row
+    // with a pad in the middle: padding queries attend to themselves only.
+    let (b, h, g, t, d) = (2, 6, 2, 7, 4);
+    let mask = vec![vec![0, 0, 0, 1, 1, 1, 1], vec![1, 1, 0, 1, 1, 1, 1]];
+    let bias = attention_bias(&mask, t, DType::F64, &Device::Cpu).unwrap();
+    let (q, k, v) = (randn(&[b, h, t, d], 1.5), randn(&[b, g, t, d], 1.5), randn(&[b, g, t, d], 1.0));
+    check(
+        &[&q, &k, &v],
+        |x| attention(&x[0], &x[1], &x[2], &bias, true).unwrap(),
+        |x| attention_reference(&x[0], &x[1], &x[2], &bias).unwrap(),
+        1e-12,
+    );
+    // Without groups too.
+    let (k, v) = (randn(&[b, h, t, d], 1.0), randn(&[b, h, t, d], 1.0));
+    check(
+        &[&q, &k, &v],
+        |x| attention(&x[0], &x[1], &x[2], &bias, true).unwrap(),
+        |x| attention_reference(&x[0], &x[1], &x[2], &bias).unwrap(),
+        1e-12,
+    );
+}
+
+#[test]
+fn fused_attention_in_f32_matches_the_f64_reference() {
+    let (b, h, g, t, d) = (1, 4, 2, 9, 8);
+    let mask = vec![vec![0, 0, 1, 1, 1, 1, 1, 1, 1]];
+    let bias = attention_bias(&mask, t, DType::F32, &Device::Cpu).unwrap();
+    let (q, k, v) = (randn(&[b, h, t, d], 1.0), randn(&[b, g, t, d], 1.0), randn(&[b, g, t, d], 1.0));
+    let f32s = |v: &Var| v.as_tensor().to_dtype(DType::F32).unwrap();
+    let y32 = attention(&f32s(&q), &f32s(&k), &f32s(&v), &bias, true).unwrap().to_dtype(DType::F64).unwrap();
+    let y64 = attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias.to_dtype(DType::F64).unwrap()).unwrap();
+    assert!(max_diff(&y32, &y64) < 1e-5, "{}", max_diff(&y32, &y64));
+}
+
+#[test]
+fn frozen_matmul_equals_matmul_and_gives_no_weight_gradient() {
+    let x = randn(&[2, 3, 5], 1.0);
+    let w = Tensor::randn(0f64, 1.0, (4, 5), &Device::Cpu).unwrap();
+    check(
+        &[&x],
+        |t| frozen_matmul_t(&t[0], &w).unwrap(),
+        |t| candle_peft::model::linear::matmul_t(&t[0], &w).unwrap(),
+        1e-12,
+    );
+    let grads = frozen_matmul_t(x.as_tensor(), &w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none(), "no gradient is computed for the frozen weight");
 }

@@ -5,24 +5,32 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use candle_peft::adapters::{adapter_tensors, inject, AdapterConfig, LoraConfig, Targets};
+use candle_peft::adapters::{adapter_tensors, inject, AdaLoraConfig, AdapterConfig, LoraConfig, SiftConfig, Targets};
 use candle_peft::data::tokenize::{tokenize_example, TokenizeOptions, Tokenized};
 use candle_peft::model::{Llama, LlamaConfig};
 use candle_peft::training::run::{train, RunConfig};
 use candle_peft::training::{AdamWConfig, StepConfig};
 
+fn targets() -> Targets {
+    Targets::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])
+}
+
 fn setup() -> (Llama, AdapterConfig, Vec<Tokenized>) {
-    let (train_examples, _) = candle_peft::demo::task(0, 12);
-    let tok = candle_peft::demo::tokenizer(&train_examples).unwrap();
-    let mut model = Llama::random(LlamaConfig::tiny(tok.get_vocab_size(true)), 3, DType::F32, &Device::Cpu).unwrap();
     let cfg = AdapterConfig::Lora(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.1,
-        target_modules: Targets::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+        target_modules: targets(),
         use_rslora: false,
         use_dora: false,
     });
+    setup_with(cfg)
+}
+
+fn setup_with(cfg: AdapterConfig) -> (Llama, AdapterConfig, Vec<Tokenized>) {
+    let (train_examples, _) = candle_peft::demo::task(0, 12);
+    let tok = candle_peft::demo::tokenizer(&train_examples).unwrap();
+    let mut model = Llama::random(LlamaConfig::tiny(tok.get_vocab_size(true)), 3, DType::F32, &Device::Cpu).unwrap();
     inject(&mut model, &cfg, 5).unwrap();
     let opts = TokenizeOptions::default();
     let data = train_examples[..40].iter().map(|e| tokenize_example(&tok, e, None, 2, &opts).unwrap()).collect();
@@ -70,4 +78,59 @@ fn resumed_run_equals_uninterrupted_run() {
     }
     let metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 6, "one line per step over both runs");
+}
+
+/// Train `cfg` for 6 steps in one go, and for 3 + 3 steps with a resume from the checkpoint in
+/// between (each leg a fresh model, as a new process would have): the adapters must be equal bit
+/// for bit. Returns the resumed run's output directory.
+fn assert_resume_is_exact(cfg: &AdapterConfig, tmp: &Path) -> std::path::PathBuf {
+    let (model, _, data) = setup_with(cfg.clone());
+    let (train_set, val_set) = data.split_at(32);
+    train(&model, cfg, train_set, val_set, &run_cfg(&tmp.join("whole"), 6, false), |_| 1.0).unwrap();
+    let expected = adapter_tensors(&model).unwrap();
+    let split = tmp.join("split");
+    let (model, _, _) = setup_with(cfg.clone());
+    train(&model, cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
+    let (model, _, _) = setup_with(cfg.clone());
+    train(&model, cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
+    let got = adapter_tensors(&model).unwrap();
+    assert_eq!(got.len(), expected.len());
+    for (name, t) in got {
+        let (a, b) = (t.flatten_all().unwrap(), expected[&name].flatten_all().unwrap());
+        let equal = match a.dtype() {
+            DType::U32 => a.to_vec1::<u32>().unwrap() == b.to_vec1::<u32>().unwrap(),
+            _ => {
+                let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+        };
+        assert!(equal, "{name} differs after resuming");
+    }
+    split
+}
+
+fn adalora(tinit: usize, tfinal: usize) -> AdapterConfig {
+    // total_step is fixed (not taken from the leg's step count): both legs share the schedule.
+    let mut c = AdaLoraConfig::new(targets(), 6, 2, 6);
+    c.tinit = tinit;
+    c.tfinal = tfinal;
+    AdapterConfig::AdaLora(c)
+}
+
+#[test]
+fn resumed_adalora_run_equals_uninterrupted_run() {
+    // Budgeting steps 2..4 around the checkpoint after step 3: the sensitivity averages cross it.
+    let tmp = tempfile::tempdir().unwrap();
+    let split = assert_resume_is_exact(&adalora(1, 1), tmp.path());
+    assert!(split.join("checkpoint/hook_state.safetensors").is_file());
+    // The final allocation at step 3 (0-based 2), before the checkpoint: the rank pattern crosses it.
+    let tmp = tempfile::tempdir().unwrap();
+    assert_resume_is_exact(&adalora(0, 4), tmp.path());
+}
+
+#[test]
+fn resumed_sift_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = AdapterConfig::Sift(SiftConfig { target_modules: targets(), sparse_rate: 0.2 });
+    assert_resume_is_exact(&cfg, tmp.path());
 }

@@ -21,7 +21,8 @@
 //!
 //! `total_step` (T) must be set (PEFT raises without it; the seed's script crashed on that).
 //! The saved file keeps every rank (masked E entries are zero), and `rank_pattern` is null.
-//! The allocator's EMA state is not part of the training checkpoint.
+//! The allocator's state (the EMAs, the final rank pattern) is part of the training checkpoint
+//! ([`StepHook::state_tensors`]), so a resumed run allocates exactly as an uninterrupted one.
 
 use std::collections::HashMap;
 
@@ -336,6 +337,63 @@ impl StepHook for AdaLoraHook {
             Some(s) => Some((s * (w / n as f64))?),
             None => None,
         })
+    }
+
+    /// `ema.<parameter>.ipt` / `.unc` (f32, the parameter's shape), `rank_pattern.<layer prefix>`
+    /// (u8 [r], 1 = kept) once fixed, and `last` (u32 [budget, masked]).
+    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, e) in &self.ema {
+            out.insert(format!("ema.{name}.ipt"), e.ipt.clone());
+            out.insert(format!("ema.{name}.unc"), e.unc.clone());
+        }
+        if let Some(pattern) = &self.rank_pattern {
+            for (l, keep) in self.layers.iter().zip(pattern) {
+                let m: Vec<u8> = keep.iter().map(|&k| u8::from(k)).collect();
+                out.insert(format!("rank_pattern.{}", l.prefix), Tensor::from_vec(m, keep.len(), &Device::Cpu)?);
+            }
+        }
+        if let Some((budget, masked)) = self.last {
+            out.insert("last".to_string(), Tensor::new(&[budget as u32, u32::from(masked)], &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.ema.clear();
+        for l in &self.layers {
+            for (suffix, var) in [("lora_A", &l.a), ("lora_B", &l.b), ("lora_E", &l.e)] {
+                let name = format!("{}.{suffix}", l.prefix);
+                let (Some(ipt), Some(unc)) = (tensors.get(&format!("ema.{name}.ipt")), tensors.get(&format!("ema.{name}.unc"))) else {
+                    continue;
+                };
+                if ipt.dims() != var.dims() || unc.dims() != var.dims() {
+                    return Err(Error::Adapter(format!("AdaLoRA checkpoint: the averages of `{name}` do not have its shape {:?}", var.dims())));
+                }
+                let load = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(var.device())?) };
+                self.ema.insert(name, Ema { ipt: load(ipt)?, unc: load(unc)? });
+            }
+        }
+        let mut pattern = Vec::new();
+        for l in &self.layers {
+            match tensors.get(&format!("rank_pattern.{}", l.prefix)) {
+                Some(t) => pattern.push(t.to_dtype(DType::U8)?.to_vec1::<u8>()?.into_iter().map(|k| k != 0).collect::<Vec<bool>>()),
+                None => break,
+            }
+        }
+        self.rank_pattern = match pattern.len() {
+            0 => None,
+            n if n == self.layers.len() => Some(pattern),
+            n => return Err(Error::Adapter(format!("AdaLoRA checkpoint: a rank pattern for {n} of {} layers", self.layers.len()))),
+        };
+        self.last = match tensors.get("last") {
+            Some(t) => {
+                let v = t.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                Some((v[0] as usize, v.get(1).is_some_and(|&m| m != 0)))
+            }
+            None => None,
+        };
+        Ok(())
     }
 
     fn after_update(&mut self, step: usize, grads: &HashMap<String, Tensor>) -> Result<()> {

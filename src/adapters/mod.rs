@@ -20,7 +20,6 @@ pub mod nonlinear_control;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -506,13 +505,17 @@ pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device:
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
 }
 
-/// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
-/// before each forward, so a mask depends only on the adapter's seed and the position in
-/// training, and a resumed run draws the masks the uninterrupted run would have drawn.
-static DROPOUT_KEY: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
+    /// before each forward, so a mask depends only on the adapter's seed and the position in
+    /// training, and a resumed run draws the masks the uninterrupted run would have drawn. Per
+    /// thread: trainers running side by side (the test harness runs tests in parallel) must not
+    /// change each other's masks.
+    static DROPOUT_KEY: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 pub fn set_dropout_key(step: usize, micro_batch: usize) {
-    DROPOUT_KEY.store(((step as u64) << 20) | micro_batch as u64, Ordering::Relaxed);
+    DROPOUT_KEY.with(|k| k.set(((step as u64) << 20) | micro_batch as u64));
 }
 
 /// Inverted dropout whose masks are a function of its seed and the dropout key.
@@ -540,7 +543,7 @@ impl Dropout {
             return Ok(None);
         }
         let keep = 1.0 - self.p;
-        let key = DROPOUT_KEY.load(Ordering::Relaxed);
+        let key = DROPOUT_KEY.with(std::cell::Cell::get);
         let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mask: Vec<f32> =
             (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();

@@ -1,5 +1,6 @@
-//! CPU custom ops with a hand-written backward, for the two places where candle's autograd keeps
-//! the most: the attention softmax and the loss over the vocabulary. Built from generic ops, each
+//! CPU custom ops with a hand-written backward, for the places where candle's autograd keeps the
+//! most: the attention softmax and the loss over the vocabulary, and (below) the whole attention
+//! core, RMSNorm, SwiGLU, the heads split with RoPE, and the frozen LM head. Built from generic ops, each
 //! would keep every intermediate (shifted scores, exponentials, sums; for the loss, four copies of
 //! the [tokens, vocab] logits). Here the softmax keeps its input and output, and the loss keeps
 //! only the logits (its backward recomputes the softmax).
@@ -8,8 +9,10 @@
 //! tests run in f64). The compositions in `ops.rs` are the reference these are tested against
 //! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes.
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
@@ -116,5 +119,358 @@ impl CustomOp2 for CrossEntropyRows {
         let grad = p.broadcast_mul(&dnll.unsqueeze(1)?)?;
         let grad = grad.scatter_add(&safe, &dnll.neg()?.unsqueeze(1)?, 1)?;
         Ok((Some(grad), None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops of the decoder layer. Each keeps, through candle's graph, only its inputs (which the
+// surrounding graph keeps anyway) and its output; what the backward needs beyond that is a
+// per-row statistic held in the op itself. The plain compositions in `ops.rs` would keep every
+// intermediate (RMSNorm: x², the normalised x; SwiGLU: silu(g); RoPE: the head-major copy, four
+// half-width products, their sums; attention: the GQA-expanded k and v, the scaled q, the scores,
+// the biased scores and the probabilities, each [b, h, t, t]).
+
+/// A contiguous tensor copied out of a CPU storage, for ops whose forward runs on candle ops.
+fn storage_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
+    let shape = l.shape().clone();
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(contiguous(v, l, what)?, shape, &Device::Cpu),
+        CpuStorage::F64(v) => Tensor::from_slice(contiguous(v, l, what)?, shape, &Device::Cpu),
+        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+/// The CPU storage of a (fresh, untracked) result tensor.
+fn tensor_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => CpuStorage::F32(t.to_vec1()?),
+        DType::F64 => CpuStorage::F64(t.to_vec1()?),
+        other => candle_core::bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// RMSNorm over the last dimension: `y = x · r ⊙ w`, `r = 1/√(mean(x²) + ε)` per row.
+/// Saves x (the graph's input) and, in the op, the per-row `r` [rows, 1].
+/// Backward, with `n = x·r`: `dw = Σ_rows dy ⊙ n`, `dx = r · (dn − n · mean(dn ⊙ n))`, `dn = dy ⊙ w`.
+pub struct RmsNorm {
+    eps: f64,
+    rstd: OnceLock<Tensor>,
+}
+
+impl RmsNorm {
+    pub fn new(eps: f64) -> Self {
+        Self { eps, rstd: OnceLock::new() }
+    }
+}
+
+fn rms_norm_rows<T: Float + WithDType>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let cols = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    let mut rstd = Vec::with_capacity(x.len() / cols.max(1));
+    let n = T::from(cols).expect("row length");
+    for row in x.chunks(cols) {
+        let ms = row.iter().fold(T::zero(), |s, &v| s + v * v) / n;
+        let r = (ms + T::from(eps).expect("eps")).sqrt().recip();
+        rstd.push(r);
+        out.extend(row.iter().zip(w).map(|(&v, &g)| v * r * g));
+    }
+    (out, rstd)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = l1.shape().dims().last().copied().unwrap_or(1);
+        if l2.shape().elem_count() != cols {
+            candle_core::bail!("{}: weight of {} for rows of {cols}", self.name(), l2.shape().elem_count());
+        }
+        let rows = l1.shape().elem_count() / cols.max(1);
+        let (out, rstd) = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (o, r) = rms_norm_rows(contiguous(x, l1, self.name())?, contiguous(w, l2, self.name())?, self.eps);
+                (CpuStorage::F32(o), Tensor::from_vec(r, (rows, 1), &Device::Cpu)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let (o, r) = rms_norm_rows(contiguous(x, l1, self.name())?, contiguous(w, l2, self.name())?, self.eps);
+                (CpuStorage::F64(o), Tensor::from_vec(r, (rows, 1), &Device::Cpu)?)
+            }
+            _ => candle_core::bail!("{}: x and weight must both be f32 or f64", self.name()),
+        };
+        // A second forward through the same op value would overwrite nothing: keep the first.
+        if self.rstd.set(rstd).is_err() {
+            candle_core::bail!("{}: an op value is applied once", self.name());
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(rstd) = self.rstd.get() else { candle_core::bail!("{}: backward before forward", self.name()) };
+        let cols = w.elem_count();
+        let rows = x.elem_count() / cols.max(1);
+        let x2 = x.reshape((rows, cols))?;
+        let dy2 = dy.reshape((rows, cols))?;
+        let n = x2.broadcast_mul(rstd)?;
+        let dn = dy2.broadcast_mul(&w.reshape((1, cols))?)?;
+        let dot = (&dn * &n)?.mean_keepdim(1)?;
+        let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(rstd)?.reshape(x.shape())?;
+        let dw = (dy2 * n)?.sum(0)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// SwiGLU's gate `y = silu(g) ⊙ u = g·σ(g) ⊙ u`. Saves g and u only.
+/// Backward: `du = dy ⊙ silu(g)`, `dg = dy ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
+pub struct SwiGlu;
+
+fn swiglu_values<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    g.iter().zip(u).map(|(&g, &u)| g / (T::one() + (-g).exp()) * u).collect()
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: gate {:?} and up {:?} differ", self.name(), l1.shape(), l2.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
+                CpuStorage::F32(swiglu_values(contiguous(g, l1, self.name())?, contiguous(u, l2, self.name())?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => {
+                CpuStorage::F64(swiglu_values(contiguous(g, l1, self.name())?, contiguous(u, l2, self.name())?))
+            }
+            _ => candle_core::bail!("{}: gate and up must both be f32 or f64", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (g * &sig)?;
+        let du = (dy * &silu)?;
+        // σ(g)(1 + g(1 − σ(g))) = σ(g) + silu(g)(1 − σ(g))
+        let dsilu = (&sig + (silu * (1.0 - &sig)?)?)?;
+        let dg = ((dy * u)? * dsilu)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// The heads split and rotary embedding of one projection: x [b, t, n·d] (the linear's output)
+/// to y [b, n, t, d] with `y₁ = x₁ cos − x₂ sin`, `y₂ = x₂ cos + x₁ sin` (Hugging Face's
+/// rotate-half layout, halves of d). `cos`, `sin`: [b, 1, t, d/2] in x's dtype. Saves x only
+/// (kept anyway as the linear's output). Backward, the inverse rotation moved back to
+/// [b, t, n·d]: `dx₁ = dy₁ cos + dy₂ sin`, `dx₂ = dy₂ cos − dy₁ sin`.
+pub struct RopeHeads {
+    pub heads: usize,
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+fn rope_heads_values<T: Float + WithDType>(x: &[T], cos: &[T], sin: &[T], (b, t, n, d): (usize, usize, usize, usize)) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    for bi in 0..b {
+        for ti in 0..t {
+            let cs = &cos[(bi * t + ti) * half..][..half];
+            let sn = &sin[(bi * t + ti) * half..][..half];
+            for h in 0..n {
+                let src = &x[((bi * t + ti) * n + h) * d..][..d];
+                let dst = &mut out[((bi * n + h) * t + ti) * d..][..d];
+                for i in 0..half {
+                    let (x1, x2) = (src[i], src[i + half]);
+                    dst[i] = x1 * cs[i] - x2 * sn[i];
+                    dst[i + half] = x2 * cs[i] + x1 * sn[i];
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "fused-rope-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, nd) = layout.shape().dims3()?;
+        let n = self.heads;
+        if n == 0 || !nd.is_multiple_of(n) || !(nd / n).is_multiple_of(2) {
+            candle_core::bail!("{}: width {nd} is not {n} heads of an even size", self.name());
+        }
+        let d = nd / n;
+        if self.cos.dims() != [b, 1, t, d / 2] || self.sin.dims() != [b, 1, t, d / 2] {
+            candle_core::bail!("{}: cos/sin {:?} do not fit [{b}, 1, {t}, {}]", self.name(), self.cos.dims(), d / 2);
+        }
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                let (c, s) = (self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?);
+                CpuStorage::F32(rope_heads_values(contiguous(v, layout, self.name())?, &c, &s, (b, t, n, d)))
+            }
+            CpuStorage::F64(v) => {
+                let (c, s) = (self.cos.flatten_all()?.to_vec1::<f64>()?, self.sin.flatten_all()?.to_vec1::<f64>()?);
+                CpuStorage::F64(rope_heads_values(contiguous(v, layout, self.name())?, &c, &s, (b, t, n, d)))
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+        };
+        Ok((out, Shape::from((b, n, t, d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let half = dy.dim(D::Minus1)? / 2;
+        let d1 = dy.narrow(D::Minus1, 0, half)?;
+        let d2 = dy.narrow(D::Minus1, half, half)?;
+        let a = (d1.broadcast_mul(&self.cos)? + d2.broadcast_mul(&self.sin)?)?;
+        let b = (d2.broadcast_mul(&self.cos)? - d1.broadcast_mul(&self.sin)?)?;
+        let dx = Tensor::cat(&[a, b], D::Minus1)?.transpose(1, 2)?.reshape(x.shape())?;
+        Ok(Some(dx))
+    }
+}
+
+/// Each of the `n` groups of heads repeated: [b, h, t, d] to [b, h·n, t, d] (GQA).
+pub fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, h, n, t, d))?.reshape((b, h * n, t, d))
+}
+
+/// The attention core for training, flash-style: q [b, h, t, d], k and v [b, g, s, d] (h a
+/// multiple of g: grouped-query attention, each key/value head serving h/g query heads), the
+/// additive bias [b, 1, t, s] of `ops::attention_bias` (causal and padding) held by the op:
+/// `o = softmax(q kᵀ · scale + bias) v`, returned with the heads merged, [b, t, h·d] (the
+/// layout the output projection reads). Saves q, k, v, o (the graph's) and, in the op, the
+/// per-row log-sum-exp `ℓ` [b, h, t, 1]; the [b, h, t, s] probabilities live only inside the
+/// forward and are recomputed by the backward as `P = exp(q kᵀ · scale + bias − ℓ)`:
+/// `dv = Pᵀ do`, `dP = do vᵀ`, `dS = P ⊙ (dP − rowsum(do ⊙ o))`, `dq = scale · dS k`,
+/// `dk = scale · dSᵀ q` (dk and dv summed over each group).
+pub struct Attention {
+    pub bias: Tensor,
+    pub scale: f64,
+    lse: OnceLock<Tensor>,
+}
+
+impl Attention {
+    pub fn new(bias: Tensor, scale: f64) -> Self {
+        Self { bias, scale, lse: OnceLock::new() }
+    }
+
+    fn scores(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        (q * self.scale)?.matmul(&k.t()?)?.broadcast_add(&self.bias.to_dtype(q.dtype())?)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let (bk, g, s, dk) = l2.shape().dims4()?;
+        if bk != b || dk != d || g == 0 || !h.is_multiple_of(g) || l3.shape() != l2.shape() {
+            candle_core::bail!("{}: q {:?}, k {:?}, v {:?} do not fit", self.name(), l1.shape(), l2.shape(), l3.shape());
+        }
+        if self.bias.dims() != [b, 1, t, s] {
+            candle_core::bail!("{}: bias {:?} does not fit [{b}, 1, {t}, {s}]", self.name(), self.bias.dims());
+        }
+        let q = storage_tensor(s1, l1, self.name())?;
+        let k = repeat_heads(&storage_tensor(s2, l2, self.name())?, h / g)?;
+        let v = repeat_heads(&storage_tensor(s3, l3, self.name())?, h / g)?;
+        let scores = self.scores(&q, &k)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        drop(scores);
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let o = e.broadcast_div(&sum)?.matmul(&v)?;
+        drop(e);
+        if self.lse.set((max + sum.log()?)?).is_err() {
+            candle_core::bail!("{}: an op value is applied once", self.name());
+        }
+        let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
+        Ok((tensor_storage(&o)?, Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.get() else { candle_core::bail!("{}: backward before forward", self.name()) };
+        let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
+        let (b, h, t, d) = q.dims4()?;
+        let (_, g, s, _) = k.dims4()?;
+        let n = h / g;
+        let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        let (o, dout) = (heads(&o)?, heads(dout)?);
+        let (kx, vx) = (repeat_heads(&k, n)?, repeat_heads(&v, n)?);
+        let p = self.scores(&q, &kx)?.broadcast_sub(lse)?.exp()?;
+        let dv = p.t()?.matmul(&dout)?;
+        let dp = dout.matmul(&vx.t()?)?;
+        let rowdot = (&dout * &o)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * dp.broadcast_sub(&rowdot)?)?;
+        let dq = (ds.matmul(&kx)? * self.scale)?;
+        let dk = (ds.t()?.matmul(&q)? * self.scale)?;
+        let group = |x: Tensor| -> candle_core::Result<Tensor> {
+            if n == 1 {
+                Ok(x)
+            } else {
+                x.reshape((b, g, n, s, d))?.sum(2)
+            }
+        };
+        Ok((Some(dq), Some(group(dk)?), Some(group(dv)?)))
+    }
+}
+
+/// `x Wᵀ` with W a constant: x [..., in], W [out, in] held by the op. candle's matmul would
+/// also compute and keep ∂L/∂W (an extra GEMM and an [in, out] tensor held until backward
+/// ends); this op's backward gives only `dx = dy W`. Saves x.
+pub struct FrozenMatmulT {
+    pub weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = storage_tensor(storage, layout, self.name())?;
+        let (out, inp) = self.weight.dims2()?;
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("{}: x {:?} against W [{out}, {inp}]", self.name(), dims);
+        }
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has a last dim") = out;
+        Ok((tensor_storage(&y)?, Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.weight.dim(0)?;
+        let rows = dy.elem_count() / out.max(1);
+        let dx = dy.reshape((rows, out))?.matmul(&self.weight.to_dtype(dy.dtype())?)?.reshape(x.shape())?;
+        Ok(Some(dx))
     }
 }

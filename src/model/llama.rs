@@ -334,7 +334,7 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let acc = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        Ok(super::linear::matmul_t(hidden, head)?.to_dtype(acc)?)
+        Ok(ops::frozen_matmul_t(hidden, head)?.to_dtype(acc)?)
     }
 
     fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -366,7 +366,7 @@ impl Llama {
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
-        let act = (candle_nn::ops::silu(&m.gate_proj.forward(&mlp_in, train)?)? * m.up_proj.forward(&mlp_in, train)?)?;
+        let act = ops::swiglu(&m.gate_proj.forward(&mlp_in, train)?, &m.up_proj.forward(&mlp_in, train)?, train)?;
         let mut out = (&h2 + m.down_proj.forward(&act, train)?)?;
         if let Some(c) = &layer.mlp_control {
             out = c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?;
@@ -395,31 +395,17 @@ impl Llama {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = ops::rope(&heads(attn.q_proj.forward(x, train)?, nh)?, cos, sin)?;
-        let mut k = ops::rope(&heads(attn.k_proj.forward(x, train)?, nkv)?, cos, sin)?;
-        let mut v = heads(attn.v_proj.forward(x, train)?, nkv)?;
+        let q = ops::rope_heads(&attn.q_proj.forward(x, train)?, nh, cos, sin, train)?;
+        let mut k = ops::rope_heads(&attn.k_proj.forward(x, train)?, nkv, cos, sin, train)?;
+        let mut v = attn.v_proj.forward(x, train)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         if let Some((pk, pv)) = kv.as_ref() {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
         *kv = Some((k.detach(), v.detach()));
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        // Scaling q (t x hd) rather than the scores (t x t) saves a score-sized copy in training.
-        let scores = (q * (1.0 / (hd as f64).sqrt()))?.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = ops::softmax_last_dim(&scores, train)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = ops::attention(&q, &k, &v, bias, train)?;
         attn.o_proj.forward(&out, train)
     }
-}
-
-/// Repeat each key/value head `n` times so grouped-query attention can use one matmul.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, h, n, t, d))?.reshape((b, h * n, t, d))?)
 }
 
 /// RoPE inverse frequencies, with Llama 3.1's scaling applied when configured.

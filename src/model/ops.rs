@@ -3,6 +3,8 @@
 //! candle-nn's fast `rms_norm`, `softmax_last_dim` and `rope` are custom ops without a backward
 //! pass, so gradients would silently stop at them. Training goes through the formulations below,
 //! made of ops that candle can differentiate; inference may take the fused ops (`train == false`).
+//! Training on the CPU in f32/f64 takes the custom ops of `fused.rs` instead, which keep only what
+//! their backward needs; the compositions here are their reference and the other devices' path.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -17,11 +19,28 @@ fn accumulate_dtype(dtype: DType) -> DType {
     }
 }
 
+/// Whether training takes the fused CPU ops of `fused.rs` (CPU, f32 or f64, the tensors given).
+fn fused_cpu(train: bool, tensors: &[&Tensor]) -> bool {
+    let dtype = tensors.first().map(|t| t.dtype());
+    train
+        && matches!(dtype, Some(DType::F32 | DType::F64))
+        && tensors.iter().all(|t| t.device().is_cpu() && Some(t.dtype()) == dtype)
+}
+
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
+/// Training on the CPU (f32, f64) takes the fused op, which keeps only its input.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
     if !train {
         return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
     }
+    if fused_cpu(train, &[x, weight]) {
+        return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, super::fused::RmsNorm::new(eps))?);
+    }
+    rms_norm_reference(x, weight, eps)
+}
+
+/// The differentiable RMSNorm as plain candle ops: the reference for the fused op.
+pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(accumulate_dtype(dtype))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -48,6 +67,80 @@ pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// SwiGLU's gate `silu(g) ⊙ u`. Training on the CPU (f32, f64) takes the fused op, which keeps
+/// g and u only.
+pub fn swiglu(g: &Tensor, u: &Tensor, train: bool) -> Result<Tensor> {
+    if fused_cpu(train, &[g, u]) && g.shape() == u.shape() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
+    }
+    swiglu_reference(g, u)
+}
+
+/// The reference for the fused SwiGLU.
+pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    Ok((candle_nn::ops::silu(g)? * u)?)
+}
+
+/// A projection's output [b, t, n·d] as `n` rotated heads [b, n, t, d] (`rope` of the
+/// head-major layout). Training on the CPU (f32, f64) takes the fused op, which keeps only x.
+pub fn rope_heads(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
+    if fused_cpu(train, &[x, cos, sin]) {
+        let op = super::fused::RopeHeads { heads: n, cos: cos.contiguous()?, sin: sin.contiguous()? };
+        return Ok(x.contiguous()?.apply_op1(op)?);
+    }
+    rope_heads_reference(x, n, cos, sin)
+}
+
+/// The reference for the fused heads split with RoPE.
+pub fn rope_heads_reference(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, nd) = x.dims3()?;
+    rope(&x.reshape((b, t, n, nd / n))?.transpose(1, 2)?.contiguous()?, cos, sin)
+}
+
+/// Causal attention `softmax(q kᵀ / √d + bias) v` with the heads merged: q [b, h, t, d], k and v
+/// [b, g, s, d] (grouped-query: h a multiple of g), bias [b, 1, t, s] from `attention_bias`;
+/// returns [b, t, h·d]. Training on the CPU (f32, f64) takes the fused op, which keeps q, k, v,
+/// the output and a log-sum-exp per row, never the [b, h, t, s] probabilities.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    if fused_cpu(train, &[q, k, v, bias]) {
+        let op = super::fused::Attention::new(bias.contiguous()?, scale);
+        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+    }
+    attention_composed(q, k, v, bias, scale, train)
+}
+
+/// The reference for the fused attention: plain candle ops (the softmax too).
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let (b, h, t, d) = q.dims4()?;
+    let n = h / k.dim(1)?;
+    let (k, v) = (super::fused::repeat_heads(k, n)?, super::fused::repeat_heads(v, n)?);
+    let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
+    let probs = softmax_last_dim_reference(&scores)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// Attention for inference, other devices and dtypes (the softmax in f32, fused where it can).
+fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let n = h / k.dim(1)?;
+    let (k, v) = (super::fused::repeat_heads(k, n)?, super::fused::repeat_heads(v, n)?);
+    // Scaling q (t x hd) rather than the scores (t x t) saves a score-sized copy in training.
+    let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
+    let probs = softmax_last_dim(&scores, train)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// `x Wᵀ` for a frozen W [out, in] (the LM head): on the CPU (f32, f64) an op whose backward
+/// computes only dx, where candle's matmul would also compute and keep an unused ∂L/∂W.
+pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if fused_cpu(true, &[x, w]) {
+        return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.detach() })?);
+    }
+    super::linear::matmul_t(x, w)
 }
 
 /// Rotary embedding in the Hugging Face ("rotate half") layout.

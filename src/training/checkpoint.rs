@@ -1,5 +1,5 @@
-//! Training checkpoints: the adapter (PEFT format), the optimizer moments, the step and the data
-//! position, written atomically into one directory so that a crash mid-write leaves the previous
+//! Training checkpoints: the adapter (PEFT format), the optimizer moments, the step hooks' state
+//! (AdaLoRA's rank allocator), the step and the data position, written atomically into one directory so that a crash mid-write leaves the previous
 //! checkpoint whole, and read back to resume on the very next batch.
 
 use std::collections::HashMap;
@@ -17,6 +17,8 @@ use crate::model::Llama;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The step hooks' state (`Trainer::hook_state`); absent when no hook has any.
+pub const HOOK_STATE_FILE: &str = "hook_state.safetensors";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -28,7 +30,7 @@ pub struct TrainerState {
     pub seed: u64,
 }
 
-/// Write `dir` atomically: adapter files, optimizer state, trainer state.
+/// Write `dir` atomically: adapter files, optimizer state, hook state, trainer state.
 pub fn save_checkpoint(
     dir: &Path,
     model: &Llama,
@@ -39,17 +41,24 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     let tensors = adapter_tensors(model)?;
     let optimizer = trainer.optimizer.state_tensors()?;
+    let hooks: HashMap<String, Tensor> =
+        trainer.hook_state()?.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Training(e.to_string()))?;
     crate::fsutil::write_dir_atomic(dir, |tmp| {
         write_adapter_files(tmp, adapter, &tensors, base_model)?;
         let opt_path = tmp.join(OPTIMIZER_FILE);
         candle_core::safetensors::save(&optimizer, &opt_path).map_err(|e| Error::BadFile { path: opt_path, msg: e.to_string() })?;
+        if !hooks.is_empty() {
+            let path = tmp.join(HOOK_STATE_FILE);
+            candle_core::safetensors::save(&hooks, &path).map_err(|e| Error::BadFile { path, msg: e.to_string() })?;
+        }
         std::fs::write(tmp.join(STATE_FILE), json.as_bytes()).map_err(|source| Error::Io { path: tmp.join(STATE_FILE), source })
     })
 }
 
-/// Restore adapter tensors and optimizer state from `dir` into a model whose adapter is already
-/// injected with the same config; returns the saved trainer state.
+/// Restore adapter tensors, optimizer state and hook state from `dir` into a model whose adapter
+/// is already injected with the same config (and a trainer configured for it); returns the saved
+/// trainer state.
 pub fn load_checkpoint(dir: &Path, model: &Llama, trainer: &mut Trainer) -> Result<TrainerState> {
     let state: TrainerState = read_json(&dir.join(STATE_FILE))?;
     let adapter = Weights::from_safetensors(&[dir.join("adapter_model.safetensors")])?;
@@ -61,6 +70,13 @@ pub fn load_checkpoint(dir: &Path, model: &Llama, trainer: &mut Trainer) -> Resu
         .map(|n| Ok((n.clone(), opt.get_any(&n, DType::F32, &Device::Cpu)?)))
         .collect::<Result<_>>()?;
     trainer.optimizer.load_state(&tensors, state.optimizer_t)?;
+    let hook_path = dir.join(HOOK_STATE_FILE);
+    let hooks = if hook_path.is_file() {
+        candle_core::safetensors::load(&hook_path, &Device::Cpu).map_err(|e| Error::BadFile { path: hook_path, msg: e.to_string() })?
+    } else {
+        HashMap::new()
+    };
+    trainer.load_hook_state(&hooks)?;
     trainer.step = state.step;
     Ok(state)
 }

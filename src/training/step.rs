@@ -74,6 +74,16 @@ pub trait StepHook: Send {
     fn after_update(&mut self, _step: usize, _grads: &HashMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
+    /// What a resumed run needs to continue exactly as this one would (AdaLoRA's sensitivity
+    /// averages and final rank pattern), keyed by name; the training checkpoint saves it.
+    /// Empty for hooks whose state lives in the adapter itself (SIFT's indices).
+    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
+    /// Restore what `state_tensors` saved (an empty map: a checkpoint without hook state).
+    fn load_state(&mut self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub struct Trainer {
@@ -94,6 +104,25 @@ impl Trainer {
         }
         let groups = params.iter().map(|(n, v)| (n.clone(), v.clone(), lr_scale(n))).collect();
         Ok(Self { optimizer: AdamW::new(groups, config.optim)?, config, step: 0, params, hooks: Vec::new() })
+    }
+
+    /// Every hook's `state_tensors`, the names prefixed with `hook.<index>.`.
+    pub fn hook_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, hook) in self.hooks.iter().enumerate() {
+            out.extend(hook.state_tensors()?.into_iter().map(|(k, v)| (format!("hook.{i}.{k}"), v)));
+        }
+        Ok(out)
+    }
+
+    /// Hand each hook its part of what `hook_state` saved.
+    pub fn load_hook_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (i, hook) in self.hooks.iter_mut().enumerate() {
+            let prefix = format!("hook.{i}.");
+            let mine = tensors.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone()))).collect();
+            hook.load_state(&mine)?;
+        }
+        Ok(())
     }
 
     pub fn lr(&self) -> f64 {
