@@ -369,3 +369,26 @@ pub(super) fn nf4_gemv(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor
         })
     })
 }
+
+/// `x Wᵀ` for x [..., in] and a constant W [out, in] in x's dtype (the frozen linear of
+/// training, whose backward needs only dx: see `model::fused::FrozenMatmulT`).
+pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (out, inp) = w.dims2()?;
+    let dims = lx.dims().to_vec();
+    if dims.last() != Some(&inp) || w.dtype() != x.dtype() {
+        bail!("frozen-matmul-t: x {:?} {:?} against W {:?} {:?}", dims, x.dtype(), w.dims(), w.dtype());
+    }
+    let rows = lx.shape().elem_count() / inp.max(1);
+    with_kernel_type!(x.dtype(), T, {
+        let xv = view::<T>(x, lx, "x")?;
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let wv = view::<T>(cuda_storage(&w_storage, "W")?, w_layout, "W")?;
+        // SAFETY: the GEMM (β = 0) writes every element.
+        let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        gemm::<T>(&dev, (rows, out, inp), 1.0, &xv, false, &wv, true, 0.0, &mut y)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("checked") = out;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from(out_dims)))
+    })
+}

@@ -467,6 +467,12 @@ impl CustomOp1 for FrozenMatmulT {
         Ok((tensor_storage(&y)?, Shape::from(out_dims)))
     }
 
+    /// cuBLAS on the CUDA storage (f32 accumulation), W in x's dtype.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::cuda::frozen_matmul_t(&self.weight, storage, layout)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let out = self.weight.dim(0)?;
         let rows = dy.elem_count() / out.max(1);

@@ -76,7 +76,7 @@ impl FrozenLinear {
                 return crate::kernels::nf4::gemv(weight, x);
             }
         }
-        matmul_t(x, &*self.weight()?)
+        super::ops::frozen_matmul_t(x, &*self.weight()?)
     }
 }
 

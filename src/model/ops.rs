@@ -134,10 +134,13 @@ fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: 
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
-/// `x Wᵀ` for a frozen W [out, in] (the LM head): on the CPU (f32, f64) an op whose backward
-/// computes only dx, where candle's matmul would also compute and keep an unused ∂L/∂W.
+/// `x Wᵀ` for a frozen W [out, in] (the LM head, every frozen linear): when x is tracked, an op
+/// whose backward computes only dx, where candle's matmul would also compute and keep an unused
+/// ∂L/∂W (an extra GEMM and an [out, in] gradient per layer until backward ends). On the CPU in
+/// f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if fused_cpu(true, &[x, w]) {
+    let cuda = crate::kernels::fused_for(x) && w.dtype() == x.dtype();
+    if x.track_op() && (fused_cpu(true, &[x, w]) || cuda) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.detach() })?);
     }
     super::linear::matmul_t(x, w)
