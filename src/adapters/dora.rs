@@ -33,7 +33,7 @@ impl DoraLinear {
     /// `‖W + s·B A‖` per output row, in f32, detached. On CUDA a kernel computes it without
     /// forming `W + s·B A` (src/kernels/row_norms.rs).
     fn weight_norm(&self, w: &Tensor) -> Result<Tensor> {
-        if kernels::fused_for(w) {
+        if w.device().is_cuda() && kernels::fused_for(w) {
             return kernels::row_norms(w, &self.lora.b.as_tensor().detach(), &self.lora.a.as_tensor().detach(), self.lora.scale);
         }
         let v = (w.to_dtype(DType::F32)? + self.lora.delta_weight(DType::F32)?.detach())?;

@@ -90,9 +90,10 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    /// On CUDA, one fused op (src/kernels/lora_linear.rs); elsewhere plain candle ops.
+    /// One fused op (src/kernels/lora_linear.rs) on CUDA, and in CPU training; plain candle ops
+    /// otherwise (and with `--unfused`).
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        if kernels::fused_for(x) {
+        if kernels::fused_for(x) && (train || x.device().is_cuda()) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
             let mask = self.dropout.mask(x, train)?;

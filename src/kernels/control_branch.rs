@@ -15,8 +15,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::lowrank_add::{lowrank_add_reference, Factor};
-use super::{cpu_storage, cpu_values};
+use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
 use crate::Result;
 
 /// `base + α · z Bᵀ` for base [..., d] and z [..., r], B [d, r] (all one dtype).
@@ -57,13 +56,12 @@ impl CustomOp3 for ControlBranchOp {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (t, d) = l_base.shape().dims2()?;
-        let r = lz.dims()[1];
-        let mut out = cpu_values(base, l_base, self.name())?;
-        let z = cpu_values(z, lz, self.name())?;
-        let b = cpu_values(b, lb, self.name())?;
-        lowrank_add_reference(&mut out, &z, &b, Factor::Rows, None, (t, d, r), self.alpha);
-        Ok((cpu_storage(out, base.dtype())?, l_base.shape().clone()))
+        let dtype = base.dtype();
+        let acc = cpu_compute_dtype(dtype);
+        let z = cpu_tensor(z, lz, self.name())?.to_dtype(acc)?;
+        let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
+        let out = (cpu_tensor(base, l_base, self.name())?.to_dtype(acc)? + (z.matmul(&b.t()?)? * self.alpha)?)?;
+        Ok((tensor_cpu_storage(&out.to_dtype(dtype)?)?, l_base.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

@@ -20,38 +20,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
-use super::{cpu_storage, cpu_values, tensor_values};
+use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
 use crate::Result;
-
-/// The CPU reference of the forward: returns (y [T, out], xa [T, r]), accumulated in f64.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_forward_reference(
-    x: &[f64],
-    xd: &[f64],
-    w: &[f64],
-    a: &[f64],
-    b: &[f64],
-    (t, d_in, d_out, r): (usize, usize, usize, usize),
-    scale: f64,
-) -> (Vec<f64>, Vec<f64>) {
-    let dot = |u: &[f64], v: &[f64]| u.iter().zip(v).map(|(p, q)| p * q).sum::<f64>();
-    let mut xa = vec![0.0; t * r];
-    let mut y = vec![0.0; t * d_out];
-    for i in 0..t {
-        let (xi, xdi) = (&x[i * d_in..(i + 1) * d_in], &xd[i * d_in..(i + 1) * d_in]);
-        for k in 0..r {
-            xa[i * r + k] = dot(xdi, &a[k * d_in..(k + 1) * d_in]);
-        }
-        for o in 0..d_out {
-            let branch = dot(&xa[i * r..(i + 1) * r], &b[o * r..(o + 1) * r]);
-            y[i * d_out + o] = dot(xi, &w[o * d_in..(o + 1) * d_in]) + scale * branch;
-        }
-    }
-    (y, xa)
-}
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
 /// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) of x's shape.
@@ -116,26 +89,20 @@ impl CustomOp3 for LoraLinearOp {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (t, d_in) = lx.shape().dims2()?;
-        let (d_out, r) = lb.shape().dims2()?;
-        let xv = cpu_values(x, lx, self.name())?;
-        let xd = match &self.dropped {
-            Some(d) => tensor_values(d)?,
-            None => xv.clone(),
-        };
-        let (y, xa) = lora_forward_reference(
-            &xv,
-            &xd,
-            &tensor_values(&self.w)?,
-            &cpu_values(a, la, self.name())?,
-            &cpu_values(b, lb, self.name())?,
-            (t, d_in, d_out, r),
-            self.scale,
-        );
         let dtype = x.dtype();
-        let xa = Tensor::from_vec(xa, (t, r), &Device::Cpu)?.to_dtype(dtype)?;
-        self.save_xa(xa);
-        Ok((cpu_storage(y, dtype)?, Shape::from((t, d_out))))
+        let acc = cpu_compute_dtype(dtype);
+        let xt = cpu_tensor(x, lx, self.name())?.to_dtype(acc)?;
+        let xd = match &self.dropped {
+            Some(d) => d.to_dtype(acc)?,
+            None => xt.clone(),
+        };
+        let a = cpu_tensor(a, la, self.name())?.to_dtype(acc)?;
+        let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
+        let xa = xd.matmul(&a.t()?)?;
+        let y = (xt.matmul(&self.w.to_dtype(acc)?.t()?)? + (xa.matmul(&b.t()?)? * self.scale)?)?;
+        self.save_xa(xa.to_dtype(dtype)?);
+        let shape = y.shape().clone();
+        Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
     }
 
     #[cfg(feature = "cuda")]

@@ -5,12 +5,13 @@
 //! `out` directly.
 //!
 //! Layout: `out` [rows, cols], `z` [rows, r], `mask` [rows, cols] (the dropout mask, already
-//! divided by 1 − p): row-major, contiguous.
+//! divided by 1 − p): row-major, contiguous. The CPU path forms the product transiently with
+//! candle's matmul (in f32 for half types) and adds it into `out`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 
-use super::{cpu_storage, cpu_values, tensor_values};
+use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
 use crate::Result;
 
 /// The rank-r right factor `M` [cols, r] of the product.
@@ -24,31 +25,11 @@ pub enum Factor {
 
 impl Factor {
     /// Element strides (column j, rank k) of M[j, k] in the tensor's memory.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn strides(self, cols: usize, r: usize) -> (usize, usize) {
         match self {
             Factor::Rows => (r, 1),
             Factor::Transposed => (1, cols),
-        }
-    }
-}
-
-/// The CPU reference: `out[t, j] += s · mask[t, j] · Σ_k z[t, k] · M[j, k]`, accumulated in f64.
-#[allow(clippy::too_many_arguments)]
-pub fn lowrank_add_reference(
-    out: &mut [f64],
-    z: &[f64],
-    m: &[f64],
-    factor: Factor,
-    mask: Option<&[f64]>,
-    (rows, cols, r): (usize, usize, usize),
-    scale: f64,
-) {
-    let (sj, sk) = factor.strides(cols, r);
-    for t in 0..rows {
-        for j in 0..cols {
-            let dot: f64 = (0..r).map(|k| z[t * r + k] * m[j * sj + k * sk]).sum();
-            let keep = mask.map_or(1.0, |mask| mask[t * cols + j]);
-            out[t * cols + j] += scale * keep * dot;
         }
     }
 }
@@ -87,22 +68,36 @@ pub(crate) struct LowRankAdd {
     pub scale: f64,
 }
 
+impl LowRankAdd {
+    /// The CPU path: `s · (z Mᵀ) ⊙ mask` as a transient [rows, cols] tensor in z's dtype.
+    fn product(&self, z: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+        let mt = match self.factor {
+            Factor::Rows => m.t()?,
+            Factor::Transposed => m.clone(),
+        };
+        let p = (z.matmul(&mt)? * self.scale)?;
+        match &self.mask {
+            Some(mask) => {
+                let mask = mask.to_dtype(p.dtype())?;
+                p * mask
+            }
+            None => Ok(p),
+        }
+    }
+}
+
 impl InplaceOp3 for LowRankAdd {
     fn name(&self) -> &'static str {
         "lowrank-add"
     }
 
     fn cpu_fwd(&self, out: &mut CpuStorage, lo: &Layout, z: &CpuStorage, lz: &Layout, m: &CpuStorage, lm: &Layout) -> candle_core::Result<()> {
-        let (rows, cols) = super::rows_cols(lo);
-        let r = lz.dims()[1];
-        let mut acc = cpu_values(out, lo, self.name())?;
-        let mask = self.mask.as_ref().map(tensor_values).transpose()?;
-        let z = cpu_values(z, lz, self.name())?;
-        let m = cpu_values(m, lm, self.name())?;
-        lowrank_add_reference(&mut acc, &z, &m, self.factor, mask.as_deref(), (rows, cols, r), self.scale);
-        let Some((start, end)) = lo.contiguous_offsets() else { candle_core::bail!("lowrank-add: out must be contiguous") };
         let dtype = out.dtype();
-        match (out, cpu_storage(acc, dtype)?) {
+        let acc = cpu_compute_dtype(dtype);
+        let product = self.product(&cpu_tensor(z, lz, self.name())?.to_dtype(acc)?, &cpu_tensor(m, lm, self.name())?.to_dtype(acc)?)?;
+        let sum = (cpu_tensor(out, lo, self.name())?.to_dtype(acc)? + product)?.to_dtype(dtype)?;
+        let Some((start, end)) = lo.contiguous_offsets() else { candle_core::bail!("lowrank-add: out must be contiguous") };
+        match (out, tensor_cpu_storage(&sum)?) {
             (CpuStorage::F64(o), CpuStorage::F64(v)) => o[start..end].copy_from_slice(&v),
             (CpuStorage::F32(o), CpuStorage::F32(v)) => o[start..end].copy_from_slice(&v),
             (CpuStorage::F16(o), CpuStorage::F16(v)) => o[start..end].copy_from_slice(&v),

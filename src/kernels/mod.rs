@@ -13,8 +13,9 @@
 //!
 //! Training takes the fused ops whenever the tensors live on a CUDA device, unless
 //! [`set_unfused`] (the CLI's `--unfused`) or `CANDLE_PEFT_UNFUSED=1` asks for the plain candle
-//! ops, which stay the reference and the fallback. On the CPU the plain candle ops are used: the
-//! references here are loops, written to be read, not to be fast.
+//! ops, which stay the reference and the fallback. On the CPU (f32, f64) the same ops run candle's
+//! CPU matmuls inside, so CPU training keeps only what backward needs too; in f64 they are the
+//! reference `selftest` compares the GPU with.
 
 pub mod control_branch;
 pub mod lora_linear;
@@ -43,13 +44,52 @@ pub fn set_unfused(unfused: bool) {
     UNFUSED.store(unfused, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels handle tensors like `t`: on CUDA, in f32 / f16 / bf16, unless the
+/// Whether the fused ops handle tensors like `t`: on CUDA in f32 / f16 / bf16, on the CPU in
+/// f32 / f64 (there they are candle's CPU matmuls around explicit saved tensors), unless the
 /// unfused path was asked for.
 pub fn fused_for(t: &Tensor) -> bool {
-    t.device().is_cuda()
-        && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && !UNFUSED.load(Ordering::Relaxed)
-        && std::env::var_os("CANDLE_PEFT_UNFUSED").is_none_or(|v| v == "0")
+    let supported = match t.device() {
+        candle_core::Device::Cuda(_) => matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        candle_core::Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        _ => false,
+    };
+    supported && !UNFUSED.load(Ordering::Relaxed) && std::env::var_os("CANDLE_PEFT_UNFUSED").is_none_or(|v| v == "0")
+}
+
+/// A contiguous CPU storage as a tensor (a copy), for the CPU paths written with candle ops.
+fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the input must be contiguous")
+    };
+    let (shape, cpu) = (l.shape().clone(), &candle_core::Device::Cpu);
+    match s {
+        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], shape, cpu),
+        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], shape, cpu),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], shape, cpu),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], shape, cpu),
+        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+/// The storage of a CPU tensor (a copy), in its dtype.
+fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F64 => CpuStorage::F64(t.to_vec1()?),
+        DType::F32 => CpuStorage::F32(t.to_vec1()?),
+        DType::F16 => CpuStorage::F16(t.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
+        other => candle_core::bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// The dtype the CPU paths compute in: half types in f32, f32 and f64 as they are.
+fn cpu_compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// The values of a contiguous CPU tensor storage as f64 (the references compute in f64).
@@ -66,23 +106,8 @@ fn cpu_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec
     })
 }
 
-/// f64 values back into a CPU storage of `dtype`.
-fn cpu_storage(v: Vec<f64>, dtype: DType) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F64 => CpuStorage::F64(v),
-        DType::F32 => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
-        other => candle_core::bail!("unsupported dtype {other:?}"),
-    })
-}
-
-/// The values of a tensor (any device, any float dtype) as f64, row-major.
-fn tensor_values(t: &Tensor) -> candle_core::Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
-}
-
 /// `[..., n]` as `[rows, n]`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn rows_cols(l: &Layout) -> (usize, usize) {
     let cols = l.dims().last().copied().unwrap_or(1);
     (l.shape().elem_count() / cols.max(1), cols)
