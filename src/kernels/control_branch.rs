@@ -56,12 +56,28 @@ impl CustomOp3 for ControlBranchOp {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let dtype = base.dtype();
-        let acc = cpu_compute_dtype(dtype);
+        let acc = cpu_compute_dtype(base.dtype());
         let z = cpu_tensor(z, lz, self.name())?.to_dtype(acc)?;
         let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
-        let out = (cpu_tensor(base, l_base, self.name())?.to_dtype(acc)? + (z.matmul(&b.t()?)? * self.alpha)?)?;
-        Ok((tensor_cpu_storage(&out.to_dtype(dtype)?)?, l_base.shape().clone()))
+        let branch = z.matmul(&b.t()?)?.flatten_all()?;
+        let Some((start, end)) = l_base.contiguous_offsets() else { candle_core::bail!("{}: base must be contiguous", self.name()) };
+        let alpha = self.alpha;
+        let out = match base {
+            CpuStorage::F32(v) => {
+                let br = branch.to_vec1::<f32>()?;
+                CpuStorage::F32(v[start..end].iter().zip(&br).map(|(x, p)| x + alpha as f32 * p).collect())
+            }
+            CpuStorage::F64(v) => {
+                let br = branch.to_vec1::<f64>()?;
+                CpuStorage::F64(v[start..end].iter().zip(&br).map(|(x, p)| x + alpha * p).collect())
+            }
+            other => {
+                let base = cpu_tensor(other, l_base, self.name())?;
+                let sum = (base.to_dtype(acc)? + (branch.reshape(l_base.shape())? * alpha)?)?;
+                tensor_cpu_storage(&sum.to_dtype(base.dtype())?)?
+            }
+        };
+        Ok((out, l_base.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -85,8 +101,12 @@ impl CustomOp3 for ControlBranchOp {
         _out: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dz = (dout.matmul(b)? * self.alpha)?;
-        let db = (dout.t()?.matmul(z)? * self.alpha)?;
+        // Detached: gradients that carry a graph would keep this step's tensors alive in the
+        // optimizer state.
+        let (z, b, dout) = (z.detach(), b.detach(), dout.detach());
+        let dz = (dout.matmul(&b)? * self.alpha)?;
+        let db = (dout.t()?.matmul(&z)? * self.alpha)?;
         Ok((Some(dout.clone()), Some(dz), Some(db)))
     }
 }
+

@@ -130,11 +130,14 @@ impl CustomOp3 for LoraLinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let xa = self.xa.lock().expect("xa lock").clone();
         let Some(xa) = xa else { candle_core::bail!("fused-lora-linear: backward before forward") };
-        let g = dy.matmul(b)?;
+        // Detached: gradients that carry a graph would keep this step's tensors alive in the
+        // optimizer state.
+        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
+        let g = dy.matmul(&b)?;
         let dx = dy.matmul(&self.w)?;
-        lowrank_add(&dx, &g, a, Factor::Transposed, self.mask.as_ref(), self.scale)
+        lowrank_add(&dx, &g, &a, Factor::Transposed, self.mask.as_ref(), self.scale)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let input = self.dropped.as_ref().unwrap_or(x);
+        let input = self.dropped.as_ref().unwrap_or(&x);
         let da = (g.t()?.matmul(input)? * self.scale)?;
         let db = (dy.t()?.matmul(&xa)? * self.scale)?;
         Ok((Some(dx), Some(da), Some(db)))

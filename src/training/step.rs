@@ -156,7 +156,8 @@ impl Trainer {
             }
             for (name, var) in &self.params {
                 if let Some(g) = store.get(var.as_tensor()) {
-                    let g = g.to_dtype(candle_core::DType::F32)?;
+                    // Detached, so that no graph reaches the optimizer state and outlives the step.
+                    let g = g.detach().to_dtype(candle_core::DType::F32)?;
                     let sum = match grads.remove(name) {
                         Some(acc) => (acc + g)?,
                         None => g,
