@@ -113,7 +113,7 @@ impl BlockControl for NonlinearControl {
         let mixed = ops::softmax_last_dim(&scores, train)?.matmul(&dk)?;
         // C = softmax(U Uᵀ) U + U = (mixed + D') Pᵀ, the product in x's dtype.
         let sum = (mixed + dq)?.to_dtype(x.dtype())?;
-        Ok(matmul_t(&sum, &p.to_dtype(x.dtype())?)?)
+        matmul_t(&sum, &p.to_dtype(x.dtype())?)
     }
 
     fn params(&self) -> Vec<(String, Var)> {

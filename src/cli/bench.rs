@@ -69,14 +69,24 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) ->
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
     let device = super::parse_device(&args.run.device)?;
-    let mut model = Llama::random(shape(&args.run.shape)?, 0, super::parse_dtype(&args.run.dtype)?, &device)?;
+    let config = shape(&args.run.shape)?;
+    let std = 1.0 / (config.hidden_size as f32).sqrt();
+    let weights = crate::loading::weights::Weights::from_tensors(crate::model::llama::random_weights(&config, std, 0)?, "random weights");
+    let quantize = args.run.quantize.as_deref().map(str::parse).transpose()?;
+    let mut model = Llama::load_with(config, &weights, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
+    drop(weights);
     let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1, &device)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;
+    // The baseline is taken before EVA's init: the allocator keeps what the init freed (purging
+    // is off), so the training steps reuse it and only a baseline from before shows their
+    // footprint. Then the peak (VmHWM) is reset to the current RSS, so that the load's
+    // transients do not count (Linux ≥ 4.0; where refused, the peak is since start).
+    let baseline = proc_status_mib("VmRSS")?;
     if let AdapterConfig::Eva(eva) = &mut adapter {
         initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
     }
-    let baseline = proc_status_mib("VmRSS")?;
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let gpu = GpuMemory::start(&device)?;
     let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0) };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
@@ -117,6 +127,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     for name in &names {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
+            .args(args.run.quantize.iter().flat_map(|q| ["--quantize", q.as_str()]))
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
             .args(adapter_flags(&args.adapter));
         let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;

@@ -466,6 +466,9 @@ pub struct BenchRunArgs {
     /// The frozen weights' dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the frozen linear weights: nf4 (QLoRA, QControl...).
+    #[arg(long)]
+    pub quantize: Option<String>,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]

@@ -283,9 +283,7 @@ pub(super) fn control_branch(alpha: f64, (base, l_base): Arg, (z, lz): Arg, (b, 
         let (basev, zv, bv) = (view::<T>(base, l_base, "base")?, view::<T>(z, lz, "z")?, view::<T>(b, lb, "B")?);
         // SAFETY: the kernel writes every element of out (from base plus the branch).
         let mut out = unsafe { dev.alloc::<T>(t * d)? };
-        let mut ov = out.slice_mut(..);
-        launch_lowrank_add::<T>(&dev, &mut ov, Some(&basev), &zv, &bv, None, (t, d, r), Factor::Rows, alpha)?;
-        drop(ov);
+        launch_lowrank_add::<T>(&dev, &mut out.slice_mut(..), Some(&basev), &zv, &bv, None, (t, d, r), Factor::Rows, alpha)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l_base.shape().clone()))
     })
 }

@@ -57,7 +57,7 @@ pub fn fused_for(t: &Tensor) -> bool {
 }
 
 /// A contiguous CPU storage as a tensor (a copy), for the CPU paths written with candle ops.
-fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
+pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{what}: the input must be contiguous")
     };
@@ -72,7 +72,7 @@ fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Ten
 }
 
 /// The storage of a CPU tensor (a copy), in its dtype.
-fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
+pub(crate) fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F64 => CpuStorage::F64(t.to_vec1()?),

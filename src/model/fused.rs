@@ -15,6 +15,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
+use crate::kernels::{cpu_tensor, tensor_cpu_storage};
+
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
@@ -129,26 +131,6 @@ impl CustomOp2 for CrossEntropyRows {
 // intermediate (RMSNorm: x², the normalised x; SwiGLU: silu(g); RoPE: the head-major copy, four
 // half-width products, their sums; attention: the GQA-expanded k and v, the scaled q, the scores,
 // the biased scores and the probabilities, each [b, h, t, t]).
-
-/// A contiguous tensor copied out of a CPU storage, for ops whose forward runs on candle ops.
-fn storage_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
-    let shape = l.shape().clone();
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(contiguous(v, l, what)?, shape, &Device::Cpu),
-        CpuStorage::F64(v) => Tensor::from_slice(contiguous(v, l, what)?, shape, &Device::Cpu),
-        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
-    }
-}
-
-/// The CPU storage of a (fresh, untracked) result tensor.
-fn tensor_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => CpuStorage::F32(t.to_vec1()?),
-        DType::F64 => CpuStorage::F64(t.to_vec1()?),
-        other => candle_core::bail!("unsupported dtype {other:?}"),
-    })
-}
 
 /// RMSNorm over the last dimension: `y = x · r ⊙ w`, `r = 1/√(mean(x²) + ε)` per row.
 /// Saves x (the graph's input) and, in the op, the per-row `r` [rows, 1].
@@ -390,9 +372,9 @@ impl CustomOp3 for Attention {
         if self.bias.dims() != [b, 1, t, s] {
             candle_core::bail!("{}: bias {:?} does not fit [{b}, 1, {t}, {s}]", self.name(), self.bias.dims());
         }
-        let q = storage_tensor(s1, l1, self.name())?;
-        let k = repeat_heads(&storage_tensor(s2, l2, self.name())?, h / g)?;
-        let v = repeat_heads(&storage_tensor(s3, l3, self.name())?, h / g)?;
+        let q = cpu_tensor(s1, l1, self.name())?;
+        let k = repeat_heads(&cpu_tensor(s2, l2, self.name())?, h / g)?;
+        let v = repeat_heads(&cpu_tensor(s3, l3, self.name())?, h / g)?;
         let scores = self.scores(&q, &k)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
@@ -404,7 +386,7 @@ impl CustomOp3 for Attention {
             candle_core::bail!("{}: an op value is applied once", self.name());
         }
         let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
-        Ok((tensor_storage(&o)?, Shape::from((b, t, h * d))))
+        Ok((tensor_cpu_storage(&o)?, Shape::from((b, t, h * d))))
     }
 
     fn bwd(
@@ -454,7 +436,7 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_tensor(storage, layout, self.name())?;
+        let x = cpu_tensor(storage, layout, self.name())?;
         let (out, inp) = self.weight.dims2()?;
         let dims = x.dims().to_vec();
         if dims.last() != Some(&inp) {
@@ -464,7 +446,7 @@ impl CustomOp1 for FrozenMatmulT {
         let y = x.reshape((rows, inp))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dim") = out;
-        Ok((tensor_storage(&y)?, Shape::from(out_dims)))
+        Ok((tensor_cpu_storage(&y)?, Shape::from(out_dims)))
     }
 
     /// cuBLAS on the CUDA storage (f32 accumulation), W in x's dtype.

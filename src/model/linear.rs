@@ -13,7 +13,7 @@ use crate::Result;
 pub enum BaseWeight {
     Dense(Tensor),
     /// NF4 (bitsandbytes layout), dequantized into `dtype`, the model's working dtype, when used.
-    Nf4 { weight: Nf4Tensor, dtype: DType },
+    Nf4 { weight: Box<Nf4Tensor>, dtype: DType },
 }
 
 #[derive(Debug, Clone)]
@@ -28,7 +28,7 @@ impl FrozenLinear {
 
     /// An NF4 base that computes in `dtype`.
     pub fn nf4(weight: Nf4Tensor, dtype: DType) -> Self {
-        Self { weight: BaseWeight::Nf4 { weight, dtype } }
+        Self { weight: BaseWeight::Nf4 { weight: Box::new(weight), dtype } }
     }
 
     pub fn base_weight(&self) -> &BaseWeight {
