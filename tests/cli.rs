@@ -81,3 +81,22 @@ fn bench_methods_reports_every_method_asked_for() {
     assert_eq!(reports[1]["method"], "control");
     assert!(reports.iter().all(|r| r["trainable_params"].as_u64().unwrap() > 0 && r["step_seconds"].as_f64().unwrap() > 0.0));
 }
+
+#[test]
+fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("kernels.json");
+    let args = ["--device", "cpu", "--allow-cpu", "--dtype", "f32", "--dims", "48x40", "--ranks", "4", "--tokens", "24"];
+    let text = cli(&[&["bench", "kernels"][..], &args, &["--iters", "1", "--warmup", "0", "--json", json.to_str().unwrap()]].concat());
+    assert!(text.contains("fused LoRA"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    // lora: frozen, unfused, fused; control and dora: unfused, fused; nf4: three variants.
+    assert_eq!(rows.len(), 3 + 2 + 2 + 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r["ms"].as_f64().unwrap() > 0.0));
+    assert!(json.with_extension("png").exists());
+    // Without a GPU and without --allow-cpu, a clear refusal.
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(["bench", "kernels", "--device", "cpu"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-cpu"));
+}

@@ -402,6 +402,8 @@ pub enum BenchCommand {
     Step(BenchStepArgs),
     /// Fused kernels against the unfused candle graph, forward + backward, on the GPU.
     Kernels(BenchKernelsArgs),
+    /// NF4 dequantize and GEMV GB/s (`bench kernels --ops nf4`).
+    Nf4(BenchKernelsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
