@@ -159,10 +159,13 @@ impl AdapterConfig {
     /// some every release); an option that changes the computation and is not implemented is an error.
     pub fn from_peft_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::BadFile { path: path.to_path_buf(), msg };
+        fn parse<T: serde::de::DeserializeOwned>(v: &Value, path: &Path, what: &str) -> Result<T> {
+            serde_json::from_value(v.clone()).map_err(|e| Error::BadFile { path: path.to_path_buf(), msg: format!("{what} config: {e}") })
+        }
         let peft_type = v.get("peft_type").and_then(Value::as_str).ok_or_else(|| bad("no `peft_type`".into()))?;
         let (known, cfg): (&[&str], AdapterConfig) = match peft_type {
             "LORA" => {
-                let cfg: LoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("LoRA config: {e}")))?;
+                let cfg: LoraConfig = parse(v, path, "LoRA")?;
                 let init = v.get("init_lora_weights").and_then(Value::as_str).unwrap_or("");
                 // pissa_niter_K is PEFT's randomised SVD: read as PiSSA with the exact SVD.
                 let kind = match init {
@@ -187,35 +190,13 @@ impl AdapterConfig {
                     None => (LORA_KEYS, AdapterConfig::Lora(cfg)),
                 } }
             }
-            "ADALORA" => {
-                let cfg: AdaLoraConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("AdaLoRA config: {e}")))?;
-                (ADALORA_KEYS, AdapterConfig::AdaLora(cfg))
-            }
-            "SIFT" => {
-                let cfg: SiftConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("SIFT config: {e}")))?;
-                (SIFT_KEYS, AdapterConfig::Sift(cfg))
-            }
-            "SNELL" => {
-                let cfg: SnellConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("SNELL config: {e}")))?;
-                (SNELL_KEYS, AdapterConfig::Snell(cfg))
-            }
-            "FULL" => {
-                let cfg: FullConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("FULL config: {e}")))?;
-                (FULL_KEYS, AdapterConfig::Full(cfg))
-            }
-            "IA3" => {
-                let cfg: Ia3Config = serde_json::from_value(v.clone()).map_err(|e| bad(format!("IA3 config: {e}")))?;
-                (IA3_KEYS, AdapterConfig::Ia3(cfg))
-            }
-            "CONTROL" => {
-                let cfg: ControlConfig = serde_json::from_value(v.clone()).map_err(|e| bad(format!("Control config: {e}")))?;
-                (CONTROL_KEYS, AdapterConfig::Control(cfg))
-            }
-            "NONLINEAR_CONTROL" => {
-                let cfg: NonlinearControlConfig =
-                    serde_json::from_value(v.clone()).map_err(|e| bad(format!("nonlinear Control config: {e}")))?;
-                (NONLINEAR_CONTROL_KEYS, AdapterConfig::NonlinearControl(cfg))
-            }
+            "ADALORA" => (ADALORA_KEYS, AdapterConfig::AdaLora(parse(v, path, "AdaLoRA")?)),
+            "SIFT" => (SIFT_KEYS, AdapterConfig::Sift(parse(v, path, "SIFT")?)),
+            "SNELL" => (SNELL_KEYS, AdapterConfig::Snell(parse(v, path, "SNELL")?)),
+            "FULL" => (FULL_KEYS, AdapterConfig::Full(parse(v, path, "FULL")?)),
+            "IA3" => (IA3_KEYS, AdapterConfig::Ia3(parse(v, path, "IA3")?)),
+            "CONTROL" => (CONTROL_KEYS, AdapterConfig::Control(parse(v, path, "Control")?)),
+            "NONLINEAR_CONTROL" => (NONLINEAR_CONTROL_KEYS, AdapterConfig::NonlinearControl(parse(v, path, "nonlinear Control")?)),
             other => {
                 return Err(bad(format!(
                     "peft_type `{other}` is not implemented by this engine (LORA, IA3, ADALORA, SIFT, SNELL, FULL, CONTROL, NONLINEAR_CONTROL)"
