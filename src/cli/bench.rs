@@ -69,12 +69,8 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) ->
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
     let device = super::parse_device(&args.run.device)?;
-    let config = shape(&args.run.shape)?;
-    let std = 1.0 / (config.hidden_size as f32).sqrt();
-    let weights = crate::loading::weights::Weights::from_tensors(crate::model::llama::random_weights(&config, std, 0)?, "random weights");
     let quantize = args.run.quantize.as_deref().map(str::parse).transpose()?;
-    let mut model = Llama::load_with(config, &weights, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
-    drop(weights);
+    let mut model = Llama::random_with(shape(&args.run.shape)?, 0, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
     let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1, &device)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;

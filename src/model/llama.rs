@@ -197,9 +197,14 @@ impl Llama {
 
     /// A model with random weights (normal with std 1/√hidden, norms at 1), for tests and the demo.
     pub fn random(config: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::random_with(config, seed, dtype, device, None)
+    }
+
+    /// `random`, with the linear weights quantized as `load_with` does.
+    pub fn random_with(config: LlamaConfig, seed: u64, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<Self> {
         let std = 1.0 / (config.hidden_size as f32).sqrt();
         let weights = Weights::from_tensors(random_weights(&config, std, seed)?, "random weights");
-        Self::load(config, &weights, dtype, device)
+        Self::load_with(config, &weights, dtype, device, quantize)
     }
 
     pub fn dtype(&self) -> DType {
@@ -333,7 +338,7 @@ impl Llama {
     /// Project hidden states to the vocabulary, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let acc = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let acc = ops::accumulate_dtype(self.dtype);
         Ok(ops::frozen_matmul_t(hidden, head)?.to_dtype(acc)?)
     }
 
