@@ -103,7 +103,7 @@ impl BlockControl for ParallelControl {
     /// On CUDA, and in CPU training, the rank-r branch is accumulated into the residual sum in
     /// one op (src/kernels/control_branch.rs) that keeps only z and B for backward.
     fn add_to(&self, block_output: &Tensor, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        if !(kernels::fused_for(x) && (train || x.device().is_cuda())) {
+        if !kernels::fused_forward(x, train) {
             return Ok((block_output + self.forward(x, ctx, train)?)?);
         }
         let a = self.a.as_tensor().to_dtype(x.dtype())?;

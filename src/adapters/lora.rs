@@ -93,7 +93,7 @@ impl LinearAdapter for LoraLinear {
     /// One fused op (src/kernels/lora_linear.rs) on CUDA, and in CPU training; plain candle ops
     /// otherwise (and with `--unfused`).
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        if kernels::fused_for(x) && (train || x.device().is_cuda()) {
+        if kernels::fused_forward(x, train) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
             let mask = self.dropout.mask(x, train)?;

@@ -98,7 +98,7 @@ impl BlockControl for NonlinearControl {
     /// In rank space (see the module doc): the token mixing costs t²·(r + 1) instead of t²·d,
     /// and what backward keeps is [b, t, r + 1], not [b, t, d].
     fn forward(&self, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        let acc = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let acc = ops::accumulate_dtype(x.dtype());
         let dq = self.lowrank(x, acc, train)?;
         let dk = match ctx.past_input {
             Some(past) => Tensor::cat(&[&self.lowrank(past, acc, train)?, &dq], 1)?,

@@ -15,7 +15,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
+use super::{cpu_tensor, tensor_cpu_storage};
+use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// `base + α · z Bᵀ` for base [..., d] and z [..., r], B [d, r] (all one dtype).
@@ -56,7 +57,7 @@ impl CustomOp3 for ControlBranchOp {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let acc = cpu_compute_dtype(base.dtype());
+        let acc = accumulate_dtype(base.dtype());
         let z = cpu_tensor(z, lz, self.name())?.to_dtype(acc)?;
         let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
         let branch = z.matmul(&b.t()?)?.flatten_all()?;

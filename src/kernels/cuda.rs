@@ -298,10 +298,19 @@ fn nf4_stored(w: &crate::quant::Nf4Tensor) -> Result<i32> {
     }
 }
 
-/// Runs `f` with the device views of an NF4 tensor's buffers.
+/// The scalar arguments the NF4 kernels take after their four buffers.
+struct Nf4Scalars {
+    offset: f32,
+    double_quant: i32,
+    blocksize: i32,
+    nested: i32,
+}
+
+/// Runs `f` with the device views of an NF4 tensor's buffers (uploaded on first use) and the
+/// scalars that go with them.
 fn with_nf4_views<R>(
     w: &crate::quant::Nf4Tensor,
-    f: impl FnOnce(&CudaDevice, [&CudaView<'_, u8>; 2], [&CudaView<'_, f32>; 2]) -> Result<R>,
+    f: impl FnOnce(&CudaDevice, &Nf4Scalars, [&CudaView<'_, u8>; 2], [&CudaView<'_, f32>; 2]) -> Result<R>,
 ) -> Result<R> {
     let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let (packed_s, packed_l) = b.packed.storage_and_layout();
@@ -314,17 +323,21 @@ fn with_nf4_views<R>(
     let absq = view::<u8>(cuda_storage(&absq_s, "nf4 absmax")?, absq_l, "nf4 absmax")?;
     let scales = view::<f32>(cuda_storage(&scales_s, "nf4 scales")?, scales_l, "nf4 scales")?;
     let tables = view::<f32>(cuda_storage(&tables_s, "nf4 tables")?, tables_l, "nf4 tables")?;
-    f(&dev, [&packed, &absq], [&scales, &tables])
+    let scalars = Nf4Scalars {
+        offset: b.offset,
+        double_quant: b.double_quant as i32,
+        blocksize: w.blocksize as i32,
+        nested: b.nested_blocksize as i32,
+    };
+    f(&dev, &scalars, [&packed, &absq], [&scales, &tables])
 }
 
 /// NF4 dequantize on the device (`nf4_dequantize_*`).
 pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Result<Tensor> {
     let n = w.elem_count();
     let stored = nf4_stored(w)?;
-    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let (offset, double, blocksize, nested) = (b.offset, b.double_quant as i32, w.blocksize as i32, b.nested_blocksize as i32);
     with_kernel_type!(dtype, T, {
-        with_nf4_views(w, |dev, [packed, absq], [scales, tables]| {
+        with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
             // SAFETY: the kernel writes every one of the n elements.
             let out = unsafe { dev.alloc::<T>(n)? };
             let func = dev.get_or_load_custom_func(&format!("nf4_dequantize_{}", T::SUFFIX), "nf4", NF4_PTX)?;
@@ -332,7 +345,7 @@ pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Resul
             let cfg = LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let n_i = n as i64;
             let mut builder = func.builder();
-            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&offset).arg(&double).arg(&blocksize).arg(&nested);
+            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
             builder.arg(&n_i).arg(&stored).arg(&out);
             // SAFETY: matches `nf4_dequantize_*`'s signature; the buffers hold what w's shape needs.
             unsafe { builder.launch(cfg) }.w()?;
@@ -345,13 +358,11 @@ pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Resul
 pub(super) fn nf4_gemv(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     let (rows, cols) = (w.shape[0], w.shape[1]);
     let stored = nf4_stored(w)?;
-    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let (offset, double, blocksize, nested) = (b.offset, b.double_quant as i32, w.blocksize as i32, b.nested_blocksize as i32);
     let (x_s, x_l) = x.storage_and_layout();
     let x_s = cuda_storage(&x_s, "nf4 gemv x")?;
     with_kernel_type!(x.dtype(), T, {
         let xv = view::<T>(x_s, x_l, "nf4 gemv x")?;
-        with_nf4_views(w, |dev, [packed, absq], [scales, tables]| {
+        with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
             // SAFETY: one warp writes each of the `rows` outputs.
             let y = unsafe { dev.alloc::<T>(rows)? };
             let func = dev.get_or_load_custom_func(&format!("nf4_gemv_{}", T::SUFFIX), "nf4", NF4_PTX)?;
@@ -359,7 +370,7 @@ pub(super) fn nf4_gemv(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor
             let cfg = LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
             let (rows_i, cols_i) = (rows as i32, cols as i32);
             let mut builder = func.builder();
-            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&offset).arg(&double).arg(&blocksize).arg(&nested);
+            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
             builder.arg(&rows_i).arg(&cols_i).arg(&stored).arg(&xv).arg(&y);
             // SAFETY: matches `nf4_gemv_*`'s signature.
             unsafe { builder.launch(cfg) }.w()?;

@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
-use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
+use super::{cpu_tensor, tensor_cpu_storage};
+use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
@@ -90,7 +91,7 @@ impl CustomOp3 for LoraLinearOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let dtype = x.dtype();
-        let acc = cpu_compute_dtype(dtype);
+        let acc = accumulate_dtype(dtype);
         let xt = cpu_tensor(x, lx, self.name())?.to_dtype(acc)?;
         let xd = match &self.dropped {
             Some(d) => d.to_dtype(acc)?,

@@ -11,7 +11,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 
-use super::{cpu_compute_dtype, cpu_tensor, tensor_cpu_storage};
+use super::{cpu_tensor, tensor_cpu_storage};
+use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// The rank-r right factor `M` [cols, r] of the product.
@@ -93,7 +94,7 @@ impl InplaceOp3 for LowRankAdd {
 
     fn cpu_fwd(&self, out: &mut CpuStorage, lo: &Layout, z: &CpuStorage, lz: &Layout, m: &CpuStorage, lm: &Layout) -> candle_core::Result<()> {
         let dtype = out.dtype();
-        let acc = cpu_compute_dtype(dtype);
+        let acc = accumulate_dtype(dtype);
         let product = self.product(&cpu_tensor(z, lz, self.name())?.to_dtype(acc)?, &cpu_tensor(m, lm, self.name())?.to_dtype(acc)?)?;
         let sum = (cpu_tensor(out, lo, self.name())?.to_dtype(acc)? + product)?.to_dtype(dtype)?;
         let Some((start, end)) = lo.contiguous_offsets() else { candle_core::bail!("lowrank-add: out must be contiguous") };

@@ -44,6 +44,13 @@ pub fn set_unfused(unfused: bool) {
     UNFUSED.store(unfused, Ordering::Relaxed);
 }
 
+/// `--unfused`, or `CANDLE_PEFT_UNFUSED` set to anything but 0 (read once: this is asked on
+/// every linear layer's forward).
+fn unfused() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    UNFUSED.load(Ordering::Relaxed) || *FROM_ENV.get_or_init(|| std::env::var_os("CANDLE_PEFT_UNFUSED").is_some_and(|v| v != "0"))
+}
+
 /// Whether the fused ops handle tensors like `t`: on CUDA in f32 / f16 / bf16, on the CPU in
 /// f32 / f64 (there they are candle's CPU matmuls around explicit saved tensors), unless the
 /// unfused path was asked for.
@@ -53,7 +60,13 @@ pub fn fused_for(t: &Tensor) -> bool {
         candle_core::Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
         _ => false,
     };
-    supported && !UNFUSED.load(Ordering::Relaxed) && std::env::var_os("CANDLE_PEFT_UNFUSED").is_none_or(|v| v == "0")
+    supported && !unfused()
+}
+
+/// Whether an adapter's forward takes its fused op: always on CUDA, in training on the CPU (where
+/// inference is as fast through the plain ops, without the op's copies).
+pub fn fused_forward(x: &Tensor, train: bool) -> bool {
+    fused_for(x) && (train || x.device().is_cuda())
 }
 
 /// A contiguous CPU storage as a tensor (a copy), for the CPU paths written with candle ops.
@@ -80,29 +93,6 @@ pub(crate) fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> 
         DType::F16 => CpuStorage::F16(t.to_vec1()?),
         DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
         other => candle_core::bail!("unsupported dtype {other:?}"),
-    })
-}
-
-/// The dtype the CPU paths compute in: half types in f32, f32 and f64 as they are.
-fn cpu_compute_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// The values of a contiguous CPU tensor storage as f64 (the references compute in f64).
-fn cpu_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f64>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: the input must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F64(v) => v[start..end].to_vec(),
-        CpuStorage::F32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
-        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
-        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
     })
 }
 

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::cpu_values;
+use super::cpu_tensor;
 use crate::Result;
 
 /// The CPU reference, one row at a time, accumulated in f64.
@@ -63,10 +63,11 @@ impl CustomOp3 for RowNorms {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, cols) = lw.shape().dims2()?;
         let r = la.dims()[0];
+        let values = |s: &CpuStorage, l: &Layout| cpu_tensor(s, l, self.name())?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
         let n = row_norms_reference(
-            &cpu_values(w, lw, self.name())?,
-            &cpu_values(b, lb, self.name())?,
-            &cpu_values(a, la, self.name())?,
+            &values(w, lw)?,
+            &values(b, lb)?,
+            &values(a, la)?,
             (rows, cols, r),
             self.scale,
         );

@@ -96,7 +96,7 @@ fn forward_backward(
     let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)).collect::<candle_core::Result<_>>()?;
     let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&tensors)?;
-    let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let acc = crate::model::ops::accumulate_dtype(dtype);
     let loss = (y.to_dtype(acc)? * weights.to_dtype(acc)?.to_device(device)?)?.sum_all()?;
     let grads = loss.backward()?;
     let g = tensors

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::Result;
 
 /// The dtype reductions run in: f32 for half types, f64 kept as f64 (finite-difference tests).
-fn accumulate_dtype(dtype: DType) -> DType {
+pub(crate) fn accumulate_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {
@@ -115,23 +115,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool)
 /// The reference for the fused attention: plain candle ops (the softmax too).
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let (b, h, t, d) = q.dims4()?;
-    let n = h / k.dim(1)?;
-    let (k, v) = (super::fused::repeat_heads(k, n)?, super::fused::repeat_heads(v, n)?);
-    let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
-    let probs = softmax_last_dim_reference(&scores)?;
-    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
+    attention_with(q, k, v, bias, scale, softmax_last_dim_reference)
 }
 
 /// Attention for inference, other devices and dtypes (the softmax in f32, fused where it can).
 fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
+    attention_with(q, k, v, bias, scale, |s| softmax_last_dim(s, train))
+}
+
+/// The attention composition with the given softmax.
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softmax: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let n = h / k.dim(1)?;
     let (k, v) = (super::fused::repeat_heads(k, n)?, super::fused::repeat_heads(v, n)?);
     // Scaling q (t x hd) rather than the scores (t x t) saves a score-sized copy in training.
     let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
-    let probs = softmax_last_dim(&scores, train)?;
-    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
+    Ok(softmax(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
 /// `x Wᵀ` for a frozen W [out, in] (the LM head, every frozen linear): when x is tracked, an op
@@ -139,8 +145,8 @@ fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: 
 /// ∂L/∂W (an extra GEMM and an [out, in] gradient per layer until backward ends). On the CPU in
 /// f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let cuda = crate::kernels::fused_for(x) && w.dtype() == x.dtype();
-    if x.track_op() && (fused_cpu(true, &[x, w]) || cuda) {
+    let on_gpu = x.device().is_cuda() && crate::kernels::fused_for(x) && w.dtype() == x.dtype();
+    if x.track_op() && (fused_cpu(true, &[x, w]) || on_gpu) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.detach() })?);
     }
     super::linear::matmul_t(x, w)
