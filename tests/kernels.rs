@@ -144,3 +144,85 @@ fn fused_ops_keep_the_input_dtype() {
     let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff / scale < 1e-2, "bf16 relative error {}", diff / scale);
 }
+
+/// SNELL's fused branch (ΔW recomputed in backward from In, Out and the kept τ) against the
+/// adapter's unfused branch (autograd through cdist, the quantile and the detached factor):
+/// values and the gradients of x, In and Out, for KLoRA, a middle and a high sparsity.
+#[test]
+fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
+    use candle_peft::adapters::SnellLinear;
+    use candle_peft::kernels::snell::{kernel_delta, snell_branch, threshold};
+    let (t, d_in, d_out, heads, k) = (13, 37, 29, 2, 5);
+    for s in [0.0, 0.5, 0.95] {
+        let input = (randn(&[heads, d_in, k]) * 0.3).unwrap();
+        let output = (randn(&[heads, d_out, k]) * 0.3).unwrap();
+        let x = randn(&[t, d_in]);
+        let weights = randn(&[t, d_out]);
+        let layer = SnellLinear::from_parts(&input, &output, s).unwrap();
+        let (lx, li, lo) = (Var::from_tensor(&x).unwrap(), layer.input.clone(), layer.output.clone());
+        let tau = threshold(li.as_tensor(), lo.as_tensor(), s).unwrap();
+        assert_eq!(tau, layer.threshold().unwrap());
+        assert!(max_diff(&kernel_delta(li.as_tensor(), lo.as_tensor()).unwrap(), &layer.kernel_delta().unwrap()) < 1e-14);
+        let fused = snell_branch(lx.as_tensor(), li.as_tensor(), lo.as_tensor(), tau).unwrap();
+        let plain = layer.branch(lx.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-12, "s = {s}: y differs by {}", max_diff(&fused, &plain));
+        let grads = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gp) = (grads(&fused), grads(&plain));
+        for (name, v) in [("dx", lx.as_tensor()), ("dIn", li.as_tensor()), ("dOut", lo.as_tensor())] {
+            let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert!(scale > 0.0, "s = {s}: {name} is zero");
+            assert!(max_diff(a, b) <= 1e-11 * scale, "s = {s}: {name} differs by {} (scale {scale})", max_diff(a, b));
+        }
+    }
+}
+
+/// The fused branch with f32 activations and f32 factors (the CPU training dtype) within f32
+/// rounding of the f64 computation on the same values.
+#[test]
+fn snell_branch_in_f32_is_within_rounding_of_f64() {
+    use candle_peft::kernels::snell::{snell_branch, threshold};
+    let input = (randn(&[2, 41, 8]) * 0.2).unwrap();
+    let output = (randn(&[2, 23, 8]) * 0.2).unwrap();
+    let x = randn(&[9, 41]);
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_dtype(DType::F64).unwrap();
+    let (input, output, x) = (f32_of(&input), f32_of(&output), f32_of(&x));
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let tau32 = threshold(&f32s(&input), &f32s(&output), 0.0).unwrap();
+    assert!(tau32.is_none());
+    let y32 = snell_branch(&f32s(&x), &f32s(&input), &f32s(&output), None).unwrap();
+    let y64 = snell_branch(&x, &input, &output, None).unwrap();
+    let scale = y64.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    assert!(max_diff(&y32.to_dtype(DType::F64).unwrap(), &y64) < 1e-5 * scale);
+}
+
+/// The GPU threshold's selection logic, fed with histograms counted on the CPU: torch.quantile's
+/// value exactly (the sort-free CPU quantile), with ties, zeros, a single value and edge q.
+#[test]
+fn radix_quantile_equals_the_exact_quantile() {
+    use candle_peft::adapters::snell::quantile_f32;
+    use candle_peft::kernels::snell::{radix_quantile, RadixPass};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(7);
+    let random: Vec<f32> = (0..5000).map(|_| rng.random::<f32>() * 1e-3).collect();
+    let ties: Vec<f32> = (0..3001).map(|i| [0.0f32, 1e-7, 2.5e-4, 2.5e-4, 3.0][i % 5]).collect();
+    let coarse: Vec<f32> = (0..777).map(|_| (rng.random_range(0..4) as f32) * 0.125).collect();
+    for values in [random, ties, coarse, vec![0.3f32]] {
+        for q in [0.0, 0.1, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            let histogram = |p: RadixPass| {
+                let mut h = vec![0u32; p.bins];
+                for v in &values {
+                    let u = v.to_bits();
+                    if u & p.prefix_mask == p.prefix {
+                        h[((u >> p.shift) as usize) & (p.bins - 1)] += 1;
+                    }
+                }
+                Ok(h)
+            };
+            let min_above = |a: u32| Ok(values.iter().map(|v| v.to_bits()).filter(|&u| u > a).min().unwrap_or(u32::MAX));
+            let got = radix_quantile(values.len(), q, histogram, min_above).unwrap();
+            let want = quantile_f32(&values, q).unwrap();
+            assert_eq!(got.to_bits(), want.to_bits(), "n = {}, q = {q}: {got} against {want}", values.len());
+        }
+    }
+}

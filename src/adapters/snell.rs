@@ -31,6 +31,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{uniform_var, Targets};
+use crate::kernels;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::{Error, Result};
 
@@ -149,10 +150,7 @@ impl SnellLinear {
 
     /// The threshold τ of the current ΔW (None when sparsity is 0).
     pub fn threshold(&self) -> Result<Option<f64>> {
-        if self.sparsity == 0.0 {
-            return Ok(None);
-        }
-        Ok(Some(abs_quantile(&self.kernel_delta()?.detach(), self.sparsity)?))
+        kernels::snell::threshold(self.input.as_tensor(), self.output.as_tensor(), self.sparsity)
     }
 
     /// `ΔW_sᵀ` [d_out, d_in] in f32 (what merge adds to W).
@@ -174,7 +172,14 @@ impl SnellLinear {
 }
 
 impl LinearAdapter for SnellLinear {
-    fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
+    /// The fused branch (src/kernels/snell.rs: ΔW recomputed in backward, never kept) on CUDA
+    /// and in CPU training; plain candle ops otherwise (and with `--unfused`).
+    fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        let (input, output) = (self.input.as_tensor(), self.output.as_tensor());
+        if kernels::fused_forward(x, train) && kernels::snell::fused_for(x, input) {
+            let tau = kernels::snell::threshold(input, output, self.sparsity)?;
+            return Ok((base.forward(x)? + kernels::snell_branch(x, input, output, tau)?)?);
+        }
         Ok((base.forward(x)? + self.branch(x)?)?)
     }
 
@@ -227,7 +232,7 @@ pub fn sparsify(delta: &Tensor, s: f64) -> Result<Tensor> {
 }
 
 /// `torch.quantile(|t|.flatten(), s)` in t's dtype (f32 or f64; others go through f32).
-fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
+pub(crate) fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
     let a = t.abs()?.flatten_all()?;
     match a.dtype() {
         DType::F64 => quantile_in_place_f64(&mut a.to_vec1::<f64>()?, s),
@@ -236,7 +241,25 @@ fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
 }
 
 macro_rules! quantile_impl {
-    ($name:ident, $in_place:ident, $t:ty) => {
+    ($name:ident, $in_place:ident, $position:ident, $lerp:ident, $t:ty) => {
+        /// torch.quantile's position `q·(n−1)`, computed in this dtype as torch does (q cast to
+        /// it): the 0-based indices of the order statistics below and above it, and the weight.
+        pub fn $position(n: usize, q: f64) -> (usize, usize, $t) {
+            let rank = (q as $t) * ((n - 1) as $t);
+            let below = (rank as usize).min(n - 1);
+            let above = (rank.ceil() as usize).min(n - 1);
+            (below, above, rank - below as $t)
+        }
+
+        /// ATen's lerp: `lo + w·(hi − lo)` for |w| < 0.5, else `hi − (hi − lo)·(1 − w)`.
+        pub fn $lerp(lo: $t, hi: $t, weight: $t) -> $t {
+            if weight.abs() < 0.5 {
+                lo + weight * (hi - lo)
+            } else {
+                hi - (hi - lo) * (1.0 - weight)
+            }
+        }
+
         /// `torch.quantile(values, q)` (interpolation "linear") for a tensor of this dtype: the
         /// position `q·(n−1)` is computed in the dtype (as torch does, q being cast to it), the
         /// order statistics below and above it are found by selection on a copy (O(n)), and
@@ -256,20 +279,15 @@ macro_rules! quantile_impl {
             if values.iter().any(|v| v.is_nan()) {
                 return Ok(<$t>::NAN);
             }
-            let n = values.len();
-            let rank = (q as $t) * ((n - 1) as $t);
-            let below = (rank as usize).min(n - 1);
-            let above = (rank.ceil() as usize).min(n - 1);
-            let weight = rank - below as $t;
+            let (below, above, weight) = $position(values.len(), q);
             let cmp = |a: &$t, b: &$t| a.partial_cmp(b).expect("no NaN");
             let (_, lo, rest) = values.select_nth_unstable_by(below, cmp);
             let lo = *lo;
             let hi = if above > below { rest.iter().copied().fold(<$t>::INFINITY, <$t>::min) } else { lo };
-            // ATen's lerp: start + w·(end − start) for |w| < 0.5, else end − (end − start)·(1 − w).
-            Ok(if weight.abs() < 0.5 { lo + weight * (hi - lo) } else { hi - (hi - lo) * (1.0 - weight) })
+            Ok($lerp(lo, hi, weight))
         }
     };
 }
 
-quantile_impl!(quantile_f32, quantile_in_place_f32, f32);
-quantile_impl!(quantile_f64, quantile_in_place_f64, f64);
+quantile_impl!(quantile_f32, quantile_in_place_f32, quantile_position_f32, lerp_f32, f32);
+quantile_impl!(quantile_f64, quantile_in_place_f64, quantile_position_f64, lerp_f64, f64);

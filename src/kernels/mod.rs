@@ -10,6 +10,7 @@
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
 //! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
+//! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |
 //!
 //! Training takes the fused ops whenever the tensors live on a CUDA device, unless
 //! [`set_unfused`] (the CLI's `--unfused`) or `CANDLE_PEFT_UNFUSED=1` asks for the plain candle
@@ -23,6 +24,7 @@ pub mod lowrank_add;
 pub mod nf4;
 pub mod row_norms;
 pub mod selftest;
+pub mod snell;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -36,6 +38,7 @@ pub use control_branch::control_branch;
 pub use lora_linear::lora_linear;
 pub use lowrank_add::lowrank_add;
 pub use row_norms::row_norms;
+pub use snell::snell_branch;
 
 static UNFUSED: AtomicBool = AtomicBool::new(false);
 

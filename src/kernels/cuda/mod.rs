@@ -19,6 +19,7 @@ use super::row_norms::RowNorms;
 pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowrank_add.ptx"));
 pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
 pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -401,3 +402,5 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from(out_dims)))
     })
 }
+
+pub mod snell;

@@ -1,0 +1,274 @@
+//! SNELL's branch (seeds.md §3, `adapters::snell`) as one op that never keeps the dense update
+//! between forward and backward (the seed recomputes it under `torch.utils.checkpoint`; here the
+//! op saves nothing but the scalar threshold):
+//!
+//! ```text
+//! threshold  Δ = Σ_h c_h D_h,  D_h[i, j] = ‖In[h,i,:] − Out[h,j,:]‖₂     [d_in, d_out] transient
+//!            τ = quantile(|Δ|, s)                                      (none when s = 0)
+//! forward    N = |Δ| ⊙ 1[|Δ| > τ]   (1 when s = 0)
+//!            y = x (Δ ⊙ N)                                             [T, d_out]
+//! backward   Δ, N recomputed from In, Out and τ
+//!            dx     = dy (Δ ⊙ N)ᵀ
+//!            Ĝ      = (xᵀ dy) ⊙ N                                      [d_in, d_out] transient
+//!            M_h    = c_h Ĝ ⊘ D_h   (0 where D_h = 0: torch.cdist's gradient at a zero distance)
+//!            dIn_h  = rowsum(M_h) ⊙ In_h − M_h Out_h
+//!            dOut_h = colsum(M_h) ⊙ Out_h − M_hᵀ In_h
+//! ```
+//!
+//! (`∂D/∂In_i = (In_i − Out_j)/D`, and N is a constant in backward, as in the seed.) The base
+//! linear stays outside the op: `y_total = base(x) + snell_branch(x)`, so an NF4 base works too.
+//!
+//! Layout: x [T, d_in] in the activations' dtype; In [H, d_in, k] and Out [H, d_out, k] (k = r/H)
+//! in f32 (f64 for the CPU reference); row-major, contiguous. On the CPU the op is the reference:
+//! candle ops in the factors' dtype for the kernel, ΔW_s cast to x's dtype for the product, as
+//! the unfused adapter computes it. On CUDA: `kernels/snell.cu` (see `cuda::snell`).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::{cpu_tensor, tensor_cpu_storage};
+use crate::adapters::snell::{abs_quantile, head_coefficients, lerp_f32, pairwise_distances, quantile_position_f32};
+use crate::model::ops::accumulate_dtype;
+use crate::{Error, Result};
+
+/// `τ = quantile(|ΔW|, s)` of the current factors (None when s = 0, KLoRA). On CUDA, exact
+/// radix selection over tiles recomputed from In and Out; on the CPU, selection on ΔW.
+pub fn threshold(input: &Tensor, output: &Tensor, sparsity: f64) -> Result<Option<f64>> {
+    if sparsity == 0.0 {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    if input.device().is_cuda() && input.dtype() == DType::F32 {
+        return Ok(Some(super::cuda::snell::threshold(input, output, sparsity)?));
+    }
+    Ok(Some(abs_quantile(&kernel_delta(input, output)?, sparsity)?))
+}
+
+/// `ΔW = Σ_h c_h cdist(In_h, Out_h)` [d_in, d_out], detached, in the factors' dtype (CUDA: the
+/// merge kernel, f32).
+pub fn kernel_delta(input: &Tensor, output: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if input.device().is_cuda() && input.dtype() == DType::F32 {
+        return Ok(super::cuda::snell::kernel_delta(input, output)?);
+    }
+    Ok(Distances::new(&input.detach(), &output.detach())?.delta)
+}
+
+/// `x ΔW_s` for x [..., d_in], with `ΔW_s = ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]` (ΔW itself when τ is None),
+/// differentiable in x, In and Out. Get τ from [`threshold`].
+pub fn snell_branch(x: &Tensor, input: &Tensor, output: &Tensor, tau: Option<f64>) -> Result<Tensor> {
+    let (h, d_in, k) = input.dims3()?;
+    let (h2, d_out, k2) = output.dims3()?;
+    let dims = x.dims().to_vec();
+    if h2 != h || k2 != k || dims.last() != Some(&d_in) || input.dtype() != output.dtype() {
+        return Err(Error::msg(format!(
+            "snell_branch: x {:?}, In {:?} {:?}, Out {:?} {:?} do not fit together",
+            x.dims(),
+            input.dims(),
+            input.dtype(),
+            output.dims(),
+            output.dtype()
+        )));
+    }
+    let x2 = x.contiguous()?.reshape(((), d_in))?;
+    let y = x2.apply_op3(&input.contiguous()?, &output.contiguous()?, SnellBranchOp { tau })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("checked above") = d_out;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// The per-head distances and their signed sum, kept together for the backward.
+struct Distances {
+    heads: Vec<Tensor>,
+    delta: Tensor,
+}
+
+impl Distances {
+    fn new(input: &Tensor, output: &Tensor) -> Result<Self> {
+        let coeffs = head_coefficients(input.dim(0)?);
+        let heads = (0..coeffs.len())
+            .map(|h| pairwise_distances(&input.get(h)?, &output.get(h)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut delta = (&heads[0] * coeffs[0])?;
+        for (d, &c) in heads.iter().zip(&coeffs).skip(1) {
+            delta = (delta + (d * c)?)?;
+        }
+        Ok(Self { heads, delta })
+    }
+}
+
+/// `N = |Δ| ⊙ 1[|Δ| > τ]` (None when τ is None: N = 1).
+fn competition_factor(delta: &Tensor, tau: Option<f64>) -> Result<Option<Tensor>> {
+    let Some(tau) = tau else { return Ok(None) };
+    let a = delta.abs()?;
+    Ok(Some((a.gt(tau)?.to_dtype(a.dtype())? * a)?))
+}
+
+fn apply_factor(t: &Tensor, n: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match n {
+        Some(n) => (t * n)?,
+        None => t.clone(),
+    })
+}
+
+struct SnellBranchOp {
+    tau: Option<f64>,
+}
+
+impl CustomOp3 for SnellBranchOp {
+    fn name(&self) -> &'static str {
+        "fused-snell-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        input: &CpuStorage,
+        li: &Layout,
+        output: &CpuStorage,
+        lo: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dtype = x.dtype();
+        let xt = cpu_tensor(x, lx, self.name())?;
+        let (input, output) = (cpu_tensor(input, li, self.name())?, cpu_tensor(output, lo, self.name())?);
+        let y = reference_forward(&xt, &input, &output, self.tau).map_err(candle_core::Error::wrap)?;
+        let shape = y.shape().clone();
+        Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        input: &candle_core::CudaStorage,
+        li: &Layout,
+        output: &candle_core::CudaStorage,
+        lo: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::snell::forward(self.tau, (x, lx), (input, li), (output, lo))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        input: &Tensor,
+        output: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients that carry a graph would keep this step's tensors alive.
+        let (x, input, output, dy) = (x.detach(), input.detach(), output.detach(), dy.detach());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, di, dout) = super::cuda::snell::backward(self.tau, &x, &input, &output, &dy)?;
+            return Ok((Some(dx), Some(di), Some(dout)));
+        }
+        let (dx, di, dout) = reference_backward(&x, &input, &output, &dy, self.tau).map_err(candle_core::Error::wrap)?;
+        Ok((Some(dx), Some(di), Some(dout)))
+    }
+}
+
+/// `x ΔW_s` by candle ops: ΔW_s in the factors' dtype, cast to x's for the product (accumulated
+/// in f32, or f64 for f64).
+fn reference_forward(x: &Tensor, input: &Tensor, output: &Tensor, tau: Option<f64>) -> Result<Tensor> {
+    let acc = accumulate_dtype(x.dtype());
+    let delta = Distances::new(input, output)?.delta;
+    let n = competition_factor(&delta, tau)?;
+    let ds = apply_factor(&delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
+    Ok(x.to_dtype(acc)?.matmul(&ds)?)
+}
+
+/// The backward of the table at the top, by candle ops (the CPU path and the GPU's reference).
+fn reference_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, tau: Option<f64>) -> Result<(Tensor, Tensor, Tensor)> {
+    let (acc, fd) = (accumulate_dtype(x.dtype()), input.dtype());
+    let dist = Distances::new(input, output)?;
+    let n = competition_factor(&dist.delta, tau)?;
+    let ds = apply_factor(&dist.delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
+    let dy_acc = dy.to_dtype(acc)?;
+    let dx = dy_acc.matmul(&ds.t()?)?.to_dtype(x.dtype())?;
+    drop(ds);
+    // ∂L/∂ΔW_s in x's dtype (as the product's gradient is), then through the constant factor N.
+    let g = x.to_dtype(acc)?.t()?.matmul(&dy_acc)?.to_dtype(x.dtype())?.to_dtype(fd)?;
+    let g = apply_factor(&g, n.as_ref())?;
+    let coeffs = head_coefficients(dist.heads.len());
+    let (mut d_in, mut d_out) = (Vec::new(), Vec::new());
+    for (h, (d, &c)) in dist.heads.iter().zip(&coeffs).enumerate() {
+        let positive = d.gt(0.0)?;
+        let inv = positive.where_cond(&d.recip()?, &d.zeros_like()?)?;
+        let m = ((&g * inv)? * c)?;
+        let (in_h, out_h) = (input.get(h)?, output.get(h)?);
+        d_in.push((m.sum_keepdim(1)?.broadcast_mul(&in_h)? - m.matmul(&out_h)?)?);
+        d_out.push((m.sum_keepdim(0)?.t()?.broadcast_mul(&out_h)? - m.t()?.matmul(&in_h)?)?);
+    }
+    Ok((dx, Tensor::stack(&d_in, 0)?, Tensor::stack(&d_out, 0)?))
+}
+
+/// The largest rank per head k = r/H the CUDA kernels take (their backward keeps k/32 outputs per
+/// thread in registers); larger ranks take the plain candle ops on the GPU.
+pub const MAX_CUDA_HEAD_RANK: usize = 64;
+
+/// Whether [`snell_branch`] takes tensors like these: the fused ops' devices and dtypes for x, and
+/// f32 factors (f64 too on the CPU) of a rank per head the kernels take.
+pub fn fused_for(x: &Tensor, input: &Tensor) -> bool {
+    let factors = match x.device() {
+        candle_core::Device::Cpu => matches!(input.dtype(), DType::F32 | DType::F64),
+        _ => input.dtype() == DType::F32 && input.dims().last().is_some_and(|&k| k <= MAX_CUDA_HEAD_RANK),
+    };
+    super::fused_for(x) && factors
+}
+
+/// One counting pass of [`radix_quantile`]: count, among the values whose bits under
+/// `prefix_mask` equal `prefix`, each value of the `bins`-wide digit at bit `shift`.
+#[derive(Debug, Clone, Copy)]
+pub struct RadixPass {
+    pub prefix: u32,
+    pub prefix_mask: u32,
+    pub shift: u32,
+    pub bins: usize,
+}
+
+/// `torch.quantile(values, q)` of `n` non-negative f32 values seen only through counting passes
+/// (the GPU recomputes the values in each pass instead of storing them): non-negative floats
+/// order as their bit patterns, so three passes over the digits of bits 30..20, 19..10 and 9..0
+/// find the order statistic below the position q·(n−1) exactly; the one above it is the same
+/// value while ties remain, else `min_above(bits)` (the smallest bit pattern above). Then
+/// torch's lerp, in f32. The same answer as [`crate::adapters::snell::quantile_f32`] (NaN aside:
+/// its bit pattern orders above +inf here).
+pub fn radix_quantile(
+    n: usize,
+    q: f64,
+    mut histogram: impl FnMut(RadixPass) -> candle_core::Result<Vec<u32>>,
+    mut min_above: impl FnMut(u32) -> candle_core::Result<u32>,
+) -> candle_core::Result<f32> {
+    if n == 0 || !(0.0..=1.0).contains(&q) {
+        candle_core::bail!("radix_quantile: q = {q} of {n} values");
+    }
+    let (below, above, weight) = quantile_position_f32(n, q);
+    // The 0-based position of the statistic sought among the values sharing the bits chosen so far.
+    let (mut rank, mut prefix, mut prefix_mask, mut ties) = (below as u64, 0u32, 0u32, 0u64);
+    for (shift, bits) in [(20u32, 11u32), (10, 10), (0, 10)] {
+        let bins = 1usize << bits;
+        let counts = histogram(RadixPass { prefix, prefix_mask, shift, bins })?;
+        let mut before = 0u64;
+        let mut chosen = None;
+        for (bin, &c) in counts.iter().enumerate() {
+            if before + c as u64 > rank {
+                chosen = Some((bin as u32, c as u64));
+                break;
+            }
+            before += c as u64;
+        }
+        let Some((bin, count)) = chosen else {
+            candle_core::bail!("radix_quantile: the pass at bit {shift} counted {before} values, fewer than position {rank} needs")
+        };
+        rank -= before;
+        prefix |= bin << shift;
+        prefix_mask |= ((bins - 1) as u32) << shift;
+        ties = count;
+    }
+    let lo = f32::from_bits(prefix);
+    let hi = if above == below || rank + 1 < ties { lo } else { f32::from_bits(min_above(prefix)?) };
+    Ok(lerp_f32(lo, hi, weight))
+}
