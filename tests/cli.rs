@@ -91,12 +91,18 @@ fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     assert!(text.contains("fused LoRA"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    // lora: frozen, unfused, fused; control and dora: unfused, fused; nf4: three variants.
-    assert_eq!(rows.len(), 3 + 2 + 2 + 3, "{rows:?}");
+    // lora: frozen, unfused, fused; control and dora: unfused, fused; nf4: three variants;
+    // snell: the frozen linear, then plain and fused for each of the two default sparsities.
+    assert_eq!(rows.len(), 3 + 2 + 2 + 3 + 5, "{rows:?}");
+    let snell: Vec<_> = rows.iter().filter(|r| r["op"] == "snell").collect();
+    assert_eq!(snell.iter().filter(|r| r["variant"] == "fused").count(), 2);
+    assert!(snell.iter().all(|r| r["peak_extra_mib"].is_number()));
     assert!(rows.iter().all(|r| r["ms"].as_f64().unwrap() > 0.0));
     assert!(json.with_extension("png").exists());
     // Without a GPU and without --allow-cpu, a clear refusal.
     let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(["bench", "kernels", "--device", "cpu"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-cpu"));
+    let text = cli(&["bench", "snell", "--device", "cpu", "--allow-cpu", "--dtype", "f32", "--dims", "40x56", "--tokens", "8", "--sparsities", "0.9", "--snell-rank", "8", "--iters", "1", "--warmup", "0"]);
+    assert!(text.contains("40x56 r8 s0.9 T8") && text.contains("plain candle ops") && text.contains("fused"), "{text}");
 }

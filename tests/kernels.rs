@@ -226,3 +226,20 @@ fn radix_quantile_equals_the_exact_quantile() {
         }
     }
 }
+
+/// The memory rule for SNELL: nothing of the update's size [d_in, d_out] stays in the graph
+/// between forward and backward (the fused op keeps only τ besides its inputs), where the plain ops
+/// keep several (counted among the graph's nodes on the way to the variables).
+#[test]
+fn snell_branch_keeps_no_update_sized_tensor_for_backward() {
+    use candle_peft::adapters::SnellLinear;
+    use candle_peft::kernels::snell::{snell_branch, threshold};
+    let (t, d_in, d_out) = (8, 64, 48);
+    let layer = SnellLinear::from_parts(&(randn(&[2, d_in, 16]) * 0.1).unwrap(), &(randn(&[2, d_out, 16]) * 0.1).unwrap(), 0.5).unwrap();
+    let x = Var::from_tensor(&randn(&[t, d_in])).unwrap();
+    let update_sized = |y: &Tensor| y.sorted_nodes().iter().filter(|g| g.elem_count() >= d_in * d_out).count();
+    let (input, output) = (layer.input.as_tensor(), layer.output.as_tensor());
+    let fused = snell_branch(x.as_tensor(), input, output, threshold(input, output, 0.5).unwrap()).unwrap();
+    assert_eq!(update_sized(&fused), 0);
+    assert!(update_sized(&layer.branch(x.as_tensor()).unwrap()) >= 5);
+}

@@ -187,6 +187,21 @@ fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
     s
 }
 
+/// The peak memory `f` uses over what was in use before it: device memory sampled on a thread on
+/// CUDA; on the CPU the resident-set peak (VmHWM, reset first) over the resident set before, which
+/// misses what the allocator reuses from earlier frees.
+pub(super) fn peak_extra_mib(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    if let Some(gpu) = GpuMemory::start(device)? {
+        f()?;
+        device.synchronize()?;
+        return gpu.finish();
+    }
+    let baseline = proc_status_mib("VmRSS")?;
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    f()?;
+    Ok(proc_status_mib("VmHWM")? - baseline)
+}
+
 /// The peak of device memory in use while training runs, sampled on a thread.
 struct GpuMemory {
     #[cfg(feature = "cuda")]

@@ -31,6 +31,9 @@ pub struct KernelTiming {
     /// plus the bf16 matrix written; GEMV: packed bytes read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gbps: Option<f64>,
+    /// SNELL rows: the peak memory of one forward + backward over what was in use before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_extra_mib: Option<f64>,
 }
 
 /// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
@@ -117,6 +120,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
                 ratio: ms / frozen,
                 tflops: Some(flops / (ms * 1e-3) / 1e12),
                 gbps: None,
+                peak_extra_mib: None,
             });
         }
     }
@@ -143,7 +147,7 @@ fn control_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mu
         let unfused = time(device, args.warmup, args.iters, || run(false))?;
         let fused = time(device, args.warmup, args.iters, || run(true))?;
         for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None });
+            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: None });
         }
     }
     Ok(())
@@ -166,7 +170,7 @@ fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
             Ok(())
         })?;
         for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None });
+            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: None });
         }
     }
     Ok(())
@@ -205,6 +209,7 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
             ratio: ms / dense,
             tflops: None,
             gbps: Some(bytes / (ms * 1e-3) / 1e9),
+            peak_extra_mib: None,
         };
         out.push(row("dequantize", dequant, packed + n * dtype.size_in_bytes() as f64));
         out.push(row("gemv", gemv, packed));
@@ -213,12 +218,79 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
     Ok(())
 }
 
+/// SNELL (seed 002) on the linear shapes: the frozen linear, the adapter's plain candle ops (ΔW,
+/// its quantile and the product, autograd keeping the intermediate [d_in, d_out] tensors), and the
+/// fused op (ΔW recomputed, never kept); each forward + backward with the same frozen linear, with
+/// the peak memory of one iteration over what was in use before it.
+fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    use crate::adapters::{SnellConfig, SnellLinear, Targets};
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    for (d_in, d_out) in dims(args)? {
+        let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
+        let base = crate::model::FrozenLinear::new(w.clone());
+        for &t in &args.tokens {
+            let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
+            let frozen_step = || -> Result<()> {
+                x.as_tensor().matmul(&w.t()?)?.backward()?;
+                Ok(())
+            };
+            let frozen = time(device, args.warmup, args.iters, frozen_step)?;
+            let frozen_mem = super::bench::peak_extra_mib(device, frozen_step)?;
+            let mut push = |shape: &str, variant: &str, ms: f64, mib: f64| {
+                out.push(KernelTiming {
+                    op: "snell".into(),
+                    shape: shape.into(),
+                    variant: variant.into(),
+                    ms,
+                    ratio: ms / frozen,
+                    tflops: None,
+                    gbps: None,
+                    peak_extra_mib: Some(mib),
+                })
+            };
+            push(&format!("{d_in}x{d_out} T{t}"), "frozen linear", frozen, frozen_mem);
+            for &s in &args.sparsities {
+                let cfg = SnellConfig { r: args.snell_rank, heads: 2, sparsity: s, target_modules: Targets::Pattern("all-linear".into()) };
+                cfg.validate("bench snell")?;
+                let layer = SnellLinear::new(&base, &cfg, &mut rng)?;
+                let (input, output) = (layer.input.as_tensor(), layer.output.as_tensor());
+                let step = |fused: bool| -> Result<()> {
+                    let branch = if fused {
+                        kernels::snell_branch(x.as_tensor(), input, output, kernels::snell::threshold(input, output, s)?)?
+                    } else {
+                        layer.branch(x.as_tensor())?
+                    };
+                    (x.as_tensor().matmul(&w.t()?)? + branch)?.backward()?;
+                    Ok(())
+                };
+                let shape = format!("{d_in}x{d_out} r{} s{s} T{t}", args.snell_rank);
+                let fused_mem = super::bench::peak_extra_mib(device, || step(true))?;
+                let fused = time(device, args.warmup, args.iters, || step(true))?;
+                let plain_mem = super::bench::peak_extra_mib(device, || step(false))?;
+                let plain = time(device, args.warmup, args.iters, || step(false))?;
+                push(&shape, "plain candle ops", plain, plain_mem);
+                push(&shape, "fused", fused, fused_mem);
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn table(rows: &[KernelTiming]) -> String {
-    let mut s = format!("{:<16} {:<26} {:<14} {:>9} {:>7} {:>8} {:>8}\n", "op", "shape", "variant", "ms", "ratio", "TFLOP/s", "GB/s");
+    let mut s = format!("{:<16} {:<30} {:<16} {:>9} {:>7} {:>8} {:>8} {:>10}\n", "op", "shape", "variant", "ms", "ratio", "TFLOP/s", "GB/s", "peak MiB");
+    let or_dash = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in rows {
-        let tflops = r.tflops.map_or("-".to_string(), |v| format!("{v:.1}"));
-        let gbps = r.gbps.map_or("-".to_string(), |v| format!("{v:.0}"));
-        s += &format!("{:<16} {:<26} {:<14} {:>9.3} {:>7.3} {:>8} {:>8}\n", r.op, r.shape, r.variant, r.ms, r.ratio, tflops, gbps);
+        s += &format!(
+            "{:<16} {:<30} {:<16} {:>9.3} {:>7.3} {:>8} {:>8} {:>10}\n",
+            r.op,
+            r.shape,
+            r.variant,
+            r.ms,
+            r.ratio,
+            or_dash(r.tflops, 1),
+            or_dash(r.gbps, 0),
+            or_dash(r.peak_extra_mib, 1)
+        );
     }
     s
 }
@@ -232,14 +304,15 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
         ));
     }
     let mut rows = Vec::new();
-    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora", "nf4"] } else { args.ops.iter().map(String::as_str).collect() };
+    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora", "nf4", "snell"] } else { args.ops.iter().map(String::as_str).collect() };
     for op in ops {
         match op {
             "lora" => lora_rows(args, &device, dtype, &mut rows)?,
             "control" => control_rows(args, &device, dtype, &mut rows)?,
             "dora" => dora_rows(args, &device, dtype, &mut rows)?,
             "nf4" => nf4_rows(args, &device, dtype, &mut rows)?,
-            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora, nf4)"))),
+            "snell" => snell_rows(args, &device, dtype, &mut rows)?,
+            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora, nf4, snell)"))),
         }
     }
     print!("{}", table(&rows));

@@ -33,6 +33,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(super::BenchCommand::Nf4(args)) => {
             super::bench_kernels::kernels(&super::BenchKernelsArgs { ops: vec!["nf4".into()], ..args }).map(|_| ())
         }
+        Command::Bench(super::BenchCommand::Snell(args)) => {
+            super::bench_kernels::kernels(&super::BenchKernelsArgs { ops: vec!["snell".into()], ..args }).map(|_| ())
+        }
         Command::Selftest(args) => selftest(&args),
         Command::Plot(args) => {
             for path in super::plot_cmd::plot(&args)? {

@@ -404,6 +404,8 @@ pub enum BenchCommand {
     Kernels(BenchKernelsArgs),
     /// NF4 dequantize and GEMV GB/s (`bench kernels --ops nf4`).
     Nf4(BenchKernelsArgs),
+    /// SNELL's fused branch against its plain candle ops and the frozen linear (`bench kernels --ops snell`).
+    Snell(BenchKernelsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -412,7 +414,7 @@ pub struct BenchKernelsArgs {
     pub device: String,
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Which ops: lora, control, dora, nf4 (default: all).
+    /// Which ops: lora, control, dora, nf4, snell (default: all).
     #[arg(long, value_delimiter = ',')]
     pub ops: Vec<String>,
     /// Linear shapes IN x OUT (also the DoRA weights, and the control width from the first).
@@ -422,6 +424,12 @@ pub struct BenchKernelsArgs {
     pub ranks: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
     pub tokens: Vec<usize>,
+    /// SNELL's rank r (two heads).
+    #[arg(long, default_value_t = 32)]
+    pub snell_rank: usize,
+    /// SNELL's sparsities s.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.99")]
+    pub sparsities: Vec<f64>,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]

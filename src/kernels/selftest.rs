@@ -78,14 +78,29 @@ impl Case<'_> {
         Ok(())
     }
 
+    /// A value that must equal its reference bit for bit (bound 0).
+    fn record_exact(&mut self, kernel: &str, shape: &str, output: &str, got: f64, want: f64) {
+        let max_abs = (got - want).abs();
+        self.checks.push(Check {
+            kernel: kernel.into(),
+            dtype: format!("{:?}", self.dtype).to_lowercase(),
+            shape: shape.into(),
+            output: output.into(),
+            max_abs,
+            rel: max_abs / want.abs().max(f64::MIN_POSITIVE),
+            bound: 0.0,
+            pass: got.to_bits() == want.to_bits(),
+        });
+    }
+
     /// An odd size in [lo, hi].
     fn odd(&mut self, lo: usize, hi: usize) -> usize {
         self.rng.random_range(lo..=hi) | 1
     }
 }
 
-/// Forward and the gradients of every input, for `f` on tensors on `device`, with the output
-/// weighted by `weights` before summing (so that each output element gets its own gradient).
+/// Forward and the gradients of every input, for `f` on tensors on `device` in `dtype`, with the
+/// output weighted by `weights` before summing (so that each output element gets its own gradient).
 fn forward_backward(
     device: &Device,
     dtype: DType,
@@ -93,10 +108,22 @@ fn forward_backward(
     weights: &Tensor,
     f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)).collect::<candle_core::Result<_>>()?;
+    forward_backward_typed(device, &vec![dtype; inputs.len()], inputs, weights, f)
+}
+
+/// As [`forward_backward`], each input in its own dtype.
+fn forward_backward_typed(
+    device: &Device,
+    dtypes: &[DType],
+    inputs: &[&Tensor],
+    weights: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> =
+        inputs.iter().zip(dtypes).map(|(t, &d)| Var::from_tensor(&t.to_dtype(d)?.to_device(device)?)).collect::<candle_core::Result<_>>()?;
     let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&tensors)?;
-    let acc = crate::model::ops::accumulate_dtype(dtype);
+    let acc = crate::model::ops::accumulate_dtype(y.dtype());
     let loss = (y.to_dtype(acc)? * weights.to_dtype(acc)?.to_device(device)?)?.sum_all()?;
     let grads = loss.backward()?;
     let g = tensors
@@ -189,6 +216,49 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
+/// SNELL: the merge against the f64 ΔW (f32 only: the factors are always f32), the radix-select
+/// threshold bit for bit against the exact quantile of the device's own ΔW, and the branch's
+/// forward and gradients for KLoRA, s = 0.5 and s = 0.99. The branch is given a τ halfway between
+/// two neighbouring |ΔW| values, so that f32 and f64 rounding cannot move an entry across it.
+fn snell_cases(c: &mut Case) -> Result<()> {
+    use super::snell::{kernel_delta, snell_branch, threshold};
+    let (t, d_in, d_out, k) = (c.odd(65, 300), c.odd(65, 500), c.odd(65, 500), c.rng.random_range(1..=32usize));
+    let shape = format!("T{t} in{d_in} out{d_out} k{k}");
+    let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.to_dtype(DType::F64);
+    let input = f32_values(&c.draw(&[2, d_in, k], 0.2)?)?;
+    let output = f32_values(&c.draw(&[2, d_out, k], 0.2)?)?;
+    let (dev_in, dev_out) = (input.to_dtype(DType::F32)?.to_device(c.device)?, output.to_dtype(DType::F32)?.to_device(c.device)?);
+    let delta = kernel_delta(&dev_in, &dev_out)?;
+    let mut abs: Vec<f32> = delta.abs()?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+    if c.dtype == DType::F32 {
+        c.record("snell merge", &shape, "ΔW", &delta, &kernel_delta(&input, &output)?)?;
+        for s in [0.5, 0.99] {
+            let got = threshold(&dev_in, &dev_out, s)?.unwrap_or(f64::NAN);
+            let want = crate::adapters::snell::quantile_f32(&abs, s)? as f64;
+            c.record_exact(&format!("snell threshold s{s}"), &shape, "τ", got, want);
+        }
+    }
+    abs.sort_by(f32::total_cmp);
+    let x = c.draw(&[t, d_in], 1.0)?;
+    let weights = c.draw(&[t, d_out], 1.0)?;
+    for s in [0.0, 0.5, 0.99] {
+        let tau = (s > 0.0).then(|| {
+            let i = ((abs.len() - 1) as f64 * s) as usize;
+            (abs[i] as f64 + abs[i + 1] as f64) / 2.0
+        });
+        let f = |v: &[Tensor]| snell_branch(&v[0], &v[1], &v[2], tau);
+        let inputs = [&x, &input, &output];
+        let (y, g) = forward_backward_typed(c.device, &[c.dtype, DType::F32, DType::F32], &inputs, &weights, &f)?;
+        let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &inputs, &weights, &f)?;
+        let kernel = format!("snell_branch s{s}");
+        c.record(&kernel, &shape, "y", &y, &y_ref)?;
+        for (name, (got, reference)) in ["dx", "dIn", "dOut"].iter().zip(g.iter().zip(&g_ref)) {
+            c.record(&kernel, &shape, name, got, reference)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
 pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
     if !device.is_cuda() {
@@ -204,6 +274,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             control_case(&mut case)?;
             row_norms_case(&mut case)?;
             nf4_cases(&mut case)?;
+            snell_cases(&mut case)?;
         }
         checks.extend(case.checks);
     }
@@ -229,4 +300,20 @@ pub fn table(checks: &[Check]) -> String {
     let failed = checks.iter().filter(|c| !c.pass).count();
     s += &format!("{} checks, {} failed\n", checks.len(), failed);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness itself on the CPU (both sides the CPU reference, in f32 against f64): every
+    /// check runs and passes, so a failure on the GPU is the kernel's.
+    #[test]
+    fn the_snell_checks_pass_on_the_cpu_reference() {
+        let mut case = Case { device: &Device::Cpu, dtype: DType::F32, rng: StdRng::seed_from_u64(3), checks: Vec::new() };
+        snell_cases(&mut case).unwrap();
+        assert_eq!(case.checks.len(), 1 + 2 + 3 * 4);
+        let failed: Vec<_> = case.checks.iter().filter(|c| !c.pass).collect();
+        assert!(failed.is_empty(), "{}", table(&case.checks));
+    }
 }
