@@ -151,7 +151,7 @@ fn fused_ops_keep_the_input_dtype() {
 #[test]
 fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
     use candle_peft::adapters::SnellLinear;
-    use candle_peft::kernels::snell::{kernel_delta, snell_branch, threshold};
+    use candle_peft::kernels::snell::{kernel_delta, snell_branch, threshold, Sparsify};
     let (t, d_in, d_out, heads, k) = (13, 37, 29, 2, 5);
     for s in [0.0, 0.5, 0.95] {
         let input = (randn(&[heads, d_in, k]) * 0.3).unwrap();
@@ -163,7 +163,9 @@ fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
         let tau = threshold(li.as_tensor(), lo.as_tensor(), s).unwrap();
         assert_eq!(tau, layer.threshold().unwrap());
         assert!(max_diff(&kernel_delta(li.as_tensor(), lo.as_tensor()).unwrap(), &layer.kernel_delta().unwrap()) < 1e-14);
-        let fused = snell_branch(lx.as_tensor(), li.as_tensor(), lo.as_tensor(), tau).unwrap();
+        let fused = snell_branch(lx.as_tensor(), li.as_tensor(), lo.as_tensor(), Sparsify::from_sparsity(s)).unwrap();
+        let given = snell_branch(lx.as_tensor(), li.as_tensor(), lo.as_tensor(), tau.map_or(Sparsify::Dense, Sparsify::Threshold)).unwrap();
+        assert_eq!(max_diff(&fused, &given), 0.0);
         let plain = layer.branch(lx.as_tensor()).unwrap();
         assert!(max_diff(&fused, &plain) < 1e-12, "s = {s}: y differs by {}", max_diff(&fused, &plain));
         let grads = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
@@ -181,7 +183,7 @@ fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
 /// rounding of the f64 computation on the same values.
 #[test]
 fn snell_branch_in_f32_is_within_rounding_of_f64() {
-    use candle_peft::kernels::snell::{snell_branch, threshold};
+    use candle_peft::kernels::snell::{snell_branch, threshold, Sparsify};
     let input = (randn(&[2, 41, 8]) * 0.2).unwrap();
     let output = (randn(&[2, 23, 8]) * 0.2).unwrap();
     let x = randn(&[9, 41]);
@@ -190,8 +192,8 @@ fn snell_branch_in_f32_is_within_rounding_of_f64() {
     let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let tau32 = threshold(&f32s(&input), &f32s(&output), 0.0).unwrap();
     assert!(tau32.is_none());
-    let y32 = snell_branch(&f32s(&x), &f32s(&input), &f32s(&output), None).unwrap();
-    let y64 = snell_branch(&x, &input, &output, None).unwrap();
+    let y32 = snell_branch(&f32s(&x), &f32s(&input), &f32s(&output), Sparsify::Dense).unwrap();
+    let y64 = snell_branch(&x, &input, &output, Sparsify::Dense).unwrap();
     let scale = y64.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
     assert!(max_diff(&y32.to_dtype(DType::F64).unwrap(), &y64) < 1e-5 * scale);
 }
@@ -233,13 +235,13 @@ fn radix_quantile_equals_the_exact_quantile() {
 #[test]
 fn snell_branch_keeps_no_update_sized_tensor_for_backward() {
     use candle_peft::adapters::SnellLinear;
-    use candle_peft::kernels::snell::{snell_branch, threshold};
+    use candle_peft::kernels::snell::{snell_branch, Sparsify};
     let (t, d_in, d_out) = (8, 64, 48);
     let layer = SnellLinear::from_parts(&(randn(&[2, d_in, 16]) * 0.1).unwrap(), &(randn(&[2, d_out, 16]) * 0.1).unwrap(), 0.5).unwrap();
     let x = Var::from_tensor(&randn(&[t, d_in])).unwrap();
     let update_sized = |y: &Tensor| y.sorted_nodes().iter().filter(|g| g.elem_count() >= d_in * d_out).count();
     let (input, output) = (layer.input.as_tensor(), layer.output.as_tensor());
-    let fused = snell_branch(x.as_tensor(), input, output, threshold(input, output, 0.5).unwrap()).unwrap();
+    let fused = snell_branch(x.as_tensor(), input, output, Sparsify::Quantile(0.5)).unwrap();
     assert_eq!(update_sized(&fused), 0);
     assert!(update_sized(&layer.branch(x.as_tensor()).unwrap()) >= 5);
 }

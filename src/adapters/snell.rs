@@ -177,8 +177,8 @@ impl LinearAdapter for SnellLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         let (input, output) = (self.input.as_tensor(), self.output.as_tensor());
         if kernels::fused_forward(x, train) && kernels::snell::fused_for(x, input) {
-            let tau = kernels::snell::threshold(input, output, self.sparsity)?;
-            return Ok((base.forward(x)? + kernels::snell_branch(x, input, output, tau)?)?);
+            let sparsify = kernels::snell::Sparsify::from_sparsity(self.sparsity);
+            return Ok((base.forward(x)? + kernels::snell_branch(x, input, output, sparsify)?)?);
         }
         Ok((base.forward(x)? + self.branch(x)?)?)
     }

@@ -256,7 +256,7 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
                 let (input, output) = (layer.input.as_tensor(), layer.output.as_tensor());
                 let step = |fused: bool| -> Result<()> {
                     let branch = if fused {
-                        kernels::snell_branch(x.as_tensor(), input, output, kernels::snell::threshold(input, output, s)?)?
+                        kernels::snell_branch(x.as_tensor(), input, output, kernels::snell::Sparsify::from_sparsity(s))?
                     } else {
                         layer.branch(x.as_tensor())?
                     };

@@ -221,7 +221,7 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
 /// forward and gradients for KLoRA, s = 0.5 and s = 0.99. The branch is given a τ halfway between
 /// two neighbouring |ΔW| values, so that f32 and f64 rounding cannot move an entry across it.
 fn snell_cases(c: &mut Case) -> Result<()> {
-    use super::snell::{kernel_delta, snell_branch, threshold};
+    use super::snell::{kernel_delta, snell_branch, threshold, Sparsify};
     let (t, d_in, d_out, k) = (c.odd(65, 300), c.odd(65, 500), c.odd(65, 500), c.rng.random_range(1..=32usize));
     let shape = format!("T{t} in{d_in} out{d_out} k{k}");
     let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.to_dtype(DType::F64);
@@ -242,11 +242,13 @@ fn snell_cases(c: &mut Case) -> Result<()> {
     let x = c.draw(&[t, d_in], 1.0)?;
     let weights = c.draw(&[t, d_out], 1.0)?;
     for s in [0.0, 0.5, 0.99] {
-        let tau = (s > 0.0).then(|| {
+        let sparsify = if s > 0.0 {
             let i = ((abs.len() - 1) as f64 * s) as usize;
-            (abs[i] as f64 + abs[i + 1] as f64) / 2.0
-        });
-        let f = |v: &[Tensor]| snell_branch(&v[0], &v[1], &v[2], tau);
+            Sparsify::Threshold((abs[i] as f64 + abs[i + 1] as f64) / 2.0)
+        } else {
+            Sparsify::Dense
+        };
+        let f = |v: &[Tensor]| snell_branch(&v[0], &v[1], &v[2], sparsify);
         let inputs = [&x, &input, &output];
         let (y, g) = forward_backward_typed(c.device, &[c.dtype, DType::F32, DType::F32], &inputs, &weights, &f)?;
         let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &inputs, &weights, &f)?;

@@ -3,9 +3,9 @@
 //! op saves nothing but the scalar threshold):
 //!
 //! ```text
-//! threshold  Δ = Σ_h c_h D_h,  D_h[i, j] = ‖In[h,i,:] − Out[h,j,:]‖₂     [d_in, d_out] transient
+//! forward    Δ = Σ_h c_h D_h,  D_h[i, j] = ‖In[h,i,:] − Out[h,j,:]‖₂     [d_in, d_out] transient
 //!            τ = quantile(|Δ|, s)                                      (none when s = 0)
-//! forward    N = |Δ| ⊙ 1[|Δ| > τ]   (1 when s = 0)
+//!            N = |Δ| ⊙ 1[|Δ| > τ]   (1 when s = 0)
 //!            y = x (Δ ⊙ N)                                             [T, d_out]
 //! backward   Δ, N recomputed from In, Out and τ
 //!            dx     = dy (Δ ⊙ N)ᵀ
@@ -23,10 +23,12 @@
 //! candle ops in the factors' dtype for the kernel, ΔW_s cast to x's dtype for the product, as
 //! the unfused adapter computes it. On CUDA: `kernels/snell.cu` (see `cuda::snell`).
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{cpu_tensor, tensor_cpu_storage};
-use crate::adapters::snell::{abs_quantile, head_coefficients, lerp_f32, pairwise_distances, quantile_position_f32};
+use crate::adapters::snell::{abs_quantile, head_coefficients, lerp_f32, quantile_position_f32};
 use crate::model::ops::accumulate_dtype;
 use crate::{Error, Result};
 
@@ -53,9 +55,31 @@ pub fn kernel_delta(input: &Tensor, output: &Tensor) -> Result<Tensor> {
     Ok(Distances::new(&input.detach(), &output.detach())?.delta)
 }
 
-/// `x ΔW_s` for x [..., d_in], with `ΔW_s = ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]` (ΔW itself when τ is None),
-/// differentiable in x, In and Out. Get τ from [`threshold`].
-pub fn snell_branch(x: &Tensor, input: &Tensor, output: &Tensor, tau: Option<f64>) -> Result<Tensor> {
+/// Which ΔW_s the branch applies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sparsify {
+    /// ΔW itself (KLoRA, s = 0).
+    Dense,
+    /// `τ = quantile(|ΔW|, s)`, found in the forward from the ΔW it computes anyway.
+    Quantile(f64),
+    /// A given τ (the selftest's, to keep rounding away from the mask).
+    Threshold(f64),
+}
+
+impl Sparsify {
+    /// The seed's rule for sparsity s: KLoRA at 0, else the quantile.
+    pub fn from_sparsity(s: f64) -> Self {
+        if s == 0.0 {
+            Self::Dense
+        } else {
+            Self::Quantile(s)
+        }
+    }
+}
+
+/// `x ΔW_s` for x [..., d_in], with `ΔW_s = ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]` (ΔW itself for
+/// [`Sparsify::Dense`]), differentiable in x, In and Out.
+pub fn snell_branch(x: &Tensor, input: &Tensor, output: &Tensor, sparsify: Sparsify) -> Result<Tensor> {
     let (h, d_in, k) = input.dims3()?;
     let (h2, d_out, k2) = output.dims3()?;
     let dims = x.dims().to_vec();
@@ -70,7 +94,7 @@ pub fn snell_branch(x: &Tensor, input: &Tensor, output: &Tensor, tau: Option<f64
         )));
     }
     let x2 = x.contiguous()?.reshape(((), d_in))?;
-    let y = x2.apply_op3(&input.contiguous()?, &output.contiguous()?, SnellBranchOp { tau })?;
+    let y = x2.apply_op3(&input.contiguous()?, &output.contiguous()?, SnellBranchOp { sparsify, tau: Mutex::new(None) })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("checked above") = d_out;
     Ok(y.reshape(out_dims)?)
@@ -85,15 +109,22 @@ struct Distances {
 impl Distances {
     fn new(input: &Tensor, output: &Tensor) -> Result<Self> {
         let coeffs = head_coefficients(input.dim(0)?);
-        let heads = (0..coeffs.len())
-            .map(|h| pairwise_distances(&input.get(h)?, &output.get(h)?))
-            .collect::<Result<Vec<_>>>()?;
+        let heads = (0..coeffs.len()).map(|h| distances(&input.get(h)?, &output.get(h)?)).collect::<Result<Vec<_>>>()?;
         let mut delta = (&heads[0] * coeffs[0])?;
         for (d, &c) in heads.iter().zip(&coeffs).skip(1) {
             delta = (delta + (d * c)?)?;
         }
         Ok(Self { heads, delta })
     }
+}
+
+/// `‖a_i − b_j‖₂` as `adapters::snell::pairwise_distances` computes it (same expansion, same
+/// rounding), without the graph-safe square root: nothing here is differentiated.
+fn distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let a2 = a.sqr()?.sum_keepdim(1)?;
+    let b2 = b.sqr()?.sum_keepdim(1)?.t()?;
+    let ab = a.matmul(&b.t()?)?;
+    Ok((a2.broadcast_add(&b2)? - (ab * 2.0)?)?.relu()?.sqrt()?)
 }
 
 /// `N = |Δ| ⊙ 1[|Δ| > τ]` (None when τ is None: N = 1).
@@ -111,7 +142,29 @@ fn apply_factor(t: &Tensor, n: Option<&Tensor>) -> Result<Tensor> {
 }
 
 struct SnellBranchOp {
-    tau: Option<f64>,
+    sparsify: Sparsify,
+    /// τ as the forward resolved it, for the backward (None: dense).
+    tau: Mutex<Option<Option<f64>>>,
+}
+
+impl SnellBranchOp {
+    /// τ for a forward, from ΔW's absolute values when a quantile is asked.
+    fn resolve(&self, quantile: impl FnOnce(f64) -> candle_core::Result<f64>) -> candle_core::Result<Option<f64>> {
+        let tau = match self.sparsify {
+            Sparsify::Dense => None,
+            Sparsify::Threshold(t) => Some(t),
+            Sparsify::Quantile(s) => Some(quantile(s)?),
+        };
+        *self.tau.lock().expect("tau lock") = Some(tau);
+        Ok(tau)
+    }
+
+    fn saved_tau(&self) -> candle_core::Result<Option<f64>> {
+        match *self.tau.lock().expect("tau lock") {
+            Some(tau) => Ok(tau),
+            None => candle_core::bail!("fused-snell-branch: backward before forward"),
+        }
+    }
 }
 
 impl CustomOp3 for SnellBranchOp {
@@ -132,7 +185,9 @@ impl CustomOp3 for SnellBranchOp {
         let dtype = x.dtype();
         let xt = cpu_tensor(x, lx, self.name())?;
         let (input, output) = (cpu_tensor(input, li, self.name())?, cpu_tensor(output, lo, self.name())?);
-        let y = reference_forward(&xt, &input, &output, self.tau).map_err(candle_core::Error::wrap)?;
+        let delta = Distances::new(&input, &output).map_err(candle_core::Error::wrap)?.delta;
+        let tau = self.resolve(|s| abs_quantile(&delta, s).map_err(candle_core::Error::wrap))?;
+        let y = reference_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)?;
         let shape = y.shape().clone();
         Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
     }
@@ -147,7 +202,8 @@ impl CustomOp3 for SnellBranchOp {
         output: &candle_core::CudaStorage,
         lo: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::snell::forward(self.tau, (x, lx), (input, li), (output, lo))
+        let tau = self.resolve(|s| super::cuda::snell::threshold_of(s, (input, li), (output, lo)))?;
+        super::cuda::snell::forward(tau, (x, lx), (input, li), (output, lo))
     }
 
     fn bwd(
@@ -160,23 +216,23 @@ impl CustomOp3 for SnellBranchOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached: gradients that carry a graph would keep this step's tensors alive.
         let (x, input, output, dy) = (x.detach(), input.detach(), output.detach(), dy.detach());
+        let tau = self.saved_tau()?;
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (dx, di, dout) = super::cuda::snell::backward(self.tau, &x, &input, &output, &dy)?;
+            let (dx, di, dout) = super::cuda::snell::backward(tau, &x, &input, &output, &dy)?;
             return Ok((Some(dx), Some(di), Some(dout)));
         }
-        let (dx, di, dout) = reference_backward(&x, &input, &output, &dy, self.tau).map_err(candle_core::Error::wrap)?;
+        let (dx, di, dout) = reference_backward(&x, &input, &output, &dy, tau).map_err(candle_core::Error::wrap)?;
         Ok((Some(dx), Some(di), Some(dout)))
     }
 }
 
 /// `x ΔW_s` by candle ops: ΔW_s in the factors' dtype, cast to x's for the product (accumulated
 /// in f32, or f64 for f64).
-fn reference_forward(x: &Tensor, input: &Tensor, output: &Tensor, tau: Option<f64>) -> Result<Tensor> {
+fn reference_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Tensor> {
     let acc = accumulate_dtype(x.dtype());
-    let delta = Distances::new(input, output)?.delta;
-    let n = competition_factor(&delta, tau)?;
-    let ds = apply_factor(&delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
+    let n = competition_factor(delta, tau)?;
+    let ds = apply_factor(delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
     Ok(x.to_dtype(acc)?.matmul(&ds)?)
 }
 

@@ -100,7 +100,17 @@ pub fn kernel_delta(input: &Tensor, output: &Tensor) -> Result<Tensor> {
 /// `torch.quantile(|ΔW|, s)`, exactly, without materialising ΔW: [`radix_quantile`] over
 /// histograms and a min-above pass that recompute the tiles.
 pub fn threshold(input: &Tensor, output: &Tensor, sparsity: f64) -> Result<f64> {
-    with_factors(input, output, |dev, f| {
+    with_factors(input, output, |dev, f| radix_threshold(dev, f, sparsity))
+}
+
+/// [`threshold`] on the op's storages.
+pub fn threshold_of(sparsity: f64, input: Arg, output: Arg) -> Result<f64> {
+    let f = Factors::new(input, output)?;
+    radix_threshold(&input.0.device().clone(), &f, sparsity)
+}
+
+fn radix_threshold(dev: &CudaDevice, f: &Factors, sparsity: f64) -> Result<f64> {
+    {
         let histogram = |pass: RadixPass| -> Result<Vec<u32>> {
             let mut hist = dev.alloc_zeros::<u32>(pass.bins)?;
             let func = dev.get_or_load_custom_func("snell_histogram", "snell", SNELL_PTX)?;
@@ -123,7 +133,7 @@ pub fn threshold(input: &Tensor, output: &Tensor, sparsity: f64) -> Result<f64> 
             Ok(dev.clone_dtoh(&best)?[0])
         };
         radix_quantile(f.numel(), sparsity, histogram, min_above).map(f64::from)
-    })
+    }
 }
 
 /// `buf = ΔW_s` in T (`snell_sparse_delta_*`).
