@@ -16,6 +16,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod kernels;
 pub mod loading;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod quant;

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{AdapterArgs, BenchMethodsArgs, BenchStepArgs};
 use crate::adapters::{configure_trainer, initialize_eva, inject, AdapterConfig};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::memory::{proc_status_mib, reset_peak_rss, GpuMemory};
 use crate::model::{Llama, LlamaConfig};
 use crate::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
 
@@ -47,14 +48,6 @@ fn shape(name: &str) -> Result<LlamaConfig> {
     }
 }
 
-/// VmRSS / VmHWM of this process in MiB.
-fn proc_status_mib(field: &str) -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/self/status").at("/proc/self/status")?;
-    let line = text.lines().find(|l| l.starts_with(field)).ok_or_else(|| Error::msg(format!("no {field} in /proc/self/status")))?;
-    let kib: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or_else(|| Error::msg(format!("bad {field} line")))?;
-    Ok(kib / 1024.0)
-}
-
 fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) -> Result<TrainBatch> {
     let mut rng = StdRng::seed_from_u64(seed);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(3..vocab as u32)).collect();
@@ -82,7 +75,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     if let AdapterConfig::Eva(eva) = &mut adapter {
         initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
     }
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_peak_rss();
     let gpu = GpuMemory::start(&device)?;
     let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0) };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
@@ -185,71 +178,4 @@ fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
         );
     }
     s
-}
-
-/// The peak memory `f` uses over what was in use before it: device memory sampled on a thread on
-/// CUDA; on the CPU the resident-set peak (VmHWM, reset first) over the resident set before, which
-/// misses what the allocator reuses from earlier frees.
-pub(super) fn peak_extra_mib(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    if let Some(gpu) = GpuMemory::start(device)? {
-        f()?;
-        device.synchronize()?;
-        return gpu.finish();
-    }
-    let baseline = proc_status_mib("VmRSS")?;
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    f()?;
-    Ok(proc_status_mib("VmHWM")? - baseline)
-}
-
-/// The peak of device memory in use while training runs, sampled on a thread.
-struct GpuMemory {
-    #[cfg(feature = "cuda")]
-    sampler: Option<(std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<Result<usize>>, usize)>,
-}
-
-impl GpuMemory {
-    /// None on devices other than CUDA.
-    #[cfg(feature = "cuda")]
-    fn start(device: &Device) -> Result<Option<Self>> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let Device::Cuda(dev) = device else { return Ok(None) };
-        device.synchronize()?;
-        let ctx = dev.cuda_stream().context().clone();
-        let used = move || -> Result<usize> {
-            let (free, total) = ctx.mem_get_info().map_err(|e| Error::msg(format!("cuMemGetInfo: {e}")))?;
-            Ok(total - free)
-        };
-        let baseline = used()?;
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || -> Result<usize> {
-            let mut peak = 0;
-            while !flag.load(Ordering::Relaxed) {
-                peak = peak.max(used()?);
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            Ok(peak.max(used()?))
-        });
-        Ok(Some(Self { sampler: Some((stop, handle, baseline)) }))
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn start(_device: &Device) -> Result<Option<Self>> {
-        Ok(None)
-    }
-
-    /// Stops sampling; the peak over the baseline in MiB.
-    #[cfg(feature = "cuda")]
-    fn finish(mut self) -> Result<f64> {
-        let (stop, handle, baseline) = self.sampler.take().expect("started");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak = handle.join().map_err(|_| Error::msg("the GPU memory sampler panicked"))??;
-        Ok(peak.saturating_sub(baseline) as f64 / 1048576.0)
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn finish(self) -> Result<f64> {
-        Err(Error::msg("no GPU memory sampler without the `cuda` feature"))
-    }
 }

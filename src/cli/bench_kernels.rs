@@ -235,7 +235,7 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
                 Ok(())
             };
             let frozen = time(device, args.warmup, args.iters, frozen_step)?;
-            let frozen_mem = super::bench::peak_extra_mib(device, frozen_step)?;
+            let frozen_mem = crate::memory::peak_extra_mib(device, frozen_step)?;
             let mut push = |shape: &str, variant: &str, ms: f64, mib: f64| {
                 out.push(KernelTiming {
                     op: "snell".into(),
@@ -264,9 +264,9 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
                     Ok(())
                 };
                 let shape = format!("{d_in}x{d_out} r{} s{s} T{t}", args.snell_rank);
-                let fused_mem = super::bench::peak_extra_mib(device, || step(true))?;
+                let fused_mem = crate::memory::peak_extra_mib(device, || step(true))?;
                 let fused = time(device, args.warmup, args.iters, || step(true))?;
-                let plain_mem = super::bench::peak_extra_mib(device, || step(false))?;
+                let plain_mem = crate::memory::peak_extra_mib(device, || step(false))?;
                 let plain = time(device, args.warmup, args.iters, || step(false))?;
                 push(&shape, "plain candle ops", plain, plain_mem);
                 push(&shape, "fused", fused, fused_mem);

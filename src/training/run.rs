@@ -43,6 +43,13 @@ pub struct RunSummary {
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// The process's peak resident set (VmHWM, model loading included), where /proc has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+    /// On CUDA: the peak of device memory in use during training over what was in use before it
+    /// (the loaded model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_peak_extra_mib: Option<f64>,
 }
 
 /// Optimizer steps needed for `epochs` passes over `n` examples at `batch_size`.
@@ -101,8 +108,18 @@ pub fn train(
         .at(cfg.output_dir.join("metrics.jsonl"))?;
     let bar = progress_bar(cfg.steps.total_steps, state.step, cfg.progress);
     let start = Instant::now();
-    let mut summary =
-        RunSummary { steps: 0, first_loss: None, last_loss: None, last_eval_loss: None, tokens: 0, seconds: 0.0, tokens_per_second: 0.0 };
+    let mut summary = RunSummary {
+        steps: 0,
+        first_loss: None,
+        last_loss: None,
+        last_eval_loss: None,
+        tokens: 0,
+        seconds: 0.0,
+        tokens_per_second: 0.0,
+        peak_rss_mib: None,
+        gpu_peak_extra_mib: None,
+    };
+    let gpu = crate::memory::GpuMemory::start(model.device())?;
     while trainer.step < cfg.steps.total_steps {
         let micro = (0..accum)
             .map(|_| to_train_batch(&batches.next().expect("BatchIter is endless")?, model.device()))
@@ -142,6 +159,8 @@ pub fn train(
     summary.steps = trainer.step;
     summary.seconds = start.elapsed().as_secs_f64();
     summary.tokens_per_second = summary.tokens as f64 / summary.seconds.max(1e-9);
+    summary.peak_rss_mib = crate::memory::proc_status_mib("VmHWM").ok();
+    summary.gpu_peak_extra_mib = gpu.map(crate::memory::GpuMemory::finish).transpose()?;
     Ok(summary)
 }
 
