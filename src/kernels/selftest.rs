@@ -63,34 +63,20 @@ impl Case<'_> {
         let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
         let max_abs = (&got - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE);
-        let rel = max_abs / scale;
-        let bound = bound(self.dtype);
-        self.checks.push(Check {
-            kernel: kernel.into(),
-            dtype: format!("{:?}", self.dtype).to_lowercase(),
-            shape: shape.into(),
-            output: output.into(),
-            max_abs,
-            rel,
-            bound,
-            pass: rel.is_finite() && rel <= bound,
-        });
+        let (rel, bound) = (max_abs / scale, bound(self.dtype));
+        self.push([kernel, shape, output], max_abs, rel, bound, rel.is_finite() && rel <= bound);
         Ok(())
     }
 
     /// A value that must equal its reference bit for bit (bound 0).
     fn record_exact(&mut self, kernel: &str, shape: &str, output: &str, got: f64, want: f64) {
         let max_abs = (got - want).abs();
-        self.checks.push(Check {
-            kernel: kernel.into(),
-            dtype: format!("{:?}", self.dtype).to_lowercase(),
-            shape: shape.into(),
-            output: output.into(),
-            max_abs,
-            rel: max_abs / want.abs().max(f64::MIN_POSITIVE),
-            bound: 0.0,
-            pass: got.to_bits() == want.to_bits(),
-        });
+        self.push([kernel, shape, output], max_abs, max_abs / want.abs().max(f64::MIN_POSITIVE), 0.0, got.to_bits() == want.to_bits());
+    }
+
+    fn push(&mut self, [kernel, shape, output]: [&str; 3], max_abs: f64, rel: f64, bound: f64, pass: bool) {
+        let dtype = format!("{:?}", self.dtype).to_lowercase();
+        self.checks.push(Check { kernel: kernel.into(), dtype, shape: shape.into(), output: output.into(), max_abs, rel, bound, pass });
     }
 
     /// An odd size in [lo, hi].
