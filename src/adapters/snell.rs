@@ -132,15 +132,9 @@ impl SnellLinear {
 
     /// The dense kernel update ΔW [d_in, d_out] in the factors' dtype, differentiable.
     pub fn kernel_delta(&self) -> Result<Tensor> {
-        let mut acc: Option<Tensor> = None;
-        for (h, &c) in self.coeffs.iter().enumerate() {
-            let d = (pairwise_distances(&self.input.as_tensor().get(h)?, &self.output.as_tensor().get(h)?)? * c)?;
-            acc = Some(match acc {
-                None => d,
-                Some(a) => (a + d)?,
-            });
-        }
-        acc.ok_or_else(|| Error::Adapter("SNELL with no head".into()))
+        let (input, output) = (self.input.as_tensor(), self.output.as_tensor());
+        let heads = (0..self.heads()).map(|h| pairwise_distances(&input.get(h)?, &output.get(h)?)).collect::<Result<Vec<_>>>()?;
+        signed_head_sum(&heads)
     }
 
     /// The sparsified update ΔW_s [d_in, d_out] (ΔW itself when sparsity is 0), differentiable.
@@ -200,14 +194,26 @@ impl LinearAdapter for SnellLinear {
     }
 }
 
-/// `D[i, j] = ‖a_i − b_j‖₂` for a [m, k], b [n, k], as `√max(‖a_i‖² + ‖b_j‖² − 2 a_i·b_j, 0)`;
-/// the gradient at a zero (or clamped) distance is 0.
-pub fn pairwise_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `ΔW = Σ_h c_h D_h` from the per-head distances D_h.
+pub(crate) fn signed_head_sum(heads: &[Tensor]) -> Result<Tensor> {
+    let mut terms = heads.iter().zip(head_coefficients(heads.len())).map(|(d, c)| d * c);
+    let first = terms.next().ok_or_else(|| Error::Adapter("SNELL with no head".into()))??;
+    terms.try_fold(first, |acc, d| Ok((acc + d?)?))
+}
+
+/// `‖a_i − b_j‖²` for a [m, k], b [n, k], as `‖a_i‖² + ‖b_j‖² − 2 a_i·b_j` (torch.cdist's mm path;
+/// may dip below 0 by rounding).
+pub(crate) fn squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let a2 = a.sqr()?.sum_keepdim(1)?; // [m, 1]
     let b2 = b.sqr()?.sum_keepdim(1)?.t()?; // [1, n]
     let ab = a.matmul(&b.t()?)?; // [m, n]
-    let sq = (a2.broadcast_add(&b2)? - (ab * 2.0)?)?;
-    safe_sqrt(&sq)
+    Ok((a2.broadcast_add(&b2)? - (ab * 2.0)?)?)
+}
+
+/// `D[i, j] = ‖a_i − b_j‖₂` for a [m, k], b [n, k], as `√max(‖a_i‖² + ‖b_j‖² − 2 a_i·b_j, 0)`;
+/// the gradient at a zero (or clamped) distance is 0.
+pub fn pairwise_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    safe_sqrt(&squared_distances(a, b)?)
 }
 
 /// `√max(v, 0)` with gradient 0 wherever v ≤ 0: there the input is replaced by the constant 1
@@ -225,10 +231,14 @@ pub fn sparsify(delta: &Tensor, s: f64) -> Result<Tensor> {
     if s == 0.0 {
         return Ok(delta.clone());
     }
-    let a = delta.detach().abs()?;
     let tau = abs_quantile(&delta.detach(), s)?;
-    let n_sub = (a.gt(tau)?.to_dtype(a.dtype())? * &a)?.detach();
-    Ok((delta * n_sub)?)
+    Ok((delta * competition_factor(&delta.detach(), tau)?)?)
+}
+
+/// `N = |ΔW| ⊙ 1[|ΔW| > τ]`, the factor SNELL's update is multiplied by (a constant in backward).
+pub(crate) fn competition_factor(delta: &Tensor, tau: f64) -> Result<Tensor> {
+    let a = delta.detach().abs()?;
+    Ok((a.gt(tau)?.to_dtype(a.dtype())? * a)?)
 }
 
 /// `torch.quantile(|t|.flatten(), s)` in t's dtype (f32 or f64; others go through f32).

@@ -28,7 +28,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{cpu_tensor, tensor_cpu_storage};
-use crate::adapters::snell::{abs_quantile, head_coefficients, lerp_f32, quantile_position_f32};
+use crate::adapters::snell::{
+    abs_quantile, competition_factor, head_coefficients, lerp_f32, quantile_position_f32, signed_head_sum, squared_distances,
+};
 use crate::model::ops::accumulate_dtype;
 use crate::{Error, Result};
 
@@ -107,31 +109,19 @@ struct Distances {
 }
 
 impl Distances {
+    /// The distances as `adapters::snell::pairwise_distances` computes them (the same expansion),
+    /// with a plain `√max(·, 0)` for its graph-safe square root: nothing here is differentiated.
     fn new(input: &Tensor, output: &Tensor) -> Result<Self> {
-        let coeffs = head_coefficients(input.dim(0)?);
-        let heads = (0..coeffs.len()).map(|h| distances(&input.get(h)?, &output.get(h)?)).collect::<Result<Vec<_>>>()?;
-        let mut delta = (&heads[0] * coeffs[0])?;
-        for (d, &c) in heads.iter().zip(&coeffs).skip(1) {
-            delta = (delta + (d * c)?)?;
-        }
+        let heads =
+            (0..input.dim(0)?).map(|h| Ok(squared_distances(&input.get(h)?, &output.get(h)?)?.relu()?.sqrt()?)).collect::<Result<Vec<_>>>()?;
+        let delta = signed_head_sum(&heads)?;
         Ok(Self { heads, delta })
     }
 }
 
-/// `‖a_i − b_j‖₂` as `adapters::snell::pairwise_distances` computes it (same expansion, same
-/// rounding), without the graph-safe square root: nothing here is differentiated.
-fn distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let a2 = a.sqr()?.sum_keepdim(1)?;
-    let b2 = b.sqr()?.sum_keepdim(1)?.t()?;
-    let ab = a.matmul(&b.t()?)?;
-    Ok((a2.broadcast_add(&b2)? - (ab * 2.0)?)?.relu()?.sqrt()?)
-}
-
-/// `N = |Δ| ⊙ 1[|Δ| > τ]` (None when τ is None: N = 1).
-fn competition_factor(delta: &Tensor, tau: Option<f64>) -> Result<Option<Tensor>> {
-    let Some(tau) = tau else { return Ok(None) };
-    let a = delta.abs()?;
-    Ok(Some((a.gt(tau)?.to_dtype(a.dtype())? * a)?))
+/// `N` (None when τ is None: N = 1).
+fn competition(delta: &Tensor, tau: Option<f64>) -> Result<Option<Tensor>> {
+    tau.map(|tau| competition_factor(delta, tau)).transpose()
 }
 
 fn apply_factor(t: &Tensor, n: Option<&Tensor>) -> Result<Tensor> {
@@ -231,7 +221,7 @@ impl CustomOp3 for SnellBranchOp {
 /// in f32, or f64 for f64).
 fn reference_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Tensor> {
     let acc = accumulate_dtype(x.dtype());
-    let n = competition_factor(delta, tau)?;
+    let n = competition(delta, tau)?;
     let ds = apply_factor(delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
     Ok(x.to_dtype(acc)?.matmul(&ds)?)
 }
@@ -240,7 +230,7 @@ fn reference_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Ten
 fn reference_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, tau: Option<f64>) -> Result<(Tensor, Tensor, Tensor)> {
     let (acc, fd) = (accumulate_dtype(x.dtype()), input.dtype());
     let dist = Distances::new(input, output)?;
-    let n = competition_factor(&dist.delta, tau)?;
+    let n = competition(&dist.delta, tau)?;
     let ds = apply_factor(&dist.delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
     let dy_acc = dy.to_dtype(acc)?;
     let dx = dy_acc.matmul(&ds.t()?)?.to_dtype(x.dtype())?;

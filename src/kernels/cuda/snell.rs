@@ -24,8 +24,7 @@ use half::{bf16, f16};
 
 use super::{cuda_storage, gemm, view, wrap, Arg, KernelType, SNELL_PTX};
 use crate::adapters::snell::head_coefficients;
-use crate::kernels::snell::{radix_quantile, RadixPass};
-use crate::kernels::snell::MAX_CUDA_HEAD_RANK as MAX_HEAD_RANK;
+use crate::kernels::snell::{radix_quantile, RadixPass, MAX_CUDA_HEAD_RANK};
 
 /// The factors' device views and sizes, as the tile kernels take them.
 struct Factors<'a> {
@@ -44,8 +43,8 @@ impl<'a> Factors<'a> {
         if heads2 != heads || k2 != k || input.dtype() != DType::F32 || output.dtype() != DType::F32 {
             bail!("SNELL kernels: In {:?} {:?} and Out {:?} {:?} (f32 factors of one rank expected)", li.dims(), input.dtype(), lo.dims(), output.dtype());
         }
-        if k > MAX_HEAD_RANK {
-            bail!("SNELL kernels: rank per head {k} is over {MAX_HEAD_RANK}");
+        if k > MAX_CUDA_HEAD_RANK {
+            bail!("SNELL kernels: rank per head {k} is over {MAX_CUDA_HEAD_RANK}");
         }
         Ok(Self {
             input: view::<f32>(input, li, "SNELL In")?,
