@@ -128,6 +128,43 @@ fn nonlinear_control_by_hand_is_causal_and_masks_padding() {
     assert_close(&run(vec![0, 1]), &[[2.0, 2.0], [4.0, 2.0]]);
 }
 
+/// Training takes the flash-style attention op in rank space; the seed computes
+/// `softmax(U Uᵀ) U + U` with U in model space. Values and all four gradients must agree.
+#[test]
+fn nonlinear_control_training_path_equals_the_seeds_direct_form() {
+    let (b, t, d, r) = (2, 7, 12, 5);
+    let mut rng = StdRng::seed_from_u64(11);
+    let c = NonlinearControl::new(d, r, None, &mut rng, &CPU).unwrap();
+    let mut random = |v: &Var| set(v, &(0..v.elem_count()).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>());
+    for v in [&c.down_w, &c.down_b, &c.up_w, &c.up_b] {
+        random(v);
+    }
+    let x = Tensor::randn(0f32, 1.0, (b, t, d), &CPU).unwrap();
+    let weight = Tensor::randn(0f32, 1.0, (b, t, d), &CPU).unwrap();
+    let bias = ops::attention_bias(&[vec![0, 0, 1, 1, 1, 1, 1], vec![1; t]], t, DType::F32, &CPU).unwrap();
+
+    let fused = c.forward(&x, &ControlContext { bias: &bias, past_input: None }, true).unwrap();
+    let linear = |x: &Tensor, w: &Var, b: &Var| x.broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+    let u = linear(&linear(&x, &c.down_w, &c.down_b), &c.up_w, &c.up_b);
+    let scores = u.matmul(&u.t().unwrap()).unwrap();
+    let scores = (scores + (bias.squeeze(1).unwrap().lt(0f64).unwrap().to_dtype(DType::F32).unwrap() * -1e30).unwrap()).unwrap();
+    let e = scores.broadcast_sub(&scores.max_keepdim(2).unwrap()).unwrap().exp().unwrap();
+    let p = e.broadcast_div(&e.sum_keepdim(2).unwrap()).unwrap();
+    let direct = (p.matmul(&u).unwrap() + &u).unwrap();
+
+    let scale = direct.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&fused - &direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-5 * scale, "values differ by {diff} (scale {scale})");
+    let gf = (&fused * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+    let gd = (&direct * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in c.params() {
+        let (a, e) = (gf.get(v.as_tensor()).unwrap(), gd.get(v.as_tensor()).unwrap());
+        let scale = e.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - e).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.0 && diff <= 1e-4 * scale, "{name}: gradients differ by {diff} (scale {scale})");
+    }
+}
+
 /// A one-layer model whose attention and MLP output nothing (o_proj, down_proj zero), so the
 /// layer computes h + controls only, and a post-attention norm that is not all ones.
 fn bare_layer_model() -> Llama {

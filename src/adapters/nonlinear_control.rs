@@ -107,10 +107,14 @@ impl BlockControl for NonlinearControl {
         // P = [W_up | b_up] [d, r + 1] and G = Pᵀ P, so that U Uᵀ = D' G D'ᵀ.
         let p = Tensor::cat(&[self.up_w.as_tensor(), &self.up_b.as_tensor().unsqueeze(1)?], 1)?.to_dtype(acc)?;
         let g = p.t()?.matmul(&p)?;
-        // The attention bias as a 0 / -1e30 mask in the accumulation dtype ([b, t, past + t]).
-        let mask = (ctx.bias.squeeze(1)?.lt(0f64)?.to_dtype(acc)? * -1e30)?;
-        let scores = dq.broadcast_matmul(&g)?.matmul(&dk.t()?.contiguous()?)?.broadcast_add(&mask)?;
-        let mixed = ops::softmax_last_dim(&scores, train)?.matmul(&dk)?;
+        // The attention bias as a 0 / -1e30 mask in the accumulation dtype ([b, 1, t, past + t]): the
+        // model's bias is -65504 in f16, too weak against unscaled logits.
+        let mask = (ctx.bias.lt(0f64)?.to_dtype(acc)? * -1e30)?;
+        // The mixing is an attention with one head, q = D' G, k = v = D' and scale 1, so training
+        // takes the flash-style op, which keeps no [t, t] matrix for backward.
+        let q = dq.broadcast_matmul(&g)?.unsqueeze(1)?;
+        let kv = dk.unsqueeze(1)?;
+        let mixed = ops::attention_scaled(&q, &kv, &kv, &mask, 1.0, train)?;
         // C = softmax(U Uᵀ) U + U = (mixed + D') Pᵀ, the product in x's dtype.
         let sum = (mixed + dq)?.to_dtype(x.dtype())?;
         matmul_t(&sum, &p.to_dtype(x.dtype())?)

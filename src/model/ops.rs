@@ -104,7 +104,12 @@ pub fn rope_heads_reference(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) ->
 /// returns [b, t, h·d]. Training on the CPU (f32, f64) takes the fused op, which keeps q, k, v,
 /// the output and a log-sum-exp per row, never the [b, h, t, s] probabilities.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    attention_scaled(q, k, v, bias, 1.0 / (q.dim(D::Minus1)? as f64).sqrt(), train)
+}
+
+/// `softmax(q kᵀ · scale + bias) v`, as `attention` but with the scale given (the nonlinear
+/// controller mixes tokens with unscaled logits).
+pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
     if fused_cpu(train, &[q, k, v, bias]) {
         let op = super::fused::Attention::new(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
