@@ -1,5 +1,6 @@
 //! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
-//! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward.
+//! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
+//! the adapter ops of this folder and the model's flash-style attention (`kernels/attention.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
 //! device computes in that dtype, the reference in f64 on the same values. The error reported is
@@ -247,6 +248,34 @@ fn snell_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
+/// The flash-style attention of training (`kernels/attention.cu`) against the CPU op in f64, on
+/// the model's shape (grouped-query, scale 1/√d, d not a multiple of 32) and on the nonlinear
+/// controller's (one head, d = r + 1 = 65, scale 1); causal, one row left-padded.
+fn attention_cases(c: &mut Case) -> Result<()> {
+    use crate::model::ops::{attention_bias, attention_scaled};
+    let (b, t, d_model) = (2, c.odd(33, 150), c.odd(33, 127));
+    let pad = c.rng.random_range(1..t / 2);
+    let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
+    let model = ("attention gqa", 4, 2, d_model, 1.0 / (d_model as f64).sqrt(), 1.0);
+    let controller = ("attention control", 1, 1, 65, 1.0, 0.15);
+    for (kernel, h, g, d, scale, std) in [model, controller] {
+        let shape = format!("b{b} h{h} g{g} t{t} d{d} pad{pad}");
+        let (q, k, v) = (c.draw(&[b, h, t, d], std)?, c.draw(&[b, g, t, d], std)?, c.draw(&[b, g, t, d], 1.0)?);
+        let weights = c.draw(&[b, t, h * d], 1.0)?;
+        let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+            let bias = attention_bias(&mask, t, dtype, device)?;
+            forward_backward(device, dtype, &[&q, &k, &v], &weights, &|x| attention_scaled(&x[0], &x[1], &x[2], &bias, scale, true))
+        };
+        let (o, g) = run(c.device, c.dtype)?;
+        let (o_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+        c.record(kernel, &shape, "o", &o, &o_ref)?;
+        for (name, (got, reference)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g_ref)) {
+            c.record(kernel, &shape, name, got, reference)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
 pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
     if !device.is_cuda() {
@@ -263,6 +292,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             row_norms_case(&mut case)?;
             nf4_cases(&mut case)?;
             snell_cases(&mut case)?;
+            attention_cases(&mut case)?;
         }
         checks.extend(case.checks);
     }
@@ -296,12 +326,21 @@ mod tests {
 
     /// The harness itself on the CPU (both sides the CPU reference, in f32 against f64): every
     /// check runs and passes, so a failure on the GPU is the kernel's.
-    #[test]
-    fn the_snell_checks_pass_on_the_cpu_reference() {
+    fn passes_on_the_cpu(cases: fn(&mut Case) -> Result<()>, count: usize) {
         let mut case = Case { device: &Device::Cpu, dtype: DType::F32, rng: StdRng::seed_from_u64(3), checks: Vec::new() };
-        snell_cases(&mut case).unwrap();
-        assert_eq!(case.checks.len(), 1 + 2 + 3 * 4);
+        cases(&mut case).unwrap();
+        assert_eq!(case.checks.len(), count);
         let failed: Vec<_> = case.checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "{}", table(&case.checks));
+    }
+
+    #[test]
+    fn the_snell_checks_pass_on_the_cpu_reference() {
+        passes_on_the_cpu(snell_cases, 1 + 2 + 3 * 4);
+    }
+
+    #[test]
+    fn the_attention_checks_pass_on_the_cpu_reference() {
+        passes_on_the_cpu(attention_cases, 2 * 4);
     }
 }

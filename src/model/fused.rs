@@ -7,7 +7,9 @@
 //!
 //! Layout: row-major, contiguous, the reduced dimension last. f32 and f64 (the finite-difference
 //! tests run in f64). The compositions in `ops.rs` are the reference these are tested against
-//! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes.
+//! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes. Two of these also run on
+//! CUDA: the attention core (`kernels/attention.cu`, whose reference in `selftest` is this CPU
+//! op in f64) and the frozen matmul (cuBLAS).
 
 use std::sync::OnceLock;
 
@@ -345,6 +347,26 @@ impl Attention {
         Self { bias, scale, lse: OnceLock::new() }
     }
 
+    /// The shapes of q, k, v and the bias checked against each other; returns q's dims.
+    fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let (bk, g, s, dk) = l2.shape().dims4()?;
+        if bk != b || dk != d || g == 0 || !h.is_multiple_of(g) || l3.shape() != l2.shape() {
+            candle_core::bail!("{}: q {:?}, k {:?}, v {:?} do not fit", self.name(), l1.shape(), l2.shape(), l3.shape());
+        }
+        if self.bias.dims() != [b, 1, t, s] {
+            candle_core::bail!("{}: bias {:?} does not fit [{b}, 1, {t}, {s}]", self.name(), self.bias.dims());
+        }
+        Ok((b, h, t, d))
+    }
+
+    fn save_lse(&self, lse: Tensor) -> candle_core::Result<()> {
+        if self.lse.set(lse).is_err() {
+            candle_core::bail!("fused-attention: an op value is applied once");
+        }
+        Ok(())
+    }
+
     fn scores(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
         (q * self.scale)?.matmul(&k.t()?)?.broadcast_add(&self.bias.to_dtype(q.dtype())?)
     }
@@ -364,14 +386,8 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, t, d) = l1.shape().dims4()?;
-        let (bk, g, s, dk) = l2.shape().dims4()?;
-        if bk != b || dk != d || g == 0 || !h.is_multiple_of(g) || l3.shape() != l2.shape() {
-            candle_core::bail!("{}: q {:?}, k {:?}, v {:?} do not fit", self.name(), l1.shape(), l2.shape(), l3.shape());
-        }
-        if self.bias.dims() != [b, 1, t, s] {
-            candle_core::bail!("{}: bias {:?} does not fit [{b}, 1, {t}, {s}]", self.name(), self.bias.dims());
-        }
+        let (b, h, t, d) = self.check(l1, l2, l3)?;
+        let g = l2.dims()[1];
         let q = cpu_tensor(s1, l1, self.name())?;
         let k = repeat_heads(&cpu_tensor(s2, l2, self.name())?, h / g)?;
         let v = repeat_heads(&cpu_tensor(s3, l3, self.name())?, h / g)?;
@@ -382,11 +398,26 @@ impl CustomOp3 for Attention {
         let sum = e.sum_keepdim(D::Minus1)?;
         let o = e.broadcast_div(&sum)?.matmul(&v)?;
         drop(e);
-        if self.lse.set((max + sum.log()?)?).is_err() {
-            candle_core::bail!("{}: an op value is applied once", self.name());
-        }
+        self.save_lse((max + sum.log()?)?)?;
         let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok((tensor_cpu_storage(&o)?, Shape::from((b, t, h * d))))
+    }
+
+    /// `kernels/attention.cu`: the probabilities never leave the chip (head dim ≤ 128).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (o, lse) = crate::kernels::cuda::attention::forward(&self.bias, self.scale, (s1, l1), (s2, l2), (s3, l3))?;
+        self.save_lse(lse)?;
+        Ok(o)
     }
 
     fn bwd(
@@ -399,6 +430,11 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(lse) = self.lse.get() else { candle_core::bail!("{}: backward before forward", self.name()) };
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let (dq, dk, dv) = crate::kernels::cuda::attention::backward(&self.bias, self.scale, &q, &k, &v, &o, &dout.detach(), lse)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (b, h, t, d) = q.dims4()?;
         let (_, g, s, _) = k.dims4()?;
         let n = h / g;

@@ -101,8 +101,8 @@ pub fn rope_heads_reference(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) ->
 
 /// Causal attention `softmax(q kᵀ / √d + bias) v` with the heads merged: q [b, h, t, d], k and v
 /// [b, g, s, d] (grouped-query: h a multiple of g), bias [b, 1, t, s] from `attention_bias`;
-/// returns [b, t, h·d]. Training on the CPU (f32, f64) takes the fused op, which keeps q, k, v,
-/// the output and a log-sum-exp per row, never the [b, h, t, s] probabilities.
+/// returns [b, t, h·d]. Training on the CPU (f32, f64) and on CUDA takes the fused op, which
+/// keeps q, k, v, the output and a log-sum-exp per row, never the [b, h, t, s] probabilities.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
     attention_scaled(q, k, v, bias, 1.0 / (q.dim(D::Minus1)? as f64).sqrt(), train)
 }
@@ -110,11 +110,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool)
 /// `softmax(q kᵀ · scale + bias) v`, as `attention` but with the scale given (the nonlinear
 /// controller mixes tokens with unscaled logits).
 pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
-    if fused_cpu(train, &[q, k, v, bias]) {
+    if fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
         let op = super::fused::Attention::new(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     attention_composed(q, k, v, bias, scale, train)
+}
+
+/// Whether training takes the flash-style CUDA kernels of `kernels/attention.cu` (one dtype for
+/// q, k, v; head dim at most 128), unless `--unfused`.
+fn fused_cuda_attention(train: bool, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let head_dim_fits = q.dim(D::Minus1).is_ok_and(|d| d <= crate::kernels::cuda::attention::MAX_HEAD_DIM);
+        train && q.device().is_cuda() && crate::kernels::fused_for(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() && head_dim_fits
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (train, q, k, v);
+        false
+    }
 }
 
 /// The reference for the fused attention: plain candle ops (the softmax too).

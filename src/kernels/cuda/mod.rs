@@ -20,6 +20,7 @@ pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowran
 pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
 pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
+pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -404,3 +405,4 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
 }
 
 pub mod snell;
+pub mod attention;
