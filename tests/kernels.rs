@@ -147,13 +147,14 @@ fn fused_ops_keep_the_input_dtype() {
 
 /// SNELL's fused branch (ΔW recomputed in backward from In, Out and the kept τ) against the
 /// adapter's unfused branch (autograd through cdist, the quantile and the detached factor):
-/// values and the gradients of x, In and Out, for KLoRA, a middle and a high sparsity.
+/// values and the gradients of x, In and Out, for KLoRA, a middle sparsity and two high ones
+/// (those take the sparse apply, `kernels::snell_sparse`).
 #[test]
 fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
     use candle_peft::adapters::SnellLinear;
     use candle_peft::kernels::snell::{kernel_delta, snell_branch, threshold, Sparsify};
     let (t, d_in, d_out, heads, k) = (13, 37, 29, 2, 5);
-    for s in [0.0, 0.5, 0.95] {
+    for s in [0.0, 0.5, 0.95, 0.99] {
         let input = (randn(&[heads, d_in, k]) * 0.3).unwrap();
         let output = (randn(&[heads, d_out, k]) * 0.3).unwrap();
         let x = randn(&[t, d_in]);

@@ -21,12 +21,15 @@
 //! Layout: x [T, d_in] in the activations' dtype; In [H, d_in, k] and Out [H, d_out, k] (k = r/H)
 //! in f32 (f64 for the CPU reference); row-major, contiguous. On the CPU the op is the reference:
 //! candle ops in the factors' dtype for the kernel, ΔW_s cast to x's dtype for the product, as
-//! the unfused adapter computes it. On CUDA: `kernels/snell.cu` (see `cuda::snell`).
+//! the unfused adapter computes it; at a density of survivors of at most 5% (s ≥ 0.95 or so) the
+//! products take the sparse apply of `snell_sparse` instead. On CUDA: `kernels/snell.cu` (see
+//! `cuda::snell`), ΔW_s applied dense.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::snell_sparse::Survivors;
 use super::{cpu_tensor, tensor_cpu_storage};
 use crate::adapters::snell::{
     abs_quantile, competition_factor, head_coefficients, lerp_f32, quantile_position_f32, signed_head_sum, squared_distances,
@@ -177,7 +180,10 @@ impl CustomOp3 for SnellBranchOp {
         let (input, output) = (cpu_tensor(input, li, self.name())?, cpu_tensor(output, lo, self.name())?);
         let delta = Distances::new(&input, &output).map_err(candle_core::Error::wrap)?.delta;
         let tau = self.resolve(|s| abs_quantile(&delta, s).map_err(candle_core::Error::wrap))?;
-        let y = reference_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)?;
+        let y = match sparse_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)? {
+            Some(y) => y,
+            None => reference_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)?,
+        };
         let shape = y.shape().clone();
         Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
     }
@@ -226,10 +232,49 @@ fn reference_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Ten
     Ok(x.to_dtype(acc)?.matmul(&ds)?)
 }
 
-/// The backward of the table at the top, by candle ops (the CPU path and the GPU's reference).
+/// The survivors of the competition when the sparse path takes them: x and the factors in one
+/// dtype (f32 or f64), and a density at most
+/// [`SPARSE_MAX_DENSITY`](super::snell_sparse::SPARSE_MAX_DENSITY).
+fn survivors<T: num_traits::Float + candle_core::WithDType + Send + Sync>(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option<Survivors<T>>> {
+    match tau {
+        Some(tau) if x.dtype() == T::DTYPE && delta.dtype() == T::DTYPE => Survivors::of(delta, tau),
+        _ => Ok(None),
+    }
+}
+
+/// `x ΔW_s` on the sparse path, when it applies (`snell_sparse`).
+fn sparse_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option<Tensor>> {
+    match x.dtype() {
+        DType::F32 => survivors::<f32>(x, delta, tau)?.map(|s| s.forward(x)).transpose(),
+        DType::F64 => survivors::<f64>(x, delta, tau)?.map(|s| s.forward(x)).transpose(),
+        _ => Ok(None),
+    }
+}
+
+/// The backward on the sparse path, when it applies (`snell_sparse`).
+fn sparse_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, dist: &Distances, tau: Option<f64>) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let coefficients = head_coefficients(dist.heads.len());
+    let dy = dy.contiguous()?;
+    match x.dtype() {
+        DType::F32 => survivors::<f32>(x, &dist.delta, tau)?.map(|s| s.backward(x, &dy, input, output, &dist.heads, &coefficients)).transpose(),
+        DType::F64 => survivors::<f64>(x, &dist.delta, tau)?.map(|s| s.backward(x, &dy, input, output, &dist.heads, &coefficients)).transpose(),
+        _ => Ok(None),
+    }
+}
+
+/// The backward of the table at the top on the CPU (the GPU's reference): the sparse path at
+/// high sparsity, else candle ops.
 fn reference_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, tau: Option<f64>) -> Result<(Tensor, Tensor, Tensor)> {
-    let (acc, fd) = (accumulate_dtype(x.dtype()), input.dtype());
     let dist = Distances::new(input, output)?;
+    match sparse_backward(x, input, output, dy, &dist, tau)? {
+        Some(grads) => Ok(grads),
+        None => dense_backward(x, input, output, dy, &dist, tau),
+    }
+}
+
+/// The backward by candle ops, ΔW_s dense.
+fn dense_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, dist: &Distances, tau: Option<f64>) -> Result<(Tensor, Tensor, Tensor)> {
+    let (acc, fd) = (accumulate_dtype(x.dtype()), input.dtype());
     let n = competition(&dist.delta, tau)?;
     let ds = apply_factor(&dist.delta, n.as_ref())?.to_dtype(x.dtype())?.to_dtype(acc)?;
     let dy_acc = dy.to_dtype(acc)?;
@@ -317,4 +362,44 @@ pub fn radix_quantile(
     let lo = f32::from_bits(prefix);
     let hi = if above == below || rank + 1 < ties { lo } else { f32::from_bits(min_above(prefix)?) };
     Ok(lerp_f32(lo, hi, weight))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize], std: f64) -> Tensor {
+        Tensor::randn(0f64, std, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(scale > 0.0);
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap() / scale
+    }
+
+    /// The sparse apply is taken at high sparsity only, and equals the dense candle ops there.
+    #[test]
+    fn the_sparse_apply_equals_the_dense_one() {
+        let (t, d_in, d_out) = (19, 61, 47);
+        let (input, output) = (randn(&[2, d_in, 6], 0.3), randn(&[2, d_out, 6], 0.3));
+        let (x, dy) = (randn(&[t, d_in], 1.0), randn(&[t, d_out], 1.0));
+        let dist = Distances::new(&input, &output).unwrap();
+        for s in [0.5, 0.96, 0.99, 0.995] {
+            let tau = Some(abs_quantile(&dist.delta, s).unwrap());
+            let y = sparse_forward(&x, &dist.delta, tau).unwrap();
+            if s < 0.9 {
+                assert!(y.is_none(), "s = {s}: the dense path is faster at this density");
+                continue;
+            }
+            let y = y.unwrap_or_else(|| panic!("s = {s}: the sparse path was not taken"));
+            assert!(max_rel(&y, &reference_forward(&x, &dist.delta, tau).unwrap()) < 1e-13, "s = {s}: y");
+            let sparse = sparse_backward(&x, &input, &output, &dy, &dist, tau).unwrap().unwrap();
+            let dense = dense_backward(&x, &input, &output, &dy, &dist, tau).unwrap();
+            for (name, a, b) in [("dx", &sparse.0, &dense.0), ("dIn", &sparse.1, &dense.1), ("dOut", &sparse.2, &dense.2)] {
+                assert!(max_rel(a, b) < 1e-12, "s = {s}: {name} differs by {}", max_rel(a, b));
+            }
+        }
+    }
 }
