@@ -235,7 +235,7 @@ fn reference_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Ten
 /// The survivors of the competition when the sparse path takes them: x and the factors in one
 /// dtype (f32 or f64), and a density at most
 /// [`SPARSE_MAX_DENSITY`](super::snell_sparse::SPARSE_MAX_DENSITY).
-fn survivors<T: num_traits::Float + candle_core::WithDType + Send + Sync>(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option<Survivors<T>>> {
+fn survivors<T: num_traits::Float + num_traits::NumAssign + candle_core::WithDType + Send + Sync>(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option<Survivors<T>>> {
     match tau {
         Some(tau) if x.dtype() == T::DTYPE && delta.dtype() == T::DTYPE => Survivors::of(delta, tau),
         _ => Ok(None),

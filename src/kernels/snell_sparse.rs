@@ -16,7 +16,7 @@
 //! f64: x and the factors in one dtype); the CUDA path applies ΔW_s dense.
 
 use candle_core::{Device, Tensor, WithDType};
-use num_traits::Float;
+use num_traits::{Float, NumAssign};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -46,7 +46,7 @@ fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     Ok(t.flatten_all()?.to_vec1::<T>()?)
 }
 
-impl<T: Float + WithDType + Send + Sync> Survivors<T> {
+impl<T: Float + NumAssign + WithDType + Send + Sync> Survivors<T> {
     /// The survivors of Δ under τ when they are at most [`SPARSE_MAX_DENSITY`] of the entries
     /// (None otherwise: the dense path is faster). The comparison is `competition_factor`'s:
     /// |Δ| > τ in Δ's dtype.
@@ -162,21 +162,21 @@ impl<T: Float + WithDType + Send + Sync> Survivors<T> {
                     let d = dist[i * d_out + j];
                     // torch.cdist's gradient at a zero distance is 0.
                     let m = if d > T::zero() { c * g[p] / d } else { T::zero() };
-                    row_sum = row_sum + m;
-                    col_sum[j] = col_sum[j] + m;
+                    row_sum += m;
+                    col_sum[j] += m;
                     let out_j = &out_h[j * k..(j + 1) * k];
                     for e in 0..k {
-                        din_h[i * k + e] = din_h[i * k + e] - m * out_j[e];
-                        dout_h[j * k + e] = dout_h[j * k + e] - m * in_i[e];
+                        din_h[i * k + e] -= m * out_j[e];
+                        dout_h[j * k + e] -= m * in_i[e];
                     }
                 }
                 for e in 0..k {
-                    din_h[i * k + e] = din_h[i * k + e] + row_sum * in_i[e];
+                    din_h[i * k + e] += row_sum * in_i[e];
                 }
             }
             for (j, &s) in col_sum.iter().enumerate() {
                 for e in 0..k {
-                    dout_h[j * k + e] = dout_h[j * k + e] + s * out_h[j * k + e];
+                    dout_h[j * k + e] += s * out_h[j * k + e];
                 }
             }
         }
@@ -215,21 +215,21 @@ fn transpose<T: Float + Send + Sync>(src: &[T], rows: usize, cols: usize) -> Vec
 }
 
 /// `y += a x`.
-fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
+fn axpy<T: Float + NumAssign>(y: &mut [T], a: T, x: &[T]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi = *yi + a * xi;
+        *yi += a * xi;
     }
 }
 
 /// `a · b` in eight interleaved partial sums, which the compiler can keep in SIMD registers (a
 /// single running sum is a dependency chain it may not reorder).
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+fn dot<T: Float + NumAssign>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] = acc[l] + x[l] * y[l];
+            acc[l] += x[l] * y[l];
         }
     }
     acc.iter().fold(tail, |s, &v| s + v)
