@@ -61,6 +61,23 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int d) {
     return acc;
 }
 
+// Where a warp of the row-parallel kernels (forward, dq) stands: its query row i of head hi in
+// batch row bi (bh = bi·h + hi), and the key/value head kvh that head reads.
+struct QueryRow {
+    int warp, lane, bh, bi, hi, kvh, i;
+    bool active;
+    __device__ QueryRow(int h, int g, int t) {
+        warp = threadIdx.x / 32;
+        lane = threadIdx.x % 32;
+        bh = blockIdx.y;
+        bi = bh / h;
+        hi = bh % h;
+        kvh = bi * g + hi / (h / g);
+        i = blockIdx.x * ROWS + warp;
+        active = i < t;
+    }
+};
+
 template <typename T>
 __device__ void attention_forward(const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int h, int g, int t,
                                   int s, int d, float scale) {
@@ -68,12 +85,11 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const floa
     __shared__ float sv[CHUNK][MAX_D + 1];
     __shared__ float sq[ROWS][MAX_D];
     __shared__ float sp[ROWS][CHUNK];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int bh = blockIdx.y, bi = bh / h, hi = bh % h, kvh = bi * g + hi / (h / g);
-    const int i = blockIdx.x * ROWS + warp;
-    const bool active = i < t;
-    const T* kh = k + (long long)kvh * s * d;
-    const T* vh = v + (long long)kvh * s * d;
+    const QueryRow r(h, g, t);
+    const int warp = r.warp, lane = r.lane, bh = r.bh, bi = r.bi, hi = r.hi, i = r.i;
+    const bool active = r.active;
+    const T* kh = k + (long long)r.kvh * s * d;
+    const T* vh = v + (long long)r.kvh * s * d;
     const float* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
     if (active) stage_row(sq[warp], q + ((long long)bh * t + i) * d, d, lane);
     float m = -INFINITY, l = 0.f, acc[DIMS_PER_LANE] = {};
@@ -121,12 +137,11 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const float* bi
     __shared__ float sq[ROWS][MAX_D];
     __shared__ float sdo[ROWS][MAX_D];
     __shared__ float sds[ROWS][CHUNK];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int bh = blockIdx.y, bi = bh / h, hi = bh % h, kvh = bi * g + hi / (h / g);
-    const int i = blockIdx.x * ROWS + warp;
-    const bool active = i < t;
-    const T* kh = k + (long long)kvh * s * d;
-    const T* vh = v + (long long)kvh * s * d;
+    const QueryRow r(h, g, t);
+    const int warp = r.warp, lane = r.lane, bh = r.bh, bi = r.bi, hi = r.hi, i = r.i;
+    const bool active = r.active;
+    const T* kh = k + (long long)r.kvh * s * d;
+    const T* vh = v + (long long)r.kvh * s * d;
     const float* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
     float row_lse = 0.f, row_delta = 0.f;
     if (active) {
