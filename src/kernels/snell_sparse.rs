@@ -4,16 +4,18 @@
 //! with the density ρ = nnz / (d_in·d_out):
 //!
 //! ```text
-//! forward    y[t, :]  = Σ_i x[t, i] · ΔW_s[i, :]              SpMM over the rows of ΔW_s    T·nnz
-//! backward   dx[t, i] = Σ_j dy[t, j] · ΔW_s[i, j]             the same rows, gathered       T·nnz
-//!            Ĝ[i, j]  = xᵀ[i, :] · dyᵀ[j, :]  at survivors    sampled product (SDDMM)       T·nnz
+//! forward    yᵀ[j, :]  = Σ_i ΔW_s[i, j] · xᵀ[i, :]             SpMM over the columns         T·nnz
+//! backward   dxᵀ[i, :] = Σ_j ΔW_s[i, j] · dyᵀ[j, :]            SpMM over the rows            T·nnz
+//!            Ĝ[i, j]   = xᵀ[i, :] · dyᵀ[j, :]  at survivors    sampled product (SDDMM)       T·nnz
 //!            M_h, dIn_h, dOut_h as in the dense path, summed over the survivors only         H·k·nnz
 //! ```
 //!
 //! ΔW itself (and τ) is still computed densely, as the dense path does: the threshold needs every
 //! entry, and the mask must be the same in forward and backward. Layout: the survivors are kept
-//! row-compressed over ΔW_s's rows i (the input features), columns ascending. CPU only (f32,
-//! f64: x and the factors in one dtype); the CUDA path applies ΔW_s dense.
+//! row-compressed over ΔW_s's rows i (the input features), columns ascending, with a
+//! column-compressed index beside it; x, dy and the results are transposed to [features, T] so
+//! that every product runs along T in contiguous memory. CPU only (f32, f64: x and the factors in
+//! one dtype); the CUDA path applies ΔW_s dense.
 
 use candle_core::{Device, Tensor, WithDType};
 use num_traits::{Float, NumAssign};
@@ -21,9 +23,10 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-/// The density at or under which the branch takes the sparse path: measured on the CPU with
-/// `bench snell --device cpu` (docs/BENCHMARKS.md), where the scalar loops here run about an
-/// order of magnitude below the BLAS GEMMs of the dense path per multiply-add.
+/// The density at or under which the branch takes the sparse path. A chosen cut, not a measured
+/// crossover: at 1% (s = 0.99) the sparse path is 1.6x faster than the dense one on SmolLM2's
+/// MLP shapes (`bench snell --device cpu`, docs/BENCHMARKS.md); where between 1% and 50% the
+/// two meet has not been measured.
 pub const SPARSE_MAX_DENSITY: f64 = 0.05;
 
 /// The entries of ΔW [d_in, d_out] with |Δ| > τ, row-compressed.
