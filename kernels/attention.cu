@@ -5,9 +5,10 @@
 // src/kernels/cuda/attention.rs.
 //
 // Memory layout (row-major, contiguous): q [b, h, t, d]; k and v [b, g, s, d] with h a multiple
-// of g (grouped-query: query head hh reads key/value head hh / (h / g)); bias [b, t, s] f32, the
-// additive causal and padding mask; o and do [b, t, h, d] (heads merged, the layout the output
-// projection reads); lse and delta [b, h, t] f32; dq like q, dk and dv like k. d ≤ MAX_D.
+// of g (grouped-query: query head hh reads key/value head hh / (h / g)); bias [b, t, s] in T (the
+// CPU op casts it so too), the additive causal and padding mask; o and do [b, t, h, d] (heads
+// merged, the layout the output projection reads); lse and delta [b, h, t] f32; dq like q, dk and
+// dv like k. d ≤ MAX_D.
 //
 //   o_i   = Σ_j P_ij v_j,   P_ij = exp(S_ij − lse_i),   S_ij = scale · q_i·k_j + bias_ij
 //   D_i   = do_i · o_i,     dS_ij = P_ij (do_i·v_j − D_i)
@@ -79,7 +80,7 @@ struct QueryRow {
 };
 
 template <typename T>
-__device__ void attention_forward(const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int h, int g, int t,
+__device__ void attention_forward(const T* q, const T* k, const T* v, const T* bias, T* o, float* lse, int h, int g, int t,
                                   int s, int d, float scale) {
     __shared__ float sk[CHUNK][MAX_D + 1];
     __shared__ float sv[CHUNK][MAX_D + 1];
@@ -90,7 +91,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const floa
     const bool active = r.active;
     const T* kh = k + (long long)r.kvh * s * d;
     const T* vh = v + (long long)r.kvh * s * d;
-    const float* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
+    const T* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
     if (active) stage_row(sq[warp], q + ((long long)bh * t + i) * d, d, lane);
     float m = -INFINITY, l = 0.f, acc[DIMS_PER_LANE] = {};
     for (int j0 = 0; j0 < s; j0 += CHUNK) {
@@ -100,7 +101,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const floa
         __syncthreads();
         if (!active) continue;
         const int j = j0 + lane;
-        const float score = j < s ? dot(sq[warp], sk[lane], d) * scale + brow[j] : -INFINITY;
+        const float score = j < s ? dot(sq[warp], sk[lane], d) * scale + to_f32(brow[j]) : -INFINITY;
         const float m_new = fmaxf(m, warp_max(score));
         // -inf scores (past the end, or an infinite mask) weigh 0 even while m_new is still -inf.
         const float p = score == -INFINITY ? 0.f : expf(score - m_new);
@@ -130,7 +131,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const floa
 }
 
 template <typename T>
-__device__ void attention_dq(const T* q, const T* k, const T* v, const float* bias, const T* o, const T* dout, const float* lse,
+__device__ void attention_dq(const T* q, const T* k, const T* v, const T* bias, const T* o, const T* dout, const float* lse,
                              float* delta, T* dq, int h, int g, int t, int s, int d, float scale) {
     __shared__ float sk[CHUNK][MAX_D + 1];
     __shared__ float sv[CHUNK][MAX_D + 1];
@@ -142,7 +143,7 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const float* bi
     const bool active = r.active;
     const T* kh = k + (long long)r.kvh * s * d;
     const T* vh = v + (long long)r.kvh * s * d;
-    const float* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
+    const T* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
     float row_lse = 0.f, row_delta = 0.f;
     if (active) {
         const long long merged = (((long long)bi * t + i) * h + hi) * d;
@@ -164,7 +165,7 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const float* bi
         const int j = j0 + lane;
         float ds = 0.f;
         if (j < s) {
-            const float p = expf(dot(sq[warp], sk[lane], d) * scale + brow[j] - row_lse);
+            const float p = expf(dot(sq[warp], sk[lane], d) * scale + to_f32(brow[j]) - row_lse);
             ds = p * (dot(sdo[warp], sv[lane], d) - row_delta);
         }
         sds[warp][lane] = ds;
@@ -198,7 +199,7 @@ __device__ void stage_merged_chunk(float dst[CHUNK][MAX_D + 1], const T* dout, i
 }
 
 template <typename T>
-__device__ void attention_dkdv(const T* q, const T* k, const T* v, const float* bias, const T* dout, const float* lse,
+__device__ void attention_dkdv(const T* q, const T* k, const T* v, const T* bias, const T* dout, const float* lse,
                                const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale) {
     __shared__ float sq[CHUNK][MAX_D + 1];
     __shared__ float sdo[CHUNK][MAX_D + 1];
@@ -233,7 +234,7 @@ __device__ void attention_dkdv(const T* q, const T* k, const T* v, const float* 
             const int i = i0 + lane;
             float p = 0.f, ds = 0.f;
             if (i < t) {
-                p = expf(dot(sq[lane], sk[warp], d) * scale + bias[((long long)bi * t + i) * s + j] - slse[lane]);
+                p = expf(dot(sq[lane], sk[warp], d) * scale + to_f32(bias[((long long)bi * t + i) * s + j]) - slse[lane]);
                 ds = p * (dot(sdo[lane], sv[warp], d) - sdelta[lane]);
             }
             sp[warp][lane] = p;
@@ -268,17 +269,17 @@ __device__ void attention_dkdv(const T* q, const T* k, const T* v, const float* 
 
 #define INSTANTIATE(T, SUFFIX)                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
-        attention_forward_##SUFFIX(const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int h, int g, \
+        attention_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, T* o, float* lse, int h, int g, \
                                    int t, int s, int d, float scale) {                                                  \
         attention_forward<T>(q, k, v, bias, o, lse, h, g, t, s, d, scale);                                              \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
-        attention_dq_##SUFFIX(const T* q, const T* k, const T* v, const float* bias, const T* o, const T* dout,          \
+        attention_dq_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, const T* o, const T* dout,          \
                               const float* lse, float* delta, T* dq, int h, int g, int t, int s, int d, float scale) {   \
         attention_dq<T>(q, k, v, bias, o, dout, lse, delta, dq, h, g, t, s, d, scale);                                  \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
-        attention_dkdv_##SUFFIX(const T* q, const T* k, const T* v, const float* bias, const T* dout, const float* lse,  \
+        attention_dkdv_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, const T* dout, const float* lse,  \
                                 const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale) {     \
         attention_dkdv<T>(q, k, v, bias, dout, lse, delta, dk, dv, h, g, t, s, d, scale);                              \
     }

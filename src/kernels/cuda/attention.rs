@@ -49,12 +49,13 @@ impl Dims {
     }
 }
 
-/// The bias as the kernels read it: f32 [b, t, s], on the device.
-fn bias_f32(bias: &Tensor, d: &Dims) -> Result<Tensor> {
+/// The bias as the kernels read it: [b, t, s] in the activations' dtype, contiguous (the model's
+/// bias already is: no copy per layer).
+fn bias_in(bias: &Tensor, dtype: DType, d: &Dims) -> Result<Tensor> {
     if bias.dims() != [d.b, 1, d.t, d.s] {
         bail!("attention kernels: bias {:?} does not fit [{}, 1, {}, {}]", bias.dims(), d.b, d.t, d.s);
     }
-    bias.to_dtype(DType::F32)?.contiguous()
+    bias.to_dtype(dtype)?.contiguous()
 }
 
 /// `o [b, t, h·d]` and `lse [b, h, t]` (f32).
@@ -64,12 +65,13 @@ pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): A
     if lv.dims() != lk.dims() || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         bail!("attention kernels: v {:?} against k {:?} (one dtype for q, k, v)", lv.dims(), lk.dims());
     }
-    let bias = bias_f32(bias, &dims)?;
+    let bias = bias_in(bias, q.dtype(), &dims)?;
     let (bias_s, bias_l) = bias.storage_and_layout();
-    let biasv = view::<f32>(cuda_storage(&bias_s, "attention bias")?, bias_l, "attention bias")?;
+    let bias_s = cuda_storage(&bias_s, "attention bias")?;
     let Dims { b, h, t, d, .. } = dims;
     with_kernel_type!(q.dtype(), T, {
         let (qv, kv, vv) = (view::<T>(q, lq, "q")?, view::<T>(k, lk, "k")?, view::<T>(v, lv, "v")?);
+        let biasv = view::<T>(bias_s, bias_l, "attention bias")?;
         // SAFETY: one warp writes each row of o and its lse.
         let o = unsafe { dev.alloc::<T>(b * t * h * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * h * t)? };
@@ -89,18 +91,16 @@ pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): A
 #[allow(clippy::too_many_arguments)]
 pub fn backward(bias: &Tensor, scale: f64, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, dout: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let dims = Dims::new(q.dims(), k.dims())?;
-    let bias = bias_f32(bias, &dims)?;
+    let bias = bias_in(bias, q.dtype(), &dims)?;
     let (q, k, v, o, dout, lse) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dout.contiguous()?, lse.contiguous()?);
     let guards = [&q, &k, &v, &o, &dout, &lse, &bias].map(|t| t.storage_and_layout());
     let storages = guards.iter().map(|(s, _)| cuda_storage(s, "attention backward")).collect::<Result<Vec<_>>>()?;
     let dev: CudaDevice = storages[0].device().clone();
-    let arg = |i: usize| -> Arg { (storages[i], guards[i].1) };
     let lsev = view::<f32>(storages[5], guards[5].1, "lse")?;
-    let biasv = view::<f32>(storages[6], guards[6].1, "attention bias")?;
     let Dims { b, h, g, t, s, d } = dims;
     with_kernel_type!(q.dtype(), T, {
-        let [qv, kv, vv, ov, dov] = [0, 1, 2, 3, 4].map(|i| view::<T>(arg(i).0, arg(i).1, "attention backward"));
-        let (qv, kv, vv, ov, dov) = (qv?, kv?, vv?, ov?, dov?);
+        let input = |i: usize, what: &str| view::<T>(storages[i], guards[i].1, what);
+        let (qv, kv, vv, ov, dov, biasv) = (input(0, "q")?, input(1, "k")?, input(2, "v")?, input(3, "o")?, input(4, "dout")?, input(6, "attention bias")?);
         // SAFETY: the dq pass writes every row of delta and dq, the dkdv pass every row of dk, dv.
         let delta = unsafe { dev.alloc::<f32>(b * h * t)? };
         let dq = unsafe { dev.alloc::<T>(b * h * t * d)? };
