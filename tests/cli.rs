@@ -82,6 +82,22 @@ fn bench_methods_reports_every_method_asked_for() {
     assert!(reports.iter().all(|r| r["trainable_params"].as_u64().unwrap() > 0 && r["step_seconds"].as_f64().unwrap() > 0.0));
 }
 
+/// Each method runs in a `bench step` child: the adapter flags must reach it (a flag left behind
+/// used to run the child with its default, e.g. SNELL's `--sparsity`).
+#[test]
+fn bench_methods_passes_the_adapter_flags_to_each_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trainable = |extra: &[&str]| -> u64 {
+        let json = tmp.path().join("bench.json");
+        let base = ["bench", "methods", "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--methods", "adalora"];
+        cli(&[&base[..], extra, &["--output", json.to_str().unwrap()]].concat());
+        let reports: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        reports[0]["trainable_params"].as_u64().unwrap()
+    };
+    let (default, three) = (trainable(&[]), trainable(&["--adalora-init-r", "3", "--adalora-target-r", "2"]));
+    assert_ne!(default, three, "--adalora-init-r did not reach the method's process");
+}
+
 #[test]
 fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     let tmp = tempfile::tempdir().unwrap();

@@ -139,15 +139,51 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
 }
 
 /// The shared hyperparameters, passed on to each child.
+/// Every adapter flag, for the `bench step` child of each method. Destructured in full, so that a
+/// new flag cannot be left out (the child would silently run with its default).
 fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
-    vec![
-        format!("--r={}", a.r),
-        format!("--lora-alpha={}", a.lora_alpha),
-        format!("--lora-dropout={}", a.lora_dropout),
-        format!("--target-modules={}", a.target_modules.join(",")),
-        format!("--control-rank={}", a.control_rank),
-        format!("--double-control-rank={}", a.double_control_rank),
-    ]
+    let AdapterArgs {
+        method: _,
+        r,
+        lora_alpha,
+        lora_dropout,
+        target_modules,
+        feedforward_modules,
+        control_rank,
+        control_alpha,
+        control_dropout,
+        double_control_rank,
+        stable_mode,
+        adalora_init_r,
+        adalora_target_r,
+        sparse_rate,
+        snell_heads,
+        sparsity,
+        galore_rank,
+        galore_update_proj_gap,
+        galore_scale,
+    } = a;
+    let mut flags = vec![
+        format!("--r={r}"),
+        format!("--lora-alpha={lora_alpha}"),
+        format!("--lora-dropout={lora_dropout}"),
+        format!("--target-modules={}", target_modules.join(",")),
+        format!("--feedforward-modules={}", feedforward_modules.join(",")),
+        format!("--control-rank={control_rank}"),
+        format!("--control-alpha={control_alpha}"),
+        format!("--control-dropout={control_dropout}"),
+        format!("--double-control-rank={double_control_rank}"),
+        format!("--stable-mode={stable_mode}"),
+        format!("--sparse-rate={sparse_rate}"),
+        format!("--snell-heads={snell_heads}"),
+        format!("--sparsity={sparsity}"),
+        format!("--galore-update-proj-gap={galore_update_proj_gap}"),
+        format!("--galore-scale={galore_scale}"),
+    ];
+    for (name, value) in [("--adalora-init-r", adalora_init_r), ("--adalora-target-r", adalora_target_r), ("--galore-rank", galore_rank)] {
+        flags.extend(value.map(|v| format!("{name}={v}")));
+    }
+    flags
 }
 
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
