@@ -19,12 +19,11 @@ pub(crate) fn accumulate_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether training takes the fused CPU ops of `fused.rs` (CPU, f32 or f64, the tensors given).
+/// Whether training takes the fused CPU ops of `fused.rs` (CPU, f32 or f64, the tensors given),
+/// unless `--unfused` asks for the plain candle ops.
 fn fused_cpu(train: bool, tensors: &[&Tensor]) -> bool {
-    let dtype = tensors.first().map(|t| t.dtype());
-    train
-        && matches!(dtype, Some(DType::F32 | DType::F64))
-        && tensors.iter().all(|t| t.device().is_cpu() && Some(t.dtype()) == dtype)
+    let Some(first) = tensors.first() else { return false };
+    train && first.device().is_cpu() && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
@@ -232,16 +231,17 @@ pub fn positions(mask: &[Vec<u32>], t: usize) -> Vec<u32> {
 }
 
 /// Mean cross-entropy over the labels that are not -100. `logits`: [n, vocab]; `labels`: [n] i64.
-/// On the CPU the fused op keeps only the logits for backward.
+/// On the CPU the fused op (unless `--unfused`) keeps only the logits for backward.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let count = labels.ge(0i64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     if count == 0.0 {
         return Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into()));
     }
     let logits = logits.to_dtype(accumulate_dtype(logits.dtype()))?;
-    let total = match logits.device() {
-        Device::Cpu => logits.contiguous()?.apply_op2(&labels.contiguous()?, super::fused::CrossEntropyRows)?.sum_all()?,
-        _ => cross_entropy_sum_reference(&logits, labels)?,
+    let total = if logits.device().is_cpu() && crate::kernels::fused_for(&logits) {
+        logits.contiguous()?.apply_op2(&labels.contiguous()?, super::fused::CrossEntropyRows)?.sum_all()?
+    } else {
+        cross_entropy_sum_reference(&logits, labels)?
     };
     Ok((total / count as f64)?)
 }
