@@ -11,7 +11,7 @@
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
 //! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
 //! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |
-//! | [`snell_sparse`] | (CPU only) | SNELL's branch at high sparsity: ΔW_s applied as a sparse matrix, `xᵀ dy` sampled at the survivors |
+//! | [`snell_sparse`] | `kernels/snell_sparse.cu` | SNELL's branch at high sparsity: ΔW_s applied as a sparse matrix, `xᵀ dy` sampled at the survivors |
 //!
 //! Training takes the fused ops whenever the tensors live on a CUDA device, unless
 //! [`set_unfused`] (the CLI's `--unfused`) or `CANDLE_PEFT_UNFUSED=1` asks for the plain candle

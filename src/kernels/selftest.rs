@@ -205,7 +205,7 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
 
 /// SNELL: the merge against the f64 ΔW (f32 only: the factors are always f32), the radix-select
 /// threshold bit for bit against the exact quantile of the device's own ΔW, and the branch's
-/// forward and gradients for KLoRA, s = 0.5 and s = 0.99. The branch is given a τ halfway between
+/// forward and gradients for KLoRA, s = 0.5 (dense apply) and s = 0.99 (sparse apply). The branch is given a τ halfway between
 /// two neighbouring |ΔW| values, so that f32 and f64 rounding cannot move an entry across it.
 fn snell_cases(c: &mut Case) -> Result<()> {
     use super::snell::{kernel_delta, snell_branch, threshold, Sparsify};
@@ -239,7 +239,8 @@ fn snell_cases(c: &mut Case) -> Result<()> {
         let inputs = [&x, &input, &output];
         let (y, g) = forward_backward_typed(c.device, &[c.dtype, DType::F32, DType::F32], &inputs, &weights, &f)?;
         let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &inputs, &weights, &f)?;
-        let kernel = format!("snell_branch s{s}");
+        // At s = 0.99 (1% survivors) both sides take the sparse apply (`snell_sparse`).
+        let kernel = format!("snell_branch s{s}{}", if s > 0.9 { " sparse" } else { "" });
         c.record(&kernel, &shape, "y", &y, &y_ref)?;
         for (name, (got, reference)) in ["dx", "dIn", "dOut"].iter().zip(g.iter().zip(&g_ref)) {
             c.record(&kernel, &shape, name, got, reference)?;

@@ -23,7 +23,7 @@
 //! candle ops in the factors' dtype for the kernel, ΔW_s cast to x's dtype for the product, as
 //! the unfused adapter computes it; at a density of survivors of at most 5% (s ≥ 0.95 or so) the
 //! products take the sparse apply of `snell_sparse` instead. On CUDA: `kernels/snell.cu` (see
-//! `cuda::snell`), ΔW_s applied dense.
+//! `cuda::snell`), and at the same density cut `kernels/snell_sparse.cu`.
 
 use std::sync::Mutex;
 

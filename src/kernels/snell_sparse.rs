@@ -14,8 +14,10 @@
 //! entry, and the mask must be the same in forward and backward. Layout: the survivors are kept
 //! row-compressed over ΔW_s's rows i (the input features), columns ascending, with a
 //! column-compressed index beside it; x, dy and the results are transposed to [features, T] so
-//! that every product runs along T in contiguous memory. CPU only (f32, f64: x and the factors in
-//! one dtype); the CUDA path applies ΔW_s dense.
+//! that every product runs along T in contiguous memory. Here on the CPU (f32, f64: x and the
+//! factors in one dtype); the CUDA path is `kernels/snell_sparse.cu` (host side
+//! `cuda::snell_sparse`), with the same cut and the same two orders of the survivors, ΔW and τ
+//! recomputed there from the factors tile by tile.
 
 use candle_core::{Device, Tensor, WithDType};
 use num_traits::{Float, NumAssign};

@@ -20,6 +20,7 @@ pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowran
 pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
 pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
+pub const SNELL_SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell_sparse.ptx"));
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// The element types the kernels are instantiated for.
@@ -405,4 +406,5 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
 }
 
 pub mod snell;
+mod snell_sparse;
 pub mod attention;

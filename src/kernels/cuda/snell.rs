@@ -13,6 +13,9 @@
 //!            per head: dIn_h, dOut_h from buf by snell_dist_grad (recomputing D_h)
 //! ```
 //!
+//! At high sparsity (at most `SPARSE_MAX_DENSITY` of the entries survive) forward and backward
+//! take the sparse apply of `snell_sparse` instead, with no [d_in, d_out] buffer at all.
+//!
 //! One difference from torch.quantile: a NaN in ΔW is ordered above +inf by its bit pattern here,
 //! where torch returns NaN (either way the factors are already NaN and training has diverged).
 
@@ -22,18 +25,19 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
+use super::snell_sparse::DeviceSurvivors;
 use super::{cuda_storage, gemm, view, wrap, Arg, KernelType, SNELL_PTX};
 use crate::adapters::snell::head_coefficients;
 use crate::kernels::snell::{radix_quantile, RadixPass, MAX_CUDA_HEAD_RANK};
 
 /// The factors' device views and sizes, as the tile kernels take them.
-struct Factors<'a> {
-    input: CudaView<'a, f32>,
-    output: CudaView<'a, f32>,
-    heads: i32,
-    d_in: i32,
-    d_out: i32,
-    k: i32,
+pub(super) struct Factors<'a> {
+    pub(super) input: CudaView<'a, f32>,
+    pub(super) output: CudaView<'a, f32>,
+    pub(super) heads: i32,
+    pub(super) d_in: i32,
+    pub(super) d_out: i32,
+    pub(super) k: i32,
 }
 
 impl<'a> Factors<'a> {
@@ -56,17 +60,17 @@ impl<'a> Factors<'a> {
         })
     }
 
-    fn numel(&self) -> usize {
+    pub(super) fn numel(&self) -> usize {
         self.d_in as usize * self.d_out as usize
     }
 
     /// The arguments every tile kernel starts with (`FACTORS` in the .cu).
-    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+    pub(super) fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
         b.arg(&self.input).arg(&self.output).arg(&self.heads).arg(&self.d_in).arg(&self.d_out).arg(&self.k);
     }
 
     /// One block of 256 threads per 64 × 64 tile of the update.
-    fn tiles(&self) -> LaunchConfig {
+    pub(super) fn tiles(&self) -> LaunchConfig {
         LaunchConfig { grid_dim: ((self.d_out as u32).div_ceil(64), (self.d_in as u32).div_ceil(64), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 }
@@ -149,6 +153,15 @@ fn sparse_delta<T: KernelType>(dev: &CudaDevice, f: &Factors, tau: Option<f64>) 
     Ok(buf)
 }
 
+/// The survivors as a sparse matrix when a threshold applies and they are few enough
+/// (`snell_sparse`).
+fn sparse_survivors(dev: &CudaDevice, f: &Factors, tau: Option<f64>) -> Result<Option<DeviceSurvivors>> {
+    match tau {
+        Some(tau) => DeviceSurvivors::of(dev, f, tau as f32),
+        None => Ok(None),
+    }
+}
+
 /// The forward `y = x ΔW_s` (x [T, d_in] in T).
 pub fn forward(tau: Option<f64>, (x, lx): Arg, input: Arg, output: Arg) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
@@ -160,6 +173,10 @@ pub fn forward(tau: Option<f64>, (x, lx): Arg, input: Arg, output: Arg) -> Resul
     }
     with_kernel_type!(x.dtype(), T, {
         let xv = view::<T>(x, lx, "x")?;
+        if let Some(survivors) = sparse_survivors(&dev, &f, tau)? {
+            let y = survivors.forward::<T>(&dev, &xv, t)?;
+            return Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((t, d_out))));
+        }
         let delta = sparse_delta::<T>(&dev, &f, tau)?;
         // SAFETY: the GEMM (β = 0) writes every element.
         let mut y = unsafe { dev.alloc::<T>(t * d_out)? };
@@ -179,6 +196,10 @@ pub fn backward(tau: Option<f64>, x: &Tensor, input: &Tensor, output: &Tensor, d
         let (heads, k, d_out) = (f.heads as usize, f.k as usize, f.d_out as usize);
         with_kernel_type!(x.dtype(), T, {
             let (xv, dyv) = (view::<T>(xs, xl, "x")?, view::<T>(dys, dyl, "dy")?);
+            if let Some(survivors) = sparse_survivors(dev, f, tau)? {
+                let (dx, d_input, d_output) = survivors.backward::<T>(dev, f, &xv, &dyv, t)?;
+                return Ok((wrap(dx, dev, (t, d_in)), wrap(d_input, dev, (heads, d_in, k)), wrap(d_output, dev, (heads, d_out, k))));
+            }
             let mut buf = sparse_delta::<T>(dev, f, tau)?;
             // SAFETY: the GEMM (β = 0) writes every element.
             let mut dx = unsafe { dev.alloc::<T>(t * d_in)? };
