@@ -243,10 +243,19 @@ pub(crate) fn competition_factor(delta: &Tensor, tau: f64) -> Result<Tensor> {
 
 /// `torch.quantile(|t|.flatten(), s)` in t's dtype (f32 or f64; others go through f32).
 pub(crate) fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
-    let a = t.abs()?.flatten_all()?;
-    match a.dtype() {
-        DType::F64 => quantile_in_place_f64(&mut a.to_vec1::<f64>()?, s),
-        _ => Ok(quantile_in_place_f32(&mut a.to_dtype(DType::F32)?.to_vec1::<f32>()?, s)? as f64),
+    match t.dtype() {
+        DType::F64 => quantile_in_place_f64(&mut abs_values(t)?, s),
+        DType::F32 => Ok(quantile_in_place_f32(&mut abs_values(t)?, s)? as f64),
+        _ => Ok(quantile_in_place_f32(&mut abs_values(&t.to_dtype(DType::F32)?)?, s)? as f64),
+    }
+}
+
+/// |t| flattened, in one pass over a contiguous CPU tensor's values (else through a host copy).
+fn abs_values<T: candle_core::WithDType + num_traits::Float>(t: &Tensor) -> Result<Vec<T>> {
+    let abs = |v: &[T]| v.iter().map(|x| x.abs()).collect::<Vec<T>>();
+    match kernels::with_cpu_values(t, abs)? {
+        Some(v) => Ok(v),
+        None => Ok(abs(&t.flatten_all()?.to_vec1::<T>()?)),
     }
 }
 

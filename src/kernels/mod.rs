@@ -89,6 +89,15 @@ pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
+/// `f` of a contiguous CPU tensor's values, borrowed (None: on another device, or strided).
+pub(crate) fn with_cpu_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<Option<R>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    Ok(Some(f(&cpu.as_slice::<T>()?[start..end])))
+}
+
 /// The storage of a CPU tensor (a copy), in its dtype.
 pub(crate) fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
     let t = t.flatten_all()?;

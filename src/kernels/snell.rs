@@ -25,6 +25,7 @@
 //! products take the sparse apply of `snell_sparse` instead. On CUDA: `kernels/snell.cu` (see
 //! `cuda::snell`), and at the same density cut `kernels/snell_sparse.cu`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -57,7 +58,7 @@ pub fn kernel_delta(input: &Tensor, output: &Tensor) -> Result<Tensor> {
     if input.device().is_cuda() && input.dtype() == DType::F32 {
         return Ok(super::cuda::snell::kernel_delta(input, output)?);
     }
-    Ok(Distances::new(&input.detach(), &output.detach())?.delta)
+    Ok(Distances::new(&input.detach(), &output.detach(), false)?.delta)
 }
 
 /// Which ΔW_s the branch applies.
@@ -99,26 +100,83 @@ pub fn snell_branch(x: &Tensor, input: &Tensor, output: &Tensor, sparsify: Spars
         )));
     }
     let x2 = x.contiguous()?.reshape(((), d_in))?;
-    let y = x2.apply_op3(&input.contiguous()?, &output.contiguous()?, SnellBranchOp { sparsify, tau: Mutex::new(None) })?;
+    let y = x2.apply_op3(&input.contiguous()?, &output.contiguous()?, SnellBranchOp { sparsify, tau: Mutex::new(None), sparse: AtomicBool::new(false) })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("checked above") = d_out;
     Ok(y.reshape(out_dims)?)
 }
 
-/// The per-head distances and their signed sum, kept together for the backward.
+/// ΔW and, when asked, the per-head distances D_h (the dense backward's M_h needs them).
 struct Distances {
     heads: Vec<Tensor>,
     delta: Tensor,
 }
 
 impl Distances {
-    /// The distances as `adapters::snell::pairwise_distances` computes them (the same expansion),
-    /// with a plain `√max(·, 0)` for its graph-safe square root: nothing here is differentiated.
-    fn new(input: &Tensor, output: &Tensor) -> Result<Self> {
-        let heads =
-            (0..input.dim(0)?).map(|h| Ok(squared_distances(&input.get(h)?, &output.get(h)?)?.relu()?.sqrt()?)).collect::<Result<Vec<_>>>()?;
-        let delta = signed_head_sum(&heads)?;
-        Ok(Self { heads, delta })
+    /// The distances as `adapters::snell::pairwise_distances` computes them, op for op (the same
+    /// expansion `‖a_i‖² + ‖b_j‖² − 2 a_i·b_j`, then `√max(·, 0)` for its graph-safe square root:
+    /// nothing here is differentiated), so that ΔW is bit-identical to the unfused adapter's and
+    /// the competition keeps the same entries. For f32 and f64 factors: one GEMM per head, then
+    /// one parallel pass over [d_in, d_out] that forms D_h and adds c_h·D_h into ΔW (the composed
+    /// candle ops take about nine passes and as many allocations).
+    fn new(input: &Tensor, output: &Tensor, keep_heads: bool) -> Result<Self> {
+        match input.dtype() {
+            DType::F32 => Self::fused::<f32>(input, output, keep_heads),
+            DType::F64 => Self::fused::<f64>(input, output, keep_heads),
+            _ => {
+                let heads = (0..input.dim(0)?)
+                    .map(|h| Ok(squared_distances(&input.get(h)?, &output.get(h)?)?.relu()?.sqrt()?))
+                    .collect::<Result<Vec<_>>>()?;
+                let delta = signed_head_sum(&heads)?;
+                Ok(Self { heads, delta })
+            }
+        }
+    }
+
+    fn fused<T: num_traits::Float + candle_core::WithDType + Send + Sync>(input: &Tensor, output: &Tensor, keep_heads: bool) -> Result<Self> {
+        use rayon::prelude::*;
+        let (n_heads, d_in, _) = input.dims3()?;
+        let d_out = output.dim(1)?;
+        let mut delta = vec![T::zero(); d_in * d_out];
+        let mut heads = Vec::new();
+        let two = T::from(2.0).expect("a float converts");
+        for (h, c) in head_coefficients(n_heads).into_iter().enumerate() {
+            let (a, b) = (input.get(h)?, output.get(h)?);
+            let a2: Vec<T> = a.sqr()?.sum_keepdim(1)?.flatten_all()?.to_vec1()?;
+            let b2: Vec<T> = b.sqr()?.sum_keepdim(1)?.flatten_all()?.to_vec1()?;
+            let ab = a.matmul(&b.t()?)?;
+            // As candle's `d * c` (an affine map: c cast to T), and the first head assigned, not
+            // added, as `signed_head_sum` starts from it.
+            let c = T::from(c).expect("a float converts");
+            let mut d_h = if keep_heads { vec![T::zero(); d_in * d_out] } else { Vec::new() };
+            // Two loops per row, each simple enough to vectorize: D_h's row, then c_h·D_h into ΔW.
+            let row = |i: usize, acc: &mut [T], ab: &[T], d: &mut [T]| {
+                for ((d, &ab), &b2) in d.iter_mut().zip(ab).zip(&b2) {
+                    let sq = (a2[i] + b2) - ab * two;
+                    *d = if sq > T::zero() { sq.sqrt() } else { T::zero() };
+                }
+                if h == 0 {
+                    acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc = d * c);
+                } else {
+                    acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc = *acc + d * c);
+                }
+            };
+            let mut pass = |ab: &[T]| {
+                let rows = delta.par_chunks_mut(d_out).zip(ab.par_chunks(d_out)).enumerate();
+                if keep_heads {
+                    rows.zip(d_h.par_chunks_mut(d_out)).for_each(|((i, (acc, ab)), d)| row(i, acc, ab, d));
+                } else {
+                    rows.for_each_init(|| vec![T::zero(); d_out], |d, (i, (acc, ab))| row(i, acc, ab, d));
+                }
+            };
+            if super::with_cpu_values(&ab, &mut pass)?.is_none() {
+                pass(&ab.flatten_all()?.to_vec1::<T>()?);
+            }
+            if keep_heads {
+                heads.push(Tensor::from_vec(d_h, (d_in, d_out), input.device())?);
+            }
+        }
+        Ok(Self { heads, delta: Tensor::from_vec(delta, (d_in, d_out), input.device())? })
     }
 }
 
@@ -138,6 +196,9 @@ struct SnellBranchOp {
     sparsify: Sparsify,
     /// τ as the forward resolved it, for the backward (None: dense).
     tau: Mutex<Option<Option<f64>>>,
+    /// Whether the CPU forward took the sparse apply (the backward then needs ΔW only, not the
+    /// per-head distances).
+    sparse: AtomicBool,
 }
 
 impl SnellBranchOp {
@@ -178,9 +239,11 @@ impl CustomOp3 for SnellBranchOp {
         let dtype = x.dtype();
         let xt = cpu_tensor(x, lx, self.name())?;
         let (input, output) = (cpu_tensor(input, li, self.name())?, cpu_tensor(output, lo, self.name())?);
-        let delta = Distances::new(&input, &output).map_err(candle_core::Error::wrap)?.delta;
+        let delta = Distances::new(&input, &output, false).map_err(candle_core::Error::wrap)?.delta;
         let tau = self.resolve(|s| abs_quantile(&delta, s).map_err(candle_core::Error::wrap))?;
-        let y = match sparse_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)? {
+        let sparse = sparse_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)?;
+        self.sparse.store(sparse.is_some(), Ordering::Relaxed);
+        let y = match sparse {
             Some(y) => y,
             None => reference_forward(&xt, &delta, tau).map_err(candle_core::Error::wrap)?,
         };
@@ -218,7 +281,8 @@ impl CustomOp3 for SnellBranchOp {
             let (dx, di, dout) = super::cuda::snell::backward(tau, &x, &input, &output, &dy)?;
             return Ok((Some(dx), Some(di), Some(dout)));
         }
-        let (dx, di, dout) = reference_backward(&x, &input, &output, &dy, tau).map_err(candle_core::Error::wrap)?;
+        let sparse = self.sparse.load(Ordering::Relaxed);
+        let (dx, di, dout) = reference_backward(&x, &input, &output, &dy, tau, sparse).map_err(candle_core::Error::wrap)?;
         Ok((Some(dx), Some(di), Some(dout)))
     }
 }
@@ -252,24 +316,27 @@ fn sparse_forward(x: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option
 }
 
 /// The backward on the sparse path, when it applies (`snell_sparse`).
-fn sparse_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, dist: &Distances, tau: Option<f64>) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let coefficients = head_coefficients(dist.heads.len());
+fn sparse_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, delta: &Tensor, tau: Option<f64>) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let coefficients = head_coefficients(input.dim(0)?);
     let dy = dy.contiguous()?;
     match x.dtype() {
-        DType::F32 => survivors::<f32>(x, &dist.delta, tau)?.map(|s| s.backward(x, &dy, input, output, &dist.heads, &coefficients)).transpose(),
-        DType::F64 => survivors::<f64>(x, &dist.delta, tau)?.map(|s| s.backward(x, &dy, input, output, &dist.heads, &coefficients)).transpose(),
+        DType::F32 => survivors::<f32>(x, delta, tau)?.map(|s| s.backward(x, &dy, input, output, &coefficients)).transpose(),
+        DType::F64 => survivors::<f64>(x, delta, tau)?.map(|s| s.backward(x, &dy, input, output, &coefficients)).transpose(),
         _ => Ok(None),
     }
 }
 
-/// The backward of the table at the top on the CPU (the GPU's reference): the sparse path at
-/// high sparsity, else candle ops.
-fn reference_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, tau: Option<f64>) -> Result<(Tensor, Tensor, Tensor)> {
-    let dist = Distances::new(input, output)?;
-    match sparse_backward(x, input, output, dy, &dist, tau)? {
-        Some(grads) => Ok(grads),
-        None => dense_backward(x, input, output, dy, &dist, tau),
+/// The backward of the table at the top on the CPU (the GPU's reference): the sparse path where
+/// the forward took it (ΔW alone, recomputed bit for bit, decides it again the same way), else
+/// candle ops with the per-head distances.
+fn reference_backward(x: &Tensor, input: &Tensor, output: &Tensor, dy: &Tensor, tau: Option<f64>, sparse: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    if sparse {
+        let delta = Distances::new(input, output, false)?.delta;
+        if let Some(grads) = sparse_backward(x, input, output, dy, &delta, tau)? {
+            return Ok(grads);
+        }
     }
+    dense_backward(x, input, output, dy, &Distances::new(input, output, true)?, tau)
 }
 
 /// The backward by candle ops, ΔW_s dense.
@@ -379,14 +446,37 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap() / scale
     }
 
+    /// The one-pass ΔW is bit for bit the unfused adapter's (`pairwise_distances`, then
+    /// `signed_head_sum`), in f32 and f64, so both keep the same entries at any threshold.
+    #[test]
+    fn the_fused_delta_is_bit_identical_to_the_adapters() {
+        use crate::adapters::snell::pairwise_distances;
+        for dtype in [DType::F32, DType::F64] {
+            let (input, output) = (randn(&[2, 37, 5], 0.3).to_dtype(dtype).unwrap(), randn(&[2, 53, 5], 0.3).to_dtype(dtype).unwrap());
+            // A row of Out equal to one of In: a zero distance, and negative expansions nearby.
+            let output = output.slice_assign(&[0..2, 3..4, 0..5], &input.narrow(1, 7, 1).unwrap()).unwrap();
+            let heads: Vec<Tensor> = (0..2).map(|h| pairwise_distances(&input.get(h).unwrap(), &output.get(h).unwrap()).unwrap()).collect();
+            let composed = signed_head_sum(&heads).unwrap();
+            let fused = Distances::new(&input, &output, true).unwrap();
+            let bits = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert_eq!(bits(&fused.delta), bits(&composed), "{dtype:?}: ΔW");
+            for (h, (got, want)) in fused.heads.iter().zip(&heads).enumerate() {
+                assert_eq!(bits(got), bits(want), "{dtype:?}: D_{h}");
+            }
+            assert!(Distances::new(&input, &output, false).unwrap().heads.is_empty());
+        }
+    }
+
     /// The sparse apply is taken at high sparsity only, and equals the dense candle ops there.
     #[test]
     fn the_sparse_apply_equals_the_dense_one() {
-        let (t, d_in, d_out) = (19, 61, 47);
+        let (d_in, d_out) = (61, 47);
         let (input, output) = (randn(&[2, d_in, 6], 0.3), randn(&[2, d_out, 6], 0.3));
-        let (x, dy) = (randn(&[t, d_in], 1.0), randn(&[t, d_out], 1.0));
-        let dist = Distances::new(&input, &output).unwrap();
-        for s in [0.5, 0.96, 0.99, 0.995] {
+        let dist = Distances::new(&input, &output, true).unwrap();
+        // 19 tokens: two blocks of the sparse products, the second partial; 149: ten blocks in
+        // five chunks of Ĝ's sum.
+        for (t, s) in [(19, 0.5), (19, 0.96), (19, 0.99), (19, 0.995), (149, 0.99)] {
+            let (x, dy) = (randn(&[t, d_in], 1.0), randn(&[t, d_out], 1.0));
             let tau = Some(abs_quantile(&dist.delta, s).unwrap());
             let y = sparse_forward(&x, &dist.delta, tau).unwrap();
             if s < 0.9 {
@@ -395,10 +485,10 @@ mod tests {
             }
             let y = y.unwrap_or_else(|| panic!("s = {s}: the sparse path was not taken"));
             assert!(max_rel(&y, &reference_forward(&x, &dist.delta, tau).unwrap()) < 1e-13, "s = {s}: y");
-            let sparse = sparse_backward(&x, &input, &output, &dy, &dist, tau).unwrap().unwrap();
+            let sparse = sparse_backward(&x, &input, &output, &dy, &dist.delta, tau).unwrap().unwrap();
             let dense = dense_backward(&x, &input, &output, &dy, &dist, tau).unwrap();
             for (name, a, b) in [("dx", &sparse.0, &dense.0), ("dIn", &sparse.1, &dense.1), ("dOut", &sparse.2, &dense.2)] {
-                assert!(max_rel(a, b) < 1e-12, "s = {s}: {name} differs by {}", max_rel(a, b));
+                assert!(max_rel(a, b) < 1e-12, "T{t} s = {s}: {name} differs by {}", max_rel(a, b));
             }
         }
     }
