@@ -133,7 +133,7 @@ impl Distances {
         }
     }
 
-    fn fused<T: num_traits::Float + candle_core::WithDType + Send + Sync>(input: &Tensor, output: &Tensor, keep_heads: bool) -> Result<Self> {
+    fn fused<T: num_traits::Float + num_traits::NumAssign + candle_core::WithDType + Send + Sync>(input: &Tensor, output: &Tensor, keep_heads: bool) -> Result<Self> {
         use rayon::prelude::*;
         let (n_heads, d_in, _) = input.dims3()?;
         let d_out = output.dim(1)?;
@@ -158,7 +158,7 @@ impl Distances {
                 if h == 0 {
                     acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc = d * c);
                 } else {
-                    acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc = *acc + d * c);
+                    acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc += d * c);
                 }
             };
             let mut pass = |ab: &[T]| {
