@@ -130,15 +130,15 @@ fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
 #[test]
 fn unfused_reaches_the_models_layer_ops_on_the_cpu() {
     let step = |extra: &[&str]| -> serde_json::Value {
-        let args = [&["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "128", "--steps", "2", "--method", "ia3"][..], extra].concat();
+        let args = [&["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "512", "--steps", "2", "--method", "ia3"][..], extra].concat();
         let text = cli(&args);
         serde_json::from_str(text.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap()
     };
     let (fused, unfused) = (step(&[]), step(&["--unfused"]));
     let peak = |r: &serde_json::Value| r["peak_extra_mib"].as_f64().unwrap();
-    // Measured 28-33 MiB fused against 55 MiB unfused (and 29-33 both ways before --unfused reached
-    // these ops): the run-to-run spread is about 4 MiB.
-    assert!(peak(&unfused) > 1.3 * peak(&fused), "--unfused did not change the layer ops: {fused} against {unfused}");
+    // Measured 85-95 MiB fused against 250-265 MiB unfused alone; beside other tests the fused
+    // run has reached 1.5x its usual peak (RSS), hence a margin this wide.
+    assert!(peak(&unfused) > 1.5 * peak(&fused), "--unfused did not change the layer ops: {fused} against {unfused}");
     for key in ["first_loss", "last_loss"] {
         let (a, b) = (fused[key].as_f64().unwrap(), unfused[key].as_f64().unwrap());
         assert!((a - b).abs() < 1e-4 * a.abs(), "{key}: {a} against {b}");

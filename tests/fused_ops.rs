@@ -165,10 +165,10 @@ fn frozen_matmul_equals_matmul_and_gives_no_weight_gradient() {
     let w = Tensor::randn(0f64, 1.0, (4, 5), &Device::Cpu).unwrap();
     check(
         &[&x],
-        |t| frozen_matmul_t(&t[0], &w).unwrap(),
+        |t| frozen_matmul_t(&t[0], &w.clone().into()).unwrap(),
         |t| candle_peft::model::linear::matmul_t(&t[0], &w).unwrap(),
         1e-12,
     );
-    let grads = frozen_matmul_t(x.as_tensor(), &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = frozen_matmul_t(x.as_tensor(), &w.clone().into()).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&w).is_none(), "no gradient is computed for the frozen weight");
 }

@@ -79,7 +79,7 @@ fn check_lora_linear(with_mask: bool) {
     let mk = with_mask.then(|| mask(&[b, t, d_in]));
     let weights = randn(&[b, t, d_out]);
 
-    let fused = lora_linear(x.as_tensor(), &w, a.as_tensor(), bb.as_tensor(), s, mk.as_ref()).unwrap();
+    let fused = lora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), s, mk.as_ref()).unwrap();
     let xd = match &mk {
         Some(m) => (x.as_tensor() * m).unwrap(),
         None => x.as_tensor().clone(),
@@ -134,7 +134,7 @@ fn fused_ops_keep_the_input_dtype() {
     let w = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
     let a = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
     let b = Tensor::randn(0f32, 1.0, (4, 2), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
-    let y = lora_linear(&x, &w, &a, &b, 2.0, None).unwrap();
+    let y = lora_linear(&x, &w.clone().into(), &a, &b, 2.0, None).unwrap();
     assert_eq!((y.dtype(), y.dims()), (DType::BF16, &[5usize, 4][..]));
     let reference = (xwt(&x.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap())
         + (xwt(&xwt(&x.to_dtype(DType::F32).unwrap(), &a.to_dtype(DType::F32).unwrap()), &b.to_dtype(DType::F32).unwrap()) * 2.0)

@@ -97,7 +97,7 @@ impl LinearAdapter for LoraLinear {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
             let mask = self.dropout.mask(x, train)?;
-            return kernels::lora_linear(x, &*base.weight()?, &a, &b, self.scale, mask.as_ref());
+            return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, mask.as_ref());
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }

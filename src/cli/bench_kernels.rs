@@ -99,7 +99,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let lora = |fused: bool| -> Result<()> {
             let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
             let y = if fused {
-                kernels::lora_linear(x.as_tensor(), &w, &ac, &bc, s, None)?
+                kernels::lora_linear(x.as_tensor(), &w.clone().into(), &ac, &bc, s, None)?
             } else {
                 let branch = (x.as_tensor().matmul(&ac.t()?)?.matmul(&bc.t()?)? * s)?;
                 (x.as_tensor().matmul(&w.t()?)? + branch)?

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! What it keeps for backward: the op's inputs x, A, B (candle holds them), `xa`, and with
-//! dropout the mask and `drop(x)`. The unfused candle graph keeps, besides, the [T, out] branch
+//! dropout the mask and `drop(x)`; W as the layer holds it (an NF4 base stays packed and is
+//! dequantized in forward and again in backward, as bitsandbytes' 4-bit matmul does). The unfused candle graph keeps, besides, the [T, out] branch
 //! output twice (before and after scaling) and the sum's inputs. On CUDA the GEMMs run in cuBLAS
 //! (f32 accumulation, `s` passed as an f32 scalar) and the branch is added into y and dx in place
 //! (`lowrank_add`), so no [T, out] or [T, in] temporary exists besides y and dx.
@@ -24,15 +25,18 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
 use super::{cpu_tensor, tensor_cpu_storage};
+use crate::model::linear::BaseWeight;
 use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
 /// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) of x's shape.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims.last().ok_or_else(|| crate::Error::msg("lora_linear: x is a scalar"))?;
-    let (d_out, w_in) = w.dims2()?;
+    let &[d_out, w_in] = w.dims() else {
+        return Err(crate::Error::msg(format!("lora_linear: W {:?} is not a matrix", w.dims())));
+    };
     let (r, a_in) = a.dims2()?;
     if w_in != d_in || a_in != d_in || b.dims() != [d_out, r] {
         return Err(crate::Error::msg(format!(
@@ -52,7 +56,11 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, m
         }
         None => (None, None),
     };
-    let op = LoraLinearOp { w: w.contiguous()?.detach(), scale, mask, dropped, xa: Mutex::new(None) };
+    let w = match w {
+        BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
+        nf4 => nf4.clone(),
+    };
+    let op = LoraLinearOp { w, scale, mask, dropped, xa: Mutex::new(None) };
     let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("checked above") = d_out;
@@ -60,7 +68,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, m
 }
 
 struct LoraLinearOp {
-    w: Tensor,
+    w: BaseWeight,
     scale: f64,
     mask: Option<Tensor>,
     /// drop(x), when dropout is active (else x itself is the adapter's input).
@@ -70,6 +78,10 @@ struct LoraLinearOp {
 }
 
 impl LoraLinearOp {
+    fn dense_w(&self) -> candle_core::Result<std::borrow::Cow<'_, Tensor>> {
+        self.w.dense().map_err(candle_core::Error::wrap)
+    }
+
     fn save_xa(&self, xa: Tensor) {
         *self.xa.lock().expect("xa lock") = Some(xa);
     }
@@ -100,7 +112,7 @@ impl CustomOp3 for LoraLinearOp {
         let a = cpu_tensor(a, la, self.name())?.to_dtype(acc)?;
         let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
         let xa = xd.matmul(&a.t()?)?;
-        let y = (xt.matmul(&self.w.to_dtype(acc)?.t()?)? + (xa.matmul(&b.t()?)? * self.scale)?)?;
+        let y = (xt.matmul(&self.dense_w()?.to_dtype(acc)?.t()?)? + (xa.matmul(&b.t()?)? * self.scale)?)?;
         self.save_xa(xa.to_dtype(dtype)?);
         let shape = y.shape().clone();
         Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
@@ -116,7 +128,7 @@ impl CustomOp3 for LoraLinearOp {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, xa) = super::cuda::lora_forward(&self.w, self.dropped.as_ref(), self.scale, (x, lx), (a, la), (b, lb))?;
+        let (y, xa) = super::cuda::lora_forward(&*self.dense_w()?, self.dropped.as_ref(), self.scale, (x, lx), (a, la), (b, lb))?;
         self.save_xa(xa);
         Ok(y)
     }
@@ -135,7 +147,7 @@ impl CustomOp3 for LoraLinearOp {
         // optimizer state.
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
         let g = dy.matmul(&b)?;
-        let dx = dy.matmul(&self.w)?;
+        let dx = dy.matmul(&*self.dense_w()?)?;
         lowrank_add(&dx, &g, &a, Factor::Transposed, self.mask.as_ref(), self.scale)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let input = self.dropped.as_ref().unwrap_or(&x);

@@ -132,7 +132,7 @@ fn lora_cases(c: &mut Case, with_dropout: bool) -> Result<()> {
     let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
         let w = w.to_dtype(dtype)?.to_device(device)?;
         let mask = mask.as_ref().map(|m| m.to_dtype(dtype)?.to_device(device)).transpose()?;
-        forward_backward(device, dtype, &[&x, &a, &b], &weights, &|v| lora_linear(&v[0], &w, &v[1], &v[2], s, mask.as_ref()))
+        forward_backward(device, dtype, &[&x, &a, &b], &weights, &|v| lora_linear(&v[0], &w.clone().into(), &v[1], &v[2], s, mask.as_ref()))
     };
     let (y, g) = run(c.device, c.dtype)?;
     let (y_ref, g_ref) = run(&Device::Cpu, DType::F64)?;

@@ -17,6 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
+use super::linear::BaseWeight;
 use crate::kernels::{cpu_tensor, tensor_cpu_storage};
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
@@ -459,11 +460,18 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// `x Wᵀ` with W a constant: x [..., in], W [out, in] held by the op. candle's matmul would
+/// `x Wᵀ` with W a constant: x [..., in], W [out, in] held by the op as the layer holds it (an
+/// NF4 base stays packed, dequantized in forward and again in backward). candle's matmul would
 /// also compute and keep ∂L/∂W (an extra GEMM and an [in, out] tensor held until backward
-/// ends); this op's backward gives only `dx = dy W`. Saves x.
+/// ends); this op's backward gives only `dx = dy W`.
 pub struct FrozenMatmulT {
-    pub weight: Tensor,
+    pub weight: BaseWeight,
+}
+
+impl FrozenMatmulT {
+    fn dense(&self) -> candle_core::Result<std::borrow::Cow<'_, Tensor>> {
+        self.weight.dense().map_err(candle_core::Error::wrap)
+    }
 }
 
 impl CustomOp1 for FrozenMatmulT {
@@ -473,13 +481,14 @@ impl CustomOp1 for FrozenMatmulT {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_tensor(storage, layout, self.name())?;
-        let (out, inp) = self.weight.dims2()?;
+        let w = self.dense()?;
+        let (out, inp) = w.dims2()?;
         let dims = x.dims().to_vec();
         if dims.last() != Some(&inp) {
             candle_core::bail!("{}: x {:?} against W [{out}, {inp}]", self.name(), dims);
         }
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        let y = x.reshape((rows, inp))?.matmul(&w.to_dtype(x.dtype())?.t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dim") = out;
         Ok((tensor_cpu_storage(&y)?, Shape::from(out_dims)))
@@ -488,13 +497,14 @@ impl CustomOp1 for FrozenMatmulT {
     /// cuBLAS on the CUDA storage (f32 accumulation), W in x's dtype.
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels::cuda::frozen_matmul_t(&self.weight, storage, layout)
+        crate::kernels::cuda::frozen_matmul_t(&*self.dense()?, storage, layout)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let out = self.weight.dim(0)?;
+        let w = self.dense()?;
+        let out = w.dim(0)?;
         let rows = dy.elem_count() / out.max(1);
-        let dx = dy.reshape((rows, out))?.matmul(&self.weight.to_dtype(dy.dtype())?)?.reshape(x.shape())?;
+        let dx = dy.reshape((rows, out))?.matmul(&w.to_dtype(dy.dtype())?)?.reshape(x.shape())?;
         Ok(Some(dx))
     }
 }

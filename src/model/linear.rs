@@ -2,6 +2,7 @@
 //! method (LoRA and its family, DoRA, IA3, SNELL) hooks into the model.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -9,11 +10,53 @@ use crate::quant::Nf4Tensor;
 use crate::Result;
 
 /// The frozen base weight `W` [out, in] of a linear layer (no bias: LLaMA has none), dense or NF4.
+/// Cheap to clone (shared): the training ops hold one and take [`BaseWeight::dense`] in forward
+/// and again in backward, so an NF4 base is never kept dequantized between the two (QLoRA's
+/// memory: at 7B, the dense copies of every layer would be 13 GB in bf16).
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
     Dense(Tensor),
     /// NF4 (bitsandbytes layout), dequantized into `dtype`, the model's working dtype, when used.
-    Nf4 { weight: Box<Nf4Tensor>, dtype: DType },
+    Nf4 { weight: Arc<Nf4Tensor>, dtype: DType },
+}
+
+impl BaseWeight {
+    /// W in the working dtype. Dense: borrowed, free. NF4: dequantized on every call, a dense
+    /// [out, in] matrix allocated for as long as the caller holds it.
+    pub fn dense(&self) -> Result<Cow<'_, Tensor>> {
+        match self {
+            BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
+            BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            BaseWeight::Dense(w) => w.device(),
+            BaseWeight::Nf4 { weight, .. } => &weight.device,
+        }
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Nf4 { weight, .. } => &weight.shape,
+        }
+    }
+
+    /// The dtype [`BaseWeight::dense`] gives.
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Dense(w) => w.dtype(),
+            BaseWeight::Nf4 { dtype, .. } => *dtype,
+        }
+    }
+}
+
+impl From<Tensor> for BaseWeight {
+    fn from(w: Tensor) -> Self {
+        BaseWeight::Dense(w.detach())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -28,34 +71,25 @@ impl FrozenLinear {
 
     /// An NF4 base that computes in `dtype`.
     pub fn nf4(weight: Nf4Tensor, dtype: DType) -> Self {
-        Self { weight: BaseWeight::Nf4 { weight: Box::new(weight), dtype } }
+        Self { weight: BaseWeight::Nf4 { weight: Arc::new(weight), dtype } }
     }
 
     pub fn base_weight(&self) -> &BaseWeight {
         &self.weight
     }
 
-    /// W in the working dtype. Dense: borrowed, free. NF4: dequantized on every call, a dense
-    /// [out, in] matrix allocated for as long as the caller holds it (DoRA's norms, merge, export).
+    /// W in the working dtype ([`BaseWeight::dense`]: for NF4 a dense copy for as long as the
+    /// caller holds it: DoRA's norms, merge, export).
     pub fn weight(&self) -> Result<Cow<'_, Tensor>> {
-        match &self.weight {
-            BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
-            BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
-        }
+        self.weight.dense()
     }
 
     pub fn device(&self) -> &Device {
-        match &self.weight {
-            BaseWeight::Dense(w) => w.device(),
-            BaseWeight::Nf4 { weight, .. } => &weight.device,
-        }
+        self.weight.device()
     }
 
     fn dims(&self) -> &[usize] {
-        match &self.weight {
-            BaseWeight::Dense(w) => w.dims(),
-            BaseWeight::Nf4 { weight, .. } => &weight.shape,
-        }
+        self.weight.dims()
     }
 
     pub fn out_features(&self) -> usize {
@@ -76,7 +110,7 @@ impl FrozenLinear {
                 return crate::kernels::nf4::gemv(weight, x);
             }
         }
-        super::ops::frozen_matmul_t(x, &*self.weight()?)
+        super::ops::frozen_matmul_t(x, &self.weight)
     }
 }
 

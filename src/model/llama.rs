@@ -339,7 +339,7 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let acc = ops::accumulate_dtype(self.dtype);
-        Ok(ops::frozen_matmul_t(hidden, head)?.to_dtype(acc)?)
+        Ok(ops::frozen_matmul_t(hidden, &head.clone().into())?.to_dtype(acc)?)
     }
 
     fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {

@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::linear::BaseWeight;
 use crate::Result;
 
 /// The dtype reductions run in: f32 for half types, f64 kept as f64 (finite-difference tests).
@@ -161,14 +162,17 @@ fn attention_with(
 
 /// `x Wᵀ` for a frozen W [out, in] (the LM head, every frozen linear): when x is tracked, an op
 /// whose backward computes only dx, where candle's matmul would also compute and keep an unused
-/// ∂L/∂W (an extra GEMM and an [out, in] gradient per layer until backward ends). On the CPU in
-/// f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
-pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let on_gpu = x.device().is_cuda() && crate::kernels::fused_for(x) && w.dtype() == x.dtype();
-    if x.track_op() && (fused_cpu(true, &[x, w]) || on_gpu) {
-        return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.detach() })?);
+/// ∂L/∂W (an extra GEMM and an [out, in] gradient per layer until backward ends), and which holds
+/// W as given (an NF4 base stays packed between forward and backward, dequantized in each). On
+/// the CPU in f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
+pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
+    let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
+    let on_cpu = x.device().is_cpu() && fits && fused_cpu(true, &[x]);
+    let on_gpu = x.device().is_cuda() && crate::kernels::fused_for(x) && fits;
+    if x.track_op() && (on_cpu || on_gpu) {
+        return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?);
     }
-    super::linear::matmul_t(x, w)
+    super::linear::matmul_t(x, &*w.dense()?)
 }
 
 /// Rotary embedding in the Hugging Face ("rotate half") layout.
