@@ -154,12 +154,21 @@ struct Coords {
         : lo(lane < k ? row[lane] : 0.f), hi(lane + 32 < k ? row[lane + 32] : 0.f) {}
 };
 
+// Writes a row's k ≤ 64 coordinates from two per lane.
+__device__ __forceinline__ void store_coords(float* row, int k, int lane, float lo, float hi) {
+    if (lane < k) row[lane] = lo;
+    if (lane + 32 < k) row[lane + 32] = hi;
+}
+
+// The row that this warp of a one-warp-per-row pass owns (8 warps per block).
+__device__ __forceinline__ long long warp_row() { return (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32; }
+
 // Per head (c = c_h): one warp per row i, grid ceil(d_in/8), block 256. Writes m[p] for the
 // column pass. The distance is recomputed from the factors, as the dense dist_grad does.
 extern "C" __global__ void snell_sparse_grad_rows(const float* in_h, const float* out_h, int d_in, int k, float c, const unsigned* row_off,
                                                   int stride, const unsigned* cols, const float* g, float* m, float* d_in_h) {
     const int lane = threadIdx.x % 32;
-    const long long i = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+    const long long i = warp_row();
     if (i >= d_in) return;
     const Coords a(in_h + i * k, k, lane);
     float acc_lo = 0.f, acc_hi = 0.f;
@@ -173,15 +182,14 @@ extern "C" __global__ void snell_sparse_grad_rows(const float* in_h, const float
         acc_lo = fmaf(mp, e_lo, acc_lo);
         acc_hi = fmaf(mp, e_hi, acc_hi);
     }
-    if (lane < k) d_in_h[i * k + lane] = acc_lo;
-    if (lane + 32 < k) d_in_h[i * k + lane + 32] = acc_hi;
+    store_coords(d_in_h + i * k, k, lane, acc_lo, acc_hi);
 }
 
 // Per head: one warp per column j, grid ceil(d_out/8), block 256.
 extern "C" __global__ void snell_sparse_grad_cols(const float* in_h, const float* out_h, int d_out, int k, const unsigned* col_off, int stride,
                                                   const unsigned* rows_c, const unsigned* pos_c, const float* m, float* d_out_h) {
     const int lane = threadIdx.x % 32;
-    const long long j = (long long)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+    const long long j = warp_row();
     if (j >= d_out) return;
     const Coords b(out_h + j * k, k, lane);
     float acc_lo = 0.f, acc_hi = 0.f;
@@ -192,8 +200,7 @@ extern "C" __global__ void snell_sparse_grad_cols(const float* in_h, const float
         acc_lo = fmaf(mq, b.lo - a.lo, acc_lo);
         acc_hi = fmaf(mq, b.hi - a.hi, acc_hi);
     }
-    if (lane < k) d_out_h[j * k + lane] = acc_lo;
-    if (lane + 32 < k) d_out_h[j * k + lane + 32] = acc_hi;
+    store_coords(d_out_h + j * k, k, lane, acc_lo, acc_hi);
 }
 
 #define SNELL_SPARSE_TYPED(SUFFIX, T)                                                                                               \
