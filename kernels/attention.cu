@@ -62,6 +62,13 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int d) {
     return acc;
 }
 
+// Σ_jj w[jj] · rows[jj][e] over a staged chunk: column e of the chunk weighted by one row's w.
+__device__ __forceinline__ float chunk_column(const float* w, const float (*rows)[MAX_D + 1], int e) {
+    float acc = 0.f;
+    for (int jj = 0; jj < CHUNK; ++jj) acc += w[jj] * rows[jj][e];
+    return acc;
+}
+
 // Where a warp of the row-parallel kernels (forward, dq) stands: its query row i of head hi in
 // batch row bi (bh = bi·h + hi), and the key/value head kvh that head reads.
 struct QueryRow {
@@ -77,6 +84,12 @@ struct QueryRow {
         i = blockIdx.x * ROWS + warp;
         active = i < t;
     }
+    // This head's rows of k or v [.., s, d] (grouped-query: the row's kv head).
+    template <typename T>
+    __device__ const T* kv_head(const T* kv, int s, int d) const { return kv + (long long)kvh * s * d; }
+    // The row's bias [s] (row 0 for an inactive warp, which reads nothing past the chunk walk).
+    template <typename T>
+    __device__ const T* bias_row(const T* bias, int t, int s) const { return bias + ((long long)bi * t + (active ? i : 0)) * s; }
 };
 
 template <typename T>
@@ -89,9 +102,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const T* b
     const QueryRow r(h, g, t);
     const int warp = r.warp, lane = r.lane, bh = r.bh, bi = r.bi, hi = r.hi, i = r.i;
     const bool active = r.active;
-    const T* kh = k + (long long)r.kvh * s * d;
-    const T* vh = v + (long long)r.kvh * s * d;
-    const T* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
+    const T *kh = r.kv_head(k, s, d), *vh = r.kv_head(v, s, d), *brow = r.bias_row(bias, t, s);
     if (active) stage_row(sq[warp], q + ((long long)bh * t + i) * d, d, lane);
     float m = -INFINITY, l = 0.f, acc[DIMS_PER_LANE] = {};
     for (int j0 = 0; j0 < s; j0 += CHUNK) {
@@ -113,9 +124,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const T* b
         for (int a = 0; a < DIMS_PER_LANE; ++a) {
             const int e = lane + 32 * a;
             if (e >= d) break;
-            float sum = 0.f;
-            for (int jj = 0; jj < CHUNK; ++jj) sum += sp[warp][jj] * sv[jj][e];
-            acc[a] = acc[a] * rescale + sum;
+            acc[a] = acc[a] * rescale + chunk_column(sp[warp], sv, e);
         }
         __syncwarp();
         m = m_new;
@@ -141,9 +150,7 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const T* bias, 
     const QueryRow r(h, g, t);
     const int warp = r.warp, lane = r.lane, bh = r.bh, bi = r.bi, hi = r.hi, i = r.i;
     const bool active = r.active;
-    const T* kh = k + (long long)r.kvh * s * d;
-    const T* vh = v + (long long)r.kvh * s * d;
-    const T* brow = bias + ((long long)bi * t + (active ? i : 0)) * s;
+    const T *kh = r.kv_head(k, s, d), *vh = r.kv_head(v, s, d), *brow = r.bias_row(bias, t, s);
     float row_lse = 0.f, row_delta = 0.f;
     if (active) {
         const long long merged = (((long long)bi * t + i) * h + hi) * d;
@@ -174,9 +181,7 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const T* bias, 
         for (int a = 0; a < DIMS_PER_LANE; ++a) {
             const int e = lane + 32 * a;
             if (e >= d) break;
-            float sum = 0.f;
-            for (int jj = 0; jj < CHUNK; ++jj) sum += sds[warp][jj] * sk[jj][e];
-            acc[a] += sum;
+            acc[a] += chunk_column(sds[warp], sk, e);
         }
         __syncwarp();
     }
