@@ -252,11 +252,7 @@ pub(crate) fn abs_quantile(t: &Tensor, s: f64) -> Result<f64> {
 
 /// |t| flattened, in one pass over a contiguous CPU tensor's values (else through a host copy).
 fn abs_values<T: candle_core::WithDType + num_traits::Float>(t: &Tensor) -> Result<Vec<T>> {
-    let abs = |v: &[T]| v.iter().map(|x| x.abs()).collect::<Vec<T>>();
-    match kernels::with_cpu_values(t, abs)? {
-        Some(v) => Ok(v),
-        None => Ok(abs(&t.flatten_all()?.to_vec1::<T>()?)),
-    }
+    Ok(kernels::with_values(t, |v: &[T]| v.iter().map(|x| x.abs()).collect())?)
 }
 
 macro_rules! quantile_impl {

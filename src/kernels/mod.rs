@@ -89,13 +89,16 @@ pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
-/// `f` of a contiguous CPU tensor's values, borrowed (None: on another device, or strided).
-pub(crate) fn with_cpu_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<Option<R>> {
-    let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    Ok(Some(f(&cpu.as_slice::<T>()?[start..end])))
+/// `f` of a tensor's values in row-major order: borrowed from a contiguous CPU tensor, else
+/// through a host copy.
+pub(crate) fn with_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&cpu.as_slice::<T>()?[start..end]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
 }
 
 /// The storage of a CPU tensor (a copy), in its dtype.

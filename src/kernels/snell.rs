@@ -161,7 +161,7 @@ impl Distances {
                     acc.iter_mut().zip(d.iter()).for_each(|(acc, &d)| *acc += d * c);
                 }
             };
-            let mut pass = |ab: &[T]| {
+            let pass = |ab: &[T]| {
                 let rows = delta.par_chunks_mut(d_out).zip(ab.par_chunks(d_out)).enumerate();
                 if keep_heads {
                     rows.zip(d_h.par_chunks_mut(d_out)).for_each(|((i, (acc, ab)), d)| row(i, acc, ab, d));
@@ -169,9 +169,7 @@ impl Distances {
                     rows.for_each_init(|| vec![T::zero(); d_out], |d, (i, (acc, ab))| row(i, acc, ab, d));
                 }
             };
-            if super::with_cpu_values(&ab, &mut pass)?.is_none() {
-                pass(&ab.flatten_all()?.to_vec1::<T>()?);
-            }
+            super::with_values(&ab, pass)?;
             if keep_heads {
                 heads.push(Tensor::from_vec(d_h, (d_in, d_out), input.device())?);
             }

@@ -24,7 +24,7 @@ use candle_core::{Device, Tensor, WithDType};
 use num_traits::{Float, NumAssign};
 use rayon::prelude::*;
 
-use super::with_cpu_values;
+use super::with_values;
 use crate::Result;
 
 /// The density at or under which the branch takes the sparse path. A chosen cut, not a measured
@@ -51,15 +51,6 @@ pub(crate) struct Survivors<T> {
     factor: Vec<T>,
 }
 
-/// `f` of a contiguous tensor's values, borrowed on the CPU (else a copy).
-fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let mut f = Some(f);
-    if let Some(r) = with_cpu_values(t, |v| (f.take().expect("called once"))(v))? {
-        return Ok(r);
-    }
-    Ok((f.take().expect("not called"))(&t.flatten_all()?.to_vec1::<T>()?))
-}
-
 impl<T: Float + NumAssign + WithDType + Send + Sync> Survivors<T> {
     /// The survivors of Δ under τ when they are at most [`SPARSE_MAX_DENSITY`] of the entries
     /// (None otherwise: the dense path is faster). The comparison is `competition_factor`'s:
@@ -67,7 +58,7 @@ impl<T: Float + NumAssign + WithDType + Send + Sync> Survivors<T> {
     pub fn of(delta: &Tensor, tau: f64) -> Result<Option<Self>> {
         let (d_in, d_out) = delta.dims2()?;
         let tau = T::from(tau).expect("a float converts");
-        with_values(delta, |delta: &[T]| {
+        Ok(with_values(delta, |delta: &[T]| {
             let count = delta.iter().filter(|v| v.abs() > tau).count();
             if count as f64 > SPARSE_MAX_DENSITY * delta.len() as f64 {
                 return None;
@@ -92,7 +83,7 @@ impl<T: Float + NumAssign + WithDType + Send + Sync> Survivors<T> {
                 s.row_ptr.push(s.cols.len());
             }
             Some(s)
-        })
+        })?)
     }
 
     fn row(&self, i: usize) -> std::ops::Range<usize> {

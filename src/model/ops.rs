@@ -24,7 +24,7 @@ pub(crate) fn accumulate_dtype(dtype: DType) -> DType {
 /// unless `--unfused` asks for the plain candle ops.
 fn fused_cpu(train: bool, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
-    train && first.device().is_cpu() && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
+    train && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
@@ -167,9 +167,7 @@ fn attention_with(
 /// the CPU in f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
 pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
-    let on_cpu = x.device().is_cpu() && fits && fused_cpu(true, &[x]);
-    let on_gpu = x.device().is_cuda() && crate::kernels::fused_for(x) && fits;
-    if x.track_op() && (on_cpu || on_gpu) {
+    if x.track_op() && fits && crate::kernels::fused_for(x) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?);
     }
     super::linear::matmul_t(x, &*w.dense()?)
