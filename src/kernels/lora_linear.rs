@@ -11,8 +11,9 @@
 //!
 //! What it keeps for backward: the op's inputs x, A, B (candle holds them), `xa`, and with
 //! dropout the mask and `drop(x)`; W as the layer holds it (an NF4 base stays packed and is
-//! dequantized in forward and again in backward, as bitsandbytes' 4-bit matmul does). The unfused candle graph keeps, besides, the [T, out] branch
-//! output twice (before and after scaling) and the sum's inputs. On CUDA the GEMMs run in cuBLAS
+//! dequantized in forward and again in backward, as bitsandbytes' 4-bit matmul does). The
+//! unfused candle graph keeps, besides, the [T, out] branch output twice (before and after
+//! scaling) and the sum's inputs. On CUDA the GEMMs run in cuBLAS
 //! (f32 accumulation, `s` passed as an f32 scalar) and the branch is added into y and dx in place
 //! (`lowrank_add`), so no [T, out] or [T, in] temporary exists besides y and dx.
 //!
