@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     let input_ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let labels = input_ids.to_dtype(DType::I64)?;
     let batch = TrainBatch { input_ids, mask: vec![vec![1; t]; b], labels };
-    let step = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 2, max_grad_norm: Some(1.0) };
+    let step = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 2, max_grad_norm: Some(1.0), gradient_checkpointing: false };
     let mut trainer = Trainer::new(&model, step, |_| 1.0)?;
 
     let before = proc_status_mib("VmRSS:")?;

@@ -181,6 +181,7 @@ pub fn run(out: &Path, seed: u64, size: &DemoSize) -> Result<DemoResult> {
             warmup_steps: total_steps / 10,
             total_steps,
             max_grad_norm: Some(1.0),
+            gradient_checkpointing: false,
         },
         eval_steps: 0,
         save_steps: 0,

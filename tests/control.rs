@@ -331,6 +331,7 @@ fn loss_falls_when_overfitting_a_tiny_batch() {
             warmup_steps: 0,
             total_steps: 40,
             max_grad_norm: Some(1.0),
+            gradient_checkpointing: false,
         };
         let mut trainer = Trainer::new(&model, step, |_| 1.0).unwrap();
         let first = trainer.step(&model, std::slice::from_ref(&b)).unwrap().loss;

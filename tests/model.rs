@@ -121,6 +121,7 @@ fn loss_falls_when_overfitting_a_tiny_set() {
         warmup_steps: 0,
         total_steps: 40,
         max_grad_norm: Some(1.0),
+        gradient_checkpointing: false,
     };
     let mut trainer = Trainer::new(&model, cfg, |_| 1.0).unwrap();
     let b = batch();
@@ -136,7 +137,7 @@ fn loss_falls_when_overfitting_a_tiny_set() {
 fn a_non_finite_loss_stops_training_and_names_the_step() {
     let mut model = tiny(DType::F32);
     inject(&mut model, &lora(4, &ALL), 1).unwrap();
-    let cfg = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 10, max_grad_norm: Some(1.0) };
+    let cfg = StepConfig { optim: AdamWConfig::default(), warmup_steps: 0, total_steps: 10, max_grad_norm: Some(1.0), gradient_checkpointing: false };
     let mut trainer = Trainer::new(&model, cfg, |_| 1.0).unwrap();
     let b = batch();
     trainer.step(&model, std::slice::from_ref(&b)).unwrap();

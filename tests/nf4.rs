@@ -476,6 +476,7 @@ fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
                 warmup_steps: 0,
                 total_steps: 3,
                 max_grad_norm: Some(1.0),
+                gradient_checkpointing: false,
             };
             let mut trainer = Trainer::new(&model, steps, |_| 1.0).unwrap();
             configure_trainer(&mut trainer, &model, &adapter).unwrap();

@@ -2,8 +2,8 @@
 //! dense copies of every layer would be 13 GB in bf16). This test binary counts live heap bytes
 //! in its allocator, so it holds this one test only: others running beside it would count too.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::lora::{LoraConfig, LoraLinear};
@@ -11,37 +11,6 @@ use candle_peft::adapters::Targets;
 use candle_peft::model::linear::Linear;
 use candle_peft::quant::Nf4Tensor;
 use rand::SeedableRng;
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call forwards to the system allocator unchanged; only the counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// A stack of NF4 layers, every other one with LoRA (the fused op on the CPU), trained: the
 /// forward's graph grows by the activations, not by the layers' dequantized weights; and the
@@ -69,9 +38,9 @@ fn nf4_layers_stay_packed_between_forward_and_backward() {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (tokens, d), cpu).unwrap()).unwrap();
     let forward = |stack: &[Linear]| stack.iter().fold(x.as_tensor().clone(), |h, lin| lin.forward(&h, true).unwrap());
     drop(forward(&stack)); // first-use buffers (GEMM packing, thread pools) outside the count
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting_alloc::live();
     let y = forward(&stack);
-    let grown = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let grown = counting_alloc::live().saturating_sub(before);
     let dense_weights = layers * d * d * 4;
     assert!(
         grown < dense_weights / 4,

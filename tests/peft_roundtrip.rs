@@ -148,6 +148,7 @@ fn train(model: &Llama, batch: &TrainBatch) {
         // Far beyond the steps taken, so the linear decay keeps the rate near its peak.
         total_steps: 100 * TRAIN_STEPS,
         max_grad_norm: None,
+        gradient_checkpointing: false,
     };
     let mut trainer = Trainer::new(model, config, |_| 1.0).unwrap();
     for _ in 0..TRAIN_STEPS {

@@ -42,7 +42,7 @@ fn run_cfg(dir: &Path, total_steps: usize, resume: bool) -> RunConfig {
         output_dir: dir.to_path_buf(),
         batch_size: 8,
         micro_batch_size: 4,
-        steps: StepConfig { optim: AdamWConfig { lr: 1e-2, ..Default::default() }, warmup_steps: 2, total_steps, max_grad_norm: Some(1.0) },
+        steps: StepConfig { optim: AdamWConfig { lr: 1e-2, ..Default::default() }, warmup_steps: 2, total_steps, max_grad_norm: Some(1.0), gradient_checkpointing: false },
         eval_steps: 3,
         save_steps: 3,
         seed: 9,

@@ -77,7 +77,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     }
     reset_peak_rss();
     let gpu = GpuMemory::start(&device)?;
-    let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0) };
+    let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0), gradient_checkpointing: args.run.gradient_checkpointing };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
     configure_trainer(&mut trainer, &model, &adapter)?;
     let mut times = Vec::new();
@@ -118,6 +118,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
         cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
             .args(args.run.quantize.iter().flat_map(|q| ["--quantize", q.as_str()]))
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
+            .arg(format!("--gradient-checkpointing={}", args.run.gradient_checkpointing))
             .args(adapter_flags(&args.adapter));
         let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;
         if !out.status.success() {
@@ -188,12 +189,14 @@ fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
 
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
     let mut s = format!(
-        "shape {}, batch {} x {}, {}, {}, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
+        "shape {}, batch {} x {}, {}, {}{}{}, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
         args.run.shape,
         args.run.batch,
         args.run.seq,
         args.run.dtype,
         args.run.device,
+        args.run.quantize.as_deref().map(|q| format!(", {q} base")).unwrap_or_default(),
+        if args.run.gradient_checkpointing { ", gradient checkpointing" } else { "" },
         args.run.steps,
         "method",
         "trainable",

@@ -105,6 +105,7 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
             warmup_steps: args.warmup_steps,
             total_steps,
             max_grad_norm: Some(args.max_grad_norm),
+            gradient_checkpointing: args.gradient_checkpointing,
         },
         eval_steps: args.eval_steps,
         save_steps: args.save_steps,

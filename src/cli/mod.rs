@@ -291,6 +291,10 @@ pub struct FinetuneArgs {
     pub warmup_steps: usize,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Gradient checkpointing: keep only each decoder layer's input and recompute the layer in
+    /// backward (much less activation memory, one more forward per step).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
     #[arg(long, default_value_t = 256)]
     pub cutoff_len: usize,
     #[arg(long, default_value_t = 120)]
@@ -485,6 +489,10 @@ pub struct BenchRunArgs {
     pub seq: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Gradient checkpointing: keep only each decoder layer's input and recompute the layer in
+    /// backward (much less activation memory, one more forward per step).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Args, Debug, Clone)]

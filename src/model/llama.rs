@@ -108,6 +108,14 @@ impl KvCache {
     }
 }
 
+/// What every decoder layer of one forward shares: the additive attention bias [b, 1, t, past + t]
+/// (causal and padding) and the RoPE tables [b, 1, t, head_dim / 2].
+pub struct Positions {
+    bias: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     pub embed_tokens: Tensor,
@@ -326,13 +334,37 @@ impl Llama {
         for (row, m) in cache.mask.iter_mut().zip(&new_mask) {
             row.extend_from_slice(m);
         }
-        let bias = ops::attention_bias(&cache.mask, t, self.dtype, &self.device)?;
-        let (cos, sin) = self.rope_tables(&ops::positions(&cache.mask, t), b, t)?;
-        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let positions = self.positions(&cache.mask, t)?;
+        let mut x = self.embed(input_ids)?;
         for ((layer, kv), past) in self.layers.iter().zip(cache.layers.iter_mut()).zip(cache.control_inputs.iter_mut()) {
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, (kv, past), train)?;
+            x = self.layer_forward(layer, &x, &positions, (kv, past), train)?;
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps, train)
+        self.final_norm(&x, train)
+    }
+
+    /// The token embeddings [b, t, hidden] of `input_ids` [b, t].
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        Ok(self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?)
+    }
+
+    /// The attention bias and RoPE tables of the last `t` tokens of rows whose whole mask
+    /// (cached tokens first) is `mask`: what every layer of one forward shares.
+    pub fn positions(&self, mask: &[Vec<u32>], t: usize) -> Result<Positions> {
+        let bias = ops::attention_bias(mask, t, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope_tables(&ops::positions(mask, t), mask.len(), t)?;
+        Ok(Positions { bias, cos, sin })
+    }
+
+    /// Decoder layer `index` on hidden states `h` [b, t, hidden], without a cache (training).
+    pub fn layer(&self, index: usize, h: &Tensor, positions: &Positions, train: bool) -> Result<Tensor> {
+        let layer = self.layers.get(index).ok_or_else(|| Error::msg(format!("no decoder layer {index}")))?;
+        self.layer_forward(layer, h, positions, (&mut None, &mut None), train)
+    }
+
+    /// The last RMSNorm, after every layer.
+    pub fn final_norm(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        ops::rms_norm(x, &self.norm, self.config.rms_norm_eps, train)
     }
 
     /// Project hidden states to the vocabulary, in f32.
@@ -352,18 +384,16 @@ impl Llama {
         Ok((angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &DecoderLayer,
         h: &Tensor,
-        bias: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        positions: &Positions,
         (kv, past_input): (&mut Option<(Tensor, Tensor)>, &mut Option<Tensor>),
         train: bool,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
+        let Positions { bias, cos, sin } = positions;
         let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
         let mut h2 = (h + self.attention(&layer.self_attn, &attn_in, bias, cos, sin, kv, train)?)?;
         if let Some(c) = &layer.attn_control {

@@ -8,4 +8,4 @@ pub mod ops;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{FrozenLinear, Linear, LinearAdapter};
-pub use llama::{BlockControl, ControlContext, KvCache, Llama};
+pub use llama::{BlockControl, ControlContext, KvCache, Llama, Positions};

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
+use super::gradient_checkpointing::LayerTape;
 use super::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use crate::model::{ops, Llama};
@@ -27,15 +28,42 @@ impl TrainBatch {
 
 /// Mean next-token cross-entropy of the batch (labels shifted by one, -100 ignored).
 pub fn causal_lm_loss(model: &Llama, batch: &TrainBatch, train: bool) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dims2()?;
-    if t < 2 {
-        return Err(Error::Training("a training sequence needs at least 2 tokens".into()));
-    }
+    check_length(batch)?;
     let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.mask), None, train)?;
+    causal_lm_loss_from_hidden(model, &hidden, batch)
+}
+
+/// `causal_lm_loss` from the final hidden states [b, t, hidden] of the batch.
+pub fn causal_lm_loss_from_hidden(model: &Llama, hidden: &Tensor, batch: &TrainBatch) -> Result<Tensor> {
+    let (b, t) = check_length(batch)?;
     let logits = model.logits(&hidden.narrow(1, 0, t - 1)?)?;
     let vocab = logits.dim(2)?;
     let labels = batch.labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
     ops::cross_entropy(&logits.reshape((b * (t - 1), vocab))?, &labels)
+}
+
+fn check_length(batch: &TrainBatch) -> Result<(usize, usize)> {
+    let (b, t) = batch.input_ids.dims2()?;
+    if t < 2 {
+        return Err(Error::Training("a training sequence needs at least 2 tokens".into()));
+    }
+    Ok((b, t))
+}
+
+/// `loss.backward()`, keeping only the gradients of variables, detached. candle's store also keeps
+/// a gradient for every constant an op received, and a gradient accumulated from a tracked tensor
+/// holds that tensor's graph: kept, such an entry keeps a whole layer's activations alive for as
+/// long as the store lives (every recomputed layer's, under gradient checkpointing).
+pub fn backward_to_variables(loss: &Tensor) -> Result<GradStore> {
+    let variables: Vec<TensorId> = loss.sorted_nodes().iter().filter(|n| n.is_variable()).map(|n| n.id()).collect();
+    let all = loss.backward()?;
+    let mut kept = GradStore::default();
+    for id in variables {
+        if let Some(g) = all.get_id(id) {
+            kept.insert_id(id, g.detach());
+        }
+    }
+    Ok(kept)
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -53,6 +81,9 @@ pub struct StepConfig {
     pub warmup_steps: usize,
     pub total_steps: usize,
     pub max_grad_norm: Option<f64>,
+    /// Keep only each decoder layer's input in forward and recompute the layer in backward
+    /// (`training::gradient_checkpointing`): far less activation memory for one more forward.
+    pub gradient_checkpointing: bool,
 }
 
 /// What a method that needs more than "loss, backward, AdamW" plugs into the step (AdaLoRA's
@@ -138,7 +169,14 @@ impl Trainer {
         let mut tokens = 0;
         for (i, batch) in micro_batches.iter().enumerate() {
             crate::adapters::set_dropout_key(self.step, i);
-            let mut loss = causal_lm_loss(model, batch, true)?;
+            check_length(batch)?;
+            let (hidden, tape) = if self.config.gradient_checkpointing {
+                let (hidden, tape) = LayerTape::forward(model, &batch.input_ids, &batch.mask, true)?;
+                (hidden, Some(tape))
+            } else {
+                (model.forward_hidden(&batch.input_ids, Some(&batch.mask), None, true)?, None)
+            };
+            let mut loss = causal_lm_loss_from_hidden(model, &hidden, batch)?;
             for hook in &self.hooks {
                 if let Some(reg) = hook.regularizer()? {
                     loss = (loss + reg)?;
@@ -150,7 +188,11 @@ impl Trainer {
             }
             loss_sum += value;
             tokens += batch.tokens();
-            let store = (loss / n)?.backward()?;
+            let loss = (loss / n)?;
+            let store = match tape {
+                Some(tape) => tape.backward(&loss)?,
+                None => backward_to_variables(&loss)?,
+            };
             for hook in &mut self.hooks {
                 hook.after_backward(&store)?;
             }

@@ -59,6 +59,6 @@ pub fn save_and_reload(model: &Llama, cfg: &candle_peft::adapters::AdapterConfig
 /// AdamW at a constant `lr` for `total` steps, clipping at 1.
 pub fn trainer(model: &Llama, lr: f64, total: usize) -> candle_peft::training::Trainer {
     use candle_peft::training::{AdamWConfig, StepConfig, Trainer};
-    let steps = StepConfig { optim: AdamWConfig { lr, ..Default::default() }, warmup_steps: 0, total_steps: total, max_grad_norm: Some(1.0) };
+    let steps = StepConfig { optim: AdamWConfig { lr, ..Default::default() }, warmup_steps: 0, total_steps: total, max_grad_norm: Some(1.0), gradient_checkpointing: false };
     Trainer::new(model, steps, |_| 1.0).unwrap()
 }
