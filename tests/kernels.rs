@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::kernels::lowrank_add::Factor;
-use candle_peft::kernels::{control_branch, lora_linear, lowrank_add, row_norms};
+use candle_peft::kernels::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
@@ -68,44 +68,68 @@ fn row_norms_equal_the_norms_of_the_materialised_weight() {
     assert!(diff / scale < 1e-6, "{diff}");
 }
 
-/// The fused LoRA linear against `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` in plain candle ops, for the
-/// output and the gradients of x, A and B.
-fn check_lora_linear(with_mask: bool) {
+/// The fused LoRA linear against `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` in plain candle ops, or with `dora`
+/// the fused DoRA linear against PEFT's `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ`:
+/// the output and the gradients of x, A, B (and k).
+fn check_adapter_linear(dora: bool, with_mask: bool) {
     let (b, t, d_in, d_out, r, s) = (2, 19, 33, 27, 6, 1.9);
     let x = Var::from_tensor(&randn(&[b, t, d_in])).unwrap();
     let w = randn(&[d_out, d_in]);
     let a = Var::from_tensor(&randn(&[r, d_in])).unwrap();
     let bb = Var::from_tensor(&randn(&[d_out, r])).unwrap();
+    let k = Var::from_tensor(&((randn(&[d_out]) * 0.3).unwrap() + 1.0).unwrap()).unwrap();
     let mk = with_mask.then(|| mask(&[b, t, d_in]));
     let weights = randn(&[b, t, d_out]);
 
-    let fused = lora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), s, mk.as_ref()).unwrap();
+    let fused = match dora {
+        true => dora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), k.as_tensor(), s, mk.as_ref()),
+        false => lora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), s, mk.as_ref()),
+    }
+    .unwrap();
     let xd = match &mk {
         Some(m) => (x.as_tensor() * m).unwrap(),
         None => x.as_tensor().clone(),
     };
     let x2 = x.as_tensor().reshape((b * t, d_in)).unwrap();
     let xd2 = xd.reshape((b * t, d_in)).unwrap();
-    let branch = xwt(&xwt(&xd2, a.as_tensor()), bb.as_tensor());
-    let unfused = (xwt(&x2, &w) + (branch * s).unwrap()).unwrap().reshape((b, t, d_out)).unwrap();
+    let branch = (xwt(&xwt(&xd2, a.as_tensor()), bb.as_tensor()) * s).unwrap();
+    let unfused = if dora {
+        let k2 = k.as_tensor().unsqueeze(0).unwrap();
+        let correction = xwt(&xd2, &w).broadcast_mul(&(&k2 - 1.0).unwrap()).unwrap();
+        ((xwt(&x2, &w) + correction).unwrap() + branch.broadcast_mul(&k2).unwrap()).unwrap()
+    } else {
+        (xwt(&x2, &w) + branch).unwrap()
+    };
+    let unfused = unfused.reshape((b, t, d_out)).unwrap();
     assert!(max_diff(&fused, &unfused) < 1e-10, "forward: {}", max_diff(&fused, &unfused));
 
     let g_fused = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
     let g_unfused = (unfused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, v) in [("x", &x), ("A", &a), ("B", &bb)] {
+    let inputs = [("x", &x), ("A", &a), ("B", &bb), ("k", &k)];
+    for (name, v) in &inputs[..if dora { 4 } else { 3 }] {
         let (gf, gu) = (g_fused.get(v.as_tensor()).unwrap(), g_unfused.get(v.as_tensor()).unwrap());
-        assert!(max_diff(gf, gu) < 1e-10, "d{name} (mask {with_mask}): {}", max_diff(gf, gu));
+        assert!(max_diff(gf, gu) < 1e-10, "d{name} (dora {dora}, mask {with_mask}): {}", max_diff(gf, gu));
     }
 }
 
 #[test]
 fn fused_lora_linear_equals_the_unfused_graph_with_gradients() {
-    check_lora_linear(false);
+    check_adapter_linear(false, false);
 }
 
 #[test]
 fn fused_lora_linear_with_dropout_equals_the_unfused_graph_with_gradients() {
-    check_lora_linear(true);
+    check_adapter_linear(false, true);
+}
+
+#[test]
+fn fused_dora_linear_equals_the_unfused_graph_with_gradients() {
+    check_adapter_linear(true, false);
+}
+
+#[test]
+fn fused_dora_linear_with_dropout_equals_the_unfused_graph_with_gradients() {
+    check_adapter_linear(true, true);
 }
 
 #[test]

@@ -46,9 +46,17 @@ fn row_norm(w: &Tensor) -> Result<Tensor> {
 }
 
 impl LinearAdapter for DoraLinear {
+    /// One op (src/kernels/dora_linear.rs) on CUDA and in CPU training, which keeps one [T, out]
+    /// tensor for backward; plain candle ops otherwise (and with `--unfused`).
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        let base_out = base.forward(x)?;
         let scale = (self.magnitude.as_tensor() / self.weight_norm(&*base.weight()?)?)?.to_dtype(x.dtype())?;
+        if kernels::fused_forward(x, train) {
+            let a = self.lora.a.as_tensor().to_dtype(x.dtype())?;
+            let b = self.lora.b.as_tensor().to_dtype(x.dtype())?;
+            let mask = self.lora.dropout_mask(x, train)?;
+            return kernels::dora_linear(x, base.base_weight(), &a, &b, &scale, self.lora.scale, mask.as_ref());
+        }
+        let base_out = base.forward(x)?;
         let dropped = self.lora.dropout(x, train)?;
         // Without active dropout, drop(x) Wᵀ is the base output itself.
         let dropped_base = if train && self.lora.dropout_active() { base.forward(&dropped)? } else { base_out.clone() };

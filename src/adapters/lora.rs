@@ -84,6 +84,11 @@ impl LoraLinear {
         self.dropout.apply(x, train)
     }
 
+    /// The dropout mask for an input like `x` (None when dropout is off or not training).
+    pub fn dropout_mask(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        self.dropout.mask(x, train)
+    }
+
     pub fn dropout_active(&self) -> bool {
         self.dropout.p > 0.0
     }
@@ -96,7 +101,7 @@ impl LinearAdapter for LoraLinear {
         if kernels::fused_forward(x, train) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
-            let mask = self.dropout.mask(x, train)?;
+            let mask = self.dropout_mask(x, train)?;
             return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, mask.as_ref());
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)

@@ -8,6 +8,7 @@
 //! | [`lowrank_add`] | `kernels/lowrank_add.cu`, cuBLAS | `out += s · (z Mᵀ) ⊙ mask` in place, no [T, d] product |
 //! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward |
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
+//! | [`dora_linear`] | cuBLAS (candle ops) | the DoRA linear, forward and backward, keeping one [T, out] tensor instead of about six |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
 //! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
 //! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |
@@ -20,6 +21,7 @@
 //! reference `selftest` compares the GPU with.
 
 pub mod control_branch;
+pub mod dora_linear;
 pub mod lora_linear;
 pub mod lowrank_add;
 pub mod nf4;
@@ -37,6 +39,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 pub use control_branch::control_branch;
+pub use dora_linear::dora_linear;
 pub use lora_linear::lora_linear;
 pub use lowrank_add::lowrank_add;
 pub use row_norms::row_norms;

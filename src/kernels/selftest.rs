@@ -1,6 +1,7 @@
 //! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
-//! the adapter ops of this folder and the model's flash-style attention (`kernels/attention.cu`).
+//! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
+//! forward and backward) and the model's flash-style attention (`kernels/attention.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
 //! device computes in that dtype, the reference in f64 on the same values. The error reported is
@@ -11,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::lowrank_add::Factor;
-use super::{control_branch, lora_linear, lowrank_add, row_norms};
+use super::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 use crate::Result;
 
 /// One checked output of one kernel.
@@ -120,25 +121,32 @@ fn forward_backward_typed(
     Ok((y, g))
 }
 
-fn lora_cases(c: &mut Case, with_dropout: bool) -> Result<()> {
+/// The LoRA linear, or with `dora` the DoRA linear (its row scale k as a fourth input).
+fn linear_cases(c: &mut Case, dora: bool, with_dropout: bool) -> Result<()> {
     let (t, d_in, d_out, r) = (c.odd(65, 300), c.odd(65, 700), c.odd(65, 700), c.odd(1, 70));
     let s = 1.7;
-    let kernel = if with_dropout { "lora_linear+dropout" } else { "lora_linear" };
+    let kernel = format!("{}_linear{}", if dora { "dora" } else { "lora" }, if with_dropout { "+dropout" } else { "" });
     let shape = format!("T{t} in{d_in} out{d_out} r{r}");
     let (x, w) = (c.draw(&[t, d_in], 1.0)?, c.draw(&[d_out, d_in], 0.1)?);
     let (a, b) = (c.draw(&[r, d_in], 0.1)?, c.draw(&[d_out, r], 0.1)?);
+    // DoRA's m / ‖W + s·B A‖ stays near 1 in training.
+    let k = (c.draw(&[d_out], 0.3)? + 1.0)?;
     let weights = c.draw(&[t, d_out], 1.0)?;
     let mask = if with_dropout { Some(c.mask(&[t, d_in])?) } else { None };
+    let inputs: Vec<&Tensor> = if dora { vec![&x, &a, &b, &k] } else { vec![&x, &a, &b] };
     let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
-        let w = w.to_dtype(dtype)?.to_device(device)?;
+        let w = w.to_dtype(dtype)?.to_device(device)?.into();
         let mask = mask.as_ref().map(|m| m.to_dtype(dtype)?.to_device(device)).transpose()?;
-        forward_backward(device, dtype, &[&x, &a, &b], &weights, &|v| lora_linear(&v[0], &w.clone().into(), &v[1], &v[2], s, mask.as_ref()))
+        forward_backward(device, dtype, &inputs, &weights, &|v| match dora {
+            true => dora_linear(&v[0], &w, &v[1], &v[2], &v[3], s, mask.as_ref()),
+            false => lora_linear(&v[0], &w, &v[1], &v[2], s, mask.as_ref()),
+        })
     };
     let (y, g) = run(c.device, c.dtype)?;
     let (y_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
-    c.record(kernel, &shape, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dx", "dA", "dB"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record(kernel, &shape, name, got, reference)?;
+    c.record(&kernel, &shape, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dx", "dA", "dB", "dk"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record(&kernel, &shape, name, got, reference)?;
     }
     Ok(())
 }
@@ -287,8 +295,9 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
         let mut case = Case { device, dtype, rng: StdRng::seed_from_u64(seed + i as u64), checks: Vec::new() };
         for _ in 0..rounds {
             lowrank_cases(&mut case)?;
-            lora_cases(&mut case, false)?;
-            lora_cases(&mut case, true)?;
+            for (dora, with_dropout) in [(false, false), (false, true), (true, false), (true, true)] {
+                linear_cases(&mut case, dora, with_dropout)?;
+            }
             control_case(&mut case)?;
             row_norms_case(&mut case)?;
             nf4_cases(&mut case)?;
@@ -338,6 +347,11 @@ mod tests {
     #[test]
     fn the_snell_checks_pass_on_the_cpu_reference() {
         passes_on_the_cpu(snell_cases, 1 + 2 + 3 * 4);
+    }
+
+    #[test]
+    fn the_dora_checks_pass_on_the_cpu_reference() {
+        passes_on_the_cpu(|c| linear_cases(c, true, true), 5);
     }
 
     #[test]

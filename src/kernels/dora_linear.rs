@@ -1,0 +1,174 @@
+//! The DoRA linear (Liu et al., ICML 2024; PEFT ≥ 0.12 semantics, see `adapters::dora`) as one
+//! op with its own backward. With `k = m / ‖W + s·B A‖` per output row (the norm detached):
+//!
+//! ```text
+//! forward    b  = x Wᵀ,  b_d = drop(x) Wᵀ (b itself without dropout)      [T, out]
+//!            u  = drop(x) Aᵀ                                             [T, r]   kept
+//!            q  = b_d + s · u Bᵀ                                         [T, out] kept
+//!            y  = b + (k − 1) ⊙ b_d + k ⊙ s · u Bᵀ                       (PEFT's order of terms)
+//! backward   dq = k ⊙ dy,  g = dq B                                      [T, r]
+//!            dk = Σ_t dy ⊙ q                                             [out]
+//!            dx = dq W + s · g A                                         (no dropout)
+//!            dx = dy W + mask ⊙ ((dq − dy) W + s · g A)                  (dropout: b_d gets (k − 1) ⊙ dy)
+//!            dA = s · gᵀ drop(x),  dB = s · dqᵀ u
+//! ```
+//!
+//! What it keeps for backward: its inputs (x, A and B packed in one vector, k), the dropout mask,
+//! u and q: one [T, out] tensor. The same math in plain candle ops keeps about six (every node of
+//! candle's graph holds its inputs: the base output, the dropped base output, the branch before
+//! and after scaling, both products with k and the sums). The forward and backward are candle
+//! ops on whatever device x lives on (cuBLAS on CUDA); the op only decides what outlives the
+//! forward.
+//!
+//! Layout: x [T, in], W [out, in], A [r, in], B [out, r], k [out], mask [T, in]; row-major, one
+//! dtype (A, B and k cast to x's dtype by the caller, as autocast would).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::tensor_cpu_storage;
+use crate::model::linear::BaseWeight;
+use crate::model::ops::accumulate_dtype;
+use crate::Result;
+
+/// `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with
+/// its own backward; gradients reach x, A, B and k.
+pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d_in = *dims.last().ok_or_else(|| crate::Error::msg("dora_linear: x is a scalar"))?;
+    let &[d_out, w_in] = w.dims() else {
+        return Err(crate::Error::msg(format!("dora_linear: W {:?} is not a matrix", w.dims())));
+    };
+    let (r, a_in) = a.dims2()?;
+    if w_in != d_in || a_in != d_in || b.dims() != [d_out, r] || k.dims() != [d_out] {
+        return Err(crate::Error::msg(format!(
+            "dora_linear: x {:?}, W {:?}, A {:?}, B {:?}, k {:?} do not fit together",
+            x.dims(),
+            w.dims(),
+            a.dims(),
+            b.dims(),
+            k.dims()
+        )));
+    }
+    let x2 = x.contiguous()?.reshape(((), d_in))?;
+    let mask = mask.map(|m| m.contiguous()?.reshape(((), d_in))).transpose()?;
+    let w = match w {
+        BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
+        nf4 => nf4.clone(),
+    };
+    let op = DoraLinearOp { w, scale, rank: r, mask, saved: Mutex::new(None), y: Mutex::new(None) };
+    let y = op.forward(&x2.detach(), &a.detach(), &b.detach(), &k.detach())?;
+    *op.y.lock().expect("y lock") = Some(y);
+    // A and B travel as one argument (a custom op takes three); candle's cat routes dA and dB back.
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let y = x2.apply_op3(&ab, &k.contiguous()?, op)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("checked above") = d_out;
+    Ok(y.reshape(out_dims)?)
+}
+
+struct DoraLinearOp {
+    w: BaseWeight,
+    scale: f64,
+    rank: usize,
+    mask: Option<Tensor>,
+    /// (u, q), written by the forward for the backward, in x's dtype.
+    saved: Mutex<Option<(Tensor, Tensor)>>,
+    /// The output, computed before the op is applied; the op's forward hands it to candle and
+    /// lets it go (the op lives as long as the graph).
+    y: Mutex<Option<Tensor>>,
+}
+
+impl DoraLinearOp {
+    fn dense_w(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        self.w.dense().map_err(candle_core::Error::wrap)?.to_dtype(dtype)
+    }
+
+    /// y, saving u and q; x [T, in], a [r, in], b [out, r], k [out], on any device.
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let acc = accumulate_dtype(dtype);
+        let w = self.dense_w(acc)?;
+        let (x, a, b, k) = (x.to_dtype(acc)?, a.to_dtype(acc)?, b.to_dtype(acc)?, k.to_dtype(acc)?.unsqueeze(0)?);
+        let base = x.matmul(&w.t()?)?;
+        let (xd, base_d) = match &self.mask {
+            Some(m) => {
+                let xd = (&x * m.to_dtype(acc)?)?;
+                let bd = xd.matmul(&w.t()?)?;
+                (xd, bd)
+            }
+            None => (x, base.clone()),
+        };
+        let u = xd.matmul(&a.t()?)?;
+        let branch = (u.matmul(&b.t()?)? * self.scale)?;
+        let y = ((&base + base_d.broadcast_mul(&(&k - 1.0)?)?)? + branch.broadcast_mul(&k)?)?;
+        let q = (base_d + branch)?;
+        *self.saved.lock().expect("saved lock") = Some((u.to_dtype(dtype)?, q.to_dtype(dtype)?));
+        y.to_dtype(dtype)?.contiguous()
+    }
+
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        self.y.lock().expect("y lock").take().ok_or_else(|| candle_core::Error::Msg("dora-linear: applied twice, or before its forward ran".into()))
+    }
+}
+
+impl CustomOp3 for DoraLinearOp {
+    fn name(&self) -> &'static str {
+        "fused-dora-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take_output()?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take_output()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("dora-linear: the output is not on the CUDA device"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, ab: &Tensor, k: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().expect("saved lock").clone();
+        let Some((u, q)) = saved else { candle_core::bail!("fused-dora-linear: backward before forward") };
+        let dtype = x.dtype();
+        let acc = accumulate_dtype(dtype);
+        // Detached: gradients that carry a graph would keep this step's tensors alive.
+        let (x, ab, k, dy) = (x.detach().to_dtype(acc)?, ab.detach().to_dtype(acc)?, k.detach().to_dtype(acc)?, dy.detach().to_dtype(acc)?);
+        let (u, q) = (u.to_dtype(acc)?, q.to_dtype(acc)?);
+        let (d_in, d_out, r) = (x.dim(1)?, q.dim(1)?, self.rank);
+        let a = ab.narrow(0, 0, r * d_in)?.reshape((r, d_in))?;
+        let b = ab.narrow(0, r * d_in, d_out * r)?.reshape((d_out, r))?;
+        let w = self.dense_w(acc)?;
+        let dq = dy.broadcast_mul(&k.unsqueeze(0)?)?;
+        let dk = (&dy * &q)?.sum(0)?;
+        let g = dq.matmul(&b)?;
+        let lowrank = (g.matmul(&a)? * self.scale)?;
+        let (dx, xd) = match &self.mask {
+            None => ((dq.matmul(&w)? + lowrank)?, x),
+            Some(m) => {
+                let m = m.to_dtype(acc)?;
+                let dropped = ((&dq - &dy)?.matmul(&w)? + lowrank)?;
+                ((dy.matmul(&w)? + (dropped * &m)?)?, (x * m)?)
+            }
+        };
+        let da = (g.t()?.matmul(&xd)? * self.scale)?;
+        let db = (dq.t()?.matmul(&u)? * self.scale)?;
+        let dab = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
+        Ok((Some(dx.to_dtype(dtype)?), Some(dab.to_dtype(dtype)?), Some(dk.to_dtype(dtype)?)))
+    }
+}
