@@ -31,6 +31,7 @@ use rand::{rngs::StdRng, Rng};
 use serde::{Deserialize, Serialize};
 
 use super::{Dropout, Targets};
+use crate::kernels;
 use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter, Llama};
 use crate::training::StepHook;
 use crate::{Error, Result};
@@ -161,10 +162,16 @@ impl AdaLoraLinear {
 }
 
 impl LinearAdapter for AdaLoraLinear {
+    /// The fused LoRA linear with `A ⊙ E` as its A (src/kernels/lora_linear.rs) on CUDA and in
+    /// CPU training, so that no [T, out] branch output is kept; plain candle ops otherwise.
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        let xd = self.dropout.apply(x, train)?;
         let ae = self.a.as_tensor().broadcast_mul(self.e.as_tensor())?.to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        if kernels::fused_forward(x, train) {
+            let mask = self.dropout.mask(x, train)?;
+            return kernels::lora_linear(x, base.base_weight(), &ae, &b, self.factor(), mask.as_ref());
+        }
+        let xd = self.dropout.apply(x, train)?;
         let branch = (matmul_t(&matmul_t(&xd, &ae)?, &b)? * self.factor())?;
         Ok((base.forward(x)? + branch)?)
     }
