@@ -1,0 +1,73 @@
+//! The CUDA training path end to end, on the CPU emulator of the CUDA path (kernels/emu): a few
+//! training steps of each method with `--device cuda` give the losses of the same steps on the
+//! CPU. This runs the model's CUDA ops (flash-style attention, frozen linears, the fused adapter
+//! ops, NF4 on the device, gradient checkpointing) and the trainer on CUDA tensors, which the
+//! selftest's per-kernel checks do not.
+//!
+//! Ignored by a plain `cargo test`: it needs a `--features cuda` binary and the emulator built
+//! for it, and fails (never skips) without them:
+//!
+//!   cargo build --release --features cuda --target-dir target/cuda
+//!   scripts/cuda_emu.sh target/cuda/release/candle-peft target/cuda-emu
+//!   CANDLE_PEFT_CUDA_BIN=target/cuda/release/candle-peft CANDLE_PEFT_CUDA_EMU=target/cuda-emu \
+//!       cargo test --release --test cuda_emu -- --ignored
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Max |CUDA − CPU| of a loss in f32 (seen: about 1e-6, the order of the reductions).
+const TOLERANCE: f64 = 1e-5;
+
+fn env_path(name: &str) -> PathBuf {
+    let v = std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set (see the top of tests/cuda_emu.rs)"));
+    let p = PathBuf::from(v);
+    assert!(p.exists(), "{name}={} does not exist", p.display());
+    std::fs::canonicalize(&p).unwrap()
+}
+
+/// (first_loss, last_loss) of `bench step` on `device`.
+fn losses(device: &str, args: &[&str]) -> (f64, f64) {
+    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
+    let out = Command::new(&bin)
+        .args(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "3", "--device", device])
+        .args(args)
+        .env("LD_LIBRARY_PATH", &emu)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench step {args:?} on {device} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON summary in:\n{stdout}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    (v["first_loss"].as_f64().unwrap(), v["last_loss"].as_f64().unwrap())
+}
+
+fn same_losses(args: &[&str]) {
+    let (cpu, cuda) = (losses("cpu", args), losses("cuda", args));
+    assert!((cpu.0 - cpu.1).abs() > TOLERANCE, "{args:?}: the steps did not move the loss ({cpu:?}), the comparison would prove nothing");
+    assert!(
+        (cpu.0 - cuda.0).abs() <= TOLERANCE && (cpu.1 - cuda.1).abs() <= TOLERANCE,
+        "{args:?}: CPU losses {cpu:?}, CUDA (emulated) {cuda:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn every_method_trains_on_the_cuda_path_as_on_the_cpu() {
+    for method in [
+        "lora", "rslora", "dora", "ia3", "control", "double_control", "control_lora", "nonlinear_control", "pissa", "olora", "eva",
+        "adalora", "sift", "full", "galore", "snell",
+    ] {
+        same_losses(&["--method", method]);
+    }
+}
+
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn nf4_bases_checkpointing_and_the_unfused_path_train_on_cuda_as_on_the_cpu() {
+    for method in ["lora", "dora", "control", "snell"] {
+        same_losses(&["--method", method, "--quantize", "nf4"]);
+        same_losses(&["--method", method, "--gradient-checkpointing"]);
+        same_losses(&["--method", method, "--unfused"]);
+    }
+    same_losses(&["--method", "snell", "--sparsity", "0.99"]);
+}
