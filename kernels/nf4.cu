@@ -17,6 +17,10 @@
 // Dequantize: one thread per 16 values (8 packed bytes, one uint2 load; 16 divides every
 // bitsandbytes block size, so one scale per thread), 2 x 16-byte stores for half types.
 // GEMV: one warp per output row, 16 values per lane per step, f32 accumulation, a warp sum.
+// Few-row matmul (y [t, out] = x [t, in] · Wᵀ for a handful of rows, e.g. beam search): the
+// GEMV's walk with FEW_ROWS rows of x per block row (grid.y covers t), so each 16 weights are
+// decoded once and used FEW_ROWS times; the packed matrix is read ceil(t / FEW_ROWS) times,
+// mostly from L2, and nothing dense is written.
 
 #include "common.cuh"
 
@@ -39,6 +43,23 @@ __device__ __forceinline__ int nibble(const uint8_t* packed, long long e) {
     return (e & 1) ? (byte & 0xF) : (byte >> 4);
 }
 
+// The 16 weights from element e (16-aligned, so one block and one absmax), rounded to the stored
+// dtype.
+__device__ __forceinline__ void decode16(const uint8_t* packed, long long e, float absmax, const float* tables,
+                                         int stored, float w[16]) {
+    uint2 raw = *reinterpret_cast<const uint2*>(packed + e / 2);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        w[2 * i] = round_stored(__fmul_rn(tables[bytes[i] >> 4], absmax), stored);
+        w[2 * i + 1] = round_stored(__fmul_rn(tables[bytes[i] & 0xF], absmax), stored);
+    }
+}
+
+__device__ __forceinline__ float decode1(const uint8_t* packed, long long e, float absmax, const float* tables, int stored) {
+    return round_stored(__fmul_rn(tables[nibble(packed, e)], absmax), stored);
+}
+
 template <typename T>
 __device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax_q, const float* scales,
                                const float* tables, float offset, int double_quant, int blocksize, int nested,
@@ -47,22 +68,18 @@ __device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax_q, c
     if (first >= n) return;
     float absmax = block_absmax(first / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
     if (first + 16 <= n) {
-        uint2 raw = *reinterpret_cast<const uint2*>(packed + first / 2);
-        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+        float w[16];
+        decode16(packed, first, absmax, tables, stored, w);
         __align__(16) T vals[16];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            vals[2 * i] = from_f32<T>(round_stored(__fmul_rn(tables[bytes[i] >> 4], absmax), stored));
-            vals[2 * i + 1] = from_f32<T>(round_stored(__fmul_rn(tables[bytes[i] & 0xF], absmax), stored));
-        }
+        for (int i = 0; i < 16; ++i) vals[i] = from_f32<T>(w[i]);
         // 16 values of T are 32 (half types) or 64 (f32) bytes: whole 16-byte stores.
         const uint4* src = reinterpret_cast<const uint4*>(vals);
         uint4* dst = reinterpret_cast<uint4*>(out + first);
 #pragma unroll
         for (int i = 0; i < (int)(16 * sizeof(T) / 16); ++i) dst[i] = src[i];
     } else {
-        for (long long e = first; e < n; ++e)
-            out[e] = from_f32<T>(round_stored(__fmul_rn(tables[nibble(packed, e)], absmax), stored));
+        for (long long e = first; e < n; ++e) out[e] = from_f32<T>(decode1(packed, e, absmax, tables, stored));
     }
 }
 
@@ -78,27 +95,69 @@ __device__ void nf4_gemv(const uint8_t* packed, const uint8_t* absmax_q, const f
     if (cols % 16 == 0) {
         for (int c = lane * 16; c < cols; c += 32 * 16) {
             long long e = base + c;
-            float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
-            uint2 raw = *reinterpret_cast<const uint2*>(packed + e / 2);
-            const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+            float w[16];
+            decode16(packed, e, block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested), tables, stored, w);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                float w0 = round_stored(__fmul_rn(tables[bytes[i] >> 4], absmax), stored);
-                float w1 = round_stored(__fmul_rn(tables[bytes[i] & 0xF], absmax), stored);
-                acc = fmaf(w0, to_f32(x[c + 2 * i]), acc);
-                acc = fmaf(w1, to_f32(x[c + 2 * i + 1]), acc);
+            for (int i = 0; i < 16; ++i) acc = fmaf(w[i], to_f32(x[c + i]), acc);
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) {
+            long long e = base + c;
+            float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
+            acc = fmaf(decode1(packed, e, absmax, tables, stored), to_f32(x[c]), acc);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = from_f32<T>(acc);
+}
+
+#define FEW_ROWS 8
+
+// y [t, rows] = x [t, cols] · dequant(W)ᵀ; block row blockIdx.y takes rows FEW_ROWS·y.. of x.
+template <typename T>
+__device__ void nf4_matmul_few(const uint8_t* packed, const uint8_t* absmax_q, const float* scales, const float* tables,
+                               float offset, int double_quant, int blocksize, int nested, int rows, int cols, int stored,
+                               const T* x, int t, T* y) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    int t0 = blockIdx.y * FEW_ROWS;
+    if (row >= rows || t0 >= t) return;
+    int nt = min(FEW_ROWS, t - t0);
+    const T* xs = x + (long long)t0 * cols;
+    long long base = (long long)row * cols;
+    float acc[FEW_ROWS];
+#pragma unroll
+    for (int j = 0; j < FEW_ROWS; ++j) acc[j] = 0.f;
+    if (cols % 16 == 0) {
+        for (int c = lane * 16; c < cols; c += 32 * 16) {
+            long long e = base + c;
+            float w[16];
+            decode16(packed, e, block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested), tables, stored, w);
+#pragma unroll
+            for (int j = 0; j < FEW_ROWS; ++j) {
+                if (j >= nt) break;
+                const T* xr = xs + (long long)j * cols + c;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) acc[j] = fmaf(w[i], to_f32(xr[i]), acc[j]);
             }
         }
     } else {
         for (int c = lane; c < cols; c += 32) {
             long long e = base + c;
             float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
-            float w = round_stored(__fmul_rn(tables[nibble(packed, e)], absmax), stored);
-            acc = fmaf(w, to_f32(x[c]), acc);
+            float w = decode1(packed, e, absmax, tables, stored);
+#pragma unroll
+            for (int j = 0; j < FEW_ROWS; ++j) {
+                if (j >= nt) break;
+                acc[j] = fmaf(w, to_f32(xs[(long long)j * cols + c]), acc[j]);
+            }
         }
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[row] = from_f32<T>(acc);
+#pragma unroll
+    for (int j = 0; j < FEW_ROWS; ++j) {
+        float v = warp_sum(acc[j]);
+        if (lane == 0 && j < nt) y[(long long)(t0 + j) * rows + row] = from_f32<T>(v);
+    }
 }
 
 #define NF4_KERNELS(SUFFIX, T)                                                                               \
@@ -115,6 +174,13 @@ __device__ void nf4_gemv(const uint8_t* packed, const uint8_t* absmax_q, const f
                                                  int cols, int stored, const T* x, T* y) {                  \
         nf4_gemv<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows, cols,   \
                     stored, x, y);                                                                          \
+    }                                                                                                       \
+    extern "C" __global__ void nf4_matmul_few_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,      \
+                                                       const float* scales, const float* tables, float offset, \
+                                                       int double_quant, int blocksize, int nested, int rows, \
+                                                       int cols, int stored, const T* x, int t, T* y) {     \
+        nf4_matmul_few<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows,  \
+                          cols, stored, x, t, y);                                                           \
     }
 
 NF4_KERNELS(f32, float)

@@ -1,12 +1,12 @@
 //! The `candle-peft` command end to end on a small model the test writes: finetune driven by a
 //! TOML config, eval, generate, merge, and `bench methods`.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use candle_peft::model::llama::random_weights;
-use candle_peft::model::LlamaConfig;
 
 fn cli(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(args).output().unwrap();
@@ -17,15 +17,7 @@ fn cli(args: &[&str]) -> String {
 
 /// A model directory (config, safetensors, tokenizer) and a dataset in the demo task's format.
 fn setup(dir: &Path) {
-    let (train, test) = candle_peft::demo::task(0, 12);
-    let tok = candle_peft::demo::tokenizer(&[train.clone(), test.clone()].concat()).unwrap();
-    let mut c = LlamaConfig::tiny(tok.get_vocab_size(true));
-    c.pad_token_id = Some(0);
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    std::fs::write(model.join("config.json"), c.to_hf_json().to_string()).unwrap();
-    candle_core::safetensors::save(&random_weights(&c, 0.1, 1).unwrap(), model.join("model.safetensors")).unwrap();
-    tok.save(model.join("tokenizer.json"), false).unwrap();
+    let (train, test) = common::write_tiny_model_dir(&dir.join("model"));
     std::fs::write(dir.join("train.json"), serde_json::to_string(&train[..60]).unwrap()).unwrap();
     std::fs::create_dir_all(dir.join("dataset/winogrande")).unwrap();
     std::fs::write(dir.join("dataset/winogrande/test.json"), serde_json::to_string(&test).unwrap()).unwrap();
@@ -107,9 +99,13 @@ fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     assert!(text.contains("fused LoRA"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    // lora: frozen, unfused, fused; control and dora: unfused, fused; nf4: three variants;
-    // snell: the frozen linear, then plain and fused for each of the two default sparsities.
-    assert_eq!(rows.len(), 3 + 2 + 2 + 3 + 5, "{rows:?}");
+    // lora: frozen, unfused, fused; control and dora: unfused, fused; nf4: dequantize, then at
+    // one row of x the GEMV and dequantize + matmul, and at each of five row counts the few-row
+    // kernel and dequantize + matmul; snell: the frozen linear, then plain and fused for each of
+    // the two default sparsities.
+    assert_eq!(rows.len(), 3 + 2 + 2 + (1 + 2 + 2 * 5) + 5, "{rows:?}");
+    let nf4: Vec<_> = rows.iter().filter(|r| r["op"] == "nf4").collect();
+    assert_eq!(nf4.iter().filter(|r| r["variant"] == "matmul_few").count(), 5);
     let snell: Vec<_> = rows.iter().filter(|r| r["op"] == "snell").collect();
     assert_eq!(snell.iter().filter(|r| r["variant"] == "fused").count(), 2);
     assert!(snell.iter().all(|r| r["peak_extra_mib"].is_number()));

@@ -12,6 +12,8 @@
 //!   CANDLE_PEFT_CUDA_BIN=target/cuda/release/candle-peft CANDLE_PEFT_CUDA_EMU=target/cuda-emu \
 //!       cargo test --release --test cuda_emu -- --ignored
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -70,4 +72,33 @@ fn nf4_bases_checkpointing_and_the_unfused_path_train_on_cuda_as_on_the_cpu() {
         same_losses(&["--method", method, "--unfused"]);
     }
     same_losses(&["--method", "snell", "--sparsity", "0.99"]);
+}
+
+/// What `generate` prints for one prompt on `device`.
+fn generated(model: &std::path::Path, device: &str, args: &[&str]) -> String {
+    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
+    let out = Command::new(&bin)
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "She painted the old door", "--max-new-tokens", "6", "--device", device])
+        .args(args)
+        .env("LD_LIBRARY_PATH", &emu)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "generate {args:?} on {device} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn decoding_on_an_nf4_base_generates_on_cuda_what_it_generates_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::write_tiny_model_dir(&model);
+    // Greedy decoding takes the NF4 GEMV (one row), four beams the few-row matmul.
+    for beams in ["1", "4"] {
+        let args = ["--quantize", "nf4", "--num-beams", beams];
+        let (cpu, cuda) = (generated(&model, "cpu", &args), generated(&model, "cuda", &args));
+        assert!(!cpu.trim().is_empty(), "nothing generated");
+        assert_eq!(cpu, cuda, "{args:?}");
+    }
 }

@@ -176,7 +176,12 @@ fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
     Ok(())
 }
 
-/// NF4 dequantize and GEMV: GB/s, and the GEMV against dequantize-then-matmul.
+/// Rows of x at which `bench nf4` times the few-row kernel against dequantize-then-matmul.
+const NF4_FEW_ROWS: [usize; 5] = [4, 16, 64, 256, 1024];
+
+/// NF4 dequantize, GEMV and the few-row matmul: GB/s of packed weights, and each product against
+/// dequantize-then-matmul with the same x (where the crossover of the two lies is what
+/// `kernels::nf4::FEW_ROWS_MAX` should follow).
 fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
     let mut shapes = dims(args)?;
     if device.is_cuda() {
@@ -188,22 +193,9 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
         let w = crate::quant::Nf4Tensor { device: device.clone(), ..w };
         let packed = w.packed.len() as f64;
         let n = w.elem_count() as f64;
-        let x = randn(&[1, cols], 1.0, dtype, device)?;
-        let dequant = time(device, args.warmup, args.iters, || {
-            w.dequantize(dtype)?;
-            Ok(())
-        })?;
-        let gemv = time(device, args.warmup, args.iters, || {
-            kernels::nf4::gemv(&w, &x)?;
-            Ok(())
-        })?;
-        let dense = time(device, args.warmup, args.iters, || {
-            x.matmul(&w.dequantize(dtype)?.t()?)?;
-            Ok(())
-        })?;
-        let row = |variant: &str, ms: f64, bytes: f64| KernelTiming {
+        let row = |shape: String, variant: &str, ms: f64, dense: f64, bytes: f64| KernelTiming {
             op: "nf4".into(),
-            shape: shape.clone(),
+            shape,
             variant: variant.into(),
             ms,
             ratio: ms / dense,
@@ -211,9 +203,31 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
             gbps: Some(bytes / (ms * 1e-3) / 1e9),
             peak_extra_mib: None,
         };
-        out.push(row("dequantize", dequant, packed + n * dtype.size_in_bytes() as f64));
-        out.push(row("gemv", gemv, packed));
-        out.push(row("dequant+matmul", dense, packed));
+        let dequant = time(device, args.warmup, args.iters, || {
+            w.dequantize(dtype)?;
+            Ok(())
+        })?;
+        for t in std::iter::once(1).chain(NF4_FEW_ROWS) {
+            let x = randn(&[t, cols], 1.0, dtype, device)?;
+            let fused = time(device, args.warmup, args.iters, || {
+                if t == 1 {
+                    kernels::nf4::gemv(&w, &x)?;
+                } else {
+                    kernels::nf4::matmul_few(&w, &x)?;
+                }
+                Ok(())
+            })?;
+            let dense = time(device, args.warmup, args.iters, || {
+                x.matmul(&w.dequantize(dtype)?.t()?)?;
+                Ok(())
+            })?;
+            if t == 1 {
+                out.push(row(shape.clone(), "dequantize", dequant, dense, packed + n * dtype.size_in_bytes() as f64));
+            }
+            let shape = format!("{shape} t{t}");
+            out.push(row(shape.clone(), if t == 1 { "gemv" } else { "matmul_few" }, fused, dense, packed));
+            out.push(row(shape, "dequant+matmul", dense, dense, packed));
+        }
     }
     Ok(())
 }

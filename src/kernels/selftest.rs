@@ -207,6 +207,11 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
         let y = super::nf4::gemv(&q, &c.on_device(&x)?)?;
         let y_ref = x.matmul(&reference.t()?)?;
         c.record("nf4 gemv", &shape, "y", &y, &y_ref)?;
+        // Rows of x over two block rows of the kernel, the last one partial.
+        let t = c.rng.random_range(super::nf4::FEW_ROWS + 1..3 * super::nf4::FEW_ROWS);
+        let x = c.draw(&[t, cols], 1.0)?;
+        let y = super::nf4::matmul_few(&q, &c.on_device(&x)?)?;
+        c.record("nf4 matmul_few", &format!("{shape} t{t}"), "y", &y, &x.matmul(&reference.t()?)?)?;
     }
     Ok(())
 }
@@ -352,6 +357,11 @@ mod tests {
     #[test]
     fn the_dora_checks_pass_on_the_cpu_reference() {
         passes_on_the_cpu(|c| linear_cases(c, true, true), 5);
+    }
+
+    #[test]
+    fn the_nf4_checks_pass_on_the_cpu_reference() {
+        passes_on_the_cpu(nf4_cases, 2 * 3);
     }
 
     #[test]

@@ -101,13 +101,15 @@ impl FrozenLinear {
     }
 
     /// `x Wᵀ` for x of shape [..., in]. NF4: dequantize, then the dense matmul; W is a constant
-    /// for autograd, so backward computes only `dx = dy · dequant(W)`. One untracked row of x on
-    /// a GPU (decoding) takes the NF4 GEMV kernel, which reads the packed codes directly.
+    /// for autograd, so backward computes only `dx = dy · dequant(W)`. Untracked x on a GPU
+    /// (decoding) reads the packed codes directly: one row through the GEMV kernel, up to
+    /// [`FEW_ROWS_MAX`](crate::kernels::nf4::FEW_ROWS_MAX) rows (beams, small batches) through
+    /// the few-row matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let BaseWeight::Nf4 { weight, .. } = &self.weight {
-            let single_row = x.elem_count() == self.in_features();
-            if single_row && x.device().is_cuda() && !x.track_op() && crate::kernels::fused_for(x) {
-                return crate::kernels::nf4::gemv(weight, x);
+            let rows = x.elem_count() / self.in_features().max(1);
+            if rows <= crate::kernels::nf4::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::kernels::fused_for(x) {
+                return if rows == 1 { crate::kernels::nf4::gemv(weight, x) } else { crate::kernels::nf4::matmul_few(weight, x) };
             }
         }
         super::ops::frozen_matmul_t(x, &self.weight)

@@ -62,3 +62,17 @@ pub fn trainer(model: &Llama, lr: f64, total: usize) -> candle_peft::training::T
     let steps = StepConfig { optim: AdamWConfig { lr, ..Default::default() }, warmup_steps: 0, total_steps: total, max_grad_norm: Some(1.0), gradient_checkpointing: false };
     Trainer::new(model, steps, |_| 1.0).unwrap()
 }
+
+/// A Hugging Face model directory (config, safetensors, tokenizer) of a tiny random LLaMA whose
+/// tokenizer knows the demo task's words; returns the task's (train, test) records.
+pub fn write_tiny_model_dir(model: &std::path::Path) -> (Vec<candle_peft::data::dataset::Example>, Vec<candle_peft::data::dataset::Example>) {
+    let (train, test) = candle_peft::demo::task(0, 12);
+    let tok = candle_peft::demo::tokenizer(&[train.clone(), test.clone()].concat()).unwrap();
+    let mut c = LlamaConfig::tiny(tok.get_vocab_size(true));
+    c.pad_token_id = Some(0);
+    std::fs::create_dir_all(model).unwrap();
+    std::fs::write(model.join("config.json"), c.to_hf_json().to_string()).unwrap();
+    candle_core::safetensors::save(&candle_peft::model::llama::random_weights(&c, 0.1, 1).unwrap(), model.join("model.safetensors")).unwrap();
+    tok.save(model.join("tokenizer.json"), false).unwrap();
+    (train, test)
+}
