@@ -183,11 +183,7 @@ const NF4_FEW_ROWS: [usize; 5] = [4, 16, 64, 256, 1024];
 /// dequantize-then-matmul with the same x (where the crossover of the two lies is what
 /// `kernels::nf4::FEW_ROWS_MAX` should follow).
 fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
-    let mut shapes = dims(args)?;
-    if device.is_cuda() {
-        shapes.push((16384, 16384)); // the anchor's largest shape
-    }
-    for (cols, rows) in shapes {
+    for (cols, rows) in dims(args)? {
         let shape = format!("{rows}x{cols}");
         let w = crate::quant::Nf4Tensor::quantize(&randn(&[rows, cols], 0.02, dtype, &Device::Cpu)?, 64, true)?;
         let w = crate::quant::Nf4Tensor { device: device.clone(), ..w };

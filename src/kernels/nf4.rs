@@ -52,7 +52,7 @@ pub fn gemv(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
 pub const FEW_ROWS: usize = 8;
 
 /// Up to this many untracked rows of x take [`matmul_few`] on a GPU instead of dequantize then
-/// cuBLAS. Chosen, not measured: `bench nf4` times both for 1 to 256 rows on the GPU machine.
+/// cuBLAS. Chosen, not measured: `bench nf4` times both for 1 to 1,024 rows on the GPU machine.
 pub const FEW_ROWS_MAX: usize = 64;
 
 /// `x Wᵀ` for x [..., in], W NF4 [out, in]; not differentiable (decoding with beams, small

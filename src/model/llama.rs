@@ -474,16 +474,31 @@ fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
 /// Random weights with Hugging Face names (normal, std `std`; norms at 1), for tests and the demo.
 pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::collections::HashMap<String, Tensor>> {
     use rand::{rngs::StdRng, Rng, SeedableRng};
+    use rayon::prelude::*;
+    // Box-Muller: rand_distr is not a dependency, and this is only for test weights.
+    let draw = move |rng: &mut StdRng| {
+        let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+        std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    };
+    // Tensors up to this size come from one stream in order; larger ones (LLaMA-7B shapes: 6.7
+    // billion values, minutes in one stream) in parallel chunks, each from a stream seeded by one
+    // draw of the main stream and the chunk's index, so the values still depend on the seed only.
+    const ONE_STREAM: usize = 1 << 22;
+    const CHUNK: usize = 1 << 20;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = |shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        // Box-Muller: rand_distr is not a dependency, and this is only for test weights.
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-            })
-            .collect();
+        let data: Vec<f32> = if n <= ONE_STREAM {
+            (0..n).map(|_| draw(&mut rng)).collect()
+        } else {
+            let base: u64 = rng.random();
+            let mut data = vec![0f32; n];
+            data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+                let mut r = StdRng::seed_from_u64(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                chunk.iter_mut().for_each(|v| *v = draw(&mut r));
+            });
+            data
+        };
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     };
     let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);

@@ -209,20 +209,20 @@ impl Nf4Tensor {
     /// blocksize, quant_type="nf4", compress_statistics=double_quant)`.
     pub fn quantize(w: &Tensor, blocksize: usize, double_quant: bool) -> Result<Self> {
         check_blocksize(blocksize)?;
+        use rayon::prelude::*;
         let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let n = values.len();
-        let mut absmax = Vec::with_capacity(n.div_ceil(blocksize));
-        let mut codes = Vec::with_capacity(n + 1);
-        for block in values.chunks(blocksize) {
-            let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            absmax.push(m);
-            let r = 1.0 / m;
-            codes.extend(block.iter().map(|&v| nearest_nf4((v * r).clamp(-1.0, 1.0))));
-        }
-        if n % 2 == 1 {
-            codes.push(7); // bitsandbytes pads with a zero weight, whose code is 7
-        }
-        let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        // Blocks are independent, so they are quantized in parallel (same values as in order).
+        let mut absmax = vec![0f32; n.div_ceil(blocksize)];
+        let mut codes = vec![7u8; n + n % 2]; // bitsandbytes pads an odd count with a zero weight, code 7
+        codes[..n].par_chunks_mut(blocksize).zip(values.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(|((c, block), m)| {
+            *m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let r = 1.0 / *m;
+            for (c, &v) in c.iter_mut().zip(block) {
+                *c = nearest_nf4((v * r).clamp(-1.0, 1.0));
+            }
+        });
+        let packed = codes.par_chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
         let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::F32(absmax) };
         Ok(Self {
             shape: w.dims().to_vec(),
