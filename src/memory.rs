@@ -52,6 +52,9 @@ impl GpuMemory {
             let (free, total) = ctx.mem_get_info().map_err(|e| Error::msg(format!("cuMemGetInfo: {e}")))?;
             Ok(total - free)
         };
+        // Read twice: the CUDA emulator (kernels/emu) reports the peak since the previous read,
+        // so the second read is what is in use now; on a GPU both reads are the same.
+        used()?;
         let baseline = used()?;
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -10,8 +10,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <mutex>
 #include <random>
 #include <string>
+#include <unordered_map>
 
 #include "cuda_emu.h"
 
@@ -30,6 +33,7 @@ constexpr int CUDA_ERROR_LAUNCH_FAILED = 719;
 struct Function {
     std::string name;
     emu::Thunk thunk;
+    int max_dynamic_shared = 48 * 1024;
 };
 
 int fake_handle_storage[16];
@@ -105,8 +109,50 @@ int cuEventQuery(void*) { return CUDA_SUCCESS; }
 int cuEventElapsedTime(float* ms, void*, void*) { *ms = 0.f; return CUDA_SUCCESS; }
 int cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.f; return CUDA_SUCCESS; }
 
-// ---- memory: device pointers are host pointers
-static void* device_alloc(size_t bytes) { return std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256); }
+}  // extern "C"
+
+// ---- memory: device pointers are host pointers, counted against a device of
+// CUDA_EMU_MEMORY_GIB GiB (default 80, an H100's), so that an allocation over it fails as on the
+// GPU and cuMemGetInfo reports the bytes in use. Used bytes there are the peak since the
+// previous call (at least what is in use now), so a sampler that reads it now and then sees
+// every transient; two reads in a row give the bytes in use.
+namespace {
+struct DeviceMemory {
+    std::unordered_map<void*, size_t> sizes;
+    size_t live = 0, peak_since_query = 0;
+    size_t total() const {
+        static const size_t gib = [] {
+            const char* v = std::getenv("CUDA_EMU_MEMORY_GIB");
+            return v ? (size_t)std::strtoull(v, nullptr, 10) : 80;
+        }();
+        return gib << 30;
+    }
+} memory;
+std::mutex memory_lock;
+
+void* device_alloc(size_t bytes) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    if (memory.live + bytes > memory.total()) return nullptr;
+    void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    if (!m) return nullptr;
+    memory.sizes[m] = bytes;
+    memory.live += bytes;
+    memory.peak_since_query = std::max(memory.peak_since_query, memory.live);
+    return m;
+}
+void device_free(void* p) {
+    if (!p) return;
+    std::lock_guard<std::mutex> g(memory_lock);
+    auto it = memory.sizes.find(p);
+    if (it != memory.sizes.end()) {
+        memory.live -= it->second;
+        memory.sizes.erase(it);
+    }
+    std::free(p);
+}
+}  // namespace
+
+extern "C" {
 int cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     void* m = device_alloc(bytes);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -114,10 +160,10 @@ int cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return CUDA_SUCCESS;
 }
 int cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-int cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return CUDA_SUCCESS; }
+int cuMemFree_v2(CUdeviceptr p) { device_free((void*)p); return CUDA_SUCCESS; }
 int cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 int cuMemHostAlloc(void** p, size_t bytes, unsigned) {
-    *p = device_alloc(bytes);
+    *p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
     return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
 }
 int cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
@@ -125,8 +171,10 @@ int cuMemFreeHost(void* p) { std::free(p); return CUDA_SUCCESS; }
 int cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 int cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
-    *free_bytes = size_t(15) << 30;
-    *total = size_t(16) << 30;
+    std::lock_guard<std::mutex> g(memory_lock);
+    *total = memory.total();
+    *free_bytes = *total - memory.peak_since_query;
+    memory.peak_since_query = memory.live;
     return CUDA_SUCCESS;
 }
 int cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy((void*)dst, src, n); return CUDA_SUCCESS; }
@@ -174,13 +222,28 @@ int cuFuncGetAttribute(int* v, int attribute, void*) {
     *v = attribute == 0 ? 1024 : 0;  // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
     return CUDA_SUCCESS;
 }
-int cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
+int cuFuncSetAttribute(void* f, int attribute, int value) {
+    if (attribute == 8) static_cast<Function*>(f)->max_dynamic_shared = value;  // MAX_DYNAMIC_SHARED_SIZE_BYTES
+    return CUDA_SUCCESS;
+}
 int cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
                    void*, void** params, void** extra) {
     auto* fn = static_cast<Function*>(f);
     if (extra) {
         std::fprintf(stderr, "cuda-emu: %s: launches with `extra` are not emulated\n", fn->name.c_str());
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // The limits of the GPUs this project targets (compute capability 8.0 and 9.0), which a
+    // launch over them fails on: grid, block, and dynamic shared memory without the opt-in.
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    const char* over = !gx || !gy || !gz || gx > 2147483647u || gy > 65535 || gz > 65535 ? "grid"
+                       : !threads || bx > 1024 || by > 1024 || bz > 64 || threads > 1024 ? "block"
+                       : shared > (unsigned)fn->max_dynamic_shared ? "dynamic shared memory"
+                       : nullptr;
+    if (over) {
+        std::fprintf(stderr, "cuda-emu: %s: the %s of grid (%u,%u,%u) block (%u,%u,%u) shared %u B is over the GPU's limits\n",
+                     fn->name.c_str(), over, gx, gy, gz, bx, by, bz, shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (trace()) std::fprintf(stderr, "cuda-emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", fn->name.c_str(), gx, gy, gz, bx, by, bz, shared);

@@ -2,8 +2,9 @@
 //! backward through candle's autograd (as training runs them), side by side in one process.
 //!
 //! For the LoRA linear each shape reports the frozen linear (`x Wᵀ` forward and `dx` backward,
-//! W constant), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops) and the fused op, with
-//! their ratios to the frozen linear and the achieved TFLOP/s. The control branch
+//! W constant: the `FrozenMatmulT` op training uses, since candle's matmul would also compute
+//! ∂L/∂W), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops, as `--unfused` trains, ∂L/∂W
+//! included) and the fused op, with their ratios to the frozen linear and the achieved TFLOP/s. The control branch
 //! (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against unfused; NF4 dequantize and
 //! the batch-1 GEMV report GB/s (ratio: over dequantize-then-matmul). Every timed
 //! iteration ends with a device synchronisation; the figure is the median over iterations. The
@@ -83,6 +84,12 @@ fn lora_shapes(args: &BenchKernelsArgs) -> Result<Vec<(usize, usize, usize, usiz
     Ok(v)
 }
 
+/// The frozen linear as training runs it: `x Wᵀ`, and in backward `dx` only. (candle's matmul
+/// would also compute ∂L/∂W, one more GEMM of the same size, for a W that is not trained.)
+fn frozen_linear(x: &Tensor, w: &crate::model::linear::BaseWeight) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(crate::model::fused::FrozenMatmulT { weight: w.clone() })?)
+}
+
 fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
     let (warmup, iters) = (args.warmup, args.iters);
     for (d_in, d_out, r, t) in lora_shapes(args)? {
@@ -92,14 +99,15 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let a = Var::from_tensor(&randn(&[r, d_in], 0.02, DType::F32, device)?)?;
         let b = Var::from_tensor(&randn(&[d_out, r], 0.02, DType::F32, device)?)?;
         let s = 2.0;
+        let base: crate::model::linear::BaseWeight = w.clone().into();
         let frozen = time(device, warmup, iters, || {
-            x.as_tensor().matmul(&w.t()?)?.backward()?;
+            frozen_linear(x.as_tensor(), &base)?.backward()?;
             Ok(())
         })?;
         let lora = |fused: bool| -> Result<()> {
             let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
             let y = if fused {
-                kernels::lora_linear(x.as_tensor(), &w.clone().into(), &ac, &bc, s, None)?
+                kernels::lora_linear(x.as_tensor(), &base, &ac, &bc, s, None)?
             } else {
                 let branch = (x.as_tensor().matmul(&ac.t()?)?.matmul(&bc.t()?)? * s)?;
                 (x.as_tensor().matmul(&w.t()?)? + branch)?
@@ -238,10 +246,11 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
     for (d_in, d_out) in dims(args)? {
         let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
         let base = crate::model::FrozenLinear::new(w.clone());
+        let frozen_w: crate::model::linear::BaseWeight = w.clone().into();
         for &t in &args.tokens {
             let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
             let frozen_step = || -> Result<()> {
-                x.as_tensor().matmul(&w.t()?)?.backward()?;
+                frozen_linear(x.as_tensor(), &frozen_w)?.backward()?;
                 Ok(())
             };
             let frozen = time(device, args.warmup, args.iters, frozen_step)?;
@@ -270,7 +279,7 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
                     } else {
                         layer.branch(x.as_tensor())?
                     };
-                    (x.as_tensor().matmul(&w.t()?)? + branch)?.backward()?;
+                    (frozen_linear(x.as_tensor(), &frozen_w)? + branch)?.backward()?;
                     Ok(())
                 };
                 let shape = format!("{d_in}x{d_out} r{} s{s} T{t}", args.snell_rank);
