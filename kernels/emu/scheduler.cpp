@@ -3,11 +3,13 @@
 // __syncthreads, __syncwarp and warp shuffles. One block at a time makes `static` storage act as
 // __shared__ memory, and one fiber at a time makes plain read-modify-writes atomic. A barrier
 // that can never complete (some live thread never reaches it) is reported and aborts, instead
-// of hanging.
+// of hanging. The order of blocks and of threads is CUDA_EMU_SCHEDULE's (see `reorder`).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <random>
 #include <string>
 #include <sys/mman.h>
 #include <unordered_map>
@@ -188,6 +190,38 @@ uint64_t exchange_xor(uint64_t bits, int lane_mask, int width) {
 
 void* dynamic_shared() { return state.shared.data(); }
 
+namespace {
+// CUDA_EMU_SCHEDULE: the order in which a launch runs its blocks, and a block its threads between
+// two barriers: `forward` (the default), `reverse`, or `shuffle` (a new permutation each time,
+// seeded by CUDA_EMU_SEED). A kernel whose threads read what another thread writes without a
+// barrier between (or whose blocks depend on one another) gives different results in different
+// orders, so running the self-test in more than one order finds such races.
+enum class Schedule { Forward, Reverse, Shuffle };
+Schedule schedule() {
+    static const Schedule s = [] {
+        const char* v = std::getenv("CUDA_EMU_SCHEDULE");
+        if (!v || !std::strcmp(v, "forward")) return Schedule::Forward;
+        if (!std::strcmp(v, "reverse")) return Schedule::Reverse;
+        if (!std::strcmp(v, "shuffle")) return Schedule::Shuffle;
+        std::fprintf(stderr, "cuda-emu: CUDA_EMU_SCHEDULE=%s is not forward, reverse or shuffle\n", v);
+        std::abort();
+    }();
+    return s;
+}
+std::mt19937_64& shuffle_rng() {
+    static std::mt19937_64 rng([] {
+        const char* v = std::getenv("CUDA_EMU_SEED");
+        return v ? std::strtoull(v, nullptr, 10) : 0ull;
+    }());
+    return rng;
+}
+template <typename T> void reorder(std::vector<T>& order, size_t n) {
+    for (size_t i = 0; i < n; ++i) order[i] = (T)i;
+    if (schedule() == Schedule::Reverse) std::reverse(order.begin(), order.end());
+    if (schedule() == Schedule::Shuffle) std::shuffle(order.begin(), order.end(), shuffle_rng());
+}
+}  // namespace
+
 // Runs `thunk` over the grid; returns false (after printing why) on a deadlock.
 bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned shared_bytes, void** params) {
     const int n = (int)(block.x * block.y * block.z);
@@ -204,9 +238,12 @@ bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned share
     block_dim = block;
     grid_dim = grid;
     const int warps = (n + 31) / 32;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
+    std::vector<int> order(n);
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    std::vector<unsigned long long> block_order(blocks);
+    reorder(block_order, blocks);
+    for (unsigned long long b : block_order) {
+        const unsigned bx = b % grid.x, by = (b / grid.x) % grid.y, bz = b / ((unsigned long long)grid.x * grid.y);
                 block_idx = uint3{bx, by, bz};
                 state.live = n;
                 state.block_barrier = Barrier{};
@@ -220,7 +257,8 @@ bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned share
                 }
                 while (state.live > 0) {
                     state.progress = false;
-                    for (int t = 0; t < n; ++t) {
+                    reorder(order, n);
+                    for (int t : order) {
                         if (state.fibers[t].done) continue;
                         state.current = t;
                         thread_idx = state.fibers[t].tid;
