@@ -83,58 +83,31 @@ __device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax_q, c
     }
 }
 
-template <typename T>
-__device__ void nf4_gemv(const uint8_t* packed, const uint8_t* absmax_q, const float* scales, const float* tables,
-                         float offset, int double_quant, int blocksize, int nested, int rows, int cols, int stored,
-                         const T* x, T* y) {
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    long long base = (long long)row * cols;
-    float acc = 0.f;
-    if (cols % 16 == 0) {
-        for (int c = lane * 16; c < cols; c += 32 * 16) {
-            long long e = base + c;
-            float w[16];
-            decode16(packed, e, block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested), tables, stored, w);
-#pragma unroll
-            for (int i = 0; i < 16; ++i) acc = fmaf(w[i], to_f32(x[c + i]), acc);
-        }
-    } else {
-        for (int c = lane; c < cols; c += 32) {
-            long long e = base + c;
-            float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
-            acc = fmaf(decode1(packed, e, absmax, tables, stored), to_f32(x[c]), acc);
-        }
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) y[row] = from_f32<T>(acc);
-}
-
 #define FEW_ROWS 8
 
-// y [t, rows] = x [t, cols] · dequant(W)ᵀ; block row blockIdx.y takes rows FEW_ROWS·y.. of x.
-template <typename T>
-__device__ void nf4_matmul_few(const uint8_t* packed, const uint8_t* absmax_q, const float* scales, const float* tables,
-                               float offset, int double_quant, int blocksize, int nested, int rows, int cols, int stored,
-                               const T* x, int t, T* y) {
+// y [t, rows] = x [t, cols] · dequant(W)ᵀ, R rows of x per block row (blockIdx.y takes rows
+// R·y .. R·y + R − 1): R = 1 is the GEMV, R = FEW_ROWS the few-row matmul.
+template <typename T, int R>
+__device__ void nf4_rows_matmul(const uint8_t* packed, const uint8_t* absmax_q, const float* scales, const float* tables,
+                                float offset, int double_quant, int blocksize, int nested, int rows, int cols, int stored,
+                                const T* x, int t, T* y) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
-    int t0 = blockIdx.y * FEW_ROWS;
+    int t0 = blockIdx.y * R;
     if (row >= rows || t0 >= t) return;
-    int nt = min(FEW_ROWS, t - t0);
+    int nt = min(R, t - t0);
     const T* xs = x + (long long)t0 * cols;
     long long base = (long long)row * cols;
-    float acc[FEW_ROWS];
+    float acc[R];
 #pragma unroll
-    for (int j = 0; j < FEW_ROWS; ++j) acc[j] = 0.f;
+    for (int j = 0; j < R; ++j) acc[j] = 0.f;
     if (cols % 16 == 0) {
         for (int c = lane * 16; c < cols; c += 32 * 16) {
             long long e = base + c;
             float w[16];
             decode16(packed, e, block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested), tables, stored, w);
 #pragma unroll
-            for (int j = 0; j < FEW_ROWS; ++j) {
+            for (int j = 0; j < R; ++j) {
                 if (j >= nt) break;
                 const T* xr = xs + (long long)j * cols + c;
 #pragma unroll
@@ -147,14 +120,14 @@ __device__ void nf4_matmul_few(const uint8_t* packed, const uint8_t* absmax_q, c
             float absmax = block_absmax(e / blocksize, absmax_q, scales, tables, offset, double_quant, nested);
             float w = decode1(packed, e, absmax, tables, stored);
 #pragma unroll
-            for (int j = 0; j < FEW_ROWS; ++j) {
+            for (int j = 0; j < R; ++j) {
                 if (j >= nt) break;
                 acc[j] = fmaf(w, to_f32(xs[(long long)j * cols + c]), acc[j]);
             }
         }
     }
 #pragma unroll
-    for (int j = 0; j < FEW_ROWS; ++j) {
+    for (int j = 0; j < R; ++j) {
         float v = warp_sum(acc[j]);
         if (lane == 0 && j < nt) y[(long long)(t0 + j) * rows + row] = from_f32<T>(v);
     }
@@ -172,15 +145,15 @@ __device__ void nf4_matmul_few(const uint8_t* packed, const uint8_t* absmax_q, c
                                                  const float* scales, const float* tables, float offset,    \
                                                  int double_quant, int blocksize, int nested, int rows,     \
                                                  int cols, int stored, const T* x, T* y) {                  \
-        nf4_gemv<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows, cols,   \
-                    stored, x, y);                                                                          \
+        nf4_rows_matmul<T, 1>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows, \
+                              cols, stored, x, 1, y);                                                       \
     }                                                                                                       \
     extern "C" __global__ void nf4_matmul_few_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,      \
                                                        const float* scales, const float* tables, float offset, \
                                                        int double_quant, int blocksize, int nested, int rows, \
                                                        int cols, int stored, const T* x, int t, T* y) {     \
-        nf4_matmul_few<T>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows,  \
-                          cols, stored, x, t, y);                                                           \
+        nf4_rows_matmul<T, FEW_ROWS>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, \
+                                     rows, cols, stored, x, t, y);                                          \
     }
 
 NF4_KERNELS(f32, float)

@@ -326,41 +326,20 @@ inline __half_raw __nv_cvt_fp8_to_halfraw(unsigned char v, __nv_fp8_interpretati
 }
 
 // ---- atomics: plain read-modify-write, since one fiber runs at a time
-template <typename T> T atomicAdd(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    *p = old + v;
-    return old;
-}
-template <typename T> T atomicSub(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    *p = old - v;
-    return old;
-}
-template <typename T> T atomicExch(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    *p = v;
-    return old;
-}
-template <typename T> T atomicMin(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    if (v < old) *p = v;
-    return old;
-}
-template <typename T> T atomicMax(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    if (v > old) *p = v;
-    return old;
-}
-template <typename T> T atomicOr(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    *p = old | v;
-    return old;
-}
-template <typename T> T atomicAnd(T* p, std::type_identity_t<T> v) {
-    T old = *p;
-    *p = old & v;
-    return old;
-}
+#define EMU_ATOMIC(NAME, UPDATE)                                  \
+    template <typename T> T NAME(T* p, std::type_identity_t<T> v) { \
+        T old = *p;                                                \
+        UPDATE;                                                    \
+        return old;                                                \
+    }
+EMU_ATOMIC(atomicAdd, *p = old + v)
+EMU_ATOMIC(atomicSub, *p = old - v)
+EMU_ATOMIC(atomicExch, *p = v)
+EMU_ATOMIC(atomicMin, if (v < old) *p = v)
+EMU_ATOMIC(atomicMax, if (v > old) *p = v)
+EMU_ATOMIC(atomicOr, *p = old | v)
+EMU_ATOMIC(atomicAnd, *p = old & v)
+#undef EMU_ATOMIC
 template <typename T> T atomicCAS(T* p, std::type_identity_t<T> compare, std::type_identity_t<T> v) {
     T old = *p;
     if (old == compare) *p = v;
