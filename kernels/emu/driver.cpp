@@ -12,6 +12,8 @@
 #include <cstring>
 #include <algorithm>
 #include <mutex>
+#include <cerrno>
+#include <sys/mman.h>
 #include <random>
 #include <string>
 #include <unordered_map>
@@ -117,8 +119,17 @@ int cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.f; return CUDA_SUCC
 // previous call (at least what is in use now), so a sampler that reads it now and then sees
 // every transient; two reads in a row give the bytes in use.
 namespace {
+// Each buffer ends where an inaccessible page begins (its start 16-byte aligned, so at most 15
+// bytes of slack), so a kernel that reads or writes past the end of a buffer faults at once, and
+// the fault is reported with the kernel, block and thread (see `report_fault`). A new buffer is
+// filled with 0xff bytes (NaN in every float type), as a GPU's is with whatever was there: a
+// kernel that reads what nothing wrote gives NaN, not a lucky zero.
+struct Mapping {
+    char* base;
+    size_t length, bytes;
+};
 struct DeviceMemory {
-    std::unordered_map<void*, size_t> sizes;
+    std::unordered_map<void*, Mapping> buffers;
     size_t live = 0, peak_since_query = 0;
     size_t total() const {
         static const size_t gib = [] {
@@ -129,26 +140,36 @@ struct DeviceMemory {
     }
 } memory;
 std::mutex memory_lock;
+constexpr size_t PAGE = 4096;
 
 void* device_alloc(size_t bytes) {
     std::lock_guard<std::mutex> g(memory_lock);
     if (memory.live + bytes > memory.total()) return nullptr;
-    void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
-    if (!m) return nullptr;
-    memory.sizes[m] = bytes;
+    const size_t data = std::max<size_t>(16, (bytes + 15) / 16 * 16);
+    const size_t pages = (data + PAGE - 1) / PAGE;
+    const size_t length = (pages + 1) * PAGE;
+    void* m = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        std::fprintf(stderr, "cuda-emu: mmap of %zu bytes failed (%d live buffers): %s\n", length, (int)memory.buffers.size(), std::strerror(errno));
+        return nullptr;
+    }
+    char* base = static_cast<char*>(m);
+    mprotect(base + pages * PAGE, PAGE, PROT_NONE);
+    char* p = base + pages * PAGE - data;
+    std::memset(p, 0xff, data);
+    memory.buffers[p] = Mapping{base, length, bytes};
     memory.live += bytes;
     memory.peak_since_query = std::max(memory.peak_since_query, memory.live);
-    return m;
+    return p;
 }
 void device_free(void* p) {
     if (!p) return;
     std::lock_guard<std::mutex> g(memory_lock);
-    auto it = memory.sizes.find(p);
-    if (it != memory.sizes.end()) {
-        memory.live -= it->second;
-        memory.sizes.erase(it);
-    }
-    std::free(p);
+    auto it = memory.buffers.find(p);
+    if (it == memory.buffers.end()) return;
+    memory.live -= it->second.bytes;
+    munmap(it->second.base, it->second.length);
+    memory.buffers.erase(it);
 }
 }  // namespace
 

@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <random>
 #include <string>
+#include <csignal>
+#include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <unordered_map>
 #include <vector>
 
@@ -82,6 +85,7 @@ struct Block {
     std::vector<Fiber> fibers;
     void* scheduler_sp = nullptr;
     int current = -1;
+    int threads = 0;
     int live = 0;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
@@ -140,6 +144,7 @@ void prepare_fiber(Fiber& f) {
             std::abort();
         }
         f.stack = static_cast<char*>(m);
+        mprotect(f.stack, 4096, PROT_NONE);  // a kernel that overflows its stack faults
     }
     // The frame emu_switch pops: MXCSR + x87 word, r15, r14, r13, r12, rbx, rbp, return address.
     uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + STACK_BYTES);
@@ -159,6 +164,37 @@ void prepare_fiber(Fiber& f) {
     f.sp = top;
     f.done = false;
 }
+}  // namespace
+
+// A fault inside a kernel (a read or write past the end of a device buffer, or a stack
+// overflow) is reported with where it happened, then the process aborts as a GPU's context would.
+extern "C" void report_fault(int, siginfo_t* info, void*) {
+    char msg[512];
+    int n = state.current >= 0
+                ? std::snprintf(msg, sizeof msg,
+                                "cuda-emu: %s accessed %p, outside every buffer (past the end of one?), in block (%u, %u, %u) thread (%u, %u, %u)\n",
+                                state.name, info->si_addr, block_idx.x, block_idx.y, block_idx.z, thread_idx.x, thread_idx.y, thread_idx.z)
+                : std::snprintf(msg, sizeof msg, "cuda-emu: a memory fault at %p outside any kernel\n", info->si_addr);
+    if (write(2, msg, n) < 0) {}
+    std::signal(SIGABRT, SIG_DFL);
+    std::abort();
+}
+
+namespace {
+struct FaultReporter {
+    FaultReporter() {
+        static char alternate[64 * 1024];  // the handler's own stack: a fiber's may be what overflowed
+        stack_t ss{};
+        ss.ss_sp = alternate;
+        ss.ss_size = sizeof alternate;
+        sigaltstack(&ss, nullptr);
+        struct sigaction sa{};
+        sa.sa_sigaction = report_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    }
+} fault_reporter;
 }  // namespace
 
 void register_kernel(const char* name, Thunk thunk) { registry()[name] = thunk; }
@@ -182,7 +218,7 @@ uint64_t exchange_xor(uint64_t bits, int lane_mask, int width) {
     int src = lane ^ lane_mask;
     if (width <= 0 || width > 32) width = 32;
     if (src / width != lane / width) src = lane;
-    const int n = (int)state.fibers.size();
+    const int n = state.threads;
     const uint64_t got = (src < 32 && base + src < n && !state.fibers[base + src].done) ? state.exchange[base + src] : bits;
     sync_warp();
     return got;
@@ -229,7 +265,9 @@ bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned share
         std::fprintf(stderr, "cuda-emu: %s launched with %d threads per block\n", name, n);
         return false;
     }
-    state.fibers.resize(n);
+    // Fibers (and their stacks) are kept from launch to launch; a launch uses the first n.
+    if ((int)state.fibers.size() < n) state.fibers.resize(n);
+    state.threads = n;
     state.exchange.assign(n, 0);
     state.shared.assign(shared_bytes + 16, 0);
     state.thunk = thunk;
