@@ -3,7 +3,8 @@
 # Results go to $OUT (the device tool brings that folder back).
 #
 #   bash .gpu/run.sh all            everything below in one call, most needed first, each step
-#                                   under its own time limit so that one slow step costs only itself
+#                                   under its own time limit so that one slow step costs only itself,
+#                                   all of them within GPU_RUN_BUDGET seconds (540)
 #   bash .gpu/run.sh selftest       every CUDA kernel against its CPU reference
 #   bash .gpu/run.sh kernels        bench kernels, then the PyTorch + PEFT anchor in the same session
 #   bash .gpu/run.sh snell          bench snell, then the seed's PyTorch SNELL layer (snell_anchor.py)
@@ -42,9 +43,16 @@ fi
 
 # step NAME SECONDS COMMAND...: runs it under its time limit, stdout to $OUT/NAME.txt and stderr
 # to $OUT/NAME.log, and records the outcome in $OUT/steps.txt without stopping the run.
+# No step outlives GPU_RUN_BUDGET seconds from the start (default 540, under the device tool's
+# 600 s a call): a step gets the smaller of its own limit and what is left, and none starts with
+# under 20 s left.
+budget_end=$((SECONDS + ${GPU_RUN_BUDGET:-540}))
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((budget_end - SECONDS))
+    if [ "$left" -lt 20 ]; then echo "$name skipped (budget)" | tee -a "$OUT/steps.txt"; return 0; fi
+    [ "$limit" -le "$left" ] || limit=$left
     local start=$SECONDS rc=0
     timeout "$limit" "$@" > "$OUT/$name.txt" 2> "$OUT/$name.log" || rc=$?
     echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
