@@ -144,9 +144,9 @@ __device__ void nf4_rows_matmul(const uint8_t* packed, const uint8_t* absmax_q, 
     extern "C" __global__ void nf4_gemv_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,            \
                                                  const float* scales, const float* tables, float offset,    \
                                                  int double_quant, int blocksize, int nested, int rows,     \
-                                                 int cols, int stored, const T* x, T* y) {                  \
+                                                 int cols, int stored, const T* x, int t, T* y) {           \
         nf4_rows_matmul<T, 1>(packed, absmax_q, scales, tables, offset, double_quant, blocksize, nested, rows, \
-                              cols, stored, x, 1, y);                                                       \
+                              cols, stored, x, t, y);                                                       \
     }                                                                                                       \
     extern "C" __global__ void nf4_matmul_few_##SUFFIX(const uint8_t* packed, const uint8_t* absmax_q,      \
                                                        const float* scales, const float* tables, float offset, \

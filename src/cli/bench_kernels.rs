@@ -4,11 +4,12 @@
 //! For the LoRA linear each shape reports the frozen linear (`x Wᵀ` forward and `dx` backward,
 //! W constant: the `FrozenMatmulT` op training uses, since candle's matmul would also compute
 //! ∂L/∂W), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops, as `--unfused` trains, ∂L/∂W
-//! included) and the fused op, with their ratios to the frozen linear and the achieved TFLOP/s. The control branch
-//! (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against unfused; NF4 dequantize and
-//! the batch-1 GEMV report GB/s (ratio: over dequantize-then-matmul). Every timed
-//! iteration ends with a device synchronisation; the figure is the median over iterations. The
-//! backward is seeded with ones (candle's `backward`), in every variant alike.
+//! included) and the fused op, with their ratios to the frozen linear and the achieved
+//! TFLOP/s. The control branch (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against
+//! unfused; NF4 dequantize, the batch-1 GEMV and the few-row matmul report GB/s (ratio: over
+//! dequantize-then-matmul with the same x). Every timed iteration ends with a device
+//! synchronisation; the figure is the median over iterations. The backward is seeded with ones
+//! (candle's `backward`), in every variant alike.
 
 use std::time::Instant;
 

@@ -1,6 +1,6 @@
-//! NF4 on the GPU (`kernels/nf4.cu`): dequantize to a dense matrix, the batch-1 GEMV of
-//! decoding, `y = dequant(W) x`, and the few-row matmul of beam search and small batches, both
-//! straight from the packed codes. Both read the buffers that
+//! NF4 on the GPU (`kernels/nf4.cu`): dequantize to a dense matrix; and, straight from the packed
+//! codes, the batch-1 GEMV of decoding, `y = dequant(W) x`, and the few-row matmul of beam search
+//! and small batches. All read the buffers that
 //! [`Nf4Tensor::device_buffers`] uploads once. The CPU references are
 //! [`Nf4Tensor::dequantize_reference`] and the dense product with it.
 //!
@@ -42,7 +42,7 @@ pub fn gemv(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        Ok(super::cuda::nf4_gemv(w, &x.contiguous()?)?.reshape(out_dims)?)
+        Ok(super::cuda::nf4_rows_matmul(w, &x.contiguous()?, false)?.reshape(out_dims)?)
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))
@@ -73,7 +73,7 @@ pub fn matmul_few(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        Ok(super::cuda::nf4_matmul_few(w, &x.contiguous()?)?.reshape(out_dims)?)
+        Ok(super::cuda::nf4_rows_matmul(w, &x.contiguous()?, true)?.reshape(out_dims)?)
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))

@@ -481,7 +481,7 @@ pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::colle
         std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
     };
     // Tensors up to this size come from one stream in order; larger ones (LLaMA-7B shapes: 6.7
-    // billion values, minutes in one stream) in parallel chunks, each from a stream seeded by one
+    // billion values, about 110 s in one stream) in parallel chunks, each from a stream seeded by one
     // draw of the main stream and the chunk's index, so the values still depend on the seed only.
     const ONE_STREAM: usize = 1 << 22;
     const CHUNK: usize = 1 << 20;

@@ -357,47 +357,25 @@ pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Resul
     })
 }
 
-/// The batch-1 NF4 GEMV on the device (`nf4_gemv_*`): x holds `in` values, y gets `out`.
-pub(super) fn nf4_gemv(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor> {
-    let (rows, cols) = (w.shape[0], w.shape[1]);
-    let stored = nf4_stored(w)?;
-    let (x_s, x_l) = x.storage_and_layout();
-    let x_s = cuda_storage(&x_s, "nf4 gemv x")?;
-    with_kernel_type!(x.dtype(), T, {
-        let xv = view::<T>(x_s, x_l, "nf4 gemv x")?;
-        with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
-            // SAFETY: one warp writes each of the `rows` outputs.
-            let y = unsafe { dev.alloc::<T>(rows)? };
-            let func = dev.get_or_load_custom_func(&format!("nf4_gemv_{}", T::SUFFIX), "nf4", NF4_PTX)?;
-            const ROWS_PER_BLOCK: usize = 8;
-            let cfg = LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
-            let (rows_i, cols_i) = (rows as i32, cols as i32);
-            let mut builder = func.builder();
-            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
-            builder.arg(&rows_i).arg(&cols_i).arg(&stored).arg(&xv).arg(&y);
-            // SAFETY: matches `nf4_gemv_*`'s signature.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(wrap(y, dev, rows))
-        })
-    })
-}
-
-/// y [t, out] = x [t, in] · dequant(W)ᵀ straight from the packed codes (`nf4_matmul_few_*`).
-pub(super) fn nf4_matmul_few(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<Tensor> {
+/// y [t, out] = x [t, in] · dequant(W)ᵀ straight from the packed codes: the GEMV (`nf4_gemv_*`,
+/// one row of x per block row, `few` false) or the few-row matmul (`nf4_matmul_few_*`,
+/// [`FEW_ROWS`](super::nf4::FEW_ROWS) rows of x per block row).
+pub(super) fn nf4_rows_matmul(w: &crate::quant::Nf4Tensor, x: &Tensor, few: bool) -> Result<Tensor> {
     let (rows, cols) = (w.shape[0], w.shape[1]);
     let t = x.elem_count() / cols.max(1);
     let stored = nf4_stored(w)?;
     let (x_s, x_l) = x.storage_and_layout();
     let x_s = cuda_storage(&x_s, "nf4 matmul x")?;
+    let (kernel, per_block_row) = if few { ("nf4_matmul_few", super::nf4::FEW_ROWS) } else { ("nf4_gemv", 1) };
     with_kernel_type!(x.dtype(), T, {
         let xv = view::<T>(x_s, x_l, "nf4 matmul x")?;
         with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
             // SAFETY: one warp writes each output row for each of the t rows of x.
             let y = unsafe { dev.alloc::<T>(t * rows)? };
-            let func = dev.get_or_load_custom_func(&format!("nf4_matmul_few_{}", T::SUFFIX), "nf4", NF4_PTX)?;
+            let func = dev.get_or_load_custom_func(&format!("{kernel}_{}", T::SUFFIX), "nf4", NF4_PTX)?;
             const ROWS_PER_BLOCK: usize = 8;
             let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, t.div_ceil(super::nf4::FEW_ROWS) as u32, 1),
+                grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, t.div_ceil(per_block_row) as u32, 1),
                 block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -405,7 +383,7 @@ pub(super) fn nf4_matmul_few(w: &crate::quant::Nf4Tensor, x: &Tensor) -> Result<
             let mut builder = func.builder();
             builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
             builder.arg(&rows_i).arg(&cols_i).arg(&stored).arg(&xv).arg(&t_i).arg(&y);
-            // SAFETY: matches `nf4_matmul_few_*`'s signature; x holds t·cols, y t·rows elements.
+            // SAFETY: matches `nf4_gemv_*` / `nf4_matmul_few_*`; x holds t·cols, y t·rows elements.
             unsafe { builder.launch(cfg) }.w()?;
             Ok(wrap(y, dev, (t, rows)))
         })
