@@ -71,6 +71,10 @@ fn nf4_bases_checkpointing_and_the_unfused_path_train_on_cuda_as_on_the_cpu() {
         same_losses(&["--method", method, "--gradient-checkpointing"]);
         same_losses(&["--method", method, "--unfused"]);
     }
+    // What the GPU session's QLoRA / QControl step runs.
+    for method in ["lora", "control"] {
+        same_losses(&["--method", method, "--quantize", "nf4", "--gradient-checkpointing"]);
+    }
     same_losses(&["--method", "snell", "--sparsity", "0.99"]);
 }
 
