@@ -107,6 +107,34 @@ fn decoding_on_an_nf4_base_generates_on_cuda_what_it_generates_on_the_cpu() {
     }
 }
 
+/// The rows of one `bench` command's JSON report on the emulated CUDA device.
+fn bench_rows(args: &[&str]) -> Vec<serde_json::Value> {
+    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let out = Command::new(&bin)
+        .arg("bench")
+        .args(args)
+        .args(["--dtype", "f32", "--warmup", "0", "--iters", "1", "--json", json.to_str().unwrap()])
+        .env("LD_LIBRARY_PATH", &emu)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    report["rows"].as_array().unwrap().clone()
+}
+
+/// The peak extra device memory (MiB) of the row of `variant` whose shape contains `shape`.
+fn peak(rows: &[serde_json::Value], variant: &str, shape: &str) -> f64 {
+    let row = rows
+        .iter()
+        .find(|r| r["variant"] == variant && r["shape"].as_str().unwrap().contains(shape))
+        .unwrap_or_else(|| panic!("no {variant} {shape} row in {rows:?}"));
+    row["peak_extra_mib"].as_f64().unwrap()
+}
+
+const MIB: f64 = 1048576.0;
+
 /// Issue #7's memory target on the CUDA path, counted exactly by the emulator: SNELL's fused op
 /// keeps no [d_in, d_out] buffer from forward to backward and holds at most one such transient
 /// at a time (dense apply), none at all at 1% survivors (sparse apply); its plain candle ops hold
@@ -114,27 +142,27 @@ fn decoding_on_an_nf4_base_generates_on_cuda_what_it_generates_on_the_cpu() {
 #[test]
 #[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
 fn snells_fused_op_on_cuda_holds_at_most_one_update_sized_buffer() {
-    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
-    let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("snell.json");
     let (d_in, d_out) = (512usize, 768usize);
-    let out = Command::new(&bin)
-        .args(["bench", "snell", "--dims", &format!("{d_in}x{d_out}"), "--tokens", "16", "--sparsities", "0.5,0.99", "--snell-rank", "32"])
-        .args(["--dtype", "f32", "--warmup", "0", "--iters", "1", "--json", json.to_str().unwrap()])
-        .env("LD_LIBRARY_PATH", &emu)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "bench snell failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let peak = |variant: &str, s: &str| -> f64 {
-        let rows = report["rows"].as_array().unwrap();
-        let row = rows.iter().find(|r| r["variant"] == variant && r["shape"].as_str().unwrap().contains(s)).unwrap_or_else(|| panic!("no {variant} {s} row"));
-        row["peak_extra_mib"].as_f64().unwrap()
-    };
-    let update = (d_in * d_out * 4) as f64 / 1048576.0;
-    let frozen = peak("frozen linear", "T16");
-    let (dense, sparse) = (peak("fused", "s0.5"), peak("fused", "s0.99"));
-    assert!(dense - frozen <= 1.5 * update, "dense fused apply: +{dense} MiB over the frozen linear's {frozen}, one update is {update}");
-    assert!(sparse - frozen <= 0.5 * update, "sparse fused apply: +{sparse} MiB over the frozen linear's {frozen}, one update is {update}");
-    assert!(peak("plain candle ops", "s0.5") >= 4.0 * update, "the plain ops should hold several updates (or the count is broken)");
+    let rows = bench_rows(&["snell", "--dims", &format!("{d_in}x{d_out}"), "--tokens", "16", "--sparsities", "0.5,0.99", "--snell-rank", "32"]);
+    let update = (d_in * d_out * 4) as f64 / MIB;
+    let frozen = peak(&rows, "frozen linear", "T16");
+    let (dense, sparse) = (peak(&rows, "fused", "s0.5"), peak(&rows, "fused", "s0.99"));
+    assert!(dense - frozen <= 1.5 * update, "dense fused apply: {dense} MiB against the frozen linear's {frozen}, one update is {update}");
+    assert!(sparse - frozen <= 0.5 * update, "sparse fused apply: {sparse} MiB against the frozen linear's {frozen}, one update is {update}");
+    assert!(peak(&rows, "plain candle ops", "s0.5") >= 4.0 * update, "the plain ops should hold several updates (or the count is broken)");
+}
+
+/// Issue #3's LoRA linear on the CUDA path, counted by the emulator: besides what the frozen
+/// linear holds (x, y, dx), the fused op holds only its [T, r] intermediates and the adapter's
+/// gradients, no [T, d_out] buffer; the unfused candle graph holds several.
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn the_fused_lora_linear_on_cuda_writes_no_output_sized_intermediate() {
+    let (d_in, d_out, t) = (512usize, 768usize, 256usize);
+    let rows = bench_rows(&["kernels", "--ops", "lora", "--dims", &format!("{d_in}x{d_out}"), "--ranks", "16", "--tokens", &t.to_string()]);
+    let output = (t * d_out * 4) as f64 / MIB;
+    let frozen = peak(&rows, "frozen linear", "r16");
+    let (fused, unfused) = (peak(&rows, "fused LoRA", "r16"), peak(&rows, "unfused LoRA", "r16"));
+    assert!(fused - frozen <= 0.5 * output, "fused: {fused} MiB against the frozen linear's {frozen}, one [T, d_out] is {output}");
+    assert!(unfused - frozen >= output, "unfused: {unfused} MiB against {frozen}: the plain graph should hold [T, d_out] intermediates");
 }

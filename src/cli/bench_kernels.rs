@@ -101,10 +101,12 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let b = Var::from_tensor(&randn(&[d_out, r], 0.02, DType::F32, device)?)?;
         let s = 2.0;
         let base: crate::model::linear::BaseWeight = w.clone().into();
-        let frozen = time(device, warmup, iters, || {
+        let frozen_step = || -> Result<()> {
             frozen_linear(x.as_tensor(), &base)?.backward()?;
             Ok(())
-        })?;
+        };
+        let frozen = time(device, warmup, iters, frozen_step)?;
+        let frozen_mem = crate::memory::peak_extra_mib(device, frozen_step)?;
         let lora = |fused: bool| -> Result<()> {
             let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
             let y = if fused {
@@ -117,10 +119,16 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
             Ok(())
         };
         let unfused = time(device, warmup, iters, || lora(false))?;
+        let unfused_mem = crate::memory::peak_extra_mib(device, || lora(false))?;
         let fused = time(device, warmup, iters, || lora(true))?;
+        let fused_mem = crate::memory::peak_extra_mib(device, || lora(true))?;
         let base_flops = 4.0 * (t * d_in * d_out) as f64;
         let lora_flops = base_flops + 6.0 * (t * r * (d_in + d_out)) as f64;
-        for (variant, ms, flops) in [("frozen linear", frozen, base_flops), ("unfused LoRA", unfused, lora_flops), ("fused LoRA", fused, lora_flops)] {
+        for (variant, ms, flops, mib) in [
+            ("frozen linear", frozen, base_flops, frozen_mem),
+            ("unfused LoRA", unfused, lora_flops, unfused_mem),
+            ("fused LoRA", fused, lora_flops, fused_mem),
+        ] {
             out.push(KernelTiming {
                 op: "lora_linear".into(),
                 shape: shape.clone(),
@@ -129,7 +137,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
                 ratio: ms / frozen,
                 tflops: Some(flops / (ms * 1e-3) / 1e12),
                 gbps: None,
-                peak_extra_mib: None,
+                peak_extra_mib: Some(mib),
             });
         }
     }
