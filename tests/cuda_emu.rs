@@ -166,3 +166,16 @@ fn the_fused_lora_linear_on_cuda_writes_no_output_sized_intermediate() {
     assert!(fused - frozen <= 0.5 * output, "fused: {fused} MiB against the frozen linear's {frozen}, one [T, d_out] is {output}");
     assert!(unfused - frozen >= output, "unfused: {unfused} MiB against {frozen}: the plain graph should hold [T, d_out] intermediates");
 }
+
+/// Issue #3's DoRA norms on the CUDA path, counted by the emulator: `‖W + s·B A‖` per row without
+/// `W + s·B A` in memory (the unfused graph holds it, and more).
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn doras_fused_row_norms_on_cuda_never_hold_the_updated_weight() {
+    let (d_in, d_out) = (512usize, 768usize);
+    let rows = bench_rows(&["kernels", "--ops", "dora", "--dims", &format!("{d_in}x{d_out}")]);
+    let weight = (d_in * d_out * 4) as f64 / MIB;
+    let (fused, unfused) = (peak(&rows, "fused", "r64"), peak(&rows, "unfused", "r64"));
+    assert!(fused <= 0.1 * weight, "fused: {fused} MiB, one [out, in] in f32 is {weight}");
+    assert!(unfused >= weight, "unfused: {unfused} MiB: the plain graph should hold W + s·B A");
+}

@@ -177,17 +177,20 @@ fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let w = randn(&[rows, cols], 0.02, dtype, device)?;
         let b = randn(&[rows, r], 0.02, DType::F32, device)?;
         let a = randn(&[r, cols], 0.02, DType::F32, device)?;
-        let unfused = time(device, args.warmup, args.iters, || {
+        let unfused_step = || -> Result<()> {
             let v = (w.to_dtype(DType::F32)? + (b.matmul(&a)? * 2.0)?)?;
             v.sqr()?.sum(1)?.sqrt()?;
             Ok(())
-        })?;
-        let fused = time(device, args.warmup, args.iters, || {
+        };
+        let fused_step = || -> Result<()> {
             kernels::row_norms(&w, &b, &a, 2.0)?;
             Ok(())
-        })?;
-        for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: None });
+        };
+        let unfused = time(device, args.warmup, args.iters, unfused_step)?;
+        let fused = time(device, args.warmup, args.iters, fused_step)?;
+        let (unfused_mem, fused_mem) = (crate::memory::peak_extra_mib(device, unfused_step)?, crate::memory::peak_extra_mib(device, fused_step)?);
+        for (variant, ms, mib) in [("unfused", unfused, unfused_mem), ("fused", fused, fused_mem)] {
+            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: Some(mib) });
         }
     }
     Ok(())
