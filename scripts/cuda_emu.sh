@@ -27,7 +27,7 @@ CANDLE_KERNELS=(affine binary cast fill indexing reduce sort ternary unary)
 
 mkdir -p "$out"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'wait; rm -rf "$work"' EXIT  # background compiles finish first
 CXX=${CXX:-g++}
 # No FMA contraction: the kernels that need fused multiply-adds write fmaf.
 FLAGS=(-std=c++20 -O2 -fPIC -ffp-contract=off -fno-strict-aliasing -w -I "$emu/include" -include cuda_emu.h)
@@ -37,6 +37,7 @@ for k in "${CANDLE_KERNELS[@]}"; do sources+=("$candle/src/$k.cu"); done
 
 objects=()
 pids=()
+compiling=()
 for cu in "${sources[@]}"; do
     stem=$(basename "$cu" .cu)
     [ "$cu" = "${cu#"$candle"}" ] && tag="project_$stem" || tag="candle_$stem"
@@ -45,7 +46,8 @@ for cu in "${sources[@]}"; do
     sed -E 's/extern +__shared__ +(__align__\([^)]*\) +)?([A-Za-z_0-9 ]*[A-Za-z_0-9]) +([A-Za-z_0-9]+) *\[\] *;/\2* \3 = (\2*)emu::dynamic_shared();/' \
         "$cu" > "$work/$tag.cu"
     cu_flags=("${FLAGS[@]}" -I "$(dirname "$cu")")
-    names=$("$CXX" "${cu_flags[@]}" -E -x c++ "$work/$tag.cu" | grep -oE 'extern "C" +void +[A-Za-z_0-9]+ *\(' | sed -E 's/.*void +([A-Za-z_0-9]+).*/\1/' | sort -u)
+    "$CXX" "${cu_flags[@]}" -E -x c++ "$work/$tag.cu" > "$work/$tag.i" || fail "preprocessing $cu for the emulator failed"
+    names=$({ grep -oE 'extern "C" +void +[A-Za-z_0-9]+ *\(' "$work/$tag.i" || true; } | sed -E 's/.*void +([A-Za-z_0-9]+).*/\1/' | sort -u)
     [ -n "$names" ] || fail "no extern \"C\" kernel found in $cu"
     {
         echo "namespace emu_$tag {"
@@ -56,10 +58,15 @@ for cu in "${sources[@]}"; do
     objects+=("$work/$tag.o")
     "$CXX" "${cu_flags[@]}" -c "$work/$tag.cpp" -o "$work/$tag.o" &
     pids+=($!)
-    # Two compiles at a time.
-    if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || fail "compiling $cu for the emulator failed"; pids=("${pids[@]:1}"); fi
+    compiling+=("$cu")
+    # Two compiles at a time; a failure names its file.
+    if [ ${#pids[@]} -ge 2 ]; then
+        wait "${pids[0]}" || fail "compiling ${compiling[0]} for the emulator failed"
+        pids=("${pids[@]:1}")
+        compiling=("${compiling[@]:1}")
+    fi
 done
-for p in "${pids[@]}"; do wait "$p" || fail "compiling a kernel for the emulator failed"; done
+for i in "${!pids[@]}"; do wait "${pids[$i]}" || fail "compiling ${compiling[$i]} for the emulator failed"; done
 
 for f in scheduler driver; do
     "$CXX" "${FLAGS[@]}" -c "$emu/$f.cpp" -o "$work/$f.o" || fail "compiling $emu/$f.cpp failed"

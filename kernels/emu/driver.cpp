@@ -45,6 +45,15 @@ bool trace() {
     static const bool on = std::getenv("CUDA_EMU_TRACE") != nullptr;
     return on;
 }
+
+// The emulated device's memory: CUDA_EMU_MEMORY_GIB GiB (default 80, an H100's).
+size_t device_total_bytes() {
+    static const size_t gib = [] {
+        const char* v = std::getenv("CUDA_EMU_MEMORY_GIB");
+        return v ? (size_t)std::strtoull(v, nullptr, 10) : 80;
+    }();
+    return gib << 30;
+}
 }  // namespace
 
 extern "C" {
@@ -63,7 +72,7 @@ int cuDeviceGetName(char* name, int len, int) {
     std::snprintf(name, len, "cuda-emu (CPU emulator)");
     return CUDA_SUCCESS;
 }
-int cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = size_t(16) << 30; return CUDA_SUCCESS; }
+int cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = device_total_bytes(); return CUDA_SUCCESS; }
 int cuDeviceGetAttribute(int* v, int attribute, int) {
     switch (attribute) {
         case 1: *v = 1024; break;                         // max threads per block
@@ -113,8 +122,8 @@ int cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.f; return CUDA_SUCC
 
 }  // extern "C"
 
-// ---- memory: device pointers are host pointers, counted against a device of
-// CUDA_EMU_MEMORY_GIB GiB (default 80, an H100's), so that an allocation over it fails as on the
+// ---- memory: device pointers are host pointers, counted against the device's
+// `device_total_bytes`, so that an allocation over it fails as on the
 // GPU and cuMemGetInfo reports the bytes in use. Used bytes there are the peak since the
 // previous call (at least what is in use now), so a sampler that reads it now and then sees
 // every transient; two reads in a row give the bytes in use.
@@ -131,20 +140,13 @@ struct Mapping {
 struct DeviceMemory {
     std::unordered_map<void*, Mapping> buffers;
     size_t live = 0, peak_since_query = 0;
-    size_t total() const {
-        static const size_t gib = [] {
-            const char* v = std::getenv("CUDA_EMU_MEMORY_GIB");
-            return v ? (size_t)std::strtoull(v, nullptr, 10) : 80;
-        }();
-        return gib << 30;
-    }
 } memory;
 std::mutex memory_lock;
 constexpr size_t PAGE = 4096;
 
 void* device_alloc(size_t bytes) {
     std::lock_guard<std::mutex> g(memory_lock);
-    if (memory.live + bytes > memory.total()) return nullptr;
+    if (memory.live + bytes > device_total_bytes()) return nullptr;
     const size_t data = std::max<size_t>(16, (bytes + 15) / 16 * 16);
     const size_t pages = (data + PAGE - 1) / PAGE;
     const size_t length = (pages + 1) * PAGE;
@@ -193,7 +195,7 @@ int cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 int cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(memory_lock);
-    *total = memory.total();
+    *total = device_total_bytes();
     *free_bytes = *total - memory.peak_since_query;
     memory.peak_since_query = memory.live;
     return CUDA_SUCCESS;
@@ -275,9 +277,21 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 // ---- cuBLAS: column-major GEMMs
 namespace {
 constexpr int CUBLAS_STATUS_SUCCESS = 0;
-constexpr int CUBLAS_STATUS_INVALID_VALUE = 7;
 constexpr int CUBLAS_STATUS_NOT_SUPPORTED = 15;
 enum DataType { R_32F = 0, R_64F = 1, R_16F = 2, R_16BF = 14 };
+
+// Bytes of one element of a data type the GEMMs take; 0 for any other (int8, fp8, complex...).
+int element_bytes(int type) {
+    switch (type) {
+        case R_32F: return 4;
+        case R_64F: return 8;
+        case R_16F: case R_16BF: return 2;
+        default: return 0;
+    }
+}
+
+// CUBLAS_COMPUTE_64F and its pedantic twin accumulate in f64; the others here in f32.
+bool double_compute(int compute) { return compute == 70 || compute == 71; }
 
 double load(const void* p, int type, long long i) {
     switch (type) {
@@ -300,6 +314,7 @@ void store(void* p, int type, long long i, double v) {
 int gemm(int transa, int transb, int m, int n, int k, double alpha, const void* a, int ta, long long lda, const void* b, int tb,
          long long ldb, double beta, void* c, int tc, long long ldc, bool f64) {
     if (transa > 1 || transb > 1) return CUBLAS_STATUS_NOT_SUPPORTED;  // conjugate transposes: no complex types here
+    if (!element_bytes(ta) || !element_bytes(tb) || !element_bytes(tc)) return CUBLAS_STATUS_NOT_SUPPORTED;
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
             double acc64 = 0;
@@ -323,7 +338,7 @@ double scalar(const void* p, int compute) {
     // CUBLAS_COMPUTE_16F (64) and its pedantic twin take half scalars, 64F (70, 71) doubles,
     // the 32F family floats.
     if (compute == 64 || compute == 65) return float(*(const __half*)p);
-    if (compute == 70 || compute == 71) return *(const double*)p;
+    if (double_compute(compute)) return *(const double*)p;
     return *(const float*)p;
 }
 }  // namespace
@@ -344,18 +359,15 @@ int cublasLtDestroy(void*) { return CUBLAS_STATUS_SUCCESS; }
 int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a, int ta, int lda, const void* b,
                  int tb, int ldb, const void* beta, void* c, int tc, int ldc, int compute, int) {
     return gemm(transa, transb, m, n, k, scalar(alpha, compute), a, ta, lda, b, tb, ldb, scalar(beta, compute), c, tc, ldc,
-                compute == 70 || compute == 71);
+                double_compute(compute));
 }
 int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a, int ta, int lda,
                                long long sa, const void* b, int tb, int ldb, long long sb, const void* beta, void* c, int tc, int ldc,
                                long long sc, int batch, int compute, int) {
-    const int size[] = {4, 8, 2};
-    auto bytes = [&](int t) { return t == R_16BF ? 2 : size[t]; };
-    if (ta != R_32F && ta != R_64F && ta != R_16F && ta != R_16BF) return CUBLAS_STATUS_INVALID_VALUE;
     for (int i = 0; i < batch; ++i) {
-        const int s = gemm(transa, transb, m, n, k, scalar(alpha, compute), (const char*)a + i * sa * bytes(ta), ta, lda,
-                           (const char*)b + i * sb * bytes(tb), tb, ldb, scalar(beta, compute), (char*)c + i * sc * bytes(tc), tc, ldc,
-                           compute == 70 || compute == 71);
+        const int s = gemm(transa, transb, m, n, k, scalar(alpha, compute), (const char*)a + i * sa * element_bytes(ta), ta, lda,
+                           (const char*)b + i * sb * element_bytes(tb), tb, ldb, scalar(beta, compute),
+                           (char*)c + i * sc * element_bytes(tc), tc, ldc, double_compute(compute));
         if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
     return CUBLAS_STATUS_SUCCESS;

@@ -258,18 +258,17 @@ template <typename T> void reorder(std::vector<T>& order, size_t n) {
 }
 }  // namespace
 
-// Runs `thunk` over the grid; returns false (after printing why) on a deadlock.
+// Runs `thunk` over the grid; returns false (after printing why) on a deadlock. The driver has
+// checked the launch against the GPU's limits (1 to 1024 threads a block).
 bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned shared_bytes, void** params) {
     const int n = (int)(block.x * block.y * block.z);
-    if (n <= 0 || n > 1024) {
-        std::fprintf(stderr, "cuda-emu: %s launched with %d threads per block\n", name, n);
-        return false;
-    }
     // Fibers (and their stacks) are kept from launch to launch; a launch uses the first n.
     if ((int)state.fibers.size() < n) state.fibers.resize(n);
     state.threads = n;
     state.exchange.assign(n, 0);
-    state.shared.assign(shared_bytes + 16, 0);
+    // Dynamic shared memory starts as NaN (0xff bytes), as device buffers do: a kernel that
+    // reads what no thread wrote sees it.
+    state.shared.assign(shared_bytes + 16, (char)0xff);
     state.thunk = thunk;
     state.params = params;
     state.name = name;
@@ -282,33 +281,33 @@ bool launch(const char* name, Thunk thunk, dim3 grid, dim3 block, unsigned share
     reorder(block_order, blocks);
     for (unsigned long long b : block_order) {
         const unsigned bx = b % grid.x, by = (b / grid.x) % grid.y, bz = b / ((unsigned long long)grid.x * grid.y);
-                block_idx = uint3{bx, by, bz};
-                state.live = n;
-                state.block_barrier = Barrier{};
-                state.warp_barriers.assign(warps, Barrier{});
-                state.warp_live.assign(warps, 32);
-                if (n % 32) state.warp_live[warps - 1] = n % 32;
-                for (int t = 0; t < n; ++t) {
-                    Fiber& f = state.fibers[t];
-                    prepare_fiber(f);
-                    f.tid = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                }
-                while (state.live > 0) {
-                    state.progress = false;
-                    reorder(order, n);
-                    for (int t : order) {
-                        if (state.fibers[t].done) continue;
-                        state.current = t;
-                        thread_idx = state.fibers[t].tid;
-                        emu_switch(&state.scheduler_sp, state.fibers[t].sp);
-                    }
-                    if (!state.progress && state.live > 0) {
-                        std::fprintf(stderr, "cuda-emu: %s deadlocked in block (%u, %u, %u): %d threads wait at a barrier others never reach\n",
-                                     name, bx, by, bz, state.live);
-                        return false;
-                    }
-                }
+        block_idx = uint3{bx, by, bz};
+        state.live = n;
+        state.block_barrier = Barrier{};
+        state.warp_barriers.assign(warps, Barrier{});
+        state.warp_live.assign(warps, 32);
+        if (n % 32) state.warp_live[warps - 1] = n % 32;
+        for (int t = 0; t < n; ++t) {
+            Fiber& f = state.fibers[t];
+            prepare_fiber(f);
+            f.tid = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+        }
+        while (state.live > 0) {
+            state.progress = false;
+            reorder(order, n);
+            for (int t : order) {
+                if (state.fibers[t].done) continue;
+                state.current = t;
+                thread_idx = state.fibers[t].tid;
+                emu_switch(&state.scheduler_sp, state.fibers[t].sp);
             }
+            if (!state.progress && state.live > 0) {
+                std::fprintf(stderr, "cuda-emu: %s deadlocked in block (%u, %u, %u): %d threads wait at a barrier others never reach\n",
+                             name, bx, by, bz, state.live);
+                return false;
+            }
+        }
+    }
     state.current = -1;
     return true;
 }

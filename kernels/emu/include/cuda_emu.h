@@ -345,11 +345,6 @@ template <typename T> T atomicCAS(T* p, std::type_identity_t<T> compare, std::ty
     if (old == compare) *p = v;
     return old;
 }
-inline unsigned short atomicCAS(unsigned short* p, unsigned short compare, unsigned short v) {
-    unsigned short old = *p;
-    if (old == compare) *p = v;
-    return old;
-}
 
 // ---- registration: every `extern "C"` kernel of a file becomes a thunk that unpacks
 // cuLaunchKernel's `void** kernelParams` into the kernel's typed arguments
