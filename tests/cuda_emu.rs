@@ -27,17 +27,19 @@ fn env_path(name: &str) -> PathBuf {
     std::fs::canonicalize(&p).unwrap()
 }
 
+/// The stdout of the CUDA build run with `args` on the emulator; a failure shows both streams.
+fn run_emulated(args: &[&str]) -> String {
+    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
+    let out = Command::new(&bin).args(args).env("LD_LIBRARY_PATH", &emu).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "candle-peft {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 /// (first_loss, last_loss) of `bench step` on `device`.
 fn losses(device: &str, args: &[&str]) -> (f64, f64) {
-    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
-    let out = Command::new(&bin)
-        .args(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "3", "--device", device])
-        .args(args)
-        .env("LD_LIBRARY_PATH", &emu)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "bench step {args:?} on {device} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let common = ["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "3", "--device", device];
+    let stdout = run_emulated(&[&common[..], args].concat());
     let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON summary in:\n{stdout}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     (v["first_loss"].as_f64().unwrap(), v["last_loss"].as_f64().unwrap())
@@ -80,16 +82,8 @@ fn nf4_bases_checkpointing_and_the_unfused_path_train_on_cuda_as_on_the_cpu() {
 
 /// What `generate` prints for one prompt on `device`.
 fn generated(model: &std::path::Path, device: &str, args: &[&str]) -> String {
-    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
-    let out = Command::new(&bin)
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "She painted the old door", "--max-new-tokens", "6", "--device", device])
-        .args(args)
-        .env("LD_LIBRARY_PATH", &emu)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "generate {args:?} on {device} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
+    let common = ["generate", "--model", model.to_str().unwrap(), "--prompt", "She painted the old door", "--max-new-tokens", "6", "--device", device];
+    run_emulated(&[&common[..], args].concat())
 }
 
 #[test]
@@ -109,17 +103,10 @@ fn decoding_on_an_nf4_base_generates_on_cuda_what_it_generates_on_the_cpu() {
 
 /// The rows of one `bench` command's JSON report on the emulated CUDA device.
 fn bench_rows(args: &[&str]) -> Vec<serde_json::Value> {
-    let (bin, emu) = (env_path("CANDLE_PEFT_CUDA_BIN"), env_path("CANDLE_PEFT_CUDA_EMU"));
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("bench.json");
-    let out = Command::new(&bin)
-        .arg("bench")
-        .args(args)
-        .args(["--dtype", "f32", "--warmup", "0", "--iters", "1", "--json", json.to_str().unwrap()])
-        .env("LD_LIBRARY_PATH", &emu)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "bench {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let common = ["--dtype", "f32", "--warmup", "0", "--iters", "1", "--json", json.to_str().unwrap()];
+    run_emulated(&[&["bench"][..], args, &common].concat());
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     report["rows"].as_array().unwrap().clone()
 }
