@@ -74,6 +74,18 @@ impl GpuMemory {
         Ok(None)
     }
 
+    /// Device memory in use when sampling started, in MiB (on a GPU it includes the CUDA
+    /// context, which PyTorch's `max_memory_allocated` does not count).
+    #[cfg(feature = "cuda")]
+    pub fn baseline_mib(&self) -> f64 {
+        self.sampler.as_ref().map_or(0.0, |(_, _, baseline)| *baseline as f64 / 1048576.0)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn baseline_mib(&self) -> f64 {
+        0.0
+    }
+
     /// Stops sampling; the peak over the baseline in MiB.
     #[cfg(feature = "cuda")]
     pub fn finish(mut self) -> Result<f64> {

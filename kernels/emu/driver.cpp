@@ -17,6 +17,9 @@
 #include <random>
 #include <string>
 #include <unordered_map>
+#include <map>
+#include <vector>
+#include <functional>
 
 #include "cuda_emu.h"
 
@@ -43,6 +46,22 @@ void* fake_handle(int i) { return &fake_handle_storage[i]; }
 
 bool trace() {
     static const bool on = std::getenv("CUDA_EMU_TRACE") != nullptr;
+    return on;
+}
+
+// CUDA_EMU_MEMORY_ONLY=1: allocations are counted as always, and nothing else runs: launches
+// (after their limit checks), GEMMs, copies within the device, memsets and cuRAND do nothing, and
+// new buffers are not filled, so pages nothing uploaded to stay unmapped zeros (copies from and
+// to the host still run: the host reads back what it uploaded). What is in use on the device at
+// any point depends only on the sizes the host code asks for, so this gives the device-memory
+// peak of a run at any size in seconds (a LLaMA-7B step costs no host memory for its weights);
+// what kernels would have written reads back as zeros, so it is for host code whose allocations
+// and control flow do not depend on computed values.
+bool memory_only() {
+    static const bool on = [] {
+        const char* v = std::getenv("CUDA_EMU_MEMORY_ONLY");
+        return v && *v && std::strcmp(v, "0") != 0;
+    }();
     return on;
 }
 
@@ -140,8 +159,32 @@ struct Mapping {
 struct DeviceMemory {
     std::unordered_map<void*, Mapping> buffers;
     size_t live = 0, peak_since_query = 0;
+    // CUDA_EMU_PEAK_REPORT=1: the sizes of the buffers live at the run's peak, printed at exit
+    // (what holds the memory, by size: 500 MiB buffers in a LLaMA step are [4096, 32000] f32).
+    size_t peak = 0;
+    std::vector<size_t> at_peak;
 } memory;
 std::mutex memory_lock;
+
+bool peak_report() {
+    static const bool on = std::getenv("CUDA_EMU_PEAK_REPORT") != nullptr;
+    return on;
+}
+
+struct PeakReport {
+    ~PeakReport() {
+        if (!peak_report()) return;
+        std::map<size_t, int, std::greater<size_t>> by_size;
+        for (size_t b : memory.at_peak) ++by_size[b];
+        std::fprintf(stderr, "cuda-emu: peak %.1f MiB in %zu buffers; by size (MiB x count, largest first):\n", memory.peak / 1048576.0,
+                     memory.at_peak.size());
+        int shown = 0;
+        for (auto [bytes, count] : by_size) {
+            if (++shown > 25) break;
+            std::fprintf(stderr, "cuda-emu:   %10.2f x %d = %.1f MiB\n", bytes / 1048576.0, count, bytes * count / 1048576.0);
+        }
+    }
+} peak_reporter;
 constexpr size_t PAGE = 4096;
 
 void* device_alloc(size_t bytes) {
@@ -158,10 +201,15 @@ void* device_alloc(size_t bytes) {
     char* base = static_cast<char*>(m);
     mprotect(base + pages * PAGE, PAGE, PROT_NONE);
     char* p = base + pages * PAGE - data;
-    std::memset(p, 0xff, data);
+    if (!memory_only()) std::memset(p, 0xff, data);
     memory.buffers[p] = Mapping{base, length, bytes};
     memory.live += bytes;
     memory.peak_since_query = std::max(memory.peak_since_query, memory.live);
+    if (peak_report() && memory.live > memory.peak) {
+        memory.peak = memory.live;
+        memory.at_peak.clear();
+        for (auto& [_, m] : memory.buffers) memory.at_peak.push_back(m.bytes);
+    }
     return p;
 }
 void device_free(void* p) {
@@ -204,22 +252,28 @@ int cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy((v
 int cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
 int cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { std::memcpy(dst, (const void*)src, n); return CUDA_SUCCESS; }
 int cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
-int cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { std::memmove((void*)dst, (const void*)src, n); return CUDA_SUCCESS; }
+int cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (!memory_only()) std::memmove((void*)dst, (const void*)src, n);
+    return CUDA_SUCCESS;
+}
 int cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
 int cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoD_v2(dst, src, n); }
 int cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
 int cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
-int cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { std::memset((void*)p, v, n); return CUDA_SUCCESS; }
+int cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    if (!memory_only()) std::memset((void*)p, v, n);
+    return CUDA_SUCCESS;
+}
 int cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(p, v, n); }
 int cuMemsetD16_v2(CUdeviceptr p, unsigned short v, size_t n) {
     auto* q = (unsigned short*)p;
-    for (size_t i = 0; i < n; ++i) q[i] = v;
+    for (size_t i = 0; i < n && !memory_only(); ++i) q[i] = v;
     return CUDA_SUCCESS;
 }
 int cuMemsetD16Async(CUdeviceptr p, unsigned short v, size_t n, void*) { return cuMemsetD16_v2(p, v, n); }
 int cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) {
     auto* q = (unsigned*)p;
-    for (size_t i = 0; i < n; ++i) q[i] = v;
+    for (size_t i = 0; i < n && !memory_only(); ++i) q[i] = v;
     return CUDA_SUCCESS;
 }
 int cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, void*) { return cuMemsetD32_v2(p, v, n); }
@@ -269,6 +323,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
                      fn->name.c_str(), over, gx, gy, gz, bx, by, bz, shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    if (memory_only()) return CUDA_SUCCESS;
     if (trace()) std::fprintf(stderr, "cuda-emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", fn->name.c_str(), gx, gy, gz, bx, by, bz, shared);
     return emu::launch(fn->name.c_str(), fn->thunk, dim3{gx, gy, gz}, dim3{bx, by, bz}, shared, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }
@@ -315,6 +370,7 @@ int gemm(int transa, int transb, int m, int n, int k, double alpha, const void* 
          long long ldb, double beta, void* c, int tc, long long ldc, bool f64) {
     if (transa > 1 || transb > 1) return CUBLAS_STATUS_NOT_SUPPORTED;  // conjugate transposes: no complex types here
     if (!element_bytes(ta) || !element_bytes(tb) || !element_bytes(tc)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (memory_only()) return CUBLAS_STATUS_SUCCESS;
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
             double acc64 = 0;
@@ -413,21 +469,25 @@ int curandSetPseudoRandomGeneratorSeed(void* g, unsigned long long seed) { stati
 int curandSetGeneratorOffset(void*, unsigned long long) { return 0; }
 int curandSetStream(void*, void*) { return 0; }
 int curandGenerateUniform(void* g, float* out, size_t n) {
+    if (memory_only()) return 0;
     std::uniform_real_distribution<float> d(0.f, 1.f);
     for (size_t i = 0; i < n; ++i) out[i] = 1.f - d(static_cast<Generator*>(g)->rng);  // (0, 1], as cuRAND
     return 0;
 }
 int curandGenerateUniformDouble(void* g, double* out, size_t n) {
+    if (memory_only()) return 0;
     std::uniform_real_distribution<double> d(0., 1.);
     for (size_t i = 0; i < n; ++i) out[i] = 1. - d(static_cast<Generator*>(g)->rng);
     return 0;
 }
 int curandGenerateNormal(void* g, float* out, size_t n, float mean, float std) {
+    if (memory_only()) return 0;
     std::normal_distribution<float> d(mean, std);
     for (size_t i = 0; i < n; ++i) out[i] = d(static_cast<Generator*>(g)->rng);
     return 0;
 }
 int curandGenerateNormalDouble(void* g, double* out, size_t n, double mean, double std) {
+    if (memory_only()) return 0;
     std::normal_distribution<double> d(mean, std);
     for (size_t i = 0; i < n; ++i) out[i] = d(static_cast<Generator*>(g)->rng);
     return 0;

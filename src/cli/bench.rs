@@ -32,6 +32,10 @@ pub struct MethodReport {
     /// (sampled every millisecond: candle keeps no allocator statistics).
     #[serde(default)]
     pub gpu_peak_extra_mib: Option<f64>,
+    /// On CUDA: device memory in use once the model and the adapter were loaded (the peak of the
+    /// step is this plus `gpu_peak_extra_mib`).
+    #[serde(default)]
+    pub gpu_loaded_mib: Option<f64>,
     /// Mean over the steps after the first (the first one also pays for first-touch allocations).
     pub step_seconds: f64,
     pub tokens_per_second: f64,
@@ -63,7 +67,11 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) ->
 pub fn step(args: &BenchStepArgs) -> Result<()> {
     let device = super::parse_device(&args.run.device)?;
     let quantize = args.run.quantize.as_deref().map(str::parse).transpose()?;
-    let mut model = Llama::random_with(shape(&args.run.shape)?, 0, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
+    let mut config = shape(&args.run.shape)?;
+    if let Some(layers) = args.run.layers {
+        config.num_hidden_layers = layers;
+    }
+    let mut model = Llama::random_with(config, 0, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
     let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1, &device)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;
@@ -91,6 +99,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
     let optimizer_state_bytes = trainer.optimizer.state_tensors()?.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
     let peak = proc_status_mib("VmHWM")?;
+    let gpu_loaded_mib = gpu.as_ref().map(GpuMemory::baseline_mib);
     let gpu_peak_extra_mib = gpu.map(GpuMemory::finish).transpose()?;
     let report = MethodReport {
         method: args.adapter.method.clone(),
@@ -99,6 +108,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
         peak_extra_mib: peak - baseline,
         peak_rss_mib: peak,
         gpu_peak_extra_mib,
+        gpu_loaded_mib,
         step_seconds,
         tokens_per_second: (args.run.batch * args.run.seq) as f64 / step_seconds,
         first_loss: losses[0],
@@ -117,6 +127,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
             .args(args.run.quantize.iter().flat_map(|q| ["--quantize", q.as_str()]))
+            .args(args.run.layers.iter().flat_map(|n| ["--layers".to_string(), n.to_string()]))
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
             .arg(format!("--gradient-checkpointing={}", args.run.gradient_checkpointing))
             .args(adapter_flags(&args.adapter));
@@ -189,8 +200,9 @@ fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
 
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
     let mut s = format!(
-        "shape {}, batch {} x {}, {}, {}{}{}, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>10} {:>10}\n",
+        "shape {}{}, batch {} x {}, {}, {}{}{}, mean step after the first of {}\n{:<18} {:>12} {:>12} {:>14} {:>14} {:>10} {:>10}\n",
         args.run.shape,
+        args.run.layers.map(|n| format!(" ({n} layers)")).unwrap_or_default(),
         args.run.batch,
         args.run.seq,
         args.run.dtype,
@@ -202,16 +214,18 @@ fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {
         "trainable",
         "optim MiB",
         if args.run.device == "cpu" { "peak +MiB" } else { "GPU peak +MiB" },
+        if args.run.device == "cpu" { "peak RSS MiB" } else { "GPU peak MiB" },
         "s/step",
         "tok/s"
     );
     for r in reports {
         s += &format!(
-            "{:<18} {:>12} {:>12.1} {:>14.0} {:>10.3} {:>10.0}\n",
+            "{:<18} {:>12} {:>12.1} {:>14.0} {:>14.0} {:>10.3} {:>10.0}\n",
             r.method,
             r.trainable_params,
             r.optimizer_state_bytes as f64 / 1048576.0,
             r.gpu_peak_extra_mib.unwrap_or(r.peak_extra_mib),
+            r.gpu_peak_extra_mib.zip(r.gpu_loaded_mib).map_or(r.peak_rss_mib, |(extra, loaded)| extra + loaded),
             r.step_seconds,
             r.tokens_per_second
         );

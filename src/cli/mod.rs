@@ -474,6 +474,10 @@ pub struct BenchRunArgs {
     /// smollm2 (SmolLM2-135M's shape), llama2-7b or tiny, with random weights.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
+    /// Keep only this many decoder layers of the shape (a slice of a large model: the memory of
+    /// the layers grows linearly with their number, the rest does not).
+    #[arg(long)]
+    pub layers: Option<usize>,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,

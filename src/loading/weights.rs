@@ -1,5 +1,5 @@
-//! Named tensors from safetensors files (memory-mapped, one or many shards) or from memory,
-//! with errors that name the file and the tensor.
+//! Named tensors from safetensors files (memory-mapped, one or many shards), from memory or made
+//! on demand, with errors that name the file and the tensor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,11 @@ pub struct Weights {
 enum Source {
     Files { mmap: MmapedSafetensors, files: HashMap<String, PathBuf> },
     Memory(HashMap<String, Tensor>),
+    Made(HashMap<String, TensorMaker>),
 }
+
+/// Makes one tensor when it is asked for (random test weights too large to hold all at once).
+pub type TensorMaker = Box<dyn Fn() -> Result<Tensor> + Send + Sync>;
 
 impl Weights {
     /// Memory-map safetensors files. Each file's header is validated up front so that a
@@ -42,6 +46,10 @@ impl Weights {
         Self { origin: origin.into(), source: Source::Memory(tensors) }
     }
 
+    pub fn from_makers(makers: Vec<(String, TensorMaker)>, origin: impl Into<String>) -> Self {
+        Self { origin: origin.into(), source: Source::Made(makers.into_iter().collect()) }
+    }
+
     pub fn origin(&self) -> &str {
         &self.origin
     }
@@ -50,6 +58,7 @@ impl Weights {
         match &self.source {
             Source::Files { files, .. } => files.contains_key(name),
             Source::Memory(m) => m.contains_key(name),
+            Source::Made(m) => m.contains_key(name),
         }
     }
 
@@ -57,6 +66,7 @@ impl Weights {
         let mut names: Vec<String> = match &self.source {
             Source::Files { files, .. } => files.keys().cloned().collect(),
             Source::Memory(m) => m.keys().cloned().collect(),
+            Source::Made(m) => m.keys().cloned().collect(),
         };
         names.sort();
         names
@@ -91,6 +101,7 @@ impl Weights {
                 })?
             }
             Source::Memory(m) => m.get(name).ok_or_else(missing)?.to_device(device)?,
+            Source::Made(m) => m.get(name).ok_or_else(missing)?()?.to_device(device)?,
         };
         Ok(t.to_dtype(dtype)?)
     }
@@ -98,7 +109,7 @@ impl Weights {
     fn origin_of(&self, name: &str) -> String {
         match &self.source {
             Source::Files { files, .. } => files.get(name).map_or(self.origin.clone(), |p| p.display().to_string()),
-            Source::Memory(_) => self.origin.clone(),
+            Source::Memory(_) | Source::Made(_) => self.origin.clone(),
         }
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops;
-use crate::loading::weights::Weights;
+use crate::loading::weights::{TensorMaker, Weights};
 use crate::quant::{nf4, Nf4Tensor, Quantization};
 use crate::Error;
 use crate::Result;
@@ -147,6 +147,14 @@ impl Llama {
         let c = &config;
         let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
+        // On a GPU the packed weights go to the device now, with the model, not at the first
+        // forward: a step's memory is then the step's own.
+        let nf4_linear = |w: Nf4Tensor| -> Result<Linear> {
+            if !w.device.is_cpu() {
+                w.device_buffers()?;
+            }
+            Ok(Linear::new_nf4(w, dtype))
+        };
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             let bnb_4bit = [nf4::QUANT_STATE_NF4, nf4::QUANT_STATE_FP4].iter().any(|s| weights.contains(&format!("{name}.{s}")));
             if bnb_4bit {
@@ -155,13 +163,11 @@ impl Llama {
                     let (origin, name, got) = (weights.origin().to_string(), name.to_string(), w.shape.clone());
                     return Err(Error::ShapeMismatch { origin, name, expected: vec![out, inp], got });
                 }
-                return Ok(Linear::new_nf4(w, dtype));
+                return nf4_linear(w);
             }
             match quantize {
                 None => Ok(Linear::new(get(name, &[out, inp])?)),
-                Some(Quantization::Nf4) => {
-                    Ok(Linear::new_nf4(Nf4Tensor::quantize(&get(name, &[out, inp])?, nf4::BLOCKSIZE, true)?, dtype))
-                }
+                Some(Quantization::Nf4) => nf4_linear(Nf4Tensor::quantize(&get(name, &[out, inp])?, nf4::BLOCKSIZE, true)?),
             }
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -211,7 +217,7 @@ impl Llama {
     /// `random`, with the linear weights quantized as `load_with` does.
     pub fn random_with(config: LlamaConfig, seed: u64, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<Self> {
         let std = 1.0 / (config.hidden_size as f32).sqrt();
-        let weights = Weights::from_tensors(random_weights(&config, std, seed)?, "random weights");
+        let weights = Weights::from_makers(random_weight_makers(&config, std, seed)?, "random weights");
         Self::load_with(config, &weights, dtype, device, quantize)
     }
 
@@ -367,9 +373,14 @@ impl Llama {
         ops::rms_norm(x, &self.norm, self.config.rms_norm_eps, train)
     }
 
+    /// The LM head [vocab, hidden] (the token embeddings when they are tied).
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
     /// Project hidden states to the vocabulary, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let head = self.head();
         let acc = ops::accumulate_dtype(self.dtype);
         Ok(ops::frozen_matmul_t(hidden, &head.clone().into())?.to_dtype(acc)?)
     }
@@ -473,6 +484,12 @@ fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
 
 /// Random weights with Hugging Face names (normal, std `std`; norms at 1), for tests and the demo.
 pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::collections::HashMap<String, Tensor>> {
+    random_weight_makers(c, std, seed)?.into_iter().map(|(name, make)| Ok((name, make()?))).collect()
+}
+
+/// The same tensors as [`random_weights`], each drawn when it is asked for: a model loads one
+/// tensor at a time instead of holding all of them in f32 on the host (LLaMA-7B: 27 GB).
+pub fn random_weight_makers(c: &LlamaConfig, std: f32, seed: u64) -> Result<Vec<(String, TensorMaker)>> {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use rayon::prelude::*;
     // Box-Muller: rand_distr is not a dependency, and this is only for test weights.
@@ -480,30 +497,35 @@ pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::colle
         let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
         std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
     };
-    // Tensors up to this size come from one stream in order; larger ones (LLaMA-7B shapes: 6.7
-    // billion values, about 110 s in one stream) in parallel chunks, each from a stream seeded by one
-    // draw of the main stream and the chunk's index, so the values still depend on the seed only.
+    // Tensors up to this size come from one stream in order, drawn here because the next
+    // tensor's values depend on where the stream is; larger ones (LLaMA-7B shapes: 6.7 billion
+    // values, about 110 s in one stream) in parallel chunks, each from a stream seeded by one draw
+    // of the main stream and the chunk's index, drawn when asked for. The values depend on the
+    // seed only.
     const ONE_STREAM: usize = 1 << 22;
     const CHUNK: usize = 1 << 20;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+    let mut normal = |shape: &[usize]| -> Result<TensorMaker> {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if n <= ONE_STREAM {
-            (0..n).map(|_| draw(&mut rng)).collect()
-        } else {
-            let base: u64 = rng.random();
+        if n <= ONE_STREAM {
+            let t = Tensor::from_vec((0..n).map(|_| draw(&mut rng)).collect::<Vec<f32>>(), shape, &Device::Cpu)?;
+            return Ok(Box::new(move || Ok(t.clone())));
+        }
+        let base: u64 = rng.random();
+        let shape = shape.to_vec();
+        Ok(Box::new(move || {
             let mut data = vec![0f32; n];
             data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
                 let mut r = StdRng::seed_from_u64(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 chunk.iter_mut().for_each(|v| *v = draw(&mut r));
             });
-            data
-        };
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+            Ok(Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?)
+        }))
     };
+    let ones = |n: usize| -> TensorMaker { Box::new(move || Ok(Tensor::ones(n, DType::F32, &Device::Cpu)?)) };
     let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
-    let mut w = std::collections::HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), normal(&[c.vocab_size, h])?);
+    let mut w = Vec::new();
+    w.push(("model.embed_tokens.weight".to_string(), normal(&[c.vocab_size, h])?));
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for (name, shape) in [
@@ -515,14 +537,14 @@ pub fn random_weights(c: &LlamaConfig, std: f32, seed: u64) -> Result<std::colle
             ("mlp.up_proj", [im, h]),
             ("mlp.down_proj", [h, im]),
         ] {
-            w.insert(format!("{p}.{name}.weight"), normal(&shape)?);
+            w.push((format!("{p}.{name}.weight"), normal(&shape)?));
         }
-        w.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, &Device::Cpu)?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, &Device::Cpu)?);
+        w.push((format!("{p}.input_layernorm.weight"), ones(h)));
+        w.push((format!("{p}.post_attention_layernorm.weight"), ones(h)));
     }
-    w.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, &Device::Cpu)?);
+    w.push(("model.norm.weight".to_string(), ones(h)));
     if !c.tie_word_embeddings {
-        w.insert("lm_head.weight".to_string(), normal(&[c.vocab_size, h])?);
+        w.push(("lm_head.weight".to_string(), normal(&[c.vocab_size, h])?));
     }
     Ok(w)
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod fused;
 pub mod linear;
+pub mod linear_cross_entropy;
 pub mod llama;
 pub mod ops;
 

@@ -10,7 +10,8 @@ use candle_core::{Tensor, TensorId, Var};
 use super::gradient_checkpointing::LayerTape;
 use super::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
 use crate::error::{Error, Result};
-use crate::model::{ops, Llama};
+use crate::model::linear_cross_entropy::linear_cross_entropy;
+use crate::model::Llama;
 
 /// A micro-batch on the model's device: token ids [b, t] (u32), the padding mask, labels [b, t]
 /// (i64, -100 where no loss is taken).
@@ -33,13 +34,13 @@ pub fn causal_lm_loss(model: &Llama, batch: &TrainBatch, train: bool) -> Result<
     causal_lm_loss_from_hidden(model, &hidden, batch)
 }
 
-/// `causal_lm_loss` from the final hidden states [b, t, hidden] of the batch.
+/// `causal_lm_loss` from the final hidden states [b, t, hidden] of the batch, without holding the
+/// [b·t, vocab] logits (`linear_cross_entropy`).
 pub fn causal_lm_loss_from_hidden(model: &Llama, hidden: &Tensor, batch: &TrainBatch) -> Result<Tensor> {
     let (b, t) = check_length(batch)?;
-    let logits = model.logits(&hidden.narrow(1, 0, t - 1)?)?;
-    let vocab = logits.dim(2)?;
+    let h = hidden.narrow(1, 0, t - 1)?.contiguous()?.reshape((b * (t - 1), ()))?;
     let labels = batch.labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
-    ops::cross_entropy(&logits.reshape((b * (t - 1), vocab))?, &labels)
+    linear_cross_entropy(&h, model.head(), &labels)
 }
 
 fn check_length(batch: &TrainBatch) -> Result<(usize, usize)> {
