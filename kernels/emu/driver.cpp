@@ -155,6 +155,7 @@ namespace {
 struct Mapping {
     char* base;
     size_t length, bytes;
+    const char* writer = nullptr;  // the first kernel or GEMM launched after the allocation
 };
 struct DeviceMemory {
     std::unordered_map<void*, Mapping> buffers;
@@ -162,7 +163,9 @@ struct DeviceMemory {
     // CUDA_EMU_PEAK_REPORT=1: the sizes of the buffers live at the run's peak, printed at exit
     // (what holds the memory, by size: 500 MiB buffers in a LLaMA step are [4096, 32000] f32).
     size_t peak = 0;
-    std::vector<size_t> at_peak;
+    std::vector<std::pair<size_t, const char*>> at_peak;
+    std::vector<void*> unwritten;  // buffers allocated since the last launch
+    std::string last_launch, last_launch_at_peak;  // the kernel launched last before the peak
 } memory;
 std::mutex memory_lock;
 
@@ -171,17 +174,30 @@ bool peak_report() {
     return on;
 }
 
+// Names `name` (a string that lives as long as the process) as the writer of the buffers
+// allocated since the previous launch.
+void note_launch(const char* name) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    memory.last_launch = name;
+    for (void* p : memory.unwritten) {
+        auto it = memory.buffers.find(p);
+        if (it != memory.buffers.end() && !it->second.writer) it->second.writer = name;
+    }
+    memory.unwritten.clear();
+}
+
 struct PeakReport {
     ~PeakReport() {
         if (!peak_report()) return;
-        std::map<size_t, int, std::greater<size_t>> by_size;
-        for (size_t b : memory.at_peak) ++by_size[b];
-        std::fprintf(stderr, "cuda-emu: peak %.1f MiB in %zu buffers; by size (MiB x count, largest first):\n", memory.peak / 1048576.0,
-                     memory.at_peak.size());
+        std::map<std::pair<size_t, std::string>, int, std::greater<>> by_size;
+        for (auto [b, w] : memory.at_peak) ++by_size[{b, w ? w : "(no launch yet)"}];
+        std::fprintf(stderr, "cuda-emu: peak %.1f MiB in %zu buffers, reached after a launch of %s; by size (MiB x count, largest first):\n",
+                     memory.peak / 1048576.0, memory.at_peak.size(), memory.last_launch_at_peak.empty() ? "nothing" : memory.last_launch_at_peak.c_str());
         int shown = 0;
-        for (auto [bytes, count] : by_size) {
-            if (++shown > 25) break;
-            std::fprintf(stderr, "cuda-emu:   %10.2f x %d = %.1f MiB\n", bytes / 1048576.0, count, bytes * count / 1048576.0);
+        for (auto& [key, count] : by_size) {
+            if (++shown > 30) break;
+            std::fprintf(stderr, "cuda-emu:   %10.2f x %d = %.1f MiB, first launch after: %s\n", key.first / 1048576.0, count,
+                         key.first * count / 1048576.0, key.second.c_str());
         }
     }
 } peak_reporter;
@@ -203,12 +219,14 @@ void* device_alloc(size_t bytes) {
     char* p = base + pages * PAGE - data;
     if (!memory_only()) std::memset(p, 0xff, data);
     memory.buffers[p] = Mapping{base, length, bytes};
+    if (peak_report()) memory.unwritten.push_back(p);
     memory.live += bytes;
     memory.peak_since_query = std::max(memory.peak_since_query, memory.live);
     if (peak_report() && memory.live > memory.peak) {
         memory.peak = memory.live;
         memory.at_peak.clear();
-        for (auto& [_, m] : memory.buffers) memory.at_peak.push_back(m.bytes);
+        for (auto& [_, m] : memory.buffers) memory.at_peak.emplace_back(m.bytes, m.writer);
+        memory.last_launch_at_peak = memory.last_launch;
     }
     return p;
 }
@@ -248,7 +266,11 @@ int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     memory.peak_since_query = memory.live;
     return CUDA_SUCCESS;
 }
-int cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy((void*)dst, src, n); return CUDA_SUCCESS; }
+int cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (peak_report()) note_launch("a copy from the host");
+    std::memcpy((void*)dst, src, n);
+    return CUDA_SUCCESS;
+}
 int cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
 int cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { std::memcpy(dst, (const void*)src, n); return CUDA_SUCCESS; }
 int cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
@@ -323,6 +345,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
                      fn->name.c_str(), over, gx, gy, gz, bx, by, bz, shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    if (peak_report()) note_launch(fn->name.c_str());
     if (memory_only()) return CUDA_SUCCESS;
     if (trace()) std::fprintf(stderr, "cuda-emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", fn->name.c_str(), gx, gy, gz, bx, by, bz, shared);
     return emu::launch(fn->name.c_str(), fn->thunk, dim3{gx, gy, gz}, dim3{bx, by, bz}, shared, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
@@ -370,6 +393,7 @@ int gemm(int transa, int transb, int m, int n, int k, double alpha, const void* 
          long long ldb, double beta, void* c, int tc, long long ldc, bool f64) {
     if (transa > 1 || transb > 1) return CUBLAS_STATUS_NOT_SUPPORTED;  // conjugate transposes: no complex types here
     if (!element_bytes(ta) || !element_bytes(tb) || !element_bytes(tc)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (peak_report()) note_launch("cuBLAS GEMM");
     if (memory_only()) return CUBLAS_STATUS_SUCCESS;
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {

@@ -523,11 +523,49 @@ impl Dropout {
         if !train || self.p <= 0.0 {
             return Ok(None);
         }
-        let keep = 1.0 - self.p;
+        let keep = (1.0 - self.p) as f32;
         let key = DROPOUT_KEY.with(std::cell::Cell::get);
-        let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-        Ok(Some(Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
+        let seed = self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = x.device() {
+            return Ok(Some(crate::kernels::cuda::dropout::mask(dev, x.shape(), x.dtype(), seed, keep)?));
+        }
+        Ok(Some(Tensor::from_vec(dropout_mask_values(seed, x.elem_count(), keep), x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
+    }
+}
+
+/// The mask values `kernels/dropout.cu` draws, on the CPU: element i is kept (`1/keep`) when
+/// the top 24 bits of `splitmix64(seed + (i + 1)·φ)` as a fraction of 2^24 are under `keep`.
+/// Counter-based, so any element can be drawn alone (in parallel here, one thread each there).
+pub fn dropout_mask_values(seed: u64, n: usize, keep: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let scale = 1.0 / keep;
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+            if u < keep { scale } else { 0.0 }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::dropout_mask_values;
+
+    #[test]
+    fn the_mask_keeps_the_asked_fraction_and_follows_its_seed() {
+        let n = 200_000;
+        let (a, b) = (dropout_mask_values(7, n, 0.7), dropout_mask_values(8, n, 0.7));
+        let kept = a.iter().filter(|&&m| m > 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.7).abs() < 0.005, "kept {kept}");
+        assert!(a.iter().all(|&m| m == 0.0 || m == 1.0 / 0.7f32));
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+        assert!(same < 0.65, "two seeds agree on {same} of the elements (independent: 0.58)");
+        assert_eq!(a, dropout_mask_values(7, n, 0.7));
     }
 }

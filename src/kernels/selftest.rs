@@ -1,7 +1,9 @@
 //! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
 //! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
-//! forward and backward) and the model's flash-style attention (`kernels/attention.cu`).
+//! forward and backward), the model's flash-style attention (`kernels/attention.cu`) and the
+//! decoder layer's RMSNorm, SwiGLU (`kernels/swiglu.cu`) and RoPE as training runs them, and the
+//! adapters' dropout masks (`kernels/dropout.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
 //! device computes in that dtype, the reference in f64 on the same values. The error reported is
@@ -297,6 +299,48 @@ fn attention_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
+/// The decoder layer's elementwise and row ops as training runs them on the device (RMSNorm and
+/// RoPE: candle ops on detached inputs with the fused ops' backward; SwiGLU: `kernels/swiglu.cu`)
+/// against the fused CPU ops in f64, on odd widths.
+fn layer_op_cases(c: &mut Case) -> Result<()> {
+    use crate::model::ops::{rms_norm, rope_heads, swiglu};
+    let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
+    let shape = format!("{rows}x{width}");
+    let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
+    let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&x, &w], &weights, &|t| rms_norm(&t[0], &t[1], 1e-5, true));
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record("rms_norm", &shape, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dx", "dw"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("rms_norm", &shape, name, got, reference)?;
+    }
+    let (gate, up) = (c.draw(&[rows, width], 2.0)?, c.draw(&[rows, width], 1.0)?);
+    let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&gate, &up], &weights, &|t| swiglu(&t[0], &t[1], true));
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record("swiglu", &shape, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dg", "du"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("swiglu", &shape, name, got, reference)?;
+    }
+    let (b, t, heads, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
+    let shape = format!("b{b} t{t} h{heads} d{d}");
+    let x = c.draw(&[b, t, heads * d], 1.0)?;
+    let angles = c.draw(&[b, 1, t, d / 2], 3.0)?;
+    let weights = c.draw(&[b, heads, t, d], 1.0)?;
+    let run = |device: &Device, dtype: DType| {
+        let (cos, sin) = (angles.cos()?.to_dtype(dtype)?.to_device(device)?, angles.sin()?.to_dtype(dtype)?.to_device(device)?);
+        forward_backward(device, dtype, &[&x], &weights, &|t| Ok(rope_heads(&t[0], heads, &cos, &sin, true)?))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record("rope_heads", &shape, "y", &y, &y_ref)?;
+    c.record("rope_heads", &shape, "dx", &g[0], &g_ref[0])?;
+    // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
+    // element off is an error of 1.
+    let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);
+    let like = |device: &Device, dtype: DType| Tensor::zeros((rows, width), dtype, device);
+    let got = dropout.mask(&like(c.device, c.dtype)?, true)?.ok_or_else(|| crate::Error::msg("no dropout mask"))?;
+    let reference = dropout.mask(&like(&Device::Cpu, DType::F64)?, true)?.ok_or_else(|| crate::Error::msg("no dropout mask"))?;
+    c.record("dropout mask", &format!("{rows}x{width} p0.3"), "mask", &got, &reference)
+}
+
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
 pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
     if !device.is_cuda() {
@@ -315,6 +359,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             nf4_cases(&mut case)?;
             snell_cases(&mut case)?;
             attention_cases(&mut case)?;
+            layer_op_cases(&mut case)?;
         }
         checks.extend(case.checks);
     }
@@ -369,6 +414,11 @@ mod tests {
     #[test]
     fn the_nf4_checks_pass_on_the_cpu_reference() {
         passes_on_the_cpu(nf4_cases, 2 * 3);
+    }
+
+    #[test]
+    fn the_layer_op_checks_pass_on_the_cpu_reference() {
+        passes_on_the_cpu(layer_op_cases, 3 + 3 + 2 + 1);
     }
 
     #[test]

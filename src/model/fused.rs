@@ -147,6 +147,11 @@ impl RmsNorm {
     pub fn new(eps: f64) -> Self {
         Self { eps, rstd: OnceLock::new() }
     }
+
+    /// The op with its per-row `r` [rows, 1] computed beforehand (the CUDA path, [`WithOutput`]).
+    pub fn with_rstd(eps: f64, rstd: Tensor) -> Self {
+        Self { eps, rstd: OnceLock::from(rstd) }
+    }
 }
 
 fn rms_norm_rows<T: Float + WithDType>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
@@ -196,18 +201,27 @@ impl CustomOp2 for RmsNorm {
         let Some(rstd) = self.rstd.get() else { candle_core::bail!("{}: backward before forward", self.name()) };
         let cols = w.elem_count();
         let rows = x.elem_count() / cols.max(1);
-        let x2 = x.reshape((rows, cols))?;
-        let dy2 = dy.reshape((rows, cols))?;
-        let n = x2.broadcast_mul(rstd)?;
-        let dn = dy2.broadcast_mul(&w.reshape((1, cols))?)?;
+        // In f32 for bf16 / f16 (the row means of a 4096-wide row), as the forward normalises.
+        let acc = super::ops::accumulate_dtype(x.dtype());
+        // One [rows, cols] temporary per statement, each dropped as soon as it is used: on a
+        // LLaMA-7B batch every one of them is 64 MiB in f32.
+        let rstd = rstd.to_dtype(acc)?;
+        let n = x.reshape((rows, cols))?.to_dtype(acc)?.broadcast_mul(&rstd)?;
+        let dy2 = dy.reshape((rows, cols))?.to_dtype(acc)?;
+        let dw = (&dy2 * &n)?.sum(0)?.reshape(w.shape())?.to_dtype(w.dtype())?;
+        let dn = dy2.broadcast_mul(&w.reshape((1, cols))?.to_dtype(acc)?)?;
+        drop(dy2);
         let dot = (&dn * &n)?.mean_keepdim(1)?;
-        let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(rstd)?.reshape(x.shape())?;
-        let dw = (dy2 * n)?.sum(0)?.reshape(w.shape())?;
+        let projected = n.broadcast_mul(&dot)?;
+        drop(n);
+        let dx = (dn - projected)?;
+        let dx = dx.broadcast_mul(&rstd)?.reshape(x.shape())?.to_dtype(x.dtype())?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-/// SwiGLU's gate `y = silu(g) ⊙ u = g·σ(g) ⊙ u`. Saves g and u only.
+/// SwiGLU's gate `y = silu(g) ⊙ u = g·σ(g) ⊙ u`. Saves g and u only. On CUDA both passes are
+/// the kernels of `kernels/swiglu.cu` (this op's CPU code is their reference).
 /// Backward: `du = dy ⊙ silu(g)`, `dg = dy ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
 pub struct SwiGlu;
 
@@ -236,7 +250,23 @@ impl CustomOp2 for SwiGlu {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::cuda::swiglu::forward((s1, l1), (s2, l2))
+    }
+
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            let (dg, du) = crate::kernels::cuda::swiglu::backward(g, u, dy)?;
+            return Ok((Some(dg), Some(du)));
+        }
         let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
         let silu = (g * &sig)?;
         let du = (dy * &silu)?;
@@ -316,6 +346,78 @@ impl CustomOp1 for RopeHeads {
         let b = (d2.broadcast_mul(&self.cos)? - d1.broadcast_mul(&self.sin)?)?;
         let dx = Tensor::cat(&[a, b], D::Minus1)?.transpose(1, 2)?.reshape(x.shape())?;
         Ok(Some(dx))
+    }
+}
+
+/// One of the ops above on CUDA, its forward computed beforehand with candle's ops on detached
+/// inputs (so the graph holds none of the composition's intermediates) and handed over as the
+/// op's output; the backward is the op's own. What the graph then holds is what the CPU op holds:
+/// the inputs, the output and the op's saved statistics. The output is copied once into the
+/// op's result (candle's storages are owned), and the op lets go of it.
+pub struct WithOutput<Op> {
+    op: Op,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    output: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl<Op> WithOutput<Op> {
+    pub fn new(op: Op, output: Tensor) -> Self {
+        Self { op, output: std::sync::Mutex::new(Some(output)) }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn take_output(&self, name: &str) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let output = self.output.lock().map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned")))?.take();
+        let Some(y) = output else { candle_core::bail!("{name}: an op value is applied once") };
+        let (storage, layout) = y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cuda(s), Some((0, end))) if end == y.elem_count() => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("{name}: the precomputed output must be a whole contiguous CUDA tensor"),
+        }
+    }
+}
+
+impl<Op: CustomOp1> CustomOp1 for WithOutput<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.take_output(self.op.name())
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.op.bwd(x, y, dy)
+    }
+}
+
+impl<Op: CustomOp2> CustomOp2 for WithOutput<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.take_output(self.op.name())
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.op.bwd(a, b, y, dy)
     }
 }
 

@@ -36,7 +36,22 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Te
     if fused_cpu(train, &[x, weight]) {
         return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, super::fused::RmsNorm::new(eps))?);
     }
+    if fused_cuda(train, &[x, weight]) {
+        let xf = x.detach().to_dtype(accumulate_dtype(x.dtype()))?;
+        let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let y = xf.broadcast_mul(&rstd)?.to_dtype(x.dtype())?.broadcast_mul(&weight.detach())?;
+        let rows = x.elem_count() / weight.elem_count().max(1);
+        let op = super::fused::WithOutput::new(super::fused::RmsNorm::with_rstd(eps, rstd.reshape((rows, 1))?), y);
+        return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?);
+    }
     rms_norm_reference(x, weight, eps)
+}
+
+/// Whether training on CUDA takes the ops of `fused.rs` with their forward in candle ops on
+/// detached inputs (`fused::WithOutput`): the graph then keeps what the CPU op keeps.
+fn fused_cuda(train: bool, tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else { return false };
+    train && first.device().is_cuda() && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())
 }
 
 /// The differentiable RMSNorm as plain candle ops: the reference for the fused op.
@@ -69,10 +84,13 @@ pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// SwiGLU's gate `silu(g) ⊙ u`. Training on the CPU (f32, f64) takes the fused op, which keeps
-/// g and u only.
+/// SwiGLU's gate `silu(g) ⊙ u`. Training on the CPU (f32, f64) and on CUDA takes the fused op,
+/// which keeps g and u only.
 pub fn swiglu(g: &Tensor, u: &Tensor, train: bool) -> Result<Tensor> {
     if fused_cpu(train, &[g, u]) && g.shape() == u.shape() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
+    }
+    if fused_cuda(train, &[g, u]) && g.shape() == u.shape() {
         return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
     }
     swiglu_reference(g, u)
@@ -89,6 +107,11 @@ pub fn rope_heads(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, train: bool)
     if fused_cpu(train, &[x, cos, sin]) {
         let op = super::fused::RopeHeads { heads: n, cos: cos.contiguous()?, sin: sin.contiguous()? };
         return Ok(x.contiguous()?.apply_op1(op)?);
+    }
+    if fused_cuda(train, &[x, cos, sin]) {
+        let y = rope_heads_reference(&x.detach(), n, cos, sin)?;
+        let op = super::fused::RopeHeads { heads: n, cos: cos.contiguous()?, sin: sin.contiguous()? };
+        return Ok(x.contiguous()?.apply_op1(super::fused::WithOutput::new(op, y))?);
     }
     rope_heads_reference(x, n, cos, sin)
 }

@@ -22,6 +22,8 @@ pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
 pub const SNELL_SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell_sparse.ptx"));
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+pub const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -416,3 +418,5 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
 pub mod snell;
 mod snell_sparse;
 pub mod attention;
+pub mod swiglu;
+pub mod dropout;

@@ -1,0 +1,26 @@
+//! Host side of `kernels/dropout.cu`: inverted-dropout masks drawn on the GPU, bit for bit the
+//! masks `adapters::Dropout` draws on the CPU.
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{bail, DType, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::{wrap, KernelType, DROPOUT_PTX};
+
+/// The mask [shape] in `dtype` on `dev`: `1/keep` where the draw of element i is under `keep`.
+pub fn mask(dev: &CudaDevice, shape: &Shape, dtype: DType, seed: u64, keep: f32) -> Result<Tensor> {
+    let n = shape.elem_count();
+    with_kernel_type!(dtype, T, {
+        // SAFETY: the kernel writes all n elements.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(&format!("dropout_mask_{}", T::SUFFIX), "dropout", DROPOUT_PTX)?;
+        let (n64, scale) = (n as i64, 1.0 / keep);
+        let mut b = func.builder();
+        b.arg(&out).arg(&n64).arg(&seed).arg(&keep).arg(&scale);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches `dropout_mask_*`; out holds n elements.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(wrap(out, dev, shape.clone()))
+    })
+}
