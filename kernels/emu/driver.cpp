@@ -346,8 +346,8 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (peak_report()) note_launch(fn->name.c_str());
-    if (memory_only()) return CUDA_SUCCESS;
     if (trace()) std::fprintf(stderr, "cuda-emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", fn->name.c_str(), gx, gy, gz, bx, by, bz, shared);
+    if (memory_only()) return CUDA_SUCCESS;
     return emu::launch(fn->name.c_str(), fn->thunk, dim3{gx, gy, gz}, dim3{bx, by, bz}, shared, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }
 }  // extern "C"

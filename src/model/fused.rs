@@ -64,6 +64,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let y = &y.detach(); // no graph behind dx (see RmsNorm's bwd)
         let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some((y * dy.broadcast_sub(&dot)?)?))
     }
@@ -117,6 +118,7 @@ impl CustomOp2 for CrossEntropyRows {
         _nll: &Tensor,
         dnll: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let logits = &logits.detach(); // no graph behind the gradient (see RmsNorm's bwd)
         let keep = labels.ge(0i64)?;
         let dnll = (dnll * keep.to_dtype(dnll.dtype())?)?;
         let safe = keep.where_cond(labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?.unsqueeze(1)?;
@@ -206,6 +208,9 @@ impl CustomOp2 for RmsNorm {
         // One [rows, cols] temporary per statement, each dropped as soon as it is used: on a
         // LLaMA-7B batch every one of them is 64 MiB in f32.
         let rstd = rstd.to_dtype(acc)?;
+        // x and w are the graph's tensors: computed from them as they are, dx and dw would carry
+        // a graph holding every temporary below for as long as they wait in the gradient store.
+        let (x, w) = (&x.detach(), &w.detach());
         let n = x.reshape((rows, cols))?.to_dtype(acc)?.broadcast_mul(&rstd)?;
         let dy2 = dy.reshape((rows, cols))?.to_dtype(acc)?;
         let dw = (&dy2 * &n)?.sum(0)?.reshape(w.shape())?.to_dtype(w.dtype())?;
@@ -267,6 +272,7 @@ impl CustomOp2 for SwiGlu {
             let (dg, du) = crate::kernels::cuda::swiglu::backward(g, u, dy)?;
             return Ok((Some(dg), Some(du)));
         }
+        let (g, u) = (&g.detach(), &u.detach());  // no graph behind dg, du (see RmsNorm's bwd)
         let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
         let silu = (g * &sig)?;
         let du = (dy * &silu)?;
