@@ -133,13 +133,7 @@ impl CustomOp3 for DoraLinearOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take_output()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("dora-linear: the output is not on the CUDA device"),
-        }
+        super::cuda::owned_storage(&self.take_output()?, "fused-dora-linear")
     }
 
     fn bwd(&self, x: &Tensor, ab: &Tensor, k: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

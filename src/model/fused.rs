@@ -375,11 +375,7 @@ impl<Op> WithOutput<Op> {
     fn take_output(&self, name: &str) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let output = self.output.lock().map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned")))?.take();
         let Some(y) = output else { candle_core::bail!("{name}: an op value is applied once") };
-        let (storage, layout) = y.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cuda(s), Some((0, end))) if end == y.elem_count() => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("{name}: the precomputed output must be a whole contiguous CUDA tensor"),
-        }
+        crate::kernels::cuda::owned_storage(&y, name)
     }
 }
 

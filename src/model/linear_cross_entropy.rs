@@ -47,10 +47,7 @@ pub fn linear_cross_entropy_in_blocks(hidden: &Tensor, head: &Tensor, labels: &T
     if let Some((row, &label)) = host_labels.iter().enumerate().find(|&(_, &l)| l >= vocab as i64 || (l < 0 && l != -100)) {
         return Err(Error::Training(format!("label {label} at row {row} is outside the vocabulary of {vocab} (and is not -100)")));
     }
-    let count = host_labels.iter().filter(|&&l| l >= 0).count();
-    if count == 0 {
-        return Err(Error::Training("every label of the batch is -100: nothing to learn from".into()));
-    }
+    let count = super::ops::labelled_count(&host_labels)?;
     let acc = accumulate_dtype(hidden.dtype());
     let needs_grad = hidden.track_op();
     let x = hidden.detach();

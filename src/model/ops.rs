@@ -87,10 +87,7 @@ pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
 /// SwiGLU's gate `silu(g) ⊙ u`. Training on the CPU (f32, f64) and on CUDA takes the fused op,
 /// which keeps g and u only.
 pub fn swiglu(g: &Tensor, u: &Tensor, train: bool) -> Result<Tensor> {
-    if fused_cpu(train, &[g, u]) && g.shape() == u.shape() {
-        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
-    }
-    if fused_cuda(train, &[g, u]) && g.shape() == u.shape() {
+    if (fused_cpu(train, &[g, u]) || fused_cuda(train, &[g, u])) && g.shape() == u.shape() {
         return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
     }
     swiglu_reference(g, u)
@@ -259,10 +256,7 @@ pub fn positions(mask: &[Vec<u32>], t: usize) -> Vec<u32> {
 /// On the CPU the fused op (unless `--unfused`) keeps only the logits for backward.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     // Counted on the host: one small copy, where the device count would also wait for the device.
-    let count = labels.flatten_all()?.to_vec1::<i64>()?.iter().filter(|&&l| l >= 0).count();
-    if count == 0 {
-        return Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into()));
-    }
+    let count = labelled_count(&labels.flatten_all()?.to_vec1::<i64>()?)?;
     let logits = logits.to_dtype(accumulate_dtype(logits.dtype()))?;
     let total = if logits.device().is_cpu() && crate::kernels::fused_for(&logits) {
         logits.contiguous()?.apply_op2(&labels.contiguous()?, super::fused::CrossEntropyRows)?.sum_all()?
@@ -270,6 +264,14 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         cross_entropy_sum_reference(&logits, labels)?
     };
     Ok((total / count as f64)?)
+}
+
+/// How many labels carry a loss (are not -100); an error when none does.
+pub(crate) fn labelled_count(labels: &[i64]) -> Result<usize> {
+    match labels.iter().filter(|&&l| l >= 0).count() {
+        0 => Err(crate::Error::Training("every label of the batch is -100: nothing to learn from".into())),
+        count => Ok(count),
+    }
 }
 
 /// The summed cross-entropy as plain differentiable candle ops: the reference for the fused op.

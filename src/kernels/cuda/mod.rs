@@ -392,6 +392,17 @@ pub(super) fn nf4_rows_matmul(w: &crate::quant::Nf4Tensor, x: &Tensor, few: bool
     })
 }
 
+/// A copy of a whole, contiguous CUDA tensor's storage, as a custom op's `cuda_fwd` returns it:
+/// the ops that compute their output before candle applies them (`model::fused::WithOutput`,
+/// the fused DoRA linear) hand it over this way, since candle's storages are owned.
+pub fn owned_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cuda(s), Some((0, end))) if end == t.elem_count() => Ok((s.try_clone(layout)?, t.shape().clone())),
+        _ => bail!("{what}: the precomputed output must be a whole contiguous CUDA tensor"),
+    }
+}
+
 /// `x Wᵀ` for x [..., in] and a constant W [out, in] in x's dtype (the frozen linear of
 /// training, whose backward needs only dx: see `model::fused::FrozenMatmulT`).
 pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
