@@ -3,6 +3,7 @@
 //! without dropout masks. `candle-peft selftest` checks the CUDA kernels against these references.
 
 use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::adapters::DropoutMask;
 use candle_peft::kernels::lowrank_add::Factor;
 use candle_peft::kernels::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 
@@ -78,12 +79,14 @@ fn check_adapter_linear(dora: bool, with_mask: bool) {
     let a = Var::from_tensor(&randn(&[r, d_in])).unwrap();
     let bb = Var::from_tensor(&randn(&[d_out, r])).unwrap();
     let k = Var::from_tensor(&((randn(&[d_out]) * 0.3).unwrap() + 1.0).unwrap()).unwrap();
-    let mk = with_mask.then(|| mask(&[b, t, d_in]));
+    // The fused ops draw the mask from its seed, in forward and again in backward.
+    let dm = with_mask.then_some(DropoutMask { seed: 0x5eed, keep: 0.8 });
+    let mk = dm.map(|m| m.tensor(x.as_tensor()).unwrap());
     let weights = randn(&[b, t, d_out]);
 
     let fused = match dora {
-        true => dora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), k.as_tensor(), s, mk.as_ref()),
-        false => lora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), s, mk.as_ref()),
+        true => dora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), k.as_tensor(), s, dm),
+        false => lora_linear(x.as_tensor(), &w.clone().into(), a.as_tensor(), bb.as_tensor(), s, dm),
     }
     .unwrap();
     let xd = match &mk {

@@ -168,8 +168,7 @@ impl LinearAdapter for AdaLoraLinear {
         let ae = self.a.as_tensor().broadcast_mul(self.e.as_tensor())?.to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
         if kernels::fused_forward(x, train) {
-            let mask = self.dropout.mask(x, train)?;
-            return kernels::lora_linear(x, base.base_weight(), &ae, &b, self.factor(), mask.as_ref());
+            return kernels::lora_linear(x, base.base_weight(), &ae, &b, self.factor(), self.dropout.mask(train));
         }
         let xd = self.dropout.apply(x, train)?;
         let branch = (matmul_t(&matmul_t(&xd, &ae)?, &b)? * self.factor())?;

@@ -53,8 +53,7 @@ impl LinearAdapter for DoraLinear {
         if kernels::fused_forward(x, train) {
             let a = self.lora.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.lora.b.as_tensor().to_dtype(x.dtype())?;
-            let mask = self.lora.dropout_mask(x, train)?;
-            return kernels::dora_linear(x, base.base_weight(), &a, &b, &scale, self.lora.scale, mask.as_ref());
+            return kernels::dora_linear(x, base.base_weight(), &a, &b, &scale, self.lora.scale, self.lora.dropout_mask(train));
         }
         let base_out = base.forward(x)?;
         let dropped = self.lora.dropout(x, train)?;

@@ -84,9 +84,9 @@ impl LoraLinear {
         self.dropout.apply(x, train)
     }
 
-    /// The dropout mask for an input like `x` (None when dropout is off or not training).
-    pub fn dropout_mask(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        self.dropout.mask(x, train)
+    /// This forward pass's dropout mask (None when dropout is off or not training).
+    pub fn dropout_mask(&self, train: bool) -> Option<super::DropoutMask> {
+        self.dropout.mask(train)
     }
 
     pub fn dropout_active(&self) -> bool {
@@ -101,8 +101,7 @@ impl LinearAdapter for LoraLinear {
         if kernels::fused_forward(x, train) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
-            let mask = self.dropout_mask(x, train)?;
-            return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, mask.as_ref());
+            return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }

@@ -510,27 +510,55 @@ impl Dropout {
         Self { p, seed: rng.random() }
     }
 
+    /// `x ⊙ mask` as differentiable candle ops (the mask a constant).
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match self.mask(x, train)? {
-            Some(mask) => Ok((x * mask)?),
+        match self.mask(train) {
+            Some(mask) => Ok((x * mask.tensor(x)?)?),
             None => Ok(x.clone()),
         }
     }
 
-    /// The mask (kept entries 1 / (1 − p), dropped 0) for an input like `x`, in x's dtype and on
-    /// its device, or None when dropout is off.
-    pub fn mask(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+    /// This forward pass's mask, or None when dropout is off.
+    pub fn mask(&self, train: bool) -> Option<DropoutMask> {
         if !train || self.p <= 0.0 {
-            return Ok(None);
+            return None;
         }
-        let keep = (1.0 - self.p) as f32;
         let key = DROPOUT_KEY.with(std::cell::Cell::get);
-        let seed = self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Some(DropoutMask { seed: self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15), keep: (1.0 - self.p) as f32 })
+    }
+}
+
+/// One inverted-dropout mask, held as its seed: the fused adapter ops draw it in forward and
+/// again in backward rather than keep it (and the dropped input) from one to the other, which
+/// on a LLaMA-7B step is two [tokens, d_in] tensors per adapted matrix. Element i of the
+/// contiguous input is kept, scaled by 1 / keep, by the draw of `dropout_mask_values`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutMask {
+    pub seed: u64,
+    pub keep: f32,
+}
+
+impl DropoutMask {
+    /// The mask (kept entries 1 / keep, dropped 0) for an input like `x`, in x's dtype and on
+    /// its device.
+    pub fn tensor(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = x.device() {
-            return Ok(Some(crate::kernels::cuda::dropout::mask(dev, x.shape(), x.dtype(), seed, keep)?));
+            return Ok(crate::kernels::cuda::dropout::mask(dev, x.shape(), x.dtype(), self.seed, self.keep)?);
         }
-        Ok(Some(Tensor::from_vec(dropout_mask_values(seed, x.elem_count(), keep), x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
+        let values = dropout_mask_values(self.seed, x.elem_count(), self.keep);
+        Ok(Tensor::from_vec(values, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?)
+    }
+
+    /// `x ⊙ mask` in x's dtype, not tracked by autograd (the fused ops define their own
+    /// backward); on CUDA one kernel, with no mask in memory.
+    pub fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.detach();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(crate::kernels::cuda::dropout::apply(&x.contiguous()?, self.seed, self.keep)?);
+        }
+        Ok((&x * self.tensor(&x)?)?)
     }
 }
 

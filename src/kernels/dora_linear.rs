@@ -13,10 +13,11 @@
 //!            dA = s · gᵀ drop(x),  dB = s · dqᵀ u
 //! ```
 //!
-//! What it keeps for backward: its inputs (x, A and B packed in one vector, k), the dropout mask,
-//! u and q: one [T, out] tensor. The same math in plain candle ops keeps about six (every node of
-//! candle's graph holds its inputs: the base output, the dropped base output, the branch before
-//! and after scaling, both products with k and the sums). The forward and backward are candle
+//! What it keeps for backward: its inputs (x, A and B packed in one vector, k), the dropout
+//! mask's seed (the mask is drawn again in backward), u and q: one [T, out] tensor. The same
+//! math in plain candle ops keeps about six (every node of candle's graph holds its inputs: the
+//! base output, the dropped base output, the branch before and after scaling, both products with
+//! k and the sums). The forward and backward are candle
 //! ops on whatever device x lives on (cuBLAS on CUDA); the op only decides what outlives the
 //! forward.
 //!
@@ -28,13 +29,14 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::tensor_cpu_storage;
+use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
 use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with
 /// its own backward; gradients reach x, A, B and k.
-pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tensor, scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims.last().ok_or_else(|| crate::Error::msg("dora_linear: x is a scalar"))?;
     let &[d_out, w_in] = w.dims() else {
@@ -52,7 +54,6 @@ pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tenso
         )));
     }
     let x2 = x.contiguous()?.reshape(((), d_in))?;
-    let mask = mask.map(|m| m.contiguous()?.reshape(((), d_in))).transpose()?;
     let w = match w {
         BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
         nf4 => nf4.clone(),
@@ -72,7 +73,7 @@ struct DoraLinearOp {
     w: BaseWeight,
     scale: f64,
     rank: usize,
-    mask: Option<Tensor>,
+    mask: Option<DropoutMask>,
     /// (u, q), written by the forward for the backward, in x's dtype.
     saved: Mutex<Option<(Tensor, Tensor)>>,
     /// The output, computed before the op is applied; the op's forward hands it to candle and
@@ -90,9 +91,10 @@ impl DoraLinearOp {
         let dtype = x.dtype();
         let acc = accumulate_dtype(dtype);
         let w = self.dense_w(acc)?;
+        let mask = self.mask_like(x)?;
         let (x, a, b, k) = (x.to_dtype(acc)?, a.to_dtype(acc)?, b.to_dtype(acc)?, k.to_dtype(acc)?.unsqueeze(0)?);
         let base = x.matmul(&w.t()?)?;
-        let (xd, base_d) = match &self.mask {
+        let (xd, base_d) = match mask {
             Some(m) => {
                 let xd = (&x * m.to_dtype(acc)?)?;
                 let bd = xd.matmul(&w.t()?)?;
@@ -106,6 +108,11 @@ impl DoraLinearOp {
         let q = (base_d + branch)?;
         *self.saved.lock().expect("saved lock") = Some((u.to_dtype(dtype)?, q.to_dtype(dtype)?));
         y.to_dtype(dtype)?.contiguous()
+    }
+
+    /// The dropout mask for x, in x's dtype (as the unfused path multiplies by it).
+    fn mask_like(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.mask.map(|m| m.tensor(x)).transpose().map_err(candle_core::Error::wrap)
     }
 
     fn take_output(&self) -> candle_core::Result<Tensor> {
@@ -141,6 +148,7 @@ impl CustomOp3 for DoraLinearOp {
         let Some((u, q)) = saved else { candle_core::bail!("fused-dora-linear: backward before forward") };
         let dtype = x.dtype();
         let acc = accumulate_dtype(dtype);
+        let mask = self.mask_like(x)?;
         // Detached: gradients that carry a graph would keep this step's tensors alive.
         let (x, ab, k, dy) = (x.detach().to_dtype(acc)?, ab.detach().to_dtype(acc)?, k.detach().to_dtype(acc)?, dy.detach().to_dtype(acc)?);
         let (u, q) = (u.to_dtype(acc)?, q.to_dtype(acc)?);
@@ -152,7 +160,7 @@ impl CustomOp3 for DoraLinearOp {
         let dk = (&dy * &q)?.sum(0)?;
         let g = dq.matmul(&b)?;
         let lowrank = (g.matmul(&a)? * self.scale)?;
-        let (dx, xd) = match &self.mask {
+        let (dx, xd) = match mask {
             None => ((dq.matmul(&w)? + lowrank)?, x),
             Some(m) => {
                 let m = m.to_dtype(acc)?;

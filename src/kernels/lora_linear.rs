@@ -10,14 +10,15 @@
 //! ```
 //!
 //! What it keeps for backward: the op's inputs x, A, B (candle holds them), `xa`, and with
-//! dropout the mask and `drop(x)`; W as the layer holds it (an NF4 base stays packed and is
+//! dropout only the mask's seed: `drop(x)` and the mask are drawn again in backward, one at a
+//! time, and let go (PEFT keeps both, a [T, in] tensor each); W as the layer holds it (an NF4 base stays packed and is
 //! dequantized in forward and again in backward, as bitsandbytes' 4-bit matmul does). The
 //! unfused candle graph keeps, besides, the [T, out] branch output twice (before and after
 //! scaling) and the sum's inputs. On CUDA the GEMMs run in cuBLAS
 //! (f32 accumulation, `s` passed as an f32 scalar) and the branch is added into y and dx in place
 //! (`lowrank_add`), so no [T, out] or [T, in] temporary exists besides y and dx.
 //!
-//! Layout: x [T, in], W [out, in], A [r, in], B [out, r], mask [T, in]; row-major, contiguous,
+//! Layout: x [T, in], W [out, in], A [r, in], B [out, r], mask [T, in] (drawn); row-major, contiguous,
 //! one dtype (A and B are cast to x's dtype by the caller, as autocast would).
 
 use std::sync::Mutex;
@@ -26,13 +27,14 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
 use super::{cpu_tensor, tensor_cpu_storage};
+use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
 use crate::model::ops::accumulate_dtype;
 use crate::Result;
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
-/// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) of x's shape.
-pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+/// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) over x.
+pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims.last().ok_or_else(|| crate::Error::msg("lora_linear: x is a scalar"))?;
     let &[d_out, w_in] = w.dims() else {
@@ -49,19 +51,12 @@ pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f6
         )));
     }
     let x2 = x.contiguous()?.reshape(((), d_in))?;
-    let (mask, dropped) = match mask {
-        Some(m) => {
-            let m = m.contiguous()?.reshape(((), d_in))?;
-            let xd = (x2.detach() * &m)?;
-            (Some(m), Some(xd))
-        }
-        None => (None, None),
-    };
+    let dropped = mask.map(|m| m.dropped(&x2)).transpose()?;
     let w = match w {
         BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
         nf4 => nf4.clone(),
     };
-    let op = LoraLinearOp { w, scale, mask, dropped, xa: Mutex::new(None) };
+    let op = LoraLinearOp { w, scale, mask, dropped: Mutex::new(dropped), xa: Mutex::new(None) };
     let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("checked above") = d_out;
@@ -71,9 +66,10 @@ pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f6
 struct LoraLinearOp {
     w: BaseWeight,
     scale: f64,
-    mask: Option<Tensor>,
-    /// drop(x), when dropout is active (else x itself is the adapter's input).
-    dropped: Option<Tensor>,
+    mask: Option<DropoutMask>,
+    /// drop(x) for the forward, which lets it go (the backward draws it again); None without
+    /// dropout, where x itself is the adapter's input.
+    dropped: Mutex<Option<Tensor>>,
     /// `drop(x) Aᵀ`, written by the forward for the backward.
     xa: Mutex<Option<Tensor>>,
 }
@@ -85,6 +81,10 @@ impl LoraLinearOp {
 
     fn save_xa(&self, xa: Tensor) {
         *self.xa.lock().expect("xa lock") = Some(xa);
+    }
+
+    fn take_dropped(&self) -> Option<Tensor> {
+        self.dropped.lock().expect("dropped lock").take()
     }
 }
 
@@ -106,7 +106,7 @@ impl CustomOp3 for LoraLinearOp {
         let dtype = x.dtype();
         let acc = accumulate_dtype(dtype);
         let xt = cpu_tensor(x, lx, self.name())?.to_dtype(acc)?;
-        let xd = match &self.dropped {
+        let xd = match self.take_dropped() {
             Some(d) => d.to_dtype(acc)?,
             None => xt.clone(),
         };
@@ -129,7 +129,8 @@ impl CustomOp3 for LoraLinearOp {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, xa) = super::cuda::lora_forward(&*self.dense_w()?, self.dropped.as_ref(), self.scale, (x, lx), (a, la), (b, lb))?;
+        let dropped = self.take_dropped();
+        let (y, xa) = super::cuda::lora_forward(&*self.dense_w()?, dropped.as_ref(), self.scale, (x, lx), (a, la), (b, lb))?;
         self.save_xa(xa);
         Ok(y)
     }
@@ -147,12 +148,18 @@ impl CustomOp3 for LoraLinearOp {
         // Detached: gradients that carry a graph would keep this step's tensors alive in the
         // optimizer state.
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.detach());
+        let wrap = |e: crate::Error| candle_core::Error::Msg(e.to_string());
         let g = dy.matmul(&b)?;
+        // drop(x) and then the mask, each drawn from the seed and let go before the next.
+        let da = match self.mask {
+            Some(m) => g.t()?.matmul(&m.dropped(&x).map_err(wrap)?)?,
+            None => g.t()?.matmul(&x)?,
+        };
+        let da = (da * self.scale)?;
         let dx = dy.matmul(&*self.dense_w()?)?;
-        lowrank_add(&dx, &g, &a, Factor::Transposed, self.mask.as_ref(), self.scale)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let input = self.dropped.as_ref().unwrap_or(&x);
-        let da = (g.t()?.matmul(input)? * self.scale)?;
+        let mask = self.mask.map(|m| m.tensor(&x)).transpose().map_err(wrap)?;
+        lowrank_add(&dx, &g, &a, Factor::Transposed, mask.as_ref(), self.scale).map_err(wrap)?;
+        drop(mask);
         let db = (dy.t()?.matmul(&xa)? * self.scale)?;
         Ok((Some(dx), Some(da), Some(db)))
     }

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::lowrank_add::Factor;
+use crate::adapters::DropoutMask;
 use super::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 use crate::Result;
 
@@ -134,14 +135,13 @@ fn linear_cases(c: &mut Case, dora: bool, with_dropout: bool) -> Result<()> {
     // DoRA's m / ‖W + s·B A‖ stays near 1 in training.
     let k = (c.draw(&[d_out], 0.3)? + 1.0)?;
     let weights = c.draw(&[t, d_out], 1.0)?;
-    let mask = if with_dropout { Some(c.mask(&[t, d_in])?) } else { None };
+    let mask = with_dropout.then(|| DropoutMask { seed: c.rng.random(), keep: 0.9 });
     let inputs: Vec<&Tensor> = if dora { vec![&x, &a, &b, &k] } else { vec![&x, &a, &b] };
     let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
         let w = w.to_dtype(dtype)?.to_device(device)?.into();
-        let mask = mask.as_ref().map(|m| m.to_dtype(dtype)?.to_device(device)).transpose()?;
         forward_backward(device, dtype, &inputs, &weights, &|v| match dora {
-            true => dora_linear(&v[0], &w, &v[1], &v[2], &v[3], s, mask.as_ref()),
-            false => lora_linear(&v[0], &w, &v[1], &v[2], s, mask.as_ref()),
+            true => dora_linear(&v[0], &w, &v[1], &v[2], &v[3], s, mask),
+            false => lora_linear(&v[0], &w, &v[1], &v[2], s, mask),
         })
     };
     let (y, g) = run(c.device, c.dtype)?;
@@ -335,10 +335,17 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
     // element off is an error of 1.
     let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);
+    let mask = dropout.mask(true).ok_or_else(|| crate::Error::msg("no dropout mask"))?;
     let like = |device: &Device, dtype: DType| Tensor::zeros((rows, width), dtype, device);
-    let got = dropout.mask(&like(c.device, c.dtype)?, true)?.ok_or_else(|| crate::Error::msg("no dropout mask"))?;
-    let reference = dropout.mask(&like(&Device::Cpu, DType::F64)?, true)?.ok_or_else(|| crate::Error::msg("no dropout mask"))?;
-    c.record("dropout mask", &format!("{rows}x{width} p0.3"), "mask", &got, &reference)
+    let got = mask.tensor(&like(c.device, c.dtype)?)?;
+    let reference = mask.tensor(&like(&Device::Cpu, DType::F64)?)?;
+    c.record("dropout mask", &format!("{rows}x{width} p0.3"), "mask", &got, &reference)?;
+    // x ⊙ mask without the mask (the fused adapter ops' forward and backward): the product in
+    // the dtype, as candle's `x * mask` computes it.
+    let x = c.draw(&[rows, width], 1.0)?;
+    let got = mask.dropped(&c.on_device(&x)?)?;
+    let reference = (&x * mask.tensor(&x)?)?;
+    c.record("dropout apply", &format!("{rows}x{width} p0.3"), "x*mask", &got, &reference)
 }
 
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per kernel and dtype.
