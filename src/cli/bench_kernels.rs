@@ -7,7 +7,10 @@
 //! included) and the fused op, with their ratios to the frozen linear and the achieved
 //! TFLOP/s. The control branch (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against
 //! unfused; NF4 dequantize, the batch-1 GEMV and the few-row matmul report GB/s (ratio: over
-//! dequantize-then-matmul with the same x). Every timed iteration ends with a device
+//! dequantize-then-matmul with the same x). The training attention (`kernels/attention.cu`, the
+//! [t, s] scores never in memory) is compared with the candle graph it replaces (cuBLAS
+//! matmuls, the scores and probabilities kept for backward) at LLaMA-2-7B's heads. Every timed
+//! iteration ends with a device
 //! synchronisation; the figure is the median over iterations. The backward is seeded with ones
 //! (candle's `backward`), in every variant alike.
 
@@ -248,6 +251,51 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
     Ok(())
 }
 
+/// The causal self-attention of training, forward + backward: `--tokens` (the first) split into
+/// sequences of each of `--seqs`, `--attention-heads` heads of `--head-dim`. TFLOP/s counts the
+/// whole [t, t] score matrix (forward 4·b·h·t²·d, backward 10·b·h·t²·d: neither variant skips
+/// the causally masked half).
+fn attention_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let tokens = args.tokens.first().copied().unwrap_or(4096);
+    let (h, d) = (args.attention_heads, args.head_dim);
+    for &t in &args.seqs {
+        if t == 0 || tokens % t != 0 {
+            return Err(Error::msg(format!("--seqs: {t} does not divide --tokens {tokens}")));
+        }
+        let b = tokens / t;
+        let shape = format!("b{b} h{h} t{t} d{d}");
+        let qkv: Vec<Var> = (0..3).map(|_| Ok(Var::from_tensor(&randn(&[b, h, t, d], 1.0, dtype, device)?)?)).collect::<Result<_>>()?;
+        let bias = crate::model::ops::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
+        let step = |fused: bool| -> Result<()> {
+            let (q, k, v) = (qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor());
+            let o = match fused {
+                true => crate::model::ops::attention(q, k, v, &bias, true)?,
+                false => crate::model::ops::attention_reference(q, k, v, &bias)?,
+            };
+            o.backward()?;
+            Ok(())
+        };
+        let unfused = time(device, args.warmup, args.iters, || step(false))?;
+        let unfused_mem = crate::memory::peak_extra_mib(device, || step(false))?;
+        let fused = time(device, args.warmup, args.iters, || step(true))?;
+        let fused_mem = crate::memory::peak_extra_mib(device, || step(true))?;
+        let flops = 14.0 * (b * h * t * t * d) as f64;
+        for (variant, ms, mib) in [("unfused", unfused, unfused_mem), ("fused", fused, fused_mem)] {
+            out.push(KernelTiming {
+                op: "attention".into(),
+                shape: shape.clone(),
+                variant: variant.into(),
+                ms,
+                ratio: ms / unfused,
+                tflops: Some(flops / (ms * 1e-3) / 1e12),
+                gbps: None,
+                peak_extra_mib: Some(mib),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// SNELL (seed 002) on the linear shapes: the frozen linear, the adapter's plain candle ops (ΔW,
 /// its quantile and the product, autograd keeping the intermediate [d_in, d_out] tensors), and the
 /// fused op (ΔW recomputed, never kept); each forward + backward with the same frozen linear, with
@@ -335,15 +383,16 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
         ));
     }
     let mut rows = Vec::new();
-    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora", "nf4", "snell"] } else { args.ops.iter().map(String::as_str).collect() };
+    let ops: Vec<&str> = if args.ops.is_empty() { vec!["lora", "control", "dora", "attention", "nf4", "snell"] } else { args.ops.iter().map(String::as_str).collect() };
     for op in ops {
         match op {
             "lora" => lora_rows(args, &device, dtype, &mut rows)?,
             "control" => control_rows(args, &device, dtype, &mut rows)?,
             "dora" => dora_rows(args, &device, dtype, &mut rows)?,
+            "attention" => attention_rows(args, &device, dtype, &mut rows)?,
             "nf4" => nf4_rows(args, &device, dtype, &mut rows)?,
             "snell" => snell_rows(args, &device, dtype, &mut rows)?,
-            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora, nf4, snell)"))),
+            other => return Err(Error::msg(format!("unknown op `{other}` (lora, control, dora, attention, nf4, snell)"))),
         }
     }
     print!("{}", table(&rows));

@@ -418,7 +418,7 @@ pub struct BenchKernelsArgs {
     pub device: String,
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Which ops: lora, control, dora, nf4, snell (default: all).
+    /// Which ops: lora, control, dora, attention, nf4, snell (default: all).
     #[arg(long, value_delimiter = ',')]
     pub ops: Vec<String>,
     /// Linear shapes IN x OUT (also the DoRA weights, and the control width from the first).
@@ -428,6 +428,15 @@ pub struct BenchKernelsArgs {
     pub ranks: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
     pub tokens: Vec<usize>,
+    /// Attention: sequence lengths (each splits the first --tokens into sequences).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048")]
+    pub seqs: Vec<usize>,
+    /// Attention heads (LLaMA-2-7B: 32).
+    #[arg(long, default_value_t = 32)]
+    pub attention_heads: usize,
+    /// Attention head dimension (LLaMA-2-7B: 128).
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
     /// SNELL's rank r (two heads).
     #[arg(long, default_value_t = 32)]
     pub snell_rank: usize,
