@@ -26,6 +26,13 @@
 //                         every head of its group: dk, dv (the group sum of grouped-query
 //                         attention falls out of the walk, no atomics)
 // Each pass recomputes S from q and k rather than reading anything of size t × s.
+//
+// causal = 1 says the bias masks every key j > (s − t) + i of query row i (`attention_bias` does,
+// padding or not): the forward and dq passes then stop after the last chunk a block's rows can
+// see, and the dkdv pass starts at the first chunk of query rows that can see its keys. The
+// chunks skipped would add exact zeros (p = exp(−1e30 − m) = 0 against the row's own key), and
+// the chunks keep their boundaries, so the results are bit for bit those of the full walk while
+// about half of the work of a square causal attention goes.
 
 #include "common.cuh"
 
@@ -48,6 +55,22 @@ __device__ void stage_chunk(float dst[CHUNK][MAX_D + 1], const T* src, int row0,
         const int r = e / d, c = e % d;
         dst[r][c] = row0 + r < n ? to_f32(src[(long long)(row0 + r) * d + c]) : 0.f;
     }
+}
+
+// The end of the key walk of a block of query rows: all s keys, or causally the chunks up to the
+// last row's diagonal key (s − t) + i_last.
+__device__ __forceinline__ int key_walk_end(int t, int s, int causal) {
+    if (!causal) return s;
+    const int last_row = min(t - 1, (int)blockIdx.x * ROWS + ROWS - 1);
+    return min(s, s - t + last_row + 1);
+}
+
+// The start of the query walk of a block of key rows: 0, or causally the chunk holding the
+// first row that sees the block's first key j_first, i = j_first − (s − t).
+__device__ __forceinline__ int query_walk_start(int t, int s, int causal) {
+    if (!causal) return 0;
+    const int first = (int)blockIdx.x * ROWS - (s - t);
+    return first <= 0 ? 0 : first / CHUNK * CHUNK;
 }
 
 // One row of d elements into a warp's shared row (f32).
@@ -94,7 +117,7 @@ struct QueryRow {
 
 template <typename T>
 __device__ void attention_forward(const T* q, const T* k, const T* v, const T* bias, T* o, float* lse, int h, int g, int t,
-                                  int s, int d, float scale) {
+                                  int s, int d, float scale, int causal) {
     __shared__ float sk[CHUNK][MAX_D + 1];
     __shared__ float sv[CHUNK][MAX_D + 1];
     __shared__ float sq[ROWS][MAX_D];
@@ -105,7 +128,8 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const T* b
     const T *kh = r.kv_head(k, s, d), *vh = r.kv_head(v, s, d), *brow = r.bias_row(bias, t, s);
     if (active) stage_row(sq[warp], q + ((long long)bh * t + i) * d, d, lane);
     float m = -INFINITY, l = 0.f, acc[DIMS_PER_LANE] = {};
-    for (int j0 = 0; j0 < s; j0 += CHUNK) {
+    const int s_end = key_walk_end(t, s, causal);
+    for (int j0 = 0; j0 < s_end; j0 += CHUNK) {
         __syncthreads();  // the previous chunk is consumed (and sq is written, on the first pass)
         stage_chunk(sk, kh, j0, s, d);
         stage_chunk(sv, vh, j0, s, d);
@@ -141,7 +165,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const T* b
 
 template <typename T>
 __device__ void attention_dq(const T* q, const T* k, const T* v, const T* bias, const T* o, const T* dout, const float* lse,
-                             float* delta, T* dq, int h, int g, int t, int s, int d, float scale) {
+                             float* delta, T* dq, int h, int g, int t, int s, int d, float scale, int causal) {
     __shared__ float sk[CHUNK][MAX_D + 1];
     __shared__ float sv[CHUNK][MAX_D + 1];
     __shared__ float sq[ROWS][MAX_D];
@@ -163,7 +187,8 @@ __device__ void attention_dq(const T* q, const T* k, const T* v, const T* bias, 
         if (lane == 0) delta[(long long)bh * t + i] = row_delta;
     }
     float acc[DIMS_PER_LANE] = {};
-    for (int j0 = 0; j0 < s; j0 += CHUNK) {
+    const int s_end = key_walk_end(t, s, causal);
+    for (int j0 = 0; j0 < s_end; j0 += CHUNK) {
         __syncthreads();
         stage_chunk(sk, kh, j0, s, d);
         stage_chunk(sv, vh, j0, s, d);
@@ -205,7 +230,8 @@ __device__ void stage_merged_chunk(float dst[CHUNK][MAX_D + 1], const T* dout, i
 
 template <typename T>
 __device__ void attention_dkdv(const T* q, const T* k, const T* v, const T* bias, const T* dout, const float* lse,
-                               const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale) {
+                               const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale,
+                               int causal) {
     __shared__ float sq[CHUNK][MAX_D + 1];
     __shared__ float sdo[CHUNK][MAX_D + 1];
     __shared__ float sk[ROWS][MAX_D];
@@ -225,7 +251,7 @@ __device__ void attention_dkdv(const T* q, const T* k, const T* v, const T* bias
     float acc_k[DIMS_PER_LANE] = {}, acc_v[DIMS_PER_LANE] = {};
     for (int hi = gi * group; hi < (gi + 1) * group; ++hi) {
         const long long bh = (long long)bi * h + hi;
-        for (int i0 = 0; i0 < t; i0 += CHUNK) {
+        for (int i0 = query_walk_start(t, s, causal); i0 < t; i0 += CHUNK) {
             __syncthreads();
             stage_chunk(sq, q + bh * t * d, i0, t, d);
             stage_merged_chunk(sdo, dout, bi, hi, i0, t, h, d);
@@ -275,18 +301,20 @@ __device__ void attention_dkdv(const T* q, const T* k, const T* v, const T* bias
 #define INSTANTIATE(T, SUFFIX)                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
         attention_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, T* o, float* lse, int h, int g, \
-                                   int t, int s, int d, float scale) {                                                  \
-        attention_forward<T>(q, k, v, bias, o, lse, h, g, t, s, d, scale);                                              \
+                                   int t, int s, int d, float scale, int causal) {                                      \
+        attention_forward<T>(q, k, v, bias, o, lse, h, g, t, s, d, scale, causal);                                      \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
         attention_dq_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, const T* o, const T* dout,          \
-                              const float* lse, float* delta, T* dq, int h, int g, int t, int s, int d, float scale) {   \
-        attention_dq<T>(q, k, v, bias, o, dout, lse, delta, dq, h, g, t, s, d, scale);                                  \
+                              const float* lse, float* delta, T* dq, int h, int g, int t, int s, int d, float scale,     \
+                              int causal) {                                                                              \
+        attention_dq<T>(q, k, v, bias, o, dout, lse, delta, dq, h, g, t, s, d, scale, causal);                          \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                               \
         attention_dkdv_##SUFFIX(const T* q, const T* k, const T* v, const T* bias, const T* dout, const float* lse,  \
-                                const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale) {     \
-        attention_dkdv<T>(q, k, v, bias, dout, lse, delta, dk, dv, h, g, t, s, d, scale);                              \
+                                const float* delta, T* dk, T* dv, int h, int g, int t, int s, int d, float scale,       \
+                                int causal) {                                                                            \
+        attention_dkdv<T>(q, k, v, bias, dout, lse, delta, dk, dv, h, g, t, s, d, scale, causal);                      \
     }
 
 INSTANTIATE(float, f32)

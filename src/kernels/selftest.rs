@@ -73,6 +73,16 @@ impl Case<'_> {
         Ok(())
     }
 
+    /// Two device tensors that must hold the same values (bound 0; a signed zero counts as zero).
+    fn record_equal(&mut self, kernel: &str, shape: &str, output: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+        let f64s = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+        let want = f64s(want)?;
+        let max_abs = (f64s(got)? - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE);
+        self.push([kernel, shape, output], max_abs, max_abs / scale, 0.0, max_abs == 0.0);
+        Ok(())
+    }
+
     /// A value that must equal its reference bit for bit (bound 0).
     fn record_exact(&mut self, kernel: &str, shape: &str, output: &str, got: f64, want: f64) {
         let max_abs = (got - want).abs();
@@ -273,8 +283,10 @@ fn snell_cases(c: &mut Case) -> Result<()> {
 
 /// The flash-style attention of training (`kernels/attention.cu`) against the CPU op in f64, on
 /// the model's shape (grouped-query, scale 1/√d, d not a multiple of 32) and on the nonlinear
-/// controller's (one head, d = r + 1 = 65, scale 1); causal, one row left-padded.
+/// controller's (one head, d = r + 1 = 65, scale 1); causal, one row left-padded. The causal
+/// walk, which skips the masked chunks, must give the full walk's values exactly.
 fn attention_cases(c: &mut Case) -> Result<()> {
+    use crate::model::fused::Attention;
     use crate::model::ops::{attention_bias, attention_scaled};
     let (b, t, d_model) = (2, c.odd(33, 150), c.odd(33, 127));
     let pad = c.rng.random_range(1..t / 2);
@@ -294,6 +306,16 @@ fn attention_cases(c: &mut Case) -> Result<()> {
         c.record(kernel, &shape, "o", &o, &o_ref)?;
         for (name, (got, reference)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g_ref)) {
             c.record(kernel, &shape, name, got, reference)?;
+        }
+        let bias = attention_bias(&mask, t, c.dtype, c.device)?;
+        let full_walk = |x: &[Tensor]| -> Result<Tensor> {
+            Ok(x[0].contiguous()?.apply_op3(&x[1].contiguous()?, &x[2].contiguous()?, Attention::new(bias.clone(), scale))?)
+        };
+        let (o_full, g_full) = forward_backward(c.device, c.dtype, &[&q, &k, &v], &weights, &full_walk)?;
+        let kernel = format!("{kernel} causal skip");
+        c.record_equal(&kernel, &shape, "o", &o, &o_full)?;
+        for (name, (got, full)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g_full)) {
+            c.record_equal(&kernel, &shape, name, got, full)?;
         }
     }
     Ok(())

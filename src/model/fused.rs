@@ -444,12 +444,21 @@ pub fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 pub struct Attention {
     pub bias: Tensor,
     pub scale: f64,
+    /// The bias masks every key j > (s − t) + i of query row i: the CUDA kernels skip them.
+    pub causal: bool,
     lse: OnceLock<Tensor>,
 }
 
 impl Attention {
+    /// Any bias [b, 1, t, s].
     pub fn new(bias: Tensor, scale: f64) -> Self {
-        Self { bias, scale, lse: OnceLock::new() }
+        Self { bias, scale, causal: false, lse: OnceLock::new() }
+    }
+
+    /// A bias that masks at least what `ops::attention_bias` masks (the keys after each row's
+    /// own position).
+    pub fn causal(bias: Tensor, scale: f64) -> Self {
+        Self { causal: true, ..Self::new(bias, scale) }
     }
 
     /// The shapes of q, k, v and the bias checked against each other; returns q's dims.
@@ -520,7 +529,7 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        let (o, lse) = crate::kernels::cuda::attention::forward(&self.bias, self.scale, (s1, l1), (s2, l2), (s3, l3))?;
+        let (o, lse) = crate::kernels::cuda::attention::forward(&self.bias, self.scale, self.causal, (s1, l1), (s2, l2), (s3, l3))?;
         self.save_lse(lse)?;
         Ok(o)
     }
@@ -537,7 +546,7 @@ impl CustomOp3 for Attention {
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            let (dq, dk, dv) = crate::kernels::cuda::attention::backward(&self.bias, self.scale, &q, &k, &v, &o, &dout.detach(), lse)?;
+            let (dq, dk, dv) = crate::kernels::cuda::attention::backward(&self.bias, self.scale, self.causal, &q, &k, &v, &o, &dout.detach(), lse)?;
             return Ok((Some(dq), Some(dk), Some(dv)));
         }
         let (b, h, t, d) = q.dims4()?;

@@ -120,18 +120,19 @@ pub fn rope_heads_reference(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) ->
 }
 
 /// Causal attention `softmax(q kᵀ / √d + bias) v` with the heads merged: q [b, h, t, d], k and v
-/// [b, g, s, d] (grouped-query: h a multiple of g), bias [b, 1, t, s] from `attention_bias`;
+/// [b, g, s, d] (grouped-query: h a multiple of g), bias [b, 1, t, s] from `attention_bias`, or
+/// any bias that masks every key j > (s − t) + i of query row i (the CUDA kernels skip those);
 /// returns [b, t, h·d]. Training on the CPU (f32, f64) and on CUDA takes the fused op, which
 /// keeps q, k, v, the output and a log-sum-exp per row, never the [b, h, t, s] probabilities.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
     attention_scaled(q, k, v, bias, 1.0 / (q.dim(D::Minus1)? as f64).sqrt(), train)
 }
 
-/// `softmax(q kᵀ · scale + bias) v`, as `attention` but with the scale given (the nonlinear
+/// `softmax(q kᵀ · scale + bias) v`, as `attention` (causal) but with the scale given (the nonlinear
 /// controller mixes tokens with unscaled logits).
 pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
     if fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
-        let op = super::fused::Attention::new(bias.contiguous()?, scale);
+        let op = super::fused::Attention::causal(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     attention_composed(q, k, v, bias, scale, train)

@@ -21,7 +21,7 @@ use super::{cuda_storage, view, wrap, Arg, KernelType, ATTENTION_PTX};
 pub const MAX_HEAD_DIM: usize = 128;
 const ROWS: usize = 8;
 
-/// The sizes every kernel takes after its buffers: h, g, t, s, d, scale.
+/// The sizes every kernel takes after its buffers: h, g, t, s, d (then scale and causal).
 struct Dims {
     b: usize,
     h: usize,
@@ -59,7 +59,7 @@ fn bias_in(bias: &Tensor, dtype: DType, d: &Dims) -> Result<Tensor> {
 }
 
 /// `o [b, t, h·d]` and `lse [b, h, t]` (f32).
-pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): Arg) -> Result<((CudaStorage, Shape), Tensor)> {
+pub fn forward(bias: &Tensor, scale: f64, causal: bool, (q, lq): Arg, (k, lk): Arg, (v, lv): Arg) -> Result<((CudaStorage, Shape), Tensor)> {
     let dev = q.device().clone();
     let dims = Dims::new(lq.dims(), lk.dims())?;
     if lv.dims() != lk.dims() || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
@@ -77,10 +77,10 @@ pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): A
         let lse = unsafe { dev.alloc::<f32>(b * h * t)? };
         let func = dev.get_or_load_custom_func(&format!("attention_forward_{}", T::SUFFIX), "attention", ATTENTION_PTX)?;
         let [hi, gi, ti, si, di] = dims.ints();
-        let scale = scale as f32;
+        let (scale, causal) = (scale as f32, i32::from(causal));
         let mut builder = func.builder();
         builder.arg(&qv).arg(&kv).arg(&vv).arg(&biasv).arg(&o).arg(&lse);
-        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale);
+        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale).arg(&causal);
         // SAFETY: matches `attention_forward_*`; the buffers hold the sizes of the layout above.
         unsafe { builder.launch(dims.rows_grid(t, h)) }.w()?;
         Ok(((CudaStorage::wrap_cuda_slice(o, dev.clone()), Shape::from((b, t, h * d))), wrap(lse, &dev, (b, h, t))))
@@ -89,7 +89,7 @@ pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): A
 
 /// `(dq, dk, dv)` from the op's inputs, its output o [b, t, h·d], the output's gradient and lse.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(bias: &Tensor, scale: f64, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, dout: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn backward(bias: &Tensor, scale: f64, causal: bool, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, dout: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let dims = Dims::new(q.dims(), k.dims())?;
     let bias = bias_in(bias, q.dtype(), &dims)?;
     let (q, k, v, o, dout, lse) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dout.contiguous()?, lse.contiguous()?);
@@ -107,17 +107,17 @@ pub fn backward(bias: &Tensor, scale: f64, q: &Tensor, k: &Tensor, v: &Tensor, o
         let dk = unsafe { dev.alloc::<T>(b * g * s * d)? };
         let dv = unsafe { dev.alloc::<T>(b * g * s * d)? };
         let [hi, gi, ti, si, di] = dims.ints();
-        let scale = scale as f32;
+        let (scale, causal) = (scale as f32, i32::from(causal));
         let func = dev.get_or_load_custom_func(&format!("attention_dq_{}", T::SUFFIX), "attention", ATTENTION_PTX)?;
         let mut builder = func.builder();
         builder.arg(&qv).arg(&kv).arg(&vv).arg(&biasv).arg(&ov).arg(&dov).arg(&lsev).arg(&delta).arg(&dq);
-        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale);
+        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale).arg(&causal);
         // SAFETY: matches `attention_dq_*`; the buffers hold the sizes of the layout in the .cu.
         unsafe { builder.launch(dims.rows_grid(t, h)) }.w()?;
         let func = dev.get_or_load_custom_func(&format!("attention_dkdv_{}", T::SUFFIX), "attention", ATTENTION_PTX)?;
         let mut builder = func.builder();
         builder.arg(&qv).arg(&kv).arg(&vv).arg(&biasv).arg(&dov).arg(&lsev).arg(&delta).arg(&dk).arg(&dv);
-        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale);
+        builder.arg(&hi).arg(&gi).arg(&ti).arg(&si).arg(&di).arg(&scale).arg(&causal);
         // SAFETY: matches `attention_dkdv_*`; delta was written by the dq pass on the same stream.
         unsafe { builder.launch(dims.rows_grid(s, g)) }.w()?;
         Ok((wrap(dq, &dev, (b, h, t, d)), wrap(dk, &dev, (b, g, s, d)), wrap(dv, &dev, (b, g, s, d))))
