@@ -447,11 +447,12 @@ mod tests {
 
     #[test]
     fn the_layer_op_checks_pass_on_the_cpu_reference() {
-        passes_on_the_cpu(layer_op_cases, 3 + 3 + 2 + 1);
+        passes_on_the_cpu(layer_op_cases, 3 + 3 + 2 + 1 + 1);
     }
 
     #[test]
     fn the_attention_checks_pass_on_the_cpu_reference() {
-        passes_on_the_cpu(attention_cases, 2 * 4);
+        // Each shape against the f64 reference and the causal walk against the full one.
+        passes_on_the_cpu(attention_cases, 2 * 4 * 2);
     }
 }
