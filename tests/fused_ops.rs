@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::model::ops::{
-    attention, attention_bias, attention_reference, cross_entropy, cross_entropy_sum_reference, frozen_matmul_t, rms_norm,
+    attention, attention_bias, attention_reference, cross_entropy, cross_entropy_sum_reference, frozen_matmul_t, frozen_matmul_t_add, rms_norm,
     rms_norm_reference, rope_heads, rope_heads_reference, softmax_last_dim, softmax_last_dim_reference, swiglu, swiglu_reference,
 };
 
@@ -171,4 +171,19 @@ fn frozen_matmul_equals_matmul_and_gives_no_weight_gradient() {
     );
     let grads = frozen_matmul_t(x.as_tensor(), &w.clone().into()).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&w).is_none(), "no gradient is computed for the frozen weight");
+}
+
+#[test]
+fn frozen_matmul_into_the_residual_equals_the_add_with_gradients() {
+    let (x, residual) = (randn(&[2, 3, 5], 1.0), randn(&[2, 3, 4], 1.0));
+    let w = Tensor::randn(0f64, 1.0, (4, 5), &Device::Cpu).unwrap();
+    check(
+        &[&x, &residual],
+        |t| frozen_matmul_t_add(&t[0], &w.clone().into(), &t[1]).unwrap(),
+        |t| (&t[1] + candle_peft::model::linear::matmul_t(&t[0], &w).unwrap()).unwrap(),
+        1e-12,
+    );
+    let bad = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
+    let err = frozen_matmul_t_add(x.as_tensor(), &w.clone().into(), &bad).unwrap_err().to_string();
+    assert!(err.contains("residual"), "{err}");
 }

@@ -325,7 +325,7 @@ fn attention_cases(c: &mut Case) -> Result<()> {
 /// RoPE: candle ops on detached inputs with the fused ops' backward; SwiGLU: `kernels/swiglu.cu`)
 /// against the fused CPU ops in f64, on odd widths.
 fn layer_op_cases(c: &mut Case) -> Result<()> {
-    use crate::model::ops::{rms_norm, rope_heads, swiglu};
+    use crate::model::ops::{frozen_matmul_t_add, rms_norm, rope_heads, swiglu};
     let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
     let shape = format!("{rows}x{width}");
     let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
@@ -341,6 +341,20 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     c.record("swiglu", &shape, "y", &y, &y_ref)?;
     for (name, (got, reference)) in ["dg", "du"].iter().zip(g.iter().zip(&g_ref)) {
         c.record("swiglu", &shape, name, got, reference)?;
+    }
+    // The frozen projection into the residual (o_proj, down_proj): copy, then a GEMM with β = 1.
+    let d_in = c.odd(33, 500);
+    let (a, proj) = (c.draw(&[rows, d_in], 1.0)?, c.draw(&[width, d_in], 0.1)?);
+    let residual = c.draw(&[rows, width], 1.0)?;
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&a, &residual], &weights, &|t| frozen_matmul_t_add(&t[0], &w, &t[1]))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    let shape_add = format!("{rows}x{d_in} -> {width}");
+    c.record("frozen_matmul_add", &shape_add, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dx", "dres"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("frozen_matmul_add", &shape_add, name, got, reference)?;
     }
     let (b, t, heads, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
     let shape = format!("b{b} t{t} h{heads} d{d}");
@@ -447,7 +461,7 @@ mod tests {
 
     #[test]
     fn the_layer_op_checks_pass_on_the_cpu_reference() {
-        passes_on_the_cpu(layer_op_cases, 3 + 3 + 2 + 1 + 1);
+        passes_on_the_cpu(layer_op_cases, 3 + 3 + 3 + 2 + 1 + 1);
     }
 
     #[test]

@@ -581,19 +581,54 @@ pub struct FrozenMatmulT {
     pub weight: BaseWeight,
 }
 
+/// `residual + x Wᵀ` with W constant: a frozen projection that only adds into the residual
+/// stream (the attention's o_proj, the MLP's down_proj). As one node the graph holds x and the
+/// residual, which it holds anyway, and not the projection's output, which no backward reads
+/// (candle's add node would keep it: [tokens, hidden] a layer). Backward: `dx = dy W`, and dy
+/// itself for the residual.
+pub struct FrozenMatmulTAdd {
+    pub weight: BaseWeight,
+}
+
+impl CustomOp2 for FrozenMatmulTAdd {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let product = FrozenMatmulT { weight: self.weight.clone() }.product(&cpu_tensor(s1, l1, self.name())?)?;
+        let residual = cpu_tensor(s2, l2, self.name())?;
+        if residual.shape() != product.shape() {
+            candle_core::bail!("{}: residual {:?} for an output {:?}", self.name(), residual.dims(), product.dims());
+        }
+        let y = (residual + product)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::cuda::frozen_matmul_t_add(&*self.weight.dense().map_err(candle_core::Error::wrap)?, (s1, l1), (s2, l2))
+    }
+
+    fn bwd(&self, x: &Tensor, _residual: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = FrozenMatmulT { weight: self.weight.clone() }.bwd(x, y, dy)?;
+        Ok((dx, Some(dy.detach())))
+    }
+}
+
 impl FrozenMatmulT {
     fn dense(&self) -> candle_core::Result<std::borrow::Cow<'_, Tensor>> {
         self.weight.dense().map_err(candle_core::Error::wrap)
     }
-}
 
-impl CustomOp1 for FrozenMatmulT {
-    fn name(&self) -> &'static str {
-        "frozen-matmul-t"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(storage, layout, self.name())?;
+    /// `x Wᵀ` on the CPU, x [..., in].
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.dense()?;
         let (out, inp) = w.dims2()?;
         let dims = x.dims().to_vec();
@@ -604,7 +639,18 @@ impl CustomOp1 for FrozenMatmulT {
         let y = x.reshape((rows, inp))?.matmul(&w.to_dtype(x.dtype())?.t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dim") = out;
-        Ok((tensor_cpu_storage(&y)?, Shape::from(out_dims)))
+        y.reshape(out_dims)
+    }
+}
+
+impl CustomOp1 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.product(&cpu_tensor(storage, layout, self.name())?)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
     }
 
     /// cuBLAS on the CUDA storage (f32 accumulation), W in x's dtype.

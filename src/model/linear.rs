@@ -202,6 +202,15 @@ impl Linear {
         }
     }
 
+    /// `residual + forward(x)`; a frozen layer in training adds into the residual in one op
+    /// ([`super::ops::frozen_matmul_t_add`]), so its output is not kept for backward.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if train && (self.adapter.is_none() || self.merged) {
+            return super::ops::frozen_matmul_t_add(x, self.base.base_weight(), residual);
+        }
+        Ok((residual + self.forward(x, train)?)?)
+    }
+
     /// Fold the adapter into the base weight; the adapter stays attached for `unmerge`. An NF4
     /// base becomes dense: dequantized W + ΔW.
     pub fn merge(&mut self) -> Result<()> {

@@ -406,14 +406,14 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         let Positions { bias, cos, sin } = positions;
         let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
-        let mut h2 = (h + self.attention(&layer.self_attn, &attn_in, bias, cos, sin, kv, train)?)?;
+        let mut h2 = self.attention(&layer.self_attn, &attn_in, h, bias, cos, sin, kv, train)?;
         if let Some(c) = &layer.attn_control {
             h2 = c.add_to(&h2, h, &ControlContext { bias, past_input: None }, train)?;
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
         let act = ops::swiglu(&m.gate_proj.forward(&mlp_in, train)?, &m.up_proj.forward(&mlp_in, train)?, train)?;
-        let mut out = (&h2 + m.down_proj.forward(&act, train)?)?;
+        let mut out = m.down_proj.forward_add(&act, &h2, train)?;
         if let Some(c) = &layer.mlp_control {
             out = c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?;
             if c.mixes_tokens() {
@@ -427,11 +427,13 @@ impl Llama {
         Ok(out)
     }
 
+    /// `residual + attention(x)`: the residual is added by the output projection.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
+        residual: &Tensor,
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
@@ -450,7 +452,7 @@ impl Llama {
         }
         *kv = Some((k.detach(), v.detach()));
         let out = ops::attention(&q, &k, &v, bias, train)?;
-        attn.o_proj.forward(&out, train)
+        attn.o_proj.forward_add(&out, residual, train)
     }
 }
 

@@ -194,6 +194,18 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     super::linear::matmul_t(x, &*w.dense()?)
 }
 
+/// `residual + x Wᵀ` for a frozen W: the projections that only add into the residual stream.
+/// In training, one op ([`super::fused::FrozenMatmulTAdd`]) whose graph node holds x and the
+/// residual but not the [.., out] product, which candle's add node would keep until backward.
+pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Result<Tensor> {
+    let fits = w.dtype() == x.dtype() && residual.dtype() == x.dtype() && w.device().same_device(x.device());
+    if (x.track_op() || residual.track_op()) && fits && crate::kernels::fused_for(x) {
+        let op = super::fused::FrozenMatmulTAdd { weight: w.clone() };
+        return Ok(x.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
+    }
+    Ok((residual + frozen_matmul_t(x, w)?)?)
+}
+
 /// Rotary embedding in the Hugging Face ("rotate half") layout.
 /// `x`: [b, heads, t, head_dim]; `cos`, `sin`: [b, 1, t, head_dim / 2] in x's dtype.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

@@ -426,6 +426,28 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
     })
 }
 
+/// `residual + x Wᵀ` for x [..., in], residual [..., out] and a constant W [out, in], all in
+/// x's dtype: the residual copied into the output, then one GEMM with β = 1 (f32 accumulation,
+/// one rounding), so no separate [.., out] product exists (`model::fused::FrozenMatmulTAdd`).
+pub fn frozen_matmul_t_add(w: &Tensor, (x, lx): Arg, (r, lr): Arg) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (out, inp) = w.dims2()?;
+    let rows = lx.shape().elem_count() / inp.max(1);
+    if lx.dims().last() != Some(&inp) || lr.shape().elem_count() != rows * out || w.dtype() != x.dtype() || r.dtype() != x.dtype() {
+        bail!("frozen-matmul-t-add: x {:?}, residual {:?} {:?} against W {:?} {:?}", lx.dims(), lr.dims(), r.dtype(), w.dims(), w.dtype());
+    }
+    with_kernel_type!(x.dtype(), T, {
+        let (xv, rv) = (view::<T>(x, lx, "x")?, view::<T>(r, lr, "residual")?);
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let wv = view::<T>(cuda_storage(&w_storage, "W")?, w_layout, "W")?;
+        // SAFETY: the copy writes every element before the GEMM reads them (β = 1).
+        let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        dev.memcpy_dtod(&rv, &mut y)?;
+        gemm::<T>(&dev, (rows, out, inp), 1.0, &xv, false, &wv, true, 1.0, &mut y)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), lr.shape().clone()))
+    })
+}
+
 pub mod snell;
 mod snell_sparse;
 pub mod attention;

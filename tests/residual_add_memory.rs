@@ -1,0 +1,38 @@
+//! A frozen projection that adds into the residual (o_proj, down_proj) keeps nothing of its
+//! output for backward: candle's add node would hold the [tokens, out] product until backward
+//! ends. This test binary counts heap bytes in its allocator, so it holds this one test.
+
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+use candle_core::{Device, Tensor, Var};
+use candle_peft::model::linear::BaseWeight;
+use candle_peft::model::ops::{frozen_matmul_t, frozen_matmul_t_add};
+
+#[test]
+fn the_projection_added_into_the_residual_is_not_kept_for_backward() {
+    let (t, d_in, d_out) = (512, 64, 1024);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, d_in), &Device::Cpu).unwrap()).unwrap();
+    let residual = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, d_out), &Device::Cpu).unwrap()).unwrap();
+    let w: BaseWeight = Tensor::randn(0f32, 0.05, (d_out, d_in), &Device::Cpu).unwrap().into();
+    let output_bytes = t * d_out * 4;
+    // Bytes live between forward and backward, over those before, with the sum's output held.
+    let held = |fused: bool| {
+        let before = counting_alloc::live();
+        let y = match fused {
+            true => frozen_matmul_t_add(x.as_tensor(), &w, residual.as_tensor()).unwrap(),
+            false => (residual.as_tensor() + frozen_matmul_t(x.as_tensor(), &w).unwrap()).unwrap(),
+        };
+        let held = counting_alloc::live() - before;
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some() && grads.get(residual.as_tensor()).is_some());
+        held
+    };
+    // The first run also sets up the matmul's workspace and thread pool.
+    let _warm_up = (held(true), held(false));
+    let (fused, added) = (held(true), held(false));
+    let mib = |b: usize| b as f64 / 1048576.0;
+    assert!(fused < output_bytes + output_bytes / 8, "fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
+    // The comparison means something only if the add does hold the product besides its output.
+    assert!(added >= 2 * output_bytes, "add: {:.2} MiB held", mib(added));
+}
