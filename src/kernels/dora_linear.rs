@@ -17,9 +17,8 @@
 //! mask's seed (the mask is drawn again in backward), u and q: one [T, out] tensor. The same
 //! math in plain candle ops keeps about six (every node of candle's graph holds its inputs: the
 //! base output, the dropped base output, the branch before and after scaling, both products with
-//! k and the sums). The forward and backward are candle
-//! ops on whatever device x lives on (cuBLAS on CUDA); the op only decides what outlives the
-//! forward.
+//! k and the sums). The forward and backward are candle ops on whatever device x lives on
+//! (cuBLAS on CUDA); the op only decides what outlives the forward.
 //!
 //! Layout: x [T, in], W [out, in], A [r, in], B [out, r], k [out], mask [T, in]; row-major, one
 //! dtype (A, B and k cast to x's dtype by the caller, as autocast would).

@@ -11,15 +11,16 @@
 //!
 //! What it keeps for backward: the op's inputs x, A, B (candle holds them), `xa`, and with
 //! dropout only the mask's seed: `drop(x)` and the mask are drawn again in backward, one at a
-//! time, and let go (PEFT keeps both, a [T, in] tensor each); W as the layer holds it (an NF4 base stays packed and is
-//! dequantized in forward and again in backward, as bitsandbytes' 4-bit matmul does). The
+//! time, and let go (PEFT keeps both, a [T, in] tensor each); W as the layer holds it (an NF4
+//! base stays packed and is dequantized in forward and again in backward, as bitsandbytes'
+//! 4-bit matmul does). The
 //! unfused candle graph keeps, besides, the [T, out] branch output twice (before and after
 //! scaling) and the sum's inputs. On CUDA the GEMMs run in cuBLAS
 //! (f32 accumulation, `s` passed as an f32 scalar) and the branch is added into y and dx in place
 //! (`lowrank_add`), so no [T, out] or [T, in] temporary exists besides y and dx.
 //!
-//! Layout: x [T, in], W [out, in], A [r, in], B [out, r], mask [T, in] (drawn); row-major, contiguous,
-//! one dtype (A and B are cast to x's dtype by the caller, as autocast would).
+//! Layout: x [T, in], W [out, in], A [r, in], B [out, r], mask [T, in] (drawn); row-major,
+//! contiguous, one dtype (A and B are cast to x's dtype by the caller, as autocast would).
 
 use std::sync::Mutex;
 

@@ -587,7 +587,7 @@ pub struct FrozenMatmulT {
 /// (candle's add node would keep it: [tokens, hidden] a layer). Backward: `dx = dy W`, and dy
 /// itself for the residual.
 pub struct FrozenMatmulTAdd {
-    pub weight: BaseWeight,
+    pub projection: FrozenMatmulT,
 }
 
 impl CustomOp2 for FrozenMatmulTAdd {
@@ -596,7 +596,7 @@ impl CustomOp2 for FrozenMatmulTAdd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let product = FrozenMatmulT { weight: self.weight.clone() }.product(&cpu_tensor(s1, l1, self.name())?)?;
+        let product = self.projection.product(&cpu_tensor(s1, l1, self.name())?)?;
         let residual = cpu_tensor(s2, l2, self.name())?;
         if residual.shape() != product.shape() {
             candle_core::bail!("{}: residual {:?} for an output {:?}", self.name(), residual.dims(), product.dims());
@@ -613,11 +613,11 @@ impl CustomOp2 for FrozenMatmulTAdd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels::cuda::frozen_matmul_t_add(&*self.weight.dense().map_err(candle_core::Error::wrap)?, (s1, l1), (s2, l2))
+        crate::kernels::cuda::frozen_matmul_t_add(&*self.projection.dense()?, (s1, l1), (s2, l2))
     }
 
     fn bwd(&self, x: &Tensor, _residual: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = FrozenMatmulT { weight: self.weight.clone() }.bwd(x, y, dy)?;
+        let dx = self.projection.bwd(x, y, dy)?;
         Ok((dx, Some(dy.detach())))
     }
 }

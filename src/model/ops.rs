@@ -200,7 +200,7 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
 pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Result<Tensor> {
     let fits = w.dtype() == x.dtype() && residual.dtype() == x.dtype() && w.device().same_device(x.device());
     if (x.track_op() || residual.track_op()) && fits && crate::kernels::fused_for(x) {
-        let op = super::fused::FrozenMatmulTAdd { weight: w.clone() };
+        let op = super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } };
         return Ok(x.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
     }
     Ok((residual + frozen_matmul_t(x, w)?)?)
