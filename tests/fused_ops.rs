@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::model::ops::{
     attention, attention_bias, attention_reference, cross_entropy, cross_entropy_sum_reference, frozen_matmul_t, frozen_matmul_t_add, rms_norm,
-    rms_norm_reference, rope_heads, rope_heads_reference, softmax_last_dim, softmax_last_dim_reference, swiglu, swiglu_reference,
+    rms_norm_reference, frozen_matmul_t_heads, swiglu_frozen_matmul_t_add, AttentionHeads, softmax_last_dim, softmax_last_dim_reference, swiglu, swiglu_reference,
 };
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -116,11 +116,58 @@ fn rope_tables(b: usize, t: usize, half: usize) -> (Tensor, Tensor) {
 }
 
 #[test]
-fn fused_rope_heads_equals_reference_with_gradients() {
+fn fused_heads_split_equals_reference_with_gradients() {
     let (b, t, n, d) = (2, 5, 3, 6);
     let x = randn(&[b, t, n * d], 1.0);
     let (cos, sin) = rope_tables(b, t, d / 2);
-    check(&[&x], |t| rope_heads(&t[0], n, &cos, &sin, true).unwrap(), |t| rope_heads_reference(&t[0], n, &cos, &sin).unwrap(), 1e-12);
+    for heads in [AttentionHeads::rotated(n, &cos, &sin), AttentionHeads::plain(n)] {
+        check(&[&x], |t| heads.split(&t[0], true).unwrap(), |t| heads.split_reference(&t[0]).unwrap(), 1e-12);
+    }
+    let err = AttentionHeads::plain(4).split(x.as_tensor(), true).unwrap_err().to_string();
+    assert!(err.contains("width 18 is not 4 heads"), "{err}");
+    let (short_cos, short_sin) = rope_tables(b, t - 1, d / 2);
+    let err = AttentionHeads::rotated(n, &short_cos, &short_sin).split(x.as_tensor(), true).unwrap_err().to_string();
+    assert!(err.contains("cos [2, 1, 4, 3]"), "{err}");
+}
+
+/// The projections that split their output into heads inside their op (q, k, v in training)
+/// against the split of the plain composition's output.
+#[test]
+fn projections_into_heads_equal_the_split_of_their_output_with_gradients() {
+    use candle_peft::adapters::DropoutMask;
+    use candle_peft::kernels::{dora_linear, dora_linear_heads, lora_linear_heads};
+    use candle_peft::model::linear::matmul_t;
+    let (b, t, n, d, d_in, r, s) = (2, 5, 3, 6, 7, 2, 1.5);
+    let (x, a, bm) = (randn(&[b, t, d_in], 1.0), randn(&[r, d_in], 0.5), randn(&[n * d, r], 0.5));
+    let k = Var::from_tensor(&(Tensor::randn(0f64, 0.2, n * d, &Device::Cpu).unwrap() + 1.0).unwrap()).unwrap();
+    let w = Tensor::randn(0f64, 0.5, (n * d, d_in), &Device::Cpu).unwrap();
+    let mask = DropoutMask { seed: 7, keep: 0.8 };
+    let (cos, sin) = rope_tables(b, t, d / 2);
+    for heads in [AttentionHeads::rotated(n, &cos, &sin), AttentionHeads::plain(n)] {
+        check(
+            &[&x],
+            |v| frozen_matmul_t_heads(&v[0], &w.clone().into(), heads, true).unwrap(),
+            |v| heads.split_reference(&matmul_t(&v[0], &w).unwrap()).unwrap(),
+            1e-12,
+        );
+        let lora_reference = |v: &[Tensor]| {
+            let dropped = (&v[0] * mask.tensor(&v[0]).unwrap()).unwrap();
+            let branch = matmul_t(&matmul_t(&dropped, &v[1]).unwrap(), &v[2]).unwrap();
+            heads.split_reference(&(matmul_t(&v[0], &w).unwrap() + (branch * s).unwrap()).unwrap()).unwrap()
+        };
+        check(
+            &[&x, &a, &bm],
+            |v| lora_linear_heads(&v[0], &w.clone().into(), (&v[1], &v[2]), s, Some(mask), heads).unwrap(),
+            lora_reference,
+            1e-12,
+        );
+        check(
+            &[&x, &a, &bm, &k],
+            |v| dora_linear_heads(&v[0], &w.clone().into(), (&v[1], &v[2], &v[3]), s, Some(mask), heads).unwrap(),
+            |v| heads.split_reference(&dora_linear(&v[0], &w.clone().into(), &v[1], &v[2], &v[3], s, Some(mask)).unwrap()).unwrap(),
+            1e-12,
+        );
+    }
 }
 
 #[test]
@@ -185,5 +232,20 @@ fn frozen_matmul_into_the_residual_equals_the_add_with_gradients() {
     );
     let bad = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
     let err = frozen_matmul_t_add(x.as_tensor(), &w.clone().into(), &bad).unwrap_err().to_string();
+    assert!(err.contains("residual"), "{err}");
+}
+
+#[test]
+fn swiglu_into_the_frozen_projection_and_residual_equals_the_composition_with_gradients() {
+    let (g, u, residual) = (randn(&[2, 3, 6], 2.0), randn(&[2, 3, 6], 1.0), randn(&[2, 3, 4], 1.0));
+    let w = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu).unwrap();
+    check(
+        &[&g, &u, &residual],
+        |t| swiglu_frozen_matmul_t_add(&t[0], &t[1], &w.clone().into(), &t[2], true).unwrap(),
+        |t| (&t[2] + candle_peft::model::linear::matmul_t(&swiglu_reference(&t[0], &t[1]).unwrap(), &w).unwrap()).unwrap(),
+        1e-12,
+    );
+    let bad = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
+    let err = swiglu_frozen_matmul_t_add(g.as_tensor(), u.as_tensor(), &w.clone().into(), &bad, true).unwrap_err().to_string();
     assert!(err.contains("residual"), "{err}");
 }

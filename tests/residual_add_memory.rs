@@ -1,16 +1,17 @@
 //! A frozen projection that adds into the residual (o_proj, down_proj) keeps nothing of its
 //! output for backward: candle's add node would hold the [tokens, out] product until backward
-//! ends. This test binary counts heap bytes in its allocator, so it holds this one test.
+//! ends; with SwiGLU in the same op (down_proj), nothing of its input either. This test binary
+//! counts heap bytes in its allocator, so it holds this one test.
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
 
 use candle_core::{Device, Tensor, Var};
 use candle_peft::model::linear::BaseWeight;
-use candle_peft::model::ops::{frozen_matmul_t, frozen_matmul_t_add};
+use candle_peft::model::ops::{frozen_matmul_t, frozen_matmul_t_add, swiglu, swiglu_frozen_matmul_t_add};
 
 #[test]
-fn the_projection_added_into_the_residual_is_not_kept_for_backward() {
+fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swiglu_before_it() {
     let (t, d_in, d_out) = (512, 64, 1024);
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, d_in), &Device::Cpu).unwrap()).unwrap();
     let residual = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, d_out), &Device::Cpu).unwrap()).unwrap();
@@ -35,4 +36,25 @@ fn the_projection_added_into_the_residual_is_not_kept_for_backward() {
     assert!(fused < output_bytes + output_bytes / 8, "fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
     // The comparison means something only if the add does hold the product besides its output.
     assert!(added >= 2 * output_bytes, "add: {:.2} MiB held", mib(added));
+
+    // SwiGLU into the projection: g and u are the inputs (held by the graph either way), the
+    // activation [t, d_in] is not kept, nor the product.
+    let (g, u) = (x.as_tensor().copy().unwrap(), (x.as_tensor() * 0.5).unwrap());
+    let (g, u) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
+    let activation_bytes = t * d_in * 4;
+    let held = |fused: bool| {
+        let before = counting_alloc::live();
+        let y = match fused {
+            true => swiglu_frozen_matmul_t_add(g.as_tensor(), u.as_tensor(), &w, residual.as_tensor(), true).unwrap(),
+            false => frozen_matmul_t_add(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, residual.as_tensor()).unwrap(),
+        };
+        let held = counting_alloc::live() - before;
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(g.as_tensor()).is_some() && grads.get(u.as_tensor()).is_some() && grads.get(residual.as_tensor()).is_some());
+        held
+    };
+    let _warm_up = (held(true), held(false));
+    let (fused, separate) = (held(true), held(false));
+    assert!(fused < output_bytes + activation_bytes / 8, "swiglu fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
+    assert!(separate >= output_bytes + activation_bytes, "swiglu separate: {:.2} MiB held", mib(separate));
 }

@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 
 use super::lora::{LoraConfig, LoraLinear};
 use crate::kernels;
+use crate::model::ops::AttentionHeads;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::Result;
 
@@ -63,6 +64,17 @@ impl LinearAdapter for DoraLinear {
         let correction = dropped_base.broadcast_mul(&(scale.clone() - ones)?)?;
         let lora = self.lora.branch(&dropped)?.broadcast_mul(&scale)?;
         Ok(((base_out + correction)? + lora)?)
+    }
+
+    fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        if kernels::fused_forward(x, train) && heads.fused(x, train) {
+            let scale = (self.magnitude.as_tensor() / self.weight_norm(&*base.weight()?)?)?.to_dtype(x.dtype())?;
+            let a = self.lora.a.as_tensor().to_dtype(x.dtype())?;
+            let b = self.lora.b.as_tensor().to_dtype(x.dtype())?;
+            let mask = self.lora.dropout_mask(train);
+            return kernels::dora_linear_heads(x, base.base_weight(), (&a, &b, &scale), self.lora.scale, mask, heads);
+        }
+        heads.split(&self.forward(x, base, train)?, train)
     }
 
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{uniform_var, Dropout, Targets};
 use crate::kernels;
+use crate::model::ops::AttentionHeads;
 use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter};
 use crate::Result;
 
@@ -104,6 +105,15 @@ impl LinearAdapter for LoraLinear {
             return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
+    }
+
+    fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        if kernels::fused_forward(x, train) && heads.fused(x, train) {
+            let a = self.a.as_tensor().to_dtype(x.dtype())?;
+            let b = self.b.as_tensor().to_dtype(x.dtype())?;
+            return kernels::lora_linear_heads(x, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train), heads);
+        }
+        heads.split(&self.forward(x, base, train)?, train)
     }
 
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {

@@ -30,14 +30,45 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use super::tensor_cpu_storage;
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
-use crate::model::ops::accumulate_dtype;
+use crate::model::fused::OutputFreeBackward;
+use crate::model::ops::{accumulate_dtype, AttentionHeads};
 use crate::Result;
 
 /// `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with
 /// its own backward; gradients reach x, A, B and k.
 pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tensor, scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let d_in = *dims.last().ok_or_else(|| crate::Error::msg("dora_linear: x is a scalar"))?;
+    let (x2, ab, op) = dora_linear_op(x, w, a, b, k, scale, mask)?;
+    let y = x2.apply_op3(&ab, &k.contiguous()?, op)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("checked by dora_linear_op") = y.dim(1)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// [`dora_linear`] of x [b, t, in] with its output split into attention `heads` inside the op
+/// ([`crate::model::fused::ProjectedHeads`]): the [b, t, out] output is not kept for backward.
+pub fn dora_linear_heads(
+    x: &Tensor,
+    w: &BaseWeight,
+    (a, b, k): (&Tensor, &Tensor, &Tensor),
+    scale: f64,
+    mask: Option<DropoutMask>,
+    heads: AttentionHeads,
+) -> Result<Tensor> {
+    let (x2, ab, op) = dora_linear_op(x, w, a, b, k, scale, mask)?;
+    Ok(x2.apply_op3(&ab, &k.contiguous()?, heads.project(x, op)?)?)
+}
+
+/// x as [T, in], A and B as the op's one argument, and the op with its output computed.
+fn dora_linear_op(
+    x: &Tensor,
+    w: &BaseWeight,
+    a: &Tensor,
+    b: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: Option<DropoutMask>,
+) -> Result<(Tensor, Tensor, DoraLinearOp)> {
+    let d_in = *x.dims().last().ok_or_else(|| crate::Error::msg("dora_linear: x is a scalar"))?;
     let &[d_out, w_in] = w.dims() else {
         return Err(crate::Error::msg(format!("dora_linear: W {:?} is not a matrix", w.dims())));
     };
@@ -62,10 +93,7 @@ pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tenso
     *op.y.lock().expect("y lock") = Some(y);
     // A and B travel as one argument (a custom op takes three); candle's cat routes dA and dB back.
     let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
-    let y = x2.apply_op3(&ab, &k.contiguous()?, op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("checked above") = d_out;
-    Ok(y.reshape(out_dims)?)
+    Ok((x2, ab, op))
 }
 
 struct DoraLinearOp {
@@ -118,6 +146,9 @@ impl DoraLinearOp {
         self.y.lock().expect("y lock").take().ok_or_else(|| candle_core::Error::Msg("dora-linear: applied twice, or before its forward ran".into()))
     }
 }
+
+/// The backward reads x, A, B, k and the saved (u, q), never y.
+impl OutputFreeBackward for DoraLinearOp {}
 
 impl CustomOp3 for DoraLinearOp {
     fn name(&self) -> &'static str {

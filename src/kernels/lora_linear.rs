@@ -30,14 +30,37 @@ use super::lowrank_add::{lowrank_add, Factor};
 use super::{cpu_tensor, tensor_cpu_storage};
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
-use crate::model::ops::accumulate_dtype;
+use crate::model::fused::OutputFreeBackward;
+use crate::model::ops::{accumulate_dtype, AttentionHeads};
 use crate::Result;
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
 /// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) over x.
 pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let d_in = *dims.last().ok_or_else(|| crate::Error::msg("lora_linear: x is a scalar"))?;
+    let (x2, op) = lora_linear_op(x, w, a, b, scale, mask)?;
+    let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("checked by lora_linear_op") = y.dim(1)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// [`lora_linear`] of x [b, t, in] with its output split into attention `heads` inside the op
+/// ([`crate::model::fused::ProjectedHeads`]): the [b, t, out] sum is not kept for backward.
+pub fn lora_linear_heads(
+    x: &Tensor,
+    w: &BaseWeight,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    mask: Option<DropoutMask>,
+    heads: AttentionHeads,
+) -> Result<Tensor> {
+    let (x2, op) = lora_linear_op(x, w, a, b, scale, mask)?;
+    Ok(x2.apply_op3(&a.contiguous()?, &b.contiguous()?, heads.project(x, op)?)?)
+}
+
+/// x as [T, in] and the op, after checking that the shapes fit.
+fn lora_linear_op(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64, mask: Option<DropoutMask>) -> Result<(Tensor, LoraLinearOp)> {
+    let d_in = *x.dims().last().ok_or_else(|| crate::Error::msg("lora_linear: x is a scalar"))?;
     let &[d_out, w_in] = w.dims() else {
         return Err(crate::Error::msg(format!("lora_linear: W {:?} is not a matrix", w.dims())));
     };
@@ -57,11 +80,7 @@ pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f6
         BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
         nf4 => nf4.clone(),
     };
-    let op = LoraLinearOp { w, scale, mask, dropped: Mutex::new(dropped), xa: Mutex::new(None) };
-    let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("checked above") = d_out;
-    Ok(y.reshape(out_dims)?)
+    Ok((x2, LoraLinearOp { w, scale, mask, dropped: Mutex::new(dropped), xa: Mutex::new(None) }))
 }
 
 struct LoraLinearOp {
@@ -88,6 +107,9 @@ impl LoraLinearOp {
         self.dropped.lock().expect("dropped lock").take()
     }
 }
+
+/// The backward reads x, A, B and `xa`, never y.
+impl OutputFreeBackward for LoraLinearOp {}
 
 impl CustomOp3 for LoraLinearOp {
     fn name(&self) -> &'static str {

@@ -39,8 +39,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 pub use control_branch::control_branch;
-pub use dora_linear::dora_linear;
-pub use lora_linear::lora_linear;
+pub use dora_linear::{dora_linear, dora_linear_heads};
+pub use lora_linear::{lora_linear, lora_linear_heads};
 pub use lowrank_add::lowrank_add;
 pub use row_norms::row_norms;
 pub use snell::snell_branch;

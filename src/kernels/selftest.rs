@@ -2,7 +2,8 @@
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
 //! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
 //! forward and backward), the model's flash-style attention (`kernels/attention.cu`) and the
-//! decoder layer's RMSNorm, SwiGLU (`kernels/swiglu.cu`) and RoPE as training runs them, and the
+//! decoder layer's RMSNorm, SwiGLU (`kernels/swiglu.cu`) and the attention heads split with RoPE
+//! (`kernels/rope.cu`, alone and inside the q, k, v projections) as training runs them, and the
 //! adapters' dropout masks (`kernels/dropout.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
@@ -321,11 +322,67 @@ fn attention_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
-/// The decoder layer's elementwise and row ops as training runs them on the device (RMSNorm and
-/// RoPE: candle ops on detached inputs with the fused ops' backward; SwiGLU: `kernels/swiglu.cu`)
+/// The attention heads of a projection (`kernels/rope.cu`): the split with RoPE (q, k) and
+/// without (v), as its own op and inside the frozen, LoRA and DoRA projections.
+fn heads_cases(c: &mut Case) -> Result<()> {
+    use crate::model::linear::BaseWeight;
+    use crate::model::ops::{frozen_matmul_t_heads, AttentionHeads};
+    let (b, t, n, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
+    let shape = format!("b{b} t{t} h{n} d{d}");
+    let x = c.draw(&[b, t, n * d], 1.0)?;
+    let angles = c.draw(&[b, 1, t, d / 2], 3.0)?;
+    let weights = c.draw(&[b, n, t, d], 1.0)?;
+    let tables = |device: &Device, dtype: DType| -> Result<(Tensor, Tensor)> {
+        Ok((angles.cos()?.to_dtype(dtype)?.to_device(device)?, angles.sin()?.to_dtype(dtype)?.to_device(device)?))
+    };
+    for rotate in [true, false] {
+        let kernel = if rotate { "rope_heads" } else { "heads_split" };
+        let run = |device: &Device, dtype: DType| {
+            let (cos, sin) = tables(device, dtype)?;
+            let heads = if rotate { AttentionHeads::rotated(n, &cos, &sin) } else { AttentionHeads::plain(n) };
+            forward_backward(device, dtype, &[&x], &weights, &|v| heads.split(&v[0], true))
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+        c.record(kernel, &shape, "y", &y, &y_ref)?;
+        c.record(kernel, &shape, "dx", &g[0], &g_ref[0])?;
+    }
+    let (d_in, r, s) = (c.odd(33, 300), c.odd(1, 40), 1.7);
+    let x = c.draw(&[b, t, d_in], 1.0)?;
+    let (w, a, bm) = (c.draw(&[n * d, d_in], 0.1)?, c.draw(&[r, d_in], 0.1)?, c.draw(&[n * d, r], 0.1)?);
+    let k = (c.draw(&[n * d], 0.3)? + 1.0)?;
+    let mask = Some(DropoutMask { seed: c.rng.random(), keep: 0.9 });
+    let shape = format!("{shape} in{d_in} r{r}");
+    for projection in ["frozen", "lora", "dora"] {
+        let kernel = format!("{projection}_heads");
+        let inputs: Vec<&Tensor> = match projection {
+            "frozen" => vec![&x],
+            "lora" => vec![&x, &a, &bm],
+            _ => vec![&x, &a, &bm, &k],
+        };
+        let run = |device: &Device, dtype: DType| {
+            let (cos, sin) = tables(device, dtype)?;
+            let heads = AttentionHeads::rotated(n, &cos, &sin);
+            let w: BaseWeight = w.to_dtype(dtype)?.to_device(device)?.into();
+            forward_backward(device, dtype, &inputs, &weights, &|v| match projection {
+                "frozen" => frozen_matmul_t_heads(&v[0], &w, heads, true),
+                "lora" => super::lora_linear_heads(&v[0], &w, (&v[1], &v[2]), s, mask, heads),
+                _ => super::dora_linear_heads(&v[0], &w, (&v[1], &v[2], &v[3]), s, mask, heads),
+            })
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+        c.record(&kernel, &shape, "y", &y, &y_ref)?;
+        for (name, (got, reference)) in ["dx", "dA", "dB", "dk"].iter().zip(g.iter().zip(&g_ref)) {
+            c.record(&kernel, &shape, name, got, reference)?;
+        }
+    }
+    Ok(())
+}
+
+/// The decoder layer's elementwise and row ops as training runs them on the device (RMSNorm:
+/// candle ops on detached inputs with the fused op's backward; SwiGLU: `kernels/swiglu.cu`)
 /// against the fused CPU ops in f64, on odd widths.
 fn layer_op_cases(c: &mut Case) -> Result<()> {
-    use crate::model::ops::{frozen_matmul_t_add, rms_norm, rope_heads, swiglu};
+    use crate::model::ops::{frozen_matmul_t_add, rms_norm, swiglu, swiglu_frozen_matmul_t_add};
     let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
     let shape = format!("{rows}x{width}");
     let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
@@ -356,18 +413,17 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     for (name, (got, reference)) in ["dx", "dres"].iter().zip(g.iter().zip(&g_ref)) {
         c.record("frozen_matmul_add", &shape_add, name, got, reference)?;
     }
-    let (b, t, heads, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
-    let shape = format!("b{b} t{t} h{heads} d{d}");
-    let x = c.draw(&[b, t, heads * d], 1.0)?;
-    let angles = c.draw(&[b, 1, t, d / 2], 3.0)?;
-    let weights = c.draw(&[b, heads, t, d], 1.0)?;
-    let run = |device: &Device, dtype: DType| {
-        let (cos, sin) = (angles.cos()?.to_dtype(dtype)?.to_device(device)?, angles.sin()?.to_dtype(dtype)?.to_device(device)?);
-        forward_backward(device, dtype, &[&x], &weights, &|t| Ok(rope_heads(&t[0], heads, &cos, &sin, true)?))
+    // SwiGLU, the frozen down projection and the residual as one op (the activation a transient).
+    let (gate, up) = (c.draw(&[rows, d_in], 2.0)?, c.draw(&[rows, d_in], 1.0)?);
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&gate, &up, &residual], &weights, &|t| swiglu_frozen_matmul_t_add(&t[0], &t[1], &w, &t[2], true))
     };
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-    c.record("rope_heads", &shape, "y", &y, &y_ref)?;
-    c.record("rope_heads", &shape, "dx", &g[0], &g_ref[0])?;
+    c.record("swiglu_matmul_add", &shape_add, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dg", "du", "dres"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("swiglu_matmul_add", &shape_add, name, got, reference)?;
+    }
     // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
     // element off is an error of 1.
     let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);
@@ -403,6 +459,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             snell_cases(&mut case)?;
             attention_cases(&mut case)?;
             layer_op_cases(&mut case)?;
+            heads_cases(&mut case)?;
         }
         checks.extend(case.checks);
     }
@@ -461,7 +518,13 @@ mod tests {
 
     #[test]
     fn the_layer_op_checks_pass_on_the_cpu_reference() {
-        passes_on_the_cpu(layer_op_cases, 3 + 3 + 3 + 2 + 1 + 1);
+        passes_on_the_cpu(layer_op_cases, 3 + 3 + 3 + 4 + 1 + 1);
+    }
+
+    #[test]
+    fn the_heads_checks_pass_on_the_cpu_reference() {
+        // Rotated and plain split (y, dx); the frozen, LoRA and DoRA projections into heads.
+        passes_on_the_cpu(heads_cases, 2 + 2 + 2 + 4 + 5);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::ops::AttentionHeads;
 use crate::quant::Nf4Tensor;
 use crate::Result;
 
@@ -114,6 +115,15 @@ impl FrozenLinear {
         }
         super::ops::frozen_matmul_t(x, &self.weight)
     }
+
+    /// `x Wᵀ` for x [b, t, in] split into attention heads; in training one op
+    /// ([`super::ops::frozen_matmul_t_heads`]), so the [b, t, out] product is not kept.
+    pub fn forward_heads(&self, x: &Tensor, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        if train {
+            return super::ops::frozen_matmul_t_heads(x, &self.weight, heads, train);
+        }
+        heads.split(&self.forward(x)?, train)
+    }
 }
 
 /// `x Mᵀ` for x [..., in] and M [out, in], flattening the leading dims into one GEMM.
@@ -131,6 +141,12 @@ pub fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
 pub trait LinearAdapter: Send + Sync {
     /// The adapted layer's output for input x, given the frozen base layer.
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor>;
+    /// The output for x [b, t, in] split into attention heads (q, k, v). The methods whose fused
+    /// op can take the split inside (LoRA, DoRA) do, so the graph does not keep their output;
+    /// the others split it by a separate op.
+    fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        heads.split(&self.forward(x, base, train)?, train)
+    }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
     fn merged_weight(&self, base: &Tensor) -> Result<Tensor>;
     /// The inverse of `merged_weight` (for `unmerge`).
@@ -202,6 +218,14 @@ impl Linear {
         }
     }
 
+    /// `forward(x)` for x [b, t, in] split into attention heads (`LinearAdapter::forward_heads`).
+    pub fn forward_heads(&self, x: &Tensor, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        match &self.adapter {
+            Some(adapter) if !self.merged => adapter.forward_heads(x, &self.base, heads, train),
+            _ => self.base.forward_heads(x, heads, train),
+        }
+    }
+
     /// `residual + forward(x)`; a frozen layer in training adds into the residual in one op
     /// ([`super::ops::frozen_matmul_t_add`]), so its output is not kept for backward.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
@@ -209,6 +233,16 @@ impl Linear {
             return super::ops::frozen_matmul_t_add(x, self.base.base_weight(), residual);
         }
         Ok((residual + self.forward(x, train)?)?)
+    }
+
+    /// `residual + forward(silu(g) ⊙ u)` (the MLP's down_proj); a frozen layer in training is one
+    /// op ([`super::ops::swiglu_frozen_matmul_t_add`]) that keeps neither the activation nor the
+    /// product for backward.
+    pub fn forward_swiglu_add(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if train && (self.adapter.is_none() || self.merged) {
+            return super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train);
+        }
+        self.forward_add(&super::ops::swiglu(g, u, train)?, residual, train)
     }
 
     /// Fold the adapter into the base weight; the adapter stays attached for `unmerge`. An NF4

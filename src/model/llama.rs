@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
-use super::ops;
+use super::ops::{self, AttentionHeads};
 use crate::loading::weights::{TensorMaker, Weights};
 use crate::quant::{nf4, Nf4Tensor, Quantization};
 use crate::Error;
@@ -412,8 +412,8 @@ impl Llama {
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
-        let act = ops::swiglu(&m.gate_proj.forward(&mlp_in, train)?, &m.up_proj.forward(&mlp_in, train)?, train)?;
-        let mut out = m.down_proj.forward_add(&act, &h2, train)?;
+        let (gate, up) = (m.gate_proj.forward(&mlp_in, train)?, m.up_proj.forward(&mlp_in, train)?);
+        let mut out = m.down_proj.forward_swiglu_add(&gate, &up, &h2, train)?;
         if let Some(c) = &layer.mlp_control {
             out = c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?;
             if c.mixes_tokens() {
@@ -441,11 +441,10 @@ impl Llama {
         train: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let q = ops::rope_heads(&attn.q_proj.forward(x, train)?, nh, cos, sin, train)?;
-        let mut k = ops::rope_heads(&attn.k_proj.forward(x, train)?, nkv, cos, sin, train)?;
-        let mut v = attn.v_proj.forward(x, train)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let q = attn.q_proj.forward_heads(x, AttentionHeads::rotated(nh, cos, sin), train)?;
+        let mut k = attn.k_proj.forward_heads(x, AttentionHeads::rotated(nkv, cos, sin), train)?;
+        let mut v = attn.v_proj.forward_heads(x, AttentionHeads::plain(nkv), train)?;
         if let Some((pk, pv)) = kv.as_ref() {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;

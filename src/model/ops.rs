@@ -98,25 +98,64 @@ pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(g)? * u)?)
 }
 
-/// A projection's output [b, t, n·d] as `n` rotated heads [b, n, t, d] (`rope` of the
-/// head-major layout). Training on the CPU (f32, f64) takes the fused op, which keeps only x.
-pub fn rope_heads(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
-    if fused_cpu(train, &[x, cos, sin]) {
-        let op = super::fused::RopeHeads { heads: n, cos: cos.contiguous()?, sin: sin.contiguous()? };
-        return Ok(x.contiguous()?.apply_op1(op)?);
-    }
-    if fused_cuda(train, &[x, cos, sin]) {
-        let y = rope_heads_reference(&x.detach(), n, cos, sin)?;
-        let op = super::fused::RopeHeads { heads: n, cos: cos.contiguous()?, sin: sin.contiguous()? };
-        return Ok(x.contiguous()?.apply_op1(super::fused::WithOutput::new(op, y))?);
-    }
-    rope_heads_reference(x, n, cos, sin)
+/// How a projection's output enters attention: `count` heads [b, n, t, d], rotated by RoPE for
+/// q and k (`rotation`: the cos and sin tables [b, 1, t, d/2] in the projection's dtype), not for v.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionHeads<'a> {
+    pub count: usize,
+    pub rotation: Option<(&'a Tensor, &'a Tensor)>,
 }
 
-/// The reference for the fused heads split with RoPE.
-pub fn rope_heads_reference(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, t, nd) = x.dims3()?;
-    rope(&x.reshape((b, t, n, nd / n))?.transpose(1, 2)?.contiguous()?, cos, sin)
+impl<'a> AttentionHeads<'a> {
+    pub fn rotated(count: usize, cos: &'a Tensor, sin: &'a Tensor) -> Self {
+        Self { count, rotation: Some((cos, sin)) }
+    }
+
+    pub fn plain(count: usize) -> Self {
+        Self { count, rotation: None }
+    }
+
+    /// Whether training takes the fused op for a projection output (or input) like `y`: on the
+    /// CPU in f32 / f64, on CUDA (`kernels/rope.cu`), unless `--unfused`.
+    pub fn fused(&self, y: &Tensor, train: bool) -> bool {
+        let tensors = match self.rotation {
+            Some((cos, sin)) => vec![y, cos, sin],
+            None => vec![y],
+        };
+        fused_cpu(train, &tensors) || fused_cuda(train, &tensors)
+    }
+
+    fn op(&self) -> Result<super::fused::RopeHeads> {
+        let rotation = self.rotation.map(|(c, s)| Ok::<_, crate::Error>((c.contiguous()?, s.contiguous()?))).transpose()?;
+        Ok(super::fused::RopeHeads { heads: self.count, rotation })
+    }
+
+    /// y [b, t, n·d] as the heads, by an op of its own (the graph then holds y as its input).
+    pub fn split(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        if self.fused(y, train) {
+            return Ok(y.contiguous()?.apply_op1(self.op()?)?);
+        }
+        self.split_reference(y)
+    }
+
+    /// The reference for the fused split: plain candle ops.
+    pub fn split_reference(&self, y: &Tensor) -> Result<Tensor> {
+        let (b, t, nd) = y.dims3()?;
+        let n = self.count;
+        let heads = y.reshape((b, t, n, nd / n))?.transpose(1, 2)?.contiguous()?;
+        match self.rotation {
+            Some((cos, sin)) => rope(&heads, cos, sin),
+            None => Ok(heads),
+        }
+    }
+
+    /// `projection`, an op on x [b, t, in] (rows flattened or not), followed by the split inside
+    /// the same op ([`super::fused::ProjectedHeads`]): the graph never holds the projection's
+    /// output. For the ops taken when [`AttentionHeads::fused`] holds.
+    pub fn project<Op>(&self, x: &Tensor, projection: Op) -> Result<super::fused::ProjectedHeads<Op>> {
+        let (batch, _, _) = x.dims3()?;
+        Ok(super::fused::ProjectedHeads { projection, heads: self.op()?, batch })
+    }
 }
 
 /// Causal attention `softmax(q kᵀ / √d + bias) v` with the heads merged: q [b, h, t, d], k and v
@@ -194,6 +233,18 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     super::linear::matmul_t(x, &*w.dense()?)
 }
 
+/// `x Wᵀ` for a frozen W, split into attention heads: in training one op (the frozen matmul with
+/// the split inside, [`super::fused::ProjectedHeads`]) whose node holds x and the heads, not the
+/// [b, t, out] product that a separate split would keep as its input.
+pub fn frozen_matmul_t_heads(x: &Tensor, w: &BaseWeight, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+    let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
+    if fits && heads.fused(x, train) {
+        let op = heads.project(x, super::fused::FrozenMatmulT { weight: w.clone() })?;
+        return Ok(x.contiguous()?.apply_op1(op)?);
+    }
+    heads.split(&frozen_matmul_t(x, w)?, train)
+}
+
 /// `residual + x Wᵀ` for a frozen W: the projections that only add into the residual stream.
 /// In training, one op ([`super::fused::FrozenMatmulTAdd`]) whose graph node holds x and the
 /// residual but not the [.., out] product, which candle's add node would keep until backward.
@@ -204,6 +255,20 @@ pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Res
         return Ok(x.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
     }
     Ok((residual + frozen_matmul_t(x, w)?)?)
+}
+
+/// `residual + (silu(g) ⊙ u) Wᵀ` for a frozen W: the MLP's gate and its frozen down_proj. In
+/// training one op ([`super::fused::SwiGluProjectAdd`]) that does not keep the activation
+/// [.., intermediate] for backward, where the separate ops would (as the projection's input).
+pub fn swiglu_frozen_matmul_t_add(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> Result<Tensor> {
+    let fits = w.dtype() == g.dtype() && w.device().same_device(g.device()) && g.shape() == u.shape();
+    if fits && (fused_cpu(train, &[g, u, residual]) || fused_cuda(train, &[g, u, residual])) {
+        let op = super::fused::SwiGluProjectAdd {
+            projection: super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } },
+        };
+        return Ok(g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, op)?);
+    }
+    frozen_matmul_t_add(&swiglu(g, u, train)?, w, residual)
 }
 
 /// Rotary embedding in the Hugging Face ("rotate half") layout.

@@ -24,6 +24,7 @@ pub const SNELL_SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 pub const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
 pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+pub const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -453,3 +454,4 @@ mod snell_sparse;
 pub mod attention;
 pub mod swiglu;
 pub mod dropout;
+pub mod rope;
