@@ -249,3 +249,28 @@ fn swiglu_into_the_frozen_projection_and_residual_equals_the_composition_with_gr
     let err = swiglu_frozen_matmul_t_add(g.as_tensor(), u.as_tensor(), &w.clone().into(), &bad, true).unwrap_err().to_string();
     assert!(err.contains("residual"), "{err}");
 }
+
+#[test]
+fn lora_of_the_swiglu_activation_equals_the_composition_with_gradients() {
+    use candle_peft::adapters::DropoutMask;
+    use candle_peft::kernels::swiglu_lora_linear;
+    use candle_peft::model::linear::matmul_t;
+    let (g, u) = (randn(&[2, 3, 6], 2.0), randn(&[2, 3, 6], 1.0));
+    let (a, b) = (randn(&[2, 6], 0.5), randn(&[4, 2], 0.5));
+    let w = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu).unwrap();
+    let mask = DropoutMask { seed: 11, keep: 0.8 };
+    let reference = |t: &[Tensor]| {
+        let x = swiglu_reference(&t[0], &t[1]).unwrap();
+        let dropped = (&x * mask.tensor(&x).unwrap()).unwrap();
+        let branch = matmul_t(&matmul_t(&dropped, &t[2]).unwrap(), &t[3]).unwrap();
+        (matmul_t(&x, &w).unwrap() + (branch * 1.5).unwrap()).unwrap()
+    };
+    check(
+        &[&g, &u, &a, &b],
+        |t| swiglu_lora_linear(&t[0], &t[1], &w.clone().into(), (&t[2], &t[3]), 1.5, Some(mask)).unwrap(),
+        reference,
+        1e-12,
+    );
+    let err = swiglu_lora_linear(g.as_tensor(), a.as_tensor(), &w.clone().into(), (a.as_tensor(), b.as_tensor()), 1.5, None).unwrap_err().to_string();
+    assert!(err.contains("gate [2, 3, 6] and up [2, 6] differ"), "{err}");
+}

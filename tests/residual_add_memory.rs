@@ -1,6 +1,7 @@
 //! A frozen projection that adds into the residual (o_proj, down_proj) keeps nothing of its
 //! output for backward: candle's add node would hold the [tokens, out] product until backward
-//! ends; with SwiGLU in the same op (down_proj), nothing of its input either. This test binary
+//! ends; with SwiGLU in the same op (down_proj), nothing of its input either, and a down_proj
+//! with LoRA does not keep the SwiGLU activation it reads. This test binary
 //! counts heap bytes in its allocator, so it holds this one test.
 
 #[path = "common/counting_alloc.rs"]
@@ -57,4 +58,24 @@ fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swigl
     let (fused, separate) = (held(true), held(false));
     assert!(fused < output_bytes + activation_bytes / 8, "swiglu fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
     assert!(separate >= output_bytes + activation_bytes, "swiglu separate: {:.2} MiB held", mib(separate));
+
+    // LoRA on the activation: g and u held, the activation recomputed in backward.
+    let (a, bm) = (Var::from_tensor(&Tensor::randn(0f32, 0.1, (4, d_in), &Device::Cpu).unwrap()).unwrap(), Var::from_tensor(&Tensor::randn(0f32, 0.1, (d_out, 4), &Device::Cpu).unwrap()).unwrap());
+    let held = |fused: bool| {
+        let before = counting_alloc::live();
+        let y = match fused {
+            true => candle_peft::kernels::swiglu_lora_linear(g.as_tensor(), u.as_tensor(), &w, (a.as_tensor(), bm.as_tensor()), 2.0, None).unwrap(),
+            false => candle_peft::kernels::lora_linear(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, a.as_tensor(), bm.as_tensor(), 2.0, None).unwrap(),
+        };
+        let held = counting_alloc::live() - before;
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(g.as_tensor()).is_some() && grads.get(a.as_tensor()).is_some() && grads.get(bm.as_tensor()).is_some());
+        held
+    };
+    let _warm_up = (held(true), held(false));
+    let (fused, separate) = (held(true), held(false));
+    // Both keep the output and the [t, 4] intermediate; the op keeps A and B in one argument
+    // besides (17 KiB here): the activation (128 KiB) is what tells them apart.
+    assert!(fused < output_bytes + activation_bytes / 2, "swiglu lora: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
+    assert!(separate >= output_bytes + activation_bytes, "swiglu lora separate: {:.2} MiB held", mib(separate));
 }

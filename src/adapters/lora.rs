@@ -116,6 +116,16 @@ impl LinearAdapter for LoraLinear {
         heads.split(&self.forward(x, base, train)?, train)
     }
 
+    fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        let fits = g.shape() == u.shape() && g.dtype() == u.dtype() && g.device().same_device(u.device());
+        if train && fits && kernels::fused_forward(g, train) {
+            let a = self.a.as_tensor().to_dtype(g.dtype())?;
+            let b = self.b.as_tensor().to_dtype(g.dtype())?;
+            return kernels::swiglu_lora_linear(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
+        }
+        self.forward(&crate::model::ops::swiglu(g, u, train)?, base, train)
+    }
+
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
         Ok((w.to_dtype(DType::F32)? + self.delta_weight(DType::F32)?)?.to_dtype(w.dtype())?)
     }

@@ -25,9 +25,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CustomOp3, Tensor};
 
-use super::tensor_cpu_storage;
+use super::Precomputed;
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
 use crate::model::fused::OutputFreeBackward;
@@ -88,9 +88,9 @@ fn dora_linear_op(
         BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?.detach()),
         nf4 => nf4.clone(),
     };
-    let op = DoraLinearOp { w, scale, rank: r, mask, saved: Mutex::new(None), y: Mutex::new(None) };
+    let op = DoraLinearOp { w, scale, rank: r, mask, saved: Mutex::new(None), y: Precomputed::new(None) };
     let y = op.forward(&x2.detach(), &a.detach(), &b.detach(), &k.detach())?;
-    *op.y.lock().expect("y lock") = Some(y);
+    op.y.set(y);
     // A and B travel as one argument (a custom op takes three); candle's cat routes dA and dB back.
     let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
     Ok((x2, ab, op))
@@ -105,7 +105,7 @@ struct DoraLinearOp {
     saved: Mutex<Option<(Tensor, Tensor)>>,
     /// The output, computed before the op is applied; the op's forward hands it to candle and
     /// lets it go (the op lives as long as the graph).
-    y: Mutex<Option<Tensor>>,
+    y: Precomputed,
 }
 
 impl DoraLinearOp {
@@ -142,9 +142,6 @@ impl DoraLinearOp {
         self.mask.map(|m| m.tensor(x)).transpose().map_err(candle_core::Error::wrap)
     }
 
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        self.y.lock().expect("y lock").take().ok_or_else(|| candle_core::Error::Msg("dora-linear: applied twice, or before its forward ran".into()))
-    }
 }
 
 /// The backward reads x, A, B, k and the saved (u, q), never y.
@@ -155,23 +152,7 @@ impl CustomOp3 for DoraLinearOp {
         "fused-dora-linear"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take_output()?;
-        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::owned_storage(&self.take_output()?, "fused-dora-linear")
-    }
+    precomputed_forward3!(y);
 
     fn bwd(&self, x: &Tensor, ab: &Tensor, k: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = self.saved.lock().expect("saved lock").clone();

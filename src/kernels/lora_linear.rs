@@ -21,16 +21,20 @@
 //!
 //! Layout: x [T, in], W [out, in], A [r, in], B [out, r], mask [T, in] (drawn); row-major,
 //! contiguous, one dtype (A and B are cast to x's dtype by the caller, as autocast would).
+//!
+//! Two variants take the layer's neighbours into the op, so that the graph does not keep a
+//! tensor only the next op reads: [`lora_linear_heads`] (q, k, v: the output split into attention
+//! heads) and [`swiglu_lora_linear`] (down_proj: x = silu(g) ⊙ u, recomputed in backward).
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
-use super::{cpu_tensor, tensor_cpu_storage};
+use super::{cpu_tensor, tensor_cpu_storage, Precomputed};
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
-use crate::model::fused::OutputFreeBackward;
+use crate::model::fused::{OutputFreeBackward, SwiGlu};
 use crate::model::ops::{accumulate_dtype, AttentionHeads};
 use crate::Result;
 
@@ -185,5 +189,61 @@ impl CustomOp3 for LoraLinearOp {
         drop(mask);
         let db = (dy.t()?.matmul(&xa)? * self.scale)?;
         Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// [`lora_linear`] of `x = silu(g) ⊙ u` (the MLP's down_proj), SwiGLU inside the op: the graph
+/// holds g and u, which SwiGLU's backward reads anyway, and not the activation [T, in], which the
+/// forward lets go and the backward recomputes (one elementwise pass) for dA and for SwiGLU's
+/// own backward. `a` and `b` must already be in g's dtype.
+pub fn swiglu_lora_linear(g: &Tensor, u: &Tensor, w: &BaseWeight, (a, b): (&Tensor, &Tensor), scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
+    if g.shape() != u.shape() {
+        return Err(crate::Error::msg(format!("swiglu_lora_linear: gate {:?} and up {:?} differ", g.dims(), u.dims())));
+    }
+    let d_in = *g.dims().last().ok_or_else(|| crate::Error::msg("swiglu_lora_linear: g is a scalar"))?;
+    let (g2, u2) = (g.contiguous()?.reshape(((), d_in))?, u.contiguous()?.reshape(((), d_in))?);
+    let activation = g2.detach().apply_op2_no_bwd(&u2.detach(), &SwiGlu)?;
+    let (x2, lora) = lora_linear_op(&activation, w, a, b, scale, mask)?;
+    // The op keeps xa from this forward for its backward; y is handed to the graph's node below.
+    let y = x2.apply_op3_no_bwd(&a.detach().contiguous()?, &b.detach().contiguous()?, &lora)?;
+    drop((x2, activation));
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let op = SwiGluLoraOp { lora, rank: a.dim(0)?, output: Precomputed::new(Some(y)) };
+    let y = g2.apply_op3(&u2, &ab, op)?;
+    let mut out_dims = g.dims().to_vec();
+    *out_dims.last_mut().expect("checked above") = y.dim(1)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// The node of [`swiglu_lora_linear`]: inputs g, u [T, in] and A, B flattened into one argument
+/// (a custom op takes three; candle's cat routes dA and dB back).
+struct SwiGluLoraOp {
+    lora: LoraLinearOp,
+    rank: usize,
+    /// The output, computed before the op is applied.
+    output: Precomputed,
+}
+
+impl CustomOp3 for SwiGluLoraOp {
+    fn name(&self) -> &'static str {
+        "swiglu-lora-linear"
+    }
+
+    precomputed_forward3!(output);
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, ab: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (d_in, r) = (g.dim(1)?, self.rank);
+        let d_out = dy.dim(1)?;
+        let ab = ab.detach();
+        let a = ab.narrow(0, 0, r * d_in)?.reshape((r, d_in))?;
+        let b = ab.narrow(0, r * d_in, d_out * r)?.reshape((d_out, r))?;
+        let activation = g.detach().apply_op2_no_bwd(&u.detach(), &SwiGlu)?;
+        let (dx, da, db) = self.lora.bwd(&activation, &a, &b, y, dy)?;
+        drop(activation);
+        let (Some(dx), Some(da), Some(db)) = (dx, da, db) else { candle_core::bail!("{}: the LoRA backward gave no gradient", self.name()) };
+        // SwiGLU's backward reads g, u and the gradient only (y stands in for its unread output).
+        let (dg, du) = SwiGlu.bwd(g, u, y, &dx)?;
+        let dab = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
+        Ok((dg, du, Some(dab)))
     }
 }

@@ -20,6 +20,37 @@
 //! CPU matmuls inside, so CPU training keeps only what backward needs too; in f64 they are the
 //! reference `selftest` compares the GPU with.
 
+/// The forward of a three-input custom op whose output is a [`Precomputed`] field: the body of
+/// `cpu_fwd` and `cuda_fwd` in its `CustomOp3` impl.
+macro_rules! precomputed_forward3 {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.$field.cpu(self.name())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.$field.cuda(self.name())
+        }
+    };
+}
+
 pub mod control_branch;
 pub mod dora_linear;
 pub mod lora_linear;
@@ -40,7 +71,7 @@ use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 pub use control_branch::control_branch;
 pub use dora_linear::{dora_linear, dora_linear_heads};
-pub use lora_linear::{lora_linear, lora_linear_heads};
+pub use lora_linear::{lora_linear, lora_linear_heads, swiglu_lora_linear};
 pub use lowrank_add::lowrank_add;
 pub use row_norms::row_norms;
 pub use snell::snell_branch;
@@ -75,6 +106,38 @@ pub fn fused_for(t: &Tensor) -> bool {
 /// inference is as fast through the plain ops, without the op's copies).
 pub fn fused_forward(x: &Tensor, train: bool) -> bool {
     fused_for(x) && (train || x.device().is_cuda())
+}
+
+/// An op's output computed before candle applies the op (from detached inputs, so that no graph
+/// holds the computation's intermediates), handed over once by the op's forward: a copy, since
+/// candle's storages are owned, after which the op lets it go.
+pub(crate) struct Precomputed(std::sync::Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    pub(crate) fn new(output: Option<Tensor>) -> Self {
+        Self(std::sync::Mutex::new(output))
+    }
+
+    pub(crate) fn set(&self, output: Tensor) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(output);
+    }
+
+    fn take(&self, op: &str) -> candle_core::Result<Tensor> {
+        let output = self.0.lock().map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned")))?.take();
+        output.ok_or_else(|| candle_core::Error::Msg(format!("{op}: applied twice, or before its output was computed")))
+    }
+
+    /// The output as a CPU op's forward returns it.
+    pub(crate) fn cpu(&self, op: &str) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let y = self.take(op)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    /// The output as a CUDA op's forward returns it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self, op: &str) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda::owned_storage(&self.take(op)?, op)
+    }
 }
 
 /// A contiguous CPU storage as a tensor (a copy), for the CPU paths written with candle ops.

@@ -424,6 +424,20 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     for (name, (got, reference)) in ["dg", "du", "dres"].iter().zip(g.iter().zip(&g_ref)) {
         c.record("swiglu_matmul_add", &shape_add, name, got, reference)?;
     }
+    // LoRA on the SwiGLU activation (down_proj with an adapter), the activation recomputed.
+    let r = c.odd(1, 40);
+    let (a, b) = (c.draw(&[r, d_in], 0.1)?, c.draw(&[width, r], 0.1)?);
+    let mask = Some(DropoutMask { seed: c.rng.random(), keep: 0.9 });
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&gate, &up, &a, &b], &weights, &|t| super::swiglu_lora_linear(&t[0], &t[1], &w, (&t[2], &t[3]), 1.7, mask))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    let shape_lora = format!("{shape_add} r{r}");
+    c.record("swiglu_lora", &shape_lora, "y", &y, &y_ref)?;
+    for (name, (got, reference)) in ["dg", "du", "dA", "dB"].iter().zip(g.iter().zip(&g_ref)) {
+        c.record("swiglu_lora", &shape_lora, name, got, reference)?;
+    }
     // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
     // element off is an error of 1.
     let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);
@@ -518,7 +532,7 @@ mod tests {
 
     #[test]
     fn the_layer_op_checks_pass_on_the_cpu_reference() {
-        passes_on_the_cpu(layer_op_cases, 3 + 3 + 3 + 4 + 1 + 1);
+        passes_on_the_cpu(layer_op_cases, 3 + 3 + 3 + 4 + 5 + 1 + 1);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use num_traits::Float;
 
 use super::linear::BaseWeight;
-use crate::kernels::{cpu_tensor, tensor_cpu_storage};
+use crate::kernels::{cpu_tensor, tensor_cpu_storage, Precomputed};
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
@@ -537,19 +537,12 @@ impl<Op: CustomOp3 + OutputFreeBackward> CustomOp3 for ProjectedHeads<Op> {
 pub struct WithOutput<Op> {
     op: Op,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    output: std::sync::Mutex<Option<Tensor>>,
+    output: Precomputed,
 }
 
 impl<Op> WithOutput<Op> {
     pub fn new(op: Op, output: Tensor) -> Self {
-        Self { op, output: std::sync::Mutex::new(Some(output)) }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn take_output(&self, name: &str) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let output = self.output.lock().map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned")))?.take();
-        let Some(y) = output else { candle_core::bail!("{name}: an op value is applied once") };
-        crate::kernels::cuda::owned_storage(&y, name)
+        Self { op, output: Precomputed::new(Some(output)) }
     }
 }
 
@@ -570,7 +563,7 @@ impl<Op: CustomOp2> CustomOp2 for WithOutput<Op> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.take_output(self.op.name())
+        self.output.cuda(self.op.name())
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {

@@ -147,6 +147,11 @@ pub trait LinearAdapter: Send + Sync {
     fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
         heads.split(&self.forward(x, base, train)?, train)
     }
+    /// The output for `x = silu(g) ⊙ u` (down_proj). LoRA's fused op takes SwiGLU inside, so the
+    /// graph does not keep the activation; the others compute it by a separate op.
+    fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        self.forward(&super::ops::swiglu(g, u, train)?, base, train)
+    }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
     fn merged_weight(&self, base: &Tensor) -> Result<Tensor>;
     /// The inverse of `merged_weight` (for `unmerge`).
@@ -237,12 +242,15 @@ impl Linear {
 
     /// `residual + forward(silu(g) ⊙ u)` (the MLP's down_proj); a frozen layer in training is one
     /// op ([`super::ops::swiglu_frozen_matmul_t_add`]) that keeps neither the activation nor the
-    /// product for backward.
+    /// product for backward, an adapter takes `LinearAdapter::forward_swiglu`.
     pub fn forward_swiglu_add(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if train && (self.adapter.is_none() || self.merged) {
             return super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train);
         }
-        self.forward_add(&super::ops::swiglu(g, u, train)?, residual, train)
+        match &self.adapter {
+            Some(adapter) if !self.merged => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
+            _ => self.forward_add(&super::ops::swiglu(g, u, train)?, residual, train),
+        }
     }
 
     /// Fold the adapter into the base weight; the adapter stays attached for `unmerge`. An NF4

@@ -394,8 +394,8 @@ pub(super) fn nf4_rows_matmul(w: &crate::quant::Nf4Tensor, x: &Tensor, few: bool
 }
 
 /// A copy of a whole, contiguous CUDA tensor's storage, as a custom op's `cuda_fwd` returns it:
-/// the ops that compute their output before candle applies them (`model::fused::WithOutput`,
-/// the fused DoRA linear) hand it over this way, since candle's storages are owned.
+/// the ops that compute their output before candle applies them (`kernels::Precomputed`) hand
+/// it over this way, since candle's storages are owned.
 pub fn owned_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, Shape)> {
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
