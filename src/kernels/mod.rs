@@ -6,9 +6,9 @@
 //! | op | CUDA | what it fuses |
 //! |---|---|---|
 //! | [`lowrank_add`] | `kernels/lowrank_add.cu`, cuBLAS | `out += s · (z Mᵀ) ⊙ mask` in place, no [T, d] product |
-//! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward |
+//! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward; with the output split into attention heads ([`lora_linear_heads`], `kernels/rope.cu`) or SwiGLU in front ([`swiglu_lora_linear`]) |
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
-//! | [`dora_linear`] | cuBLAS (candle ops) | the DoRA linear, forward and backward, keeping one [T, out] tensor instead of about six |
+//! | [`dora_linear`] | cuBLAS (candle ops) | the DoRA linear, forward and backward, keeping one [T, out] tensor instead of about six; [`dora_linear_heads`] with the output split into heads |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
 //! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
 //! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |

@@ -1,15 +1,22 @@
 //! CPU custom ops with a hand-written backward, for the places where candle's autograd keeps the
 //! most: the attention softmax and the loss over the vocabulary, and (below) the whole attention
-//! core, RMSNorm, SwiGLU, the heads split with RoPE, and the frozen LM head. Built from generic ops, each
-//! would keep every intermediate (shifted scores, exponentials, sums; for the loss, four copies of
-//! the [tokens, vocab] logits). Here the softmax keeps its input and output, and the loss keeps
-//! only the logits (its backward recomputes the softmax).
+//! core, RMSNorm, SwiGLU, the heads split with RoPE, and the frozen linears. Built from generic
+//! ops, each would keep every intermediate (shifted scores, exponentials, sums; for the loss,
+//! four copies of the [tokens, vocab] logits). Here the softmax keeps its input and output, and
+//! the loss keeps only the logits (its backward recomputes the softmax).
+//!
+//! candle's graph also keeps every op's inputs until backward ends, so a tensor that only the next
+//! op reads stays alive although no backward needs it. The ops that join neighbours release
+//! those: the q, k, v projections split into heads inside their op (`ProjectedHeads`), the
+//! frozen o_proj and down_proj add into the residual (`FrozenMatmulTAdd`), and SwiGLU goes into
+//! a frozen down_proj (`SwiGluProjectAdd`).
 //!
 //! Layout: row-major, contiguous, the reduced dimension last. f32 and f64 (the finite-difference
 //! tests run in f64). The compositions in `ops.rs` are the reference these are tested against
-//! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes. Two of these also run on
-//! CUDA: the attention core (`kernels/attention.cu`, whose reference in `selftest` is this CPU
-//! op in f64) and the frozen matmul (cuBLAS).
+//! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes. On CUDA (all dtypes the
+//! kernels take): the attention core (`kernels/attention.cu`), SwiGLU (`kernels/swiglu.cu`), the
+//! heads split (`kernels/rope.cu`) and the frozen matmuls (cuBLAS); `selftest` checks each against
+//! this CPU op in f64.
 
 use std::sync::OnceLock;
 
