@@ -24,23 +24,17 @@ fn projections_into_heads_do_not_keep_their_output_for_backward() {
     let output_bytes = b * t * n * d * 4;
     // Bytes live between forward and backward, over those before, with the heads held.
     let held = |lora: bool, inside: bool| {
-        let before = counting_alloc::live();
-        let y = match (lora, inside) {
+        let forward = || match (lora, inside) {
             (false, true) => frozen_matmul_t_heads(x.as_tensor(), &w, heads, true).unwrap(),
             (false, false) => heads.split(&frozen_matmul_t(x.as_tensor(), &w).unwrap(), true).unwrap(),
             (true, true) => lora_linear_heads(x.as_tensor(), &w, (a.as_tensor(), bm.as_tensor()), 2.0, None, heads).unwrap(),
             (true, false) => heads.split(&lora_linear(x.as_tensor(), &w, a.as_tensor(), bm.as_tensor(), 2.0, None).unwrap(), true).unwrap(),
         };
-        let held = counting_alloc::live() - before;
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(x.as_tensor()).is_some());
-        held
+        counting_alloc::held_for_backward(forward, &[x.as_tensor()])
     };
     let mib = |b: usize| b as f64 / 1048576.0;
     for lora in [false, true] {
-        // The first run also sets up the matmul's workspace and thread pool.
-        let _warm_up = (held(lora, true), held(lora, false));
-        let (inside, separate) = (held(lora, true), held(lora, false));
+        let (inside, separate) = counting_alloc::fused_and_separate(|inside| held(lora, inside));
         // LoRA also keeps its [T, r] intermediate.
         let extra = if lora { b * t * r * 4 } else { 0 };
         assert!(inside < output_bytes + extra + output_bytes / 8, "lora {lora}: {:.2} MiB held, the heads are {:.2} MiB", mib(inside), mib(output_bytes));

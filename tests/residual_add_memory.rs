@@ -18,21 +18,14 @@ fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swigl
     let residual = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, d_out), &Device::Cpu).unwrap()).unwrap();
     let w: BaseWeight = Tensor::randn(0f32, 0.05, (d_out, d_in), &Device::Cpu).unwrap().into();
     let output_bytes = t * d_out * 4;
-    // Bytes live between forward and backward, over those before, with the sum's output held.
     let held = |fused: bool| {
-        let before = counting_alloc::live();
-        let y = match fused {
+        let forward = || match fused {
             true => frozen_matmul_t_add(x.as_tensor(), &w, residual.as_tensor()).unwrap(),
             false => (residual.as_tensor() + frozen_matmul_t(x.as_tensor(), &w).unwrap()).unwrap(),
         };
-        let held = counting_alloc::live() - before;
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(x.as_tensor()).is_some() && grads.get(residual.as_tensor()).is_some());
-        held
+        counting_alloc::held_for_backward(forward, &[x.as_tensor(), residual.as_tensor()])
     };
-    // The first run also sets up the matmul's workspace and thread pool.
-    let _warm_up = (held(true), held(false));
-    let (fused, added) = (held(true), held(false));
+    let (fused, added) = counting_alloc::fused_and_separate(held);
     let mib = |b: usize| b as f64 / 1048576.0;
     assert!(fused < output_bytes + output_bytes / 8, "fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
     // The comparison means something only if the add does hold the product besides its output.
@@ -44,36 +37,26 @@ fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swigl
     let (g, u) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
     let activation_bytes = t * d_in * 4;
     let held = |fused: bool| {
-        let before = counting_alloc::live();
-        let y = match fused {
+        let forward = || match fused {
             true => swiglu_frozen_matmul_t_add(g.as_tensor(), u.as_tensor(), &w, residual.as_tensor(), true).unwrap(),
             false => frozen_matmul_t_add(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, residual.as_tensor()).unwrap(),
         };
-        let held = counting_alloc::live() - before;
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(g.as_tensor()).is_some() && grads.get(u.as_tensor()).is_some() && grads.get(residual.as_tensor()).is_some());
-        held
+        counting_alloc::held_for_backward(forward, &[g.as_tensor(), u.as_tensor(), residual.as_tensor()])
     };
-    let _warm_up = (held(true), held(false));
-    let (fused, separate) = (held(true), held(false));
+    let (fused, separate) = counting_alloc::fused_and_separate(held);
     assert!(fused < output_bytes + activation_bytes / 8, "swiglu fused: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));
     assert!(separate >= output_bytes + activation_bytes, "swiglu separate: {:.2} MiB held", mib(separate));
 
     // LoRA on the activation: g and u held, the activation recomputed in backward.
     let (a, bm) = (Var::from_tensor(&Tensor::randn(0f32, 0.1, (4, d_in), &Device::Cpu).unwrap()).unwrap(), Var::from_tensor(&Tensor::randn(0f32, 0.1, (d_out, 4), &Device::Cpu).unwrap()).unwrap());
     let held = |fused: bool| {
-        let before = counting_alloc::live();
-        let y = match fused {
+        let forward = || match fused {
             true => candle_peft::kernels::swiglu_lora_linear(g.as_tensor(), u.as_tensor(), &w, (a.as_tensor(), bm.as_tensor()), 2.0, None).unwrap(),
             false => candle_peft::kernels::lora_linear(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, a.as_tensor(), bm.as_tensor(), 2.0, None).unwrap(),
         };
-        let held = counting_alloc::live() - before;
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(g.as_tensor()).is_some() && grads.get(a.as_tensor()).is_some() && grads.get(bm.as_tensor()).is_some());
-        held
+        counting_alloc::held_for_backward(forward, &[g.as_tensor(), a.as_tensor(), bm.as_tensor()])
     };
-    let _warm_up = (held(true), held(false));
-    let (fused, separate) = (held(true), held(false));
+    let (fused, separate) = counting_alloc::fused_and_separate(held);
     // Both keep the output and the [t, 4] intermediate; the op keeps A and B in one argument
     // besides (17 KiB here): the activation (128 KiB) is what tells them apart.
     assert!(fused < output_bytes + activation_bytes / 2, "swiglu lora: {:.2} MiB held, the output is {:.2} MiB", mib(fused), mib(output_bytes));

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 
 use candle_core::{CustomOp3, Tensor};
 
-use super::Precomputed;
+use super::{join_factors, split_factors, Precomputed};
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
 use crate::model::fused::OutputFreeBackward;
@@ -92,7 +92,7 @@ fn dora_linear_op(
     let y = op.forward(&x2.detach(), &a.detach(), &b.detach(), &k.detach())?;
     op.y.set(y);
     // A and B travel as one argument (a custom op takes three); candle's cat routes dA and dB back.
-    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let ab = join_factors(a, b)?;
     Ok((x2, ab, op))
 }
 
@@ -141,7 +141,6 @@ impl DoraLinearOp {
     fn mask_like(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.mask.map(|m| m.tensor(x)).transpose().map_err(candle_core::Error::wrap)
     }
-
 }
 
 /// The backward reads x, A, B, k and the saved (u, q), never y.
@@ -164,8 +163,7 @@ impl CustomOp3 for DoraLinearOp {
         let (x, ab, k, dy) = (x.detach().to_dtype(acc)?, ab.detach().to_dtype(acc)?, k.detach().to_dtype(acc)?, dy.detach().to_dtype(acc)?);
         let (u, q) = (u.to_dtype(acc)?, q.to_dtype(acc)?);
         let (d_in, d_out, r) = (x.dim(1)?, q.dim(1)?, self.rank);
-        let a = ab.narrow(0, 0, r * d_in)?.reshape((r, d_in))?;
-        let b = ab.narrow(0, r * d_in, d_out * r)?.reshape((d_out, r))?;
+        let (a, b) = split_factors(&ab, r, d_in, d_out)?;
         let w = self.dense_w(acc)?;
         let dq = dy.broadcast_mul(&k.unsqueeze(0)?)?;
         let dk = (&dy * &q)?.sum(0)?;
@@ -181,7 +179,7 @@ impl CustomOp3 for DoraLinearOp {
         };
         let da = (g.t()?.matmul(&xd)? * self.scale)?;
         let db = (dq.t()?.matmul(&u)? * self.scale)?;
-        let dab = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
+        let dab = join_factors(&da, &db)?;
         Ok((Some(dx.to_dtype(dtype)?), Some(dab.to_dtype(dtype)?), Some(dk.to_dtype(dtype)?)))
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
-use super::{cpu_tensor, tensor_cpu_storage, Precomputed};
+use super::{cpu_tensor, join_factors, split_factors, tensor_cpu_storage, Precomputed};
 use crate::adapters::DropoutMask;
 use crate::model::linear::BaseWeight;
 use crate::model::fused::{OutputFreeBackward, SwiGlu};
@@ -207,7 +207,7 @@ pub fn swiglu_lora_linear(g: &Tensor, u: &Tensor, w: &BaseWeight, (a, b): (&Tens
     // The op keeps xa from this forward for its backward; y is handed to the graph's node below.
     let y = x2.apply_op3_no_bwd(&a.detach().contiguous()?, &b.detach().contiguous()?, &lora)?;
     drop((x2, activation));
-    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let ab = join_factors(a, b)?;
     let op = SwiGluLoraOp { lora, rank: a.dim(0)?, output: Precomputed::new(Some(y)) };
     let y = g2.apply_op3(&u2, &ab, op)?;
     let mut out_dims = g.dims().to_vec();
@@ -235,15 +235,14 @@ impl CustomOp3 for SwiGluLoraOp {
         let (d_in, r) = (g.dim(1)?, self.rank);
         let d_out = dy.dim(1)?;
         let ab = ab.detach();
-        let a = ab.narrow(0, 0, r * d_in)?.reshape((r, d_in))?;
-        let b = ab.narrow(0, r * d_in, d_out * r)?.reshape((d_out, r))?;
+        let (a, b) = split_factors(&ab, r, d_in, d_out)?;
         let activation = g.detach().apply_op2_no_bwd(&u.detach(), &SwiGlu)?;
         let (dx, da, db) = self.lora.bwd(&activation, &a, &b, y, dy)?;
         drop(activation);
         let (Some(dx), Some(da), Some(db)) = (dx, da, db) else { candle_core::bail!("{}: the LoRA backward gave no gradient", self.name()) };
         // SwiGLU's backward reads g, u and the gradient only (y stands in for its unread output).
         let (dg, du) = SwiGlu.bwd(g, u, y, &dx)?;
-        let dab = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
+        let dab = join_factors(&da, &db)?;
         Ok((dg, du, Some(dab)))
     }
 }

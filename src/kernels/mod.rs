@@ -140,6 +140,17 @@ impl Precomputed {
     }
 }
 
+/// A [r, in] and B [out, r] as one flat tensor, for the ops that take them as one argument (a
+/// custom op takes three inputs): candle's cat routes the gradient back to each.
+pub(crate) fn join_factors(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)
+}
+
+/// A [r, d_in] and B [d_out, r] from [`join_factors`]'s tensor.
+pub(crate) fn split_factors(ab: &Tensor, r: usize, d_in: usize, d_out: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    Ok((ab.narrow(0, 0, r * d_in)?.reshape((r, d_in))?, ab.narrow(0, r * d_in, d_out * r)?.reshape((d_out, r))?))
+}
+
 /// A contiguous CPU storage as a tensor (a copy), for the CPU paths written with candle ops.
 pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Tensor> {
     let Some((start, end)) = l.contiguous_offsets() else {

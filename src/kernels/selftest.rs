@@ -75,6 +75,17 @@ impl Case<'_> {
     }
 
     /// Two device tensors that must hold the same values (bound 0; a signed zero counts as zero).
+    /// One forward and backward pass against its reference: `names` are the output's, then each
+    /// input gradient's (as many as the pass has).
+    fn record_pass(&mut self, kernel: &str, shape: &str, names: &[&str], (y, g): (&Tensor, &[Tensor]), (y_ref, g_ref): (&Tensor, &[Tensor])) -> Result<()> {
+        let Some((output, gradients)) = names.split_first() else { return Err(crate::Error::msg("selftest: a pass names no output")) };
+        self.record(kernel, shape, output, y, y_ref)?;
+        for (name, (got, reference)) in gradients.iter().zip(g.iter().zip(g_ref)) {
+            self.record(kernel, shape, name, got, reference)?;
+        }
+        Ok(())
+    }
+
     fn record_equal(&mut self, kernel: &str, shape: &str, output: &str, got: &Tensor, want: &Tensor) -> Result<()> {
         let f64s = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
         let want = f64s(want)?;
@@ -157,10 +168,7 @@ fn linear_cases(c: &mut Case, dora: bool, with_dropout: bool) -> Result<()> {
     };
     let (y, g) = run(c.device, c.dtype)?;
     let (y_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
-    c.record(&kernel, &shape, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dx", "dA", "dB", "dk"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record(&kernel, &shape, name, got, reference)?;
-    }
+    c.record_pass(&kernel, &shape, &["y", "dx", "dA", "dB", "dk"], (&y, &g), (&y_ref, &g_ref))?;
     Ok(())
 }
 
@@ -172,10 +180,7 @@ fn control_case(c: &mut Case) -> Result<()> {
     let f = |v: &[Tensor]| control_branch(&v[0], &v[1], &v[2], 0.8);
     let (y, g) = forward_backward(c.device, c.dtype, &[&base, &z, &b], &weights, &f)?;
     let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &[&base, &z, &b], &weights, &f)?;
-    c.record("control_branch", &shape, "out", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dbase", "dz", "dB"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("control_branch", &shape, name, got, reference)?;
-    }
+    c.record_pass("control_branch", &shape, &["out", "dbase", "dz", "dB"], (&y, &g), (&y_ref, &g_ref))?;
     Ok(())
 }
 
@@ -274,10 +279,7 @@ fn snell_cases(c: &mut Case) -> Result<()> {
         let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &inputs, &weights, &f)?;
         // At s = 0.99 (1% survivors) both sides take the sparse apply (`snell_sparse`).
         let kernel = format!("snell_branch s{s}{}", if s > 0.9 { " sparse" } else { "" });
-        c.record(&kernel, &shape, "y", &y, &y_ref)?;
-        for (name, (got, reference)) in ["dx", "dIn", "dOut"].iter().zip(g.iter().zip(&g_ref)) {
-            c.record(&kernel, &shape, name, got, reference)?;
-        }
+        c.record_pass(&kernel, &shape, &["y", "dx", "dIn", "dOut"], (&y, &g), (&y_ref, &g_ref))?;
     }
     Ok(())
 }
@@ -304,10 +306,7 @@ fn attention_cases(c: &mut Case) -> Result<()> {
         };
         let (o, g) = run(c.device, c.dtype)?;
         let (o_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
-        c.record(kernel, &shape, "o", &o, &o_ref)?;
-        for (name, (got, reference)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g_ref)) {
-            c.record(kernel, &shape, name, got, reference)?;
-        }
+        c.record_pass(kernel, &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
         let bias = attention_bias(&mask, t, c.dtype, c.device)?;
         let full_walk = |x: &[Tensor]| -> Result<Tensor> {
             Ok(x[0].contiguous()?.apply_op3(&x[1].contiguous()?, &x[2].contiguous()?, Attention::new(bias.clone(), scale))?)
@@ -343,8 +342,7 @@ fn heads_cases(c: &mut Case) -> Result<()> {
             forward_backward(device, dtype, &[&x], &weights, &|v| heads.split(&v[0], true))
         };
         let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-        c.record(kernel, &shape, "y", &y, &y_ref)?;
-        c.record(kernel, &shape, "dx", &g[0], &g_ref[0])?;
+        c.record_pass(kernel, &shape, &["y", "dx"], (&y, &g), (&y_ref, &g_ref))?;
     }
     let (d_in, r, s) = (c.odd(33, 300), c.odd(1, 40), 1.7);
     let x = c.draw(&[b, t, d_in], 1.0)?;
@@ -370,10 +368,7 @@ fn heads_cases(c: &mut Case) -> Result<()> {
             })
         };
         let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-        c.record(&kernel, &shape, "y", &y, &y_ref)?;
-        for (name, (got, reference)) in ["dx", "dA", "dB", "dk"].iter().zip(g.iter().zip(&g_ref)) {
-            c.record(&kernel, &shape, name, got, reference)?;
-        }
+        c.record_pass(&kernel, &shape, &["y", "dx", "dA", "dB", "dk"], (&y, &g), (&y_ref, &g_ref))?;
     }
     Ok(())
 }
@@ -388,17 +383,11 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
     let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&x, &w], &weights, &|t| rms_norm(&t[0], &t[1], 1e-5, true));
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-    c.record("rms_norm", &shape, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dx", "dw"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("rms_norm", &shape, name, got, reference)?;
-    }
+    c.record_pass("rms_norm", &shape, &["y", "dx", "dw"], (&y, &g), (&y_ref, &g_ref))?;
     let (gate, up) = (c.draw(&[rows, width], 2.0)?, c.draw(&[rows, width], 1.0)?);
     let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&gate, &up], &weights, &|t| swiglu(&t[0], &t[1], true));
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-    c.record("swiglu", &shape, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dg", "du"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("swiglu", &shape, name, got, reference)?;
-    }
+    c.record_pass("swiglu", &shape, &["y", "dg", "du"], (&y, &g), (&y_ref, &g_ref))?;
     // The frozen projection into the residual (o_proj, down_proj): copy, then a GEMM with β = 1.
     let d_in = c.odd(33, 500);
     let (a, proj) = (c.draw(&[rows, d_in], 1.0)?, c.draw(&[width, d_in], 0.1)?);
@@ -409,10 +398,7 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     };
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
     let shape_add = format!("{rows}x{d_in} -> {width}");
-    c.record("frozen_matmul_add", &shape_add, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dx", "dres"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("frozen_matmul_add", &shape_add, name, got, reference)?;
-    }
+    c.record_pass("frozen_matmul_add", &shape_add, &["y", "dx", "dres"], (&y, &g), (&y_ref, &g_ref))?;
     // SwiGLU, the frozen down projection and the residual as one op (the activation a transient).
     let (gate, up) = (c.draw(&[rows, d_in], 2.0)?, c.draw(&[rows, d_in], 1.0)?);
     let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
@@ -420,10 +406,7 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
         forward_backward(device, dtype, &[&gate, &up, &residual], &weights, &|t| swiglu_frozen_matmul_t_add(&t[0], &t[1], &w, &t[2], true))
     };
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
-    c.record("swiglu_matmul_add", &shape_add, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dg", "du", "dres"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("swiglu_matmul_add", &shape_add, name, got, reference)?;
-    }
+    c.record_pass("swiglu_matmul_add", &shape_add, &["y", "dg", "du", "dres"], (&y, &g), (&y_ref, &g_ref))?;
     // LoRA on the SwiGLU activation (down_proj with an adapter), the activation recomputed.
     let r = c.odd(1, 40);
     let (a, b) = (c.draw(&[r, d_in], 0.1)?, c.draw(&[width, r], 0.1)?);
@@ -434,10 +417,7 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     };
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
     let shape_lora = format!("{shape_add} r{r}");
-    c.record("swiglu_lora", &shape_lora, "y", &y, &y_ref)?;
-    for (name, (got, reference)) in ["dg", "du", "dA", "dB"].iter().zip(g.iter().zip(&g_ref)) {
-        c.record("swiglu_lora", &shape_lora, name, got, reference)?;
-    }
+    c.record_pass("swiglu_lora", &shape_lora, &["y", "dg", "du", "dA", "dB"], (&y, &g), (&y_ref, &g_ref))?;
     // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
     // element off is an error of 1.
     let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);

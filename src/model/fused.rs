@@ -365,22 +365,17 @@ impl RopeHeads {
     }
 
     fn cpu_split(&self, storage: &CpuStorage, layout: &Layout, shape: HeadsShape) -> candle_core::Result<CpuStorage> {
-        fn values<T: Float + WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-            t.flatten_all()?.to_vec1::<T>()
-        }
         Ok(match storage {
-            CpuStorage::F32(v) => {
-                let tables = self.tables().map(|(c, s)| Ok::<_, candle_core::Error>((values::<f32>(c)?, values::<f32>(s)?))).transpose()?;
-                let rotation = tables.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
-                CpuStorage::F32(rope_heads_values(contiguous(v, layout, "fused-rope-heads")?, rotation, shape))
-            }
-            CpuStorage::F64(v) => {
-                let tables = self.tables().map(|(c, s)| Ok::<_, candle_core::Error>((values::<f64>(c)?, values::<f64>(s)?))).transpose()?;
-                let rotation = tables.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
-                CpuStorage::F64(rope_heads_values(contiguous(v, layout, "fused-rope-heads")?, rotation, shape))
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(self.split_values(contiguous(v, layout, "fused-rope-heads")?, shape)?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.split_values(contiguous(v, layout, "fused-rope-heads")?, shape)?),
             other => candle_core::bail!("fused-rope-heads: unsupported dtype {:?}", other.dtype()),
         })
+    }
+
+    fn split_values<T: Float + WithDType>(&self, x: &[T], shape: HeadsShape) -> candle_core::Result<Vec<T>> {
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let tables = self.tables().map(|(c, s)| Ok::<_, candle_core::Error>((values(c)?, values(s)?))).transpose()?;
+        Ok(rope_heads_values(x, tables.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice())), shape))
     }
 
     /// dx [b, t, n·d] from dy [b, n, t, d]: the inverse rotation, not tracked by autograd.

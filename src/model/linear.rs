@@ -216,40 +216,43 @@ impl Linear {
         self.merged
     }
 
+    /// The adapter that computes the layer: none when it is merged into the base weight.
+    fn active_adapter(&self) -> Option<&dyn LinearAdapter> {
+        self.adapter.as_deref().filter(|_| !self.merged)
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match &self.adapter {
-            Some(adapter) if !self.merged => adapter.forward(x, &self.base, train),
-            _ => self.base.forward(x),
+        match self.active_adapter() {
+            Some(adapter) => adapter.forward(x, &self.base, train),
+            None => self.base.forward(x),
         }
     }
 
     /// `forward(x)` for x [b, t, in] split into attention heads (`LinearAdapter::forward_heads`).
     pub fn forward_heads(&self, x: &Tensor, heads: AttentionHeads, train: bool) -> Result<Tensor> {
-        match &self.adapter {
-            Some(adapter) if !self.merged => adapter.forward_heads(x, &self.base, heads, train),
-            _ => self.base.forward_heads(x, heads, train),
+        match self.active_adapter() {
+            Some(adapter) => adapter.forward_heads(x, &self.base, heads, train),
+            None => self.base.forward_heads(x, heads, train),
         }
     }
 
     /// `residual + forward(x)`; a frozen layer in training adds into the residual in one op
     /// ([`super::ops::frozen_matmul_t_add`]), so its output is not kept for backward.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if train && (self.adapter.is_none() || self.merged) {
-            return super::ops::frozen_matmul_t_add(x, self.base.base_weight(), residual);
+        match self.active_adapter() {
+            None if train => super::ops::frozen_matmul_t_add(x, self.base.base_weight(), residual),
+            _ => Ok((residual + self.forward(x, train)?)?),
         }
-        Ok((residual + self.forward(x, train)?)?)
     }
 
     /// `residual + forward(silu(g) ⊙ u)` (the MLP's down_proj); a frozen layer in training is one
     /// op ([`super::ops::swiglu_frozen_matmul_t_add`]) that keeps neither the activation nor the
     /// product for backward, an adapter takes `LinearAdapter::forward_swiglu`.
     pub fn forward_swiglu_add(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if train && (self.adapter.is_none() || self.merged) {
-            return super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train);
-        }
-        match &self.adapter {
-            Some(adapter) if !self.merged => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
-            _ => self.forward_add(&super::ops::swiglu(g, u, train)?, residual, train),
+        match self.active_adapter() {
+            Some(adapter) => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
+            None if train => super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train),
+            None => Ok((residual + self.base.forward(&super::ops::swiglu(g, u, train)?)?)?),
         }
     }
 

@@ -57,3 +57,23 @@ pub fn peak() -> usize {
 pub fn reset_peak() {
     PEAK.store(live(), Ordering::Relaxed);
 }
+
+/// Heap bytes that `forward`'s output holds for backward (the output and what its graph keeps),
+/// over those live before it; then the backward of its sum, which must reach each of `inputs`.
+pub fn held_for_backward(forward: impl FnOnce() -> candle_core::Tensor, inputs: &[&candle_core::Tensor]) -> usize {
+    let before = live();
+    let y = forward();
+    let held = live() - before;
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    for (i, input) in inputs.iter().enumerate() {
+        assert!(grads.get(input).is_some(), "input {i} got no gradient");
+    }
+    held
+}
+
+/// `held` of the fused op (true) and of the separate ops (false), each after one warm-up run of
+/// both: the first run also sets up the matmul's workspace and thread pool.
+pub fn fused_and_separate(held: impl Fn(bool) -> usize) -> (usize, usize) {
+    let _warm_up = (held(true), held(false));
+    (held(true), held(false))
+}
