@@ -78,6 +78,7 @@ case "${1:-selftest}" in
         step snell 150 "$bin" bench snell "${SNELL[@]}" --json "$OUT/snell.json"
         anchor snell_anchor 120 layers
         step qlora_7b 150 "$bin" bench methods "${MODEL[@]}" --device cuda --dtype bf16 --methods lora,control --quantize nf4 --gradient-checkpointing --output "$OUT/qlora_7b.json"
+        step qlora_7b_gemm 150 "$bin" --attention-kernel gemm bench methods "${MODEL[@]}" --device cuda --dtype bf16 --methods lora --quantize nf4 --gradient-checkpointing --output "$OUT/qlora_7b_gemm.json"
         step attention 60 "$bin" bench kernels --ops attention "${ATTENTION[@]}" --json "$OUT/attention.json"
         step methods_7b 150 "$bin" bench methods "${MODEL[@]}" --device cuda --dtype bf16 --methods lora,control,double_control,snell --output "$OUT/methods_7b.json"
         ! grep -q " rc=[1-9]" "$OUT/steps.txt"

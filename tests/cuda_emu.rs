@@ -85,6 +85,16 @@ fn nf4_bases_checkpointing_and_the_unfused_path_train_on_cuda_as_on_the_cpu() {
     same_losses(&["--method", "snell", "--sparsity", "0.99"]);
 }
 
+#[test]
+#[ignore = "needs a --features cuda binary and scripts/cuda_emu.sh (see the top of this file)"]
+fn the_cublas_attention_trains_on_cuda_as_on_the_cpu() {
+    // The model's attention and the nonlinear controller's token mixing, whole and recomputed.
+    for method in ["lora", "nonlinear_control"] {
+        same_losses(&["--method", method, "--attention-kernel", "gemm"]);
+    }
+    same_losses(&["--method", "lora", "--attention-kernel", "gemm", "--quantize", "nf4", "--gradient-checkpointing"]);
+}
+
 /// What `generate` prints for one prompt on `device`.
 fn generated(model: &std::path::Path, device: &str, args: &[&str]) -> String {
     let common = ["generate", "--model", model.to_str().unwrap(), "--prompt", "She painted the old door", "--max-new-tokens", "6", "--device", device];

@@ -41,6 +41,10 @@ pub struct MethodReport {
     pub tokens_per_second: f64,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// The kernels the step ran: "unfused" (`--unfused`) or the fused attention's, "flash" or
+    /// "gemm" (`--attention-kernel`).
+    #[serde(default)]
+    pub kernels: String,
 }
 
 fn shape(name: &str) -> Result<LlamaConfig> {
@@ -113,9 +117,29 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
         tokens_per_second: (args.run.batch * args.run.seq) as f64 / step_seconds,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f64::NAN),
+        kernels: kernels_in_use(),
     };
     println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
     Ok(())
+}
+
+/// The report's `kernels`.
+fn kernels_in_use() -> String {
+    if crate::kernels::unfused() {
+        "unfused".into()
+    } else {
+        crate::kernels::attention_kernel().name().into()
+    }
+}
+
+/// The global kernel flags of this process, for a child: a flag given to `bench methods` holds
+/// for every method it runs.
+fn kernel_flags() -> Vec<String> {
+    let mut flags = vec!["--attention-kernel".to_string(), crate::kernels::attention_kernel().name().into()];
+    if crate::kernels::unfused() {
+        flags.push("--unfused".into());
+    }
+    flags
 }
 
 /// Every method, each in a child process running `bench step`.
@@ -125,7 +149,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     let mut reports = Vec::new();
     for name in &names {
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
+        cmd.args(kernel_flags()).args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
             .args(args.run.quantize.iter().flat_map(|q| ["--quantize", q.as_str()]))
             .args(args.run.layers.iter().flat_map(|n| ["--layers".to_string(), n.to_string()]))
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])

@@ -7,11 +7,12 @@
 //! included) and the fused op, with their ratios to the frozen linear and the achieved
 //! TFLOP/s. The control branch (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against
 //! unfused; NF4 dequantize, the batch-1 GEMV and the few-row matmul report GB/s (ratio: over
-//! dequantize-then-matmul with the same x). The training attention (`kernels/attention.cu`, the
-//! [t, s] scores never in memory) is compared with the candle graph it replaces (cuBLAS
-//! matmuls, the scores and probabilities kept for backward) at LLaMA-2-7B's heads. Every timed
-//! iteration ends with a device
-//! synchronisation; the figure is the median over iterations. The backward is seeded with ones
+//! dequantize-then-matmul with the same x). The training attention on both of its kernels
+//! (flash, `kernels/attention.cu`: the [t, s] scores never in memory; gemm,
+//! `kernels/attention_gemm.cu`: cuBLAS products, the scores a per-chunk transient) is compared
+//! with the candle graph it replaces (cuBLAS matmuls, the scores and probabilities kept for
+//! backward) at LLaMA-2-7B's heads. Every timed iteration ends with a device synchronisation;
+//! the figure is the median over iterations. The backward is seeded with ones
 //! (candle's `backward`), in every variant alike.
 
 use std::time::Instant;
@@ -266,21 +267,30 @@ fn attention_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &
         let shape = format!("b{b} h{h} t{t} d{d}");
         let qkv: Vec<Var> = (0..3).map(|_| Ok(Var::from_tensor(&randn(&[b, h, t, d], 1.0, dtype, device)?)?)).collect::<Result<_>>()?;
         let bias = crate::model::ops::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
-        let step = |fused: bool| -> Result<()> {
+        let scale = 1.0 / (d as f64).sqrt();
+        // None: the candle graph; Some: the fused op on those kernels.
+        let step = |kernels: Option<kernels::AttentionKernel>| -> Result<()> {
             let (q, k, v) = (qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor());
-            let o = match fused {
-                true => crate::model::ops::attention(q, k, v, &bias, true)?,
-                false => crate::model::ops::attention_reference(q, k, v, &bias)?,
+            let o = match kernels {
+                Some(kernels) => q.apply_op3(k, v, crate::model::fused::Attention::causal(bias.clone(), scale).on(kernels))?,
+                None => crate::model::ops::attention_reference(q, k, v, &bias)?,
             };
             o.backward()?;
             Ok(())
         };
-        let unfused = time(device, args.warmup, args.iters, || step(false))?;
-        let unfused_mem = crate::memory::peak_extra_mib(device, || step(false))?;
-        let fused = time(device, args.warmup, args.iters, || step(true))?;
-        let fused_mem = crate::memory::peak_extra_mib(device, || step(true))?;
+        // On the CPU the op has one implementation, whichever kernels it is given.
+        let variants = match device.is_cuda() {
+            true => vec![("unfused", None), ("fused (flash)", Some(kernels::AttentionKernel::Flash)), ("fused (gemm)", Some(kernels::AttentionKernel::Gemm))],
+            false => vec![("unfused", None), ("fused", Some(kernels::AttentionKernel::Flash))],
+        };
+        let mut timed = Vec::new();
+        for (variant, kernels) in variants {
+            let ms = time(device, args.warmup, args.iters, || step(kernels))?;
+            timed.push((variant, ms, crate::memory::peak_extra_mib(device, || step(kernels))?));
+        }
+        let unfused = timed[0].1;
         let flops = 14.0 * (b * h * t * t * d) as f64;
-        for (variant, ms, mib) in [("unfused", unfused, unfused_mem), ("fused", fused, fused_mem)] {
+        for (variant, ms, mib) in timed {
             out.push(KernelTiming {
                 op: "attention".into(),
                 shape: shape.clone(),

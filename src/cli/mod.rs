@@ -29,6 +29,10 @@ pub struct Cli {
     /// Use plain candle ops instead of the fused CUDA kernels (the reference path).
     #[arg(long, global = true)]
     pub unfused: bool,
+    /// The CUDA kernels of the fused attention in training: `flash` (scores kept on chip) or
+    /// `gemm` (cuBLAS tensor-core products; also taken for head dims over 128).
+    #[arg(long, global = true, value_enum)]
+    pub attention_kernel: Option<crate::kernels::AttentionKernel>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -522,5 +526,8 @@ pub fn main() -> Result<()> {
     let args = config_file::expand_config_args(std::env::args_os().collect())?;
     let cli = Cli::parse_from(args);
     crate::kernels::set_unfused(cli.unfused);
+    if let Some(kernel) = cli.attention_kernel {
+        crate::kernels::set_attention_kernel(kernel);
+    }
     commands::run(cli.command)
 }

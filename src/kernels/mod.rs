@@ -85,9 +85,68 @@ pub fn set_unfused(unfused: bool) {
 
 /// `--unfused`, or `CANDLE_PEFT_UNFUSED` set to anything but 0 (read once: this is asked on
 /// every linear layer's forward).
-fn unfused() -> bool {
+pub fn unfused() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     UNFUSED.load(Ordering::Relaxed) || *FROM_ENV.get_or_init(|| std::env::var_os("CANDLE_PEFT_UNFUSED").is_some_and(|v| v != "0"))
+}
+
+/// Which CUDA kernels the fused attention of training runs (`--attention-kernel`,
+/// `CANDLE_PEFT_ATTENTION=flash|gemm`): both keep only q, k, v, o and the log-sum-exp rows for
+/// backward; they differ in where the scores live while a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttentionKernel {
+    /// `kernels/attention.cu`: tiles of scores in shared memory, never in global memory, SIMT
+    /// f32 arithmetic; head dim at most 128 (larger heads take `gemm`).
+    #[default]
+    Flash,
+    /// `kernels/attention_gemm.cu`: the five products in cuBLAS (tensor cores in bf16 / f16),
+    /// the scores of a chunk of heads a transient of at most 256 MiB between them; any head dim.
+    Gemm,
+}
+
+impl AttentionKernel {
+    /// The name `--attention-kernel` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flash => "flash",
+            Self::Gemm => "gemm",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true)
+    }
+}
+
+/// 0 for "not set": the environment decides.
+static ATTENTION_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The attention kernels of training from here on (the CLI's `--attention-kernel`).
+pub fn set_attention_kernel(kernel: AttentionKernel) {
+    ATTENTION_KERNEL.store(kernel as u8 + 1, Ordering::Relaxed);
+}
+
+/// [`set_attention_kernel`]'s choice, else `CANDLE_PEFT_ATTENTION` (read once; a value that names
+/// no kernel is reported once and ignored), else flash.
+pub fn attention_kernel() -> AttentionKernel {
+    match ATTENTION_KERNEL.load(Ordering::Relaxed) {
+        1 => AttentionKernel::Flash,
+        2 => AttentionKernel::Gemm,
+        _ => {
+            static FROM_ENV: std::sync::OnceLock<AttentionKernel> = std::sync::OnceLock::new();
+            *FROM_ENV.get_or_init(|| match std::env::var("CANDLE_PEFT_ATTENTION") {
+                Ok(name) => name.parse().unwrap_or_else(|e| {
+                    tracing::warn!("CANDLE_PEFT_ATTENTION={name}: {e}; using flash");
+                    AttentionKernel::Flash
+                }),
+                Err(_) => AttentionKernel::Flash,
+            })
+        }
+    }
 }
 
 /// Whether the fused ops handle tensors like `t`: on CUDA in f32 / f16 / bf16, on the CPU in
@@ -195,4 +254,19 @@ pub(crate) fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> 
 fn rows_cols(l: &Layout) -> (usize, usize) {
     let cols = l.dims().last().copied().unwrap_or(1);
     (l.shape().elem_count() / cols.max(1), cols)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionKernel;
+
+    #[test]
+    fn attention_kernel_names_parse_back_and_others_are_refused() {
+        for kernel in [AttentionKernel::Flash, AttentionKernel::Gemm] {
+            assert_eq!(kernel.name().parse::<AttentionKernel>(), Ok(kernel));
+        }
+        assert_eq!("GEMM".parse::<AttentionKernel>(), Ok(AttentionKernel::Gemm));
+        let err = "tiled".parse::<AttentionKernel>().unwrap_err();
+        assert!(err.contains("tiled"), "{err}");
+    }
 }

@@ -1,10 +1,11 @@
 //! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
 //! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
-//! forward and backward), the model's flash-style attention (`kernels/attention.cu`) and the
-//! decoder layer's RMSNorm, SwiGLU (`kernels/swiglu.cu`) and the attention heads split with RoPE
-//! (`kernels/rope.cu`, alone and inside the q, k, v projections) as training runs them, and the
-//! adapters' dropout masks (`kernels/dropout.cu`).
+//! forward and backward), the model's attention (flash-style, `kernels/attention.cu`, and on
+//! cuBLAS, `kernels/attention_gemm.cu`) and the decoder layer's RMSNorm, SwiGLU
+//! (`kernels/swiglu.cu`) and the attention heads split with RoPE (`kernels/rope.cu`, alone and
+//! inside the q, k, v projections) as training runs them, and the adapters' dropout masks
+//! (`kernels/dropout.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
 //! device computes in that dtype, the reference in f64 on the same values. The error reported is
@@ -321,6 +322,40 @@ fn attention_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
+/// The tensor-core attention of training (`kernels/attention_gemm.cu`, cuBLAS) against the CPU
+/// op in f64: grouped-query with d odd, one query head per key head with d over the flash
+/// kernels' 128 (which only this path runs); causal, one row left-padded. Each shape runs twice,
+/// with the scores of all heads in one chunk and with one key/value group a chunk.
+fn attention_gemm_cases(c: &mut Case) -> Result<()> {
+    use crate::kernels::AttentionKernel;
+    use crate::model::fused::Attention;
+    use crate::model::ops::attention_bias;
+    let (b, t) = (2, c.odd(17, 90));
+    let pad = c.rng.random_range(1..t / 2);
+    let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
+    for (kernel, h, g, d) in [("attention_gemm gqa", 6, 2, c.odd(9, 127)), ("attention_gemm d>128", 2, 2, c.odd(129, 200))] {
+        let shape = format!("b{b} h{h} g{g} t{t} d{d} pad{pad}");
+        let (q, k, v) = (c.draw(&[b, h, t, d], 1.0)?, c.draw(&[b, g, t, d], 1.0)?, c.draw(&[b, g, t, d], 1.0)?);
+        let weights = c.draw(&[b, t, h * d], 1.0)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+            let bias = attention_bias(&mask, t, dtype, device)?;
+            let op = |x: &[Tensor]| -> Result<Tensor> {
+                let op = Attention::causal(bias.clone(), scale).on(AttentionKernel::Gemm);
+                Ok(x[0].contiguous()?.apply_op3(&x[1].contiguous()?, &x[2].contiguous()?, op)?)
+            };
+            forward_backward(device, dtype, &[&q, &k, &v], &weights, &op)
+        };
+        let (o_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+        let (o, g) = run(c.device, c.dtype)?;
+        c.record_pass(kernel, &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
+        #[cfg(feature = "cuda")]
+        let (o, g) = crate::kernels::cuda::attention_gemm::with_score_budget(1, || run(c.device, c.dtype))?;
+        c.record_pass(&format!("{kernel} chunked"), &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
+    }
+    Ok(())
+}
+
 /// The attention heads of a projection (`kernels/rope.cu`): the split with RoPE (q, k) and
 /// without (v), as its own op and inside the frozen, LoRA and DoRA projections.
 fn heads_cases(c: &mut Case) -> Result<()> {
@@ -452,6 +487,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             nf4_cases(&mut case)?;
             snell_cases(&mut case)?;
             attention_cases(&mut case)?;
+            attention_gemm_cases(&mut case)?;
             layer_op_cases(&mut case)?;
             heads_cases(&mut case)?;
         }
@@ -525,5 +561,11 @@ mod tests {
     fn the_attention_checks_pass_on_the_cpu_reference() {
         // Each shape against the f64 reference and the causal walk against the full one.
         passes_on_the_cpu(attention_cases, 2 * 4 * 2);
+    }
+
+    #[test]
+    fn the_attention_gemm_checks_pass_on_the_cpu_reference() {
+        // Two shapes, each in one chunk and chunked (on the CPU both are the reference op).
+        passes_on_the_cpu(attention_gemm_cases, 2 * 2 * 4);
     }
 }

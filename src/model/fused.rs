@@ -594,15 +594,33 @@ pub fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 pub struct Attention {
     pub bias: Tensor,
     pub scale: f64,
-    /// The bias masks every key j > (s − t) + i of query row i: the CUDA kernels skip them.
+    /// The bias masks every key j > (s − t) + i of query row i: the flash kernels skip them.
     pub causal: bool,
+    /// The CUDA kernels (`kernels::attention_kernel()` when built); heads over
+    /// `attention::MAX_HEAD_DIM` take gemm whatever this says.
+    pub kernel: crate::kernels::AttentionKernel,
     lse: OnceLock<Tensor>,
 }
 
 impl Attention {
     /// Any bias [b, 1, t, s].
     pub fn new(bias: Tensor, scale: f64) -> Self {
-        Self { bias, scale, causal: false, lse: OnceLock::new() }
+        Self { bias, scale, causal: false, kernel: crate::kernels::attention_kernel(), lse: OnceLock::new() }
+    }
+
+    /// The same op on the given CUDA kernels.
+    pub fn on(self, kernel: crate::kernels::AttentionKernel) -> Self {
+        Self { kernel, ..self }
+    }
+
+    /// The kernels that run heads of dimension `d`.
+    #[cfg(feature = "cuda")]
+    fn cuda_kernel(&self, d: usize) -> crate::kernels::AttentionKernel {
+        if d > crate::kernels::cuda::attention::MAX_HEAD_DIM {
+            crate::kernels::AttentionKernel::Gemm
+        } else {
+            self.kernel
+        }
     }
 
     /// A bias that masks at least what `ops::attention_bias` masks (the keys after each row's
@@ -667,7 +685,8 @@ impl CustomOp3 for Attention {
         Ok((tensor_cpu_storage(&o)?, Shape::from((b, t, h * d))))
     }
 
-    /// `kernels/attention.cu`: the probabilities never leave the chip (head dim ≤ 128).
+    /// `kernels/attention.cu` (flash: the probabilities never leave the chip, head dim ≤ 128)
+    /// or `kernels/attention_gemm.cu` (gemm: cuBLAS products around row kernels).
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -678,8 +697,11 @@ impl CustomOp3 for Attention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.check(l1, l2, l3)?;
-        let (o, lse) = crate::kernels::cuda::attention::forward(&self.bias, self.scale, self.causal, (s1, l1), (s2, l2), (s3, l3))?;
+        let (_, _, _, d) = self.check(l1, l2, l3)?;
+        let (o, lse) = match self.cuda_kernel(d) {
+            crate::kernels::AttentionKernel::Flash => crate::kernels::cuda::attention::forward(&self.bias, self.scale, self.causal, (s1, l1), (s2, l2), (s3, l3))?,
+            crate::kernels::AttentionKernel::Gemm => crate::kernels::cuda::attention_gemm::forward(&self.bias, self.scale, (s1, l1), (s2, l2), (s3, l3))?,
+        };
         self.save_lse(lse)?;
         Ok(o)
     }
@@ -696,7 +718,11 @@ impl CustomOp3 for Attention {
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            let (dq, dk, dv) = crate::kernels::cuda::attention::backward(&self.bias, self.scale, self.causal, &q, &k, &v, &o, &dout.detach(), lse)?;
+            let dout = dout.detach();
+            let (dq, dk, dv) = match self.cuda_kernel(q.dim(D::Minus1)?) {
+                crate::kernels::AttentionKernel::Flash => crate::kernels::cuda::attention::backward(&self.bias, self.scale, self.causal, &q, &k, &v, &o, &dout, lse)?,
+                crate::kernels::AttentionKernel::Gemm => crate::kernels::cuda::attention_gemm::backward(&self.bias, self.scale, &q, &k, &v, &o, &dout, lse)?,
+            };
             return Ok((Some(dq), Some(dk), Some(dv)));
         }
         let (b, h, t, d) = q.dims4()?;

@@ -177,13 +177,12 @@ pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale
     attention_composed(q, k, v, bias, scale, train)
 }
 
-/// Whether training takes the flash-style CUDA kernels of `kernels/attention.cu` (one dtype for
-/// q, k, v; head dim at most 128), unless `--unfused`.
+/// Whether training takes the fused attention's CUDA kernels (one dtype for q, k, v), unless
+/// `--unfused`; which kernels, flash or gemm, is `--attention-kernel`'s choice.
 fn fused_cuda_attention(train: bool, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        let head_dim_fits = q.dim(D::Minus1).is_ok_and(|d| d <= crate::kernels::cuda::attention::MAX_HEAD_DIM);
-        train && q.device().is_cuda() && crate::kernels::fused_for(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() && head_dim_fits
+        train && q.device().is_cuda() && crate::kernels::fused_for(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype()
     }
     #[cfg(not(feature = "cuda"))]
     {

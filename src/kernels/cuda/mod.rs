@@ -22,6 +22,7 @@ pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
 pub const SNELL_SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell_sparse.ptx"));
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+pub const ATTENTION_GEMM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_gemm.ptx"));
 pub const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
 pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 pub const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
@@ -92,8 +93,6 @@ fn wrap<T: KernelType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<S
 
 /// `C [m, n] = α · op(A) op(B) + β · C`, row-major, f32 accumulation. `a_t`: A is stored as
 /// [k, m] (use its transpose); `b_t`: B is stored as [n, k].
-///
-/// cuBLAS is column-major, where row-major C is Cᵀ: it computes `Cᵀ = op(B)ᵀ op(A)ᵀ`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: KernelType>(
     dev: &CudaDevice,
@@ -106,38 +105,104 @@ pub fn gemm<T: KernelType>(
     beta: f32,
     c: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
+    let dense = |rows_stored: usize, cols_stored: usize, transposed: bool| Operand { offset: 0, ld: cols_stored, batch_stride: rows_stored * cols_stored, transposed };
+    let (oa, ob) = (if a_t { dense(k, m, true) } else { dense(m, k, false) }, if b_t { dense(n, k, true) } else { dense(k, n, false) });
+    gemm_batched(dev, (m, n, k), 1, alpha, (a, oa), (b, ob), beta, (c, dense(m, n, false)))
+}
+
+/// Where a GEMM operand lies in its buffer (row-major, in elements): batch `i` starts at
+/// `offset + i · batch_stride`, rows are `ld` apart, and `transposed` says the buffer holds
+/// the operand's transpose (an [n, k] buffer read as k x n). For C, `transposed` must be false.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    pub offset: usize,
+    pub ld: usize,
+    pub batch_stride: usize,
+    pub transposed: bool,
+}
+
+impl Operand {
+    /// The buffer elements this operand of a (rows x cols) matrix, `batch` times, reaches.
+    fn extent(&self, (rows, cols): (usize, usize), batch: usize) -> usize {
+        let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        if batch == 0 || stored_rows == 0 || stored_cols == 0 {
+            return 0;
+        }
+        self.offset + (batch - 1) * self.batch_stride + (stored_rows - 1) * self.ld + stored_cols
+    }
+}
+
+/// `C_i = α op(A_i) op(B_i) + β C_i` for `i < batch`, row-major, op(A) m x k and op(B) k x n,
+/// inputs in T and C in `C` (bf16 products into f32 scores, for one), accumulated in f32. One
+/// batch is cuBLAS's plain GEMM. Every operand's extent is checked against its buffer.
+///
+/// cuBLAS is column-major, where row-major C is Cᵀ: it computes `Cᵀ = op(B)ᵀ op(A)ᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched<T: KernelType, C: KernelType>(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    alpha: f32,
+    (a, oa): (&impl DevicePtr<T>, Operand),
+    (b, ob): (&impl DevicePtr<T>, Operand),
+    beta: f32,
+    (c, oc): (&mut impl DevicePtrMut<C>, Operand),
+) -> Result<()> {
     use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-    let (op_b, ld_b) = if b_t { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
-    let (op_a, ld_a) = if a_t { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
+    for (what, op, dims, len) in [("A", oa, (m, k), a.len()), ("B", ob, (k, n), b.len()), ("C", oc, (m, n), c.len())] {
+        if op.extent(dims, batch) > len || (what == "C" && op.transposed) {
+            bail!("gemm: {what} {op:?} of {dims:?} x {batch} does not fit its buffer of {len} elements");
+        }
+    }
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gemm: {v} exceeds cuBLAS's int")));
+    let op = |o: &Operand| if o.transposed { CUBLAS_OP_T } else { CUBLAS_OP_N };
     let stream = dev.cuda_stream();
     let blas = dev.cublas_handle();
     let (a_ptr, _a_sync) = a.device_ptr(&stream);
     let (b_ptr, _b_sync) = b.device_ptr(&stream);
     let (c_ptr, _c_sync) = c.device_ptr_mut(&stream);
-    // SAFETY: the pointers come from live buffers of at least m·k, k·n and m·n elements (the
-    // callers check the shapes), and cuBLAS runs on candle's stream of the same device.
+    let at = |ptr: u64, offset: usize, bytes: usize| (ptr + (offset * bytes) as u64) as *const std::ffi::c_void;
+    let (a_ptr, b_ptr) = (at(a_ptr, oa.offset, std::mem::size_of::<T>()), at(b_ptr, ob.offset, std::mem::size_of::<T>()));
+    let c_ptr = at(c_ptr, oc.offset, std::mem::size_of::<C>()) as *mut std::ffi::c_void;
+    let (alpha, beta) = ((&alpha) as *const f32 as *const _, (&beta) as *const f32 as *const _);
+    let (compute, algo) = (cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT);
+    let (mi, ni, ki, lda, ldb, ldc) = (int(m)?, int(n)?, int(k)?, int(oa.ld)?, int(ob.ld)?, int(oc.ld)?);
+    // SAFETY: every operand's extent was checked against its live buffer above, the scalars are
+    // f32 as CUBLAS_COMPUTE_32F takes them, and cuBLAS runs on candle's stream of the device.
     unsafe {
-        cublas::gemm_ex(
-            *blas.handle(),
-            op_b,
-            op_a,
-            n as i32,
-            m as i32,
-            k as i32,
-            (&alpha) as *const f32 as *const _,
-            b_ptr as *const _,
-            T::CUBLAS,
-            ld_b as i32,
-            a_ptr as *const _,
-            T::CUBLAS,
-            ld_a as i32,
-            (&beta) as *const f32 as *const _,
-            c_ptr as *mut _,
-            T::CUBLAS,
-            n as i32,
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
+        if batch == 1 {
+            cublas::gemm_ex(*blas.handle(), op(&ob), op(&oa), ni, mi, ki, alpha, b_ptr, T::CUBLAS, ldb, a_ptr, T::CUBLAS, lda, beta, c_ptr, C::CUBLAS, ldc, compute, algo)
+        } else {
+            let stride = |s: usize| s as i64;
+            cublas::gemm_strided_batched_ex(
+                *blas.handle(),
+                op(&ob),
+                op(&oa),
+                ni,
+                mi,
+                ki,
+                alpha,
+                b_ptr,
+                T::CUBLAS,
+                ldb,
+                stride(ob.batch_stride),
+                a_ptr,
+                T::CUBLAS,
+                lda,
+                stride(oa.batch_stride),
+                beta,
+                c_ptr,
+                C::CUBLAS,
+                ldc,
+                stride(oc.batch_stride),
+                int(batch)?,
+                compute,
+                algo,
+            )
+        }
         .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
     }
 }
@@ -452,6 +517,7 @@ pub fn frozen_matmul_t_add(w: &Tensor, (x, lx): Arg, (r, lr): Arg) -> Result<(Cu
 pub mod snell;
 mod snell_sparse;
 pub mod attention;
+pub mod attention_gemm;
 pub mod swiglu;
 pub mod dropout;
 pub mod rope;
