@@ -35,11 +35,13 @@ if [ -n "$smoke" ]; then
     SNELL=(--dims 96x80 --tokens 24 --snell-rank 8 --warmup 0 --iters 1)
     MODEL=(--shape tiny --batch 2 --seq 16 --steps 2)
     ATTENTION=(--tokens 32 --seqs 16 --attention-heads 2 --head-dim 16 --warmup 0 --iters 1)
+    GQA_KV_HEADS=1
 else
     LINEAR=()
     NF4=(--dims 4096x4096,4096x11008,11008x4096,16384x16384)  # the last: the anchor's largest
     SNELL=(--warmup 2 --iters 5)
     ATTENTION=(--warmup 2 --iters 5)
+    GQA_KV_HEADS=8  # Llama-3-8B's 32 query heads over 8
     MODEL=(--shape llama2-7b --batch 16 --seq 256 --steps 3)
 fi
 
@@ -81,6 +83,7 @@ case "${1:-selftest}" in
         step qlora_7b_gemm 150 "$bin" --attention-kernel gemm bench methods "${MODEL[@]}" --device cuda --dtype bf16 --methods lora --quantize nf4 --gradient-checkpointing --output "$OUT/qlora_7b_gemm.json"
         step attention 60 "$bin" bench kernels --ops attention "${ATTENTION[@]}" --json "$OUT/attention.json"
         step methods_7b 150 "$bin" bench methods "${MODEL[@]}" --device cuda --dtype bf16 --methods lora,control,double_control,snell --output "$OUT/methods_7b.json"
+        step attention_gqa 60 "$bin" bench kernels --ops attention "${ATTENTION[@]}" --kv-heads "$GQA_KV_HEADS" --json "$OUT/attention_gqa.json"
         ! grep -q " rc=[1-9]" "$OUT/steps.txt"
         ;;
     selftest) "$bin" selftest --json "$OUT/selftest.json" | tee "$OUT/selftest.txt" ;;

@@ -94,7 +94,7 @@ fn bench_methods_passes_the_adapter_flags_to_each_method() {
 fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("kernels.json");
-    let args = ["--device", "cpu", "--allow-cpu", "--dtype", "f32", "--dims", "48x40", "--ranks", "4", "--tokens", "24", "--seqs", "8,24", "--attention-heads", "2", "--head-dim", "8"];
+    let args = ["--device", "cpu", "--allow-cpu", "--dtype", "f32", "--dims", "48x40", "--ranks", "4", "--tokens", "24", "--seqs", "8,24", "--attention-heads", "2", "--kv-heads", "1", "--head-dim", "8"];
     let text = cli(&[&["bench", "kernels"][..], &args, &["--iters", "1", "--warmup", "0", "--json", json.to_str().unwrap()]].concat());
     assert!(text.contains("fused LoRA"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -106,7 +106,7 @@ fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     // the two default sparsities.
     assert_eq!(rows.len(), 3 + 2 + 2 + 2 * 2 + (1 + 2 + 2 * 5) + 5, "{rows:?}");
     let attention: Vec<_> = rows.iter().filter(|r| r["op"] == "attention").collect();
-    assert_eq!(attention.iter().map(|r| r["shape"].as_str().unwrap()).collect::<Vec<_>>(), ["b3 h2 t8 d8", "b3 h2 t8 d8", "b1 h2 t24 d8", "b1 h2 t24 d8"]);
+    assert_eq!(attention.iter().map(|r| r["shape"].as_str().unwrap()).collect::<Vec<_>>(), ["b3 h2 g1 t8 d8", "b3 h2 g1 t8 d8", "b1 h2 g1 t24 d8", "b1 h2 g1 t24 d8"]);
     assert!(attention.iter().all(|r| r["tflops"].is_number() && r["peak_extra_mib"].is_number()));
     let nf4: Vec<_> = rows.iter().filter(|r| r["op"] == "nf4").collect();
     assert_eq!(nf4.iter().filter(|r| r["variant"] == "matmul_few").count(), 5);

@@ -253,19 +253,24 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
 }
 
 /// The causal self-attention of training, forward + backward: `--tokens` (the first) split into
-/// sequences of each of `--seqs`, `--attention-heads` heads of `--head-dim`. TFLOP/s counts the
+/// sequences of each of `--seqs`, `--attention-heads` heads of `--head-dim` over `--kv-heads`
+/// key/value heads. TFLOP/s counts the
 /// whole [t, t] score matrix (forward 4·b·h·t²·d, backward 10·b·h·t²·d: neither variant skips
 /// the causally masked half).
 fn attention_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
     let tokens = args.tokens.first().copied().unwrap_or(4096);
     let (h, d) = (args.attention_heads, args.head_dim);
+    let g = args.kv_heads.unwrap_or(h);
+    if g == 0 || h % g != 0 {
+        return Err(Error::msg(format!("--kv-heads {g} must divide --attention-heads {h}")));
+    }
     for &t in &args.seqs {
         if t == 0 || tokens % t != 0 {
             return Err(Error::msg(format!("--seqs: {t} does not divide --tokens {tokens}")));
         }
         let b = tokens / t;
-        let shape = format!("b{b} h{h} t{t} d{d}");
-        let qkv: Vec<Var> = (0..3).map(|_| Ok(Var::from_tensor(&randn(&[b, h, t, d], 1.0, dtype, device)?)?)).collect::<Result<_>>()?;
+        let shape = if g == h { format!("b{b} h{h} t{t} d{d}") } else { format!("b{b} h{h} g{g} t{t} d{d}") };
+        let qkv: Vec<Var> = [h, g, g].iter().map(|&heads| Ok(Var::from_tensor(&randn(&[b, heads, t, d], 1.0, dtype, device)?)?)).collect::<Result<_>>()?;
         let bias = crate::model::ops::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
         let scale = 1.0 / (d as f64).sqrt();
         // None: the candle graph; Some: the fused op on those kernels.

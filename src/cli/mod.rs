@@ -438,6 +438,10 @@ pub struct BenchKernelsArgs {
     /// Attention heads (LLaMA-2-7B: 32).
     #[arg(long, default_value_t = 32)]
     pub attention_heads: usize,
+    /// Key/value heads of the attention, each serving attention-heads / kv-heads query heads
+    /// (grouped-query attention; Llama-3-8B: 8). Default: as many as the query heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Attention head dimension (LLaMA-2-7B: 128).
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,

@@ -100,7 +100,8 @@ pub enum AttentionKernel {
     #[default]
     Flash,
     /// `kernels/attention_gemm.cu`: the five products in cuBLAS (tensor cores in bf16 / f16),
-    /// the scores of a chunk of heads a transient of at most 256 MiB between them; any head dim.
+    /// the scores of a chunk of heads a transient of at most 256 MiB between them (one
+    /// key/value group's, where that alone is larger); any head dim.
     Gemm,
 }
 

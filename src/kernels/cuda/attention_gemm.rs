@@ -24,7 +24,9 @@ use half::{bf16, f16};
 
 use super::{cuda_storage, gemm_batched, view, wrap, Arg, KernelType, Operand, ATTENTION_GEMM_PTX};
 
-/// The most the scores of one chunk of heads take (f32 S or dP plus the probabilities in T).
+/// The most the scores of one chunk of heads take (f32 S or dP plus the probabilities in T);
+/// a chunk holds one group at least, so a group larger than this (t = s = 8,192 with one query
+/// head a group: 384 MiB in bf16) takes what it needs.
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
 /// The budget in force: [`SCORE_BUDGET_BYTES`] but in `with_score_budget`.
 static SCORE_BUDGET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SCORE_BUDGET_BYTES);
