@@ -123,31 +123,28 @@ impl std::str::FromStr for AttentionKernel {
     }
 }
 
-/// 0 for "not set": the environment decides.
-static ATTENTION_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// None: the environment decides.
+static ATTENTION_KERNEL: std::sync::Mutex<Option<AttentionKernel>> = std::sync::Mutex::new(None);
 
 /// The attention kernels of training from here on (the CLI's `--attention-kernel`).
 pub fn set_attention_kernel(kernel: AttentionKernel) {
-    ATTENTION_KERNEL.store(kernel as u8 + 1, Ordering::Relaxed);
+    *ATTENTION_KERNEL.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
 }
 
 /// [`set_attention_kernel`]'s choice, else `CANDLE_PEFT_ATTENTION` (read once; a value that names
 /// no kernel is reported once and ignored), else flash.
 pub fn attention_kernel() -> AttentionKernel {
-    match ATTENTION_KERNEL.load(Ordering::Relaxed) {
-        1 => AttentionKernel::Flash,
-        2 => AttentionKernel::Gemm,
-        _ => {
-            static FROM_ENV: std::sync::OnceLock<AttentionKernel> = std::sync::OnceLock::new();
-            *FROM_ENV.get_or_init(|| match std::env::var("CANDLE_PEFT_ATTENTION") {
-                Ok(name) => name.parse().unwrap_or_else(|e| {
-                    tracing::warn!("CANDLE_PEFT_ATTENTION={name}: {e}; using flash");
-                    AttentionKernel::Flash
-                }),
-                Err(_) => AttentionKernel::Flash,
-            })
-        }
-    }
+    static FROM_ENV: std::sync::OnceLock<AttentionKernel> = std::sync::OnceLock::new();
+    let chosen = *ATTENTION_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    chosen.unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| match std::env::var("CANDLE_PEFT_ATTENTION") {
+            Ok(name) => name.parse().unwrap_or_else(|e| {
+                tracing::warn!("CANDLE_PEFT_ATTENTION={name}: {e}; using flash");
+                AttentionKernel::Flash
+            }),
+            Err(_) => AttentionKernel::Flash,
+        })
+    })
 }
 
 /// Whether the fused ops handle tensors like `t`: on CUDA in f32 / f16 / bf16, on the CPU in

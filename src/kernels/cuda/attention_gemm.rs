@@ -22,7 +22,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_storage, gemm_batched, view, wrap, Arg, KernelType, Operand, ATTENTION_GEMM_PTX};
+use super::{cuda_storage, gemm_batched, grid_stride, view, wrap, Arg, KernelType, Operand, ATTENTION_GEMM_PTX};
 
 /// The most the scores of one chunk of heads take (f32 S or dP plus the probabilities in T);
 /// a chunk holds one group at least, so a group larger than this (t = s = 8,192 with one query
@@ -40,6 +40,7 @@ pub fn with_score_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
     SCORE_BUDGET.store(before, Relaxed);
     result
 }
+
 const ROWS: usize = 8;
 
 /// The sizes and the chunking of one attention: b batch rows, h query heads over g key/value
@@ -108,6 +109,14 @@ impl Plan {
     }
 }
 
+/// The row kernel `attention_gemm_{name}_*` in T (a macro: candle does not name its function
+/// type).
+macro_rules! row_kernel {
+    ($dev:expr, $t:ty, $name:expr) => {
+        $dev.get_or_load_custom_func(&format!("attention_gemm_{}_{}", $name, <$t as KernelType>::SUFFIX), "attention_gemm", ATTENTION_GEMM_PTX)?
+    };
+}
+
 /// The bias as the kernels read it, [b, t, s] in T, contiguous.
 fn bias_in(bias: &Tensor, dtype: DType, p: &Plan) -> Result<Tensor> {
     if bias.dims() != [p.b, 1, p.t, p.s] {
@@ -137,7 +146,7 @@ fn launch_probs<T: KernelType>(
     let rows = (groups * p.group_rows()) as i64;
     let row0 = (g0 * p.group_rows()) as i64;
     let kernel = if matches!(lse, Lse::Write(_)) { "softmax" } else { "probs" };
-    let func = dev.get_or_load_custom_func(&format!("attention_gemm_{kernel}_{}", T::SUFFIX), "attention_gemm", ATTENTION_GEMM_PTX)?;
+    let func = row_kernel!(dev, T, kernel);
     let mut builder = func.builder();
     builder.arg(scores).arg(bias);
     match lse {
@@ -180,13 +189,11 @@ pub fn forward(bias: &Tensor, scale: f64, (q, lq): Arg, (k, lk): Arg, (v, lv): A
         // SAFETY: merge_heads writes every element.
         let o = unsafe { dev.alloc::<T>(b * t * h * d)? };
         let [bi, hi, _, _, ti, _, di] = p.ints()?;
-        let func = dev.get_or_load_custom_func(&format!("attention_gemm_merge_heads_{}", T::SUFFIX), "attention_gemm", ATTENTION_GEMM_PTX)?;
+        let func = row_kernel!(dev, T, "merge_heads");
         let mut builder = func.builder();
         builder.arg(&o_heads).arg(&o).arg(&bi).arg(&hi).arg(&ti).arg(&di);
-        let elements = b * h * t * d;
-        let grid = LaunchConfig { grid_dim: (elements.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: matches `attention_gemm_merge_heads_*`; both buffers hold b·h·t·d elements.
-        unsafe { builder.launch(grid) }.w()?;
+        unsafe { builder.launch(grid_stride(b * h * t * d)) }.w()?;
         Ok(((CudaStorage::wrap_cuda_slice(o, dev.clone()), Shape::from((b, t, h * d))), wrap(lse, &dev, (b, h, t))))
     })
 }
@@ -214,7 +221,7 @@ pub fn backward(bias: &Tensor, scale: f64, q: &Tensor, k: &Tensor, v: &Tensor, o
         let delta = unsafe { dev.alloc::<f32>(b * h * t)? };
         let dout_heads = unsafe { dev.alloc::<T>(b * h * t * d)? };
         let [bi, hi, _, _, ti, si, di] = p.ints()?;
-        let func = dev.get_or_load_custom_func(&format!("attention_gemm_delta_{}", T::SUFFIX), "attention_gemm", ATTENTION_GEMM_PTX)?;
+        let func = row_kernel!(dev, T, "delta");
         let mut builder = func.builder();
         builder.arg(&ov).arg(&dov).arg(&delta).arg(&dout_heads).arg(&bi).arg(&hi).arg(&ti).arg(&di);
         // SAFETY: matches `attention_gemm_delta_*`; o, dout and do_heads hold b·t·h·d elements.
@@ -224,23 +231,21 @@ pub fn backward(bias: &Tensor, scale: f64, q: &Tensor, k: &Tensor, v: &Tensor, o
         let mut dq = unsafe { dev.alloc::<T>(b * h * t * d)? };
         let mut dk = unsafe { dev.alloc::<T>(b * g * s * d)? };
         let mut dv = unsafe { dev.alloc::<T>(b * g * s * d)? };
-        let rows_of = |groups: usize| (groups * p.group_rows()) as i64;
-        let scores_of = |transposed: bool| p.scores(transposed);
+        let dscores = row_kernel!(dev, T, "dscores");
+        let rows = p.group_rows();
         for (g0, groups) in p.chunks() {
-            let rows = p.group_rows();
-            gemm_batched::<T, f32>(&dev, (rows, s, d), groups, scale as f32, (&qv, p.query_side(g0)), (&kv, p.key_side(g0, true)), 0.0, (&mut scores, scores_of(false)))?;
+            gemm_batched::<T, f32>(&dev, (rows, s, d), groups, scale as f32, (&qv, p.query_side(g0)), (&kv, p.key_side(g0, true)), 0.0, (&mut scores, p.scores(false)))?;
             launch_probs::<T>(&dev, &p, (g0, groups), &scores, &biasv, &mut probs, Lse::Read(&lsev))?;
-            gemm_batched::<T, T>(&dev, (s, d, rows), groups, 1.0, (&probs, scores_of(true)), (&dout_heads, p.query_side(g0)), 0.0, (&mut dv, p.key_side(g0, false)))?;
-            gemm_batched::<T, f32>(&dev, (rows, s, d), groups, 1.0, (&dout_heads, p.query_side(g0)), (&vv, p.key_side(g0, true)), 0.0, (&mut scores, scores_of(false)))?;
-            let (n_rows, row0) = (rows_of(groups), rows_of(g0));
-            let func = dev.get_or_load_custom_func(&format!("attention_gemm_dscores_{}", T::SUFFIX), "attention_gemm", ATTENTION_GEMM_PTX)?;
-            let mut builder = func.builder();
+            gemm_batched::<T, T>(&dev, (s, d, rows), groups, 1.0, (&probs, p.scores(true)), (&dout_heads, p.query_side(g0)), 0.0, (&mut dv, p.key_side(g0, false)))?;
+            gemm_batched::<T, f32>(&dev, (rows, s, d), groups, 1.0, (&dout_heads, p.query_side(g0)), (&vv, p.key_side(g0, true)), 0.0, (&mut scores, p.scores(false)))?;
+            let (n_rows, row0) = ((groups * rows) as i64, (g0 * rows) as i64);
+            let mut builder = dscores.builder();
             builder.arg(&scores).arg(&delta).arg(&probs).arg(&n_rows).arg(&row0).arg(&si);
             // SAFETY: matches `attention_gemm_dscores_*`; scores and probs hold the chunk's rows·s
             // elements, delta all b·h·t rows.
             unsafe { builder.launch(Plan::row_grid(n_rows as usize)) }.w()?;
-            gemm_batched::<T, T>(&dev, (rows, d, s), groups, scale as f32, (&probs, scores_of(false)), (&kv, p.key_side(g0, false)), 0.0, (&mut dq, p.query_side(g0)))?;
-            gemm_batched::<T, T>(&dev, (s, d, rows), groups, scale as f32, (&probs, scores_of(true)), (&qv, p.query_side(g0)), 0.0, (&mut dk, p.key_side(g0, false)))?;
+            gemm_batched::<T, T>(&dev, (rows, d, s), groups, scale as f32, (&probs, p.scores(false)), (&kv, p.key_side(g0, false)), 0.0, (&mut dq, p.query_side(g0)))?;
+            gemm_batched::<T, T>(&dev, (s, d, rows), groups, scale as f32, (&probs, p.scores(true)), (&qv, p.query_side(g0)), 0.0, (&mut dk, p.key_side(g0, false)))?;
         }
         Ok((wrap(dq, &dev, (b, h, t, d)), wrap(dk, &dev, (b, g, s, d)), wrap(dv, &dev, (b, g, s, d))))
     })

@@ -2,12 +2,12 @@
 //! masks `adapters::Dropout` draws on the CPU, and `x ⊙ mask` without the mask.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{view, wrap, KernelType, DROPOUT_PTX};
+use super::{grid_stride, view, wrap, KernelType, DROPOUT_PTX};
 
 /// The mask [shape] in `dtype` on `dev`: `1/keep` where the draw of element i is under `keep`.
 pub fn mask(dev: &CudaDevice, shape: &Shape, dtype: DType, seed: u64, keep: f32) -> Result<Tensor> {
@@ -20,7 +20,7 @@ pub fn mask(dev: &CudaDevice, shape: &Shape, dtype: DType, seed: u64, keep: f32)
         let mut b = func.builder();
         b.arg(&out).arg(&n64).arg(&seed).arg(&keep).arg(&scale);
         // SAFETY: matches `dropout_mask_*`; out holds n elements.
-        unsafe { b.launch(grid(n)) }.w()?;
+        unsafe { b.launch(grid_stride(n)) }.w()?;
         Ok(wrap(out, dev, shape.clone()))
     })
 }
@@ -41,11 +41,7 @@ pub fn apply(x: &Tensor, seed: u64, keep: f32) -> Result<Tensor> {
         let mut b = func.builder();
         b.arg(&out).arg(&xv).arg(&n64).arg(&seed).arg(&keep).arg(&scale);
         // SAFETY: matches `dropout_apply_*`; x and out hold n elements.
-        unsafe { b.launch(grid(n)) }.w()?;
+        unsafe { b.launch(grid_stride(n)) }.w()?;
         Ok(wrap(out, &dev, x.shape().clone()))
     })
-}
-
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }

@@ -91,6 +91,12 @@ fn wrap<T: KernelType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<S
     Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())), shape, BackpropOp::none(), false)
 }
 
+/// One thread an element, grid-stride: 256 threads a block, enough blocks to fill an H100 several
+/// times over (the elementwise kernels of swiglu, dropout, rope and attention_gemm).
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// `C [m, n] = α · op(A) op(B) + β · C`, row-major, f32 accumulation. `a_t`: A is stored as
 /// [k, m] (use its transpose); `b_t`: B is stored as [n, k].
 #[allow(clippy::too_many_arguments)]

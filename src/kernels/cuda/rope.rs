@@ -3,12 +3,12 @@
 //! `model::fused::RopeHeads` (the CPU reference).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_storage, view, wrap, Arg, KernelType, ROPE_PTX};
+use super::{cuda_storage, grid_stride, view, wrap, Arg, KernelType, ROPE_PTX};
 use crate::model::fused::HeadsShape;
 
 fn pairs(s: HeadsShape) -> usize {
@@ -18,11 +18,6 @@ fn pairs(s: HeadsShape) -> usize {
 fn kernel_args(s: HeadsShape) -> Result<[i32; 4]> {
     let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rope heads: {v} exceeds the kernel's int")));
     Ok([int(s.batch)?, int(s.tokens)?, int(s.heads)?, int(s.head_dim / 2)?])
-}
-
-/// One thread a pair, grid-stride.
-fn grid(pairs: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (pairs.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Runs `rope_heads_{direction}` from `src` (contiguous, `shape`'s element count) into a fresh buffer.
@@ -61,7 +56,7 @@ fn launch<T: KernelType>(
     let mut builder = func.builder();
     builder.arg(src).arg(&cos).arg(&sin).arg(&out).arg(&b).arg(&t).arg(&h).arg(&half).arg(&rotate);
     // SAFETY: matches `rope_heads_*`; src and out hold n elements, the tables b·t·d/2.
-    unsafe { builder.launch(grid(pairs(shape))) }.w()?;
+    unsafe { builder.launch(grid_stride(pairs(shape))) }.w()?;
     Ok(out)
 }
 

@@ -3,17 +3,12 @@
 //! writes dg and du and nothing else.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_storage, view, wrap, Arg, KernelType, SWIGLU_PTX};
-
-/// One thread an element, grid-stride: enough blocks to fill an H100 several times over.
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
+use super::{cuda_storage, grid_stride, view, wrap, Arg, KernelType, SWIGLU_PTX};
 
 /// `y = silu(g) ⊙ u`.
 pub fn forward((g, lg): Arg, (u, lu): Arg) -> Result<(CudaStorage, Shape)> {
@@ -31,7 +26,7 @@ pub fn forward((g, lg): Arg, (u, lu): Arg) -> Result<(CudaStorage, Shape)> {
         let mut b = func.builder();
         b.arg(&gv).arg(&uv).arg(&y).arg(&n64);
         // SAFETY: matches `swiglu_forward_*`; every buffer holds n elements.
-        unsafe { b.launch(grid(n)) }.w()?;
+        unsafe { b.launch(grid_stride(n)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), lg.shape().clone()))
     })
 }
@@ -57,7 +52,7 @@ pub fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>
         let mut b = func.builder();
         b.arg(&gv).arg(&uv).arg(&dyv).arg(&dg).arg(&du).arg(&n64);
         // SAFETY: matches `swiglu_backward_*`; every buffer holds n elements.
-        unsafe { b.launch(grid(n)) }.w()?;
+        unsafe { b.launch(grid_stride(n)) }.w()?;
         Ok((wrap(dg, &dev, g.shape().clone()), wrap(du, &dev, g.shape().clone())))
     })
 }
