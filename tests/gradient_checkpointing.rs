@@ -1,6 +1,7 @@
 //! Gradient checkpointing changes memory, not results: the same losses and the same gradients as
 //! backward through the whole graph, for every kind of adapter (on linears, across blocks,
-//! token-mixing, with dropout, with a loss regulariser and step hooks).
+//! token-mixing, with dropout, with a loss regulariser and step hooks, on a dense or an NF4
+//! base), although the recomputed layers skip the down projection's product.
 
 mod common;
 
@@ -11,6 +12,7 @@ use candle_peft::adapters::{
     NonlinearControlConfig, SiftConfig, SnellConfig, Targets,
 };
 use candle_peft::model::{Llama, LlamaConfig};
+use candle_peft::quant::Quantization;
 use candle_peft::training::{causal_lm_loss, causal_lm_loss_from_hidden, AdamWConfig, LayerTape, StepConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -18,22 +20,36 @@ fn targets(names: &[&str]) -> Targets {
     Targets::List(names.iter().map(|s| s.to_string()).collect())
 }
 
+const EVERY_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
 fn lora(dropout: f64, use_dora: bool) -> LoraConfig {
-    LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: dropout,
-        target_modules: targets(&["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        use_rslora: false,
-        use_dora,
-    }
+    lora_on(&EVERY_LINEAR, dropout, use_dora)
+}
+
+fn lora_on(modules: &[&str], dropout: f64, use_dora: bool) -> LoraConfig {
+    LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: dropout, target_modules: targets(modules), use_rslora: false, use_dora }
+}
+
+fn double_control() -> AdapterConfig {
+    AdapterConfig::Control(ControlConfig {
+        control_rank: 4,
+        control_alpha: 1.0,
+        control_dropout: 0.1,
+        double_control: true,
+        double_control_rank: 4,
+        lora: Some(lora(0.0, false)),
+    })
 }
 
 /// A 3-layer random LLaMA (one layer more than `common::tiny`, so that a middle layer exists).
 fn model(cfg: &AdapterConfig) -> Llama {
+    model_on(cfg, None)
+}
+
+fn model_on(cfg: &AdapterConfig, quantize: Option<Quantization>) -> Llama {
     let mut config = LlamaConfig::tiny(50);
     config.num_hidden_layers = 3;
-    let mut model = Llama::random(config, 7, DType::F32, &Device::Cpu).unwrap();
+    let mut model = Llama::random_with(config, 7, DType::F32, &Device::Cpu, quantize).unwrap();
     inject(&mut model, cfg, 1).unwrap();
     // Away from the initialisation (LoRA's B = 0 would leave A without a gradient).
     let mut rng = StdRng::seed_from_u64(2);
@@ -51,28 +67,24 @@ fn max_abs(t: &Tensor) -> f32 {
 
 #[test]
 fn checkpointed_gradients_equal_the_whole_graphs() {
+    let nf4 = Some(Quantization::Nf4);
     let configs = [
-        ("lora with dropout", AdapterConfig::Lora(lora(0.1, false))),
-        ("dora", AdapterConfig::Lora(lora(0.0, true))),
-        ("ia3", AdapterConfig::Ia3(Ia3Config { target_modules: targets(&["k_proj", "v_proj", "down_proj"]), feedforward_modules: Some(targets(&["down_proj"])) })),
-        (
-            "double control + lora",
-            AdapterConfig::Control(ControlConfig {
-                control_rank: 4,
-                control_alpha: 1.0,
-                control_dropout: 0.1,
-                double_control: true,
-                double_control_rank: 4,
-                lora: Some(lora(0.0, false)),
-            }),
-        ),
-        ("nonlinear control", AdapterConfig::NonlinearControl(NonlinearControlConfig { control_rank: 4, stable_mode: true })),
-        ("snell", AdapterConfig::Snell(SnellConfig { r: 4, heads: 2, sparsity: 0.5, target_modules: targets(&["q_proj", "down_proj"]) })),
-        ("full", AdapterConfig::Full(FullConfig { target_modules: targets(&["v_proj"]), galore: None })),
+        ("lora with dropout", AdapterConfig::Lora(lora(0.1, false)), None),
+        ("lora", AdapterConfig::Lora(lora(0.0, false)), None),
+        ("lora on q, v (a frozen down_proj)", AdapterConfig::Lora(lora_on(&["q_proj", "v_proj"], 0.0, false)), None),
+        ("qlora with dropout", AdapterConfig::Lora(lora(0.1, false)), nf4),
+        ("qlora on q, v", AdapterConfig::Lora(lora_on(&["q_proj", "v_proj"], 0.0, false)), nf4),
+        ("dora", AdapterConfig::Lora(lora(0.0, true)), None),
+        ("ia3", AdapterConfig::Ia3(Ia3Config { target_modules: targets(&["k_proj", "v_proj", "down_proj"]), feedforward_modules: Some(targets(&["down_proj"])) }), None),
+        ("double control + lora", double_control(), None),
+        ("qcontrol: double control + lora on nf4", double_control(), nf4),
+        ("nonlinear control", AdapterConfig::NonlinearControl(NonlinearControlConfig { control_rank: 4, stable_mode: true }), None),
+        ("snell", AdapterConfig::Snell(SnellConfig { r: 4, heads: 2, sparsity: 0.5, target_modules: targets(&["q_proj", "down_proj"]) }), None),
+        ("full", AdapterConfig::Full(FullConfig { target_modules: targets(&["v_proj"]), galore: None }), None),
     ];
     let batch = common::batch();
-    for (name, cfg) in configs {
-        let model = model(&cfg);
+    for (name, cfg, quantize) in configs {
+        let model = model_on(&cfg, quantize);
         set_dropout_key(3, 1);
         let whole_loss = causal_lm_loss(&model, &batch, true).unwrap();
         let whole = whole_loss.backward().unwrap();
@@ -90,6 +102,55 @@ fn checkpointed_gradients_equal_the_whole_graphs() {
             assert!(scale > 0.0, "{name}: {param}'s gradient is zero, the comparison would prove nothing");
             let diff = max_abs(&(g - c).unwrap());
             assert!(diff <= 1e-5 * scale, "{name}: {param} differs by {diff} (largest entry {scale})");
+        }
+    }
+}
+
+/// The graph a checkpointed backward recomputes gives a decoder layer's gradients, with respect
+/// to its input and to every adapter in it, without running the down projection's product: its
+/// value is not the layer's (which is how this test knows the skip happened).
+#[test]
+fn the_backward_graph_has_the_layers_gradients_without_its_down_product() {
+    let nf4 = Some(Quantization::Nf4);
+    let cases = [
+        ("lora with dropout", lora(0.1, false), None),
+        ("lora on q, v (a frozen down_proj)", lora_on(&["q_proj", "v_proj"], 0.0, false), None),
+        ("qlora", lora(0.0, false), nf4),
+    ];
+    let batch = common::batch();
+    for (name, cfg, quantize) in cases {
+        let model = model_on(&AdapterConfig::Lora(cfg), quantize);
+        set_dropout_key(5, 0);
+        let (b, t) = batch.input_ids.dims2().unwrap();
+        let positions = model.positions(&batch.mask, t).unwrap();
+        let hidden = model.config.hidden_size;
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut normal = |n: usize| Tensor::from_vec((0..n).map(|_| rng.random_range(-1f32..1.0)).collect::<Vec<_>>(), (b, t, hidden), &Device::Cpu).unwrap();
+        let (h, upstream) = (normal(b * t * hidden), normal(b * t * hidden));
+        let run = |backward_graph: bool| {
+            let x = Var::from_tensor(&h).unwrap();
+            let out = if backward_graph {
+                model.layer_backward_graph(1, x.as_tensor(), &positions, true).unwrap()
+            } else {
+                model.layer(1, x.as_tensor(), &positions, true).unwrap()
+            };
+            let grads = (&out * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            (out.detach(), grads, x)
+        };
+        let ((value, whole, x_whole), (skipped, graph, x_graph)) = (run(false), run(true));
+        let scale = max_abs(&value);
+        let apart = max_abs(&(&value - &skipped).unwrap());
+        assert!(apart > 1e-2 * scale, "{name}: the backward graph's value is the layer's ({apart} apart): the product ran");
+        let mut compared = vec![(whole.get(x_whole.as_tensor()).unwrap().clone(), graph.get(x_graph.as_tensor()).unwrap().clone(), "the input".to_string())];
+        for (param, var) in model.trainable_params().into_iter().filter(|(p, _)| p.contains("layers.1.")) {
+            compared.push((whole.get(var.as_tensor()).unwrap().clone(), graph.get(var.as_tensor()).unwrap().clone(), param));
+        }
+        assert!(compared.len() > 1, "{name}: layer 1 has no adapter");
+        for (g, c, what) in compared {
+            let scale = max_abs(&g);
+            assert!(scale > 0.0, "{name}: {what}'s gradient is zero, the comparison would prove nothing");
+            let diff = max_abs(&(&g - &c).unwrap());
+            assert!(diff <= 1e-6 * scale, "{name}: {what}'s gradient differs by {diff} (largest entry {scale})");
         }
     }
 }

@@ -93,6 +93,15 @@ impl LoraLinear {
     pub fn dropout_active(&self) -> bool {
         self.dropout.p > 0.0
     }
+
+    /// A and B in g's dtype when training takes the fused SwiGLU + LoRA op for `silu(g) ⊙ u`.
+    fn swiglu_fused_factors(&self, g: &Tensor, u: &Tensor, train: bool) -> Result<Option<(Tensor, Tensor)>> {
+        let fits = g.shape() == u.shape() && g.dtype() == u.dtype() && g.device().same_device(u.device());
+        if !(train && fits && kernels::fused_forward(g, train)) {
+            return Ok(None);
+        }
+        Ok(Some((self.a.as_tensor().to_dtype(g.dtype())?, self.b.as_tensor().to_dtype(g.dtype())?)))
+    }
 }
 
 impl LinearAdapter for LoraLinear {
@@ -117,13 +126,17 @@ impl LinearAdapter for LoraLinear {
     }
 
     fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        let fits = g.shape() == u.shape() && g.dtype() == u.dtype() && g.device().same_device(u.device());
-        if train && fits && kernels::fused_forward(g, train) {
-            let a = self.a.as_tensor().to_dtype(g.dtype())?;
-            let b = self.b.as_tensor().to_dtype(g.dtype())?;
+        if let Some((a, b)) = self.swiglu_fused_factors(g, u, train)? {
             return kernels::swiglu_lora_linear(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
         }
         self.forward(&crate::model::ops::swiglu(g, u, train)?, base, train)
+    }
+
+    fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        if let Some((a, b)) = self.swiglu_fused_factors(g, u, train)? {
+            return kernels::swiglu_lora_linear_backward_only(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
+        }
+        self.forward_swiglu(g, u, base, train)
     }
 
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {

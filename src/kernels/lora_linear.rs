@@ -197,6 +197,25 @@ impl CustomOp3 for LoraLinearOp {
 /// forward lets go and the backward recomputes (one elementwise pass) for dA and for SwiGLU's
 /// own backward. `a` and `b` must already be in g's dtype.
 pub fn swiglu_lora_linear(g: &Tensor, u: &Tensor, w: &BaseWeight, (a, b): (&Tensor, &Tensor), scale: f64, mask: Option<DropoutMask>) -> Result<Tensor> {
+    swiglu_lora(g, u, w, (a, b), scale, mask, true)
+}
+
+/// [`swiglu_lora_linear`] in a graph that is only backpropagated through, never read
+/// ([`super::BackwardOnly`]): the same gradients, but the forward computes only what the
+/// backward reads, `xa = drop(x) Aᵀ` [T, r], and neither the base GEMM (nor an NF4 base's
+/// dequantization) nor the branch's up-projection; the output is zeros.
+pub fn swiglu_lora_linear_backward_only(
+    g: &Tensor,
+    u: &Tensor,
+    w: &BaseWeight,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    mask: Option<DropoutMask>,
+) -> Result<Tensor> {
+    swiglu_lora(g, u, w, (a, b), scale, mask, false)
+}
+
+fn swiglu_lora(g: &Tensor, u: &Tensor, w: &BaseWeight, (a, b): (&Tensor, &Tensor), scale: f64, mask: Option<DropoutMask>, values: bool) -> Result<Tensor> {
     if g.shape() != u.shape() {
         return Err(crate::Error::msg(format!("swiglu_lora_linear: gate {:?} and up {:?} differ", g.dims(), u.dims())));
     }
@@ -204,12 +223,25 @@ pub fn swiglu_lora_linear(g: &Tensor, u: &Tensor, w: &BaseWeight, (a, b): (&Tens
     let (g2, u2) = (g.contiguous()?.reshape(((), d_in))?, u.contiguous()?.reshape(((), d_in))?);
     let activation = g2.detach().apply_op2_no_bwd(&u2.detach(), &SwiGlu)?;
     let (x2, lora) = lora_linear_op(&activation, w, a, b, scale, mask)?;
-    // The op keeps xa from this forward for its backward; y is handed to the graph's node below.
-    let y = x2.apply_op3_no_bwd(&a.detach().contiguous()?, &b.detach().contiguous()?, &lora)?;
-    drop((x2, activation));
     let ab = join_factors(a, b)?;
-    let op = SwiGluLoraOp { lora, rank: a.dim(0)?, output: Precomputed::new(Some(y)) };
-    let y = g2.apply_op3(&u2, &ab, op)?;
+    let rank = a.dim(0)?;
+    let y = if values {
+        // The op keeps xa from this forward for its backward; y is handed to the graph's node below.
+        let y = x2.apply_op3_no_bwd(&a.detach().contiguous()?, &b.detach().contiguous()?, &lora)?;
+        drop((x2, activation));
+        let op = SwiGluLoraOp { lora, rank, output: Precomputed::new(Some(y)) };
+        g2.apply_op3(&u2, &ab, op)?
+    } else {
+        let xa = match lora.take_dropped() {
+            Some(dropped) => dropped.matmul(&a.detach().t()?)?,
+            None => x2.matmul(&a.detach().t()?)?,
+        };
+        lora.save_xa(xa);
+        drop((x2, activation));
+        let shape = [g2.dim(0)?, b.dim(0)?];
+        let op = SwiGluLoraOp { lora, rank, output: Precomputed::new(None) };
+        g2.apply_op3(&u2, &ab, super::BackwardOnly::new(op, &shape, g)?)?
+    };
     let mut out_dims = g.dims().to_vec();
     *out_dims.last_mut().expect("checked above") = y.dim(1)?;
     Ok(y.reshape(out_dims)?)
@@ -223,6 +255,9 @@ struct SwiGluLoraOp {
     /// The output, computed before the op is applied.
     output: Precomputed,
 }
+
+/// The backward reads g, u, A, B and the saved `xa`, never y.
+impl OutputFreeBackward for SwiGluLoraOp {}
 
 impl CustomOp3 for SwiGluLoraOp {
     fn name(&self) -> &'static str {

@@ -67,11 +67,13 @@ pub mod cuda;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Tensor};
+
+use crate::model::fused::OutputFreeBackward;
 
 pub use control_branch::control_branch;
 pub use dora_linear::{dora_linear, dora_linear_heads};
-pub use lora_linear::{lora_linear, lora_linear_heads, swiglu_lora_linear};
+pub use lora_linear::{lora_linear, lora_linear_heads, swiglu_lora_linear, swiglu_lora_linear_backward_only};
 pub use lowrank_add::lowrank_add;
 pub use row_norms::row_norms;
 pub use snell::snell_branch;
@@ -194,6 +196,36 @@ impl Precomputed {
     #[cfg(feature = "cuda")]
     pub(crate) fn cuda(&self, op: &str) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         cuda::owned_storage(&self.take(op)?, op)
+    }
+}
+
+/// A node with `Op`'s backward whose forward computes nothing: its output is zeros. For a graph
+/// that is only backpropagated through, never read (gradient checkpointing's recompute of a
+/// decoder layer, [`crate::model::Llama::layer_backward_graph`]), around an op whose backward
+/// reads its inputs and what was saved beforehand, never its output ([`OutputFreeBackward`]):
+/// the MLP's down projection, whose forward GEMM (and, on an NF4 base, dequantization) is then
+/// not run, since the layer's output only adds into the residual and no backward reads it.
+pub(crate) struct BackwardOnly<Op> {
+    op: Op,
+    zeros: Precomputed,
+}
+
+impl<Op: CustomOp3 + OutputFreeBackward> BackwardOnly<Op> {
+    /// `op`'s node with an output of `shape`, in `like`'s dtype and device.
+    pub(crate) fn new(op: Op, shape: &[usize], like: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self { op, zeros: Precomputed::new(Some(Tensor::zeros(shape, like.dtype(), like.device())?)) })
+    }
+}
+
+impl<Op: CustomOp3 + OutputFreeBackward> CustomOp3 for BackwardOnly<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    precomputed_forward3!(zeros);
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.op.bwd(a, b, c, y, dy)
     }
 }
 

@@ -808,6 +808,9 @@ pub struct SwiGluProjectAdd {
     pub projection: FrozenMatmulTAdd,
 }
 
+/// The backward reads g, u and dy, never y.
+impl OutputFreeBackward for SwiGluProjectAdd {}
+
 impl CustomOp3 for SwiGluProjectAdd {
     fn name(&self) -> &'static str {
         "swiglu-frozen-matmul-t-add"

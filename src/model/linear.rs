@@ -152,6 +152,13 @@ pub trait LinearAdapter: Send + Sync {
     fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         self.forward(&super::ops::swiglu(g, u, train)?, base, train)
     }
+    /// [`LinearAdapter::forward_swiglu`] in a graph that is only backpropagated through, never
+    /// read (gradient checkpointing's recompute of a layer): the same gradients, values left
+    /// unspecified, so that a method may skip the work no backward reads (LoRA: the base GEMM
+    /// and the branch's up-projection). The others compute the whole output.
+    fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        self.forward_swiglu(g, u, base, train)
+    }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
     fn merged_weight(&self, base: &Tensor) -> Result<Tensor>;
     /// The inverse of `merged_weight` (for `unmerge`).
@@ -253,6 +260,16 @@ impl Linear {
             Some(adapter) => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
             None if train => super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train),
             None => Ok((residual + self.base.forward(&super::ops::swiglu(g, u, train)?)?)?),
+        }
+    }
+
+    /// [`Linear::forward_swiglu_add`] in a graph that is only backpropagated through, never read
+    /// ([`crate::model::Llama::layer_backward_graph`]): the same gradients; the values are not
+    /// the layer's output, since the frozen GEMM that no backward reads is not run.
+    pub fn forward_swiglu_add_backward_only(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        match self.active_adapter() {
+            Some(adapter) => Ok((residual + adapter.forward_swiglu_backward_only(g, u, &self.base, train)?)?),
+            None => super::ops::swiglu_frozen_matmul_t_add_backward_only(g, u, self.base.base_weight(), residual, train),
         }
     }
 

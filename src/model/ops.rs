@@ -260,14 +260,31 @@ pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Res
 /// training one op ([`super::fused::SwiGluProjectAdd`]) that does not keep the activation
 /// [.., intermediate] for backward, where the separate ops would (as the projection's input).
 pub fn swiglu_frozen_matmul_t_add(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> Result<Tensor> {
-    let fits = w.dtype() == g.dtype() && w.device().same_device(g.device()) && g.shape() == u.shape();
-    if fits && (fused_cpu(train, &[g, u, residual]) || fused_cuda(train, &[g, u, residual])) {
-        let op = super::fused::SwiGluProjectAdd {
-            projection: super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } },
-        };
-        return Ok(g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, op)?);
+    if swiglu_project_add_fuses(g, u, w, residual, train) {
+        return Ok(g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, swiglu_project_add(w))?);
     }
     frozen_matmul_t_add(&swiglu(g, u, train)?, w, residual)
+}
+
+/// [`swiglu_frozen_matmul_t_add`] in a graph that is only backpropagated through, never read:
+/// the same gradients, but the forward runs neither the GEMM nor an NF4 base's dequantization,
+/// and the output is zeros ([`crate::kernels::BackwardOnly`]). Where the fused op does not
+/// apply, the whole computation.
+pub fn swiglu_frozen_matmul_t_add_backward_only(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> Result<Tensor> {
+    if swiglu_project_add_fuses(g, u, w, residual, train) {
+        let op = crate::kernels::BackwardOnly::new(swiglu_project_add(w), residual.dims(), g)?;
+        return Ok(g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, op)?);
+    }
+    swiglu_frozen_matmul_t_add(g, u, w, residual, train)
+}
+
+fn swiglu_project_add_fuses(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> bool {
+    let fits = w.dtype() == g.dtype() && w.device().same_device(g.device()) && g.shape() == u.shape();
+    fits && (fused_cpu(train, &[g, u, residual]) || fused_cuda(train, &[g, u, residual]))
+}
+
+fn swiglu_project_add(w: &BaseWeight) -> super::fused::SwiGluProjectAdd {
+    super::fused::SwiGluProjectAdd { projection: super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } } }
 }
 
 /// Rotary embedding in the Hugging Face ("rotate half") layout.
