@@ -51,6 +51,7 @@ macro_rules! precomputed_forward3 {
     };
 }
 
+pub mod adamw;
 pub mod control_branch;
 pub mod dora_linear;
 pub mod lora_linear;

@@ -2,10 +2,10 @@
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
 //! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
 //! forward and backward), the model's attention (flash-style, `kernels/attention.cu`, and on
-//! cuBLAS, `kernels/attention_gemm.cu`) and the decoder layer's RMSNorm, SwiGLU
-//! (`kernels/swiglu.cu`) and the attention heads split with RoPE (`kernels/rope.cu`, alone and
-//! inside the q, k, v projections) as training runs them, and the adapters' dropout masks
-//! (`kernels/dropout.cu`).
+//! cuBLAS, `kernels/attention_gemm.cu`) and the decoder layer's RMSNorm (`kernels/rms_norm.cu`),
+//! SwiGLU (`kernels/swiglu.cu`) and the attention heads split with RoPE (`kernels/rope.cu`, alone
+//! and inside the q, k, v projections) as training runs them, the adapters' dropout masks
+//! (`kernels/dropout.cu`) and AdamW's update (`kernels/adamw.cu`).
 //!
 //! The inputs are drawn once, rounded to the dtype under test, then given to both sides: the
 //! device computes in that dtype, the reference in f64 on the same values. The error reported is
@@ -408,8 +408,37 @@ fn heads_cases(c: &mut Case) -> Result<()> {
     Ok(())
 }
 
+/// AdamW's fused update (`kernels/adamw.cu`, f32 parameters) against the update in candle ops
+/// on the CPU in f64: two steps with weight decay; the parameter's change and both moments.
+fn adamw_case(c: &mut Case) -> Result<()> {
+    use crate::training::{AdamW, AdamWConfig};
+    if c.dtype != DType::F32 {
+        return Ok(());
+    }
+    let n = c.odd(1_000, 70_000);
+    // Parameters of an adapter's size (LoRA's A at LLaMA widths is about 1e-2), so that the f32
+    // storage's rounding of p (an ulp of p) stays far below the change compared.
+    let (p, g1, g2) = (c.draw(&[n], 1e-2)?, c.draw(&[n], 1e-2)?, c.draw(&[n], 1e-2)?);
+    let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    let run = |device: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+        let var = candle_core::Var::from_tensor(&p.to_dtype(dtype)?.to_device(device)?)?;
+        let mut opt = AdamW::new(vec![("p".into(), var.clone(), 1.0)], config)?;
+        for g in [&g1, &g2] {
+            opt.step(&std::collections::HashMap::from([("p".to_string(), g.to_dtype(dtype)?.to_device(device)?)]), 1e-3)?;
+        }
+        let state = opt.state_tensors()?;
+        let change = (var.as_tensor().to_dtype(DType::F64)?.to_device(&Device::Cpu)? - &p)?;
+        Ok(vec![change, state["m.p"].clone(), state["v.p"].clone()])
+    };
+    let (got, want) = (run(c.device, DType::F32)?, run(&Device::Cpu, DType::F64)?);
+    for (output, (got, want)) in ["dp", "m", "v"].into_iter().zip(got.iter().zip(&want)) {
+        c.record("adamw", &n.to_string(), output, got, want)?;
+    }
+    Ok(())
+}
+
 /// The decoder layer's elementwise and row ops as training runs them on the device (RMSNorm:
-/// candle ops on detached inputs with the fused op's backward; SwiGLU: `kernels/swiglu.cu`)
+/// `kernels/rms_norm.cu`, dw by candle ops; SwiGLU: `kernels/swiglu.cu`)
 /// against the fused CPU ops in f64, on odd widths.
 fn layer_op_cases(c: &mut Case) -> Result<()> {
     use crate::model::ops::{frozen_matmul_t_add, rms_norm, swiglu, swiglu_frozen_matmul_t_add};
@@ -490,6 +519,7 @@ pub fn run(device: &Device, seed: u64, rounds: usize) -> Result<Vec<Check>> {
             attention_gemm_cases(&mut case)?;
             layer_op_cases(&mut case)?;
             heads_cases(&mut case)?;
+            adamw_case(&mut case)?;
         }
         checks.extend(case.checks);
     }

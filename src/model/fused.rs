@@ -14,9 +14,9 @@
 //! Layout: row-major, contiguous, the reduced dimension last. f32 and f64 (the finite-difference
 //! tests run in f64). The compositions in `ops.rs` are the reference these are tested against
 //! (`tests/fused_ops.rs`), and the fallback on other devices and dtypes. On CUDA (all dtypes the
-//! kernels take): the attention core (`kernels/attention.cu`), SwiGLU (`kernels/swiglu.cu`), the
-//! heads split (`kernels/rope.cu`) and the frozen matmuls (cuBLAS); `selftest` checks each against
-//! this CPU op in f64.
+//! kernels take): the attention core (`kernels/attention.cu`), RMSNorm (`kernels/rms_norm.cu`),
+//! SwiGLU (`kernels/swiglu.cu`), the heads split (`kernels/rope.cu`) and the frozen matmuls
+//! (cuBLAS); `selftest` checks each against this CPU op in f64.
 
 use std::sync::OnceLock;
 
@@ -25,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use num_traits::Float;
 
 use super::linear::BaseWeight;
-use crate::kernels::{cpu_tensor, tensor_cpu_storage, Precomputed};
+use crate::kernels::{cpu_tensor, tensor_cpu_storage};
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
@@ -157,9 +157,12 @@ impl RmsNorm {
         Self { eps, rstd: OnceLock::new() }
     }
 
-    /// The op with its per-row `r` [rows, 1] computed beforehand (the CUDA path, [`WithOutput`]).
-    pub fn with_rstd(eps: f64, rstd: Tensor) -> Self {
-        Self { eps, rstd: OnceLock::from(rstd) }
+    fn keep_rstd(&self, rstd: Tensor) -> candle_core::Result<()> {
+        // A second forward through the same op value would overwrite nothing: keep the first.
+        if self.rstd.set(rstd).is_err() {
+            candle_core::bail!("{}: an op value is applied once", self.name());
+        }
+        Ok(())
     }
 }
 
@@ -199,11 +202,21 @@ impl CustomOp2 for RmsNorm {
             }
             _ => candle_core::bail!("{}: x and weight must both be f32 or f64", self.name()),
         };
-        // A second forward through the same op value would overwrite nothing: keep the first.
-        if self.rstd.set(rstd).is_err() {
-            candle_core::bail!("{}: an op value is applied once", self.name());
-        }
+        self.keep_rstd(rstd)?;
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (y, shape, rstd) = crate::kernels::cuda::rms_norm::forward((s1, l1), (s2, l2), self.eps)?;
+        self.keep_rstd(rstd)?;
+        Ok((y, shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -215,12 +228,22 @@ impl CustomOp2 for RmsNorm {
         // One [rows, cols] temporary per statement, each dropped as soon as it is used: on a
         // LLaMA-7B batch every one of them is 64 MiB in f32.
         let rstd = rstd.to_dtype(acc)?;
+        let weight_trained = w.track_op();
         // x and w are the graph's tensors: computed from them as they are, dx and dw would carry
         // a graph holding every temporary below for as long as they wait in the gradient store.
         let (x, w) = (&x.detach(), &w.detach());
-        let n = x.reshape((rows, cols))?.to_dtype(acc)?.broadcast_mul(&rstd)?;
-        let dy2 = dy.reshape((rows, cols))?.to_dtype(acc)?;
-        let dw = (&dy2 * &n)?.sum(0)?.reshape(w.shape())?.to_dtype(w.dtype())?;
+        let normed = || x.reshape((rows, cols))?.to_dtype(acc)?.broadcast_mul(&rstd);
+        let dy2 = || dy.reshape((rows, cols))?.to_dtype(acc);
+        let weight_gradient = |n: &Tensor, dy2: &Tensor| (dy2 * n)?.sum(0)?.reshape(w.shape())?.to_dtype(w.dtype());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let dx = crate::kernels::cuda::rms_norm::backward(x, w, &rstd, dy)?;
+            // Every adapter method freezes the norms; only full fine-tuning needs dw.
+            let dw = if weight_trained { Some(weight_gradient(&normed()?, &dy2()?)?) } else { None };
+            return Ok((Some(dx), dw));
+        }
+        let (n, dy2) = (normed()?, dy2()?);
+        let dw = weight_trained.then(|| weight_gradient(&n, &dy2)).transpose()?;
         let dn = dy2.broadcast_mul(&w.reshape((1, cols))?.to_dtype(acc)?)?;
         drop(dy2);
         let dot = (&dn * &n)?.mean_keepdim(1)?;
@@ -228,7 +251,7 @@ impl CustomOp2 for RmsNorm {
         drop(n);
         let dx = (dn - projected)?;
         let dx = dx.broadcast_mul(&rstd)?.reshape(x.shape())?.to_dtype(x.dtype())?;
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), dw))
     }
 }
 
@@ -528,48 +551,6 @@ impl<Op: CustomOp3 + OutputFreeBackward> CustomOp3 for ProjectedHeads<Op> {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.projection.bwd(a, b, c, y, &self.product_gradient(dy)?)
-    }
-}
-
-/// One of the ops above on CUDA, its forward computed beforehand with candle's ops on detached
-/// inputs (so the graph holds none of the composition's intermediates) and handed over as the
-/// op's output; the backward is the op's own. What the graph then holds is what the CPU op holds:
-/// the inputs, the output and the op's saved statistics. The output is copied once into the
-/// op's result (candle's storages are owned), and the op lets go of it.
-pub struct WithOutput<Op> {
-    op: Op,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    output: Precomputed,
-}
-
-impl<Op> WithOutput<Op> {
-    pub fn new(op: Op, output: Tensor) -> Self {
-        Self { op, output: Precomputed::new(Some(output)) }
-    }
-}
-
-impl<Op: CustomOp2> CustomOp2 for WithOutput<Op> {
-    fn name(&self) -> &'static str {
-        self.op.name()
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.op.cpu_fwd(s1, l1, s2, l2)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda(self.op.name())
-    }
-
-    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.op.bwd(a, b, y, dy)
     }
 }
 

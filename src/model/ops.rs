@@ -28,27 +28,20 @@ fn fused_cpu(train: bool, tensors: &[&Tensor]) -> bool {
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
-/// Training on the CPU (f32, f64) takes the fused op, which keeps only its input.
+/// Training takes the fused op (CPU: f32, f64; CUDA: `kernels/rms_norm.cu`), which keeps only
+/// its input and a statistic per row.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
     if !train {
         return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
     }
-    if fused_cpu(train, &[x, weight]) {
+    if fused_cpu(train, &[x, weight]) || fused_cuda(train, &[x, weight]) {
         return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, super::fused::RmsNorm::new(eps))?);
-    }
-    if fused_cuda(train, &[x, weight]) {
-        let xf = x.detach().to_dtype(accumulate_dtype(x.dtype()))?;
-        let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let y = xf.broadcast_mul(&rstd)?.to_dtype(x.dtype())?.broadcast_mul(&weight.detach())?;
-        let rows = x.elem_count() / weight.elem_count().max(1);
-        let op = super::fused::WithOutput::new(super::fused::RmsNorm::with_rstd(eps, rstd.reshape((rows, 1))?), y);
-        return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?);
     }
     rms_norm_reference(x, weight, eps)
 }
 
-/// Whether training on CUDA takes the ops of `fused.rs` with their forward in candle ops on
-/// detached inputs (`fused::WithOutput`): the graph then keeps what the CPU op keeps.
+/// Whether training on CUDA takes the ops of `fused.rs` (their kernels: `kernels/rms_norm.cu`,
+/// `kernels/swiglu.cu`, cuBLAS): the graph then keeps what the CPU op keeps.
 fn fused_cuda(train: bool, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
     train && first.device().is_cuda() && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::galore::{GaloreConfig, Projector};
 use crate::error::{Error, Result};
+use crate::kernels::adamw::{self, AdamWScalars};
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
@@ -82,6 +83,11 @@ impl AdamW {
                 continue;
             }
             let theta = p.var.as_tensor();
+            if adamw::adamw_applies(theta, g, &p.m, &p.v) {
+                let decay = (c.weight_decay > 0.0).then_some(c.weight_decay);
+                adamw::adamw_update(theta, g, &p.m, &p.v, AdamWScalars::new((c.beta1, c.beta2), c.eps, decay, lr, self.t))?;
+                continue;
+            }
             let decayed = if c.weight_decay > 0.0 { (theta * (1.0 - lr * c.weight_decay))? } else { theta.clone() };
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -115,8 +121,9 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.contiguous()?);
-            out.insert(format!("v.{}", p.name), p.v.contiguous()?);
+            // Copies: the fused update writes the moments in place.
+            out.insert(format!("m.{}", p.name), p.m.copy()?);
+            out.insert(format!("v.{}", p.name), p.v.copy()?);
             if let Some(ortho) = p.galore.as_ref().and_then(|g| g.ortho.as_ref()) {
                 out.insert(format!("galore_p.{}", p.name), ortho.contiguous()?);
             }
@@ -136,7 +143,8 @@ impl AdamW {
                         slot.dims()
                     )));
                 }
-                *slot = value.to_device(slot.device())?.to_dtype(slot.dtype())?;
+                // A copy the update may write in place, not the caller's tensor.
+                *slot = value.to_device(slot.device())?.to_dtype(slot.dtype())?.copy()?;
             }
             if let (Some(proj), Some(ortho)) = (p.galore.as_mut(), tensors.get(&format!("galore_p.{}", p.name))) {
                 proj.ortho = Some(ortho.to_device(p.var.device())?.to_dtype(DType::F32)?);
@@ -150,10 +158,12 @@ impl AdamW {
 /// Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping (as `torch.nn.utils.clip_grad_norm_`).
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    }
+    // One read back for all of them: a read per gradient waits on the device each time.
+    let squares = grads.values().map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
+    let sq = match squares.is_empty() {
+        true => 0.0,
+        false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?,
+    };
     let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {

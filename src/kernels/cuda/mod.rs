@@ -26,6 +26,8 @@ pub const ATTENTION_GEMM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/att
 pub const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
 pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 pub const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+pub const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 
 /// The element types the kernels are instantiated for.
 pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
@@ -527,3 +529,5 @@ pub mod attention_gemm;
 pub mod swiglu;
 pub mod dropout;
 pub mod rope;
+pub mod rms_norm;
+pub mod adamw;
