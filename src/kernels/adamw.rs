@@ -5,7 +5,7 @@
 //!
 //! The CPU code here is the reference, and it is also what CPU training runs: each expression
 //! rounds where candle's ops of the unfused update round (`x·a + b` for a scalar affine, then the
-//! binary op), so on the CPU the two agree bit for bit (`tests/optim.rs`). As candle ops an
+//! binary op), so on the CPU the two agree bit for bit (`tests/adamw_fused.rs`). As candle ops an
 //! update is fourteen launches and six temporaries per parameter; a LoRA on LLaMA-7B has 320
 //! small parameters, so on a GPU the optimizer was launch-bound.
 
