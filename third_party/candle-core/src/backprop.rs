@@ -780,14 +780,8 @@ impl GradStore {
 /// The errors that adding `grad` into zeros shaped like `tensor` gave before the first gradient was
 /// stored directly.
 fn check_first_grad(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<()> {
-    if tensor.shape() != grad.shape() {
-        Err(Error::ShapeMismatchBinaryOp { lhs: tensor.shape().clone(), rhs: grad.shape().clone(), op }.bt())?
-    }
-    if tensor.dtype() != grad.dtype() {
-        Err(Error::DTypeMismatchBinaryOp { lhs: tensor.dtype(), rhs: grad.dtype(), op }.bt())?
-    }
-    if !tensor.device().same_device(grad.device()) {
-        Err(Error::DeviceMismatchBinaryOp { lhs: tensor.device().location(), rhs: grad.device().location(), op }.bt())?
-    }
-    Ok(())
+    tensor.same_shape_binary_op(grad, op)?;
+    let (lhs, rhs) = (tensor.storage(), grad.storage());
+    lhs.same_device(&rhs, op)?;
+    lhs.same_dtype(&rhs, op)
 }
