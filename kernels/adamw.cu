@@ -11,7 +11,7 @@
 // candle in-place op writes one tensor: m and v are written by their own pass.
 //
 // Memory layout: p, g, m, v are contiguous f32 arrays of n elements. One thread per element,
-// grid-stride. CPU reference: `kernels::adamw` (`src/kernels/adamw.rs`), the same expressions.
+// grid-stride. CPU reference: `ops::adamw` (`src/ops/adamw.rs`), the same expressions.
 
 extern "C" __global__ void adamw_moment(float* moment, const float* g, long long n, float decay, float gain, int square) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {

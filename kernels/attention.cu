@@ -1,8 +1,8 @@
 // Flash-style attention for training, forward and backward: the [t, s] scores and probabilities
 // live in registers and shared memory only, never in global memory. The model's attention and
 // the nonlinear controller's token mixing (one head, d = r + 1, scale 1) both take it. The math,
-// the backward and the CPU reference are `Attention` in src/model/fused.rs; the host side is
-// src/kernels/cuda/attention.rs.
+// the backward and the CPU reference are `Attention` in src/ops/fused.rs; the host side is
+// src/ops/cuda/attention.rs.
 //
 // Memory layout (row-major, contiguous): q [b, h, t, d]; k and v [b, g, s, d] with h a multiple
 // of g (grouped-query: query head hh reads key/value head hh / (h / g)); bias [b, t, s] in T (the

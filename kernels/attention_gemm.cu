@@ -3,8 +3,8 @@
 // lies between them. Same math and same saved state as the flash-style kernels of attention.cu
 // (q, k, v, o and lse [b, h, t]); what differs is that the scores of a chunk of heads exist, for
 // the time of one chunk, as a transient [heads, t, s] buffer in global memory, which the GEMMs
-// need. The host side (src/kernels/cuda/attention_gemm.rs) sizes the chunks so that the
-// transient stays under a fixed budget; the CPU reference is `Attention` in src/model/fused.rs.
+// need. The host side (src/ops/cuda/attention_gemm.rs) sizes the chunks so that the
+// transient stays under a fixed budget; the CPU reference is `Attention` in src/ops/fused.rs.
 //
 //   forward    S = scale · q kᵀ (GEMM, f32)  →  softmax: P = exp(S + bias − lse), lse  →  o = P v
 //   backward   delta = rowsum(do ⊙ o), do into heads  →  S again (GEMM)  →  probs: P

@@ -19,7 +19,7 @@
 // Tiling: a 64 x 64 output tile per block of 256 threads, each thread 4 x 4 outputs spaced 16
 // apart so that a half-warp touches 16 consecutive columns (coalesced); the rank is consumed in
 // chunks of 16 through shared memory, accumulated in f32. Any rows, cols and r (no multiple of a
-// tile required). The CPU reference is `src/kernels/lowrank_add.rs`.
+// tile required). The CPU reference is `src/ops/lowrank_add.rs`.
 
 #include "common.cuh"
 

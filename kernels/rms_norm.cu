@@ -14,7 +14,7 @@
 //
 // Memory layout: x, y, dy, dx are row-major [rows, cols] of T (f32, f16 or bf16), contiguous;
 // w is [cols]; r is [rows] f32. One block per row, threads striding over its columns; sums in
-// f32. CPU reference: `RmsNorm` in `src/model/fused.rs` (f32 / f64).
+// f32. CPU reference: `RmsNorm` in `src/ops/fused.rs` (f32 / f64).
 
 #include "common.cuh"
 

@@ -11,14 +11,14 @@
 // Why a kernel: as candle ops the rotation is narrow, four broadcast products, two sums, a cat
 // and a transposed copy, each a pass over [tokens, heads·d], in forward and again in backward;
 // here each direction reads its input and writes its output once. The fused projections
-// (`model::fused::ProjectedHeads`) call it on their GEMM's output, so the [tokens, heads·d]
+// (`ops::fused::ProjectedHeads`) call it on their GEMM's output, so the [tokens, heads·d]
 // projection is a transient and the graph holds only the rotated heads.
 //
 // Memory layout: x (and dx) [b, t, h, d], the projection's output; y (and dy) [b, h, t, d], what
 // attention reads; cos, sin [b, t, d/2]; all contiguous, one dtype T (f32, f16 or bf16),
 // computed in f32 and rounded once. One thread per pair (i, i + d/2), grid-stride; consecutive
 // threads take consecutive i, so reads and writes are coalesced on both sides. CPU reference:
-// `RopeHeads` in `src/model/fused.rs`.
+// `RopeHeads` in `src/ops/fused.rs`.
 
 #include "common.cuh"
 

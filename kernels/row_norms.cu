@@ -8,7 +8,7 @@
 // Each block of 256 threads owns ROWS output rows: their B rows sit in shared memory (f32, ROWS·r
 // floats of dynamic shared memory), the threads stride over the columns, so each loaded A[k, j]
 // serves ROWS rows and W + s·BA exists only in registers. Partial sums of squares are reduced per
-// warp, then across warps. Any rows, cols, r. CPU reference: `src/kernels/row_norms.rs`.
+// warp, then across warps. Any rows, cols, r. CPU reference: `src/ops/row_norms.rs`.
 
 #include "common.cuh"
 

@@ -1,6 +1,6 @@
 // SNELL's kernelized update recomputed tile by tile from its two factors, never kept between
 // forward and backward (seeds.md §3; the math, the backward and the CPU reference are in
-// src/kernels/snell.rs, the host side in src/kernels/cuda/snell.rs).
+// src/ops/snell.rs, the host side in src/ops/cuda/snell.rs).
 //
 // Memory layout (row-major, contiguous): In [H, d_in, k] and Out [H, d_out, k] in f32 (k = r/H);
 // update-shaped buffers [d_in, d_out] (f32 for snell_delta, else the activations' dtype T). The

@@ -1,7 +1,7 @@
 // SNELL's survivors applied as a sparse matrix, so that the branch's cost falls with the density
 // (the seed runs s = 0.9 to 0.995 on many tasks). The same math as the CPU reference
-// src/kernels/snell_sparse.rs (the dense path and the backward's derivation: src/kernels/snell.rs;
-// host side: src/kernels/cuda/snell_sparse.rs). ΔW and τ are as in snell.cu: Δ recomputed from
+// src/ops/snell_sparse.rs (the dense path and the backward's derivation: src/ops/snell.rs;
+// host side: src/ops/cuda/snell_sparse.rs). ΔW and τ are as in snell.cu: Δ recomputed from
 // In and Out by the tile walk of snell_delta.cuh, bit-identical in every pass.
 //
 // Survivors (|Δ| > τ) of the update [d_in, d_out] are listed twice, both in an order that no

@@ -11,7 +11,7 @@
 //
 // Memory layout: g, u, dy, y, dg, du are contiguous arrays of n elements of T (f32, f16 or bf16),
 // computed in f32 and rounded once. One thread per element, grid-stride. CPU reference: `SwiGlu`
-// in `src/model/fused.rs` (f32 / f64).
+// in `src/ops/fused.rs` (f32 / f64).
 
 #include "common.cuh"
 

@@ -1,25 +1,39 @@
 //! candle-peft: parameter-efficient fine-tuning of LLaMA-family models on candle.
 //!
-//! Layout: `model` (the trainable LLaMA), `adapters` (one file per method, injected by name),
-//! `loading` (Hugging Face directories, the hub cache, GGUF), `data` (LLM-Adapters format),
-//! `training` (optimizer, schedule, loop, checkpoints), `eval` (generation, answer extraction),
-//! `plot` (PNG charts),
-//! `cli` (the `candle-peft` command).
+//! Layers, lowest first; a module uses its own layer and those below it, never one above
+//! (`tests/layers.rs` holds the table and checks every `crate::` path):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | core | `error`, `fsutil` (atomic writes), `alloc`, `memory`, `weights` (safetensors I/O), `hub` (local directories, the hub cache), `cuda` (launch plumbing) |
+//! | quant | `quant`: NF4 as bitsandbytes stores it, and the frozen `BaseWeight` |
+//! | ops | `ops`: each custom op with its CPU reference, its backward and its CUDA launcher |
+//! | model | `model`: the trainable LLaMA |
+//! | methods | `adapters`: one file per method, injected by module name; `docs/METHODS.md` |
+//! | loading, data | `loading` (Hugging Face directories, GGUF), `data` (LLM-Adapters format) |
+//! | training | `training`: optimizer, schedule, step, loop, checkpoints |
+//! | eval | `eval`: generation, answer extraction, accuracy |
+//! | reports | `plot`: PNG charts |
+//! | cli | `cli`, `demo`: the `candle-peft` command |
 
 pub mod adapters;
 pub mod alloc;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
-pub mod kernels;
+pub mod hub;
+pub mod ops;
 pub mod loading;
 pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod quant;
 pub mod training;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! The fused AdamW update (`kernels::adamw`, in place, three passes) against the update in
+//! The fused AdamW update (`ops::adamw`, in place, three passes) against the update in
 //! candle ops (`--unfused`): on the CPU they round at the same places, so parameters and moments
 //! agree bit for bit over several steps, with and without weight decay and with a learning-rate
 //! multiplier. One test in this binary: it switches the process-wide `set_unfused`.
@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::kernels::set_unfused;
+use candle_peft::ops::set_unfused;
 use candle_peft::training::{AdamW, AdamWConfig};
 
 fn bits(t: &Tensor) -> Vec<u32> {

@@ -1,21 +1,21 @@
 //! What the engine does with adapter files that are not exactly what it expects: options it does
 //! not know are ignored (PEFT adds some every release), options it knows but does not implement
 //! are errors naming them, and tensors that are missing or do not fit the model are errors naming
-//! the tensor, the module and the shapes. The adapters are PEFT's own (../shared/fixtures/peft),
+//! the tensor, the module and the shapes. The adapters are PEFT's own (tests/fixtures/peft),
 //! copied to a temporary directory and edited.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_peft::adapters::load_adapter;
-use candle_peft::loading::hub::ModelSource;
-use candle_peft::loading::weights::Weights;
+use candle_peft::hub::ModelSource;
+use candle_peft::weights::Weights;
 use candle_peft::model::{Llama, LlamaConfig};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft");
-    assert!(p.is_dir(), "PEFT fixtures not found at {} (shared/fixtures/peft beside the repository)", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
+    assert!(p.is_dir(), "PEFT fixtures not found at {} (they ship in the repository)", p.display());
     p
 }
 

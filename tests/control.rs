@@ -3,16 +3,18 @@
 //! cached generation, and loss falling when overfitting.
 
 mod common;
-use common::central_difference;
+
+use common::{central_difference, max_diff};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::{
     inject, load_adapter, save_adapter, AdapterConfig, ControlConfig, LoraConfig, NonlinearControl, NonlinearControlConfig,
     ParallelControl, Targets,
 };
-use candle_peft::loading::hub::ModelSource;
-use candle_peft::loading::weights::Weights;
+use candle_peft::hub::ModelSource;
+use candle_peft::weights::Weights;
 use candle_peft::model::llama::random_weights;
-use candle_peft::model::{ops, BlockControl, ControlContext, KvCache, Llama, LlamaConfig};
+use candle_peft::ops::nn as ops;
+use candle_peft::model::{BlockControl, ControlContext, KvCache, Llama, LlamaConfig};
 use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, TrainBatch, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -78,10 +80,6 @@ fn batch() -> TrainBatch {
 fn logits(model: &Llama) -> Tensor {
     let b = batch();
     model.forward(&b.input_ids, Some(&b.mask), None, false).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -240,7 +238,6 @@ fn controls_change_nothing_at_init() {
         assert_eq!(max_diff(&logits(&model), &base), 0.0, "{name}");
     }
 }
-
 
 #[test]
 fn gradients_equal_finite_differences() {

@@ -1,18 +1,17 @@
-//! The EfficientFT methods (seeds.md §4.2) on a tiny LLaMA: PiSSA, OLoRA (and their conversion
+//! The EfficientFT methods (docs/METHODS.md §4.2) on a tiny LLaMA: PiSSA, OLoRA (and their conversion
 //! to a plain LoRA for the original base), full fine-tuning, SIFT, AdaLoRA, GaLore.
 
 mod common;
-use common::{batch, central_difference, logits, loss_value, save_and_reload};
+
+use common::{batch, central_difference, logits, loss_value, max_diff, save_and_reload};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::adapters::{
-    self, adalora, configure_trainer, inject, load_adapter, save_adapter, save_converted, AdaLoraConfig, AdapterConfig,
-    FullConfig, InitKind, InitLoraLinear, LoraConfig, SiftConfig, SiftLinear, Targets,
-};
-use candle_peft::loading::hub::ModelSource;
+use candle_peft::adapters::{self, adalora, inject, load_adapter, save_adapter, save_converted, AdaLoraConfig, AdapterConfig, FullConfig, InitKind, InitLoraLinear, LoraConfig, SiftConfig, SiftLinear, Targets};
+use candle_peft::training::configure_trainer;
+use candle_peft::hub::ModelSource;
 use candle_peft::model::Llama;
-use candle_peft::training::galore::GaloreConfig;
+use candle_peft::adapters::galore::GaloreConfig;
 use candle_peft::training::{causal_lm_loss, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -53,12 +52,6 @@ fn full(t: &[&str], galore: Option<GaloreConfig>) -> AdapterConfig {
 fn tiny() -> Llama {
     common::tiny(DType::F32)
 }
-
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 
 fn randomize(vars: &[(String, Var)], seed: u64, scale: f32) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -106,7 +99,7 @@ fn pissa_and_olora_leave_the_model_unchanged() {
                 // the top-r left singular vectors, i.e. Bᵀ W_res = 0.
                 let proj = a.lora.b.as_tensor().t().unwrap().matmul(&lin.base().weight().unwrap()).unwrap();
                 let size = orig[&path].abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                assert!(max_diff(&proj, &proj.zeros_like().unwrap()) < 1e-4 * size.max(1.0), "{path}");
+                assert!(max_diff(&proj, &proj.zeros_like().unwrap()) < 1e-4 * f64::from(size.max(1.0)), "{path}");
                 // A Aᵀ = diag(S_r / s), decreasing.
                 let aat = a.lora.a.as_tensor().matmul(&a.lora.a.as_tensor().t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
                 for i in 0..r {
@@ -211,7 +204,6 @@ fn forwards_equal_their_formulas() {
         assert!(max_diff(&lin2.forward(&x, false).unwrap(), &x.matmul(&w2.t().unwrap()).unwrap()) < 1e-5);
     }
 }
-
 
 #[test]
 fn gradients_equal_finite_differences() {
@@ -354,7 +346,7 @@ fn galore_projection_refreshes_at_the_gap_and_updates_in_the_subspace() {
             let outside = (&dw - pm.matmul(&pm.t().unwrap().matmul(&dw).unwrap()).unwrap()).unwrap();
             let size = dw.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(size > 0.0);
-            assert!(max_diff(&outside, &outside.zeros_like().unwrap()) < 1e-4 * size, "step {step}");
+            assert!(max_diff(&outside, &outside.zeros_like().unwrap()) < 1e-4 * f64::from(size), "step {step}");
         }
         let p0 = t.optimizer.params[0].galore.as_ref().unwrap().ortho.clone().unwrap();
         match (step, &first_p) {

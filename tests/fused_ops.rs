@@ -2,15 +2,15 @@
 //! gradients (f64, random inputs, odd sizes, ignored labels, padding, grouped-query heads), and
 //! the fused gradients against central finite differences.
 
+mod common;
+
+use common::max_diff;
+
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::model::ops::{
+use candle_peft::ops::nn::{
     attention, attention_bias, attention_reference, cross_entropy, cross_entropy_sum_reference, frozen_matmul_t, frozen_matmul_t_add, rms_norm,
     rms_norm_reference, frozen_matmul_t_heads, swiglu_frozen_matmul_t_add, AttentionHeads, softmax_last_dim, softmax_last_dim_reference, swiglu, swiglu_reference,
 };
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-}
 
 #[test]
 fn fused_softmax_equals_reference_with_gradients() {
@@ -134,9 +134,9 @@ fn fused_heads_split_equals_reference_with_gradients() {
 /// against the split of the plain composition's output.
 #[test]
 fn projections_into_heads_equal_the_split_of_their_output_with_gradients() {
-    use candle_peft::adapters::DropoutMask;
-    use candle_peft::kernels::{dora_linear, dora_linear_heads, lora_linear_heads};
-    use candle_peft::model::linear::matmul_t;
+    use candle_peft::ops::dropout::DropoutMask;
+    use candle_peft::ops::{dora_linear, dora_linear_heads, lora_linear_heads};
+    use candle_peft::ops::nn::matmul_t;
     let (b, t, n, d, d_in, r, s) = (2, 5, 3, 6, 7, 2, 1.5);
     let (x, a, bm) = (randn(&[b, t, d_in], 1.0), randn(&[r, d_in], 0.5), randn(&[n * d, r], 0.5));
     let k = Var::from_tensor(&(Tensor::randn(0f64, 0.2, n * d, &Device::Cpu).unwrap() + 1.0).unwrap()).unwrap();
@@ -213,7 +213,7 @@ fn frozen_matmul_equals_matmul_and_gives_no_weight_gradient() {
     check(
         &[&x],
         |t| frozen_matmul_t(&t[0], &w.clone().into()).unwrap(),
-        |t| candle_peft::model::linear::matmul_t(&t[0], &w).unwrap(),
+        |t| candle_peft::ops::nn::matmul_t(&t[0], &w).unwrap(),
         1e-12,
     );
     let grads = frozen_matmul_t(x.as_tensor(), &w.clone().into()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -227,7 +227,7 @@ fn frozen_matmul_into_the_residual_equals_the_add_with_gradients() {
     check(
         &[&x, &residual],
         |t| frozen_matmul_t_add(&t[0], &w.clone().into(), &t[1]).unwrap(),
-        |t| (&t[1] + candle_peft::model::linear::matmul_t(&t[0], &w).unwrap()).unwrap(),
+        |t| (&t[1] + candle_peft::ops::nn::matmul_t(&t[0], &w).unwrap()).unwrap(),
         1e-12,
     );
     let bad = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
@@ -242,7 +242,7 @@ fn swiglu_into_the_frozen_projection_and_residual_equals_the_composition_with_gr
     check(
         &[&g, &u, &residual],
         |t| swiglu_frozen_matmul_t_add(&t[0], &t[1], &w.clone().into(), &t[2], true).unwrap(),
-        |t| (&t[2] + candle_peft::model::linear::matmul_t(&swiglu_reference(&t[0], &t[1]).unwrap(), &w).unwrap()).unwrap(),
+        |t| (&t[2] + candle_peft::ops::nn::matmul_t(&swiglu_reference(&t[0], &t[1]).unwrap(), &w).unwrap()).unwrap(),
         1e-12,
     );
     let bad = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
@@ -252,9 +252,9 @@ fn swiglu_into_the_frozen_projection_and_residual_equals_the_composition_with_gr
 
 #[test]
 fn lora_of_the_swiglu_activation_equals_the_composition_with_gradients() {
-    use candle_peft::adapters::DropoutMask;
-    use candle_peft::kernels::swiglu_lora_linear;
-    use candle_peft::model::linear::matmul_t;
+    use candle_peft::ops::dropout::DropoutMask;
+    use candle_peft::ops::swiglu_lora_linear;
+    use candle_peft::ops::nn::matmul_t;
     let (g, u) = (randn(&[2, 3, 6], 2.0), randn(&[2, 3, 6], 1.0));
     let (a, b) = (randn(&[2, 6], 0.5), randn(&[4, 2], 0.5));
     let w = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu).unwrap();

@@ -7,10 +7,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::control::ControlConfig;
-use candle_peft::adapters::{
-    configure_trainer, inject, set_dropout_key, AdaLoraConfig, AdapterConfig, FullConfig, Ia3Config, LoraConfig,
-    NonlinearControlConfig, SiftConfig, SnellConfig, Targets,
-};
+use candle_peft::adapters::{inject, AdaLoraConfig, AdapterConfig, FullConfig, Ia3Config, LoraConfig, NonlinearControlConfig, SiftConfig, SnellConfig, Targets};
+use candle_peft::training::configure_trainer;
+use candle_peft::ops::dropout::set_dropout_key;
 use candle_peft::model::{Llama, LlamaConfig};
 use candle_peft::quant::Quantization;
 use candle_peft::training::{causal_lm_loss, causal_lm_loss_from_hidden, AdamWConfig, LayerTape, StepConfig, Trainer};

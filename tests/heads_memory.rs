@@ -7,9 +7,9 @@
 mod counting_alloc;
 
 use candle_core::{Device, Tensor, Var};
-use candle_peft::kernels::{lora_linear, lora_linear_heads};
-use candle_peft::model::linear::BaseWeight;
-use candle_peft::model::ops::{frozen_matmul_t, frozen_matmul_t_heads, AttentionHeads};
+use candle_peft::ops::{lora_linear, lora_linear_heads};
+use candle_peft::quant::BaseWeight;
+use candle_peft::ops::nn::{frozen_matmul_t, frozen_matmul_t_heads, AttentionHeads};
 
 #[test]
 fn projections_into_heads_do_not_keep_their_output_for_backward() {

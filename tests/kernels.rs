@@ -1,19 +1,18 @@
-//! The fused ops' CPU references (src/kernels/) against the unfused candle computations they
+//! The fused ops' CPU references (src/ops/) against the unfused candle computations they
 //! replace: same values and same gradients, on odd sizes (no multiple of any tile), with and
 //! without dropout masks. `candle-peft selftest` checks the CUDA kernels against these references.
 
+mod common;
+
+use common::max_diff;
+
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::adapters::DropoutMask;
-use candle_peft::kernels::lowrank_add::Factor;
-use candle_peft::kernels::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
+use candle_peft::ops::dropout::DropoutMask;
+use candle_peft::ops::lowrank_add::Factor;
+use candle_peft::ops::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// A dropout mask with keep probability 0.8, already divided by 0.8.
@@ -175,11 +174,11 @@ fn fused_ops_keep_the_input_dtype() {
 /// SNELL's fused branch (ΔW recomputed in backward from In, Out and the kept τ) against the
 /// adapter's unfused branch (autograd through cdist, the quantile and the detached factor):
 /// values and the gradients of x, In and Out, for KLoRA, a middle sparsity and two high ones
-/// (those take the sparse apply, `kernels::snell_sparse`).
+/// (those take the sparse apply, `ops::snell_sparse`).
 #[test]
 fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
     use candle_peft::adapters::SnellLinear;
-    use candle_peft::kernels::snell::{kernel_delta, snell_branch, threshold, Sparsify};
+    use candle_peft::ops::snell::{kernel_delta, snell_branch, threshold, Sparsify};
     let (t, d_in, d_out, heads, k) = (13, 37, 29, 2, 5);
     for s in [0.0, 0.5, 0.95, 0.99] {
         let input = (randn(&[heads, d_in, k]) * 0.3).unwrap();
@@ -211,7 +210,7 @@ fn snell_branch_matches_the_unfused_branch_and_its_gradients() {
 /// rounding of the f64 computation on the same values.
 #[test]
 fn snell_branch_in_f32_is_within_rounding_of_f64() {
-    use candle_peft::kernels::snell::{snell_branch, threshold, Sparsify};
+    use candle_peft::ops::snell::{snell_branch, threshold, Sparsify};
     let input = (randn(&[2, 41, 8]) * 0.2).unwrap();
     let output = (randn(&[2, 23, 8]) * 0.2).unwrap();
     let x = randn(&[9, 41]);
@@ -230,8 +229,8 @@ fn snell_branch_in_f32_is_within_rounding_of_f64() {
 /// value exactly (the sort-free CPU quantile), with ties, zeros, a single value and edge q.
 #[test]
 fn radix_quantile_equals_the_exact_quantile() {
-    use candle_peft::adapters::snell::quantile_f32;
-    use candle_peft::kernels::snell::{radix_quantile, RadixPass};
+    use candle_peft::ops::snell_merge::quantile_f32;
+    use candle_peft::ops::snell::{radix_quantile, RadixPass};
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(7);
     let random: Vec<f32> = (0..5000).map(|_| rng.random::<f32>() * 1e-3).collect();
@@ -263,7 +262,7 @@ fn radix_quantile_equals_the_exact_quantile() {
 #[test]
 fn snell_branch_keeps_no_update_sized_tensor_for_backward() {
     use candle_peft::adapters::SnellLinear;
-    use candle_peft::kernels::snell::{snell_branch, Sparsify};
+    use candle_peft::ops::snell::{snell_branch, Sparsify};
     let (t, d_in, d_out) = (8, 64, 48);
     let layer = SnellLinear::from_parts(&(randn(&[2, d_in, 16]) * 0.1).unwrap(), &(randn(&[2, d_out, 16]) * 0.1).unwrap(), 0.5).unwrap();
     let x = Var::from_tensor(&randn(&[t, d_in])).unwrap();

@@ -3,14 +3,14 @@
 //! one block, many blocks and blocks of one row, with ignored rows, on the fused CPU path (f64,
 //! f32) and on the generic one (bf16); and bad labels are errors that name the row.
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::model::linear::matmul_t;
-use candle_peft::model::linear_cross_entropy::{linear_cross_entropy, linear_cross_entropy_in_blocks};
-use candle_peft::model::ops::cross_entropy;
+mod common;
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-}
+use common::max_diff;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::ops::nn::matmul_t;
+use candle_peft::model::linear_cross_entropy::{linear_cross_entropy, linear_cross_entropy_in_blocks};
+use candle_peft::ops::nn::cross_entropy;
 
 /// (loss, d loss / d hidden) through the logits, as training computed it before.
 fn through_logits(hidden: &Var, head: &Tensor, labels: &Tensor, scale: f64) -> (f64, Tensor) {

@@ -8,9 +8,9 @@
 mod counting_alloc;
 
 use candle_core::{Device, Tensor, Var};
-use candle_peft::model::linear::matmul_t;
+use candle_peft::ops::nn::matmul_t;
 use candle_peft::model::linear_cross_entropy::linear_cross_entropy_in_blocks;
-use candle_peft::model::ops::cross_entropy;
+use candle_peft::ops::nn::cross_entropy;
 
 /// Peak heap bytes over what was live before, across `f`.
 fn peak_over(f: impl FnOnce()) -> usize {

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_peft::loading::{hub, load_model};
+use candle_peft::hub;
+use candle_peft::loading::load_model;
 use candle_peft::model::llama::random_weights;
 use candle_peft::model::LlamaConfig;
 
@@ -73,7 +74,7 @@ fn plain_directory_and_shards_and_hub_cache_give_the_same_model() {
     let adapter_repo = cache.join("models--test-org--tiny-lora");
     let snap = adapter_repo.join("snapshots").join("feed");
     std::fs::create_dir_all(&snap).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft/lora_r4_all");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_r4_all");
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(fixture.join(f), snap.join(f)).unwrap();
     }

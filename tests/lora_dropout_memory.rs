@@ -7,9 +7,9 @@
 mod counting_alloc;
 
 use candle_core::{Device, Tensor, Var};
-use candle_peft::adapters::DropoutMask;
-use candle_peft::kernels::{dora_linear, lora_linear};
-use candle_peft::model::linear::BaseWeight;
+use candle_peft::ops::dropout::DropoutMask;
+use candle_peft::ops::{dora_linear, lora_linear};
+use candle_peft::quant::BaseWeight;
 
 #[test]
 fn dropout_adds_nothing_to_what_the_fused_linears_keep_for_backward() {

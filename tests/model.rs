@@ -2,10 +2,11 @@
 //! merge/unmerge, save/load, padding, and loss falling when overfitting.
 
 mod common;
-use common::{batch, central_difference, logits, tiny};
+
+use common::{batch, central_difference, logits, max_diff, tiny};
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, LoraConfig, Targets};
-use candle_peft::loading::hub::ModelSource;
+use candle_peft::hub::ModelSource;
 use candle_peft::model::Llama;
 use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -32,7 +33,6 @@ fn randomize(model: &Llama, seed: u64) {
     }
 }
 
-
 #[test]
 fn adapter_gradients_equal_finite_differences() {
     let mut model = tiny(DType::F32);
@@ -55,7 +55,6 @@ fn adapter_gradients_equal_finite_differences() {
     assert_eq!(checked, 2 * 7 * 2, "every LoRA tensor of both layers is checked");
 }
 
-
 #[test]
 fn gradients_flow_to_every_adapter_tensor_in_bf16() {
     let mut model = tiny(DType::BF16);
@@ -67,10 +66,6 @@ fn gradients_flow_to_every_adapter_tensor_in_bf16() {
         let g = g.to_dtype(DType::F32).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(g.is_finite() && g > 0.0, "{name}: gradient magnitude {g}");
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! NF4 against bitsandbytes' own output (fixtures in /work/shared/fixtures/nf4, made by
-//! make_fixture.py there): quantize bit for bit, dequantize, the pre-quantized checkpoint's logits,
+//! NF4 against bitsandbytes' own output (fixtures in tests/fixtures/nf4, made by
+//! tests/fixtures/make_nf4_fixtures.py): quantize bit for bit, dequantize, the pre-quantized checkpoint's logits,
 //! adapter gradients on an NF4 base, and bad inputs.
 
 use std::collections::HashMap;
@@ -7,23 +7,20 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::{inject, AdapterConfig, LoraConfig, Targets};
-use candle_peft::loading::weights::Weights;
+use candle_peft::weights::Weights;
 use candle_peft::loading::{load_model, load_model_with};
-use candle_peft::model::linear::BaseWeight;
+use candle_peft::quant::BaseWeight;
 use candle_peft::model::{Llama, LlamaConfig};
 use candle_peft::quant::nf4::{self, Absmax, Nf4Tensor};
 use candle_peft::quant::Quantization;
 use candle_peft::training::{causal_lm_loss, TrainBatch};
 
-fn fixtures() -> Option<PathBuf> {
-    let p =
-        std::env::var("NF4_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/work/shared/fixtures/nf4"));
-    if p.join("cases.json").exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: no NF4 fixtures at {}", p.display());
-        None
-    }
+/// The bitsandbytes fixtures (`tests/fixtures/nf4`, made by `tests/fixtures/make_nf4_fixtures.py`):
+/// missing, they fail the test that needs them.
+fn fixtures() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nf4");
+    assert!(p.join("cases.json").exists(), "NF4 fixtures not found at {} (they ship in the repository)", p.display());
+    p
 }
 
 fn load_all(path: &Path) -> HashMap<String, Tensor> {
@@ -49,7 +46,7 @@ fn cases(dir: &Path) -> Vec<(String, serde_json::Value)> {
 
 #[test]
 fn code_tables_equal_the_fixture() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let t = load_all(&dir.join("matrices.safetensors"));
     for (name, c) in cases(&dir) {
         assert_eq!(bits(&f32s(&t[&format!("{name}.quant_map")])), bits(&nf4::NF4_CODE), "{name}: quant_map");
@@ -67,7 +64,7 @@ fn code_tables_equal_the_fixture() {
 
 #[test]
 fn quantize_equals_bitsandbytes_bit_for_bit() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let t = load_all(&dir.join("matrices.safetensors"));
     for (name, c) in cases(&dir) {
         let dq = c["double_quant"].as_bool().unwrap();
@@ -128,7 +125,7 @@ fn from_fixture(t: &HashMap<String, Tensor>, name: &str, c: &serde_json::Value) 
 
 #[test]
 fn dequantize_equals_bitsandbytes() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let t = load_all(&dir.join("matrices.safetensors"));
     for (name, c) in cases(&dir) {
         let q = from_fixture(&t, &name, &c);
@@ -150,7 +147,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn prequantized_checkpoint_gives_the_fixture_logits() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let l = load_all(&dir.join("logits.safetensors"));
     let ids = l["input_ids"].to_dtype(DType::U32).unwrap();
     let model = load_model(dir.join("tiny-llama-bnb-4bit").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap().model;
@@ -170,7 +167,7 @@ fn prequantized_checkpoint_gives_the_fixture_logits() {
 
 #[test]
 fn quantize_at_load_equals_the_bnb_checkpoint() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let ours = load_model_with(
         dir.join("tiny-llama-bf16").to_str().unwrap(),
         DType::F32,
@@ -341,7 +338,7 @@ fn with_state(t: &mut HashMap<String, Tensor>, key: &str, edit: impl Fn(&mut ser
 
 #[test]
 fn bad_checkpoints_are_refused_naming_the_tensor() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     // a quant state naming fp4 (under either key)
     let mut t = checkpoint_tensors(&dir);
     with_state(&mut t, nf4::QUANT_STATE_NF4, |v| v["quant_type"] = "fp4".into());
@@ -395,7 +392,7 @@ fn storage_of_7b_linears() {
 
 #[test]
 fn merge_on_the_bnb_checkpoint_writes_a_dequantized_model() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let l = load_all(&dir.join("logits.safetensors"));
     let ids = l["input_ids"].to_dtype(DType::U32).unwrap();
     let mut loaded = load_model(dir.join("tiny-llama-bnb-4bit").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
@@ -420,7 +417,7 @@ fn merge_on_the_bnb_checkpoint_writes_a_dequantized_model() {
 
 #[test]
 fn a_quantization_config_other_than_bnb_nf4_is_refused() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let src = dir.join("tiny-llama-bnb-4bit");
     for (key, value, needle) in [
         ("bnb_4bit_quant_type", serde_json::json!("fp4"), "fp4"),
@@ -452,7 +449,8 @@ struct MethodCli {
 /// Every method trains on an NF4 base exactly as on its dequantized dense copy.
 #[test]
 fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
-    use candle_peft::adapters::{configure_trainer, initialize_eva};
+    use candle_peft::adapters::initialize_eva;
+    use candle_peft::training::configure_trainer;
     use candle_peft::training::{AdamWConfig, StepConfig, Trainer};
     use clap::Parser;
     let mut c = LlamaConfig::tiny(50);

@@ -1,17 +1,17 @@
 //! The engine reads adapters saved by PEFT 0.21 and computes the logits PyTorch computed
-//! (../shared/fixtures/peft, made by PEFT itself), unmerged and merged.
+//! (tests/fixtures/peft, made by PEFT itself), unmerged and merged.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::load_adapter;
-use candle_peft::loading::hub::{ModelFiles, ModelSource};
-use candle_peft::loading::weights::Weights;
+use candle_peft::hub::{ModelFiles, ModelSource};
+use candle_peft::weights::Weights;
 use candle_peft::model::{Llama, LlamaConfig};
 
 fn fixtures() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft");
-    assert!(p.is_dir(), "PEFT fixtures not found at {}", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
+    assert!(p.is_dir(), "PEFT fixtures not found at {} (they ship in the repository)", p.display());
     p
 }
 

@@ -1,5 +1,5 @@
 //! The other direction of tests/peft_fixtures.rs, checked by PEFT itself: an adapter that the
-//! engine trained and saved loads in PEFT 0.21 (../shared/fixtures/peft/peft_logits.py) and gives
+//! engine trained and saved loads in PEFT 0.21 (tests/fixtures/peft_logits.py) and gives
 //! the engine's logits, unmerged and merged, for every method PEFT also has (LoRA, rsLoRA, DoRA,
 //! IA3).
 //!
@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::adalora::AdaLoraConfig;
 use candle_peft::adapters::lora_init::{save_converted, InitKind};
 use candle_peft::adapters::{inject, save_adapter, AdapterConfig, Ia3Config, LoraConfig, Targets};
-use candle_peft::loading::weights::Weights;
+use candle_peft::weights::Weights;
 use candle_peft::model::llama::random_weights;
 use candle_peft::model::{Llama, LlamaConfig};
 use candle_peft::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
@@ -39,12 +39,6 @@ const LR: f64 = 2e-2;
 const TOLERANCE: f32 = 1e-4;
 /// The adapter must change some logit by more than this, or the comparison would prove nothing.
 const MIN_EFFECT: f32 = 1e-3;
-
-fn fixtures() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft");
-    assert!(p.is_dir(), "PEFT fixtures not found at {} (shared/fixtures/peft beside the repository)", p.display());
-    p
-}
 
 /// The Python that has torch, transformers and PEFT: required, since these tests only run when
 /// asked for, and a silent skip would pass CI without checking anything.
@@ -165,7 +159,7 @@ fn train(model: &Llama, batch: &TrainBatch) {
 fn peft_logits(model_dir: &Path, adapter_dir: &Path, ids_json: &Path, merge: bool) -> Tensor {
     let out = adapter_dir.with_file_name(if merge { "peft_merged.safetensors" } else { "peft.safetensors" });
     let mut cmd = Command::new(python());
-    cmd.arg(fixtures().join("peft_logits.py")).args([model_dir, adapter_dir, ids_json, &out]);
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_logits.py")).args([model_dir, adapter_dir, ids_json, &out]);
     if merge {
         cmd.arg("--merge");
     }

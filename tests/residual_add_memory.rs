@@ -8,8 +8,8 @@
 mod counting_alloc;
 
 use candle_core::{Device, Tensor, Var};
-use candle_peft::model::linear::BaseWeight;
-use candle_peft::model::ops::{frozen_matmul_t, frozen_matmul_t_add, swiglu, swiglu_frozen_matmul_t_add};
+use candle_peft::quant::BaseWeight;
+use candle_peft::ops::nn::{frozen_matmul_t, frozen_matmul_t_add, swiglu, swiglu_frozen_matmul_t_add};
 
 #[test]
 fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swiglu_before_it() {
@@ -51,8 +51,8 @@ fn the_projection_added_into_the_residual_is_not_kept_for_backward_nor_the_swigl
     let (a, bm) = (Var::from_tensor(&Tensor::randn(0f32, 0.1, (4, d_in), &Device::Cpu).unwrap()).unwrap(), Var::from_tensor(&Tensor::randn(0f32, 0.1, (d_out, 4), &Device::Cpu).unwrap()).unwrap());
     let held = |fused: bool| {
         let forward = || match fused {
-            true => candle_peft::kernels::swiglu_lora_linear(g.as_tensor(), u.as_tensor(), &w, (a.as_tensor(), bm.as_tensor()), 2.0, None).unwrap(),
-            false => candle_peft::kernels::lora_linear(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, a.as_tensor(), bm.as_tensor(), 2.0, None).unwrap(),
+            true => candle_peft::ops::swiglu_lora_linear(g.as_tensor(), u.as_tensor(), &w, (a.as_tensor(), bm.as_tensor()), 2.0, None).unwrap(),
+            false => candle_peft::ops::lora_linear(&swiglu(g.as_tensor(), u.as_tensor(), true).unwrap(), &w, a.as_tensor(), bm.as_tensor(), 2.0, None).unwrap(),
         };
         counting_alloc::held_for_backward(forward, &[g.as_tensor(), a.as_tensor(), bm.as_tensor()])
     };

@@ -1,13 +1,14 @@
-//! SNELL (seeds.md §3) on CPU: the kernel update and its sparsification against loops, gradients
+//! SNELL (docs/METHODS.md §3) on CPU: the kernel update and its sparsification against loops, gradients
 //! against finite differences, torch.quantile's values, merge, save/load, training, bad input.
 
 mod common;
-use common::{batch, logits, loss_value, save_and_reload, trainer};
+
+use common::{batch, logits, loss_value, max_diff, save_and_reload, trainer};
 use candle_core::{DType, Device, Tensor};
-use candle_peft::adapters::snell::{quantile_f32, quantile_f64, sparsify};
+use candle_peft::ops::snell_merge::{quantile_f32, quantile_f64, sparsify};
 use candle_peft::adapters::{inject, load_adapter, save_adapter, AdapterConfig, SnellConfig, SnellLinear, Targets};
 use candle_peft::cli::{Cli, Command};
-use candle_peft::loading::hub::ModelSource;
+use candle_peft::hub::ModelSource;
 use candle_peft::model::{FrozenLinear, Linear, LinearAdapter, Llama};
 use clap::Parser;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -306,12 +307,6 @@ fn merge_equals_the_unmerged_forward() {
 fn tiny() -> Llama {
     common::tiny(DType::F32)
 }
-
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs_diff(&vec_of(a), &vec_of(b))
-}
-
 
 #[test]
 fn injection_is_seeded_and_not_zero_at_start() {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use candle_peft::loading::{convert::gguf_to_hf_dir, load_model, weights::Weights};
+use candle_peft::loading::{convert::gguf_to_hf_dir, load_model};
+use candle_peft::weights::Weights;
 
 #[test]
 #[ignore = "needs PyTorch + transformers and the SmolLM2 asset: see the file's doc comment"]
@@ -27,7 +28,7 @@ fn transformers_loads_the_converted_smollm2_and_agrees() {
     let ids_json = tmp.path().join("ids.json");
     std::fs::write(&ids_json, serde_json::json!({"input_ids": ids, "attention_mask": mask}).to_string()).unwrap();
     let out = tmp.path().join("logits.safetensors");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft/peft_logits.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_logits.py");
     let status = Command::new(python).arg(script).arg(&hf).arg("-").arg(&ids_json).arg(&out).status().unwrap();
     assert!(status.success(), "transformers could not run the converted model");
     let theirs = Weights::from_safetensors(&[out]).unwrap().get_any("logits", DType::F32, &Device::Cpu).unwrap();

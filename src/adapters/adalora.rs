@@ -1,5 +1,5 @@
 //! AdaLoRA (Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
-//! ICLR 2023), with PEFT's semantics (`tuners/adalora`, seeds.md §4.2).
+//! ICLR 2023), with PEFT's semantics (`tuners/adalora`, docs/METHODS.md §4.2).
 //!
 //! SVD-form update `ΔW = B (A ⊙ E)`: `lora_A` [r, in], `lora_B` [out, r] ~ N(0, 0.02²),
 //! `lora_E` [r, 1] zero, r = `init_r`; forward
@@ -30,10 +30,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng};
 use serde::{Deserialize, Serialize};
 
-use super::{Dropout, Targets};
-use crate::kernels;
-use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter, Llama};
-use crate::training::StepHook;
+use super::Targets;
+use crate::ops::dropout::Dropout;
+use crate::ops;
+use crate::ops::nn::matmul_t;
+use crate::model::{FrozenLinear, LinearAdapter, Llama};
+use super::StepHook;
 use crate::{Error, Result};
 
 fn d8() -> usize {
@@ -162,13 +164,13 @@ impl AdaLoraLinear {
 }
 
 impl LinearAdapter for AdaLoraLinear {
-    /// The fused LoRA linear with `A ⊙ E` as its A (src/kernels/lora_linear.rs) on CUDA and in
+    /// The fused LoRA linear with `A ⊙ E` as its A (src/ops/lora_linear.rs) on CUDA and in
     /// CPU training, so that no [T, out] branch output is kept; plain candle ops otherwise.
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         let ae = self.a.as_tensor().broadcast_mul(self.e.as_tensor())?.to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        if kernels::fused_forward(x, train) {
-            return kernels::lora_linear(x, base.base_weight(), &ae, &b, self.factor(), self.dropout.mask(train));
+        if ops::fused_forward(x, train) {
+            return ops::lora_linear(x, base.base_weight(), &ae, &b, self.factor(), self.dropout.mask(train));
         }
         let xd = self.dropout.apply(x, train)?;
         let branch = (matmul_t(&matmul_t(&xd, &ae)?, &b)? * self.factor())?;

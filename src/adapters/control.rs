@@ -29,10 +29,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{uniform_var, Dropout, LoraConfig};
+use super::{uniform_var, LoraConfig};
+use crate::ops::dropout::Dropout;
 use crate::error::{Error, Result};
-use crate::kernels;
-use crate::model::{linear::matmul_t, BlockControl, ControlContext, Llama};
+use crate::ops;
+use crate::ops::nn::matmul_t;
+use crate::model::{BlockControl, ControlContext, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlConfig {
@@ -101,15 +103,15 @@ impl BlockControl for ParallelControl {
     }
 
     /// On CUDA, and in CPU training, the rank-r branch is accumulated into the residual sum in
-    /// one op (src/kernels/control_branch.rs) that keeps only z and B for backward.
+    /// one op (src/ops/control_branch.rs) that keeps only z and B for backward.
     fn add_to(&self, block_output: &Tensor, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        if !kernels::fused_forward(x, train) {
+        if !ops::fused_forward(x, train) {
             return Ok((block_output + self.forward(x, ctx, train)?)?);
         }
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
         let z = self.dropout.apply(&matmul_t(x, &a)?, train)?;
-        kernels::control_branch(block_output, &z, &b, self.alpha)
+        ops::control_branch(block_output, &z, &b, self.alpha)
     }
 
     fn params(&self) -> Vec<(String, Var)> {

@@ -1,5 +1,5 @@
 //! DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024), with the
-//! semantics of PEFT ≥ 0.12 (seeds.md §2.7 b).
+//! semantics of PEFT ≥ 0.12 (docs/METHODS.md §2.7 b).
 //!
 //! `V = W + s·B A`, `n = ‖V‖` per output row, detached (not differentiated), magnitude `m` [out]
 //! initialised to `‖W‖` (B = 0 at init, so `‖V‖ = ‖W‖`):
@@ -12,8 +12,8 @@ use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
 
 use super::lora::{LoraConfig, LoraLinear};
-use crate::kernels;
-use crate::model::ops::AttentionHeads;
+use crate::ops;
+use crate::ops::nn::AttentionHeads;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::Result;
 
@@ -32,10 +32,10 @@ impl DoraLinear {
     }
 
     /// `‖W + s·B A‖` per output row, in f32, detached. On CUDA a kernel computes it without
-    /// forming `W + s·B A` (src/kernels/row_norms.rs).
+    /// forming `W + s·B A` (src/ops/row_norms.rs).
     fn weight_norm(&self, w: &Tensor) -> Result<Tensor> {
-        if w.device().is_cuda() && kernels::fused_for(w) {
-            return kernels::row_norms(w, &self.lora.b.as_tensor().detach(), &self.lora.a.as_tensor().detach(), self.lora.scale);
+        if w.device().is_cuda() && ops::fused_for(w) {
+            return ops::row_norms(w, &self.lora.b.as_tensor().detach(), &self.lora.a.as_tensor().detach(), self.lora.scale);
         }
         let v = (w.to_dtype(DType::F32)? + self.lora.delta_weight(DType::F32)?.detach())?;
         Ok(row_norm(&v)?.detach())
@@ -47,14 +47,14 @@ fn row_norm(w: &Tensor) -> Result<Tensor> {
 }
 
 impl LinearAdapter for DoraLinear {
-    /// One op (src/kernels/dora_linear.rs) on CUDA and in CPU training, which keeps one [T, out]
+    /// One op (src/ops/dora_linear.rs) on CUDA and in CPU training, which keeps one [T, out]
     /// tensor for backward; plain candle ops otherwise (and with `--unfused`).
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         let scale = (self.magnitude.as_tensor() / self.weight_norm(&*base.weight()?)?)?.to_dtype(x.dtype())?;
-        if kernels::fused_forward(x, train) {
+        if ops::fused_forward(x, train) {
             let a = self.lora.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.lora.b.as_tensor().to_dtype(x.dtype())?;
-            return kernels::dora_linear(x, base.base_weight(), &a, &b, &scale, self.lora.scale, self.lora.dropout_mask(train));
+            return ops::dora_linear(x, base.base_weight(), &a, &b, &scale, self.lora.scale, self.lora.dropout_mask(train));
         }
         let base_out = base.forward(x)?;
         let dropped = self.lora.dropout(x, train)?;
@@ -67,12 +67,12 @@ impl LinearAdapter for DoraLinear {
     }
 
     fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
-        if kernels::fused_forward(x, train) && heads.fused(x, train) {
+        if ops::fused_forward(x, train) && heads.fused(x, train) {
             let scale = (self.magnitude.as_tensor() / self.weight_norm(&*base.weight()?)?)?.to_dtype(x.dtype())?;
             let a = self.lora.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.lora.b.as_tensor().to_dtype(x.dtype())?;
             let mask = self.lora.dropout_mask(train);
-            return kernels::dora_linear_heads(x, base.base_weight(), (&a, &b, &scale), self.lora.scale, mask, heads);
+            return ops::dora_linear_heads(x, base.base_weight(), (&a, &b, &scale), self.lora.scale, mask, heads);
         }
         heads.split(&self.forward(x, base, train)?, train)
     }

@@ -1,6 +1,6 @@
 //! EVA (Paischer et al., "One Initialization to Rule them All: Fine-tuning via Explained Variance
 //! Adaptation", 2024), following PEFT's `tuners/lora/eva.py` (`initialize_lora_eva_weights`),
-//! seeds.md §4.2. PEFT writes it as LoRA with `init_lora_weights: "eva"`, `eva_config` and the
+//! docs/METHODS.md §4.2. PEFT writes it as LoRA with `init_lora_weights: "eva"`, `eva_config` and the
 //! redistributed ranks in `rank_pattern` / `alpha_pattern`.
 //!
 //! At injection an EVA layer is a plain LoRA (A kaiming-uniform, B = 0), as in PEFT; the
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lora::{LoraConfig, LoraLinear};
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
-use crate::training::TrainBatch;
+use crate::model::TrainBatch;
 use crate::{Error, Result};
 
 fn d2() -> f64 {

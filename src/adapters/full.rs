@@ -1,7 +1,7 @@
-//! Full fine-tuning of chosen modules (EfficientFT's `use_lora False` path, seeds.md §4.2): the
+//! Full fine-tuning of chosen modules (EfficientFT's `use_lora False` path, docs/METHODS.md §4.2): the
 //! targeted linears' weights become trainable, `y = x Wᵀ` with W an f32 `Var` initialised from
 //! the base weight. Optionally trained with GaLore (Zhao et al., "GaLore: Memory-Efficient LLM
-//! Training by Gradient Low-Rank Projection", ICML 2024; see `training::galore`).
+//! Training by Gradient Low-Rank Projection", ICML 2024; see `adapters::galore`).
 //!
 //! Not a PEFT type: the engine writes `peft_type: "FULL"` and the full weights under
 //! `base_model.model.<module>.weight`. The frozen base weight stays in place (so memory for the
@@ -11,8 +11,9 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::Targets;
-use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter};
-use crate::training::galore::GaloreConfig;
+use crate::ops::nn::matmul_t;
+use crate::model::{FrozenLinear, LinearAdapter};
+use super::galore::GaloreConfig;
 use crate::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

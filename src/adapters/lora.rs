@@ -9,10 +9,12 @@ use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{uniform_var, Dropout, Targets};
-use crate::kernels;
-use crate::model::ops::AttentionHeads;
-use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter};
+use super::{uniform_var, Targets};
+use crate::ops::dropout::{Dropout, DropoutMask};
+use crate::ops;
+use crate::ops::nn::AttentionHeads;
+use crate::ops::nn::matmul_t;
+use crate::model::{FrozenLinear, LinearAdapter};
 use crate::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +88,7 @@ impl LoraLinear {
     }
 
     /// This forward pass's dropout mask (None when dropout is off or not training).
-    pub fn dropout_mask(&self, train: bool) -> Option<super::DropoutMask> {
+    pub fn dropout_mask(&self, train: bool) -> Option<DropoutMask> {
         self.dropout.mask(train)
     }
 
@@ -97,7 +99,7 @@ impl LoraLinear {
     /// A and B in g's dtype when training takes the fused SwiGLU + LoRA op for `silu(g) ⊙ u`.
     fn swiglu_fused_factors(&self, g: &Tensor, u: &Tensor, train: bool) -> Result<Option<(Tensor, Tensor)>> {
         let fits = g.shape() == u.shape() && g.dtype() == u.dtype() && g.device().same_device(u.device());
-        if !(train && fits && kernels::fused_forward(g, train)) {
+        if !(train && fits && ops::fused_forward(g, train)) {
             return Ok(None);
         }
         Ok(Some((self.a.as_tensor().to_dtype(g.dtype())?, self.b.as_tensor().to_dtype(g.dtype())?)))
@@ -105,36 +107,36 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    /// One fused op (src/kernels/lora_linear.rs) on CUDA, and in CPU training; plain candle ops
+    /// One fused op (src/ops/lora_linear.rs) on CUDA, and in CPU training; plain candle ops
     /// otherwise (and with `--unfused`).
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        if kernels::fused_forward(x, train) {
+        if ops::fused_forward(x, train) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
-            return kernels::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
+            return ops::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }
 
     fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
-        if kernels::fused_forward(x, train) && heads.fused(x, train) {
+        if ops::fused_forward(x, train) && heads.fused(x, train) {
             let a = self.a.as_tensor().to_dtype(x.dtype())?;
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
-            return kernels::lora_linear_heads(x, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train), heads);
+            return ops::lora_linear_heads(x, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train), heads);
         }
         heads.split(&self.forward(x, base, train)?, train)
     }
 
     fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         if let Some((a, b)) = self.swiglu_fused_factors(g, u, train)? {
-            return kernels::swiglu_lora_linear(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
+            return ops::swiglu_lora_linear(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
         }
-        self.forward(&crate::model::ops::swiglu(g, u, train)?, base, train)
+        self.forward(&crate::ops::nn::swiglu(g, u, train)?, base, train)
     }
 
     fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         if let Some((a, b)) = self.swiglu_fused_factors(g, u, train)? {
-            return kernels::swiglu_lora_linear_backward_only(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
+            return ops::swiglu_lora_linear_backward_only(g, u, base.base_weight(), (&a, &b), self.scale, self.dropout_mask(train));
         }
         self.forward_swiglu(g, u, base, train)
     }

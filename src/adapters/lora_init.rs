@@ -1,5 +1,5 @@
 //! Data-free LoRA initialisations that move the principal part of W into the adapter, with
-//! PEFT 0.15.1 semantics (seeds.md §4.2); PEFT writes both as LoRA with `init_lora_weights`
+//! PEFT 0.15.1 semantics (docs/METHODS.md §4.2); PEFT writes both as LoRA with `init_lora_weights`
 //! `"pissa"` / `"olora"`.
 //!
 //! - **PiSSA** (Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of
@@ -31,6 +31,7 @@ use super::lora::{LoraConfig, LoraLinear};
 use super::AdapterConfig;
 use crate::error::{Error, Result};
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
+use crate::ops::nn::AttentionHeads;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InitKind {
@@ -111,9 +112,23 @@ fn finish(
     Ok((to_tensor(&a, device)?, to_tensor(&b, device)?, to_tensor(&res, device)?.to_dtype(w.dtype())?))
 }
 
+/// Every method goes to the LoRA inside, so PiSSA and OLoRA train through LoRA's fused ops (heads
+/// split, SwiGLU in front) and keep no more than LoRA does.
 impl LinearAdapter for InitLoraLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         self.lora.forward(x, base, train)
+    }
+
+    fn forward_heads(&self, x: &Tensor, base: &FrozenLinear, heads: AttentionHeads, train: bool) -> Result<Tensor> {
+        self.lora.forward_heads(x, base, heads, train)
+    }
+
+    fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        self.lora.forward_swiglu(g, u, base, train)
+    }
+
+    fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
+        self.lora.forward_swiglu_backward_only(g, u, base, train)
     }
 
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {

@@ -38,7 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use super::uniform_var;
 use crate::error::{Error, Result};
-use crate::model::{linear::matmul_t, ops, BlockControl, ControlContext, Llama};
+use crate::ops::nn::matmul_t;
+use crate::ops::nn as ops;
+use crate::model::{BlockControl, ControlContext, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NonlinearControlConfig {

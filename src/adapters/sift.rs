@@ -1,5 +1,5 @@
 //! SIFT (Song et al., "Sparse is Enough in Fine-tuning Pre-trained Large Language Models",
-//! ICML 2024; song-wx/SIFT `sift.py`, `use_lora=False` path, seeds.md §4.2).
+//! ICML 2024; song-wx/SIFT `sift.py`, `use_lora=False` path, docs/METHODS.md §4.2).
 //!
 //! Per targeted weight W [out, in], `k = int(sparse_rate · numel) + 1` entries are trainable
 //! (sparse_rate 0.2 in EfficientFT). The entries are chosen on the FIRST backward as the top-k of
@@ -21,8 +21,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::Targets;
-use crate::model::{linear::matmul_t, FrozenLinear, LinearAdapter, Llama};
-use crate::training::StepHook;
+use crate::ops::nn::matmul_t;
+use crate::model::{FrozenLinear, LinearAdapter, Llama};
+use super::StepHook;
 use crate::{Error, Result};
 
 fn default_rate() -> f64 {

@@ -9,7 +9,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{AdapterArgs, BenchMethodsArgs, BenchStepArgs};
-use crate::adapters::{configure_trainer, initialize_eva, inject, AdapterConfig};
+use crate::adapters::{initialize_eva, inject, AdapterConfig};
+use crate::training::configure_trainer;
 use crate::error::{Error, Result};
 use crate::memory::{proc_status_mib, reset_peak_rss, GpuMemory};
 use crate::model::{Llama, LlamaConfig};
@@ -125,18 +126,18 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
 
 /// The report's `kernels`.
 fn kernels_in_use() -> String {
-    if crate::kernels::unfused() {
+    if crate::ops::unfused() {
         "unfused".into()
     } else {
-        crate::kernels::attention_kernel().name().into()
+        crate::ops::attention_kernel().name().into()
     }
 }
 
 /// The global kernel flags of this process, for a child: a flag given to `bench methods` holds
 /// for every method it runs.
 fn kernel_flags() -> Vec<String> {
-    let mut flags = vec!["--attention-kernel".to_string(), crate::kernels::attention_kernel().name().into()];
-    if crate::kernels::unfused() {
+    let mut flags = vec!["--attention-kernel".to_string(), crate::ops::attention_kernel().name().into()];
+    if crate::ops::unfused() {
         flags.push("--unfused".into());
     }
     flags

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::BenchKernelsArgs;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::ops;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelTiming {
@@ -91,8 +91,8 @@ fn lora_shapes(args: &BenchKernelsArgs) -> Result<Vec<(usize, usize, usize, usiz
 
 /// The frozen linear as training runs it: `x Wᵀ`, and in backward `dx` only. (candle's matmul
 /// would also compute ∂L/∂W, one more GEMM of the same size, for a W that is not trained.)
-fn frozen_linear(x: &Tensor, w: &crate::model::linear::BaseWeight) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(crate::model::fused::FrozenMatmulT { weight: w.clone() })?)
+fn frozen_linear(x: &Tensor, w: &crate::quant::BaseWeight) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(crate::ops::fused::FrozenMatmulT { weight: w.clone() })?)
 }
 
 fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
@@ -104,7 +104,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let a = Var::from_tensor(&randn(&[r, d_in], 0.02, DType::F32, device)?)?;
         let b = Var::from_tensor(&randn(&[d_out, r], 0.02, DType::F32, device)?)?;
         let s = 2.0;
-        let base: crate::model::linear::BaseWeight = w.clone().into();
+        let base: crate::quant::BaseWeight = w.clone().into();
         let frozen_step = || -> Result<()> {
             frozen_linear(x.as_tensor(), &base)?.backward()?;
             Ok(())
@@ -114,7 +114,7 @@ fn lora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
         let lora = |fused: bool| -> Result<()> {
             let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
             let y = if fused {
-                kernels::lora_linear(x.as_tensor(), &base, &ac, &bc, s, None)?
+                ops::lora_linear(x.as_tensor(), &base, &ac, &bc, s, None)?
             } else {
                 let branch = (x.as_tensor().matmul(&ac.t()?)?.matmul(&bc.t()?)? * s)?;
                 (x.as_tensor().matmul(&w.t()?)? + branch)?
@@ -158,7 +158,7 @@ fn control_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mu
         let b = Var::from_tensor(&randn(&[d, r], 0.02, dtype, device)?)?;
         let run = |fused: bool| -> Result<()> {
             let y = if fused {
-                kernels::control_branch(base.as_tensor(), z.as_tensor(), b.as_tensor(), alpha)?
+                ops::control_branch(base.as_tensor(), z.as_tensor(), b.as_tensor(), alpha)?
             } else {
                 (base.as_tensor() + (z.as_tensor().matmul(&b.as_tensor().t()?)? * alpha)?)?
             };
@@ -187,7 +187,7 @@ fn dora_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut V
             Ok(())
         };
         let fused_step = || -> Result<()> {
-            kernels::row_norms(&w, &b, &a, 2.0)?;
+            ops::row_norms(&w, &b, &a, 2.0)?;
             Ok(())
         };
         let unfused = time(device, args.warmup, args.iters, unfused_step)?;
@@ -205,7 +205,7 @@ const NF4_FEW_ROWS: [usize; 5] = [4, 16, 64, 256, 1024];
 
 /// NF4 dequantize, GEMV and the few-row matmul: GB/s of packed weights, and each product against
 /// dequantize-then-matmul with the same x (where the crossover of the two lies is what
-/// `kernels::nf4::FEW_ROWS_MAX` should follow).
+/// `crate::quant::nf4_kernels::FEW_ROWS_MAX` should follow).
 fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
     for (cols, rows) in dims(args)? {
         let shape = format!("{rows}x{cols}");
@@ -231,9 +231,9 @@ fn nf4_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut Ve
             let x = randn(&[t, cols], 1.0, dtype, device)?;
             let fused = time(device, args.warmup, args.iters, || {
                 if t == 1 {
-                    kernels::nf4::gemv(&w, &x)?;
+                    crate::quant::nf4_kernels::gemv(&w, &x)?;
                 } else {
-                    kernels::nf4::matmul_few(&w, &x)?;
+                    crate::quant::nf4_kernels::matmul_few(&w, &x)?;
                 }
                 Ok(())
             })?;
@@ -271,22 +271,22 @@ fn attention_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &
         let b = tokens / t;
         let shape = if g == h { format!("b{b} h{h} t{t} d{d}") } else { format!("b{b} h{h} g{g} t{t} d{d}") };
         let qkv: Vec<Var> = [h, g, g].iter().map(|&heads| Ok(Var::from_tensor(&randn(&[b, heads, t, d], 1.0, dtype, device)?)?)).collect::<Result<_>>()?;
-        let bias = crate::model::ops::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
+        let bias = crate::ops::nn::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
         let scale = 1.0 / (d as f64).sqrt();
         // None: the candle graph; Some: the fused op on those kernels.
-        let step = |kernels: Option<kernels::AttentionKernel>| -> Result<()> {
+        let step = |kernels: Option<ops::AttentionKernel>| -> Result<()> {
             let (q, k, v) = (qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor());
             let o = match kernels {
-                Some(kernels) => q.apply_op3(k, v, crate::model::fused::Attention::causal(bias.clone(), scale).on(kernels))?,
-                None => crate::model::ops::attention_reference(q, k, v, &bias)?,
+                Some(kernels) => q.apply_op3(k, v, crate::ops::fused::Attention::causal(bias.clone(), scale).on(kernels))?,
+                None => crate::ops::nn::attention_reference(q, k, v, &bias)?,
             };
             o.backward()?;
             Ok(())
         };
         // On the CPU the op has one implementation, whichever kernels it is given.
         let variants = match device.is_cuda() {
-            true => vec![("unfused", None), ("fused (flash)", Some(kernels::AttentionKernel::Flash)), ("fused (gemm)", Some(kernels::AttentionKernel::Gemm))],
-            false => vec![("unfused", None), ("fused", Some(kernels::AttentionKernel::Flash))],
+            true => vec![("unfused", None), ("fused (flash)", Some(ops::AttentionKernel::Flash)), ("fused (gemm)", Some(ops::AttentionKernel::Gemm))],
+            false => vec![("unfused", None), ("fused", Some(ops::AttentionKernel::Flash))],
         };
         let mut timed = Vec::new();
         for (variant, kernels) in variants {
@@ -321,7 +321,7 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
     for (d_in, d_out) in dims(args)? {
         let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
         let base = crate::model::FrozenLinear::new(w.clone());
-        let frozen_w: crate::model::linear::BaseWeight = w.clone().into();
+        let frozen_w: crate::quant::BaseWeight = w.clone().into();
         for &t in &args.tokens {
             let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
             let frozen_step = || -> Result<()> {
@@ -350,7 +350,7 @@ fn snell_rows(args: &BenchKernelsArgs, device: &Device, dtype: DType, out: &mut 
                 let (input, output) = (layer.input.as_tensor(), layer.output.as_tensor());
                 let step = |fused: bool| -> Result<()> {
                     let branch = if fused {
-                        kernels::snell_branch(x.as_tensor(), input, output, kernels::snell::Sparsify::from_sparsity(s))?
+                        ops::snell_branch(x.as_tensor(), input, output, ops::snell::Sparsify::from_sparsity(s))?
                     } else {
                         layer.branch(x.as_tensor())?
                     };

@@ -7,7 +7,8 @@ use crate::adapters::{inject, load_adapter};
 use crate::data::dataset::{load_examples, train_val_split};
 use crate::data::tokenize::{tokenize_example, TokenizeOptions, Tokenized};
 use crate::error::{Error, Result};
-use crate::loading::{hub::ModelSource, load_model_with, LoadedModel};
+use crate::hub::ModelSource;
+use crate::loading::{load_model_with, LoadedModel};
 use crate::training::run::{steps_for_epochs, train, RunConfig};
 use crate::training::{AdamWConfig, StepConfig};
 
@@ -175,8 +176,8 @@ pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
 /// Runs the GPU self-test, prints its table, fails when any check fails.
 fn selftest(args: &super::SelftestArgs) -> Result<()> {
     let device = super::parse_device(&args.device)?;
-    let checks = crate::kernels::selftest::run(&device, args.seed, args.rounds)?;
-    print!("{}", crate::kernels::selftest::table(&checks));
+    let checks = super::selftest::run(&device, args.seed, args.rounds)?;
+    print!("{}", super::selftest::table(&checks));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&checks).map_err(|e| Error::msg(e.to_string()))?;
         crate::fsutil::write_file_atomic(path, json.as_bytes())?;

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
+pub mod selftest;
 
 use std::path::PathBuf;
 
@@ -18,7 +19,7 @@ use crate::adapters::nonlinear_control::NonlinearControlConfig;
 use crate::adapters::{
     AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, SiftConfig, SnellConfig, Targets,
 };
-use crate::training::galore::GaloreConfig;
+use crate::adapters::galore::GaloreConfig;
 use crate::error::{Error, Result};
 
 #[derive(Parser, Debug)]
@@ -32,7 +33,7 @@ pub struct Cli {
     /// The CUDA kernels of the fused attention in training: `flash` (scores kept on chip) or
     /// `gemm` (cuBLAS tensor-core products; also taken for head dims over 128).
     #[arg(long, global = true, value_enum)]
-    pub attention_kernel: Option<crate::kernels::AttentionKernel>,
+    pub attention_kernel: Option<crate::ops::AttentionKernel>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -529,9 +530,9 @@ pub struct DemoArgs {
 pub fn main() -> Result<()> {
     let args = config_file::expand_config_args(std::env::args_os().collect())?;
     let cli = Cli::parse_from(args);
-    crate::kernels::set_unfused(cli.unfused);
+    crate::ops::set_unfused(cli.unfused);
     if let Some(kernel) = cli.attention_kernel {
-        crate::kernels::set_attention_kernel(kernel);
+        crate::ops::set_attention_kernel(kernel);
     }
     commands::run(cli.command)
 }

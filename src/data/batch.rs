@@ -1,6 +1,6 @@
 //! Batches of tokenized examples, padded on the left, and a resumable, seeded epoch iterator.
 //!
-//! Source: `shared/research/seeds.md` §0.3: `tokenizer.pad_token_id = 0`,
+//! Source: `docs/METHODS.md` §0.3: `tokenizer.pad_token_id = 0`,
 //! `padding_side = "left"`, `DataCollatorForSeq2Seq(pad_to_multiple_of=8)` which pads the
 //! labels with -100, and the HF Trainer's sampler which reshuffles every epoch and keeps the
 //! last, smaller batch. The iterator's position `(epoch, index)` is what a checkpoint stores to

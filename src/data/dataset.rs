@@ -1,6 +1,6 @@
 //! LLM-Adapters records and the train/validation split.
 //!
-//! Source: `shared/research/seeds.md` §0.1 (the record format: a JSON list of
+//! Source: `docs/METHODS.md` §0.1 (the record format: a JSON list of
 //! `{"instruction", "input", "output", "answer"}`) and §0.3 (`train_test_split(test_size=120,
 //! shuffle=True, seed=42)`). The split here is deterministic for a seed but does not reproduce
 //! numpy's permutation; it uses its own small generator so that the order never changes with a

@@ -1,6 +1,6 @@
 //! The LLM-Adapters prompt templates, byte for byte.
 //!
-//! Source: `shared/research/seeds.md` §0.2. Training uses `generate_prompt` of LLM-Adapters
+//! Source: `docs/METHODS.md` §0.2. Training uses `generate_prompt` of LLM-Adapters
 //! `finetune.py` (copied into DoRA and ParallelControl); evaluation uses `generate_prompt` of
 //! `commonsense_evaluate.py` / `llama_evaluation.py`. The two differ in whitespace (the
 //! training no-input header ends with two spaces, its blank lines hold 16 spaces; the evaluation
@@ -66,7 +66,7 @@ mod tests {
             + &sp(16) + "### Response:\n"
             + &sp(16) + "OUT";
         assert_eq!(train_prompt("INSTR", "", "OUT"), expected);
-        // The repr quoted in seeds.md §0.2.
+        // The repr quoted in docs/METHODS.md §0.2.
         let repr = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n                ### Instruction:\n                INSTR\n                \n                ### Response:\n                OUT";
         assert_eq!(train_prompt("INSTR", "", "OUT"), repr);
     }

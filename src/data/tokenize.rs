@@ -1,6 +1,6 @@
 //! Tokenize a training example the way LLM-Adapters' `finetune.py` does.
 //!
-//! Source: `shared/research/seeds.md` §0.3 (`tokenize` and `generate_and_tokenize_prompt`):
+//! Source: `docs/METHODS.md` §0.3 (`tokenize` and `generate_and_tokenize_prompt`):
 //! encode the full training prompt with the tokenizer's special tokens (BOS), truncate to
 //! `cutoff_len`, append EOS when the last token is not EOS and there is room, and copy the ids
 //! into the labels (`train_on_inputs=True`, the default the recipe uses). With

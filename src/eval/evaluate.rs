@@ -1,6 +1,6 @@
 //! The commonsense evaluation loop: prompt, generate, decode, extract, compare.
 //!
-//! Source: `shared/research/seeds.md` §0.4 (LLM-Adapters `commonsense_evaluate.py`, ParallelControl
+//! Source: `docs/METHODS.md` §0.4 (LLM-Adapters `commonsense_evaluate.py`, ParallelControl
 //! `llama_evaluation.py`). Each example becomes `eval_prompt(instruction, input)`, tokenized with
 //! the tokenizer's special tokens (BOS where its post-processor adds one, as `tokenizer(prompt)`
 //! does). The reference decodes the whole sequence, prompt included, with

@@ -1,7 +1,7 @@
 //! Text generation for evaluation: greedy decoding and Hugging Face's deterministic beam search,
 //! batched over prompts (left-padded) with the KV cache.
 //!
-//! Why: the commonsense protocol (`shared/research/seeds.md` §0.4) scores what
+//! Why: the commonsense protocol (`docs/METHODS.md` §0.4) scores what
 //! `model.generate(num_beams=4, max_new_tokens=32)` produces, with `do_sample` unset, so the
 //! result depends on the exact beam-search rules. They follow transformers 5's `_beam_search`
 //! (the vectorised rewrite of transformers PR #35802, unchanged in 5.x):

@@ -1,6 +1,6 @@
 //! Evaluation on the commonsense benchmark: generation (greedy, beam search), answer extraction
 //! from a model's output, the evaluation loop and the per-task accuracy report.
-//! Source: `shared/research/seeds.md` §0.4.
+//! Source: `docs/METHODS.md` §0.4.
 
 pub mod answer;
 pub mod evaluate;

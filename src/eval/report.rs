@@ -1,6 +1,6 @@
 //! Per-task accuracy and the unweighted average over tasks, as a text table and as JSON.
 //!
-//! Source: `shared/research/seeds.md` §0.4–§0.5: accuracy = correct / N per task, and the
+//! Source: `docs/METHODS.md` §0.4–§0.5: accuracy = correct / N per task, and the
 //! reported "Avg" is the plain mean of the task accuracies (not weighted by N).
 
 use std::fmt;

@@ -245,24 +245,33 @@ fn config_from_metadata(meta: &Metadata) -> Result<LlamaConfig> {
         });
     }
     let head_dim = meta.opt_u64("llama.attention.key_length")?.map_or(hidden_size / num_attention_heads, |x| x as usize);
-    let token = |key: &str| meta.opt_u64(key).map(|x| x.map(|x| x as u32));
-    Ok(LlamaConfig {
-        vocab_size: meta.array("tokenizer.ggml.tokens").map_or(0, |t| t.len()),
-        hidden_size,
-        intermediate_size: n("llama.feed_forward_length")?,
-        num_hidden_layers: n("llama.block_count")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        rms_norm_eps: meta.opt_f64("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-        rope_theta: meta.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
-        rope_scaling: None,
-        max_position_embeddings: n("llama.context_length")?,
-        tie_word_embeddings: false,
-        bos_token_id: token("tokenizer.ggml.bos_token_id")?,
-        eos_token_ids: token("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
-        pad_token_id: token("tokenizer.ggml.padding_token_id")?,
-    })
+    // One builder for every source: the GGUF keys under transformers' names, read by
+    // `LlamaConfig::from_value` with its defaults and checks, so that a GGUF and the config.json
+    // of the same model cannot disagree on what a missing key means.
+    let mut hf = serde_json::json!({
+        "vocab_size": meta.array("tokenizer.ggml.tokens").map_or(0, |t| t.len()),
+        "hidden_size": hidden_size,
+        "intermediate_size": n("llama.feed_forward_length")?,
+        "num_hidden_layers": n("llama.block_count")?,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": n("llama.context_length")?,
+        "tie_word_embeddings": false,
+    });
+    let optional = [
+        ("rms_norm_eps", meta.opt_f64("llama.attention.layer_norm_rms_epsilon")?.map(serde_json::Value::from)),
+        ("rope_theta", meta.opt_f64("llama.rope.freq_base")?.map(serde_json::Value::from)),
+        ("bos_token_id", meta.opt_u64("tokenizer.ggml.bos_token_id")?.map(serde_json::Value::from)),
+        ("eos_token_id", meta.opt_u64("tokenizer.ggml.eos_token_id")?.map(serde_json::Value::from)),
+        ("pad_token_id", meta.opt_u64("tokenizer.ggml.padding_token_id")?.map(serde_json::Value::from)),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            hf[key] = value;
+        }
+    }
+    LlamaConfig::from_value(&hf, meta.path)
 }
 
 /// A minimal walk over the GGUF header, used only to name the tensor whose type candle rejected.

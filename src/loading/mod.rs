@@ -4,8 +4,6 @@
 pub mod convert;
 pub mod gguf;
 pub mod gguf_tokenizer;
-pub mod hub;
-pub mod weights;
 
 use std::path::Path;
 
@@ -38,15 +36,15 @@ pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Opti
         }
         let g = gguf::load_gguf(path, dtype, device)?;
         let tokenizer = g.tokenizer_json.as_deref().map(parse_tokenizer).transpose()?;
-        let weights = weights::Weights::from_tensors(g.tensors, path.display().to_string());
+        let weights = crate::weights::Weights::from_tensors(g.tensors, path.display().to_string());
         let model = Llama::load_with(g.config, &weights, dtype, device, quantize)?;
         return Ok(LoadedModel { model, tokenizer, source: spec.to_string() });
     }
-    let source = hub::ModelSource::parse(spec)?;
-    let files = hub::ModelFiles::resolve(&source)?;
+    let source = crate::hub::ModelSource::parse(spec)?;
+    let files = crate::hub::ModelFiles::resolve(&source)?;
     let config = LlamaConfig::from_file(&files.config)?;
     check_quantization_config(&files.config)?;
-    let weights = weights::Weights::from_safetensors(&files.weights)?;
+    let weights = crate::weights::Weights::from_safetensors(&files.weights)?;
     let model = Llama::load_with(config, &weights, dtype, device, quantize)?;
     let tokenizer = match &files.tokenizer {
         Some(p) => Some(

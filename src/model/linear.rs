@@ -6,59 +6,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::ops::AttentionHeads;
-use crate::quant::Nf4Tensor;
+use crate::ops::nn::{self as ops, AttentionHeads};
+use crate::quant::{BaseWeight, Nf4Tensor};
 use crate::Result;
-
-/// The frozen base weight `W` [out, in] of a linear layer (no bias: LLaMA has none), dense or NF4.
-/// Cheap to clone (shared): the training ops hold one and take [`BaseWeight::dense`] in forward
-/// and again in backward, so an NF4 base is never kept dequantized between the two (QLoRA's
-/// memory: at 7B, the dense copies of every layer would be 13 GB in bf16).
-#[derive(Debug, Clone)]
-pub enum BaseWeight {
-    Dense(Tensor),
-    /// NF4 (bitsandbytes layout), dequantized into `dtype`, the model's working dtype, when used.
-    Nf4 { weight: Arc<Nf4Tensor>, dtype: DType },
-}
-
-impl BaseWeight {
-    /// W in the working dtype. Dense: borrowed, free. NF4: dequantized on every call, a dense
-    /// [out, in] matrix allocated for as long as the caller holds it.
-    pub fn dense(&self) -> Result<Cow<'_, Tensor>> {
-        match self {
-            BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
-            BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
-        }
-    }
-
-    pub fn device(&self) -> &Device {
-        match self {
-            BaseWeight::Dense(w) => w.device(),
-            BaseWeight::Nf4 { weight, .. } => &weight.device,
-        }
-    }
-
-    pub fn dims(&self) -> &[usize] {
-        match self {
-            BaseWeight::Dense(w) => w.dims(),
-            BaseWeight::Nf4 { weight, .. } => &weight.shape,
-        }
-    }
-
-    /// The dtype [`BaseWeight::dense`] gives.
-    pub fn dtype(&self) -> DType {
-        match self {
-            BaseWeight::Dense(w) => w.dtype(),
-            BaseWeight::Nf4 { dtype, .. } => *dtype,
-        }
-    }
-}
-
-impl From<Tensor> for BaseWeight {
-    fn from(w: Tensor) -> Self {
-        BaseWeight::Dense(w.detach())
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
@@ -104,37 +54,26 @@ impl FrozenLinear {
     /// `x Wᵀ` for x of shape [..., in]. NF4: dequantize, then the dense matmul; W is a constant
     /// for autograd, so backward computes only `dx = dy · dequant(W)`. Untracked x on a GPU
     /// (decoding) reads the packed codes directly: one row through the GEMV kernel, up to
-    /// [`FEW_ROWS_MAX`](crate::kernels::nf4::FEW_ROWS_MAX) rows (beams, small batches) through
+    /// [`FEW_ROWS_MAX`](crate::quant::nf4_kernels::FEW_ROWS_MAX) rows (beams, small batches) through
     /// the few-row matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let BaseWeight::Nf4 { weight, .. } = &self.weight {
             let rows = x.elem_count() / self.in_features().max(1);
-            if rows <= crate::kernels::nf4::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::kernels::fused_for(x) {
-                return if rows == 1 { crate::kernels::nf4::gemv(weight, x) } else { crate::kernels::nf4::matmul_few(weight, x) };
+            if rows <= crate::quant::nf4_kernels::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::ops::fused_for(x) {
+                return if rows == 1 { crate::quant::nf4_kernels::gemv(weight, x) } else { crate::quant::nf4_kernels::matmul_few(weight, x) };
             }
         }
-        super::ops::frozen_matmul_t(x, &self.weight)
+        ops::frozen_matmul_t(x, &self.weight)
     }
 
     /// `x Wᵀ` for x [b, t, in] split into attention heads; in training one op
-    /// ([`super::ops::frozen_matmul_t_heads`]), so the [b, t, out] product is not kept.
+    /// ([`ops::frozen_matmul_t_heads`]), so the [b, t, out] product is not kept.
     pub fn forward_heads(&self, x: &Tensor, heads: AttentionHeads, train: bool) -> Result<Tensor> {
         if train {
-            return super::ops::frozen_matmul_t_heads(x, &self.weight, heads, train);
+            return ops::frozen_matmul_t_heads(x, &self.weight, heads, train);
         }
         heads.split(&self.forward(x)?, train)
     }
-}
-
-/// `x Mᵀ` for x [..., in] and M [out, in], flattening the leading dims into one GEMM.
-pub fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let inner = dims[dims.len() - 1];
-    let rows = x.elem_count() / inner.max(1);
-    let y = x.reshape((rows, inner))?.matmul(&m.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("matmul_t needs at least one dim") = m.dim(0)?;
-    Ok(y.reshape(out_dims)?)
 }
 
 /// What a per-weight adapter method implements.
@@ -150,7 +89,7 @@ pub trait LinearAdapter: Send + Sync {
     /// The output for `x = silu(g) ⊙ u` (down_proj). LoRA's fused op takes SwiGLU inside, so the
     /// graph does not keep the activation; the others compute it by a separate op.
     fn forward_swiglu(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
-        self.forward(&super::ops::swiglu(g, u, train)?, base, train)
+        self.forward(&ops::swiglu(g, u, train)?, base, train)
     }
     /// [`LinearAdapter::forward_swiglu`] in a graph that is only backpropagated through, never
     /// read (gradient checkpointing's recompute of a layer): the same gradients, values left
@@ -244,22 +183,22 @@ impl Linear {
     }
 
     /// `residual + forward(x)`; a frozen layer in training adds into the residual in one op
-    /// ([`super::ops::frozen_matmul_t_add`]), so its output is not kept for backward.
+    /// ([`ops::frozen_matmul_t_add`]), so its output is not kept for backward.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
-            None if train => super::ops::frozen_matmul_t_add(x, self.base.base_weight(), residual),
+            None if train => ops::frozen_matmul_t_add(x, self.base.base_weight(), residual),
             _ => Ok((residual + self.forward(x, train)?)?),
         }
     }
 
     /// `residual + forward(silu(g) ⊙ u)` (the MLP's down_proj); a frozen layer in training is one
-    /// op ([`super::ops::swiglu_frozen_matmul_t_add`]) that keeps neither the activation nor the
+    /// op ([`ops::swiglu_frozen_matmul_t_add`]) that keeps neither the activation nor the
     /// product for backward, an adapter takes `LinearAdapter::forward_swiglu`.
     pub fn forward_swiglu_add(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
             Some(adapter) => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
-            None if train => super::ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train),
-            None => Ok((residual + self.base.forward(&super::ops::swiglu(g, u, train)?)?)?),
+            None if train => ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train),
+            None => Ok((residual + self.base.forward(&ops::swiglu(g, u, train)?)?)?),
         }
     }
 
@@ -269,7 +208,7 @@ impl Linear {
     pub fn forward_swiglu_add_backward_only(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
             Some(adapter) => Ok((residual + adapter.forward_swiglu_backward_only(g, u, &self.base, train)?)?),
-            None => super::ops::swiglu_frozen_matmul_t_add_backward_only(g, u, self.base.base_weight(), residual, train),
+            None => ops::swiglu_frozen_matmul_t_add_backward_only(g, u, self.base.base_weight(), residual, train),
         }
     }
 

@@ -17,9 +17,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
-use super::fused::{CrossEntropyRows, SoftmaxLastDim};
-use super::linear::matmul_t;
-use super::ops::accumulate_dtype;
+use crate::ops::fused::{CrossEntropyRows, SoftmaxLastDim};
+use crate::ops::nn::{accumulate_dtype, labelled_count, matmul_t};
 use crate::error::{Error, Result};
 
 /// Logits per block: 16 M values, 64 MiB in f32 (LLaMA-2's vocabulary: 524 rows a block).
@@ -47,7 +46,7 @@ pub fn linear_cross_entropy_in_blocks(hidden: &Tensor, head: &Tensor, labels: &T
     if let Some((row, &label)) = host_labels.iter().enumerate().find(|&(_, &l)| l >= vocab as i64 || (l < 0 && l != -100)) {
         return Err(Error::Training(format!("label {label} at row {row} is outside the vocabulary of {vocab} (and is not -100)")));
     }
-    let count = super::ops::labelled_count(&host_labels)?;
+    let count = labelled_count(&host_labels)?;
     let acc = accumulate_dtype(hidden.dtype());
     let needs_grad = hidden.track_op();
     let x = hidden.detach();
@@ -82,7 +81,7 @@ fn block_loss_and_grad(logits: &Tensor, labels: &Tensor, scale: f64, with_grad: 
     let safe = keep.where_cond(labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?.unsqueeze(1)?;
     let keep = keep.to_dtype(logits.dtype())?;
     // On the CPU (f32, f64) the fused row ops of `fused.rs`, elsewhere the same math in candle ops.
-    let cpu_fused = logits.device().is_cpu() && crate::kernels::fused_for(logits);
+    let cpu_fused = logits.device().is_cpu() && crate::ops::fused_for(logits);
     let (nll_sum, probabilities) = if cpu_fused {
         let nll = logits.apply_op2_no_bwd(labels, &CrossEntropyRows)?;
         (nll.sum_all()?, with_grad.then(|| logits.apply_op1_no_bwd(&SoftmaxLastDim)).transpose()?)

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
-use super::ops::{self, AttentionHeads};
-use crate::loading::weights::{TensorMaker, Weights};
+use crate::ops::nn::{self as ops, AttentionHeads};
+use crate::weights::{TensorMaker, Weights};
 use crate::quant::{nf4, Nf4Tensor, Quantization};
 use crate::Error;
 use crate::Result;

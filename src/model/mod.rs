@@ -1,12 +1,12 @@
 //! The trainable LLaMA-family model.
 
+pub mod batch;
 pub mod config;
-pub mod fused;
 pub mod linear;
 pub mod linear_cross_entropy;
 pub mod llama;
-pub mod ops;
 
+pub use batch::TrainBatch;
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{FrozenLinear, Linear, LinearAdapter};
 pub use llama::{BlockControl, ControlContext, KvCache, Llama, Positions};

@@ -1,8 +1,13 @@
 //! Quantized base weights. `nf4`: the bitsandbytes NF4 format (QLoRA), quantize-at-load and
 //! pre-quantized `*-bnb-4bit` checkpoints.
 
+pub mod base_weight;
 pub mod nf4;
+#[cfg(feature = "cuda")]
+mod nf4_cuda;
+pub mod nf4_kernels;
 
+pub use base_weight::BaseWeight;
 pub use nf4::Nf4Tensor;
 
 /// How to quantize the frozen linear weights at load (`--quantize`).

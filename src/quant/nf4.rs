@@ -4,7 +4,7 @@
 //! # The format (bitsandbytes 0.50: `bitsandbytes/functional.py` `quantize_4bit`, `dequantize_4bit`,
 //! `create_dynamic_map`, and the torch kernels in `bitsandbytes/backends/default/ops.py`;
 //! Dettmers et al., QLoRA, arXiv 2305.14314). Checked bit for bit against bitsandbytes' output
-//! (`tests/nf4.rs`, fixtures made by `/work/shared/fixtures/nf4/make_fixture.py`).
+//! (`tests/nf4.rs`, fixtures made by `tests/fixtures/make_nf4_fixtures.py`).
 //!
 //! - The matrix W is flattened row-major to n values and cut into blocks of `blocksize` (64)
 //!   values; the last block may be partial. Each block b has a scale `absmax_b = max |w|`.
@@ -30,7 +30,7 @@
 //! (see [`Nf4Tensor::storage_bytes`]). A LLaMA-2-7B's linears: 3.11 GiB (`tests/nf4.rs`).
 //!
 //! The buffers live on the host; on a GPU they are also uploaded once, and the kernels of
-//! `kernels/nf4.cu` (src/kernels/nf4.rs) dequantize them there and run the batch-1 GEMV of
+//! `kernels/nf4.cu` (src/ops/nf4.rs) dequantize them there and run the batch-1 GEMV of
 //! decoding straight from the packed codes.
 
 use std::sync::{Arc, OnceLock};
@@ -277,7 +277,7 @@ impl Nf4Tensor {
     /// kernel of `kernels/nf4.cu` reads the packed buffers there; elsewhere this CPU reference.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         if self.device.is_cuda() {
-            return crate::kernels::nf4::dequantize(self, dtype);
+            return crate::quant::nf4_kernels::dequantize(self, dtype);
         }
         self.dequantize_reference(dtype)
     }
@@ -420,7 +420,7 @@ impl Nf4Tensor {
     /// `name.quant_map`, and with double quant `name.nested_absmax`, `name.nested_quant_map`;
     /// the shape, dtype, block sizes and offset come from `name.quant_state.bitsandbytes__nf4`.
     /// Errors name the tensor.
-    pub fn from_bnb(weights: &crate::loading::weights::Weights, name: &str, device: &Device) -> Result<Self> {
+    pub fn from_bnb(weights: &crate::weights::Weights, name: &str, device: &Device) -> Result<Self> {
         let bad = |msg: String| Error::BadTensor { origin: weights.origin().to_string(), name: name.to_string(), msg };
         if weights.contains(&format!("{name}.{QUANT_STATE_FP4}")) {
             return Err(bad("quant_state names quant type `fp4`; only `nf4` is supported".into()));

@@ -12,7 +12,7 @@ use super::step::Trainer;
 use crate::adapters::{adapter_tensors, load_adapter_tensors, write_adapter_files, AdapterConfig};
 use crate::data::batch::BatchPosition;
 use crate::error::{read_json, Error, Result};
-use crate::loading::weights::Weights;
+use crate::weights::Weights;
 use crate::model::Llama;
 
 pub const STATE_FILE: &str = "trainer_state.json";

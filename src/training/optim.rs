@@ -8,9 +8,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::galore::{GaloreConfig, Projector};
+use crate::adapters::galore::{GaloreConfig, Projector};
 use crate::error::{Error, Result};
-use crate::kernels::adamw::{self, AdamWScalars};
+use crate::ops::adamw::{self, AdamWScalars};
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {

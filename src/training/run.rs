@@ -1,4 +1,4 @@
-//! The fine-tuning loop of the LLM-Adapters recipe (seeds.md §0.3): tokenize, hold out a
+//! The fine-tuning loop of the LLM-Adapters recipe (docs/METHODS.md §0.3): tokenize, hold out a
 //! validation split, iterate seeded left-padded micro-batches, accumulate to the batch size,
 //! step, evaluate the held-out loss every N steps, checkpoint every N steps (resumable), and
 //! log every step to a progress bar and a JSONL metrics file.
@@ -11,7 +11,8 @@ use candle_core::Device;
 use serde::Serialize;
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
-use super::step::{eval_loss, StepConfig, TrainBatch, Trainer};
+use super::step::{eval_loss, StepConfig, Trainer};
+use crate::model::TrainBatch;
 use crate::adapters::{save_adapter, AdapterConfig};
 use crate::data::batch::{Batch, BatchIter};
 use crate::data::tokenize::Tokenized;
@@ -83,7 +84,7 @@ pub fn train(
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
     let ckpt_dir = cfg.output_dir.join("checkpoint");
     let mut trainer = Trainer::new(model, cfg.steps, lr_scale)?;
-    crate::adapters::configure_trainer(&mut trainer, model, adapter)?;
+    super::configure_trainer(&mut trainer, model, adapter)?;
     let mut state = TrainerState {
         step: 0,
         total_steps: cfg.steps.total_steps,

@@ -11,21 +11,8 @@ use super::gradient_checkpointing::LayerTape;
 use super::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use crate::model::linear_cross_entropy::linear_cross_entropy;
-use crate::model::Llama;
-
-/// A micro-batch on the model's device: token ids [b, t] (u32), the padding mask, labels [b, t]
-/// (i64, -100 where no loss is taken).
-pub struct TrainBatch {
-    pub input_ids: Tensor,
-    pub mask: Vec<Vec<u32>>,
-    pub labels: Tensor,
-}
-
-impl TrainBatch {
-    pub fn tokens(&self) -> usize {
-        self.mask.iter().map(|r| r.iter().filter(|&&m| m == 1).count()).sum()
-    }
-}
+use crate::adapters::StepHook;
+use crate::model::{Llama, TrainBatch};
 
 /// Mean next-token cross-entropy of the batch (labels shifted by one, -100 ignored).
 pub fn causal_lm_loss(model: &Llama, batch: &TrainBatch, train: bool) -> Result<Tensor> {
@@ -87,37 +74,6 @@ pub struct StepConfig {
     pub gradient_checkpointing: bool,
 }
 
-/// What a method that needs more than "loss, backward, AdamW" plugs into the step (AdaLoRA's
-/// regulariser and rank allocator, SIFT's index selection). Every method has a no-op default.
-pub trait StepHook: Send {
-    /// A term added to every micro-batch's loss before backward (and to the reported loss).
-    fn regularizer(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-    /// After each micro-batch's backward, with its full gradient store.
-    fn after_backward(&mut self, _grads: &GradStore) -> Result<()> {
-        Ok(())
-    }
-    /// With the accumulated gradients (keyed by parameter name), before clipping and the update.
-    fn before_update(&mut self, _step: usize, _grads: &mut HashMap<String, Tensor>) -> Result<()> {
-        Ok(())
-    }
-    /// After the optimizer update, with the clipped gradients; `step` counts from 0.
-    fn after_update(&mut self, _step: usize, _grads: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(())
-    }
-    /// What a resumed run needs to continue exactly as this one would (AdaLoRA's sensitivity
-    /// averages and final rank pattern), keyed by name; the training checkpoint saves it.
-    /// Empty for hooks whose state lives in the adapter itself (SIFT's indices).
-    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
-        Ok(HashMap::new())
-    }
-    /// Restore what `state_tensors` saved (an empty map: a checkpoint without hook state).
-    fn load_state(&mut self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(())
-    }
-}
-
 pub struct Trainer {
     pub optimizer: AdamW,
     pub config: StepConfig,
@@ -169,7 +125,7 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for (i, batch) in micro_batches.iter().enumerate() {
-            crate::adapters::set_dropout_key(self.step, i);
+            crate::ops::dropout::set_dropout_key(self.step, i);
             check_length(batch)?;
             let (hidden, tape) = if self.config.gradient_checkpointing {
                 let (hidden, tape) = LayerTape::forward(model, &batch.input_ids, &batch.mask, true)?;

@@ -51,7 +51,7 @@ pub fn save_and_reload(model: &Llama, cfg: &candle_peft::adapters::AdapterConfig
     let dir = tempfile::tempdir().unwrap();
     candle_peft::adapters::save_adapter(model, cfg, dir.path(), None).unwrap();
     let mut fresh = tiny(model.dtype());
-    let source = candle_peft::loading::hub::ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
+    let source = candle_peft::hub::ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
     let loaded = candle_peft::adapters::load_adapter(&mut fresh, &source).unwrap();
     (loaded, fresh)
 }
@@ -75,4 +75,19 @@ pub fn write_tiny_model_dir(model: &std::path::Path) -> (Vec<candle_peft::data::
     candle_core::safetensors::save(&candle_peft::model::llama::random_weights(&c, 0.1, 1).unwrap(), model.join("model.safetensors")).unwrap();
     tok.save(model.join("tokenizer.json"), false).unwrap();
     (train, test)
+}
+
+/// `tests/fixtures/<relative>`, which ships in the repository: a missing fixture fails the test
+/// that asked for it, naming the path (never a silent pass). `tests/fixtures/README.md` says what
+/// made each one and how CI regenerates them.
+pub fn fixture(relative: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative);
+    assert!(path.exists(), "fixture {} is missing (it ships with the repository; see tests/fixtures/README.md)", path.display());
+    path
+}
+
+/// `max |a − b|` over every element, in f64 (any float dtype, any device).
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }

@@ -1,5 +1,5 @@
 //! Host side of `kernels/dropout.cu`: inverted-dropout masks drawn on the GPU, bit for bit the
-//! masks `adapters::Dropout` draws on the CPU, and `x ⊙ mask` without the mask.
+//! masks `ops::dropout::Dropout` draws on the CPU, and `x ⊙ mask` without the mask.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -8,6 +8,7 @@ use candle_core::{bail, DType, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::{grid_stride, view, wrap, KernelType, DROPOUT_PTX};
+use crate::cuda::with_kernel_type;
 
 /// The mask [shape] in `dtype` on `dev`: `1/keep` where the draw of element i is under `keep`.
 pub fn mask(dev: &CudaDevice, shape: &Shape, dtype: DType, seed: u64, keep: f32) -> Result<Tensor> {

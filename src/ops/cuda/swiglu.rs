@@ -1,5 +1,5 @@
 //! Host side of `kernels/swiglu.cu`: SwiGLU's gate forward and backward on the GPU, for
-//! `model::fused::SwiGlu`. The graph keeps g and u (the projections' outputs); the backward
+//! `ops::fused::SwiGlu`. The graph keeps g and u (the projections' outputs); the backward
 //! writes dg and du and nothing else.
 
 use candle_core::backend::BackendStorage;
@@ -9,6 +9,7 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_storage, grid_stride, view, wrap, Arg, KernelType, SWIGLU_PTX};
+use crate::cuda::with_kernel_type;
 
 /// `y = silu(g) ⊙ u`.
 pub fn forward((g, lg): Arg, (u, lu): Arg) -> Result<(CudaStorage, Shape)> {

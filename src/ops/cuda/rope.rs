@@ -1,6 +1,6 @@
 //! Host side of `kernels/rope.cu`: a projection's output [b, t, n·d] moved into attention heads
 //! [b, n, t, d], rotated by RoPE for q and k, and the gradient moved back, for
-//! `model::fused::RopeHeads` (the CPU reference).
+//! `ops::fused::RopeHeads` (the CPU reference).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
@@ -9,7 +9,8 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_storage, grid_stride, view, wrap, Arg, KernelType, ROPE_PTX};
-use crate::model::fused::HeadsShape;
+use crate::cuda::with_kernel_type;
+use crate::ops::fused::HeadsShape;
 
 fn pairs(s: HeadsShape) -> usize {
     s.batch * s.tokens * s.heads * s.head_dim / 2

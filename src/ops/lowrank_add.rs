@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 
 use super::{cpu_tensor, tensor_cpu_storage};
-use crate::model::ops::accumulate_dtype;
+use crate::ops::nn::accumulate_dtype;
 use crate::Result;
 
 /// The rank-r right factor `M` [cols, r] of the product.

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::quant::Nf4Tensor;
+use super::Nf4Tensor;
 use crate::Result;
 
 /// The dequantized weights in `dtype` on the tensor's device: the CUDA kernel on a GPU, the CPU
@@ -20,7 +20,7 @@ pub fn dequantize(w: &Nf4Tensor, dtype: DType) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        Ok(super::cuda::nf4_dequantize(w, dtype)?)
+        Ok(super::nf4_cuda::dequantize(w, dtype)?)
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))
@@ -42,7 +42,7 @@ pub fn gemv(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        Ok(super::cuda::nf4_rows_matmul(w, &x.contiguous()?, false)?.reshape(out_dims)?)
+        Ok(super::nf4_cuda::rows_matmul(w, &x.contiguous()?, false)?.reshape(out_dims)?)
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))
@@ -73,7 +73,7 @@ pub fn matmul_few(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        Ok(super::cuda::nf4_rows_matmul(w, &x.contiguous()?, true)?.reshape(out_dims)?)
+        Ok(super::nf4_cuda::rows_matmul(w, &x.contiguous()?, true)?.reshape(out_dims)?)
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))

@@ -6,19 +6,19 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::op::BackpropOp;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+
+pub(crate) use crate::cuda::{cuda_storage, view, with_kernel_type, wrap, KernelType};
 
 use super::lowrank_add::{Factor, LowRankAdd};
 use super::row_norms::RowNorms;
 
 pub const LOWRANK_ADD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowrank_add.ptx"));
 pub const ROW_NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/row_norms.ptx"));
-pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 pub const SNELL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell.ptx"));
 pub const SNELL_SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/snell_sparse.ptx"));
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -28,70 +28,6 @@ pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"
 pub const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
 pub const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
-
-/// The element types the kernels are instantiated for.
-pub trait KernelType: CudaDType + DeviceRepr + candle_core::WithDType {
-    /// The suffix of the kernel names (`lowrank_add_bf16`).
-    const SUFFIX: &'static str;
-    const CUBLAS: cublas_sys::cudaDataType;
-}
-
-impl KernelType for f32 {
-    const SUFFIX: &'static str = "f32";
-    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_32F;
-}
-
-impl KernelType for f16 {
-    const SUFFIX: &'static str = "f16";
-    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_16F;
-}
-
-impl KernelType for bf16 {
-    const SUFFIX: &'static str = "bf16";
-    const CUBLAS: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_16BF;
-}
-
-/// Runs `$body` with `$t` bound to the Rust type of `$dtype`.
-macro_rules! with_kernel_type {
-    ($dtype:expr, $t:ident, $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            other => bail!("no fused kernel for dtype {other:?}"),
-        }
-    };
-}
-
-/// The contiguous elements of a CUDA storage under `layout`.
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
-        None => bail!("{what}: the input must be contiguous"),
-    }
-}
-
-/// The CUDA storage of a tensor held outside the op's arguments (W, masks).
-fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Ok(s),
-        _ => bail!("{what}: the tensor is not on the CUDA device"),
-    }
-}
-
-/// A fresh contiguous tensor around a CUDA buffer (not tracked by autograd).
-fn wrap<T: KernelType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())), shape, BackpropOp::none(), false)
-}
 
 /// One thread an element, grid-stride: 256 threads a block, enough blocks to fill an H100 several
 /// times over (the elementwise kernels of swiglu, dropout, rope and attention_gemm).
@@ -367,107 +303,8 @@ pub(super) fn control_branch(alpha: f64, (base, l_base): Arg, (z, lz): Arg, (b, 
     })
 }
 
-/// The stored-dtype code of `kernels/nf4.cu` (0 f32, 1 f16, 2 bf16).
-fn nf4_stored(w: &crate::quant::Nf4Tensor) -> Result<i32> {
-    match w.dtype {
-        DType::F32 => Ok(0),
-        DType::F16 => Ok(1),
-        DType::BF16 => Ok(2),
-        other => bail!("NF4 on the GPU: stored dtype {other:?} (f32, f16 or bf16 expected)"),
-    }
-}
-
-/// The scalar arguments the NF4 kernels take after their four buffers.
-struct Nf4Scalars {
-    offset: f32,
-    double_quant: i32,
-    blocksize: i32,
-    nested: i32,
-}
-
-/// Runs `f` with the device views of an NF4 tensor's buffers (uploaded on first use) and the
-/// scalars that go with them.
-fn with_nf4_views<R>(
-    w: &crate::quant::Nf4Tensor,
-    f: impl FnOnce(&CudaDevice, &Nf4Scalars, [&CudaView<'_, u8>; 2], [&CudaView<'_, f32>; 2]) -> Result<R>,
-) -> Result<R> {
-    let b = w.device_buffers().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let (packed_s, packed_l) = b.packed.storage_and_layout();
-    let (absq_s, absq_l) = b.absmax_q.storage_and_layout();
-    let (scales_s, scales_l) = b.scales.storage_and_layout();
-    let (tables_s, tables_l) = b.tables.storage_and_layout();
-    let packed = cuda_storage(&packed_s, "nf4 packed")?;
-    let dev = packed.device().clone();
-    let packed = view::<u8>(packed, packed_l, "nf4 packed")?;
-    let absq = view::<u8>(cuda_storage(&absq_s, "nf4 absmax")?, absq_l, "nf4 absmax")?;
-    let scales = view::<f32>(cuda_storage(&scales_s, "nf4 scales")?, scales_l, "nf4 scales")?;
-    let tables = view::<f32>(cuda_storage(&tables_s, "nf4 tables")?, tables_l, "nf4 tables")?;
-    let scalars = Nf4Scalars {
-        offset: b.offset,
-        double_quant: b.double_quant as i32,
-        blocksize: w.blocksize as i32,
-        nested: b.nested_blocksize as i32,
-    };
-    f(&dev, &scalars, [&packed, &absq], [&scales, &tables])
-}
-
-/// NF4 dequantize on the device (`nf4_dequantize_*`).
-pub(super) fn nf4_dequantize(w: &crate::quant::Nf4Tensor, dtype: DType) -> Result<Tensor> {
-    let n = w.elem_count();
-    let stored = nf4_stored(w)?;
-    with_kernel_type!(dtype, T, {
-        with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
-            // SAFETY: the kernel writes every one of the n elements.
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let func = dev.get_or_load_custom_func(&format!("nf4_dequantize_{}", T::SUFFIX), "nf4", NF4_PTX)?;
-            let threads = n.div_ceil(16);
-            let cfg = LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let n_i = n as i64;
-            let mut builder = func.builder();
-            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
-            builder.arg(&n_i).arg(&stored).arg(&out);
-            // SAFETY: matches `nf4_dequantize_*`'s signature; the buffers hold what w's shape needs.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(wrap(out, dev, w.shape.as_slice()))
-        })
-    })
-}
-
-/// y [t, out] = x [t, in] · dequant(W)ᵀ straight from the packed codes: the GEMV (`nf4_gemv_*`,
-/// one row of x per block row, `few` false) or the few-row matmul (`nf4_matmul_few_*`,
-/// [`FEW_ROWS`](super::nf4::FEW_ROWS) rows of x per block row).
-pub(super) fn nf4_rows_matmul(w: &crate::quant::Nf4Tensor, x: &Tensor, few: bool) -> Result<Tensor> {
-    let (rows, cols) = (w.shape[0], w.shape[1]);
-    let t = x.elem_count() / cols.max(1);
-    let stored = nf4_stored(w)?;
-    let (x_s, x_l) = x.storage_and_layout();
-    let x_s = cuda_storage(&x_s, "nf4 matmul x")?;
-    let (kernel, per_block_row) = if few { ("nf4_matmul_few", super::nf4::FEW_ROWS) } else { ("nf4_gemv", 1) };
-    with_kernel_type!(x.dtype(), T, {
-        let xv = view::<T>(x_s, x_l, "nf4 matmul x")?;
-        with_nf4_views(w, |dev, sc, [packed, absq], [scales, tables]| {
-            // SAFETY: one warp writes each output row for each of the t rows of x.
-            let y = unsafe { dev.alloc::<T>(t * rows)? };
-            let func = dev.get_or_load_custom_func(&format!("{kernel}_{}", T::SUFFIX), "nf4", NF4_PTX)?;
-            const ROWS_PER_BLOCK: usize = 8;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, t.div_ceil(per_block_row) as u32, 1),
-                block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (rows_i, cols_i, t_i) = (rows as i32, cols as i32, t as i32);
-            let mut builder = func.builder();
-            builder.arg(packed).arg(absq).arg(scales).arg(tables).arg(&sc.offset).arg(&sc.double_quant).arg(&sc.blocksize).arg(&sc.nested);
-            builder.arg(&rows_i).arg(&cols_i).arg(&stored).arg(&xv).arg(&t_i).arg(&y);
-            // SAFETY: matches `nf4_gemv_*` / `nf4_matmul_few_*`; x holds t·cols, y t·rows elements.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(wrap(y, dev, (t, rows)))
-        })
-    })
-}
-
 /// A copy of a whole, contiguous CUDA tensor's storage, as a custom op's `cuda_fwd` returns it:
-/// the ops that compute their output before candle applies them (`kernels::Precomputed`) hand
+/// the ops that compute their output before candle applies them (`ops::Precomputed`) hand
 /// it over this way, since candle's storages are owned.
 pub fn owned_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, Shape)> {
     let (storage, layout) = t.storage_and_layout();
@@ -478,7 +315,7 @@ pub fn owned_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, Shape)> {
 }
 
 /// `x Wᵀ` for x [..., in] and a constant W [out, in] in x's dtype (the frozen linear of
-/// training, whose backward needs only dx: see `model::fused::FrozenMatmulT`).
+/// training, whose backward needs only dx: see `ops::fused::FrozenMatmulT`).
 pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let (out, inp) = w.dims2()?;
@@ -502,7 +339,7 @@ pub fn frozen_matmul_t(w: &Tensor, x: &CudaStorage, lx: &Layout) -> Result<(Cuda
 
 /// `residual + x Wᵀ` for x [..., in], residual [..., out] and a constant W [out, in], all in
 /// x's dtype: the residual copied into the output, then one GEMM with β = 1 (f32 accumulation,
-/// one rounding), so no separate [.., out] product exists (`model::fused::FrozenMatmulTAdd`).
+/// one rounding), so no separate [.., out] product exists (`ops::fused::FrozenMatmulTAdd`).
 pub fn frozen_matmul_t_add(w: &Tensor, (x, lx): Arg, (r, lr): Arg) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let (out, inp) = w.dims2()?;

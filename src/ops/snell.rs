@@ -1,4 +1,4 @@
-//! SNELL's branch (seeds.md §3, `adapters::snell`) as one op that never keeps the dense update
+//! SNELL's branch (docs/METHODS.md §3, `adapters::snell`) as one op that never keeps the dense update
 //! between forward and backward (the seed recomputes it under `torch.utils.checkpoint`; here the
 //! op saves nothing but the scalar threshold):
 //!
@@ -32,10 +32,10 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::snell_sparse::Survivors;
 use super::{cpu_tensor, tensor_cpu_storage};
-use crate::adapters::snell::{
+use crate::ops::snell_merge::{
     abs_quantile, competition_factor, head_coefficients, lerp_f32, quantile_position_f32, signed_head_sum, squared_distances,
 };
-use crate::model::ops::accumulate_dtype;
+use crate::ops::nn::accumulate_dtype;
 use crate::{Error, Result};
 
 /// `τ = quantile(|ΔW|, s)` of the current factors (None when s = 0, KLoRA). On CUDA, exact
@@ -113,7 +113,7 @@ struct Distances {
 }
 
 impl Distances {
-    /// The distances as `adapters::snell::pairwise_distances` computes them, op for op (the same
+    /// The distances as `snell_merge::pairwise_distances` computes them, op for op (the same
     /// expansion `‖a_i‖² + ‖b_j‖² − 2 a_i·b_j`, then `√max(·, 0)` for its graph-safe square root:
     /// nothing here is differentiated), so that ΔW is bit-identical to the unfused adapter's and
     /// the competition keeps the same entries. For f32 and f64 factors: one GEMM per head, then
@@ -390,7 +390,7 @@ pub struct RadixPass {
 /// order as their bit patterns, so three passes over the digits of bits 30..20, 19..10 and 9..0
 /// find the order statistic below the position q·(n−1) exactly; the one above it is the same
 /// value while ties remain, else `min_above(bits)` (the smallest bit pattern above). Then
-/// torch's lerp, in f32. The same answer as [`crate::adapters::snell::quantile_f32`] (NaN aside:
+/// torch's lerp, in f32. The same answer as [`crate::ops::snell_merge::quantile_f32`] (NaN aside:
 /// its bit pattern orders above +inf here).
 pub fn radix_quantile(
     n: usize,
@@ -448,7 +448,7 @@ mod tests {
     /// `signed_head_sum`), in f32 and f64, so both keep the same entries at any threshold.
     #[test]
     fn the_fused_delta_is_bit_identical_to_the_adapters() {
-        use crate::adapters::snell::pairwise_distances;
+        use crate::ops::snell_merge::pairwise_distances;
         for dtype in [DType::F32, DType::F64] {
             let (input, output) = (randn(&[2, 37, 5], 0.3).to_dtype(dtype).unwrap(), randn(&[2, 53, 5], 0.3).to_dtype(dtype).unwrap());
             // A row of Out equal to one of In: a zero distance, and negative expansions nearby.

@@ -1,6 +1,6 @@
 //! Host side of `kernels/snell_sparse.cu`: SNELL's branch with the survivors of the competition
 //! applied as a sparse matrix, taken at the same density cut as the CPU reference
-//! (`src/kernels/snell_sparse.rs`, [`SPARSE_MAX_DENSITY`]; the math: `src/kernels/snell.rs`).
+//! (`src/ops/snell_sparse.rs`, [`SPARSE_MAX_DENSITY`]; the math: `src/ops/snell.rs`).
 //!
 //! ```text
 //! survivors  count them per (row, tile column) and (column, tile row)     snell_survivor_counts
@@ -24,8 +24,8 @@ use candle_core::{bail, Result};
 
 use super::snell::Factors;
 use super::{KernelType, SNELL_SPARSE_PTX};
-use crate::adapters::snell::head_coefficients;
-use crate::kernels::snell_sparse::SPARSE_MAX_DENSITY;
+use crate::ops::snell_merge::head_coefficients;
+use crate::ops::snell_sparse::SPARSE_MAX_DENSITY;
 
 const THREADS: u32 = 256;
 /// Rows per block of the per-row and per-column gradient passes (one warp each).

@@ -1,5 +1,5 @@
 //! GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-//! ICML 2024), as `galore_torch.GaLoreAdamW` with `proj_type="std"` (seeds.md §4.2; EfficientFT
+//! ICML 2024), as `galore_torch.GaLoreAdamW` with `proj_type="std"` (docs/METHODS.md §4.2; EfficientFT
 //! runs rank = 8, update_proj_gap = 500, scale = 4).
 //!
 //! For a weight gradient G [m, n]: if m ≥ n, `P = Vh[:r]` [r, n] of `svd(G)` and the low-rank
@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::linalg::{svd, to_matrix, to_tensor};
+use super::linalg::{svd, to_matrix, to_tensor};
 use crate::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

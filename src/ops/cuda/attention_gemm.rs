@@ -1,6 +1,6 @@
 //! Host side of `kernels/attention_gemm.cu`: the attention of training with its five products
 //! in cuBLAS (tensor cores in bf16 / f16) and the softmax and its backward in the row kernels,
-//! for `model::fused::Attention` when `AttentionKernel::Gemm` is chosen. It saves what the
+//! for `ops::fused::Attention` when `AttentionKernel::Gemm` is chosen. It saves what the
 //! flash-style kernels save (q, k, v, o and lse [b, h, t] f32) and so keeps no [t, s] buffer
 //! between forward and backward either; inside each pass the scores of a chunk of heads are a
 //! transient of at most [`SCORE_BUDGET_BYTES`] (f32 scores plus T probabilities), reused chunk
@@ -23,6 +23,7 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_storage, gemm_batched, grid_stride, view, wrap, Arg, KernelType, Operand, ATTENTION_GEMM_PTX};
+use crate::cuda::with_kernel_type;
 
 /// The most the scores of one chunk of heads take (f32 S or dP plus the probabilities in T);
 /// a chunk holds one group at least, so a group larger than this (t = s = 8,192 with one query

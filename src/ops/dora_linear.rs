@@ -28,10 +28,10 @@ use std::sync::Mutex;
 use candle_core::{CustomOp3, Tensor};
 
 use super::{join_factors, split_factors, Precomputed};
-use crate::adapters::DropoutMask;
-use crate::model::linear::BaseWeight;
-use crate::model::fused::OutputFreeBackward;
-use crate::model::ops::{accumulate_dtype, AttentionHeads};
+use crate::ops::dropout::DropoutMask;
+use crate::quant::BaseWeight;
+use crate::ops::fused::OutputFreeBackward;
+use crate::ops::nn::{accumulate_dtype, AttentionHeads};
 use crate::Result;
 
 /// `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with
@@ -45,7 +45,7 @@ pub fn dora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, k: &Tenso
 }
 
 /// [`dora_linear`] of x [b, t, in] with its output split into attention `heads` inside the op
-/// ([`crate::model::fused::ProjectedHeads`]): the [b, t, out] output is not kept for backward.
+/// ([`crate::ops::fused::ProjectedHeads`]): the [b, t, out] output is not kept for backward.
 pub fn dora_linear_heads(
     x: &Tensor,
     w: &BaseWeight,

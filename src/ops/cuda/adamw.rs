@@ -1,5 +1,5 @@
 //! Host side of `kernels/adamw.cu`: AdamW's three in-place passes over an f32 parameter, for
-//! `kernels::adamw`.
+//! `ops::adamw`.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, Layout, Result};
 
 use super::{grid_stride, view, Arg, ADAMW_PTX};
-use crate::kernels::adamw::AdamWScalars;
+use crate::ops::adamw::AdamWScalars;
 
 /// The contiguous span of a storage written in place.
 fn span(l: &Layout, what: &str) -> Result<(usize, usize)> {

@@ -1,5 +1,5 @@
 //! Host side of `kernels/attention.cu`: the flash-style attention of training on the GPU, for
-//! `model::fused::Attention` (the model's attention and the nonlinear controller's mixing). What
+//! `ops::fused::Attention` (the model's attention and the nonlinear controller's mixing). What
 //! is kept between forward and backward is q, k, v, o (the graph's) and lse [b, h, t] f32; no
 //! [t, s] buffer exists at any point.
 //!
@@ -16,6 +16,7 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_storage, view, wrap, Arg, KernelType, ATTENTION_PTX};
+use crate::cuda::with_kernel_type;
 
 /// The largest head dimension the kernels take (`MAX_D` in the .cu).
 pub const MAX_HEAD_DIM: usize = 128;

@@ -1,6 +1,6 @@
 //! Host side of `kernels/snell.cu`: SNELL's threshold by exact radix selection, its forward and its
 //! backward, with one transient [d_in, d_out] buffer in the activations' dtype per call and
-//! nothing of that size kept between forward and backward (see `src/kernels/snell.rs` for the
+//! nothing of that size kept between forward and backward (see `src/ops/snell.rs` for the
 //! math).
 //!
 //! ```text
@@ -27,8 +27,9 @@ use half::{bf16, f16};
 
 use super::snell_sparse::DeviceSurvivors;
 use super::{cuda_storage, gemm, view, wrap, Arg, KernelType, SNELL_PTX};
-use crate::adapters::snell::head_coefficients;
-use crate::kernels::snell::{radix_quantile, RadixPass, MAX_CUDA_HEAD_RANK};
+use crate::cuda::with_kernel_type;
+use crate::ops::snell_merge::head_coefficients;
+use crate::ops::snell::{radix_quantile, RadixPass, MAX_CUDA_HEAD_RANK};
 
 /// The factors' device views and sizes, as the tile kernels take them.
 pub(super) struct Factors<'a> {

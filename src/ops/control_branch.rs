@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::{cpu_tensor, tensor_cpu_storage};
-use crate::model::ops::accumulate_dtype;
+use crate::ops::nn::accumulate_dtype;
 use crate::Result;
 
 /// `base + α · z Bᵀ` for base [..., d] and z [..., r], B [d, r] (all one dtype).

@@ -32,10 +32,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::lowrank_add::{lowrank_add, Factor};
 use super::{cpu_tensor, join_factors, split_factors, tensor_cpu_storage, Precomputed};
-use crate::adapters::DropoutMask;
-use crate::model::linear::BaseWeight;
-use crate::model::fused::{OutputFreeBackward, SwiGlu};
-use crate::model::ops::{accumulate_dtype, AttentionHeads};
+use crate::ops::dropout::DropoutMask;
+use crate::quant::BaseWeight;
+use crate::ops::fused::{OutputFreeBackward, SwiGlu};
+use crate::ops::nn::{accumulate_dtype, AttentionHeads};
 use crate::Result;
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
@@ -49,7 +49,7 @@ pub fn lora_linear(x: &Tensor, w: &BaseWeight, a: &Tensor, b: &Tensor, scale: f6
 }
 
 /// [`lora_linear`] of x [b, t, in] with its output split into attention `heads` inside the op
-/// ([`crate::model::fused::ProjectedHeads`]): the [b, t, out] sum is not kept for backward.
+/// ([`crate::ops::fused::ProjectedHeads`]): the [b, t, out] sum is not kept for backward.
 pub fn lora_linear_heads(
     x: &Tensor,
     w: &BaseWeight,

@@ -1,5 +1,5 @@
 //! Host side of `kernels/rms_norm.cu`: RMSNorm's forward (with the per-row `r` it keeps) and the
-//! input's gradient on the GPU, for `model::fused::RmsNorm`.
+//! input's gradient on the GPU, for `ops::fused::RmsNorm`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -8,6 +8,7 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_storage, view, wrap, Arg, KernelType, RMS_NORM_PTX};
+use crate::cuda::with_kernel_type;
 
 /// One block a row.
 fn per_row(rows: usize) -> LaunchConfig {

@@ -1,6 +1,6 @@
 //! `candle-peft selftest`: every fused op on the GPU against its CPU reference, on random shapes
 //! with odd sizes (no multiple of any tile), in f32, f16 and bf16, forward and backward:
-//! the adapter ops of this folder (the DoRA linear included: candle ops on the device, but its own
+//! the adapter ops of `src/ops` (the DoRA linear included: candle ops on the device, but its own
 //! forward and backward), the model's attention (flash-style, `kernels/attention.cu`, and on
 //! cuBLAS, `kernels/attention_gemm.cu`) and the decoder layer's RMSNorm (`kernels/rms_norm.cu`),
 //! SwiGLU (`kernels/swiglu.cu`) and the attention heads split with RoPE (`kernels/rope.cu`, alone
@@ -15,9 +15,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::lowrank_add::Factor;
-use crate::adapters::DropoutMask;
-use super::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
+use crate::ops::lowrank_add::Factor;
+use crate::ops::dropout::DropoutMask;
+use crate::ops::{control_branch, dora_linear, lora_linear, lowrank_add, row_norms};
 use crate::Result;
 
 /// One checked output of one kernel.
@@ -137,7 +137,7 @@ fn forward_backward_typed(
         inputs.iter().zip(dtypes).map(|(t, &d)| Var::from_tensor(&t.to_dtype(d)?.to_device(device)?)).collect::<candle_core::Result<_>>()?;
     let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&tensors)?;
-    let acc = crate::model::ops::accumulate_dtype(y.dtype());
+    let acc = crate::ops::nn::accumulate_dtype(y.dtype());
     let loss = (y.to_dtype(acc)? * weights.to_dtype(acc)?.to_device(device)?)?.sum_all()?;
     let grads = loss.backward()?;
     let g = tensors
@@ -223,13 +223,13 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
         let got = q.dequantize(c.dtype)?;
         c.record("nf4 dequantize", &shape, "W", &got, &reference)?;
         let x = c.draw(&[1, cols], 1.0)?;
-        let y = super::nf4::gemv(&q, &c.on_device(&x)?)?;
+        let y = crate::quant::nf4_kernels::gemv(&q, &c.on_device(&x)?)?;
         let y_ref = x.matmul(&reference.t()?)?;
         c.record("nf4 gemv", &shape, "y", &y, &y_ref)?;
         // Rows of x over two block rows of the kernel, the last one partial.
-        let t = c.rng.random_range(super::nf4::FEW_ROWS + 1..3 * super::nf4::FEW_ROWS);
+        let t = c.rng.random_range(crate::quant::nf4_kernels::FEW_ROWS + 1..3 * crate::quant::nf4_kernels::FEW_ROWS);
         let x = c.draw(&[t, cols], 1.0)?;
-        let y = super::nf4::matmul_few(&q, &c.on_device(&x)?)?;
+        let y = crate::quant::nf4_kernels::matmul_few(&q, &c.on_device(&x)?)?;
         c.record("nf4 matmul_few", &format!("{shape} t{t}"), "y", &y, &x.matmul(&reference.t()?)?)?;
     }
     Ok(())
@@ -240,7 +240,7 @@ fn nf4_cases(c: &mut Case) -> Result<()> {
 /// forward and gradients for KLoRA, s = 0.5 (dense apply) and s = 0.99 (sparse apply). The branch is given a τ halfway between
 /// two neighbouring |ΔW| values, so that f32 and f64 rounding cannot move an entry across it.
 fn snell_cases(c: &mut Case) -> Result<()> {
-    use super::snell::{kernel_delta, snell_branch, threshold, Sparsify};
+    use crate::ops::snell::{kernel_delta, snell_branch, threshold, Sparsify};
     let (t, d_in, d_out, k) = (c.odd(65, 300), c.odd(65, 500), c.odd(65, 500), c.rng.random_range(1..=32usize));
     let shape = format!("T{t} in{d_in} out{d_out} k{k}");
     let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.to_dtype(DType::F64);
@@ -253,7 +253,7 @@ fn snell_cases(c: &mut Case) -> Result<()> {
         c.record("snell merge", &shape, "ΔW", &delta, &kernel_delta(&input, &output)?)?;
         for s in [0.5, 0.99] {
             let got = threshold(&dev_in, &dev_out, s)?.unwrap_or(f64::NAN);
-            let want = crate::adapters::snell::quantile_f32(&abs, s)? as f64;
+            let want = crate::ops::snell_merge::quantile_f32(&abs, s)? as f64;
             c.record_exact(&format!("snell threshold s{s}"), &shape, "τ", got, want);
         }
     }
@@ -290,8 +290,8 @@ fn snell_cases(c: &mut Case) -> Result<()> {
 /// controller's (one head, d = r + 1 = 65, scale 1); causal, one row left-padded. The causal
 /// walk, which skips the masked chunks, must give the full walk's values exactly.
 fn attention_cases(c: &mut Case) -> Result<()> {
-    use crate::model::fused::Attention;
-    use crate::model::ops::{attention_bias, attention_scaled};
+    use crate::ops::fused::Attention;
+    use crate::ops::nn::{attention_bias, attention_scaled};
     let (b, t, d_model) = (2, c.odd(33, 150), c.odd(33, 127));
     let pad = c.rng.random_range(1..t / 2);
     let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
@@ -327,9 +327,9 @@ fn attention_cases(c: &mut Case) -> Result<()> {
 /// kernels' 128 (which only this path runs); causal, one row left-padded. Each shape runs twice,
 /// with the scores of all heads in one chunk and with one key/value group a chunk.
 fn attention_gemm_cases(c: &mut Case) -> Result<()> {
-    use crate::kernels::AttentionKernel;
-    use crate::model::fused::Attention;
-    use crate::model::ops::attention_bias;
+    use crate::ops::AttentionKernel;
+    use crate::ops::fused::Attention;
+    use crate::ops::nn::attention_bias;
     let (b, t) = (2, c.odd(17, 90));
     let pad = c.rng.random_range(1..t / 2);
     let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
@@ -350,7 +350,7 @@ fn attention_gemm_cases(c: &mut Case) -> Result<()> {
         let (o, g) = run(c.device, c.dtype)?;
         c.record_pass(kernel, &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
         #[cfg(feature = "cuda")]
-        let (o, g) = crate::kernels::cuda::attention_gemm::with_score_budget(1, || run(c.device, c.dtype))?;
+        let (o, g) = crate::ops::cuda::attention_gemm::with_score_budget(1, || run(c.device, c.dtype))?;
         c.record_pass(&format!("{kernel} chunked"), &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
     }
     Ok(())
@@ -359,8 +359,8 @@ fn attention_gemm_cases(c: &mut Case) -> Result<()> {
 /// The attention heads of a projection (`kernels/rope.cu`): the split with RoPE (q, k) and
 /// without (v), as its own op and inside the frozen, LoRA and DoRA projections.
 fn heads_cases(c: &mut Case) -> Result<()> {
-    use crate::model::linear::BaseWeight;
-    use crate::model::ops::{frozen_matmul_t_heads, AttentionHeads};
+    use crate::quant::BaseWeight;
+    use crate::ops::nn::{frozen_matmul_t_heads, AttentionHeads};
     let (b, t, n, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
     let shape = format!("b{b} t{t} h{n} d{d}");
     let x = c.draw(&[b, t, n * d], 1.0)?;
@@ -398,8 +398,8 @@ fn heads_cases(c: &mut Case) -> Result<()> {
             let w: BaseWeight = w.to_dtype(dtype)?.to_device(device)?.into();
             forward_backward(device, dtype, &inputs, &weights, &|v| match projection {
                 "frozen" => frozen_matmul_t_heads(&v[0], &w, heads, true),
-                "lora" => super::lora_linear_heads(&v[0], &w, (&v[1], &v[2]), s, mask, heads),
-                _ => super::dora_linear_heads(&v[0], &w, (&v[1], &v[2], &v[3]), s, mask, heads),
+                "lora" => crate::ops::lora_linear_heads(&v[0], &w, (&v[1], &v[2]), s, mask, heads),
+                _ => crate::ops::dora_linear_heads(&v[0], &w, (&v[1], &v[2], &v[3]), s, mask, heads),
             })
         };
         let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
@@ -441,7 +441,7 @@ fn adamw_case(c: &mut Case) -> Result<()> {
 /// `kernels/rms_norm.cu`, dw by candle ops; SwiGLU: `kernels/swiglu.cu`)
 /// against the fused CPU ops in f64, on odd widths.
 fn layer_op_cases(c: &mut Case) -> Result<()> {
-    use crate::model::ops::{frozen_matmul_t_add, rms_norm, swiglu, swiglu_frozen_matmul_t_add};
+    use crate::ops::nn::{frozen_matmul_t_add, rms_norm, swiglu, swiglu_frozen_matmul_t_add};
     let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
     let shape = format!("{rows}x{width}");
     let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
@@ -477,14 +477,14 @@ fn layer_op_cases(c: &mut Case) -> Result<()> {
     let mask = Some(DropoutMask { seed: c.rng.random(), keep: 0.9 });
     let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
         let w = proj.to_dtype(dtype)?.to_device(device)?.into();
-        forward_backward(device, dtype, &[&gate, &up, &a, &b], &weights, &|t| super::swiglu_lora_linear(&t[0], &t[1], &w, (&t[2], &t[3]), 1.7, mask))
+        forward_backward(device, dtype, &[&gate, &up, &a, &b], &weights, &|t| crate::ops::swiglu_lora_linear(&t[0], &t[1], &w, (&t[2], &t[3]), 1.7, mask))
     };
     let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
     let shape_lora = format!("{shape_add} r{r}");
     c.record_pass("swiglu_lora", &shape_lora, &["y", "dg", "du", "dA", "dB"], (&y, &g), (&y_ref, &g_ref))?;
     // The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
     // element off is an error of 1.
-    let dropout = crate::adapters::Dropout::new(0.3, &mut c.rng);
+    let dropout = crate::ops::dropout::Dropout::new(0.3, &mut c.rng);
     let mask = dropout.mask(true).ok_or_else(|| crate::Error::msg("no dropout mask"))?;
     let like = |device: &Device, dtype: DType| Tensor::zeros((rows, width), dtype, device);
     let got = mask.tensor(&like(c.device, c.dtype)?)?;

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::linear::BaseWeight;
+use crate::quant::BaseWeight;
 use crate::Result;
 
 /// The dtype reductions run in: f32 for half types, f64 kept as f64 (finite-difference tests).
@@ -24,7 +24,7 @@ pub(crate) fn accumulate_dtype(dtype: DType) -> DType {
 /// unless `--unfused` asks for the plain candle ops.
 fn fused_cpu(train: bool, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
-    train && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
+    train && crate::ops::fused_for(first) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
@@ -44,7 +44,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Te
 /// `kernels/swiglu.cu`, cuBLAS): the graph then keeps what the CPU op keeps.
 fn fused_cuda(train: bool, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
-    train && first.device().is_cuda() && crate::kernels::fused_for(first) && tensors.iter().all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())
+    train && first.device().is_cuda() && crate::ops::fused_for(first) && tensors.iter().all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())
 }
 
 /// The differentiable RMSNorm as plain candle ops: the reference for the fused op.
@@ -175,7 +175,7 @@ pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale
 fn fused_cuda_attention(train: bool, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        train && q.device().is_cuda() && crate::kernels::fused_for(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype()
+        train && q.device().is_cuda() && crate::ops::fused_for(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype()
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -219,10 +219,10 @@ fn attention_with(
 /// the CPU in f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
 pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
-    if x.track_op() && fits && crate::kernels::fused_for(x) {
+    if x.track_op() && fits && crate::ops::fused_for(x) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?);
     }
-    super::linear::matmul_t(x, &*w.dense()?)
+    matmul_t(x, &*w.dense()?)
 }
 
 /// `x Wᵀ` for a frozen W, split into attention heads: in training one op (the frozen matmul with
@@ -242,7 +242,7 @@ pub fn frozen_matmul_t_heads(x: &Tensor, w: &BaseWeight, heads: AttentionHeads, 
 /// residual but not the [.., out] product, which candle's add node would keep until backward.
 pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Result<Tensor> {
     let fits = w.dtype() == x.dtype() && residual.dtype() == x.dtype() && w.device().same_device(x.device());
-    if (x.track_op() || residual.track_op()) && fits && crate::kernels::fused_for(x) {
+    if (x.track_op() || residual.track_op()) && fits && crate::ops::fused_for(x) {
         let op = super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } };
         return Ok(x.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
     }
@@ -261,11 +261,11 @@ pub fn swiglu_frozen_matmul_t_add(g: &Tensor, u: &Tensor, w: &BaseWeight, residu
 
 /// [`swiglu_frozen_matmul_t_add`] in a graph that is only backpropagated through, never read:
 /// the same gradients, but the forward runs neither the GEMM nor an NF4 base's dequantization,
-/// and the output is zeros ([`crate::kernels::BackwardOnly`]). Where the fused op does not
+/// and the output is zeros ([`crate::ops::BackwardOnly`]). Where the fused op does not
 /// apply, the whole computation.
 pub fn swiglu_frozen_matmul_t_add_backward_only(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> Result<Tensor> {
     if swiglu_project_add_fuses(g, u, w, residual, train) {
-        let op = crate::kernels::BackwardOnly::new(swiglu_project_add(w), residual.dims(), g)?;
+        let op = crate::ops::BackwardOnly::new(swiglu_project_add(w), residual.dims(), g)?;
         return Ok(g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, op)?);
     }
     swiglu_frozen_matmul_t_add(g, u, w, residual, train)
@@ -345,7 +345,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     // Counted on the host: one small copy, where the device count would also wait for the device.
     let count = labelled_count(&labels.flatten_all()?.to_vec1::<i64>()?)?;
     let logits = logits.to_dtype(accumulate_dtype(logits.dtype()))?;
-    let total = if logits.device().is_cpu() && crate::kernels::fused_for(&logits) {
+    let total = if logits.device().is_cpu() && crate::ops::fused_for(&logits) {
         logits.contiguous()?.apply_op2(&labels.contiguous()?, super::fused::CrossEntropyRows)?.sum_all()?
     } else {
         cross_entropy_sum_reference(&logits, labels)?
@@ -368,4 +368,15 @@ pub fn cross_entropy_sum_reference(logits: &Tensor, labels: &Tensor) -> Result<T
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok((picked * keep.to_dtype(logits.dtype())?)?.sum_all()?.neg()?)
+}
+
+/// `x Mᵀ` for x [..., in] and M [out, in], flattening the leading dims into one GEMM.
+pub fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner.max(1);
+    let y = x.reshape((rows, inner))?.matmul(&m.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("matmul_t needs at least one dim") = m.dim(0)?;
+    Ok(y.reshape(out_dims)?)
 }

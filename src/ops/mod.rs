@@ -1,7 +1,12 @@
-//! Fused kernels, Rust side. Each op lives in its own file beside its CUDA source in `kernels/`,
-//! with a plain CPU reference of the same math that the tests check against the unfused candle
-//! computation (values and gradients), and that `candle-peft selftest` checks the CUDA kernel
-//! against on the GPU.
+//! The ops layer: every custom op with its CPU reference, its backward and its CUDA launcher.
+//! Each op lives in its own file beside its CUDA source in `kernels/`, with a plain CPU reference
+//! of the same math that the tests check against the unfused candle computation (values and
+//! gradients), and that `candle-peft selftest` checks the CUDA kernel against on the GPU.
+//!
+//! The model's layer ops: [`nn`] (RMSNorm, softmax, SwiGLU, attention, RoPE, cross-entropy, the
+//! frozen matmuls: fused where it pays, the composed reference beside each) over the CPU custom ops
+//! of [`fused`]; [`dropout`] (masks drawn from a seed, on the CPU and in `kernels/dropout.cu`);
+//! [`adamw`] (the in-place update). The adapters' fused ops:
 //!
 //! | op | CUDA | what it fuses |
 //! |---|---|---|
@@ -10,8 +15,8 @@
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
 //! | [`dora_linear`] | cuBLAS (candle ops) | the DoRA linear, forward and backward, keeping one [T, out] tensor instead of about six; [`dora_linear_heads`] with the output split into heads |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
-//! | [`nf4`] | `kernels/nf4.cu` | NF4 dequantize, and the batch-1 GEMV from the packed codes |
 //! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |
+//! | [`snell_merge`] | (reference) | SNELL's kernelized merge and sparsification in plain candle ops |
 //! | [`snell_sparse`] | `kernels/snell_sparse.cu` | SNELL's branch at high sparsity: ΔW_s applied as a sparse matrix, `xᵀ dy` sampled at the survivors |
 //!
 //! Training takes the fused ops whenever the tensors live on a CUDA device, unless
@@ -52,14 +57,17 @@ macro_rules! precomputed_forward3 {
 }
 
 pub mod adamw;
+pub mod dropout;
+pub mod fused;
+pub mod nn;
 pub mod control_branch;
 pub mod dora_linear;
 pub mod lora_linear;
 pub mod lowrank_add;
-pub mod nf4;
+
 pub mod row_norms;
-pub mod selftest;
 pub mod snell;
+pub mod snell_merge;
 pub mod snell_sparse;
 
 #[cfg(feature = "cuda")]
@@ -70,7 +78,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Tensor};
 
-use crate::model::fused::OutputFreeBackward;
+use crate::ops::fused::OutputFreeBackward;
 
 pub use control_branch::control_branch;
 pub use dora_linear::{dora_linear, dora_linear_heads};

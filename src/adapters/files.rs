@@ -1,0 +1,106 @@
+//! An adapter on disk as PEFT keeps it: `adapter_config.json` and `adapter_model.safetensors`,
+//! keys such as `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; every write
+//! atomic.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::{inject, AdapterConfig, SiftLinear};
+use crate::error::{Error, Result};
+use crate::hub::ModelSource;
+use crate::model::Llama;
+use crate::weights::Weights;
+
+/// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` in `dir`
+/// (created if needed; other files there are kept). Each file is written to a temporary name and
+/// renamed, so an interrupted save leaves the previous files whole.
+pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    let tensors = adapter_tensors(model)?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    write_adapter_files(dir, cfg, &tensors, base_model)
+}
+
+/// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
+/// SIFT's indices are saved with them (not trainable, but part of the adapter).
+pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> =
+        model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect::<Result<_>>()?;
+    for (path, sift) in sift_layers(model) {
+        if let Some(idx) = sift.indices() {
+            out.insert(format!("base_model.model.{path}.sift_indices"), idx.contiguous()?);
+        }
+    }
+    Ok(out)
+}
+
+fn sift_layers(model: &Llama) -> Vec<(String, &SiftLinear)> {
+    model
+        .named_linears()
+        .into_iter()
+        .filter_map(|(p, l)| l.adapter().and_then(|a| a.as_any()).and_then(|a| a.downcast_ref::<SiftLinear>()).map(|s| (p, s)))
+        .collect()
+}
+
+pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
+    let json = serde_json::to_string_pretty(&cfg.to_peft_json(base_model)).map_err(|e| Error::Adapter(e.to_string()))?;
+    crate::weights::save_safetensors_atomic(tensors, &dir.join("adapter_model.safetensors"))?;
+    crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+}
+
+/// Read an adapter's config (local directory or hub repo).
+pub fn read_adapter_config(source: &ModelSource) -> Result<AdapterConfig> {
+    let path = source.file("adapter_config.json")?;
+    let v: Value = crate::error::read_json(&path)?;
+    AdapterConfig::from_peft_json(&v, &path)
+}
+
+/// Attach a saved adapter to the model: inject by its config, then overwrite every trainable
+/// tensor with the saved one. A missing tensor or a shape that does not fit the model is an
+/// error naming the module and both shapes.
+pub fn load_adapter(model: &mut Llama, source: &ModelSource) -> Result<AdapterConfig> {
+    let cfg = read_adapter_config(source)?;
+    inject(model, &cfg, 0)?;
+    let weights = Weights::from_safetensors(&[source.file("adapter_model.safetensors")?])?;
+    load_adapter_tensors(model, &weights)?;
+    Ok(cfg)
+}
+
+pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
+    let params = model.trainable_params();
+    let mut expected: std::collections::HashSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
+    for (path, sift) in sift_layers(model) {
+        let key = format!("base_model.model.{path}.sift_indices");
+        if weights.names().contains(&key) {
+            sift.set_indices(&weights.get_any(&key, DType::U32, &Device::Cpu)?)?;
+        }
+        expected.insert(key);
+    }
+    for (key, var) in &params {
+        let t = weights.get_any(key, DType::F32, var.device()).map_err(|e| match e {
+            Error::MissingTensor { origin, .. } => Error::MissingTensor { origin, name: key.clone() },
+            e => e,
+        })?;
+        if t.dims() != var.dims() {
+            let module = [".lora_", ".ia3_", ".sift_", ".snell_", ".down_proj", ".up_proj"]
+                .iter()
+                .find_map(|s| key.rsplit_once(s))
+                .map_or(key.as_str(), |(m, _)| m);
+            return Err(Error::Adapter(format!(
+                "{}: `{key}` has shape {:?} but module `{module}` of the model needs {:?}",
+                weights.origin(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t)?;
+    }
+    for name in weights.names() {
+        if !expected.contains(name.as_str()) {
+            tracing::warn!("{}: tensor `{name}` matches no adapter parameter of the model; ignored", weights.origin());
+        }
+    }
+    Ok(())
+}

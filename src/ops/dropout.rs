@@ -1,0 +1,122 @@
+//! Inverted dropout whose masks are a function of a seed, not of a stored tensor: the fused
+//! adapter ops (LoRA, DoRA, control) draw a mask in forward and draw it again in backward
+//! instead of keeping it, and a resumed run draws the masks the uninterrupted run would have.
+//! CPU: [`dropout_mask_values`]; CUDA: `kernels/dropout.cu`, the same counter-based draw.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use crate::Result;
+
+thread_local! {
+    /// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
+    /// before each forward, so a mask depends only on the adapter's seed and the position in
+    /// training, and a resumed run draws the masks the uninterrupted run would have drawn. Per
+    /// thread: trainers running side by side (the test harness runs tests in parallel) must not
+    /// change each other's masks.
+    static DROPOUT_KEY: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+pub fn set_dropout_key(step: usize, micro_batch: usize) {
+    DROPOUT_KEY.with(|k| k.set(((step as u64) << 20) | micro_batch as u64));
+}
+
+/// Inverted dropout whose masks are a function of its seed and the dropout key.
+pub(crate) struct Dropout {
+    pub p: f64,
+    seed: u64,
+}
+
+impl Dropout {
+    pub fn new(p: f64, rng: &mut StdRng) -> Self {
+        Self { p, seed: rng.random() }
+    }
+
+    /// `x ⊙ mask` as differentiable candle ops (the mask a constant).
+    pub fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.mask(train) {
+            Some(mask) => Ok((x * mask.tensor(x)?)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// This forward pass's mask, or None when dropout is off.
+    pub fn mask(&self, train: bool) -> Option<DropoutMask> {
+        if !train || self.p <= 0.0 {
+            return None;
+        }
+        let key = DROPOUT_KEY.with(std::cell::Cell::get);
+        Some(DropoutMask { seed: self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15), keep: (1.0 - self.p) as f32 })
+    }
+}
+
+/// One inverted-dropout mask, held as its seed: the fused adapter ops draw it in forward and
+/// again in backward rather than keep it (and the dropped input) from one to the other, which
+/// on a LLaMA-7B step is two [tokens, d_in] tensors per adapted matrix. Element i of the
+/// contiguous input is kept, scaled by 1 / keep, by the draw of `dropout_mask_values`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutMask {
+    pub seed: u64,
+    pub keep: f32,
+}
+
+impl DropoutMask {
+    /// The mask (kept entries 1 / keep, dropped 0) for an input like `x`, in x's dtype and on
+    /// its device.
+    pub fn tensor(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = x.device() {
+            return Ok(crate::ops::cuda::dropout::mask(dev, x.shape(), x.dtype(), self.seed, self.keep)?);
+        }
+        let values = dropout_mask_values(self.seed, x.elem_count(), self.keep);
+        Ok(Tensor::from_vec(values, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?)
+    }
+
+    /// `x ⊙ mask` in x's dtype, not tracked by autograd (the fused ops define their own
+    /// backward); on CUDA one kernel, with no mask in memory.
+    pub fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.detach();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(crate::ops::cuda::dropout::apply(&x.contiguous()?, self.seed, self.keep)?);
+        }
+        Ok((&x * self.tensor(&x)?)?)
+    }
+}
+
+/// The mask values `kernels/dropout.cu` draws, on the CPU: element i is kept (`1/keep`) when
+/// the top 24 bits of `splitmix64(seed + (i + 1)·φ)` as a fraction of 2^24 are under `keep`.
+/// Counter-based, so any element can be drawn alone (in parallel here, one thread each there).
+pub fn dropout_mask_values(seed: u64, n: usize, keep: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let scale = 1.0 / keep;
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+            if u < keep { scale } else { 0.0 }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::dropout_mask_values;
+
+    #[test]
+    fn the_mask_keeps_the_asked_fraction_and_follows_its_seed() {
+        let n = 200_000;
+        let (a, b) = (dropout_mask_values(7, n, 0.7), dropout_mask_values(8, n, 0.7));
+        let kept = a.iter().filter(|&&m| m > 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.7).abs() < 0.005, "kept {kept}");
+        assert!(a.iter().all(|&m| m == 0.0 || m == 1.0 / 0.7f32));
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+        assert!(same < 0.65, "two seeds agree on {same} of the elements (independent: 0.58)");
+        assert_eq!(a, dropout_mask_values(7, n, 0.7));
+    }
+}

@@ -1,0 +1,166 @@
+//! The frozen linears: `x Wᵀ` without `∂W`, alone, into the residual, and after SwiGLU.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use super::*;
+use crate::ops::{cpu_tensor, tensor_cpu_storage};
+use crate::quant::BaseWeight;
+
+/// `x Wᵀ` with W a constant: x [..., in], W [out, in] held by the op as the layer holds it (an
+/// NF4 base stays packed, dequantized in forward and again in backward). candle's matmul would
+/// also compute and keep ∂L/∂W (an extra GEMM and an [in, out] tensor held until backward
+/// ends); this op's backward gives only `dx = dy W`.
+pub struct FrozenMatmulT {
+    pub weight: BaseWeight,
+}
+
+/// `residual + x Wᵀ` with W constant: a frozen projection that only adds into the residual
+/// stream (the attention's o_proj, the MLP's down_proj). As one node the graph holds x and the
+/// residual, which it holds anyway, and not the projection's output, which no backward reads
+/// (candle's add node would keep it: [tokens, hidden] a layer). Backward: `dx = dy W`, and dy
+/// itself for the residual.
+pub struct FrozenMatmulTAdd {
+    pub projection: FrozenMatmulT,
+}
+
+impl CustomOp2 for FrozenMatmulTAdd {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let product = self.projection.product(&cpu_tensor(s1, l1, self.name())?)?;
+        let residual = cpu_tensor(s2, l2, self.name())?;
+        if residual.shape() != product.shape() {
+            candle_core::bail!("{}: residual {:?} for an output {:?}", self.name(), residual.dims(), product.dims());
+        }
+        let y = (residual + product)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cuda::frozen_matmul_t_add(&*self.projection.dense()?, (s1, l1), (s2, l2))
+    }
+
+    fn bwd(&self, x: &Tensor, _residual: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = self.projection.bwd(x, y, dy)?;
+        Ok((dx, Some(dy.detach())))
+    }
+}
+
+/// `residual + (silu(g) ⊙ u) Wᵀ` with W constant: the MLP's SwiGLU and its frozen down_proj
+/// adding into the residual, as one node. The graph holds g, u and the residual, which it holds
+/// anyway (SwiGLU's backward reads g and u), and not the activation `silu(g) ⊙ u` [tokens,
+/// intermediate] (86 MiB a LLaMA-7B layer at 4,096 tokens in bf16), a transient of the forward
+/// that only the frozen projection read. Backward: `da = dy W`, then SwiGLU's backward of `da`,
+/// and dy itself for the residual.
+pub struct SwiGluProjectAdd {
+    pub projection: FrozenMatmulTAdd,
+}
+
+/// The backward reads g, u and dy, never y.
+impl OutputFreeBackward for SwiGluProjectAdd {}
+
+impl CustomOp3 for SwiGluProjectAdd {
+    fn name(&self) -> &'static str {
+        "swiglu-frozen-matmul-t-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+        residual: &CpuStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (activation, shape) = SwiGlu.cpu_fwd(g, lg, u, lu)?;
+        self.projection.cpu_fwd(&activation, &Layout::contiguous(shape), residual, lr)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+        u: &candle_core::CudaStorage,
+        lu: &Layout,
+        residual: &candle_core::CudaStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (activation, shape) = SwiGlu.cuda_fwd(g, lg, u, lu)?;
+        self.projection.cuda_fwd(&activation, &Layout::contiguous(shape), residual, lr)
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _residual: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(da) = self.projection.projection.bwd(g, y, dy)? else {
+            candle_core::bail!("{}: the projection gave no input gradient", self.name())
+        };
+        // SwiGLU's backward reads g, u and the gradient only (its output stands in unread).
+        let (dg, du) = SwiGlu.bwd(g, u, y, &da.reshape(g.shape())?)?;
+        Ok((dg, du, Some(dy.detach())))
+    }
+}
+
+impl FrozenMatmulT {
+    fn dense(&self) -> candle_core::Result<std::borrow::Cow<'_, Tensor>> {
+        self.weight.dense().map_err(candle_core::Error::wrap)
+    }
+
+    /// `x Wᵀ` on the CPU, x [..., in].
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.dense()?;
+        let (out, inp) = w.dims2()?;
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("{}: x {:?} against W [{out}, {inp}]", self.name(), dims);
+        }
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&w.to_dtype(x.dtype())?.t()?)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has a last dim") = out;
+        y.reshape(out_dims)
+    }
+}
+
+impl CustomOp1 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.product(&cpu_tensor(storage, layout, self.name())?)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    /// cuBLAS on the CUDA storage (f32 accumulation), W in x's dtype.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cuda::frozen_matmul_t(&*self.dense()?, storage, layout)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.dense()?;
+        let out = w.dim(0)?;
+        let rows = dy.elem_count() / out.max(1);
+        let dx = dy.reshape((rows, out))?.matmul(&w.to_dtype(dy.dtype())?)?.reshape(x.shape())?;
+        Ok(Some(dx))
+    }
+}
+
+impl OutputFreeBackward for FrozenMatmulT {}
