@@ -6,7 +6,7 @@
 //! learn which words are colours and answer `option1` or `option2`; the test set holds pairs
 //! never seen in training, so a right answer is not a memorised pair. Chance is 50%.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use serde_json::json;
@@ -137,9 +137,16 @@ fn accuracy(model: &Llama, tok: &tokenizers::Tokenizer, test: &[Example]) -> Res
     Ok(correct as f64 / total.max(1) as f64)
 }
 
-/// Run the demo, writing the model, data and adapter under `out`.
+/// `out/run-N` for the first N not taken: each demo run gets a folder of its own, so running the
+/// demo again never replaces an earlier run's adapter or results.
+fn new_run_dir(out: &Path) -> PathBuf {
+    (1..).map(|n| out.join(format!("run-{n}"))).find(|p| !p.exists()).expect("an unused run number")
+}
+
+/// Run the demo, writing the adapter and the results under a new `out/run-N`.
 pub fn run(out: &Path, seed: u64, size: &DemoSize) -> Result<DemoResult> {
     let start = std::time::Instant::now();
+    let out = &new_run_dir(out);
     let (train_examples, test) = task(seed, size.test_size);
     let tok = tokenizer(&[train_examples.clone(), test.clone()].concat())?;
     let mut config = size.config.clone();

@@ -34,6 +34,22 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     Ok(())
 }
 
+/// An output directory that is new: absent, or an empty directory. A file there, or a directory
+/// with anything in it, is the user's and is refused before any work is done.
+pub fn require_new_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() && dir.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    let msg = if !dir.is_dir() {
+        "the output exists and is a file; nothing was written (choose a new path)"
+    } else if std::fs::read_dir(dir).at(dir)?.next().is_some() {
+        "the output exists and is not empty; nothing was written (choose a new path)"
+    } else {
+        return Ok(());
+    };
+    Err(crate::Error::BadFile { path: dir.to_path_buf(), msg: msg.into() })
+}
+
 /// Write a whole file atomically (temporary file, then rename).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));

@@ -10,5 +10,5 @@ fn lora_learns_the_demo_task() {
     let result = run(out.path(), 1, &size).unwrap();
     assert!(result.accuracy_before <= 0.65, "before: {}", result.accuracy_before);
     assert!(result.accuracy_after >= 0.85, "after: {}", result.accuracy_after);
-    assert!(out.path().join("adapter/adapter_model.safetensors").is_file());
+    assert!(out.path().join("run-1/adapter/adapter_model.safetensors").is_file());
 }

@@ -73,7 +73,7 @@ fn resumed_run_equals_uninterrupted_run() {
         let diff = (t - &expected[&name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "{name} differs by {diff} after resuming");
     }
-    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoint/trainer_state.json", "best/adapter_config.json"] {
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoints/step-000000006/trainer_state.json", "best/adapter_config.json"] {
         assert!(split.join(f).is_file(), "{f} missing from the output directory");
     }
     let metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
@@ -122,7 +122,7 @@ fn resumed_adalora_run_equals_uninterrupted_run() {
     // Budgeting steps 2..4 around the checkpoint after step 3: the sensitivity averages cross it.
     let tmp = tempfile::tempdir().unwrap();
     let split = assert_resume_is_exact(&adalora(1, 1), tmp.path());
-    assert!(split.join("checkpoint/hook_state.safetensors").is_file());
+    assert!(split.join("checkpoints/step-000000006/hook_state.safetensors").is_file());
     // The final allocation at step 3 (0-based 2), before the checkpoint: the rank pattern crosses it.
     let tmp = tempfile::tempdir().unwrap();
     assert_resume_is_exact(&adalora(0, 4), tmp.path());
@@ -133,4 +133,113 @@ fn resumed_sift_run_equals_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = AdapterConfig::Sift(SiftConfig { target_modules: targets(), sparse_rate: 0.2 });
     assert_resume_is_exact(&cfg, tmp.path());
+}
+
+/// Every float of an adapter's tensors, as bits (equal runs give equal bits).
+fn adapter_bits(model: &Llama) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = adapter_tensors(model)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn step_lines(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn resume_after_a_crash_finds_the_newest_whole_checkpoint_and_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.path().join("whole"), 6, false), |_| 1.0).unwrap();
+    let expected = adapter_bits(&model);
+
+    // A run that stopped at step 3, then died inside the save of step 6 and after logging steps 4
+    // and 5: a temporary checkpoint folder half-written, the metrics of the lost steps appended,
+    // and a line cut in the middle.
+    let split = tmp.path().join("split");
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
+    let debris = split.join("checkpoints/.step-000000006.tmp-4242");
+    std::fs::create_dir_all(&debris).unwrap();
+    std::fs::write(debris.join("adapter_model.safetensors"), b"half").unwrap();
+    let mut metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+    metrics.push_str("{\"step\":4,\"loss\":1.0}\n{\"step\":5,\"loss\":1.0}\n{\"step\":6,\"lo");
+    std::fs::write(split.join("metrics.jsonl"), metrics).unwrap();
+
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
+    assert_eq!(adapter_bits(&model), expected, "the resumed run ends where the uninterrupted one does");
+    assert!(!debris.exists(), "the half-written checkpoint is removed");
+    assert_eq!(step_lines(&split), (1..=6).collect::<Vec<_>>(), "one metrics line a step, none replayed");
+    let kept: Vec<String> = std::fs::read_dir(split.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert_eq!(kept.len(), candle_peft::training::checkpoint::KEEP, "{kept:?}");
+}
+
+#[test]
+fn the_earlier_single_checkpoint_folder_and_its_crash_leftover_still_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.path().join("whole"), 6, false), |_| 1.0).unwrap();
+    let expected = adapter_bits(&model);
+    let split = tmp.path().join("split");
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
+    // The layout of earlier versions, as a crash between the two renames of their swap left it:
+    // no `checkpoint/`, the previous one under `.checkpoint.old-PID`.
+    std::fs::rename(split.join("checkpoints/step-000000003"), split.join(".checkpoint.old-77")).unwrap();
+    std::fs::remove_dir_all(split.join("checkpoints")).unwrap();
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
+    assert_eq!(adapter_bits(&model), expected);
+    assert!(!split.join(".checkpoint.old-77").exists(), "the leftover goes once a newer checkpoint is whole");
+}
+
+#[test]
+fn a_new_run_does_not_train_over_an_earlier_runs_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    train(&model, &cfg, train_set, val_set, &run_cfg(tmp.path(), 3, false), |_| 1.0).unwrap();
+    let before = std::fs::read(tmp.path().join("checkpoints/step-000000003/adapter_model.safetensors")).unwrap();
+    let (model, _, _) = setup();
+    let e = train(&model, &cfg, train_set, val_set, &run_cfg(tmp.path(), 3, false), |_| 1.0).unwrap_err().to_string();
+    assert!(e.contains("checkpoint of an earlier run"), "{e}");
+    assert_eq!(std::fs::read(tmp.path().join("checkpoints/step-000000003/adapter_model.safetensors")).unwrap(), before);
+}
+
+#[test]
+fn a_non_finite_learning_rate_stops_before_anything_is_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    let mut run = run_cfg(tmp.path(), 6, false);
+    run.steps.optim.lr = f64::NAN;
+    let e = train(&model, &cfg, train_set, val_set, &run, |_| 1.0).unwrap_err().to_string();
+    assert!(e.contains("learning rate NaN at step 1"), "{e}");
+    assert!(!tmp.path().join("checkpoints").exists() && !tmp.path().join("best").exists());
+}
+
+#[test]
+fn an_adapter_holding_nan_is_never_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, _) = setup();
+    let mut tensors = adapter_tensors(&model).unwrap();
+    let name = tensors.keys().next().unwrap().clone();
+    let t = &tensors[&name];
+    let poisoned = (t + f64::NAN).unwrap();
+    tensors.insert(name.clone(), poisoned);
+    let e = candle_peft::adapters::write_adapter_files(tmp.path(), &cfg, &tensors, None).unwrap_err().to_string();
+    assert!(e.contains(&name) && e.contains("non-finite"), "{e}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written");
 }

@@ -126,6 +126,12 @@ pub fn attach(model: &mut Llama, cfg: &ControlConfig, rng: &mut StdRng) -> Resul
         return Err(Error::Adapter("control ranks must be at least 1".into()));
     }
     let (hidden, device) = (model.config.hidden_size, model.device().clone());
+    // Checked before anything is allocated from them: a rank read from a file could be any size.
+    for (name, rank) in [("control_rank", cfg.control_rank), ("double_control_rank", cfg.double_control_rank)] {
+        if rank > hidden && (name == "control_rank" || cfg.double_control) {
+            return Err(Error::Adapter(format!("{name} = {rank} is larger than the model's hidden size {hidden}")));
+        }
+    }
     let mut count = 0;
     for layer in &mut model.layers {
         if cfg.double_control {

@@ -44,10 +44,31 @@ fn sift_layers(model: &Llama) -> Vec<(String, &SiftLinear)> {
         .collect()
 }
 
+/// Write the two files of an adapter. An adapter holding a non-finite value (a diverged run) is
+/// refused before anything is written: no file of the engine's is ever full of NaN.
 pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<String, Tensor>, base_model: Option<&str>) -> Result<()> {
+    check_finite(tensors)?;
     let json = serde_json::to_string_pretty(&cfg.to_peft_json(base_model)).map_err(|e| Error::Adapter(e.to_string()))?;
     crate::weights::save_safetensors_atomic(tensors, &dir.join("adapter_model.safetensors"))?;
     crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+}
+
+/// Every floating-point tensor finite: `t − t` is 0 for a finite value and NaN for ±inf or NaN, so
+/// its sum is 0 exactly when all are finite.
+pub fn check_finite(tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let t = t.to_dtype(DType::F32)?;
+        if !(&t - &t)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Err(Error::Adapter(format!("`{name}` holds a non-finite value (the run diverged); nothing was written")));
+        }
+    }
+    Ok(())
 }
 
 /// Read an adapter's config (local directory or hub repo).

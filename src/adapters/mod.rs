@@ -69,6 +69,7 @@ fn inject_linears(model: &mut Llama, cfg: &AdapterConfig, rng: &mut StdRng) -> R
             continue;
         }
         if let AdapterConfig::Eva(c) = cfg {
+            check_rank(cfg, &path, linear.base().base_weight().dims())?;
             // A layer that EVA gave rank 0 has no adapter.
             if let Some(l) = eva::build(linear.base(), c, &path, rng)? {
                 linear.set_adapter(Box::new(l));
@@ -92,11 +93,30 @@ fn inject_linears(model: &mut Llama, cfg: &AdapterConfig, rng: &mut StdRng) -> R
 /// The adapter of one layer and, for PiSSA/OLoRA, the residual weight that replaces the base.
 type Built = (Box<dyn LinearAdapter>, Option<Tensor>);
 
+/// The rank a per-linear method allocates its factors with, checked against the layer before
+/// anything is allocated: a rank read from a file could be any size (2^40 would abort the
+/// process). Above the larger of the two widths a rank adds nothing a smaller one cannot.
+fn check_rank(cfg: &AdapterConfig, path: &str, dims: &[usize]) -> Result<()> {
+    let (name, rank) = match cfg {
+        AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) => ("r", c.r),
+        AdapterConfig::Eva(c) => ("r", c.lora.r),
+        AdapterConfig::AdaLora(c) => ("init_r", c.init_r),
+        AdapterConfig::Snell(c) => ("r", c.r),
+        _ => return Ok(()),
+    };
+    let widest = dims.iter().copied().max().unwrap_or(0);
+    if rank > widest {
+        return Err(Error::Adapter(format!("{path}: {name} = {rank} is larger than the layer itself ({dims:?})")));
+    }
+    Ok(())
+}
+
 fn build(cfg: &AdapterConfig, path: &str, linear: &Linear, rng: &mut StdRng) -> Result<Built> {
     let base = linear.base();
     if linear.is_merged() {
         return Err(Error::Adapter(format!("{path}: cannot inject into a merged layer")));
     }
+    check_rank(cfg, path, base.base_weight().dims())?;
     let adapter: Box<dyn LinearAdapter> = match cfg {
         AdapterConfig::Lora(c) | AdapterConfig::LoraInit(c, _) if c.r == 0 => {
             return Err(Error::Adapter("LoRA rank r must be at least 1".into()))

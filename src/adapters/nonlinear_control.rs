@@ -142,6 +142,9 @@ pub fn attach(model: &mut Llama, cfg: &NonlinearControlConfig, rng: &mut StdRng)
         return Err(Error::Adapter("control_rank must be at least 1".into()));
     }
     let (hidden, eps, device) = (model.config.hidden_size, model.config.rms_norm_eps, model.device().clone());
+    if cfg.control_rank > hidden {
+        return Err(Error::Adapter(format!("control_rank = {} is larger than the model's hidden size {hidden}", cfg.control_rank)));
+    }
     for layer in &mut model.layers {
         let norm = cfg.stable_mode.then(|| (layer.post_attention_layernorm.clone(), eps));
         layer.mlp_control = Some(Box::new(NonlinearControl::new(hidden, cfg.control_rank, norm, rng, &device)?));

@@ -58,15 +58,44 @@ pub fn load_with_adapter(model: &ModelArgs, adapter: Option<&str>) -> Result<Loa
     Ok(loaded)
 }
 
+/// The model's tokenizer, which must not produce an id past the model's vocabulary (the
+/// embedding lookup would fail deep inside the forward, naming neither file).
 pub fn require_tokenizer(loaded: &LoadedModel) -> Result<&tokenizers::Tokenizer> {
-    loaded.tokenizer.as_ref().ok_or_else(|| {
+    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
         Error::msg(format!("{}: no tokenizer (tokenizer.json, or the vocabulary inside the GGUF) was found", loaded.source))
-    })
+    })?;
+    let vocab = loaded.model.config.vocab_size;
+    let largest = tokenizer.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+    if largest >= vocab {
+        return Err(Error::msg(format!(
+            "{}: the tokenizer has token id {largest}, past the model's vocabulary of {vocab} (config vocab_size)",
+            loaded.source
+        )));
+    }
+    Ok(tokenizer)
+}
+
+/// A finished run's folder (its adapter is there) is not trained over unless `--resume` asks to
+/// continue it: the adapter, `best/` and the metrics it holds are the user's.
+fn refuse_finished_run(dir: &Path, resume: bool) -> Result<()> {
+    if !resume && dir.join("adapter_model.safetensors").exists() {
+        return Err(Error::msg(format!(
+            "--output-dir {}: holds a trained adapter already; pass --resume to continue that run, or choose a new directory",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
+    args.validate()?;
+    refuse_finished_run(&args.output_dir, args.resume)?;
     let mut loaded = load_model_with(&args.model.model, args.model.dtype()?, &args.model.device()?, args.model.quantize()?)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
+    let vocab = loaded.model.config.vocab_size;
+    if args.pad_token_id as usize >= vocab {
+        return Err(Error::msg(format!("--pad-token-id {}: must be below the model's vocabulary size {vocab}", args.pad_token_id)));
+    }
     let mut adapter = args.adapter.to_config()?;
     let n = inject(&mut loaded.model, &adapter, args.seed)?;
     let trainable: usize = loaded.model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum();
@@ -137,6 +166,7 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
 }
 
 fn merge(args: &MergeArgs) -> Result<()> {
+    crate::fsutil::require_new_dir(&args.output)?;
     let mut loaded = load_with_adapter(&args.model, Some(&args.adapter))?;
     for (_, linear) in loaded.model.named_linears_mut() {
         linear.merge()?;
@@ -147,11 +177,9 @@ fn merge(args: &MergeArgs) -> Result<()> {
 }
 
 /// Write a model as a Hugging Face directory: config.json, model.safetensors, tokenizer.json.
-/// A directory that exists and is not empty is refused rather than replaced.
+/// A file, or a directory that is not empty, is refused rather than replaced.
 pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
-    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(Error::BadFile { path: out.to_path_buf(), msg: "exists and is not empty; choose a new directory".into() });
-    }
+    crate::fsutil::require_new_dir(out)?;
     let model = &loaded.model;
     let tensors: std::collections::HashMap<_, _> =
         model.hf_weights()?.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;

@@ -18,6 +18,15 @@ fn generation_config(model: &Llama, args: &GenerationArgs) -> GenerationConfig {
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
+    args.generation.validate()?;
+    super::validate::int_in("batch-size", args.batch_size, 1, 1 << 16)?;
+    if let (Some(path), false) = (&args.output, args.overwrite) {
+        for p in [path.clone(), path.with_extension("predictions.json"), path.with_extension("png")] {
+            if p.exists() {
+                return Err(Error::msg(format!("--output {}: {} exists; pass --overwrite to replace it", path.display(), p.display())));
+            }
+        }
+    }
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let tokenizer = require_tokenizer(&loaded)?;
     let tasks = if args.tasks.is_empty() {
@@ -61,6 +70,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
+    args.generation.validate()?;
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let tokenizer = require_tokenizer(&loaded)?;
     let text = if args.chat {
@@ -70,6 +80,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let ids = tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
     let cfg = generation_config(&loaded.model, &args.generation);
+    crate::eval::generate::check_context(&loaded.model, std::slice::from_ref(&ids), &cfg)
+        .map_err(|e| Error::msg(format!("--prompt / --max-new-tokens: {e}")))?;
     let start = std::time::Instant::now();
     let out = if cfg.num_beams > 1 { beam_search(&loaded.model, &[ids], &cfg)? } else { greedy(&loaded.model, &[ids], &cfg)? };
     let seconds = start.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@ pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
 pub mod selftest;
+pub mod validate;
 
 use std::path::PathBuf;
 
@@ -187,7 +188,36 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
+    /// Every number within its range (the ranks against the model's widths are checked where
+    /// the adapter is built, before anything is allocated).
+    pub fn validate(&self) -> Result<()> {
+        use validate::{dropout, int_in, positive, real_in};
+        const RANK: usize = 1 << 16;
+        int_in("r", self.r, 1, RANK)?;
+        positive("lora-alpha", self.lora_alpha, 1e6)?;
+        dropout("lora-dropout", self.lora_dropout)?;
+        int_in("control-rank", self.control_rank, 1, RANK)?;
+        real_in("control-alpha", self.control_alpha, (-1e6, true), (1e6, true))?;
+        dropout("control-dropout", self.control_dropout)?;
+        int_in("double-control-rank", self.double_control_rank, 1, RANK)?;
+        if let Some(r) = self.adalora_init_r {
+            int_in("adalora-init-r", r, 1, RANK)?;
+        }
+        if let Some(r) = self.adalora_target_r {
+            int_in("adalora-target-r", r, 1, RANK)?;
+        }
+        real_in("sparse-rate", self.sparse_rate, (0.0, false), (1.0, true))?;
+        int_in("snell-heads", self.snell_heads, 1, self.r.max(1))?;
+        real_in("sparsity", self.sparsity, (0.0, true), (1.0, false))?;
+        if let Some(r) = self.galore_rank {
+            int_in("galore-rank", r, 1, RANK)?;
+        }
+        int_in("galore-update-proj-gap", self.galore_update_proj_gap, 1, usize::MAX)?;
+        positive("galore-scale", self.galore_scale, 1e6)
+    }
+
     pub fn to_config(&self) -> Result<AdapterConfig> {
+        self.validate()?;
         let targets = Targets::List(self.target_modules.clone());
         let lora = |use_rslora, use_dora| {
             AdapterConfig::Lora(LoraConfig {
@@ -315,12 +345,39 @@ pub struct FinetuneArgs {
     pub pad_token_id: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Continue from output_dir/checkpoint when it exists.
+    /// Continue from the newest checkpoint in output_dir/checkpoints when there is one.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub resume: bool,
     /// Use only the first N examples of the data file.
     #[arg(long)]
     pub limit: Option<usize>,
+}
+
+impl FinetuneArgs {
+    /// Every number within its range, before the model or the data is read.
+    pub fn validate(&self) -> Result<()> {
+        use validate::{int_in, positive, real_in};
+        const MANY: usize = 1 << 30;
+        self.adapter.validate()?;
+        int_in("batch-size", self.batch_size, 1, MANY)?;
+        int_in("micro-batch-size", self.micro_batch_size, 1, self.batch_size)?;
+        if !self.batch_size.is_multiple_of(self.micro_batch_size) {
+            return Err(Error::msg(format!(
+                "--batch-size {} must be a multiple of --micro-batch-size {}",
+                self.batch_size, self.micro_batch_size
+            )));
+        }
+        positive("num-epochs", self.num_epochs, 1e4)?;
+        if let Some(steps) = self.max_steps {
+            int_in("max-steps", steps, 1, MANY)?;
+        }
+        positive("learning-rate", self.learning_rate, 10.0)?;
+        positive("lr-ratio-v", self.lr_ratio_v, 1e6)?;
+        real_in("weight-decay", self.weight_decay, (0.0, true), (1e3, true))?;
+        int_in("warmup-steps", self.warmup_steps, 0, MANY)?;
+        positive("max-grad-norm", self.max_grad_norm, 1e12)?;
+        int_in("cutoff-len", self.cutoff_len, 2, 1 << 20)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -330,6 +387,13 @@ pub struct GenerationArgs {
     /// 1 is greedy; the protocol uses 4.
     #[arg(long, default_value_t = 1)]
     pub num_beams: usize,
+}
+
+impl GenerationArgs {
+    pub fn validate(&self) -> Result<()> {
+        validate::int_in("num-beams", self.num_beams, 1, 64)?;
+        validate::int_in("max-new-tokens", self.max_new_tokens, 0, 1 << 20)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -352,9 +416,12 @@ pub struct EvalArgs {
     /// Evaluate only the first N questions of each task.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Write the accuracy table as JSON here.
+    /// Write the accuracy table as JSON here (with `.predictions.json` and `.png` beside it).
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Replace the files of `--output` when they exist (refused otherwise).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug, Clone)]

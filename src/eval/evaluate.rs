@@ -63,6 +63,10 @@ pub fn evaluate_task(
     let examples = &examples[..limit.map_or(examples.len(), |n| n.min(examples.len()))];
     let answers = gold_answers(task, examples)?;
     let prompts: Vec<Vec<u32>> = examples.iter().map(|e| encode_prompt(tokenizer, e)).collect::<Result<_>>()?;
+    for (row, prompt) in prompts.iter().enumerate() {
+        super::generate::check_context(model, std::slice::from_ref(prompt), cfg)
+            .map_err(|e| Error::msg(format!("{task}, record {row}: {e}")))?;
+    }
     // Longest first: the largest batch comes first, so a memory problem shows at once.
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::answer::Task;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskScore {
@@ -89,7 +89,7 @@ impl EvalReport {
     }
 
     pub fn save_json(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_json()? + "\n").at(path)
+        crate::fsutil::write_file_atomic(path, (self.to_json()? + "\n").as_bytes())
     }
 
     /// An aligned table: task, correct, total, accuracy in %, then the average.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 ///
 /// Weights are stored as F16/BF16 when every matrix in the GGUF is in that precision, else F32.
 pub fn gguf_to_hf_dir(gguf: &Path, out_dir: &Path) -> Result<()> {
-    check_out_dir(out_dir)?;
+    crate::fsutil::require_new_dir(out_dir)?;
     let dtype = source_precision(gguf)?;
     let model = load_gguf(gguf, dtype, &Device::Cpu)?;
 
@@ -88,17 +88,6 @@ fn torch_dtype(dtype: DType) -> &'static str {
     }
 }
 
-fn check_out_dir(out_dir: &Path) -> Result<()> {
-    if !out_dir.exists() {
-        return Ok(());
-    }
-    let empty = out_dir.is_dir() && std::fs::read_dir(out_dir).at(out_dir)?.next().is_none();
-    if empty {
-        Ok(())
-    } else {
-        Err(Error::BadFile { path: out_dir.to_path_buf(), msg: "output exists and is not an empty directory".into() })
-    }
-}
 
 /// `.<name>.partial-<pid>` next to `out_dir`, so the final rename stays on one file system.
 fn temp_sibling(out_dir: &Path) -> Result<PathBuf> {
@@ -144,7 +133,7 @@ mod tests {
         assert_eq!(generation["eos_token_id"], 2);
 
         let again = gguf_to_hf_dir(&gguf, &out).unwrap_err().to_string();
-        assert!(again.contains("not an empty directory"), "{again}");
+        assert!(again.contains("is not empty"), "{again}");
     }
 
     #[test]

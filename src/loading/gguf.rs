@@ -616,4 +616,35 @@ pub(crate) mod tests {
         let err = load_gguf(&path, DType::F32, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("bias.gguf") && err.contains("blk.0.attn_q.bias"), "{err}");
     }
+
+    #[test]
+    fn zero_alignment_is_an_error_not_a_division_by_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, alignment) in [("align0.gguf", 0u32), ("align3.gguf", 3)] {
+            let path = dir.path().join(name);
+            let mut md = metadata();
+            md.push(("general.alignment", gguf_file::Value::U32(alignment)));
+            write_gguf(&path, &md, &tiny_model().gguf);
+            let err = load_gguf(&path, DType::F32, &Device::Cpu).err().unwrap().to_string();
+            assert!(err.contains(name) && err.contains("general.alignment"), "{err}");
+        }
+    }
+
+    #[test]
+    fn dimensions_whose_product_overflows_are_an_error_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.gguf");
+        let w = QTensor::quantize(&ramp(4, 32, 0.0), GgmlDType::F32).unwrap();
+        write_gguf(&path, &metadata(), &[("blk.0.attn_q.weight".to_string(), w)]);
+        // The two u64 dimensions follow the name and its u32 count: make both 2^62.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let name_at = bytes.windows(19).position(|w| w == b"blk.0.attn_q.weight").unwrap();
+        let dims_at = name_at + 19 + 4;
+        for i in 0..2 {
+            bytes[dims_at + 8 * i..dims_at + 8 * i + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let err = load_gguf(&path, DType::F32, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("huge.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("overflows"), "{err}");
+    }
 }

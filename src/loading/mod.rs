@@ -56,7 +56,17 @@ pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Opti
 }
 
 pub fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer> {
-    json.parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(e.to_string()))
+    // A syntax error is reported here, with its line and column, rather than inside tokenizers.
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| Error::Tokenizer(format!("not valid JSON: {e}")))?;
+    // tokenizers 0.23 panics (`expect("Helper")` in decoders/mod.rs) on a decoder it cannot read
+    // instead of returning its error: turn that panic back into an error at this boundary.
+    match std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.map_err(|e| Error::Tokenizer(e.to_string())),
+        Err(panic) => {
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(Error::Tokenizer(format!("malformed tokenizer: {}", msg.unwrap_or_else(|| "unreadable section".into()))))
+        }
+    }
 }
 
 /// A `quantization_config` in config.json: bitsandbytes 4-bit NF4 is read (per tensor, from its

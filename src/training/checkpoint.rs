@@ -1,9 +1,16 @@
 //! Training checkpoints: the adapter (PEFT format), the optimizer moments, the step hooks' state
-//! (AdaLoRA's rank allocator), the step and the data position, written atomically into one directory so that a crash mid-write leaves the previous
-//! checkpoint whole, and read back to resume on the very next batch.
+//! (AdaLoRA's rank allocator), the step and the data position, read back to resume on the very
+//! next batch.
+//!
+//! Consistent at every instant: a checkpoint is written whole into a temporary folder, then
+//! renamed to `OUTPUT/checkpoints/step-NNNNNNNNN`, a name no other checkpoint has, so the rename
+//! is the one moment it appears and nothing older is touched before it. Only then are all but the
+//! newest [`KEEP`] removed. Resume takes the newest `step-*` folder; temporaries a crash left are
+//! removed when a run starts. The single `OUTPUT/checkpoint` folder of earlier versions (and the
+//! `.checkpoint.old-*` a crash inside its swap left) is still read when no numbered one exists.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -11,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::step::Trainer;
 use crate::adapters::{adapter_tensors, load_adapter_tensors, write_adapter_files, AdapterConfig};
 use crate::data::batch::BatchPosition;
-use crate::error::{read_json, Error, Result};
+use crate::error::{read_json, Error, IoContext, Result};
 use crate::weights::Weights;
 use crate::model::Llama;
 
@@ -28,6 +35,102 @@ pub struct TrainerState {
     pub optimizer_t: usize,
     pub best_eval_loss: Option<f64>,
     pub seed: u64,
+}
+
+/// The folder of the numbered checkpoints under a run's output directory.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// How many checkpoints a run keeps (the newest).
+pub const KEEP: usize = 2;
+
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-").and_then(|n| n.parse().ok())
+}
+
+/// The numbered checkpoints of a run, oldest first.
+fn numbered(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = output_dir.join(CHECKPOINTS_DIR);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).at(&dir)? {
+        let path = entry.at(&dir)?.path();
+        let step = path.file_name().and_then(|n| n.to_str()).and_then(step_of);
+        if let Some(step) = step.filter(|_| path.join(STATE_FILE).is_file()) {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest whole checkpoint of the run in `output_dir`, if any: the highest `step-*` folder,
+/// else the earlier versions' `checkpoint/`, else the previous checkpoint that a crash inside
+/// their swap left as `.checkpoint.old-*`.
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    if let Some((_, path)) = numbered(output_dir)?.pop() {
+        return Ok(Some(path));
+    }
+    let legacy = output_dir.join("checkpoint");
+    if legacy.join(STATE_FILE).is_file() {
+        return Ok(Some(legacy));
+    }
+    let mut old: Vec<PathBuf> = match std::fs::read_dir(output_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".checkpoint.old-")))
+            .filter(|p| p.join(STATE_FILE).is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    old.sort();
+    Ok(old.pop())
+}
+
+/// Remove what a crash left half-written: temporaries of the numbered scheme, and those of the
+/// earlier versions' swap (`.checkpoint.tmp-*`, and `.checkpoint.old-*` once a newer whole
+/// checkpoint exists). Whole checkpoints are never removed here.
+pub fn remove_stale(output_dir: &Path) -> Result<()> {
+    let numbered_dir = output_dir.join(CHECKPOINTS_DIR);
+    let mut stale = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&numbered_dir) {
+        stale.extend(entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+        }));
+    }
+    let newer_exists = !numbered(output_dir)?.is_empty() || output_dir.join("checkpoint").join(STATE_FILE).is_file();
+    if let Ok(entries) = std::fs::read_dir(output_dir) {
+        stale.extend(entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with(".checkpoint.tmp-") || (newer_exists && name.starts_with(".checkpoint.old-"))
+        }));
+    }
+    for path in stale {
+        tracing::info!("removing {}, left by an interrupted save", path.display());
+        std::fs::remove_dir_all(&path).at(&path)?;
+    }
+    Ok(())
+}
+
+/// Save the checkpoint of `state.step` as `OUTPUT/checkpoints/step-N` (see the module doc), then
+/// keep only the newest [`KEEP`]. Returns its folder.
+pub fn save_numbered_checkpoint(
+    output_dir: &Path,
+    model: &Llama,
+    adapter: &AdapterConfig,
+    trainer: &Trainer,
+    state: &TrainerState,
+    base_model: Option<&str>,
+) -> Result<PathBuf> {
+    let dir = output_dir.join(CHECKPOINTS_DIR).join(format!("step-{:09}", state.step));
+    save_checkpoint(&dir, model, adapter, trainer, state, base_model)?;
+    let all = numbered(output_dir)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
+        std::fs::remove_dir_all(old).at(old)?;
+    }
+    // A leftover of the earlier versions' swap is older than the checkpoint just made whole.
+    remove_stale(output_dir)?;
+    Ok(dir)
 }
 
 /// Write `dir` atomically: adapter files, optimizer state, hook state, trainer state.

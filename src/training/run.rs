@@ -4,13 +4,13 @@
 //! log every step to a progress bar and a JSONL metrics file.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
 use serde::Serialize;
 
-use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
+use super::checkpoint::{latest_checkpoint, load_checkpoint, remove_stale, save_numbered_checkpoint, TrainerState};
 use super::step::{eval_loss, StepConfig, Trainer};
 use crate::model::TrainBatch;
 use crate::adapters::{save_adapter, AdapterConfig};
@@ -64,7 +64,7 @@ pub fn to_train_batch(b: &Batch, device: &Device) -> Result<TrainBatch> {
     Ok(TrainBatch { input_ids: t.input_ids, mask, labels: t.labels })
 }
 
-/// Train the adapters already injected into `model`. Checkpoints go to `output_dir/checkpoint`,
+/// Train the adapters already injected into `model`. Checkpoints go to `output_dir/checkpoints/`,
 /// the final adapter to `output_dir`, metrics to `output_dir/metrics.jsonl`.
 pub fn train(
     model: &Llama,
@@ -82,7 +82,15 @@ pub fn train(
     }
     let accum = cfg.batch_size / cfg.micro_batch_size;
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
-    let ckpt_dir = cfg.output_dir.join("checkpoint");
+    remove_stale(&cfg.output_dir)?;
+    let latest = latest_checkpoint(&cfg.output_dir)?;
+    if let (false, Some(found)) = (cfg.resume, &latest) {
+        return Err(Error::Training(format!(
+            "{} holds a checkpoint of an earlier run ({}); resume it, or choose a new output directory",
+            cfg.output_dir.display(),
+            found.display()
+        )));
+    }
     let mut trainer = Trainer::new(model, cfg.steps, lr_scale)?;
     super::configure_trainer(&mut trainer, model, adapter)?;
     let mut state = TrainerState {
@@ -93,9 +101,11 @@ pub fn train(
         best_eval_loss: None,
         seed: cfg.seed,
     };
-    if cfg.resume && ckpt_dir.join(super::checkpoint::STATE_FILE).is_file() {
-        state = load_checkpoint(&ckpt_dir, model, &mut trainer)?;
-        tracing::info!("resumed from {} at step {}", ckpt_dir.display(), state.step);
+    let metrics_path = cfg.output_dir.join("metrics.jsonl");
+    if let Some(dir) = latest.filter(|_| cfg.resume) {
+        state = load_checkpoint(&dir, model, &mut trainer)?;
+        truncate_metrics(&metrics_path, state.step)?;
+        tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
     let mut batches = BatchIter::new(train_set, cfg.micro_batch_size, cfg.pad_id, cfg.seed)?.with_position(state.data_position)?;
     let val_batches = val_set
@@ -105,8 +115,8 @@ pub fn train(
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(cfg.output_dir.join("metrics.jsonl"))
-        .at(cfg.output_dir.join("metrics.jsonl"))?;
+        .open(&metrics_path)
+        .at(&metrics_path)?;
     let bar = progress_bar(cfg.steps.total_steps, state.step, cfg.progress);
     let start = Instant::now();
     let mut summary = RunSummary {
@@ -140,6 +150,13 @@ pub fn train(
         let last = trainer.step == cfg.steps.total_steps;
         if !val_batches.is_empty() && cfg.eval_steps > 0 && (trainer.step % cfg.eval_steps == 0 || last) {
             let loss = eval_loss(model, &val_batches)?;
+            if !loss.is_finite() {
+                return Err(Error::Training(format!(
+                    "held-out loss {loss} after step {}: the run diverged; the last checkpoint in {} is whole",
+                    trainer.step,
+                    cfg.output_dir.display()
+                )));
+            }
             summary.last_eval_loss = Some(loss);
             log_line(&mut metrics, &serde_json::json!({ "step": trainer.step, "eval_loss": loss }))?;
             bar.println(format!("step {}: eval loss {loss:.4}", trainer.step));
@@ -152,7 +169,7 @@ pub fn train(
             state.step = trainer.step;
             state.data_position = batches.position();
             state.optimizer_t = trainer.optimizer.t;
-            save_checkpoint(&ckpt_dir, model, adapter, &trainer, &state, cfg.base_model.as_deref())?;
+            save_numbered_checkpoint(&cfg.output_dir, model, adapter, &trainer, &state, cfg.base_model.as_deref())?;
         }
     }
     bar.finish_and_clear();
@@ -163,6 +180,24 @@ pub fn train(
     summary.peak_rss_mib = crate::memory::proc_status_mib("VmHWM").ok();
     summary.gpu_peak_extra_mib = gpu.map(crate::memory::GpuMemory::finish).transpose()?;
     Ok(summary)
+}
+
+/// Keep only the metrics of the steps up to `step` (those a resumed run does not replay), so
+/// that the file reads as one uninterrupted run. A line that is not JSON with a `step` (a write
+/// cut by a crash) is dropped too.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    crate::fsutil::write_file_atomic(path, kept.as_bytes())
 }
 
 fn log_line(file: &mut std::fs::File, value: &serde_json::Value) -> Result<()> {

@@ -176,6 +176,9 @@ impl Trainer {
             return Err(Error::Training(format!("non-finite gradient norm at step {}", self.step + 1)));
         }
         let lr = self.lr();
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::Training(format!("learning rate {lr} at step {}: it must be finite and not negative", self.step + 1)));
+        }
         self.optimizer.step(&grads, lr)?;
         for hook in &mut self.hooks {
             hook.after_update(self.step, &grads)?;

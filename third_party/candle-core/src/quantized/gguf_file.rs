@@ -535,6 +535,11 @@ impl Content {
             };
 
             dimensions.reverse();
+            // Patched (PATCHED.md): a product of dimensions past usize wrapped and sized later
+            // allocations from the wrapped count ("capacity overflow").
+            if dimensions.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).is_none() {
+                crate::bail!("gguf: tensor '{tensor_name}' has dimensions {dimensions:?}, whose product overflows")
+            }
             let ggml_dtype = reader.read_u32::<LittleEndian>()?;
             let ggml_dtype = GgmlDType::from_u32(ggml_dtype)?;
             let offset = reader.read_u64::<LittleEndian>()?;
@@ -557,6 +562,10 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // Patched (PATCHED.md): an alignment of 0 divided by zero; ggml requires a power of two.
+        if !alignment.is_power_of_two() {
+            crate::bail!("gguf: general.alignment is {alignment}; it must be a power of two")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
