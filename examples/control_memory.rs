@@ -10,21 +10,14 @@
 //! lora: LoRA r32 (α 64) on q,k,v,up,down; control: Parallel Control r64; double_control:
 //! Double Control r64/r64. Dropout 0 everywhere, so no method keeps a dropout mask.
 //!
-//! Measured 2026-11-23 on the 2-core CPU build machine (shared, so times are noisy), batch 4x256,
-//! two AdamW steps each (first / second step time):
-//!
-//! | method                 | trainable | step time     | peak RSS   |
-//! |------------------------|-----------|---------------|------------|
-//! | LoRA r32 q,k,v,up,down | 6,635,520 | 46.7 / 35.4 s | 10,520 MiB |
-//! | Parallel Control r64   | 2,211,840 | 33.4 / 28.0 s |  9,412 MiB |
-//! | Double Control r64     | 4,423,680 | 36.7 / 25.7 s |  9,788 MiB |
+//! Its figures, with device and date, are in docs/BENCHMARKS.md.
 //!
 //! candle keeps every input of every tracked op, so all three keep the frozen blocks' activations
 //! (attention scores and softmax stages, MLP hidden states: most of the ~9 GiB). The difference is
 //! what each method adds: per adapted linear, LoRA keeps the base output, the rank-r product, the
 //! unscaled and scaled branch (3 tensors of the output width: 3 x 3072 floats per token per layer
 //! for q,k,v,up,down), and with LoRA on q,k,v the first layer's attention is tracked too; a
-//! control keeps 3 tensors of width 576 per block. Estimated saving ~0.95 GiB, measured 1.08 GiB.
+//! control keeps 3 tensors of width 576 per block.
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -56,3 +56,57 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).at(&tmp)?;
     std::fs::rename(&tmp, path).at(path)
 }
+
+/// Bytes free for an unprivileged writer on the file system that holds `path` (or its nearest
+/// existing ancestor); None where the platform does not say.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the size statvfs writes.
+        if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = existing;
+        None
+    }
+}
+
+/// Refuse to start writing `bytes` under `dir` when the file system has less free: a run that
+/// would fail at its first save says so before it trains (a full disk once left an empty `best/`).
+pub fn require_space(dir: &Path, bytes: u64, what: &str) -> Result<()> {
+    match free_bytes(dir) {
+        Some(free) if free < bytes => Err(crate::Error::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("{what} needs {} MiB, and only {} MiB are free there", bytes.div_ceil(1 << 20), free / (1 << 20)),
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn space_is_measured_and_a_shortfall_names_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let free = free_bytes(&tmp.path().join("not/yet/made")).expect("statvfs on Linux");
+        assert!(free > 0);
+        assert!(require_space(tmp.path(), 1, "a byte").is_ok());
+        let e = require_space(tmp.path(), u64::MAX / 2, "a checkpoint").unwrap_err().to_string();
+        assert!(e.contains(&tmp.path().display().to_string()) && e.contains("a checkpoint needs"), "{e}");
+    }
+}

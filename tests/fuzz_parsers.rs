@@ -13,8 +13,7 @@ mod common;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -66,7 +65,7 @@ struct Target {
 fn targets(dir: &Path) -> Vec<Target> {
     let fixtures = common::fixture("");
     let gguf = dir.join("seed.gguf");
-    write_gguf(&gguf);
+    common::write_tiny_gguf(&gguf);
     let (train, _) = candle_peft::demo::task(0, 4);
     let dataset = dir.join("seed.json");
     std::fs::write(&dataset, serde_json::to_string(&train[..6]).unwrap()).unwrap();
@@ -145,47 +144,34 @@ fn targets(dir: &Path) -> Vec<Target> {
     ]
 }
 
-/// A small LLaMA GGUF: the metadata a loader reads and a few quantized tensors.
-fn write_gguf(path: &Path) {
-    use gguf_file::Value as V;
-    let md = [
-        ("general.architecture", V::String("llama".into())),
-        ("llama.block_count", V::U32(1)),
-        ("llama.embedding_length", V::U32(32)),
-        ("llama.feed_forward_length", V::U32(64)),
-        ("llama.attention.head_count", V::U32(4)),
-        ("llama.attention.head_count_kv", V::U32(2)),
-        ("llama.context_length", V::U32(128)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", V::Array(["<s>", "</s>", "a", "b", "ab"].map(|t| V::String(t.into())).to_vec())),
-        ("tokenizer.ggml.merges", V::Array(vec![V::String("a b".into())])),
-        ("tokenizer.ggml.eos_token_id", V::U32(1)),
-    ];
-    let w = |rows: usize, cols: usize, ty| QTensor::quantize(&Tensor::randn(0f32, 0.1, (rows, cols), &Device::Cpu).unwrap(), ty).unwrap();
-    let norm = || QTensor::quantize(&Tensor::ones(32, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
-    let tensors = [
-        ("token_embd.weight", w(5, 32, GgmlDType::Q8_0)),
-        ("blk.0.attn_q.weight", w(32, 32, GgmlDType::F32)),
-        ("blk.0.attn_k.weight", w(16, 32, GgmlDType::F16)),
-        ("blk.0.attn_v.weight", w(16, 32, GgmlDType::Q4_1)),
-        ("blk.0.attn_output.weight", w(32, 32, GgmlDType::Q8_0)),
-        ("blk.0.ffn_gate.weight", w(64, 32, GgmlDType::Q4_0)),
-        ("blk.0.ffn_up.weight", w(64, 32, GgmlDType::Q4_0)),
-        ("blk.0.ffn_down.weight", w(32, 64, GgmlDType::Q4_0)),
-        ("blk.0.attn_norm.weight", norm()),
-        ("blk.0.ffn_norm.weight", norm()),
-        ("output_norm.weight", norm()),
-    ];
-    let md: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
-    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
+/// Every input that once made a parser panic (`tests/fixtures/fuzz-regressions`, named after the
+/// target and the iteration that found it), replayed on every run.
+#[test]
+fn the_inputs_that_once_panicked_are_clean_errors() {
+    let dir = common::fixture("fuzz-regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let result = if name.starts_with("gguf-") {
+            candle_peft::loading::gguf::load_gguf(&path, DType::F32, &Device::Cpu).map(|_| ())
+        } else if name.starts_with("tokenizer-") {
+            candle_peft::loading::parse_tokenizer(&std::fs::read_to_string(&path).unwrap()).map(|_| ())
+        } else {
+            panic!("{name}: no target for it");
+        };
+        let e = result.expect_err(&name).to_string();
+        assert!(!e.is_empty(), "{name}");
+        seen += 1;
+    }
+    assert!(seen >= 8, "only {seen} regression inputs in {}", dir.display());
 }
 
 #[test]
 fn the_seeds_parse() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("seed.gguf");
-    write_gguf(&gguf);
+    common::write_tiny_gguf(&gguf);
     // A seed that fails at once would leave the parser behind its first check untested.
     candle_peft::loading::gguf::load_gguf(&gguf, DType::F32, &Device::Cpu).unwrap();
 }

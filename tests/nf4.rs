@@ -458,7 +458,7 @@ fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
     let dense = Llama::random(c.clone(), 3, DType::F32, &Device::Cpu).unwrap();
     let weights = Weights::from_tensors(dense.hf_weights().unwrap(), "random");
     let b = batch();
-    for method in candle_peft::cli::bench::ALL_METHODS {
+    for method in candle_peft::adapters::registry::METHODS.iter().map(|m| m.name) {
         let mut losses = Vec::new();
         for quantized in [true, false] {
             let q = Llama::load_with(c.clone(), &weights, DType::F32, &Device::Cpu, Some(Quantization::Nf4)).unwrap();

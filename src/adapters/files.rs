@@ -15,12 +15,17 @@ use crate::model::Llama;
 use crate::weights::Weights;
 
 /// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` in `dir`
-/// (created if needed; other files there are kept). Each file is written to a temporary name and
-/// renamed, so an interrupted save leaves the previous files whole.
+/// (other files there are kept). A new `dir` appears whole or not at all (written under a
+/// temporary name, then renamed: a failed save once left an empty `best/`); into an existing one
+/// each file is written to a temporary name and renamed, so an interrupted save leaves the
+/// previous files whole.
 pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
     let tensors = adapter_tensors(model)?;
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
-    write_adapter_files(dir, cfg, &tensors, base_model)
+    if dir.is_dir() {
+        write_adapter_files(dir, cfg, &tensors, base_model)
+    } else {
+        crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, &tensors, base_model))
+    }
 }
 
 /// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.

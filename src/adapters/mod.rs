@@ -21,6 +21,7 @@ pub mod sift;
 pub mod snell;
 pub mod step_hook;
 pub mod nonlinear_control;
+pub mod registry;
 
 use candle_core::{Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -16,10 +16,6 @@ use crate::memory::{proc_status_mib, reset_peak_rss, GpuMemory};
 use crate::model::{Llama, LlamaConfig};
 use crate::training::{AdamWConfig, StepConfig, TrainBatch, Trainer};
 
-pub const ALL_METHODS: &[&str] = &[
-    "lora", "rslora", "dora", "ia3", "pissa", "olora", "eva", "adalora", "sift", "full", "galore", "control",
-    "double_control", "control_lora", "nonlinear_control", "snell",
-];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodReport {
@@ -146,7 +142,7 @@ fn kernel_flags() -> Vec<String> {
 /// Every method, each in a child process running `bench step`.
 pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     let exe = std::env::current_exe().map_err(|e| Error::msg(format!("cannot find this executable: {e}")))?;
-    let names: Vec<String> = if args.methods.is_empty() { ALL_METHODS.iter().map(|s| s.to_string()).collect() } else { args.methods.clone() };
+    let names: Vec<String> = if args.methods.is_empty() { crate::adapters::registry::METHODS.iter().map(|m| m.name.to_string()).collect() } else { args.methods.clone() };
     let mut reports = Vec::new();
     for name in &names {
         let mut cmd = std::process::Command::new(&exe);

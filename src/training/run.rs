@@ -101,6 +101,15 @@ pub fn train(
         best_eval_loss: None,
         seed: cfg.seed,
     };
+    // A checkpoint holds the adapter and AdamW's two moments, in f32; the run keeps up to KEEP + 1
+    // of them for a moment, beside the final adapter and `best/`.
+    let adapter_bytes: u64 = model.trainable_params().iter().map(|(_, v)| v.elem_count() as u64 * 4).sum();
+    let checkpoint_bytes = 3 * adapter_bytes;
+    crate::fsutil::require_space(
+        &cfg.output_dir,
+        (super::checkpoint::KEEP as u64 + 1) * checkpoint_bytes + 2 * adapter_bytes,
+        "this run's checkpoints and adapters",
+    )?;
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
     if let Some(dir) = latest.filter(|_| cfg.resume) {
         state = load_checkpoint(&dir, model, &mut trainer)?;
@@ -169,6 +178,7 @@ pub fn train(
             state.step = trainer.step;
             state.data_position = batches.position();
             state.optimizer_t = trainer.optimizer.t;
+            crate::fsutil::require_space(&cfg.output_dir, checkpoint_bytes, &format!("the checkpoint of step {}", state.step))?;
             save_numbered_checkpoint(&cfg.output_dir, model, adapter, &trainer, &state, cfg.base_model.as_deref())?;
         }
     }

@@ -91,3 +91,42 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
     d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
+
+/// A small LLaMA GGUF that loads: the metadata a loader reads and tensors in F32, F16, Q8_0,
+/// Q4_0 and Q4_1 (the seed of the parser fuzzing and of the malformed corpus).
+pub fn write_tiny_gguf(path: &std::path::Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{DType, Device, Tensor};
+    use gguf_file::Value as V;
+    let md = [
+        ("general.architecture", V::String("llama".into())),
+        ("llama.block_count", V::U32(1)),
+        ("llama.embedding_length", V::U32(32)),
+        ("llama.feed_forward_length", V::U32(64)),
+        ("llama.attention.head_count", V::U32(4)),
+        ("llama.attention.head_count_kv", V::U32(2)),
+        ("llama.context_length", V::U32(128)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", V::Array(["<s>", "</s>", "a", "b", "ab"].map(|t| V::String(t.into())).to_vec())),
+        ("tokenizer.ggml.merges", V::Array(vec![V::String("a b".into())])),
+        ("tokenizer.ggml.eos_token_id", V::U32(1)),
+    ];
+    let w = |rows: usize, cols: usize, ty| QTensor::quantize(&Tensor::randn(0f32, 0.1, (rows, cols), &Device::Cpu).unwrap(), ty).unwrap();
+    let norm = || QTensor::quantize(&Tensor::ones(32, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let tensors = [
+        ("token_embd.weight", w(5, 32, GgmlDType::Q8_0)),
+        ("blk.0.attn_q.weight", w(32, 32, GgmlDType::F32)),
+        ("blk.0.attn_k.weight", w(16, 32, GgmlDType::F16)),
+        ("blk.0.attn_v.weight", w(16, 32, GgmlDType::Q4_1)),
+        ("blk.0.attn_output.weight", w(32, 32, GgmlDType::Q8_0)),
+        ("blk.0.ffn_gate.weight", w(64, 32, GgmlDType::Q4_0)),
+        ("blk.0.ffn_up.weight", w(64, 32, GgmlDType::Q4_0)),
+        ("blk.0.ffn_down.weight", w(32, 64, GgmlDType::Q4_0)),
+        ("blk.0.attn_norm.weight", norm()),
+        ("blk.0.ffn_norm.weight", norm()),
+        ("output_norm.weight", norm()),
+    ];
+    let md: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
+}

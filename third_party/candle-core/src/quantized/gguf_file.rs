@@ -98,7 +98,11 @@ impl TensorInfo {
             "the number of elements {tensor_elems} is not divisible by the block size {block_size}"
         )
         }
-        let size_in_bytes = tensor_elems / block_size * self.ggml_dtype.type_size();
+        // Patched (PATCHED.md): the product wrapped past usize (2^62 f32 elements gave 0 bytes),
+        // passed the file-size check below, and sized the dequantized buffer from the real count.
+        let Some(size_in_bytes) = (tensor_elems / block_size).checked_mul(self.ggml_dtype.type_size()) else {
+            crate::bail!("{tensor_elems} elements of {:?} do not fit in memory", self.ggml_dtype)
+        };
         let tensor_start = tensor_data_offset.saturating_add(self.offset);
         let file_size = reader.seek(std::io::SeekFrom::End(0))?;
         let remaining = file_size.saturating_sub(tensor_start);

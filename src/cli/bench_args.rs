@@ -1,0 +1,107 @@
+//! The flags of the `bench` commands.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::AdapterArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchKernelsArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Which ops: lora, control, dora, attention, nf4, snell (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub ops: Vec<String>,
+    /// Linear shapes IN x OUT (also the DoRA weights, and the control width from the first).
+    #[arg(long, value_delimiter = ',', default_value = "4096x4096,4096x11008,11008x4096")]
+    pub dims: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub ranks: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+    pub tokens: Vec<usize>,
+    /// Attention: sequence lengths (each splits the first --tokens into sequences).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048")]
+    pub seqs: Vec<usize>,
+    /// Attention heads (LLaMA-2-7B: 32).
+    #[arg(long, default_value_t = 32)]
+    pub attention_heads: usize,
+    /// Key/value heads of the attention, each serving attention-heads / kv-heads query heads
+    /// (grouped-query attention; Llama-3-8B: 8). Default: as many as the query heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Attention head dimension (LLaMA-2-7B: 128).
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    /// SNELL's rank r (two heads).
+    #[arg(long, default_value_t = 32)]
+    pub snell_rank: usize,
+    /// SNELL's sparsities s.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.99")]
+    pub sparsities: Vec<f64>,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Write the timings as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run on the CPU (the references: slow, for small --dims and --tokens only).
+    #[arg(long)]
+    pub allow_cpu: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMethodsArgs {
+    /// Methods to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    #[command(flatten)]
+    pub run: BenchRunArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    /// Write the reports as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchStepArgs {
+    #[command(flatten)]
+    pub run: BenchRunArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
+
+/// The model and batch every method of a benchmark runs on.
+#[derive(Args, Debug, Clone)]
+pub struct BenchRunArgs {
+    /// smollm2 (SmolLM2-135M's shape), llama2-7b or tiny, with random weights.
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    /// Keep only this many decoder layers of the shape (a slice of a large model: the memory of
+    /// the layers grows linearly with their number, the rest does not).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The frozen weights' dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Quantize the frozen linear weights: nf4 (QLoRA, QControl...).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Gradient checkpointing: keep only each decoder layer's input and recompute the layer in
+    /// backward (much less activation memory, one more forward per step).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
+}
