@@ -72,6 +72,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
         }
         // SAFETY: statvfs returned 0, so it filled `st`.
         let st = unsafe { st.assume_init() };
+        // The fields are u64 here and narrower on some other unix targets.
+        #[allow(clippy::unnecessary_cast)]
         Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
     #[cfg(not(unix))]

@@ -155,30 +155,39 @@ fn step_lines(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// A 6-step run in one go (its adapter's bits), and the first 3 steps of the same run in `split`,
+/// stopped there as a killed process would be after its checkpoint; then `damage` is applied to
+/// `split` and a fresh model resumes it to step 6. Returns (the uninterrupted bits, the resumed
+/// run's bits, `split`).
+fn interrupted_then_resumed(tmp: &Path, damage: impl FnOnce(&Path)) -> (Vec<(String, Vec<u32>)>, Vec<(String, Vec<u32>)>, std::path::PathBuf) {
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.join("whole"), 6, false), |_| 1.0).unwrap();
+    let expected = adapter_bits(&model);
+    let split = tmp.join("split");
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
+    damage(&split);
+    let (model, _, _) = setup();
+    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
+    (expected, adapter_bits(&model), split)
+}
+
 #[test]
 fn resume_after_a_crash_finds_the_newest_whole_checkpoint_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let (model, cfg, data) = setup();
-    let (train_set, val_set) = data.split_at(32);
-    train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.path().join("whole"), 6, false), |_| 1.0).unwrap();
-    let expected = adapter_bits(&model);
-
     // A run that stopped at step 3, then died inside the save of step 6 and after logging steps 4
     // and 5: a temporary checkpoint folder half-written, the metrics of the lost steps appended,
     // and a line cut in the middle.
-    let split = tmp.path().join("split");
-    let (model, _, _) = setup();
-    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
-    let debris = split.join("checkpoints/.step-000000006.tmp-4242");
-    std::fs::create_dir_all(&debris).unwrap();
-    std::fs::write(debris.join("adapter_model.safetensors"), b"half").unwrap();
-    let mut metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
-    metrics.push_str("{\"step\":4,\"loss\":1.0}\n{\"step\":5,\"loss\":1.0}\n{\"step\":6,\"lo");
-    std::fs::write(split.join("metrics.jsonl"), metrics).unwrap();
-
-    let (model, _, _) = setup();
-    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
-    assert_eq!(adapter_bits(&model), expected, "the resumed run ends where the uninterrupted one does");
+    let debris = tmp.path().join("split/checkpoints/.step-000000006.tmp-4242");
+    let (expected, got, split) = interrupted_then_resumed(tmp.path(), |split| {
+        std::fs::create_dir_all(&debris).unwrap();
+        std::fs::write(debris.join("adapter_model.safetensors"), b"half").unwrap();
+        let mut metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+        metrics.push_str("{\"step\":4,\"loss\":1.0}\n{\"step\":5,\"loss\":1.0}\n{\"step\":6,\"lo");
+        std::fs::write(split.join("metrics.jsonl"), metrics).unwrap();
+    });
+    assert_eq!(got, expected, "the resumed run ends where the uninterrupted one does");
     assert!(!debris.exists(), "the half-written checkpoint is removed");
     assert_eq!(step_lines(&split), (1..=6).collect::<Vec<_>>(), "one metrics line a step, none replayed");
     let kept: Vec<String> = std::fs::read_dir(split.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
@@ -188,20 +197,13 @@ fn resume_after_a_crash_finds_the_newest_whole_checkpoint_and_cleans_up() {
 #[test]
 fn the_earlier_single_checkpoint_folder_and_its_crash_leftover_still_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let (model, cfg, data) = setup();
-    let (train_set, val_set) = data.split_at(32);
-    train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.path().join("whole"), 6, false), |_| 1.0).unwrap();
-    let expected = adapter_bits(&model);
-    let split = tmp.path().join("split");
-    let (model, _, _) = setup();
-    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 3, false), |_| 1.0).unwrap();
     // The layout of earlier versions, as a crash between the two renames of their swap left it:
     // no `checkpoint/`, the previous one under `.checkpoint.old-PID`.
-    std::fs::rename(split.join("checkpoints/step-000000003"), split.join(".checkpoint.old-77")).unwrap();
-    std::fs::remove_dir_all(split.join("checkpoints")).unwrap();
-    let (model, _, _) = setup();
-    train(&model, &cfg, train_set, val_set, &run_cfg(&split, 6, true), |_| 1.0).unwrap();
-    assert_eq!(adapter_bits(&model), expected);
+    let (expected, got, split) = interrupted_then_resumed(tmp.path(), |split| {
+        std::fs::rename(split.join("checkpoints/step-000000003"), split.join(".checkpoint.old-77")).unwrap();
+        std::fs::remove_dir_all(split.join("checkpoints")).unwrap();
+    });
+    assert_eq!(got, expected);
     assert!(!split.join(".checkpoint.old-77").exists(), "the leftover goes once a newer checkpoint is whole");
 }
 

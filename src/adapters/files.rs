@@ -58,8 +58,8 @@ pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<St
     crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
-/// Every floating-point tensor finite: `t − t` is 0 for a finite value and NaN for ±inf or NaN, so
-/// its sum is 0 exactly when all are finite.
+/// Every floating-point tensor finite: `0 · t` is 0 for a finite value and NaN for ±inf or NaN,
+/// so its sum is 0 exactly when all are finite.
 pub fn check_finite(tensors: &HashMap<String, Tensor>) -> Result<()> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
@@ -69,7 +69,7 @@ pub fn check_finite(tensors: &HashMap<String, Tensor>) -> Result<()> {
             continue;
         }
         let t = t.to_dtype(DType::F32)?;
-        if !(&t - &t)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        if !(&t * 0.0)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
             return Err(Error::Adapter(format!("`{name}` holds a non-finite value (the run diverged); nothing was written")));
         }
     }
