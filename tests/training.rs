@@ -27,6 +27,13 @@ fn setup() -> (Llama, AdapterConfig, Vec<Tokenized>) {
     setup_with(cfg)
 }
 
+/// The model of `setup`, with no adapter yet.
+fn setup_bare() -> Llama {
+    let (train_examples, _) = candle_peft::demo::task(0, 12);
+    let tok = candle_peft::demo::tokenizer(&train_examples).unwrap();
+    Llama::random(LlamaConfig::tiny(tok.get_vocab_size(true)), 3, DType::F32, &Device::Cpu).unwrap()
+}
+
 fn setup_with(cfg: AdapterConfig) -> (Llama, AdapterConfig, Vec<Tokenized>) {
     let (train_examples, _) = candle_peft::demo::task(0, 12);
     let tok = candle_peft::demo::tokenizer(&train_examples).unwrap();
@@ -244,4 +251,30 @@ fn an_adapter_holding_nan_is_never_written() {
     let e = candle_peft::adapters::write_adapter_files(tmp.path(), &cfg, &tensors, None).unwrap_err().to_string();
     assert!(e.contains(&name) && e.contains("non-finite"), "{e}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written");
+}
+
+#[test]
+fn an_adapter_file_holding_nan_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, _) = setup();
+    candle_peft::adapters::save_adapter(&model, &cfg, tmp.path(), None).unwrap();
+    // Poison one tensor the way a diverged run of another tool would have saved it.
+    let path = tmp.path().join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let name = tensors.keys().min().unwrap().clone();
+    let poisoned = (&tensors[&name] * f64::NAN).unwrap();
+    tensors.insert(name.clone(), poisoned);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let mut fresh = setup_bare();
+    let source = candle_peft::hub::ModelSource::parse(tmp.path().to_str().unwrap()).unwrap();
+    let e = candle_peft::adapters::load_adapter(&mut fresh, &source).unwrap_err().to_string();
+    assert!(e.contains(&name) && e.contains("non-finite"), "{e}");
+}
+
+#[test]
+fn special_token_ids_past_the_vocabulary_are_refused_naming_the_key() {
+    let mut c = LlamaConfig::tiny(50).to_hf_json();
+    c["eos_token_id"] = serde_json::json!(77);
+    let e = LlamaConfig::from_value(&c, Path::new("config.json")).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("eos_token_id") && e.contains("77"), "{e}");
 }

@@ -121,6 +121,9 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
                 var.dims()
             )));
         }
+        // A diverged run's adapter would make every output NaN without a word.
+        check_finite(&HashMap::from([(key.clone(), t.clone())]))
+            .map_err(|_| Error::Adapter(format!("{}: `{key}` holds a non-finite value (NaN or inf); the adapter is unusable", weights.origin())))?;
         var.set(&t)?;
     }
     for name in weights.names() {

@@ -28,7 +28,9 @@ pub struct GgufModel {
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
     let (content, mut reader) = read_content(path)?;
     let meta = Metadata { path, map: &content.metadata };
-    let mut config = config_from_metadata(&meta)?;
+    // The vocabulary is the embedding's rows (the token list may be shorter, or absent).
+    let embedding_rows = content.tensor_infos.get("token_embd.weight").and_then(|info| info.shape.dims().first().copied());
+    let mut config = config_from_metadata(&meta, embedding_rows)?;
     let origin = path.display().to_string();
 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -218,7 +220,7 @@ fn value_f64(v: &Value) -> Option<f64> {
 
 /// The model configuration from `general.architecture = llama` metadata. The vocabulary size and
 /// tied embeddings are set from the tensors by the caller.
-fn config_from_metadata(meta: &Metadata) -> Result<LlamaConfig> {
+fn config_from_metadata(meta: &Metadata, embedding_rows: Option<usize>) -> Result<LlamaConfig> {
     let arch = meta.str("general.architecture")?;
     if arch != "llama" {
         return Err(Error::InvalidConfig {
@@ -249,7 +251,7 @@ fn config_from_metadata(meta: &Metadata) -> Result<LlamaConfig> {
     // `LlamaConfig::from_value` with its defaults and checks, so that a GGUF and the config.json
     // of the same model cannot disagree on what a missing key means.
     let mut hf = serde_json::json!({
-        "vocab_size": meta.array("tokenizer.ggml.tokens").map_or(0, |t| t.len()),
+        "vocab_size": embedding_rows.or_else(|| meta.array("tokenizer.ggml.tokens").ok().map(|t| t.len())).unwrap_or(0),
         "hidden_size": hidden_size,
         "intermediate_size": n("llama.feed_forward_length")?,
         "num_hidden_layers": n("llama.block_count")?,

@@ -92,13 +92,20 @@ impl LlamaConfig {
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             None => vec![],
         };
+        let vocab_size = req("vocab_size")?;
+        let special = [("bos_token_id", token("bos_token_id")), ("pad_token_id", token("pad_token_id"))];
+        for (key, id) in special.into_iter().chain(eos_token_ids.iter().map(|&id| ("eos_token_id", Some(id)))) {
+            if let Some(id) = id.filter(|&id| id as usize >= vocab_size) {
+                return Err(invalid(format!("`{key}` {id} is past the vocabulary (vocab_size {vocab_size})")));
+            }
+        }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
                 return Err(invalid(format!("hidden_act `{act}` is not supported (LLaMA uses silu)")));
             }
         }
         Ok(Self {
-            vocab_size: req("vocab_size")?,
+            vocab_size,
             hidden_size,
             intermediate_size: req("intermediate_size")?,
             num_hidden_layers: req("num_hidden_layers")?,
