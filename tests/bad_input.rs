@@ -131,3 +131,24 @@ fn a_prompt_past_the_models_context_is_refused() {
     refused(&["generate", "--model", model.to_str().unwrap(), "--prompt", "door", "--max-new-tokens", "1000"], "past the model's context");
     refused(&["generate", "--model", model.to_str().unwrap(), "--prompt", "door", "--num-beams", "0"], "--num-beams 0");
 }
+
+#[test]
+fn bench_numbers_out_of_range_are_refused_naming_the_flag() {
+    let cpu = ["--allow-cpu", "--device", "cpu", "--dtype", "f32", "--ops", "lora", "--dims", "64x64", "--tokens", "8", "--ranks", "2", "--warmup", "0"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["bench", "step", "--shape", "tiny", "--steps", "0"], "--steps 0"),
+        (&["bench", "step", "--shape", "tiny", "--batch", "0"], "--batch 0"),
+        (&["bench", "step", "--shape", "tiny", "--seq", "1"], "--seq 1"),
+        (&["bench", "step", "--shape", "tiny", "--layers", "0"], "--layers 0"),
+        (&["bench", "methods", "--shape", "tiny", "--methods", "lorra"], "unknown method `lorra`"),
+    ];
+    for (args, needle) in cases {
+        refused(args, needle);
+    }
+    for (flag, value) in [("--iters", "0"), ("--tokens", "0"), ("--ranks", "0")] {
+        let mut args = vec!["bench", "kernels"];
+        args.extend_from_slice(&cpu);
+        args.extend_from_slice(&[flag, value]);
+        refused(&args, &format!("{flag} 0"));
+    }
+}

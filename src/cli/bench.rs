@@ -66,6 +66,7 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) ->
 
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
+    args.run.validate()?;
     let device = super::parse_device(&args.run.device)?;
     let quantize = args.run.quantize.as_deref().map(str::parse).transpose()?;
     let mut config = shape(&args.run.shape)?;
@@ -141,6 +142,11 @@ fn kernel_flags() -> Vec<String> {
 
 /// Every method, each in a child process running `bench step`.
 pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
+    args.run.validate()?;
+    args.adapter.validate()?;
+    for name in &args.methods {
+        crate::adapters::registry::method(name)?;
+    }
     let exe = std::env::current_exe().map_err(|e| Error::msg(format!("cannot find this executable: {e}")))?;
     let names: Vec<String> = if args.methods.is_empty() { crate::adapters::registry::METHODS.iter().map(|m| m.name.to_string()).collect() } else { args.methods.clone() };
     let mut reports = Vec::new();

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::AdapterArgs;
+use super::{validate, AdapterArgs};
+use crate::error::Result;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchKernelsArgs {
@@ -104,4 +105,41 @@ pub struct BenchRunArgs {
     /// backward (much less activation memory, one more forward per step).
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
+}
+
+impl BenchKernelsArgs {
+    /// Every count at least 1, every sparsity in [0, 1), before any row is timed.
+    pub fn validate(&self) -> Result<()> {
+        use validate::{int_in, real_in};
+        const MANY: usize = 1 << 24;
+        int_in("iters", self.iters, 1, MANY)?;
+        int_in("warmup", self.warmup, 0, MANY)?;
+        for &t in &self.tokens {
+            int_in("tokens", t, 1, MANY)?;
+        }
+        for &r in &self.ranks {
+            int_in("ranks", r, 1, 1 << 16)?;
+        }
+        int_in("attention-heads", self.attention_heads, 1, 1 << 12)?;
+        int_in("head-dim", self.head_dim, 1, 1 << 12)?;
+        int_in("snell-rank", self.snell_rank, 2, 1 << 16)?;
+        for &s in &self.sparsities {
+            real_in("sparsities", s, (0.0, true), (1.0, false))?;
+        }
+        Ok(())
+    }
+}
+
+impl BenchRunArgs {
+    /// The batch, the sequence, the steps and the layers kept, each within its range.
+    pub fn validate(&self) -> Result<()> {
+        use validate::int_in;
+        int_in("batch", self.batch, 1, 1 << 16)?;
+        int_in("seq", self.seq, 2, 1 << 20)?;
+        int_in("steps", self.steps, 1, 1 << 20)?;
+        if let Some(layers) = self.layers {
+            int_in("layers", layers, 1, 1 << 12)?;
+        }
+        Ok(())
+    }
 }

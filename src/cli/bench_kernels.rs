@@ -390,6 +390,7 @@ pub fn table(rows: &[KernelTiming]) -> String {
 }
 
 pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
+    args.validate()?;
     let device = super::parse_device(&args.device)?;
     let dtype = super::parse_dtype(&args.dtype)?;
     if !device.is_cuda() && !args.allow_cpu {
