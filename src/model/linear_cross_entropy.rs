@@ -10,7 +10,7 @@
 //! is computed in the same pass, block by block, as Liger Kernel's fused linear cross-entropy
 //! does (Hsu et al., "Liger Kernel", 2024, arXiv:2410.10989). What lives past the forward is dh
 //! ([n, hidden], in h's dtype); backward only scales it by the incoming gradient. Each block's
-//! logits hold at most `BLOCK_LOGITS` values. The math per block is the one of `ops::cross_entropy`
+//! logits hold at most `BLOCK_LOGITS` values. The math per block is the one of `ops::nn::cross_entropy`
 //! (logits in f32 for bf16 / f16 models, the max subtracted before exp), which the tests compare
 //! it with, values and gradients.
 

