@@ -17,6 +17,11 @@
 set -euo pipefail
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda-13.0/targets/x86_64-linux/lib"
 OUT="${OUT:-gpu-out}"
+# The commands refuse to replace an earlier run's reports: start from an empty folder.
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "gpu_run.sh: $OUT holds an earlier run's files; choose another OUT (nothing was run)" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 bin="${CANDLE_PEFT_BIN:-.gpu/candle-peft}"
 [ -x "$bin" ] || unxz -k "$bin.xz"

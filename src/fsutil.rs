@@ -50,6 +50,18 @@ pub fn require_new_dir(dir: &Path) -> Result<()> {
     Err(crate::Error::BadFile { path: dir.to_path_buf(), msg: msg.into() })
 }
 
+/// The report files a command is about to write (`flag` names the option that chose them): any
+/// that exists is refused unless the user asked to replace it with `--overwrite`.
+pub fn refuse_to_replace(paths: &[PathBuf], flag: &str, overwrite: bool) -> Result<()> {
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) if !overwrite => Err(crate::Error::BadFile {
+            path: p.clone(),
+            msg: format!("exists; pass --overwrite to replace it, or choose another {flag}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Write a whole file atomically (temporary file, then rename).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));

@@ -152,3 +152,27 @@ fn bench_numbers_out_of_range_are_refused_naming_the_flag() {
         refused(&args, &format!("{flag} 0"));
     }
 }
+
+#[test]
+fn report_files_are_replaced_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let metrics = d.join("run/metrics.jsonl");
+    std::fs::create_dir_all(metrics.parent().unwrap()).unwrap();
+    std::fs::write(&metrics, "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":1.5}\n").unwrap();
+    let chart = d.join("run/loss.png");
+    std::fs::write(&chart, "my chart").unwrap();
+    refused(&["plot", "--metrics", metrics.to_str().unwrap()], "--overwrite");
+    assert_eq!(std::fs::read_to_string(&chart).unwrap(), "my chart");
+    let (code, text) = run(&["plot", "--metrics", metrics.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(code, 0, "{text}");
+    assert_ne!(std::fs::read(&chart).unwrap(), b"my chart", "replaced when asked");
+
+    let json = d.join("kernels.json");
+    std::fs::write(&json, "earlier").unwrap();
+    let cpu = ["bench", "kernels", "--allow-cpu", "--device", "cpu", "--dtype", "f32", "--ops", "lora", "--dims", "64x64", "--tokens", "8", "--ranks", "2", "--warmup", "0", "--iters", "1"];
+    let mut args = cpu.to_vec();
+    args.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    refused(&args, "--overwrite");
+    assert_eq!(std::fs::read_to_string(&json).unwrap(), "earlier");
+}

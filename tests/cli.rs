@@ -82,7 +82,7 @@ fn bench_methods_passes_the_adapter_flags_to_each_method() {
     let trainable = |extra: &[&str]| -> u64 {
         let json = tmp.path().join("bench.json");
         let base = ["bench", "methods", "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--methods", "adalora"];
-        cli(&[&base[..], extra, &["--output", json.to_str().unwrap()]].concat());
+        cli(&[&base[..], extra, &["--output", json.to_str().unwrap(), "--overwrite"]].concat());
         let reports: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         reports[0]["trainable_params"].as_u64().unwrap()
     };

@@ -143,6 +143,9 @@ fn kernel_flags() -> Vec<String> {
 /// Every method, each in a child process running `bench step`.
 pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     args.run.validate()?;
+    if let Some(path) = &args.output {
+        crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--output", args.overwrite)?;
+    }
     args.adapter.validate()?;
     for name in &args.methods {
         crate::adapters::registry::method(name)?;

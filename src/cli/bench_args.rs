@@ -49,6 +49,9 @@ pub struct BenchKernelsArgs {
     /// Write the timings as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replace the `--json` file and its chart when they exist (refused otherwise).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite: bool,
     /// Run on the CPU (the references: slow, for small --dims and --tokens only).
     #[arg(long)]
     pub allow_cpu: bool,
@@ -66,6 +69,9 @@ pub struct BenchMethodsArgs {
     /// Write the reports as JSON here.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Replace the `--output` file when it exists (refused otherwise).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -108,9 +114,13 @@ pub struct BenchRunArgs {
 }
 
 impl BenchKernelsArgs {
-    /// Every count at least 1, every sparsity in [0, 1), before any row is timed.
+    /// Every count at least 1, every sparsity in [0, 1), before any row is timed; the report
+    /// files new unless `--overwrite`.
     pub fn validate(&self) -> Result<()> {
         use validate::{int_in, real_in};
+        if let Some(path) = &self.json {
+            crate::fsutil::refuse_to_replace(&[path.clone(), path.with_extension("png")], "--json", self.overwrite)?;
+        }
         const MANY: usize = 1 << 24;
         int_in("iters", self.iters, 1, MANY)?;
         int_in("warmup", self.warmup, 0, MANY)?;

@@ -203,6 +203,9 @@ pub fn write_hf_dir(loaded: &LoadedModel, out: &Path) -> Result<()> {
 
 /// Runs the GPU self-test, prints its table, fails when any check fails.
 fn selftest(args: &super::SelftestArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--json", args.overwrite)?;
+    }
     let device = super::parse_device(&args.device)?;
     let checks = super::selftest::run(&device, args.seed, args.rounds)?;
     print!("{}", super::selftest::table(&checks));

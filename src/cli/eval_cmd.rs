@@ -20,12 +20,9 @@ fn generation_config(model: &Llama, args: &GenerationArgs) -> GenerationConfig {
 pub fn eval(args: &EvalArgs) -> Result<()> {
     args.generation.validate()?;
     super::validate::int_in("batch-size", args.batch_size, 1, 1 << 16)?;
-    if let (Some(path), false) = (&args.output, args.overwrite) {
-        for p in [path.clone(), path.with_extension("predictions.json"), path.with_extension("png")] {
-            if p.exists() {
-                return Err(Error::msg(format!("--output {}: {} exists; pass --overwrite to replace it", path.display(), p.display())));
-            }
-        }
+    if let Some(path) = &args.output {
+        let files = [path.clone(), path.with_extension("predictions.json"), path.with_extension("png")];
+        crate::fsutil::refuse_to_replace(&files, "--output", args.overwrite)?;
     }
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let tokenizer = require_tokenizer(&loaded)?;

@@ -77,6 +77,9 @@ pub struct SelftestArgs {
     /// Also write the checks as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replace the `--json` file when it exists (refused otherwise).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -25,6 +25,9 @@ pub struct PlotArgs {
     /// Folder for the PNG files (default: the folder of the first input).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace loss.png / accuracy.png when they exist there (refused otherwise).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite: bool,
 }
 
 /// Draw the charts the arguments ask for; returns the files written.
@@ -46,6 +49,14 @@ pub fn plot(args: &PlotArgs) -> Result<Vec<PathBuf>> {
         Some(dir) => dir.clone(),
         None => first.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
     };
+    let mut charts = Vec::new();
+    if !args.metrics.is_empty() {
+        charts.push(out.join("loss.png"));
+    }
+    if !args.eval.is_empty() {
+        charts.push(out.join("accuracy.png"));
+    }
+    crate::fsutil::refuse_to_replace(&charts, "--out", args.overwrite)?;
     let mut written = Vec::new();
     if !args.metrics.is_empty() {
         let labels = labels(&args.label, &args.metrics)?;
