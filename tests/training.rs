@@ -143,8 +143,8 @@ fn resumed_sift_run_equals_uninterrupted_run() {
 }
 
 /// Every float of an adapter's tensors, as bits (equal runs give equal bits).
-fn adapter_bits(model: &Llama) -> Vec<(String, Vec<u32>)> {
-    let mut out: Vec<(String, Vec<u32>)> = adapter_tensors(model)
+fn adapter_bits(model: &Llama) -> Bits {
+    let mut out: Bits = adapter_tensors(model)
         .unwrap()
         .into_iter()
         .map(|(k, t)| (k, t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()))
@@ -162,11 +162,14 @@ fn step_lines(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// An adapter's floats as bits, by tensor name.
+type Bits = Vec<(String, Vec<u32>)>;
+
 /// A 6-step run in one go (its adapter's bits), and the first 3 steps of the same run in `split`,
 /// stopped there as a killed process would be after its checkpoint; then `damage` is applied to
 /// `split` and a fresh model resumes it to step 6. Returns (the uninterrupted bits, the resumed
 /// run's bits, `split`).
-fn interrupted_then_resumed(tmp: &Path, damage: impl FnOnce(&Path)) -> (Vec<(String, Vec<u32>)>, Vec<(String, Vec<u32>)>, std::path::PathBuf) {
+fn interrupted_then_resumed(tmp: &Path, damage: impl FnOnce(&Path)) -> (Bits, Bits, std::path::PathBuf) {
     let (model, cfg, data) = setup();
     let (train_set, val_set) = data.split_at(32);
     train(&model, &cfg, train_set, val_set, &run_cfg(&tmp.join("whole"), 6, false), |_| 1.0).unwrap();
