@@ -281,3 +281,15 @@ fn special_token_ids_past_the_vocabulary_are_refused_naming_the_key() {
     let e = LlamaConfig::from_value(&c, Path::new("config.json")).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("eos_token_id") && e.contains("77"), "{e}");
 }
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_leaves_no_line_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cfg, data) = setup();
+    let (train_set, val_set) = data.split_at(32);
+    // What a kill between logging step 1 and saving its checkpoint leaves: one line, no checkpoint.
+    std::fs::write(tmp.path().join("metrics.jsonl"), "{\"step\":1,\"loss\":9.0}\n").unwrap();
+    train(&model, &cfg, train_set, val_set, &run_cfg(tmp.path(), 3, true), |_| 1.0).unwrap();
+    assert_eq!(step_lines(tmp.path()), vec![1, 2, 3]);
+    assert!(!std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap().contains("9.0"));
+}

@@ -113,9 +113,11 @@ pub fn train(
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
     if let Some(dir) = latest.filter(|_| cfg.resume) {
         state = load_checkpoint(&dir, model, &mut trainer)?;
-        truncate_metrics(&metrics_path, state.step)?;
         tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
+    // Lines past the checkpoint (or, with none, every line of a run killed before its first one)
+    // are replayed from here on.
+    truncate_metrics(&metrics_path, state.step)?;
     let mut batches = BatchIter::new(train_set, cfg.micro_batch_size, cfg.pad_id, cfg.seed)?.with_position(state.data_position)?;
     let val_batches = val_set
         .chunks(cfg.micro_batch_size)
