@@ -226,7 +226,7 @@ fn a_new_run_does_not_train_over_an_earlier_runs_checkpoints() {
     let before = std::fs::read(tmp.path().join("checkpoints/step-000000003/adapter_model.safetensors")).unwrap();
     let (model, _, _) = setup();
     let e = train(&model, &cfg, train_set, val_set, &run_cfg(tmp.path(), 3, false), |_| 1.0).unwrap_err().to_string();
-    assert!(e.contains("checkpoint of an earlier run"), "{e}");
+    assert!(e.contains("holds a checkpoint or an adapter of an earlier run"), "{e}");
     assert_eq!(std::fs::read(tmp.path().join("checkpoints/step-000000003/adapter_model.safetensors")).unwrap(), before);
 }
 

@@ -58,22 +58,26 @@ pub fn write_adapter_files(dir: &Path, cfg: &AdapterConfig, tensors: &HashMap<St
     crate::fsutil::write_file_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
-/// Every floating-point tensor finite: `0 · t` is 0 for a finite value and NaN for ±inf or NaN,
-/// so its sum is 0 exactly when all are finite.
+/// Every floating-point tensor finite (see [`all_finite`]); the error names the first that is not.
 pub fn check_finite(tensors: &HashMap<String, Tensor>) -> Result<()> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
-        let t = &tensors[name];
-        if !t.dtype().is_float() {
-            continue;
-        }
-        let t = t.to_dtype(DType::F32)?;
-        if !(&t * 0.0)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        if !all_finite(&tensors[name])? {
             return Err(Error::Adapter(format!("`{name}` holds a non-finite value (the run diverged); nothing was written")));
         }
     }
     Ok(())
+}
+
+/// `0 · t` is 0 for a finite value and NaN for ±inf or NaN, so its sum is 0 exactly when every
+/// value is finite. Integer tensors are finite by construction.
+fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let t = t.to_dtype(DType::F32)?;
+    Ok((&t * 0.0)?.sum_all()?.to_scalar::<f32>()?.is_finite())
 }
 
 /// Read an adapter's config (local directory or hub repo).
@@ -122,8 +126,9 @@ pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
             )));
         }
         // A diverged run's adapter would make every output NaN without a word.
-        check_finite(&HashMap::from([(key.clone(), t.clone())]))
-            .map_err(|_| Error::Adapter(format!("{}: `{key}` holds a non-finite value (NaN or inf); the adapter is unusable", weights.origin())))?;
+        if !all_finite(&t)? {
+            return Err(Error::Adapter(format!("{}: `{key}` holds a non-finite value (NaN or inf); the adapter is unusable", weights.origin())));
+        }
         var.set(&t)?;
     }
     for name in weights.names() {

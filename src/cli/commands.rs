@@ -75,21 +75,9 @@ pub fn require_tokenizer(loaded: &LoadedModel) -> Result<&tokenizers::Tokenizer>
     Ok(tokenizer)
 }
 
-/// A finished run's folder (its adapter is there) is not trained over unless `--resume` asks to
-/// continue it: the adapter, `best/` and the metrics it holds are the user's.
-fn refuse_finished_run(dir: &Path, resume: bool) -> Result<()> {
-    if !resume && dir.join("adapter_model.safetensors").exists() {
-        return Err(Error::msg(format!(
-            "--output-dir {}: holds a trained adapter already; pass --resume to continue that run, or choose a new directory",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
     args.validate()?;
-    refuse_finished_run(&args.output_dir, args.resume)?;
     let mut loaded = load_model_with(&args.model.model, args.model.dtype()?, &args.model.device()?, args.model.quantize()?)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
     let vocab = loaded.model.config.vocab_size;

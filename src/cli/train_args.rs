@@ -212,3 +212,22 @@ impl FinetuneArgs {
         int_in("cutoff-len", self.cutoff_len, 2, 1 << 20)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct OnlyAdapter {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    }
+
+    /// The method table's defaults are the flags' defaults: one cannot drift from the other.
+    #[test]
+    fn the_flags_defaults_are_the_method_tables() {
+        let parsed = OnlyAdapter::parse_from(["candle-peft"]);
+        assert_eq!(parsed.adapter.options(), MethodOptions::default());
+    }
+}

@@ -83,10 +83,13 @@ pub fn train(
     let accum = cfg.batch_size / cfg.micro_batch_size;
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
     remove_stale(&cfg.output_dir)?;
+    // An earlier run's checkpoints, or its finished adapter, are the user's: trained over only
+    // when the run is asked to continue.
     let latest = latest_checkpoint(&cfg.output_dir)?;
-    if let (false, Some(found)) = (cfg.resume, &latest) {
+    let finished = cfg.output_dir.join("adapter_model.safetensors");
+    if let (false, Some(found)) = (cfg.resume, latest.as_ref().or(finished.exists().then_some(&finished))) {
         return Err(Error::Training(format!(
-            "{} holds a checkpoint of an earlier run ({}); resume it, or choose a new output directory",
+            "{} holds a checkpoint or an adapter of an earlier run ({}); resume it (`--resume`), or choose a new output directory",
             cfg.output_dir.display(),
             found.display()
         )));
