@@ -34,7 +34,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 fn method(name: &str) -> anyhow::Result<AdapterConfig> {
     let control = |double_control| ControlConfig { double_control, ..ControlConfig::default() };
     Ok(match name {
-        "lora" => AdapterConfig::Lora(LoraConfig {
+        "lora" => AdapterConfig::new(LoraConfig {
             r: 32,
             lora_alpha: 64.0,
             lora_dropout: 0.0,
@@ -42,8 +42,8 @@ fn method(name: &str) -> anyhow::Result<AdapterConfig> {
             use_rslora: false,
             use_dora: false,
         }),
-        "control" => AdapterConfig::Control(control(false)),
-        "double_control" => AdapterConfig::Control(control(true)),
+        "control" => AdapterConfig::new(control(false)),
+        "double_control" => AdapterConfig::new(control(true)),
         other => bail!("unknown method `{other}` (lora, control, double_control)"),
     })
 }

@@ -166,7 +166,7 @@ pub fn run(out: &Path, seed: u64, size: &DemoSize) -> Result<DemoResult> {
     let before = accuracy(&model, &tok, &test)?;
     println!("accuracy before fine-tuning: {:.1}% (an answer that names no option counts as wrong)", 100.0 * before);
 
-    let adapter = AdapterConfig::Lora(LoraConfig {
+    let adapter = AdapterConfig::new(LoraConfig {
         r: size.rank,
         lora_alpha: 2.0 * size.rank as f64,
         lora_dropout: 0.0,

@@ -9,7 +9,7 @@
 //! | quant | `quant`: NF4 as bitsandbytes stores it, and the frozen `BaseWeight` |
 //! | ops | `ops`: each custom op with its CPU reference, its backward and its CUDA launcher |
 //! | model | `model`: the trainable LLaMA |
-//! | methods | `adapters`: one file per method, injected by module name; `docs/METHODS.md` |
+//! | methods | `adapters`: one module per method, listed in `registry::METHODS`, injected by module name; `docs/METHODS.md` |
 //! | loading, data | `loading` (Hugging Face directories, GGUF), `data` (LLM-Adapters format) |
 //! | training | `training`: optimizer, schedule, step, loop, checkpoints |
 //! | eval | `eval`: generation, answer extraction, accuracy |

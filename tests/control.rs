@@ -25,7 +25,7 @@ fn tiny() -> Llama {
 }
 
 fn control(rank: usize, double: Option<usize>, lora: bool) -> AdapterConfig {
-    AdapterConfig::Control(ControlConfig {
+    AdapterConfig::new(ControlConfig {
         control_rank: rank,
         control_alpha: 0.5,
         control_dropout: 0.0,
@@ -43,7 +43,7 @@ fn control(rank: usize, double: Option<usize>, lora: bool) -> AdapterConfig {
 }
 
 fn nonlinear(rank: usize, stable_mode: bool) -> AdapterConfig {
-    AdapterConfig::NonlinearControl(NonlinearControlConfig { control_rank: rank, stable_mode })
+    AdapterConfig::new(NonlinearControlConfig { control_rank: rank, stable_mode })
 }
 
 /// Every method, small ranks: Parallel, Double, Control + LoRA, nonlinear, nonlinear stable.

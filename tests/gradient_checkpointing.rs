@@ -30,7 +30,7 @@ fn lora_on(modules: &[&str], dropout: f64, use_dora: bool) -> LoraConfig {
 }
 
 fn double_control() -> AdapterConfig {
-    AdapterConfig::Control(ControlConfig {
+    AdapterConfig::new(ControlConfig {
         control_rank: 4,
         control_alpha: 1.0,
         control_dropout: 0.1,
@@ -68,18 +68,18 @@ fn max_abs(t: &Tensor) -> f32 {
 fn checkpointed_gradients_equal_the_whole_graphs() {
     let nf4 = Some(Quantization::Nf4);
     let configs = [
-        ("lora with dropout", AdapterConfig::Lora(lora(0.1, false)), None),
-        ("lora", AdapterConfig::Lora(lora(0.0, false)), None),
-        ("lora on q, v (a frozen down_proj)", AdapterConfig::Lora(lora_on(&["q_proj", "v_proj"], 0.0, false)), None),
-        ("qlora with dropout", AdapterConfig::Lora(lora(0.1, false)), nf4),
-        ("qlora on q, v", AdapterConfig::Lora(lora_on(&["q_proj", "v_proj"], 0.0, false)), nf4),
-        ("dora", AdapterConfig::Lora(lora(0.0, true)), None),
-        ("ia3", AdapterConfig::Ia3(Ia3Config { target_modules: targets(&["k_proj", "v_proj", "down_proj"]), feedforward_modules: Some(targets(&["down_proj"])) }), None),
+        ("lora with dropout", AdapterConfig::new(lora(0.1, false)), None),
+        ("lora", AdapterConfig::new(lora(0.0, false)), None),
+        ("lora on q, v (a frozen down_proj)", AdapterConfig::new(lora_on(&["q_proj", "v_proj"], 0.0, false)), None),
+        ("qlora with dropout", AdapterConfig::new(lora(0.1, false)), nf4),
+        ("qlora on q, v", AdapterConfig::new(lora_on(&["q_proj", "v_proj"], 0.0, false)), nf4),
+        ("dora", AdapterConfig::new(lora(0.0, true)), None),
+        ("ia3", AdapterConfig::new(Ia3Config { target_modules: targets(&["k_proj", "v_proj", "down_proj"]), feedforward_modules: Some(targets(&["down_proj"])) }), None),
         ("double control + lora", double_control(), None),
         ("qcontrol: double control + lora on nf4", double_control(), nf4),
-        ("nonlinear control", AdapterConfig::NonlinearControl(NonlinearControlConfig { control_rank: 4, stable_mode: true }), None),
-        ("snell", AdapterConfig::Snell(SnellConfig { r: 4, heads: 2, sparsity: 0.5, target_modules: targets(&["q_proj", "down_proj"]) }), None),
-        ("full", AdapterConfig::Full(FullConfig { target_modules: targets(&["v_proj"]), galore: None }), None),
+        ("nonlinear control", AdapterConfig::new(NonlinearControlConfig { control_rank: 4, stable_mode: true }), None),
+        ("snell", AdapterConfig::new(SnellConfig { r: 4, heads: 2, sparsity: 0.5, target_modules: targets(&["q_proj", "down_proj"]) }), None),
+        ("full", AdapterConfig::new(FullConfig { target_modules: targets(&["v_proj"]), galore: None }), None),
     ];
     let batch = common::batch();
     for (name, cfg, quantize) in configs {
@@ -118,7 +118,7 @@ fn the_backward_graph_has_the_layers_gradients_without_its_down_product() {
     ];
     let batch = common::batch();
     for (name, cfg, quantize) in cases {
-        let model = model_on(&AdapterConfig::Lora(cfg), quantize);
+        let model = model_on(&AdapterConfig::new(cfg), quantize);
         set_dropout_key(5, 0);
         let (b, t) = batch.input_ids.dims2().unwrap();
         let positions = model.positions(&batch.mask, t).unwrap();
@@ -166,9 +166,9 @@ fn checkpointed_training_follows_the_same_path() {
         c
     };
     let configs = [
-        ("adalora", AdapterConfig::AdaLora(ada)),
-        ("sift", AdapterConfig::Sift(SiftConfig { target_modules: targets(&["v_proj", "up_proj"]), sparse_rate: 0.2 })),
-        ("lora with dropout", AdapterConfig::Lora(lora(0.1, false))),
+        ("adalora", AdapterConfig::new(ada)),
+        ("sift", AdapterConfig::new(SiftConfig { target_modules: targets(&["v_proj", "up_proj"]), sparse_rate: 0.2 })),
+        ("lora with dropout", AdapterConfig::new(lora(0.1, false))),
     ];
     for (name, cfg) in configs {
         let run = |gradient_checkpointing: bool| -> (Vec<f64>, Vec<(String, Var)>) {

@@ -24,7 +24,7 @@ fn step_peak(gradient_checkpointing: bool) -> (usize, f64) {
         use_rslora: false,
         use_dora: false,
     };
-    inject(&mut model, &AdapterConfig::Lora(lora), 1).unwrap();
+    inject(&mut model, &AdapterConfig::new(lora), 1).unwrap();
     let (b, t) = (4, 128);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 47) as u32 + 3).collect();
     let batch = TrainBatch {

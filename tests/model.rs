@@ -12,7 +12,7 @@ use candle_peft::training::{causal_lm_loss, AdamWConfig, StepConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn lora(r: usize, targets: &[&str]) -> AdapterConfig {
-    AdapterConfig::Lora(LoraConfig {
+    AdapterConfig::new(LoraConfig {
         r,
         lora_alpha: 2.0 * r as f64,
         lora_dropout: 0.0,

@@ -224,7 +224,7 @@ fn quantize_at_load_equals_the_bnb_checkpoint() {
 }
 
 fn lora() -> AdapterConfig {
-    AdapterConfig::Lora(LoraConfig {
+    AdapterConfig::new(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.0,
@@ -257,9 +257,7 @@ fn adapter_gradients_on_nf4_equal_those_on_the_dequantized_base() {
     let mut d = dequantized_copy(&c, &q);
     for use_dora in [false, true] {
         let mut cfg = lora();
-        if let AdapterConfig::Lora(l) = &mut cfg {
-            l.use_dora = use_dora;
-        }
+        cfg.downcast_mut::<LoraConfig>().unwrap().use_dora = use_dora;
         inject(&mut q, &cfg, 1).unwrap();
         inject(&mut d, &cfg, 1).unwrap();
         // give B nonzero values (identical in both) so every gradient is nonzero
@@ -449,7 +447,6 @@ struct MethodCli {
 /// Every method trains on an NF4 base exactly as on its dequantized dense copy.
 #[test]
 fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
-    use candle_peft::adapters::initialize_eva;
     use candle_peft::training::configure_trainer;
     use candle_peft::training::{AdamWConfig, StepConfig, Trainer};
     use clap::Parser;
@@ -466,8 +463,8 @@ fn every_method_on_an_nf4_base_equals_the_dequantized_base() {
             let mut model = model;
             let mut adapter = MethodCli::parse_from(["x", "--method", method]).adapter.to_config().unwrap();
             inject(&mut model, &adapter, 0).unwrap();
-            if let AdapterConfig::Eva(eva) = &mut adapter {
-                initialize_eva(&mut model, eva, std::slice::from_ref(&b), 0).unwrap();
+            if adapter.init_batches() > 0 {
+                adapter.initialize_from_data(&mut model, std::slice::from_ref(&b), 0).unwrap();
             }
             let steps = StepConfig {
                 optim: AdamWConfig { lr: 1e-2, ..Default::default() },

@@ -21,7 +21,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::adalora::AdaLoraConfig;
-use candle_peft::adapters::lora_init::{save_converted, InitKind};
+use candle_peft::adapters::lora_init::{save_converted, InitKind, LoraInitConfig};
 use candle_peft::adapters::{inject, save_adapter, AdapterConfig, Ia3Config, LoraConfig, Targets};
 use candle_peft::weights::Weights;
 use candle_peft::model::llama::random_weights;
@@ -58,7 +58,7 @@ fn names(list: &[&str]) -> Targets {
 }
 
 fn lora(r: usize, alpha: f64, targets: &[&str], dropout: f64, use_rslora: bool, use_dora: bool) -> AdapterConfig {
-    AdapterConfig::Lora(LoraConfig {
+    AdapterConfig::new(LoraConfig {
         r,
         lora_alpha: alpha,
         lora_dropout: dropout,
@@ -239,7 +239,7 @@ fn dora_all_projections() {
 #[test]
 #[ignore = "needs PyTorch + PEFT: run scripts/peft_venv.sh, then CANDLE_PEFT_PYTHON=... cargo test --test peft_roundtrip -- --ignored"]
 fn ia3_k_v_and_feedforward_down() {
-    let cfg = AdapterConfig::Ia3(Ia3Config {
+    let cfg = AdapterConfig::new(Ia3Config {
         target_modules: names(&["k_proj", "v_proj", "down_proj"]),
         feedforward_modules: Some(names(&["down_proj"])),
     });
@@ -252,13 +252,13 @@ fn ia3_k_v_and_feedforward_down() {
 #[ignore = "needs PyTorch + PEFT: run scripts/peft_venv.sh, then CANDLE_PEFT_PYTHON=... cargo test --test peft_roundtrip -- --ignored"]
 fn pissa_and_olora_converted_to_lora() {
     for kind in [InitKind::Pissa, InitKind::Olora] {
-        let AdapterConfig::Lora(c) = lora(4, 8.0, &ALL, 0.0, false, false) else { unreachable!() };
-        roundtrip_saved_with(AdapterConfig::LoraInit(c, kind), true, save_converted);
+        let c = lora(4, 8.0, &ALL, 0.0, false, false).downcast_ref::<LoraConfig>().unwrap().clone();
+        roundtrip_saved_with(AdapterConfig::new(LoraInitConfig { lora: c, kind }), true, save_converted);
     }
 }
 
 #[test]
 #[ignore = "needs PyTorch + PEFT: run scripts/peft_venv.sh, then CANDLE_PEFT_PYTHON=... cargo test --test peft_roundtrip -- --ignored"]
 fn adalora_all_projections() {
-    roundtrip(AdapterConfig::AdaLora(AdaLoraConfig::new(names(&ALL), 6, 4, 100)), true);
+    roundtrip(AdapterConfig::new(AdaLoraConfig::new(names(&ALL), 6, 4, 100)), true);
 }

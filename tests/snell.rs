@@ -21,7 +21,7 @@ fn targets(t: &[&str]) -> Targets {
 }
 
 fn snell(r: usize, sparsity: f64, t: &[&str]) -> AdapterConfig {
-    AdapterConfig::Snell(SnellConfig { r, heads: 2, sparsity, target_modules: targets(t) })
+    AdapterConfig::new(SnellConfig { r, heads: 2, sparsity, target_modules: targets(t) })
 }
 
 fn rand_vec(n: usize, scale: f64, rng: &mut StdRng) -> Vec<f64> {
@@ -373,13 +373,13 @@ fn err_of<T>(r: candle_peft::Result<T>) -> String {
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    let e = err_of(inject(&mut tiny(), &AdapterConfig::Snell(SnellConfig { r: 5, heads: 2, sparsity: 0.2, target_modules: targets(&QV) }), 0));
+    let e = err_of(inject(&mut tiny(), &AdapterConfig::new(SnellConfig { r: 5, heads: 2, sparsity: 0.2, target_modules: targets(&QV) }), 0));
     assert!(e.contains("q_proj") && e.contains("divide"), "{e}");
     for s in [1.0, -0.1, f64::NAN, 1.5] {
         let e = err_of(inject(&mut tiny(), &snell(4, s, &QV), 0));
         assert!(e.contains("q_proj") && e.contains("sparsity"), "{e}");
     }
-    let e = err_of(inject(&mut tiny(), &AdapterConfig::Snell(SnellConfig { r: 0, heads: 2, sparsity: 0.0, target_modules: targets(&QV) }), 0));
+    let e = err_of(inject(&mut tiny(), &AdapterConfig::new(SnellConfig { r: 0, heads: 2, sparsity: 0.0, target_modules: targets(&QV) }), 0));
     assert!(e.contains("q_proj"), "{e}");
     // A saved adapter whose shapes do not fit the model: name the module and both shapes.
     let cfg = snell(4, 0.3, &QV);
@@ -403,7 +403,8 @@ fn config_json_and_cli() {
     assert_eq!(AdapterConfig::from_peft_json(&v, std::path::Path::new("x.json")).unwrap(), cfg);
     // heads defaults to 2, sparsity to 0 (KLoRA).
     let v = serde_json::json!({"peft_type": "SNELL", "r": 4, "target_modules": ["q_proj"]});
-    let AdapterConfig::Snell(c) = AdapterConfig::from_peft_json(&v, std::path::Path::new("x.json")).unwrap() else { panic!() };
+    let cfg = AdapterConfig::from_peft_json(&v, std::path::Path::new("x.json")).unwrap();
+    let c = cfg.downcast_ref::<SnellConfig>().unwrap();
     assert_eq!((c.heads, c.sparsity), (2, 0.0));
 
     let parse = |extra: &[&str]| {
@@ -415,7 +416,7 @@ fn config_json_and_cli() {
         }
     };
     let c = parse(&["--r", "16", "--snell-heads", "4", "--sparsity", "0.9", "--target-modules", "q_proj,v_proj"]).unwrap();
-    assert_eq!(c, AdapterConfig::Snell(SnellConfig { r: 16, heads: 4, sparsity: 0.9, target_modules: targets(&QV) }));
+    assert_eq!(c, AdapterConfig::new(SnellConfig { r: 16, heads: 4, sparsity: 0.9, target_modules: targets(&QV) }));
     assert!(parse(&["--r", "8", "--snell-heads", "3"]).is_err());
     assert!(parse(&["--sparsity", "1.0"]).is_err());
 }

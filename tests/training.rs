@@ -16,7 +16,7 @@ fn targets() -> Targets {
 }
 
 fn setup() -> (Llama, AdapterConfig, Vec<Tokenized>) {
-    let cfg = AdapterConfig::Lora(LoraConfig {
+    let cfg = AdapterConfig::new(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.1,
@@ -121,7 +121,7 @@ fn adalora(tinit: usize, tfinal: usize) -> AdapterConfig {
     let mut c = AdaLoraConfig::new(targets(), 6, 2, 6);
     c.tinit = tinit;
     c.tfinal = tfinal;
-    AdapterConfig::AdaLora(c)
+    AdapterConfig::new(c)
 }
 
 #[test]
@@ -138,7 +138,7 @@ fn resumed_adalora_run_equals_uninterrupted_run() {
 #[test]
 fn resumed_sift_run_equals_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = AdapterConfig::Sift(SiftConfig { target_modules: targets(), sparse_rate: 0.2 });
+    let cfg = AdapterConfig::new(SiftConfig { target_modules: targets(), sparse_rate: 0.2 });
     assert_resume_is_exact(&cfg, tmp.path());
 }
 

@@ -30,6 +30,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng};
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::config::{parse, ReadConfig};
+use super::method::{check_rank, AdapterMethod, BuiltLinear, TrainingExtras};
 use super::Targets;
 use crate::ops::dropout::Dropout;
 use crate::ops;
@@ -118,6 +124,50 @@ impl AdaLoraConfig {
         }
         Ok(total)
     }
+}
+
+impl AdapterMethod for AdaLoraConfig {
+    fn peft_type(&self) -> &'static str {
+        "ADALORA"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("AdaLoraConfig serialises");
+        v["r"] = json!(self.target_r);
+        v["bias"] = json!("none");
+        v["fan_in_fan_out"] = json!(false);
+        v["init_lora_weights"] = json!(true);
+        v["rank_pattern"] = Value::Null;
+        v["modules_to_save"] = Value::Null;
+        v
+    }
+
+    fn build_linear(&self, path: &str, base: &FrozenLinear, rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        check_rank(path, "init_r", self.init_r, base)?;
+        Ok(Some((Box::new(AdaLoraLinear::new(base, self, rng)?), None)))
+    }
+
+    /// The regulariser and rank allocator; PEFT needs the number of steps as `total_step`.
+    fn training_extras(&self, model: &Llama, total_steps: usize) -> Result<TrainingExtras> {
+        let mut c = self.clone();
+        c.total_step.get_or_insert(total_steps);
+        Ok(TrainingExtras { hooks: vec![Box::new(AdaLoraHook::new(model, &c)?)], ..Default::default() })
+    }
+}
+
+/// AdaLoRA inherits LoRA's `r`, which PEFT ignores for AdaLoRA (the rank is `init_r`).
+const ADALORA_KEYS: &[&str] = &[
+    "r", "lora_alpha", "lora_dropout", "target_modules", "target_r", "init_r", "tinit", "tfinal", "deltaT",
+    "beta1", "beta2", "orth_reg_weight", "total_step",
+];
+
+/// PEFT's `peft_type: "ADALORA"`.
+pub fn read_peft_adalora(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<AdaLoraConfig>(v, path, "AdaLoRA")?.into(), ADALORA_KEYS))
 }
 
 fn normal_var(shape: &[usize], std: f64, rng: &mut StdRng, device: &Device) -> Result<Var> {

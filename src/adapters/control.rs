@@ -29,7 +29,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{uniform_var, LoraConfig};
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::config::{parse, ReadConfig};
+use super::method::{inject_linears, AdapterMethod};
+use super::{uniform_var, LoraConfig, Targets};
 use crate::ops::dropout::Dropout;
 use crate::error::{Error, Result};
 use crate::ops;
@@ -73,6 +79,34 @@ impl Default for ControlConfig {
             lora: None,
         }
     }
+}
+
+impl AdapterMethod for ControlConfig {
+    fn peft_type(&self) -> &'static str {
+        "CONTROL"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        self.lora.as_ref().map(|l| &l.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        json!(self)
+    }
+
+    fn inject(&self, model: &mut Llama, rng: &mut StdRng) -> Result<usize> {
+        let controls = attach(model, self, rng)?;
+        match &self.lora {
+            Some(lora) => Ok(controls + inject_linears(lora, model, rng)?),
+            None => Ok(controls),
+        }
+    }
+}
+
+/// The engine's own `peft_type: "CONTROL"`.
+pub fn read_control(v: &Value, path: &Path) -> Result<ReadConfig> {
+    const KEYS: &[&str] = &["control_rank", "control_alpha", "control_dropout", "double_control", "double_control_rank", "lora"];
+    Ok((parse::<ControlConfig>(v, path, "Control")?.into(), KEYS))
 }
 
 /// `α·B(drop(A x))` across one residual block.

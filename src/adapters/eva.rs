@@ -29,7 +29,11 @@ use nalgebra::{DMatrix, DVector};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use serde_json::{json, Value};
+
 use super::lora::{LoraConfig, LoraLinear};
+use super::method::{check_rank, AdapterMethod, BuiltLinear};
+use super::Targets;
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
 use crate::model::TrainBatch;
 use crate::{Error, Result};
@@ -78,17 +82,49 @@ impl EvaConfig {
     }
 }
 
-/// Build one EVA layer at injection: LoRA with this layer's rank (None for rank 0).
-pub fn build(base: &FrozenLinear, cfg: &EvaConfig, path: &str, rng: &mut StdRng) -> Result<Option<LoraLinear>> {
-    let (r, scale) = cfg.layer(path);
-    if r == 0 {
-        return Ok(None);
+impl AdapterMethod for EvaConfig {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
     }
-    let mut c = cfg.lora.clone();
-    c.r = r;
-    let mut l = LoraLinear::new(base, &c, rng)?;
-    l.scale = scale;
-    Ok(Some(l))
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.lora.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        let mut v = self.lora.peft_json_with_init(json!("eva"));
+        v["eva_config"] = json!({
+            "rho": self.rho, "tau": 0.99, "use_label_mask": true, "label_mask_value": -100,
+            "whiten": false, "adjust_scaling_factors": true,
+        });
+        v["rank_pattern"] = json!(self.rank_pattern);
+        v["alpha_pattern"] = json!(self.alpha_pattern);
+        v
+    }
+
+    /// LoRA with this layer's rank; a layer that EVA gave rank 0 has no adapter.
+    fn build_linear(&self, path: &str, base: &FrozenLinear, rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        check_rank(path, "r", self.lora.r, base)?;
+        let (r, scale) = self.layer(path);
+        if r == 0 {
+            return Ok(None);
+        }
+        let mut c = self.lora.clone();
+        c.r = r;
+        let mut l = LoraLinear::new(base, &c, rng)?;
+        l.scale = scale;
+        Ok(Some((Box::new(l), None)))
+    }
+
+    /// PEFT's `initialize_lora_eva_weights` reads the first few micro-batches.
+    fn init_batches(&self) -> usize {
+        4
+    }
+
+    fn initialize_from_data(&mut self, model: &mut Llama, batches: &[TrainBatch], seed: u64) -> Result<Option<String>> {
+        let ranks = initialize_eva(model, self, batches, seed)?;
+        Ok(Some(format!("EVA ranks: {ranks:?}")))
+    }
 }
 
 struct Stats {

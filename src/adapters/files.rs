@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{inject, AdapterConfig, SiftLinear};
+use super::{inject, AdapterConfig};
 use crate::error::{Error, Result};
 use crate::hub::ModelSource;
 use crate::model::Llama;
@@ -28,25 +28,19 @@ pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: 
     }
 }
 
-/// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file.
-/// SIFT's indices are saved with them (not trainable, but part of the adapter).
+/// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file, and the
+/// adapters' untrained state (SIFT's indices: part of the adapter).
 pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
     let mut out: HashMap<String, Tensor> =
         model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect::<Result<_>>()?;
-    for (path, sift) in sift_layers(model) {
-        if let Some(idx) = sift.indices() {
-            out.insert(format!("base_model.model.{path}.sift_indices"), idx.contiguous()?);
+    for (path, linear) in model.named_linears() {
+        for (suffix, _, value) in linear.adapter().map(|a| a.state()).unwrap_or_default() {
+            if let Some(t) = value {
+                out.insert(format!("base_model.model.{path}.{suffix}"), t.contiguous()?);
+            }
         }
     }
     Ok(out)
-}
-
-fn sift_layers(model: &Llama) -> Vec<(String, &SiftLinear)> {
-    model
-        .named_linears()
-        .into_iter()
-        .filter_map(|(p, l)| l.adapter().and_then(|a| a.as_any()).and_then(|a| a.downcast_ref::<SiftLinear>()).map(|s| (p, s)))
-        .collect()
 }
 
 /// Write the two files of an adapter. An adapter holding a non-finite value (a diverged run) is
@@ -101,12 +95,15 @@ pub fn load_adapter(model: &mut Llama, source: &ModelSource) -> Result<AdapterCo
 pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
     let params = model.trainable_params();
     let mut expected: std::collections::HashSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
-    for (path, sift) in sift_layers(model) {
-        let key = format!("base_model.model.{path}.sift_indices");
-        if weights.names().contains(&key) {
-            sift.set_indices(&weights.get_any(&key, DType::U32, &Device::Cpu)?)?;
+    for (path, linear) in model.named_linears() {
+        let Some(adapter) = linear.adapter() else { continue };
+        for (suffix, dtype, _) in adapter.state() {
+            let key = format!("base_model.model.{path}.{suffix}");
+            if weights.names().contains(&key) {
+                adapter.set_state(suffix, &weights.get_any(&key, dtype, &Device::Cpu)?)?;
+            }
+            expected.insert(key);
         }
-        expected.insert(key);
     }
     for (key, var) in &params {
         let t = weights.get_any(key, DType::F32, var.device()).map_err(|e| match e {

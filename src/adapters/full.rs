@@ -10,10 +10,17 @@
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::Targets;
-use crate::ops::nn::matmul_t;
-use crate::model::{FrozenLinear, LinearAdapter};
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use serde_json::Value;
+
+use super::config::{parse, ReadConfig};
 use super::galore::GaloreConfig;
+use super::method::{AdapterMethod, BuiltLinear, TrainingExtras};
+use super::Targets;
+use crate::model::{FrozenLinear, LinearAdapter, Llama};
+use crate::ops::nn::matmul_t;
 use crate::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +29,33 @@ pub struct FullConfig {
     /// Train the targeted weights with GaLore instead of plain AdamW.
     #[serde(default)]
     pub galore: Option<GaloreConfig>,
+}
+
+impl AdapterMethod for FullConfig {
+    fn peft_type(&self) -> &'static str {
+        "FULL"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        serde_json::to_value(self).expect("FullConfig serialises")
+    }
+
+    fn build_linear(&self, _path: &str, base: &FrozenLinear, _rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        Ok(Some((Box::new(FullLinear::new(base)?), None)))
+    }
+
+    fn training_extras(&self, _model: &Llama, _total_steps: usize) -> Result<TrainingExtras> {
+        Ok(TrainingExtras { galore: self.galore, ..Default::default() })
+    }
+}
+
+/// The engine's own `peft_type: "FULL"`.
+pub fn read_full(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<FullConfig>(v, path, "FULL")?.into(), &["target_modules", "galore"]))
 }
 
 pub struct FullLinear {

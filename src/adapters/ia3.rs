@@ -8,6 +8,13 @@
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use serde_json::{json, Value};
+
+use super::config::{parse, ReadConfig};
+use super::method::{AdapterMethod, BuiltLinear};
 use super::Targets;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::Result;
@@ -17,6 +24,36 @@ pub struct Ia3Config {
     pub target_modules: Targets,
     #[serde(default)]
     pub feedforward_modules: Option<Targets>,
+}
+
+impl AdapterMethod for Ia3Config {
+    fn peft_type(&self) -> &'static str {
+        "IA3"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        json!({
+            "target_modules": self.target_modules, "feedforward_modules": self.feedforward_modules,
+            "fan_in_fan_out": false, "init_ia3_weights": true, "modules_to_save": null,
+        })
+    }
+
+    fn build_linear(&self, path: &str, base: &FrozenLinear, _rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        let feedforward = match &self.feedforward_modules {
+            Some(t) => t.matches(path)?,
+            None => false,
+        };
+        Ok(Some((Box::new(Ia3Linear::new(base, feedforward)?), None)))
+    }
+}
+
+/// PEFT's `peft_type: "IA3"`.
+pub fn read_peft_ia3(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<Ia3Config>(v, path, "IA3")?.into(), &["target_modules", "feedforward_modules"]))
 }
 
 pub struct Ia3Linear {

@@ -27,8 +27,11 @@ use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 
 use super::linalg::{qr, svd, to_matrix, to_tensor};
+use serde_json::{json, Value};
+
 use super::lora::{LoraConfig, LoraLinear};
-use super::AdapterConfig;
+use super::method::{AdapterMethod, BuiltLinear};
+use super::{AdapterConfig, Targets};
 use crate::error::{Error, Result};
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
 use crate::ops::nn::AttentionHeads;
@@ -45,6 +48,33 @@ impl InitKind {
             InitKind::Pissa => "pissa",
             InitKind::Olora => "olora",
         }
+    }
+}
+
+/// PiSSA or OLoRA: LoRA's config and the initialisation from W.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraInitConfig {
+    pub lora: LoraConfig,
+    pub kind: InitKind,
+}
+
+impl AdapterMethod for LoraInitConfig {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.lora.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        self.lora.peft_json_with_init(json!(self.kind.peft_name()))
+    }
+
+    fn build_linear(&self, path: &str, base: &FrozenLinear, rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        self.lora.check(path, base)?;
+        let (adapter, residual) = InitLoraLinear::new(base, &self.lora, self.kind, rng)?;
+        Ok(Some((Box::new(adapter), Some(residual))))
     }
 }
 
@@ -170,11 +200,10 @@ pub fn convert_to_lora(model: &Llama, cfg: &LoraConfig) -> Result<(LoraConfig, H
 
 /// Save the trained PiSSA/OLoRA adapter as a plain LoRA for the original base model.
 pub fn save_converted(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
-    let lora = match cfg {
-        AdapterConfig::LoraInit(c, _) => c,
-        other => return Err(Error::Adapter(format!("{} adapters need no conversion", other.peft_type()))),
+    let Some(init) = cfg.downcast_ref::<LoraInitConfig>() else {
+        return Err(Error::Adapter(format!("{} adapters need no conversion", cfg.peft_type())));
     };
-    let (converted, tensors) = convert_to_lora(model, lora)?;
-    let cfg = AdapterConfig::Lora(converted);
+    let (converted, tensors) = convert_to_lora(model, &init.lora)?;
+    let cfg = AdapterConfig::new(converted);
     crate::fsutil::write_dir_atomic(dir, |tmp| super::write_adapter_files(tmp, &cfg, &tensors, base_model))
 }

@@ -36,7 +36,13 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::uniform_var;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::config::{parse, ReadConfig};
+use super::method::AdapterMethod;
+use super::{uniform_var, Targets};
 use crate::error::{Error, Result};
 use crate::ops::nn::matmul_t;
 use crate::ops::nn as ops;
@@ -59,6 +65,29 @@ impl Default for NonlinearControlConfig {
     fn default() -> Self {
         Self { control_rank: 64, stable_mode: false }
     }
+}
+
+impl AdapterMethod for NonlinearControlConfig {
+    fn peft_type(&self) -> &'static str {
+        "NONLINEAR_CONTROL"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        None
+    }
+
+    fn peft_json(&self) -> Value {
+        json!(self)
+    }
+
+    fn inject(&self, model: &mut Llama, rng: &mut StdRng) -> Result<usize> {
+        attach(model, self, rng)
+    }
+}
+
+/// The engine's own `peft_type: "NONLINEAR_CONTROL"`.
+pub fn read_nonlinear_control(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<NonlinearControlConfig>(v, path, "nonlinear Control")?.into(), &["control_rank", "stable_mode"]))
 }
 
 /// The controller of one layer, added in parallel with its MLP block.

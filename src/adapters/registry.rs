@@ -1,11 +1,20 @@
 //! Every method the engine trains, in one table: its name (`--method`, `bench methods`), what it
-//! is, and how its config is made from the options a user gives. The CLI's help and parsing,
-//! `bench methods` and the tests all read this table; a method is added here with one row.
+//! is, its `peft_type` and the reader of that `adapter_config.json`, and how its config is made
+//! from the options a user gives. The CLI's help and parsing, `bench methods`, the adapter
+//! loader and the tests all read this table; a method is added here with one row (and its
+//! module beside this file).
 
-use super::control::ControlConfig;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::config::ReadConfig;
+use super::control::{read_control, ControlConfig};
 use super::galore::GaloreConfig;
-use super::nonlinear_control::NonlinearControlConfig;
-use super::{AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, SiftConfig, SnellConfig, Targets};
+use super::nonlinear_control::{read_nonlinear_control, NonlinearControlConfig};
+use super::lora::read_peft_lora as lora_file;
+use super::{adalora, full, ia3, sift, snell};
+use super::{AdaLoraConfig, AdapterConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, LoraInitConfig, SiftConfig, SnellConfig, Targets};
 use crate::error::{Error, Result};
 
 /// The options every method draws its config from (the CLI's adapter flags, by the same names).
@@ -118,32 +127,48 @@ impl MethodOptions {
 pub struct Method {
     pub name: &'static str,
     pub summary: &'static str,
+    /// `peft_type` in `adapter_config.json`; rows that share one share its reader.
+    pub peft_type: &'static str,
+    /// Reads an `adapter_config.json` of this `peft_type`.
+    pub read: fn(&Value, &Path) -> Result<ReadConfig>,
+    /// The config from the user's options.
     pub config: fn(&MethodOptions) -> Result<AdapterConfig>,
 }
 
+#[rustfmt::skip]
 pub const METHODS: &[Method] = &[
-    Method { name: "lora", summary: "LoRA (PEFT's LoraConfig)", config: |o| Ok(AdapterConfig::Lora(o.lora(false, false))) },
-    Method { name: "rslora", summary: "rank-stabilized LoRA: scale alpha / sqrt(r)", config: |o| Ok(AdapterConfig::Lora(o.lora(true, false))) },
-    Method { name: "dora", summary: "DoRA: LoRA with a trained magnitude per output row", config: |o| Ok(AdapterConfig::Lora(o.lora(false, true))) },
-    Method { name: "ia3", summary: "IA3: learned scales of outputs, or of inputs for --feedforward-modules", config: |o| {
-        Ok(AdapterConfig::Ia3(Ia3Config { target_modules: o.targets(), feedforward_modules: Some(Targets::List(o.feedforward_modules.clone())) }))
-    } },
-    Method { name: "pissa", summary: "LoRA initialised from W's principal singular vectors", config: |o| Ok(AdapterConfig::LoraInit(o.lora(false, false), InitKind::Pissa)) },
-    Method { name: "olora", summary: "LoRA initialised from W's QR decomposition", config: |o| Ok(AdapterConfig::LoraInit(o.lora(false, false), InitKind::Olora)) },
-    Method { name: "eva", summary: "LoRA initialised from the activations' SVD, ranks redistributed", config: |o| Ok(AdapterConfig::Eva(EvaConfig::new(o.lora(false, false)))) },
-    Method { name: "adalora", summary: "AdaLoRA: SVD-form LoRA whose ranks are pruned by importance", config: |o| Ok(AdapterConfig::AdaLora(o.adalora())) },
-    Method { name: "sift", summary: "sparse increment fine-tuning of --sparse-rate of each weight", config: |o| {
-        Ok(AdapterConfig::Sift(SiftConfig { target_modules: o.targets(), sparse_rate: o.sparse_rate }))
-    } },
-    Method { name: "full", summary: "full fine-tuning of the targeted weights", config: |o| Ok(AdapterConfig::Full(o.full(false))) },
-    Method { name: "galore", summary: "full fine-tuning with GaLore's low-rank gradient projection", config: |o| Ok(AdapterConfig::Full(o.full(true))) },
-    Method { name: "control", summary: "Parallel Control across each MLP block", config: |o| Ok(AdapterConfig::Control(o.control(false, None))) },
-    Method { name: "double_control", summary: "Parallel Control across the MLP and the attention blocks", config: |o| Ok(AdapterConfig::Control(o.control(true, None))) },
-    Method { name: "control_lora", summary: "control on the MLP block + LoRA on the targets", config: |o| Ok(AdapterConfig::Control(o.control(false, Some(o.lora(false, false))))) },
-    Method { name: "nonlinear_control", summary: "Control with the parameter-free attention controller", config: |o| {
-        Ok(AdapterConfig::NonlinearControl(NonlinearControlConfig { control_rank: o.control_rank, stable_mode: o.stable_mode }))
-    } },
-    Method { name: "snell", summary: "SNELL: kernelized LoRA with competition-based sparsification (--sparsity 0: KLoRA)", config: |o| Ok(AdapterConfig::Snell(o.snell()?)) },
+    Method { name: "lora", peft_type: "LORA", read: lora_file, summary: "LoRA (PEFT's LoraConfig)",
+        config: |o| Ok(o.lora(false, false).into()) },
+    Method { name: "rslora", peft_type: "LORA", read: lora_file, summary: "rank-stabilized LoRA: scale alpha / sqrt(r)",
+        config: |o| Ok(o.lora(true, false).into()) },
+    Method { name: "dora", peft_type: "LORA", read: lora_file, summary: "DoRA: LoRA with a trained magnitude per output row",
+        config: |o| Ok(o.lora(false, true).into()) },
+    Method { name: "ia3", peft_type: "IA3", read: ia3::read_peft_ia3, summary: "IA3: learned scales of outputs, or of inputs for --feedforward-modules",
+        config: |o| Ok(Ia3Config { target_modules: o.targets(), feedforward_modules: Some(Targets::List(o.feedforward_modules.clone())) }.into()) },
+    Method { name: "pissa", peft_type: "LORA", read: lora_file, summary: "LoRA initialised from W's principal singular vectors",
+        config: |o| Ok(LoraInitConfig { lora: o.lora(false, false), kind: InitKind::Pissa }.into()) },
+    Method { name: "olora", peft_type: "LORA", read: lora_file, summary: "LoRA initialised from W's QR decomposition",
+        config: |o| Ok(LoraInitConfig { lora: o.lora(false, false), kind: InitKind::Olora }.into()) },
+    Method { name: "eva", peft_type: "LORA", read: lora_file, summary: "LoRA initialised from the activations' SVD, ranks redistributed",
+        config: |o| Ok(EvaConfig::new(o.lora(false, false)).into()) },
+    Method { name: "adalora", peft_type: "ADALORA", read: adalora::read_peft_adalora, summary: "AdaLoRA: SVD-form LoRA whose ranks are pruned by importance",
+        config: |o| Ok(o.adalora().into()) },
+    Method { name: "sift", peft_type: "SIFT", read: sift::read_sift, summary: "sparse increment fine-tuning of --sparse-rate of each weight",
+        config: |o| Ok(SiftConfig { target_modules: o.targets(), sparse_rate: o.sparse_rate }.into()) },
+    Method { name: "full", peft_type: "FULL", read: full::read_full, summary: "full fine-tuning of the targeted weights",
+        config: |o| Ok(o.full(false).into()) },
+    Method { name: "galore", peft_type: "FULL", read: full::read_full, summary: "full fine-tuning with GaLore's low-rank gradient projection",
+        config: |o| Ok(o.full(true).into()) },
+    Method { name: "control", peft_type: "CONTROL", read: read_control, summary: "Parallel Control across each MLP block",
+        config: |o| Ok(o.control(false, None).into()) },
+    Method { name: "double_control", peft_type: "CONTROL", read: read_control, summary: "Parallel Control across the MLP and the attention blocks",
+        config: |o| Ok(o.control(true, None).into()) },
+    Method { name: "control_lora", peft_type: "CONTROL", read: read_control, summary: "control on the MLP block + LoRA on the targets",
+        config: |o| Ok(o.control(false, Some(o.lora(false, false))).into()) },
+    Method { name: "nonlinear_control", peft_type: "NONLINEAR_CONTROL", read: read_nonlinear_control, summary: "Control with the parameter-free attention controller",
+        config: |o| Ok(NonlinearControlConfig { control_rank: o.control_rank, stable_mode: o.stable_mode }.into()) },
+    Method { name: "snell", peft_type: "SNELL", read: snell::read_snell, summary: "SNELL: kernelized LoRA with competition-based sparsification (--sparsity 0: KLoRA)",
+        config: |o| Ok(o.snell()?.into()) },
 ];
 
 /// The method called `name`, or an error listing them all.
@@ -162,7 +187,11 @@ mod tests {
     fn every_method_makes_its_config_and_names_are_unique() {
         let options = MethodOptions::default();
         for (i, m) in METHODS.iter().enumerate() {
-            (m.config)(&options).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            let cfg = (m.config)(&options).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            // The row's peft_type is its config's, and its reader reads what the config writes.
+            assert_eq!(cfg.peft_type(), m.peft_type, "{}", m.name);
+            let (read, _) = (m.read)(&cfg.to_peft_json(None), Path::new("x.json")).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(read, cfg, "{}", m.name);
             assert!(METHODS[..i].iter().all(|other| other.name != m.name), "{} twice", m.name);
             assert!(!m.summary.is_empty());
         }

@@ -20,6 +20,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use serde_json::Value;
+
+use super::config::{parse, ReadConfig};
+use super::method::{AdapterMethod, BuiltLinear, TrainingExtras};
 use super::Targets;
 use crate::ops::nn::matmul_t;
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
@@ -35,6 +42,33 @@ pub struct SiftConfig {
     pub target_modules: Targets,
     #[serde(default = "default_rate")]
     pub sparse_rate: f64,
+}
+
+impl AdapterMethod for SiftConfig {
+    fn peft_type(&self) -> &'static str {
+        "SIFT"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        serde_json::to_value(self).expect("SiftConfig serialises")
+    }
+
+    fn build_linear(&self, _path: &str, base: &FrozenLinear, _rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        Ok(Some((Box::new(SiftLinear::new(base, self)?), None)))
+    }
+
+    fn training_extras(&self, model: &Llama, _total_steps: usize) -> Result<TrainingExtras> {
+        Ok(TrainingExtras { hooks: vec![Box::new(SiftHook::new(model))], ..Default::default() })
+    }
+}
+
+/// The engine's own `peft_type: "SIFT"`.
+pub fn read_sift(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<SiftConfig>(v, path, "SIFT")?.into(), &["target_modules", "sparse_rate"]))
 }
 
 #[derive(Default)]
@@ -122,6 +156,18 @@ impl LinearAdapter for SiftLinear {
 
     fn params(&self) -> Vec<(String, Var)> {
         vec![("sift_values".into(), self.values.clone())]
+    }
+
+    /// The chosen positions are part of the adapter: the values mean nothing without them.
+    fn state(&self) -> Vec<(&'static str, DType, Option<Tensor>)> {
+        vec![("sift_indices", DType::U32, self.indices())]
+    }
+
+    fn set_state(&self, key: &str, value: &Tensor) -> Result<()> {
+        match key {
+            "sift_indices" => self.set_indices(value),
+            other => Err(Error::Adapter(format!("SIFT keeps no `{other}`"))),
+        }
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {

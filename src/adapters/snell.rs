@@ -30,6 +30,12 @@ use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::config::{parse, ReadConfig};
+use super::method::{check_rank, AdapterMethod, BuiltLinear};
 use super::{uniform_var, Targets};
 use crate::ops::snell_merge::{check_sparsity, head_coefficients, pairwise_distances, signed_head_sum, sparsify};
 use crate::ops;
@@ -66,6 +72,31 @@ impl SnellConfig {
         }
         check_sparsity(self.sparsity, what)
     }
+}
+
+impl AdapterMethod for SnellConfig {
+    fn peft_type(&self) -> &'static str {
+        "SNELL"
+    }
+
+    fn targets(&self) -> Option<&Targets> {
+        Some(&self.target_modules)
+    }
+
+    fn peft_json(&self) -> Value {
+        serde_json::to_value(self).expect("SnellConfig serialises")
+    }
+
+    fn build_linear(&self, path: &str, base: &FrozenLinear, rng: &mut StdRng) -> Result<Option<BuiltLinear>> {
+        check_rank(path, "r", self.r, base)?;
+        self.validate(path)?;
+        Ok(Some((Box::new(SnellLinear::new(base, self, rng)?), None)))
+    }
+}
+
+/// The engine's own `peft_type: "SNELL"`.
+pub fn read_snell(v: &Value, path: &Path) -> Result<ReadConfig> {
+    Ok((parse::<SnellConfig>(v, path, "SNELL")?.into(), &["r", "heads", "sparsity", "target_modules"]))
 }
 
 /// The two kernel factors of one adapted linear layer.

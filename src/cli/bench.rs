@@ -9,7 +9,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{AdapterArgs, BenchMethodsArgs, BenchStepArgs};
-use crate::adapters::{initialize_eva, inject, AdapterConfig};
+use crate::adapters::inject;
 use crate::training::configure_trainer;
 use crate::error::{Error, Result};
 use crate::memory::{proc_status_mib, reset_peak_rss, GpuMemory};
@@ -82,8 +82,8 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     // footprint. Then the peak (VmHWM) is reset to the current RSS, so that the load's
     // transients do not count (Linux ≥ 4.0; where refused, the peak is since start).
     let baseline = proc_status_mib("VmRSS")?;
-    if let AdapterConfig::Eva(eva) = &mut adapter {
-        initialize_eva(&mut model, eva, std::slice::from_ref(&batch), 0)?;
+    if adapter.init_batches() > 0 {
+        adapter.initialize_from_data(&mut model, std::slice::from_ref(&batch), 0)?;
     }
     reset_peak_rss();
     let gpu = GpuMemory::start(&device)?;

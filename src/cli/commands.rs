@@ -100,18 +100,19 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
         xs.iter().map(|e| tokenize_example(&tokenizer, e, None, eos, &opts)).collect()
     };
     let (train_set, val_set) = (tokenize(&train_examples)?, tokenize(&val_examples)?);
-    if let crate::adapters::AdapterConfig::Eva(eva) = &mut adapter {
-        // EVA's data-driven init on the first few micro-batches (PEFT's initialize_lora_eva_weights).
+    if adapter.init_batches() > 0 {
+        // A data-driven init (EVA's) on the first few micro-batches.
         let batches = train_set
             .chunks(args.micro_batch_size.max(1))
-            .take(4)
+            .take(adapter.init_batches())
             .map(|rows| {
                 let b = crate::data::batch::Batch::collate(&rows.iter().collect::<Vec<_>>(), args.pad_token_id, 8)?;
                 crate::training::run::to_train_batch(&b, loaded.model.device())
             })
             .collect::<crate::error::Result<Vec<_>>>()?;
-        let ranks = crate::adapters::initialize_eva(&mut loaded.model, eva, &batches, args.seed)?;
-        println!("EVA ranks: {ranks:?}");
+        if let Some(what) = adapter.initialize_from_data(&mut loaded.model, &batches, args.seed)? {
+            println!("{what}");
+        }
     }
     let total_steps = args.max_steps.unwrap_or_else(|| steps_for_epochs(train_set.len(), args.batch_size, args.num_epochs));
     let cfg = RunConfig {

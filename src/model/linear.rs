@@ -104,6 +104,15 @@ pub trait LinearAdapter: Send + Sync {
     fn unmerged_weight(&self, merged: &Tensor) -> Result<Tensor>;
     /// Trainable tensors with their key suffix in PEFT's file format (e.g. `lora_A.weight`).
     fn params(&self) -> Vec<(String, Var)>;
+    /// Tensors of the adapter's file that are not trained (SIFT's chosen positions): the key
+    /// suffix (as in `params`), the dtype it is read back in, and the tensor (None while unset).
+    fn state(&self) -> Vec<(&'static str, DType, Option<Tensor>)> {
+        Vec::new()
+    }
+    /// Set one tensor of `state` read from a file.
+    fn set_state(&self, key: &str, _value: &Tensor) -> Result<()> {
+        Err(crate::Error::Adapter(format!("this adapter keeps no `{key}`")))
+    }
     /// The concrete adapter, for the methods that need more than this trait (PiSSA's conversion,
     /// SIFT's indices, EVA's re-initialisation).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
