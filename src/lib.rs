@@ -27,12 +27,14 @@ pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod hub;
+pub mod kernel_bench;
 pub mod ops;
 pub mod loading;
 pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod quant;
+pub mod selftest;
 pub mod training;
 pub mod weights;
 

@@ -26,8 +26,7 @@ pub mod step_hook;
 pub mod nonlinear_control;
 pub mod registry;
 
-use candle_core::{Device, Tensor, Var};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
 use crate::error::Result;
 use crate::model::Llama;
@@ -55,9 +54,4 @@ pub fn inject(model: &mut Llama, cfg: &AdapterConfig, seed: u64) -> Result<usize
     cfg.inject(model, &mut StdRng::seed_from_u64(seed))
 }
 
-/// A trainable tensor drawn from U(-bound, bound), f32, from a seeded generator.
-pub(crate) fn uniform_var(shape: &[usize], bound: f64, rng: &mut StdRng, device: &Device) -> Result<Var> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
-}
+pub(crate) use crate::ops::nn::uniform_var;

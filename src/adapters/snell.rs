@@ -36,8 +36,8 @@ use serde_json::Value;
 
 use super::config::{parse, ReadConfig};
 use super::method::{check_rank, AdapterMethod, BuiltLinear};
-use super::{uniform_var, Targets};
-use crate::ops::snell_merge::{check_sparsity, head_coefficients, pairwise_distances, signed_head_sum, sparsify};
+use super::Targets;
+use crate::ops::snell_merge::{check_sparsity, head_coefficients, kaiming_factors, sparsify};
 use crate::ops;
 use crate::model::{FrozenLinear, LinearAdapter};
 use crate::{Error, Result};
@@ -113,11 +113,7 @@ impl SnellLinear {
     pub fn new(base: &FrozenLinear, cfg: &SnellConfig, rng: &mut StdRng) -> Result<Self> {
         cfg.validate("a linear layer")?;
         let (out, inp) = (base.out_features(), base.in_features());
-        let k = cfg.r / cfg.heads;
-        let device = base.device();
-        // kaiming_uniform_(a=√5): bound = gain·√3/√fan_in = 1/√fan_in, fan_in = size(1)·size(2).
-        let input = uniform_var(&[cfg.heads, inp, k], 1.0 / ((inp * k) as f64).sqrt(), rng, device)?;
-        let output = uniform_var(&[cfg.heads, out, k], 1.0 / ((out * k) as f64).sqrt(), rng, device)?;
+        let (input, output) = kaiming_factors(cfg.heads, inp, out, cfg.r / cfg.heads, rng, base.device())?;
         Ok(Self { input, output, sparsity: cfg.sparsity, coeffs: head_coefficients(cfg.heads) })
     }
 
@@ -149,9 +145,7 @@ impl SnellLinear {
 
     /// The dense kernel update ΔW [d_in, d_out] in the factors' dtype, differentiable.
     pub fn kernel_delta(&self) -> Result<Tensor> {
-        let (input, output) = (self.input.as_tensor(), self.output.as_tensor());
-        let heads = (0..self.heads()).map(|h| pairwise_distances(&input.get(h)?, &output.get(h)?)).collect::<Result<Vec<_>>>()?;
-        signed_head_sum(&heads)
+        crate::ops::snell_merge::kernel_delta(self.input.as_tensor(), self.output.as_tensor())
     }
 
     /// The sparsified update ΔW_s [d_in, d_out] (ΔW itself when sparsity is 0), differentiable.
@@ -171,14 +165,7 @@ impl SnellLinear {
 
     /// `x ΔW_s`, with ΔW_s cast to x's dtype as autocast would.
     pub fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        let delta = self.sparse_delta()?.to_dtype(x.dtype())?;
-        let dims = x.dims();
-        let inner = dims[dims.len() - 1];
-        let rows = x.elem_count() / inner.max(1);
-        let y = x.reshape((rows, inner))?.matmul(&delta)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("SNELL input needs at least one dim") = delta.dim(1)?;
-        Ok(y.reshape(out_dims)?)
+        crate::ops::snell_merge::plain_branch(x, self.input.as_tensor(), self.output.as_tensor(), self.sparsity)
     }
 }
 

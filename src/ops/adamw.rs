@@ -10,6 +10,9 @@
 //! small parameters, so on a GPU the optimizer was launch-bound.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+use candle_core::{DType, Device};
+use crate::selftest::Case;
+use crate::Result;
 
 /// One step's scalars, in f32 as the update computes (each from its f64 value, as candle's
 /// scalar ops convert theirs).
@@ -137,5 +140,48 @@ impl InplaceOp3 for Apply {
         vl: &Layout,
     ) -> candle_core::Result<()> {
         super::cuda::adamw::apply((dst, dst_l), (m, ml), (v, vl), self.0)
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// The update on the device (f32, `kernels/adamw.cu` on CUDA) against the same two steps in f64
+/// candle ops on the CPU, with weight decay: the parameter's change and both moments.
+pub fn selftest(c: &mut Case) -> Result<()> {
+    if c.dtype != DType::F32 {
+        return Ok(());
+    }
+    let n = c.odd(1_000, 70_000);
+    // Parameters of an adapter's size (LoRA's A at LLaMA widths is about 1e-2), so that the f32
+    // storage's rounding of p (an ulp of p) stays far below the change compared.
+    let (p, g1, g2) = (c.draw(&[n], 1e-2)?, c.draw(&[n], 1e-2)?, c.draw(&[n], 1e-2)?);
+    let (betas, eps, wd, lr) = ((0.9, 0.999), 1e-8, 0.1, 1e-3);
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(c.device)?) };
+    let (dp, dm, dv) = (on(&p)?, on(&p.zeros_like()?)?, on(&p.zeros_like()?)?);
+    let (mut rp, mut rm, mut rv) = (p.clone(), p.zeros_like()?, p.zeros_like()?);
+    for (t, g) in [(1, &g1), (2, &g2)] {
+        adamw_update(&dp, &on(g)?, &dm, &dv, AdamWScalars::new(betas, eps, Some(wd), lr, t))?;
+        let (bc1, bc2) = (1.0 - betas.0.powi(t as i32), 1.0 - betas.1.powi(t as i32));
+        rm = ((rm * betas.0)? + (g * (1.0 - betas.0))?)?;
+        rv = ((rv * betas.1)? + (g.sqr()? * (1.0 - betas.1))?)?;
+        let step = ((&rm / bc1)? / ((&rv / bc2)?.sqrt()? + eps)?)?;
+        rp = ((rp * (1.0 - lr * wd))? - (step * lr)?)?;
+    }
+    let change = |q: &Tensor| -> Result<Tensor> { Ok((q.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - &p)?) };
+    let shape = n.to_string();
+    c.record("adamw", &shape, "dp", &change(&dp)?, &(&rp - &p)?)?;
+    c.record("adamw", &shape, "m", &dm, &rm)?;
+    c.record("adamw", &shape, "v", &dv, &rv)
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides (there the update is the CPU code
+    /// here), so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 3);
     }
 }

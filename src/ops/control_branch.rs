@@ -18,6 +18,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use super::{cpu_tensor, tensor_cpu_storage};
 use crate::ops::nn::accumulate_dtype;
 use crate::Result;
+use candle_core::{DType, Device, Var};
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::{forward_backward, Case};
 
 /// `base + α · z Bᵀ` for base [..., d] and z [..., r], B [d, r] (all one dtype).
 pub fn control_branch(base: &Tensor, z: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
@@ -111,3 +114,54 @@ impl CustomOp3 for ControlBranchOp {
     }
 }
 
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+pub fn selftest(c: &mut Case) -> Result<()> {
+    let (t, d, r) = (c.odd(65, 400), c.odd(65, 700), c.odd(1, 70));
+    let shape = format!("T{t} d{d} r{r}");
+    let (base, z, b) = (c.draw(&[t, d], 1.0)?, c.draw(&[t, r], 1.0)?, c.draw(&[d, r], 0.1)?);
+    let weights = c.draw(&[t, d], 1.0)?;
+    let f = |v: &[Tensor]| control_branch(&v[0], &v[1], &v[2], 0.8);
+    let (y, g) = forward_backward(c.device, c.dtype, &[&base, &z, &b], &weights, &f)?;
+    let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &[&base, &z, &b], &weights, &f)?;
+    c.record_pass("control_branch", &shape, &["out", "dbase", "dz", "dB"], (&y, &g), (&y_ref, &g_ref))?;
+    Ok(())
+}
+
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let d = shapes.dims.first().map_or(4096, |&(d_in, _)| d_in);
+    for &t in &shapes.tokens {
+        let (r, alpha) = (64, 1.0);
+        let shape = format!("d{d} r{r} T{t}");
+        let base = Var::from_tensor(&randn(&[t, d], 1.0, dtype, device)?)?;
+        let z = Var::from_tensor(&randn(&[t, r], 1.0, dtype, device)?)?;
+        let b = Var::from_tensor(&randn(&[d, r], 0.02, dtype, device)?)?;
+        let run = |fused: bool| -> Result<()> {
+            let y = if fused {
+                control_branch(base.as_tensor(), z.as_tensor(), b.as_tensor(), alpha)?
+            } else {
+                (base.as_tensor() + (z.as_tensor().matmul(&b.as_tensor().t()?)? * alpha)?)?
+            };
+            y.backward()?;
+            Ok(())
+        };
+        let unfused = shapes.time(device, || run(false))?;
+        let fused = shapes.time(device, || run(true))?;
+        for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
+            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: None });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 4);
+    }
+}

@@ -33,6 +33,7 @@ use crate::quant::BaseWeight;
 use crate::ops::fused::OutputFreeBackward;
 use crate::ops::nn::{accumulate_dtype, AttentionHeads};
 use crate::Result;
+use crate::selftest::Case;
 
 /// `x Wᵀ + (k − 1) ⊙ (drop(x) Wᵀ) + k ⊙ s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with
 /// its own backward; gradients reach x, A, B and k.
@@ -181,5 +182,24 @@ impl CustomOp3 for DoraLinearOp {
         let db = (dq.t()?.matmul(&u)? * self.scale)?;
         let dab = join_factors(&da, &db)?;
         Ok((Some(dx.to_dtype(dtype)?), Some(dab.to_dtype(dtype)?), Some(dk.to_dtype(dtype)?)))
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// The DoRA linear (its row scale k a fourth input), without and with dropout.
+pub fn selftest(c: &mut Case) -> Result<()> {
+    super::lora_linear::linear_case(c, true, false)?;
+    super::lora_linear::linear_case(c, true, true)
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 5 + 5);
     }
 }

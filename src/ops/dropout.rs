@@ -8,6 +8,8 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::Result;
+use candle_core::DType;
+use crate::selftest::Case;
 
 thread_local! {
     /// Which forward pass dropout masks are drawn for: the trainer sets it to (step, micro-batch)
@@ -118,5 +120,36 @@ mod dropout_tests {
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
         assert!(same < 0.65, "two seeds agree on {same} of the elements (independent: 0.58)");
         assert_eq!(a, dropout_mask_values(7, n, 0.7));
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// The adapters' dropout mask (`kernels/dropout.cu` on CUDA) is the CPU's, bit for bit: one
+/// element off is an error of 1. Then `x ⊙ mask` without the mask (the fused adapter ops'
+/// forward and backward): the product in the dtype, as candle's `x * mask` computes it.
+pub fn selftest(c: &mut Case) -> Result<()> {
+    let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
+    let shape = format!("{rows}x{width} p0.3");
+    let dropout = Dropout::new(0.3, &mut c.rng);
+    let mask = dropout.mask(true).ok_or_else(|| crate::Error::msg("no dropout mask"))?;
+    let like = |device: &Device, dtype: DType| Tensor::zeros((rows, width), dtype, device);
+    let got = mask.tensor(&like(c.device, c.dtype)?)?;
+    let reference = mask.tensor(&like(&Device::Cpu, DType::F64)?)?;
+    c.record("dropout mask", &shape, "mask", &got, &reference)?;
+    let x = c.draw(&[rows, width], 1.0)?;
+    let got = mask.dropped(&c.on_device(&x)?)?;
+    let reference = (&x * mask.tensor(&x)?)?;
+    c.record("dropout apply", &shape, "x*mask", &got, &reference)
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 2);
     }
 }

@@ -37,6 +37,10 @@ use crate::quant::BaseWeight;
 use crate::ops::fused::{OutputFreeBackward, SwiGlu};
 use crate::ops::nn::{accumulate_dtype, AttentionHeads};
 use crate::Result;
+use candle_core::{DType, Device, Var};
+use rand::Rng;
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::{forward_backward, Case};
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` for x [..., in], as one op with its own backward. `a` and `b`
 /// must already be in x's dtype; `mask` is the dropout mask (divided by 1 − p) over x.
@@ -279,5 +283,119 @@ impl CustomOp3 for SwiGluLoraOp {
         let (dg, du) = SwiGlu.bwd(g, u, y, &dx)?;
         let dab = join_factors(&da, &db)?;
         Ok((dg, du, Some(dab)))
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+/// The LoRA linear, or with `dora` the DoRA linear (its row scale k as a fourth input).
+pub(crate) fn linear_case(c: &mut Case, dora: bool, with_dropout: bool) -> Result<()> {
+    let (t, d_in, d_out, r) = (c.odd(65, 300), c.odd(65, 700), c.odd(65, 700), c.odd(1, 70));
+    let s = 1.7;
+    let kernel = format!("{}_linear{}", if dora { "dora" } else { "lora" }, if with_dropout { "+dropout" } else { "" });
+    let shape = format!("T{t} in{d_in} out{d_out} r{r}");
+    let (x, w) = (c.draw(&[t, d_in], 1.0)?, c.draw(&[d_out, d_in], 0.1)?);
+    let (a, b) = (c.draw(&[r, d_in], 0.1)?, c.draw(&[d_out, r], 0.1)?);
+    // DoRA's m / ‖W + s·B A‖ stays near 1 in training.
+    let k = (c.draw(&[d_out], 0.3)? + 1.0)?;
+    let weights = c.draw(&[t, d_out], 1.0)?;
+    let mask = with_dropout.then(|| DropoutMask { seed: c.rng.random(), keep: 0.9 });
+    let inputs: Vec<&Tensor> = if dora { vec![&x, &a, &b, &k] } else { vec![&x, &a, &b] };
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = w.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &inputs, &weights, &|v| match dora {
+            true => super::dora_linear(&v[0], &w, &v[1], &v[2], &v[3], s, mask),
+            false => lora_linear(&v[0], &w, &v[1], &v[2], s, mask),
+        })
+    };
+    let (y, g) = run(c.device, c.dtype)?;
+    let (y_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+    c.record_pass(&kernel, &shape, &["y", "dx", "dA", "dB", "dk"], (&y, &g), (&y_ref, &g_ref))?;
+    Ok(())
+}
+
+/// The LoRA linear, without and with dropout, and LoRA on the SwiGLU activation.
+pub fn selftest(c: &mut Case) -> Result<()> {
+    linear_case(c, false, false)?;
+    linear_case(c, false, true)?;
+    swiglu_lora_case(c)
+}
+
+/// LoRA on the SwiGLU activation (down_proj with an adapter), the activation recomputed.
+fn swiglu_lora_case(c: &mut Case) -> Result<()> {
+    let (rows, width, d_in, r) = (c.odd(33, 300), c.odd(65, 1100), c.odd(33, 500), c.odd(1, 40));
+    let (gate, up) = (c.draw(&[rows, d_in], 2.0)?, c.draw(&[rows, d_in], 1.0)?);
+    let (proj, a, b) = (c.draw(&[width, d_in], 0.1)?, c.draw(&[r, d_in], 0.1)?, c.draw(&[width, r], 0.1)?);
+    let weights = c.draw(&[rows, width], 1.0)?;
+    let mask = Some(DropoutMask { seed: c.rng.random(), keep: 0.9 });
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&gate, &up, &a, &b], &weights, &|t| swiglu_lora_linear(&t[0], &t[1], &w, (&t[2], &t[3]), 1.7, mask))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record_pass("swiglu_lora", &format!("{rows}x{d_in} -> {width} r{r}"), &["y", "dg", "du", "dA", "dB"], (&y, &g), (&y_ref, &g_ref))
+}
+
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    for (d_in, d_out, r, t) in shapes.lora_shapes() {
+        let shape = format!("{d_in}x{d_out} r{r} T{t}");
+        let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
+        let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
+        let a = Var::from_tensor(&randn(&[r, d_in], 0.02, DType::F32, device)?)?;
+        let b = Var::from_tensor(&randn(&[d_out, r], 0.02, DType::F32, device)?)?;
+        let s = 2.0;
+        let base: crate::quant::BaseWeight = w.clone().into();
+        let frozen_step = || -> Result<()> {
+            crate::ops::nn::frozen_matmul_t_op(x.as_tensor(), &base)?.backward()?;
+            Ok(())
+        };
+        let frozen = shapes.time(device, frozen_step)?;
+        let frozen_mem = crate::memory::peak_extra_mib(device, frozen_step)?;
+        let lora = |fused: bool| -> Result<()> {
+            let (ac, bc) = (a.as_tensor().to_dtype(dtype)?, b.as_tensor().to_dtype(dtype)?);
+            let y = if fused {
+                lora_linear(x.as_tensor(), &base, &ac, &bc, s, None)?
+            } else {
+                let branch = (x.as_tensor().matmul(&ac.t()?)?.matmul(&bc.t()?)? * s)?;
+                (x.as_tensor().matmul(&w.t()?)? + branch)?
+            };
+            y.backward()?;
+            Ok(())
+        };
+        let unfused = shapes.time(device, || lora(false))?;
+        let unfused_mem = crate::memory::peak_extra_mib(device, || lora(false))?;
+        let fused = shapes.time(device, || lora(true))?;
+        let fused_mem = crate::memory::peak_extra_mib(device, || lora(true))?;
+        let base_flops = 4.0 * (t * d_in * d_out) as f64;
+        let lora_flops = base_flops + 6.0 * (t * r * (d_in + d_out)) as f64;
+        for (variant, ms, flops, mib) in [
+            ("frozen linear", frozen, base_flops, frozen_mem),
+            ("unfused LoRA", unfused, lora_flops, unfused_mem),
+            ("fused LoRA", fused, lora_flops, fused_mem),
+        ] {
+            out.push(KernelTiming {
+                op: "lora_linear".into(),
+                shape: shape.clone(),
+                variant: variant.into(),
+                ms,
+                ratio: ms / frozen,
+                tflops: Some(flops / (ms * 1e-3) / 1e12),
+                gbps: None,
+                peak_extra_mib: Some(mib),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 4 + 4 + 5);
     }
 }

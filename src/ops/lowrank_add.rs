@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 use super::{cpu_tensor, tensor_cpu_storage};
 use crate::ops::nn::accumulate_dtype;
 use crate::Result;
+use crate::selftest::Case;
 
 /// The rank-r right factor `M` [cols, r] of the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,5 +120,37 @@ impl InplaceOp3 for LowRankAdd {
         lm: &Layout,
     ) -> candle_core::Result<()> {
         super::cuda::lowrank_add(self, out, lo, z, lz, m, lm)
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+pub fn selftest(c: &mut Case) -> Result<()> {
+    for (factor, masked) in [(Factor::Rows, false), (Factor::Rows, true), (Factor::Transposed, true)] {
+        let (rows, cols, r) = (c.odd(65, 400), c.odd(65, 700), c.odd(1, 70));
+        let kernel = format!("lowrank_add {}{}", if factor == Factor::Rows { "zBᵀ" } else { "zA" }, if masked { " masked" } else { "" });
+        let shape = format!("{rows}x{cols} r{r}");
+        let out = c.draw(&[rows, cols], 1.0)?;
+        let z = c.draw(&[rows, r], 1.0)?;
+        let m = if factor == Factor::Rows { c.draw(&[cols, r], 0.1)? } else { c.draw(&[r, cols], 0.1)? };
+        let mask = if masked { Some(c.mask(&[rows, cols])?) } else { None };
+        let got = c.on_device(&out)?;
+        let dev_mask = mask.as_ref().map(|m| c.on_device(m)).transpose()?;
+        lowrank_add(&got, &c.on_device(&z)?, &c.on_device(&m)?, factor, dev_mask.as_ref(), 0.9)?;
+        let reference = out.copy()?;
+        lowrank_add(&reference, &z, &m, factor, mask.as_ref(), 0.9)?;
+        c.record(&kernel, &shape, "out", &got, &reference)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 3);
     }
 }

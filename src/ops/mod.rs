@@ -1,7 +1,10 @@
 //! The ops layer: every custom op with its CPU reference, its backward and its CUDA launcher.
 //! Each op lives in its own file beside its CUDA source in `kernels/`, with a plain CPU reference
 //! of the same math that the tests check against the unfused candle computation (values and
-//! gradients), and that `candle-peft selftest` checks the CUDA kernel against on the GPU.
+//! gradients). At the end of each file are the op's `selftest` cases (the CUDA kernel against
+//! that reference on the GPU, on the harness of `crate::selftest`; a unit test runs them with the
+//! CPU on both sides) and, for the adapters' ops, its `bench` rows (fused against the unfused
+//! graph, `crate::kernel_bench`); `cli::selftest` and `cli::bench_kernels` only list them.
 //!
 //! The model's layer ops: [`nn`] (RMSNorm, softmax, SwiGLU, attention, RoPE, cross-entropy, the
 //! frozen matmuls: fused where it pays, the composed reference beside each) over the CPU custom ops

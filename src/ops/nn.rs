@@ -380,3 +380,16 @@ pub fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     *out_dims.last_mut().expect("matmul_t needs at least one dim") = m.dim(0)?;
     Ok(y.reshape(out_dims)?)
 }
+
+/// A trainable tensor drawn from U(-bound, bound), f32, from a seeded generator.
+pub fn uniform_var(shape: &[usize], bound: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<candle_core::Var> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rand::Rng::random_range(rng, -bound..bound) as f32).collect();
+    Ok(candle_core::Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)?)
+}
+
+/// `x Wᵀ` for a frozen W as training runs it when x is tracked: the op whose backward computes
+/// dx only (the bench's frozen linear, whatever `--unfused` says).
+pub fn frozen_matmul_t_op(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?)
+}

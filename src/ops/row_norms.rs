@@ -10,6 +10,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu_tensor;
 use crate::Result;
+use candle_core::Device;
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::Case;
 
 /// The CPU reference, one row at a time, accumulated in f64.
 pub fn row_norms_reference(w: &[f64], b: &[f64], a: &[f64], (rows, cols, r): (usize, usize, usize), scale: f64) -> Vec<f64> {
@@ -85,5 +88,53 @@ impl CustomOp3 for RowNorms {
         la: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::row_norms(self, w, lw, b, lb, a, la)
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+pub fn selftest(c: &mut Case) -> Result<()> {
+    let (rows, cols, r) = (c.odd(65, 500), c.odd(65, 900), c.odd(1, 70));
+    let (w, b, a) = (c.draw(&[rows, cols], 1.0)?, c.draw(&[rows, r], 0.2)?, c.draw(&[r, cols], 0.2)?);
+    let got = row_norms(&c.on_device(&w)?, &b.to_dtype(DType::F32)?.to_device(c.device)?, &a.to_dtype(DType::F32)?.to_device(c.device)?, 0.5)?;
+    let reference = row_norms(&w, &b, &a, 0.5)?.to_dtype(DType::F64)?;
+    c.record("dora row_norms", &format!("{rows}x{cols} r{r}"), "n", &got, &reference)
+}
+
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    for &(cols, rows) in &shapes.dims {
+        let r = 64;
+        let shape = format!("{rows}x{cols} r{r}");
+        let w = randn(&[rows, cols], 0.02, dtype, device)?;
+        let b = randn(&[rows, r], 0.02, DType::F32, device)?;
+        let a = randn(&[r, cols], 0.02, DType::F32, device)?;
+        let unfused_step = || -> Result<()> {
+            let v = (w.to_dtype(DType::F32)? + (b.matmul(&a)? * 2.0)?)?;
+            v.sqr()?.sum(1)?.sqrt()?;
+            Ok(())
+        };
+        let fused_step = || -> Result<()> {
+            row_norms(&w, &b, &a, 2.0)?;
+            Ok(())
+        };
+        let unfused = shapes.time(device, unfused_step)?;
+        let fused = shapes.time(device, fused_step)?;
+        let (unfused_mem, fused_mem) = (crate::memory::peak_extra_mib(device, unfused_step)?, crate::memory::peak_extra_mib(device, fused_step)?);
+        for (variant, ms, mib) in [("unfused", unfused, unfused_mem), ("fused", fused, fused_mem)] {
+            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: Some(mib) });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 1);
     }
 }

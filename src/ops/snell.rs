@@ -37,6 +37,10 @@ use crate::ops::snell_merge::{
 };
 use crate::ops::nn::accumulate_dtype;
 use crate::{Error, Result};
+use candle_core::{Device, Var};
+use rand::Rng;
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::{forward_backward, forward_backward_typed, Case};
 
 /// `τ = quantile(|ΔW|, s)` of the current factors (None when s = 0, KLoRA). On CUDA, exact
 /// radix selection over tiles recomputed from In and Out; on the CPU, selection on ΔW.
@@ -489,5 +493,124 @@ mod tests {
                 assert!(max_rel(a, b) < 1e-12, "T{t} s = {s}: {name} differs by {}", max_rel(a, b));
             }
         }
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+/// SNELL: the merge against the f64 ΔW (f32 only: the factors are always f32), the radix-select
+/// threshold bit for bit against the exact quantile of the device's own ΔW, and the branch's
+/// forward and gradients for KLoRA, s = 0.5 (dense apply) and s = 0.99 (sparse apply). The branch is given a τ halfway between
+/// two neighbouring |ΔW| values, so that f32 and f64 rounding cannot move an entry across it.
+pub fn selftest(c: &mut Case) -> Result<()> {
+    let (t, d_in, d_out, k) = (c.odd(65, 300), c.odd(65, 500), c.odd(65, 500), c.rng.random_range(1..=32usize));
+    let shape = format!("T{t} in{d_in} out{d_out} k{k}");
+    let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.to_dtype(DType::F64);
+    let input = f32_values(&c.draw(&[2, d_in, k], 0.2)?)?;
+    let output = f32_values(&c.draw(&[2, d_out, k], 0.2)?)?;
+    let (dev_in, dev_out) = (input.to_dtype(DType::F32)?.to_device(c.device)?, output.to_dtype(DType::F32)?.to_device(c.device)?);
+    let delta = kernel_delta(&dev_in, &dev_out)?;
+    let mut abs: Vec<f32> = delta.abs()?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+    if c.dtype == DType::F32 {
+        c.record("snell merge", &shape, "ΔW", &delta, &kernel_delta(&input, &output)?)?;
+        for s in [0.5, 0.99] {
+            let got = threshold(&dev_in, &dev_out, s)?.unwrap_or(f64::NAN);
+            let want = crate::ops::snell_merge::quantile_f32(&abs, s)? as f64;
+            c.record_exact(&format!("snell threshold s{s}"), &shape, "τ", got, want);
+        }
+    }
+    abs.sort_by(f32::total_cmp);
+    let x = c.draw(&[t, d_in], 1.0)?;
+    let weights = c.draw(&[t, d_out], 1.0)?;
+    for s in [0.0, 0.5, 0.99] {
+        let sparsify = if s > 0.0 {
+            // τ in the widest gap between neighbouring |ΔW| within 1% of the entries around the
+            // s-quantile: the device's f32 ΔW and the f64 reference differ by rounding, and an
+            // entry within rounding of τ would survive on one side only (next neighbours can be a
+            // few ulps apart, or tied).
+            let centre = ((abs.len() - 1) as f64 * s) as usize;
+            let window = (abs.len() / 100).max(1);
+            let (lo, hi) = (centre.saturating_sub(window), (centre + window).min(abs.len() - 2));
+            let i = (lo..=hi).max_by(|&a, &b| (abs[a + 1] - abs[a]).total_cmp(&(abs[b + 1] - abs[b]))).expect("a non-empty window");
+            Sparsify::Threshold((abs[i] as f64 + abs[i + 1] as f64) / 2.0)
+        } else {
+            Sparsify::Dense
+        };
+        let f = |v: &[Tensor]| snell_branch(&v[0], &v[1], &v[2], sparsify);
+        let inputs = [&x, &input, &output];
+        let (y, g) = forward_backward_typed(c.device, &[c.dtype, DType::F32, DType::F32], &inputs, &weights, &f)?;
+        let (y_ref, g_ref) = forward_backward(&Device::Cpu, DType::F64, &inputs, &weights, &f)?;
+        // At s = 0.99 (1% survivors) both sides take the sparse apply (`snell_sparse`).
+        let kernel = format!("snell_branch s{s}{}", if s > 0.9 { " sparse" } else { "" });
+        c.record_pass(&kernel, &shape, &["y", "dx", "dIn", "dOut"], (&y, &g), (&y_ref, &g_ref))?;
+    }
+    Ok(())
+}
+
+/// SNELL (seed 002) on the linear shapes: the frozen linear, the adapter's plain candle ops (ΔW,
+/// its quantile and the product, autograd keeping the intermediate [d_in, d_out] tensors), and the
+/// fused op (ΔW recomputed, never kept); each forward + backward with the same frozen linear, with
+/// the peak memory of one iteration over what was in use before it.
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    for &(d_in, d_out) in &shapes.dims {
+        let w = randn(&[d_out, d_in], 0.02, dtype, device)?;
+        let frozen_w: crate::quant::BaseWeight = w.clone().into();
+        for &t in &shapes.tokens {
+            let x = Var::from_tensor(&randn(&[t, d_in], 1.0, dtype, device)?)?;
+            let frozen_step = || -> Result<()> {
+                crate::ops::nn::frozen_matmul_t_op(x.as_tensor(), &frozen_w)?.backward()?;
+                Ok(())
+            };
+            let frozen = shapes.time(device, frozen_step)?;
+            let frozen_mem = crate::memory::peak_extra_mib(device, frozen_step)?;
+            let mut push = |shape: &str, variant: &str, ms: f64, mib: f64| {
+                out.push(KernelTiming {
+                    op: "snell".into(),
+                    shape: shape.into(),
+                    variant: variant.into(),
+                    ms,
+                    ratio: ms / frozen,
+                    tflops: None,
+                    gbps: None,
+                    peak_extra_mib: Some(mib),
+                })
+            };
+            push(&format!("{d_in}x{d_out} T{t}"), "frozen linear", frozen, frozen_mem);
+            for &s in &shapes.sparsities {
+                crate::ops::snell_merge::check_sparsity(s, "bench snell")?;
+                let (input, output) = crate::ops::snell_merge::kaiming_factors(2, d_in, d_out, shapes.snell_rank / 2, &mut rng, device)?;
+                let (input, output) = (&input, &output);
+                let step = |fused: bool| -> Result<()> {
+                    let branch = if fused {
+                        snell_branch(x.as_tensor(), input, output, Sparsify::from_sparsity(s))?
+                    } else {
+                        crate::ops::snell_merge::plain_branch(x.as_tensor(), input, output, s)?
+                    };
+                    (crate::ops::nn::frozen_matmul_t_op(x.as_tensor(), &frozen_w)? + branch)?.backward()?;
+                    Ok(())
+                };
+                let shape = format!("{d_in}x{d_out} r{} s{s} T{t}", shapes.snell_rank);
+                let fused_mem = crate::memory::peak_extra_mib(device, || step(true))?;
+                let fused = shapes.time(device, || step(true))?;
+                let plain_mem = crate::memory::peak_extra_mib(device, || step(false))?;
+                let plain = shapes.time(device, || step(false))?;
+                push(&shape, "plain candle ops", plain, plain_mem);
+                push(&shape, "fused", fused, fused_mem);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 1 + 2 + 3 * 4);
     }
 }

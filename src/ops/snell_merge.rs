@@ -3,7 +3,8 @@
 //! checked against, and what the unfused adapter (`adapters::snell`) computes. The method, its
 //! sources and its conventions: `adapters::snell` and docs/METHODS.md §3.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
 
 use crate::{Error, Result};
 
@@ -27,6 +28,34 @@ pub(crate) fn signed_head_sum(heads: &[Tensor]) -> Result<Tensor> {
     let mut terms = heads.iter().zip(head_coefficients(heads.len())).map(|(d, c)| d * c);
     let first = terms.next().ok_or_else(|| Error::Adapter("SNELL with no head".into()))??;
     terms.try_fold(first, |acc, d| Ok((acc + d?)?))
+}
+
+/// The factors `In` [H, d_in, k] and `Out` [H, d_out, k] as the seed initialises them:
+/// kaiming_uniform_(a=√5), i.e. U(±1/√fan_in) with fan_in = size(1)·size(2).
+pub fn kaiming_factors(heads: usize, d_in: usize, d_out: usize, k: usize, rng: &mut StdRng, device: &Device) -> Result<(Var, Var)> {
+    let input = crate::ops::nn::uniform_var(&[heads, d_in, k], 1.0 / ((d_in * k) as f64).sqrt(), rng, device)?;
+    let output = crate::ops::nn::uniform_var(&[heads, d_out, k], 1.0 / ((d_out * k) as f64).sqrt(), rng, device)?;
+    Ok((input, output))
+}
+
+/// The dense kernel update ΔW [d_in, d_out] from `In` [H, d_in, k] and `Out` [H, d_out, k], in the
+/// factors' dtype, differentiable.
+pub fn kernel_delta(input: &Tensor, output: &Tensor) -> Result<Tensor> {
+    let heads = (0..input.dim(0)?).map(|h| pairwise_distances(&input.get(h)?, &output.get(h)?)).collect::<Result<Vec<_>>>()?;
+    signed_head_sum(&heads)
+}
+
+/// `x ΔW_s` in plain candle ops (autograd keeps ΔW and its sparsified copy), with ΔW_s cast to
+/// x's dtype as autocast would: what the fused `ops::snell::snell_branch` replaces.
+pub fn plain_branch(x: &Tensor, input: &Tensor, output: &Tensor, sparsity: f64) -> Result<Tensor> {
+    let delta = sparsify(&kernel_delta(input, output)?, sparsity)?.to_dtype(x.dtype())?;
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner.max(1);
+    let y = x.reshape((rows, inner))?.matmul(&delta)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("SNELL input needs at least one dim") = delta.dim(1)?;
+    Ok(y.reshape(out_dims)?)
 }
 
 /// `‖a_i − b_j‖²` for a [m, k], b [n, k], as `‖a_i‖² + ‖b_j‖² − 2 a_i·b_j` (torch.cdist's mm path;

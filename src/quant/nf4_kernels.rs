@@ -11,6 +11,10 @@ use candle_core::{DType, Tensor};
 
 use super::Nf4Tensor;
 use crate::Result;
+use candle_core::Device;
+use rand::Rng;
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::Case;
 
 /// The dequantized weights in `dtype` on the tensor's device: the CUDA kernel on a GPU, the CPU
 /// reference elsewhere.
@@ -77,4 +81,94 @@ pub fn matmul_few(w: &Nf4Tensor, x: &Tensor) -> Result<Tensor> {
     }
     #[cfg(not(feature = "cuda"))]
     Err(crate::Error::msg("NF4 on a CUDA device needs a build with the `cuda` feature"))
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+pub fn selftest(c: &mut Case) -> Result<()> {
+    let (rows, cols) = (c.odd(65, 300), c.odd(33, 400) * 2 + 16 * c.rng.random_range(0..2usize));
+    let w = c.draw(&[rows, cols], 0.05)?.to_dtype(c.dtype)?;
+    for double_quant in [false, true] {
+        let mut q = Nf4Tensor::quantize(&w, 64, double_quant)?;
+        let reference = q.dequantize_reference(c.dtype)?.to_dtype(DType::F64)?;
+        q.device = c.device.clone();
+        let shape = format!("{rows}x{cols}{}", if double_quant { " dq" } else { "" });
+        let got = q.dequantize(c.dtype)?;
+        c.record("nf4 dequantize", &shape, "W", &got, &reference)?;
+        let x = c.draw(&[1, cols], 1.0)?;
+        let y = gemv(&q, &c.on_device(&x)?)?;
+        let y_ref = x.matmul(&reference.t()?)?;
+        c.record("nf4 gemv", &shape, "y", &y, &y_ref)?;
+        // Rows of x over two block rows of the kernel, the last one partial.
+        let t = c.rng.random_range(FEW_ROWS + 1..3 * FEW_ROWS);
+        let x = c.draw(&[t, cols], 1.0)?;
+        let y = matmul_few(&q, &c.on_device(&x)?)?;
+        c.record("nf4 matmul_few", &format!("{shape} t{t}"), "y", &y, &x.matmul(&reference.t()?)?)?;
+    }
+    Ok(())
+}
+
+/// Rows of x at which `bench nf4` times the few-row kernel against dequantize-then-matmul.
+const NF4_FEW_ROWS: [usize; 5] = [4, 16, 64, 256, 1024];
+
+/// NF4 dequantize, GEMV and the few-row matmul: GB/s of packed weights, and each product against
+/// dequantize-then-matmul with the same x (where the crossover of the two lies is what
+/// `FEW_ROWS_MAX` should follow).
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> Result<()> {
+    for &(cols, rows) in &shapes.dims {
+        let shape = format!("{rows}x{cols}");
+        let w = Nf4Tensor::quantize(&randn(&[rows, cols], 0.02, dtype, &Device::Cpu)?, 64, true)?;
+        let w = Nf4Tensor { device: device.clone(), ..w };
+        let packed = w.packed.len() as f64;
+        let n = w.elem_count() as f64;
+        let row = |shape: String, variant: &str, ms: f64, dense: f64, bytes: f64| KernelTiming {
+            op: "nf4".into(),
+            shape,
+            variant: variant.into(),
+            ms,
+            ratio: ms / dense,
+            tflops: None,
+            gbps: Some(bytes / (ms * 1e-3) / 1e9),
+            peak_extra_mib: None,
+        };
+        let dequant = shapes.time(device, || {
+            w.dequantize(dtype)?;
+            Ok(())
+        })?;
+        for t in std::iter::once(1).chain(NF4_FEW_ROWS) {
+            let x = randn(&[t, cols], 1.0, dtype, device)?;
+            let fused = shapes.time(device, || {
+                if t == 1 {
+                    gemv(&w, &x)?;
+                } else {
+                    matmul_few(&w, &x)?;
+                }
+                Ok(())
+            })?;
+            let dense = shapes.time(device, || {
+                x.matmul(&w.dequantize(dtype)?.t()?)?;
+                Ok(())
+            })?;
+            if t == 1 {
+                out.push(row(shape.clone(), "dequantize", dequant, dense, packed + n * dtype.size_in_bytes() as f64));
+            }
+            let shape = format!("{shape} t{t}");
+            out.push(row(shape.clone(), if t == 1 { "gemv" } else { "matmul_few" }, fused, dense, packed));
+            out.push(row(shape, "dequant+matmul", dense, dense, packed));
+        }
+    }
+    Ok(())
+}
+
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 2 * 3);
+    }
 }

@@ -5,6 +5,11 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::ops::{cpu_tensor, tensor_cpu_storage};
+use candle_core::{DType, Device, Var};
+use rand::Rng;
+use crate::error::Error;
+use crate::kernel_bench::{randn, BenchShapes, KernelTiming};
+use crate::selftest::{forward_backward, Case};
 
 /// Each of the `n` groups of heads repeated: [b, h, t, d] to [b, h·n, t, d] (GQA).
 pub fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
@@ -179,5 +184,156 @@ impl CustomOp3 for Attention {
             }
         };
         Ok((Some(dq), Some(group(dk)?), Some(group(dv)?)))
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`) and against the
+// unfused graph it replaces (`candle-peft bench kernels`).
+
+/// The attention of training on both of its kernels.
+pub fn selftest(c: &mut Case) -> crate::Result<()> {
+    flash_cases(c)?;
+    gemm_cases(c)
+}
+
+/// The flash-style attention of training (`kernels/attention.cu`) against the CPU op in f64, on
+/// the model's shape (grouped-query, scale 1/√d, d not a multiple of 32) and on the nonlinear
+/// controller's (one head, d = r + 1 = 65, scale 1); causal, one row left-padded. The causal
+/// walk, which skips the masked chunks, must give the full walk's values exactly.
+fn flash_cases(c: &mut Case) -> crate::Result<()> {
+    use crate::ops::nn::{attention_bias, attention_scaled};
+    let (b, t, d_model) = (2, c.odd(33, 150), c.odd(33, 127));
+    let pad = c.rng.random_range(1..t / 2);
+    let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
+    let model = ("attention gqa", 4, 2, d_model, 1.0 / (d_model as f64).sqrt(), 1.0);
+    let controller = ("attention control", 1, 1, 65, 1.0, 0.15);
+    for (kernel, h, g, d, scale, std) in [model, controller] {
+        let shape = format!("b{b} h{h} g{g} t{t} d{d} pad{pad}");
+        let (q, k, v) = (c.draw(&[b, h, t, d], std)?, c.draw(&[b, g, t, d], std)?, c.draw(&[b, g, t, d], 1.0)?);
+        let weights = c.draw(&[b, t, h * d], 1.0)?;
+        let run = |device: &Device, dtype: DType| -> crate::Result<(Tensor, Vec<Tensor>)> {
+            let bias = attention_bias(&mask, t, dtype, device)?;
+            forward_backward(device, dtype, &[&q, &k, &v], &weights, &|x| attention_scaled(&x[0], &x[1], &x[2], &bias, scale, true))
+        };
+        let (o, g) = run(c.device, c.dtype)?;
+        let (o_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+        c.record_pass(kernel, &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
+        let bias = attention_bias(&mask, t, c.dtype, c.device)?;
+        let full_walk = |x: &[Tensor]| -> crate::Result<Tensor> {
+            Ok(x[0].contiguous()?.apply_op3(&x[1].contiguous()?, &x[2].contiguous()?, Attention::new(bias.clone(), scale))?)
+        };
+        let (o_full, g_full) = forward_backward(c.device, c.dtype, &[&q, &k, &v], &weights, &full_walk)?;
+        let kernel = format!("{kernel} causal skip");
+        c.record_equal(&kernel, &shape, "o", &o, &o_full)?;
+        for (name, (got, full)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g_full)) {
+            c.record_equal(&kernel, &shape, name, got, full)?;
+        }
+    }
+    Ok(())
+}
+
+/// The tensor-core attention of training (`kernels/attention_gemm.cu`, cuBLAS) against the CPU
+/// op in f64: grouped-query with d odd, one query head per key head with d over the flash
+/// kernels' 128 (which only this path runs); causal, one row left-padded. Each shape runs twice,
+/// with the scores of all heads in one chunk and with one key/value group a chunk.
+fn gemm_cases(c: &mut Case) -> crate::Result<()> {
+    use crate::ops::AttentionKernel;
+    use crate::ops::nn::attention_bias;
+    let (b, t) = (2, c.odd(17, 90));
+    let pad = c.rng.random_range(1..t / 2);
+    let mask = vec![(0..t).map(|i| u32::from(i >= pad)).collect::<Vec<_>>(), vec![1; t]];
+    for (kernel, h, g, d) in [("attention_gemm gqa", 6, 2, c.odd(9, 127)), ("attention_gemm d>128", 2, 2, c.odd(129, 200))] {
+        let shape = format!("b{b} h{h} g{g} t{t} d{d} pad{pad}");
+        let (q, k, v) = (c.draw(&[b, h, t, d], 1.0)?, c.draw(&[b, g, t, d], 1.0)?, c.draw(&[b, g, t, d], 1.0)?);
+        let weights = c.draw(&[b, t, h * d], 1.0)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |device: &Device, dtype: DType| -> crate::Result<(Tensor, Vec<Tensor>)> {
+            let bias = attention_bias(&mask, t, dtype, device)?;
+            let op = |x: &[Tensor]| -> crate::Result<Tensor> {
+                let op = Attention::causal(bias.clone(), scale).on(AttentionKernel::Gemm);
+                Ok(x[0].contiguous()?.apply_op3(&x[1].contiguous()?, &x[2].contiguous()?, op)?)
+            };
+            forward_backward(device, dtype, &[&q, &k, &v], &weights, &op)
+        };
+        let (o_ref, g_ref) = run(&Device::Cpu, DType::F64)?;
+        let (o, g) = run(c.device, c.dtype)?;
+        c.record_pass(kernel, &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
+        #[cfg(feature = "cuda")]
+        let (o, g) = crate::ops::cuda::attention_gemm::with_score_budget(1, || run(c.device, c.dtype))?;
+        c.record_pass(&format!("{kernel} chunked"), &shape, &["o", "dq", "dk", "dv"], (&o, &g), (&o_ref, &g_ref))?;
+    }
+    Ok(())
+}
+
+/// The causal self-attention of training, forward + backward: `--tokens` (the first) split into
+/// sequences of each of `--seqs`, `--attention-heads` heads of `--head-dim` over `--kv-heads`
+/// key/value heads. TFLOP/s counts the
+/// whole [t, t] score matrix (forward 4·b·h·t²·d, backward 10·b·h·t²·d: neither variant skips
+/// the causally masked half).
+pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> crate::Result<()> {
+    let tokens = shapes.tokens.first().copied().unwrap_or(4096);
+    let (h, d) = (shapes.attention_heads, shapes.head_dim);
+    let g = shapes.kv_heads.unwrap_or(h);
+    if g == 0 || h % g != 0 {
+        return Err(Error::msg(format!("--kv-heads {g} must divide --attention-heads {h}")));
+    }
+    for &t in &shapes.seqs {
+        if t == 0 || tokens % t != 0 {
+            return Err(Error::msg(format!("--seqs: {t} does not divide --tokens {tokens}")));
+        }
+        let b = tokens / t;
+        let shape = if g == h { format!("b{b} h{h} t{t} d{d}") } else { format!("b{b} h{h} g{g} t{t} d{d}") };
+        let qkv: Vec<Var> = [h, g, g].iter().map(|&heads| Ok(Var::from_tensor(&randn(&[b, heads, t, d], 1.0, dtype, device)?)?)).collect::<crate::Result<_>>()?;
+        let bias = crate::ops::nn::attention_bias(&vec![vec![1u32; t]; b], t, dtype, device)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // None: the candle graph; Some: the fused op on those kernels.
+        let step = |kernels: Option<crate::ops::AttentionKernel>| -> crate::Result<()> {
+            let (q, k, v) = (qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor());
+            let o = match kernels {
+                Some(kernels) => q.apply_op3(k, v, Attention::causal(bias.clone(), scale).on(kernels))?,
+                None => crate::ops::nn::attention_reference(q, k, v, &bias)?,
+            };
+            o.backward()?;
+            Ok(())
+        };
+        // On the CPU the op has one implementation, whichever kernels it is given.
+        let variants = match device.is_cuda() {
+            true => vec![("unfused", None), ("fused (flash)", Some(crate::ops::AttentionKernel::Flash)), ("fused (gemm)", Some(crate::ops::AttentionKernel::Gemm))],
+            false => vec![("unfused", None), ("fused", Some(crate::ops::AttentionKernel::Flash))],
+        };
+        let mut timed = Vec::new();
+        for (variant, kernels) in variants {
+            let ms = shapes.time(device, || step(kernels))?;
+            timed.push((variant, ms, crate::memory::peak_extra_mib(device, || step(kernels))?));
+        }
+        let unfused = timed[0].1;
+        let flops = 14.0 * (b * h * t * t * d) as f64;
+        for (variant, ms, mib) in timed {
+            out.push(KernelTiming {
+                op: "attention".into(),
+                shape: shape.clone(),
+                variant: variant.into(),
+                ms,
+                ratio: ms / unfused,
+                tflops: Some(flops / (ms * 1e-3) / 1e12),
+                gbps: None,
+                peak_extra_mib: Some(mib),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        // Each shape against the f64 reference and the causal walk against the full one; the
+        // gemm kernel's two shapes in one chunk and chunked (on the CPU both are the reference).
+        crate::selftest::passes_on_the_cpu(flash_cases, 2 * 4 * 2);
+        crate::selftest::passes_on_the_cpu(gemm_cases, 2 * 2 * 4);
     }
 }

@@ -5,6 +5,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use super::*;
 use crate::ops::{cpu_tensor, tensor_cpu_storage};
 use crate::quant::BaseWeight;
+use candle_core::{DType, Device};
+use crate::selftest::{forward_backward, Case};
 
 /// `x Wᵀ` with W a constant: x [..., in], W [out, in] held by the op as the layer holds it (an
 /// NF4 base stays packed, dequantized in forward and again in backward). candle's matmul would
@@ -164,3 +166,40 @@ impl CustomOp1 for FrozenMatmulT {
 }
 
 impl OutputFreeBackward for FrozenMatmulT {}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// The frozen projections into the residual (o_proj, down_proj) as training runs them: a copy,
+/// then a GEMM with β = 1; and SwiGLU, the down projection and the residual as one op (the
+/// activation a transient). Against the CPU ops in f64.
+pub fn selftest(c: &mut Case) -> crate::Result<()> {
+    use crate::ops::nn::{frozen_matmul_t_add, swiglu_frozen_matmul_t_add};
+    let (rows, width, d_in) = (c.odd(33, 300), c.odd(65, 1100), c.odd(33, 500));
+    let (a, proj) = (c.draw(&[rows, d_in], 1.0)?, c.draw(&[width, d_in], 0.1)?);
+    let (residual, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[rows, width], 1.0)?);
+    let shape = format!("{rows}x{d_in} -> {width}");
+    let run = |device: &Device, dtype: DType| -> crate::Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&a, &residual], &weights, &|t| frozen_matmul_t_add(&t[0], &w, &t[1]))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record_pass("frozen_matmul_add", &shape, &["y", "dx", "dres"], (&y, &g), (&y_ref, &g_ref))?;
+    let (gate, up) = (c.draw(&[rows, d_in], 2.0)?, c.draw(&[rows, d_in], 1.0)?);
+    let run = |device: &Device, dtype: DType| -> crate::Result<(Tensor, Vec<Tensor>)> {
+        let w = proj.to_dtype(dtype)?.to_device(device)?.into();
+        forward_backward(device, dtype, &[&gate, &up, &residual], &weights, &|t| swiglu_frozen_matmul_t_add(&t[0], &t[1], &w, &t[2], true))
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record_pass("swiglu_matmul_add", &shape, &["y", "dg", "du", "dres"], (&y, &g), (&y_ref, &g_ref))
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 3 + 4);
+    }
+}

@@ -5,6 +5,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithD
 use num_traits::Float;
 
 use super::*;
+use candle_core::{DType, Device};
+use rand::Rng;
+use crate::ops::dropout::DropoutMask;
+use crate::selftest::{forward_backward, Case};
 
 /// The heads split and rotary embedding of one projection: x [b, t, n·d] (the linear's output)
 /// to y [b, n, t, d] with `y₁ = x₁ cos − x₂ sin`, `y₂ = x₂ cos + x₁ sin` (Hugging Face's
@@ -242,5 +246,71 @@ impl<Op: CustomOp3 + OutputFreeBackward> CustomOp3 for ProjectedHeads<Op> {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.projection.bwd(a, b, c, y, &self.product_gradient(dy)?)
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// The attention heads of a projection (`kernels/rope.cu`): the split with RoPE (q, k) and
+/// without (v), as its own op and inside the frozen, LoRA and DoRA projections.
+pub fn selftest(c: &mut Case) -> crate::Result<()> {
+    use crate::quant::BaseWeight;
+    use crate::ops::nn::{frozen_matmul_t_heads, AttentionHeads};
+    let (b, t, n, d) = (2, c.odd(5, 70), 3, 2 * c.odd(3, 33));
+    let shape = format!("b{b} t{t} h{n} d{d}");
+    let x = c.draw(&[b, t, n * d], 1.0)?;
+    let angles = c.draw(&[b, 1, t, d / 2], 3.0)?;
+    let weights = c.draw(&[b, n, t, d], 1.0)?;
+    let tables = |device: &Device, dtype: DType| -> crate::Result<(Tensor, Tensor)> {
+        Ok((angles.cos()?.to_dtype(dtype)?.to_device(device)?, angles.sin()?.to_dtype(dtype)?.to_device(device)?))
+    };
+    for rotate in [true, false] {
+        let kernel = if rotate { "rope_heads" } else { "heads_split" };
+        let run = |device: &Device, dtype: DType| {
+            let (cos, sin) = tables(device, dtype)?;
+            let heads = if rotate { AttentionHeads::rotated(n, &cos, &sin) } else { AttentionHeads::plain(n) };
+            forward_backward(device, dtype, &[&x], &weights, &|v| heads.split(&v[0], true))
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+        c.record_pass(kernel, &shape, &["y", "dx"], (&y, &g), (&y_ref, &g_ref))?;
+    }
+    let (d_in, r, s) = (c.odd(33, 300), c.odd(1, 40), 1.7);
+    let x = c.draw(&[b, t, d_in], 1.0)?;
+    let (w, a, bm) = (c.draw(&[n * d, d_in], 0.1)?, c.draw(&[r, d_in], 0.1)?, c.draw(&[n * d, r], 0.1)?);
+    let k = (c.draw(&[n * d], 0.3)? + 1.0)?;
+    let mask = Some(DropoutMask { seed: c.rng.random(), keep: 0.9 });
+    let shape = format!("{shape} in{d_in} r{r}");
+    for projection in ["frozen", "lora", "dora"] {
+        let kernel = format!("{projection}_heads");
+        let inputs: Vec<&Tensor> = match projection {
+            "frozen" => vec![&x],
+            "lora" => vec![&x, &a, &bm],
+            _ => vec![&x, &a, &bm, &k],
+        };
+        let run = |device: &Device, dtype: DType| {
+            let (cos, sin) = tables(device, dtype)?;
+            let heads = AttentionHeads::rotated(n, &cos, &sin);
+            let w: BaseWeight = w.to_dtype(dtype)?.to_device(device)?.into();
+            forward_backward(device, dtype, &inputs, &weights, &|v| match projection {
+                "frozen" => frozen_matmul_t_heads(&v[0], &w, heads, true),
+                "lora" => crate::ops::lora_linear_heads(&v[0], &w, (&v[1], &v[2]), s, mask, heads),
+                _ => crate::ops::dora_linear_heads(&v[0], &w, (&v[1], &v[2], &v[3]), s, mask, heads),
+            })
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+        c.record_pass(&kernel, &shape, &["y", "dx", "dA", "dB", "dk"], (&y, &g), (&y_ref, &g_ref))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        // Rotated and plain split (y, dx); the frozen, LoRA and DoRA projections into heads.
+        crate::selftest::passes_on_the_cpu(selftest, 2 + 2 + 2 + 4 + 5);
     }
 }

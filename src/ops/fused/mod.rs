@@ -22,11 +22,11 @@
 
 mod softmax;
 mod cross_entropy;
-mod rms_norm;
-mod swiglu;
-mod heads;
-mod attention;
-mod frozen_matmul;
+pub mod rms_norm;
+pub mod swiglu;
+pub mod heads;
+pub mod attention;
+pub mod frozen_matmul;
 
 pub use attention::{repeat_heads, Attention};
 pub use cross_entropy::CrossEntropyRows;

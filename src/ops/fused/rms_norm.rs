@@ -6,6 +6,8 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor, WithDTyp
 use num_traits::Float;
 
 use super::*;
+use candle_core::DType;
+use crate::selftest::{forward_backward, Case};
 
 /// RMSNorm over the last dimension: `y = x · r ⊙ w`, `r = 1/√(mean(x²) + ε)` per row.
 /// Saves x (the graph's input) and, in the op, the per-row `r` [rows, 1].
@@ -115,5 +117,28 @@ impl CustomOp2 for RmsNorm {
         let dx = (dn - projected)?;
         let dx = dx.broadcast_mul(&rstd)?.reshape(x.shape())?.to_dtype(x.dtype())?;
         Ok((Some(dx), dw))
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// RMSNorm as training runs it on the device (`kernels/rms_norm.cu`, dw by candle ops) against
+/// the fused CPU op in f64, on odd widths.
+pub fn selftest(c: &mut Case) -> crate::Result<()> {
+    let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
+    let (x, w, weights) = (c.draw(&[rows, width], 1.0)?, c.draw(&[width], 1.0)?, c.draw(&[rows, width], 1.0)?);
+    let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&x, &w], &weights, &|t| crate::ops::nn::rms_norm(&t[0], &t[1], 1e-5, true));
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record_pass("rms_norm", &format!("{rows}x{width}"), &["y", "dx", "dw"], (&y, &g), (&y_ref, &g_ref))
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 3);
     }
 }

@@ -4,6 +4,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
 use super::*;
+use candle_core::{DType, Device};
+use crate::selftest::{forward_backward, Case};
 
 /// SwiGLU's gate `y = silu(g) ⊙ u = g·σ(g) ⊙ u`. Saves g and u only. On CUDA both passes are
 /// the kernels of `kernels/swiglu.cu` (this op's CPU code is their reference).
@@ -60,5 +62,28 @@ impl CustomOp2 for SwiGlu {
         let dsilu = (&sig + (silu * (1.0 - &sig)?)?)?;
         let dg = ((dy * u)? * dsilu)?;
         Ok((Some(dg), Some(du)))
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// SwiGLU as training runs it on the device (`kernels/swiglu.cu`) against the fused CPU op in
+/// f64, on odd widths.
+pub fn selftest(c: &mut Case) -> crate::Result<()> {
+    let (rows, width) = (c.odd(33, 300), c.odd(65, 1100));
+    let (gate, up, weights) = (c.draw(&[rows, width], 2.0)?, c.draw(&[rows, width], 1.0)?, c.draw(&[rows, width], 1.0)?);
+    let run = |device: &Device, dtype: DType| forward_backward(device, dtype, &[&gate, &up], &weights, &|t| crate::ops::nn::swiglu(&t[0], &t[1], true));
+    let ((y, g), (y_ref, g_ref)) = (run(c.device, c.dtype)?, run(&Device::Cpu, DType::F64)?);
+    c.record_pass("swiglu", &format!("{rows}x{width}"), &["y", "dg", "du"], (&y, &g), (&y_ref, &g_ref))
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 3);
     }
 }

@@ -1,0 +1,91 @@
+//! The harness of `candle-peft bench kernels`: a fused op against the unfused candle graph it
+//! replaces, forward plus backward through candle's autograd (as training runs them), side by
+//! side in one process. Each op keeps its own rows beside its code (a `bench` function in its
+//! module); the CLI runs them (`cli::bench_kernels`). Every timed iteration ends with a device
+//! synchronisation; the figure is the median over iterations. The backward is seeded with ones
+//! (candle's `backward`), in every variant alike.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::Result;
+
+/// The shapes and repetitions the rows are timed at (the flags of `bench kernels`).
+#[derive(Debug, Clone)]
+pub struct BenchShapes {
+    /// Linear layers as (in, out).
+    pub dims: Vec<(usize, usize)>,
+    pub ranks: Vec<usize>,
+    pub tokens: Vec<usize>,
+    /// Attention: sequence lengths that split the first of `tokens` into a batch.
+    pub seqs: Vec<usize>,
+    pub attention_heads: usize,
+    pub kv_heads: Option<usize>,
+    pub head_dim: usize,
+    pub snell_rank: usize,
+    pub sparsities: Vec<f64>,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+impl BenchShapes {
+    /// Every (in, out, r, T) of the linear shapes, ranks and token counts.
+    pub fn lora_shapes(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut v = Vec::new();
+        for &(d_in, d_out) in &self.dims {
+            for &r in &self.ranks {
+                for &t in &self.tokens {
+                    v.push((d_in, d_out, r, t));
+                }
+            }
+        }
+        v
+    }
+
+    /// Median milliseconds of `f` on `device` at these repetitions.
+    pub fn time(&self, device: &Device, f: impl FnMut() -> Result<()>) -> Result<f64> {
+        time(device, self.warmup, self.iters, f)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelTiming {
+    pub op: String,
+    pub shape: String,
+    pub variant: String,
+    pub ms: f64,
+    /// Time over the frozen linear's (LoRA rows) or over the unfused variant's (other ops).
+    pub ratio: f64,
+    pub tflops: Option<f64>,
+    /// NF4 rows: GB/s, counted as `qlora_anchor.py` counts them (dequantize: packed bytes read
+    /// plus the bf16 matrix written; GEMV: packed bytes read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// SNELL rows: the peak memory of one forward + backward over what was in use before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_extra_mib: Option<f64>,
+}
+
+/// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
+pub fn time(device: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        device.synchronize()?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+pub fn randn(shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
+}
+
