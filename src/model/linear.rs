@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ops::nn::{self as ops, AttentionHeads};
+use crate::quant::ggml::QMatrix;
 use crate::quant::{BaseWeight, Nf4Tensor};
 use crate::Result;
 
@@ -23,6 +24,11 @@ impl FrozenLinear {
     /// An NF4 base that computes in `dtype`.
     pub fn nf4(weight: Nf4Tensor, dtype: DType) -> Self {
         Self { weight: BaseWeight::Nf4 { weight: Arc::new(weight), dtype } }
+    }
+
+    /// A GGUF block-quantized base, kept packed, that computes in `dtype`.
+    pub fn packed(weight: QMatrix, dtype: DType) -> Self {
+        Self { weight: BaseWeight::Packed { weight: Arc::new(weight), dtype } }
     }
 
     pub fn base_weight(&self) -> &BaseWeight {
@@ -57,6 +63,12 @@ impl FrozenLinear {
     /// [`FEW_ROWS_MAX`](crate::quant::nf4_kernels::FEW_ROWS_MAX) rows (beams, small batches) through
     /// the few-row matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Inference on a packed GGUF base: the blocks' dot products, never a dense W.
+        if let BaseWeight::Packed { weight, .. } = &self.weight {
+            if !x.track_op() && x.device().is_cpu() {
+                return crate::quant::ggml::matmul_tensor(weight, x);
+            }
+        }
         if let BaseWeight::Nf4 { weight, .. } = &self.weight {
             let rows = x.elem_count() / self.in_features().max(1);
             if rows <= crate::quant::nf4_kernels::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::ops::fused_for(x) {
@@ -135,6 +147,11 @@ impl Linear {
     /// A layer whose frozen weight is NF4, computing in `dtype`.
     pub fn new_nf4(weight: Nf4Tensor, dtype: DType) -> Self {
         Self { base: FrozenLinear::nf4(weight, dtype), adapter: None, merged: false }
+    }
+
+    /// A layer whose frozen weight is a packed GGUF matrix, computing in `dtype`.
+    pub fn new_packed(weight: QMatrix, dtype: DType) -> Self {
+        Self { base: FrozenLinear::packed(weight, dtype), adapter: None, merged: false }
     }
 
     pub fn base(&self) -> &FrozenLinear {

@@ -11,6 +11,7 @@ use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use crate::ops::nn::{self as ops, AttentionHeads};
 use crate::weights::{TensorMaker, Weights};
+use crate::quant::ggml::QMatrix;
 use crate::quant::{nf4, Nf4Tensor, Quantization};
 use crate::Error;
 use crate::Result;
@@ -123,6 +124,9 @@ pub struct Llama {
     pub norm: Tensor,
     /// None when the head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
+    /// The head as a GGUF block-quantized matrix (tied or not), for inference on the CPU: the
+    /// logits of a decode step read it instead of the dense [vocab, hidden] head.
+    pub packed_head: Option<std::sync::Arc<QMatrix>>,
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
@@ -144,6 +148,20 @@ impl Llama {
         device: &Device,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
+        Self::load_packed(config, weights, HashMap::new(), dtype, device, quantize)
+    }
+
+    /// `load_with`, with the linear weights (and the head, `lm_head.weight`) found in `packed`
+    /// kept as GGUF block-quantized matrices (CPU inference); the rest from `weights`.
+    pub fn load_packed(
+        config: LlamaConfig,
+        weights: &Weights,
+        packed: HashMap<String, QMatrix>,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let packed = std::cell::RefCell::new(packed);
         let c = &config;
         let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
@@ -156,6 +174,13 @@ impl Llama {
             Ok(Linear::new_nf4(w, dtype))
         };
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            if let Some(w) = packed.borrow_mut().remove(name) {
+                if w.shape != [out, inp] {
+                    let (origin, name) = (weights.origin().to_string(), name.to_string());
+                    return Err(Error::ShapeMismatch { origin, name, expected: vec![out, inp], got: w.shape.to_vec() });
+                }
+                return Ok(Linear::new_packed(w, dtype));
+            }
             let bnb_4bit = [nf4::QUANT_STATE_NF4, nf4::QUANT_STATE_FP4].iter().any(|s| weights.contains(&format!("{name}.{s}")));
             if bnb_4bit {
                 let w = Nf4Tensor::from_bnb(weights, name, device)?;
@@ -197,12 +222,20 @@ impl Llama {
         } else {
             Some(get("lm_head.weight", &[c.vocab_size, h])?)
         };
+        let packed_head = match packed.borrow_mut().remove("lm_head.weight") {
+            Some(w) if w.shape != [c.vocab_size, h] => {
+                let origin = weights.origin().to_string();
+                return Err(Error::ShapeMismatch { origin, name: "lm_head.weight".into(), expected: vec![c.vocab_size, h], got: w.shape.to_vec() });
+            }
+            w => w.map(std::sync::Arc::new),
+        };
         Ok(Self {
             inv_freq: inv_freq(c),
             embed_tokens,
             layers,
             norm: get("model.norm.weight", &[h])?,
             lm_head,
+            packed_head,
             dtype,
             device: device.clone(),
             config,
@@ -390,6 +423,9 @@ impl Llama {
 
     /// Project hidden states to the vocabulary, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(packed) = self.packed_head.as_ref().filter(|_| !hidden.track_op() && hidden.device().is_cpu()) {
+            return Ok(crate::quant::ggml::matmul_tensor(packed, hidden)?.to_dtype(ops::accumulate_dtype(self.dtype))?);
+        }
         let head = self.head();
         let acc = ops::accumulate_dtype(self.dtype);
         Ok(ops::frozen_matmul_t(hidden, &head.clone().into())?.to_dtype(acc)?)

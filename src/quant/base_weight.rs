@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::ggml::QMatrix;
 use super::Nf4Tensor;
 use crate::Result;
 
@@ -18,6 +19,9 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// NF4 (bitsandbytes layout), dequantized into `dtype`, the model's working dtype, when used.
     Nf4 { weight: Arc<Nf4Tensor>, dtype: DType },
+    /// A GGUF block-quantized matrix kept packed (inference on the CPU), dequantized into
+    /// `dtype` when a dense W is needed.
+    Packed { weight: Arc<QMatrix>, dtype: DType },
 }
 
 impl BaseWeight {
@@ -27,6 +31,9 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
             BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
+            BaseWeight::Packed { weight, dtype } => {
+                Ok(Cow::Owned(Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &Device::Cpu)?.to_dtype(*dtype)?))
+            }
         }
     }
 
@@ -34,6 +41,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => w.device(),
             BaseWeight::Nf4 { weight, .. } => &weight.device,
+            BaseWeight::Packed { .. } => &Device::Cpu,
         }
     }
 
@@ -41,6 +49,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => w.dims(),
             BaseWeight::Nf4 { weight, .. } => &weight.shape,
+            BaseWeight::Packed { weight, .. } => &weight.shape,
         }
     }
 
@@ -48,7 +57,7 @@ impl BaseWeight {
     pub fn dtype(&self) -> DType {
         match self {
             BaseWeight::Dense(w) => w.dtype(),
-            BaseWeight::Nf4 { dtype, .. } => *dtype,
+            BaseWeight::Nf4 { dtype, .. } | BaseWeight::Packed { dtype, .. } => *dtype,
         }
     }
 }

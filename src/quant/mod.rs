@@ -1,7 +1,8 @@
 //! Quantized base weights. `nf4`: the bitsandbytes NF4 format (QLoRA), quantize-at-load and
-//! pre-quantized `*-bnb-4bit` checkpoints.
+//! pre-quantized `*-bnb-4bit` checkpoints. `ggml`: GGUF's block types kept packed at inference.
 
 pub mod base_weight;
+pub mod ggml;
 pub mod nf4;
 #[cfg(feature = "cuda")]
 mod nf4_cuda;

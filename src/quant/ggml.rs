@@ -1,0 +1,480 @@
+//! GGUF's block-quantized matrices kept packed at inference, with llama.cpp's dot products.
+//!
+//! Layout (ggml's, bit for bit as GGUF stores it): a matrix W [rows, cols] is `rows` runs of
+//! `cols / 32` blocks, row-major; a block holds 32 consecutive weights of a row:
+//!
+//! | type | bytes | block | weight i |
+//! |---|---|---|---|
+//! | Q4_0 | 18 | `d: f16, qs: [u8; 16]` | `d · (q_i − 8)`, `q_i` the low nibble of `qs[i]` (i < 16) or the high nibble of `qs[i − 16]` |
+//! | Q4_1 | 20 | `d: f16, m: f16, qs: [u8; 16]` | `d · q_i + m` |
+//! | Q5_0 | 22 | `d: f16, qh: u32, qs: [u8; 16]` | `d · ((q_i | h_i << 4) − 16)`, `h_i` bit i of qh |
+//! | Q5_1 | 24 | `d: f16, m: f16, qh: u32, qs: [u8; 16]` | `d · (q_i | h_i << 4) + m` |
+//! | Q8_0 | 34 | `d: f16, qs: [i8; 32]` | `d · qs[i]` |
+//!
+//! The product `y = x Wᵀ` quantizes each row of x to 8 bits per block of 32 first, as llama.cpp
+//! does (`x_i ≈ d_x · p_i`, `d_x = max|x| / 127`, with `s_x = d_x · Σ p_i` kept for the types with
+//! an offset), so a block's dot product is an integer sum: `d_w d_x Σ q_i p_i` (+ `m · s_x`).
+//! The integer sums run on AVX-512 VNNI or AVX2 where the CPU has them (chosen at run time,
+//! `CANDLE_PEFT_SIMD=scalar|avx2` forces a lower level), else on the scalar code here, which is
+//! the reference the others are tested against. Output rows are split over the threads.
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Weights per block, for every type here.
+pub const BLOCK: usize = 32;
+
+/// The block types kept packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl BlockType {
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// A packed matrix W [rows, cols].
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub kind: BlockType,
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols]`.
+    pub shape: [usize; 2],
+    pub data: Vec<u8>,
+}
+
+/// One row of x quantized per block of 32: `x_i ≈ d · p_i`, and `s = d · Σ p_i` per block.
+pub struct QuantizedRow {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub p: Vec<i8>,
+}
+
+/// The SIMD level of the integer sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Simd {
+    /// The best level this CPU has, lowered by `CANDLE_PEFT_SIMD` (scalar, avx2) if set.
+    pub fn detected() -> Simd {
+        static LEVEL: OnceLock<Simd> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let cpu = Self::cpu();
+            match std::env::var("CANDLE_PEFT_SIMD").as_deref() {
+                Ok("scalar") => Simd::Scalar,
+                Ok("avx2") => cpu.min(Simd::Avx2),
+                _ => cpu,
+            }
+        })
+    }
+
+    /// Every level this CPU can run, lowest first (for the tests).
+    pub fn available() -> Vec<Simd> {
+        [Simd::Scalar, Simd::Avx2, Simd::Avx512Vnni].into_iter().filter(|&s| s <= Self::cpu()).collect()
+    }
+
+    fn cpu() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let vnni = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw");
+            if avx2 && vnni {
+                return Simd::Avx512Vnni;
+            }
+            if avx2 {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Scalar
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The 32 unsigned codes of a block (4 or 5 bits; Q8_0's are signed and read directly), and
+/// the block's scale and offset (`weight_i = d · (code_i − bias) + m`).
+fn codes(kind: BlockType, b: &[u8], out: &mut [u8; BLOCK]) -> (f32, f32, i32) {
+    let nibbles = |qs: &[u8], out: &mut [u8; BLOCK]| {
+        for i in 0..16 {
+            out[i] = qs[i] & 0x0f;
+            out[i + 16] = qs[i] >> 4;
+        }
+    };
+    let high = |qh: u32, out: &mut [u8; BLOCK]| {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o |= (((qh >> i) & 1) as u8) << 4;
+        }
+    };
+    match kind {
+        BlockType::Q4_0 => {
+            nibbles(&b[2..18], out);
+            (f16_at(b, 0), 0.0, 8)
+        }
+        BlockType::Q4_1 => {
+            nibbles(&b[4..20], out);
+            (f16_at(b, 0), f16_at(b, 2), 0)
+        }
+        BlockType::Q5_0 => {
+            nibbles(&b[6..22], out);
+            high(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), out);
+            (f16_at(b, 0), 0.0, 16)
+        }
+        BlockType::Q5_1 => {
+            nibbles(&b[8..24], out);
+            high(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), out);
+            (f16_at(b, 0), f16_at(b, 2), 0)
+        }
+        BlockType::Q8_0 => {
+            for i in 0..BLOCK {
+                out[i] = b[2 + i];
+            }
+            (f16_at(b, 0), 0.0, 0)
+        }
+    }
+}
+
+impl QMatrix {
+    pub fn new(kind: BlockType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(Error::msg(format!("{kind:?} matrix of {cols} columns: not a multiple of the block ({BLOCK})")));
+        }
+        let want = rows * cols / BLOCK * kind.block_bytes();
+        if data.len() != want {
+            return Err(Error::msg(format!("{kind:?} matrix [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
+        }
+        Ok(Self { kind, rows, cols, shape: [rows, cols], data })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.kind.block_bytes()
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The same matrix with its rows in the order `order` (row i of the result is row `order[i]`).
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            return Err(Error::msg(format!("row order of length {} for a matrix of {} rows", order.len(), self.rows)));
+        }
+        let data = order.iter().flat_map(|&r| self.row(r).iter().copied()).collect();
+        Self::new(self.kind, self.rows, self.cols, data)
+    }
+
+    /// W as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let bb = self.kind.block_bytes();
+        let mut q = [0u8; BLOCK];
+        for (block, dst) in self.data.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+            let (d, m, bias) = codes(self.kind, block, &mut q);
+            for (o, &c) in dst.iter_mut().zip(&q) {
+                let c = if self.kind == BlockType::Q8_0 { c as i8 as i32 } else { c as i32 - bias };
+                *o = d * c as f32 + m;
+            }
+        }
+        out
+    }
+
+    /// `y = x Wᵀ` for x [t, cols] row-major: y [t, rows], on the detected SIMD level.
+    pub fn matmul(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, t, Simd::detected())
+    }
+
+    pub fn matmul_with(&self, x: &[f32], t: usize, simd: Simd) -> Result<Vec<f32>> {
+        if x.len() != t * self.cols {
+            return Err(Error::msg(format!("x of {} values is not [{t}, {}]", x.len(), self.cols)));
+        }
+        let xq: Vec<QuantizedRow> = x.chunks_exact(self.cols).map(quantize_row).collect();
+        let mut y_t = vec![0f32; self.rows * t];
+        // Weight rows in chunks over the threads; each weight row is read once for all of x.
+        let chunk = 16;
+        y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| {
+            for (i, o) in out.chunks_exact_mut(t).enumerate() {
+                let w = self.row(c * chunk + i);
+                for (xr, v) in xq.iter().zip(o.iter_mut()) {
+                    *v = dot_row(self.kind, w, xr, simd);
+                }
+            }
+        });
+        // [rows, t] → [t, rows].
+        if t == 1 {
+            return Ok(y_t);
+        }
+        let mut y = vec![0f32; t * self.rows];
+        for r in 0..self.rows {
+            for j in 0..t {
+                y[j * self.rows + r] = y_t[r * t + j];
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `x Wᵀ` for x [.., cols] of any float dtype: y [.., rows] in x's dtype, on the CPU.
+pub fn matmul_tensor(w: &QMatrix, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let dims = x.dims();
+    if dims.last() != Some(&w.cols) {
+        return Err(Error::msg(format!("x of shape {dims:?} against a packed weight of {} columns", w.cols)));
+    }
+    let t = x.elem_count() / w.cols;
+    let values: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let y = w.matmul(&values, t)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has a last dim") = w.rows;
+    Ok(candle_core::Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// A row of x as 8-bit blocks (llama.cpp's `quantize_row_q8_1`: round to nearest).
+pub fn quantize_row(x: &[f32]) -> QuantizedRow {
+    let blocks = x.len() / BLOCK;
+    let mut row = QuantizedRow { d: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks), p: vec![0; x.len()] };
+    for (xs, ps) in x.chunks_exact(BLOCK).zip(row.p.chunks_exact_mut(BLOCK)) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (p, &v) in ps.iter_mut().zip(xs) {
+            *p = (v * inv).round() as i8;
+            sum += *p as i32;
+        }
+        row.d.push(d);
+        row.s.push(d * sum as f32);
+    }
+    row
+}
+
+/// One weight row against one quantized row of x.
+fn dot_row(kind: BlockType, w: &[u8], x: &QuantizedRow, simd: Simd) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd >= Simd::Avx2 {
+            // SAFETY: the level is one this CPU has (`Simd::detected` / `available`).
+            return unsafe { x86::dot_row(kind, w, x, simd == Simd::Avx512Vnni) };
+        }
+    }
+    let _ = simd;
+    dot_row_scalar(kind, w, x)
+}
+
+/// The reference: each block's integer sum `Σ code_i p_i`, then its scales.
+pub fn dot_row_scalar(kind: BlockType, w: &[u8], x: &QuantizedRow) -> f32 {
+    let bb = kind.block_bytes();
+    let mut q = [0u8; BLOCK];
+    let mut acc = 0f32;
+    for (b, block) in w.chunks_exact(bb).enumerate() {
+        let (d, m, bias) = codes(kind, block, &mut q);
+        let p = &x.p[b * BLOCK..(b + 1) * BLOCK];
+        let sum: i32 = if kind == BlockType::Q8_0 {
+            q.iter().zip(p).map(|(&c, &p)| c as i8 as i32 * p as i32).sum()
+        } else {
+            q.iter().zip(p).map(|(&c, &p)| c as i32 * p as i32).sum()
+        };
+        // Σ (c − bias) p = Σ c p − bias Σ p, with Σ p = s / d.
+        let psum = if x.d[b] > 0.0 { x.s[b] / x.d[b] } else { 0.0 };
+        acc += d * x.d[b] * (sum as f32 - bias as f32 * psum) + m * x.s[b];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{f16_at, BlockType, QuantizedRow, BLOCK};
+
+    /// The 32 codes of a 4- or 5-bit block as unsigned bytes in one register.
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        let bytes = _mm_loadu_si128(qs as *const __m128i);
+        let lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Bit i of qh as 0x10 in byte i.
+    #[target_feature(enable = "avx2")]
+    unsafe fn high_bits(qh: u32) -> __m256i {
+        // Byte i takes the qh byte that holds bit i, then tests bit (i mod 8).
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000),
+        );
+        let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Σ u_i p_i over 32 unsigned bytes u and signed bytes p, as 8 partial i32 sums.
+    #[target_feature(enable = "avx2,avx512vl,avx512vnni")]
+    unsafe fn sum_vnni(u: __m256i, p: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, p)
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn sum_avx2(u: __m256i, p: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, p), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and AVX-512 VL + VNNI when `vnni`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_row(kind: BlockType, w: &[u8], x: &QuantizedRow, vnni: bool) -> f32 {
+        let bb = kind.block_bytes();
+        let blocks = w.len() / bb;
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0f32;
+        for b in 0..blocks {
+            let block = &w[b * bb..(b + 1) * bb];
+            let p = _mm256_loadu_si256(x.p.as_ptr().add(b * BLOCK) as *const __m256i);
+            let (u, p, d, m, bias) = match kind {
+                BlockType::Q4_0 => (nibbles(block.as_ptr().add(2)), p, f16_at(block, 0), 0.0, 8.0),
+                BlockType::Q4_1 => (nibbles(block.as_ptr().add(4)), p, f16_at(block, 0), f16_at(block, 2), 0.0),
+                BlockType::Q5_0 => {
+                    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                    (_mm256_or_si256(nibbles(block.as_ptr().add(6)), high_bits(qh)), p, f16_at(block, 0), 0.0, 16.0)
+                }
+                BlockType::Q5_1 => {
+                    let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+                    (_mm256_or_si256(nibbles(block.as_ptr().add(8)), high_bits(qh)), p, f16_at(block, 0), f16_at(block, 2), 0.0)
+                }
+                BlockType::Q8_0 => {
+                    // Signed × signed: |w| against p carrying w's sign.
+                    let q = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q), f16_at(block, 0), 0.0, 0.0)
+                }
+            };
+            let sums = if vnni { sum_vnni(u, p) } else { sum_avx2(u, p) };
+            let scale = d * x.d[b];
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
+            // The code bias and the offset: −bias·d·Σp + m·s, with d_x Σp = s_x.
+            offset += m * x.s[b] - bias * d * x.s[b];
+        }
+        hsum(acc) + offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Random blocks of `kind`: codes anywhere, scales small and positive or negative.
+    fn random(kind: BlockType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bb = kind.block_bytes();
+        let mut data = vec![0u8; rows * cols / BLOCK * bb];
+        for block in data.chunks_exact_mut(bb) {
+            rng.fill(&mut block[..]);
+            let d = f16::from_f32(rng.random_range(-0.02..0.02)).to_le_bytes();
+            block[..2].copy_from_slice(&d);
+            if matches!(kind, BlockType::Q4_1 | BlockType::Q5_1) {
+                block[2..4].copy_from_slice(&f16::from_f32(rng.random_range(-0.1..0.1)).to_le_bytes());
+            }
+        }
+        QMatrix::new(kind, rows, cols, data).unwrap()
+    }
+
+    const KINDS: [BlockType; 5] = [BlockType::Q4_0, BlockType::Q4_1, BlockType::Q5_0, BlockType::Q5_1, BlockType::Q8_0];
+
+    #[test]
+    fn dequantize_matches_candle_for_every_type() {
+        for kind in KINDS {
+            let ggml = match kind {
+                BlockType::Q4_0 => GgmlDType::Q4_0,
+                BlockType::Q4_1 => GgmlDType::Q4_1,
+                BlockType::Q5_0 => GgmlDType::Q5_0,
+                BlockType::Q5_1 => GgmlDType::Q5_1,
+                BlockType::Q8_0 => GgmlDType::Q8_0,
+            };
+            let m = random(kind, 3, 96, 1);
+            let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&m.data[..]), &candle_core::Device::Cpu, ggml).unwrap();
+            let qt = candle_core::quantized::QTensor::new(storage, (3, 96)).unwrap();
+            let want: Vec<f32> = qt.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(m.dequantize(), want, "{kind:?}");
+        }
+    }
+
+    /// Every level against the scalar reference (same integer sums: equal up to f32 summation
+    /// order), and the scalar reference against the f32 product of dequantized W with x (the
+    /// error of x's 8-bit rounding), on odd shapes.
+    #[test]
+    fn every_simd_level_matches_the_reference() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for kind in KINDS {
+            for (rows, cols, t) in [(1, 32, 1), (37, 96, 1), (53, 288, 3), (130, 576, 5)] {
+                let m = random(kind, rows, cols, rows as u64);
+                let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let w = m.dequantize();
+                let exact: Vec<f32> = (0..t)
+                    .flat_map(|j| (0..rows).map(|r| (0..cols).map(|c| x[j * cols + c] as f64 * w[r * cols + c] as f64).sum::<f64>() as f32).collect::<Vec<_>>())
+                    .collect();
+                let reference = m.matmul_with(&x, t, Simd::Scalar).unwrap();
+                let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
+                let err = exact.iter().zip(&reference).fold(0f32, |a, (e, r)| a.max((e - r).abs())) / scale;
+                assert!(err < 2e-2, "{kind:?} {rows}x{cols} t{t}: 8-bit x off by {err}");
+                for simd in Simd::available() {
+                    let got = m.matmul_with(&x, t, simd).unwrap();
+                    let diff = reference.iter().zip(&got).fold(0f32, |a, (r, g)| a.max((r - g).abs())) / scale;
+                    assert!(diff < 1e-5, "{kind:?} {simd:?} {rows}x{cols} t{t}: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(QMatrix::new(BlockType::Q4_0, 2, 48, vec![0; 36]).is_err());
+        assert!(QMatrix::new(BlockType::Q4_0, 2, 64, vec![0; 10]).is_err());
+        let m = random(BlockType::Q8_0, 2, 32, 0);
+        assert!(m.matmul(&[0.0; 31], 1).is_err());
+        assert!(m.permute_rows(&[0, 2]).is_err());
+        assert_eq!(m.permute_rows(&[1, 0]).unwrap().row(0), m.row(1));
+    }
+}
