@@ -92,3 +92,52 @@ fn a_model_directory_s_template_comes_from_its_files() {
     std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
     assert!(model_chat_template(spec, Some(1), Some(2), names).is_err());
 }
+
+/// The real SmolLM2-135M-Instruct GGUF (`scripts/fetch_assets.sh`): the template found in it is
+/// the fixture's, and the streamed pieces of a sampled answer, split characters included, add up
+/// to the tokenizer's decoding of the whole answer.
+#[test]
+#[ignore = "needs scripts/fetch_assets.sh"]
+fn smollm2_gguf_template_and_streaming() {
+    use candle_peft::eval::generate::sampling::SamplingConfig;
+    use candle_peft::eval::generate::stream::{generate_text, TextGenerationConfig};
+    let root = std::env::var_os("CANDLE_PEFT_ASSETS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let path = root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run scripts/fetch_assets.sh first", path.display());
+    let loaded = candle_peft::loading::load_model(path.to_str().unwrap(), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tok = loaded.tokenizer.as_ref().unwrap();
+    let c = &loaded.model.config;
+    let t = model_chat_template(path.to_str().unwrap(), c.bos_token_id, c.eos_token_ids.first().copied(), |id| tok.id_to_token(id))
+        .unwrap()
+        .unwrap();
+    let fx = fixture();
+    assert_eq!(t.source, fx["templates"]["smollm2"]["template"].as_str().unwrap());
+    assert_eq!((t.bos_token.as_str(), t.eos_token.as_str()), ("<|im_start|>", "<|im_end|>"));
+    let text = t.render(&[Message::new("user", "Write one line in Chinese with an emoji: 猫 🐈")], true).unwrap();
+    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    let decode = |ids: &[u32]| Ok(tok.decode(ids, true).unwrap());
+    let cfg = TextGenerationConfig {
+        max_new_tokens: 40,
+        eos_token_ids: c.eos_token_ids.clone(),
+        stop_strings: vec![],
+        sampling: SamplingConfig { temperature: 1.2, seed: 2, ..Default::default() },
+    };
+    let mut pieces = Vec::new();
+    let got = generate_text(&loaded.model, decode, &ids, &cfg, |p| {
+        pieces.push(p.to_string());
+        Ok(())
+    })
+    .unwrap();
+    let answer = &got.tokens[..got.tokens.len() - usize::from(got.stop == candle_peft::eval::generate::stream::StopReason::Eos)];
+    assert_eq!(pieces.concat(), tok.decode(answer, true).unwrap());
+    // Byte-level BPE splits these characters over several tokens: each is shown once whole.
+    let text = "猫 🐈 café — 🐈‍⬛";
+    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    let mut stream = candle_peft::eval::generate::stream::TextStream::new(decode, vec![]);
+    let pieces: Vec<String> = ids.iter().map(|&id| stream.push(id).unwrap().0).collect();
+    assert_eq!(pieces.concat(), text);
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(String::is_empty), "no token split a character: {pieces:?}");
+}

@@ -9,7 +9,7 @@
 //!
 //! transformers renders with jinja2's `ImmutableSandboxedEnvironment(trim_blocks=True,
 //! lstrip_blocks=True)` with the `loopcontrols` extension, `raise_exception(msg)` and
-//! `strftime_now(fmt)` as globals and a `tojson` filter that is `json.dumps(x,
+//! `strftime_now(fmt)` (here in UTC) as globals and a `tojson` filter that is `json.dumps(x,
 //! ensure_ascii=False)` (no HTML escaping), and passes `messages`, `add_generation_prompt` and
 //! the tokenizer's special tokens (`bos_token`, `eos_token`, ...). minijinja with the same
 //! settings, Python's string methods (`minijinja_contrib::pycompat`) and those globals gives the
@@ -167,11 +167,59 @@ fn environment() -> Environment<'static> {
     env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_function("strftime_now", |_format: String| -> std::result::Result<Value, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, "strftime_now is not supported"))
+    env.add_function("strftime_now", |format: String| -> std::result::Result<Value, minijinja::Error> {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        strftime(&format, secs).map(Value::from)
     });
     env.add_filter("tojson", tojson);
     env
+}
+
+/// Python's `strftime` for the codes chat templates use (Llama 3.x asks for `"%d %b %Y"`), at
+/// `secs` after the Unix epoch, in UTC (Python uses local time; a date is what templates print).
+fn strftime(format: &str, secs: u64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    let days = (secs / 86_400) as i64;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let (month_name, weekday) = (MONTHS[(month - 1) as usize], DAYS[days.rem_euclid(7) as usize]);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('%') => out.push('%'),
+            other => {
+                let code = other.map_or(String::new(), String::from);
+                return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: %{code} is not supported")));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)`, with Python's
@@ -305,6 +353,15 @@ mod tests {
         assert!(err.contains("roles must alternate") && err.contains("test"), "{err}");
         let broken = ChatTemplate::new("{% for m in messages %}", "", "", "test");
         assert!(broken.render(&conversation(), true).is_err());
+    }
+
+    #[test]
+    fn strftime_formats_dates_as_python() {
+        // 2024-07-26 13:05:09 UTC, a Friday (Llama 3.1's default date); 2000-02-29; the epoch.
+        assert_eq!(strftime("%d %b %Y, %A %H:%M:%S %%", 1_722_000_000 - 1_722_000_000 % 86_400 + 47_109).unwrap(), "26 Jul 2024, Friday 13:05:09 %");
+        assert_eq!(strftime("%Y-%m-%d %a %B %y", 951_782_400).unwrap(), "2000-02-29 Tue February 00");
+        assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
+        assert!(strftime("%Q", 0).is_err());
     }
 
     #[test]
