@@ -17,6 +17,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Finetune(args) => finetune(&args),
         Command::Eval(args) => super::eval_cmd::eval(&args),
         Command::Generate(args) => super::eval_cmd::generate(&args),
+        Command::Chat(args) => super::eval_cmd::chat(&args),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => {
             crate::loading::convert::gguf_to_hf_dir(&args.gguf, &args.output)?;

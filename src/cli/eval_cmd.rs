@@ -1,12 +1,18 @@
-//! `eval` (accuracy on the commonsense test sets) and `generate` (one prompt).
+//! `eval` (accuracy on the commonsense test sets), `generate` (one prompt) and `chat` (a
+//! conversation on stdin).
+
+use std::io::Write;
 
 use super::commands::{load_with_adapter, require_tokenizer};
-use super::{EvalArgs, GenerateArgs, GenerationArgs};
+use super::{validate, ChatArgs, EvalArgs, GenerateArgs, GenerationArgs};
 use crate::error::{Error, Result};
 use crate::eval::answer::Task;
+use crate::eval::chat::session::run_chat;
+use crate::eval::chat::{model_chat_template, ChatTemplate, Message};
 use crate::eval::evaluate::{evaluate_dir, EvalEvent};
-use crate::eval::generate::{beam_search, greedy, GenerationConfig};
-use crate::model::Llama;
+use crate::eval::generate::stream::{generate_text, TextGenerationConfig};
+use crate::eval::generate::{beam_search, GenerationConfig};
+use crate::model::{Llama, LlamaConfig};
 
 fn generation_config(model: &Llama, args: &GenerationArgs) -> GenerationConfig {
     GenerationConfig {
@@ -68,22 +74,90 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     args.generation.validate()?;
+    let sampling = args.sampling.config()?;
+    if args.generation.num_beams > 1 && args.sampling.is_set() {
+        return Err(Error::msg(
+            "--num-beams above 1 is beam search, which does not sample: drop --temperature, --top-k, --top-p, --min-p \
+             and --repetition-penalty, or use --num-beams 1",
+        ));
+    }
+    if args.prompt.is_empty() {
+        return Err(Error::msg("--prompt is empty: give the text to continue"));
+    }
+    if args.system.is_some() && !args.chat {
+        return Err(Error::msg("--system needs --chat (it is a message of the chat template)"));
+    }
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let tokenizer = require_tokenizer(&loaded)?;
-    let text = if args.chat {
-        format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", args.prompt)
+    let mut eos = loaded.model.config.eos_token_ids.clone();
+    let ids = if args.chat {
+        let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
+        eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
+        let messages: Vec<Message> =
+            args.system.iter().map(|s| Message::new("system", s)).chain([Message::new("user", &args.prompt)]).collect();
+        let text = template.render(&messages, true)?;
+        // The template writes the special tokens (apply_chat_template tokenizes with add_special_tokens=False).
+        tokenizer.encode(text, false)
     } else {
-        args.prompt.clone()
+        tokenizer.encode(args.prompt.as_str(), true)
     };
-    let ids = tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
-    let cfg = generation_config(&loaded.model, &args.generation);
+    let ids = ids.map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
+    let cfg = GenerationConfig { eos_token_ids: eos, ..generation_config(&loaded.model, &args.generation) };
     crate::eval::generate::check_context(&loaded.model, std::slice::from_ref(&ids), &cfg)
         .map_err(|e| Error::msg(format!("--prompt / --max-new-tokens: {e}")))?;
+    let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()));
     let start = std::time::Instant::now();
-    let out = if cfg.num_beams > 1 { beam_search(&loaded.model, &[ids], &cfg)? } else { greedy(&loaded.model, &[ids], &cfg)? };
+    let new = if cfg.num_beams > 1 {
+        // Beam search knows its answer only at the end: printed whole, cut at a stop string.
+        let new = beam_search(&loaded.model, &[ids], &cfg)?.remove(0);
+        let mut text = decode(&new)?;
+        if let Some(at) = args.sampling.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+        }
+        println!("{text}");
+        new
+    } else {
+        let text_cfg = TextGenerationConfig {
+            max_new_tokens: cfg.max_new_tokens,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            stop_strings: args.sampling.stop.clone(),
+            sampling,
+        };
+        let mut stdout = std::io::stdout();
+        let answer = generate_text(&loaded.model, decode, &ids, &text_cfg, |piece| {
+            write!(stdout, "{piece}").and_then(|()| stdout.flush()).map_err(|e| Error::msg(format!("stdout: {e}")))
+        })?;
+        println!();
+        answer.tokens
+    };
     let seconds = start.elapsed().as_secs_f64();
-    let new = &out[0];
-    println!("{}", tokenizer.decode(new, true).map_err(|e| Error::Tokenizer(e.to_string()))?);
     eprintln!("{} tokens in {seconds:.2} s ({:.1} tokens/s)", new.len(), new.len() as f64 / seconds.max(1e-9));
     Ok(())
+}
+
+/// `chat`: a conversation on stdin and stdout.
+pub fn chat(args: &ChatArgs) -> Result<()> {
+    validate::int_in("max-new-tokens", args.max_new_tokens, 1, 1 << 20)?;
+    let sampling = args.sampling.config()?;
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
+    let tokenizer = require_tokenizer(&loaded)?;
+    let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
+    let mut eos = loaded.model.config.eos_token_ids.clone();
+    eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
+    let cfg = TextGenerationConfig { max_new_tokens: args.max_new_tokens, eos_token_ids: eos, stop_strings: args.sampling.stop.clone(), sampling };
+    eprintln!("{}: type a message and Enter; end with Ctrl-D (EOF)", loaded.source);
+    let stdin = std::io::stdin();
+    run_chat(&loaded.model, tokenizer, &template, args.system.as_deref(), &cfg, &mut stdin.lock(), &mut std::io::stdout(), &mut std::io::stderr())?;
+    Ok(())
+}
+
+/// The model's own chat template, or ChatML (said on stderr) when it has none.
+fn chat_template(spec: &str, config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer) -> Result<ChatTemplate> {
+    let text = |id: u32| tokenizer.id_to_token(id);
+    let found = model_chat_template(spec, config.bos_token_id, config.eos_token_ids.first().copied(), text)?;
+    Ok(found.unwrap_or_else(|| {
+        eprintln!("{spec}: the model has no chat template (tokenizer_config.json, chat_template.jinja or GGUF metadata); using ChatML");
+        let token = |id: Option<u32>| id.and_then(text).unwrap_or_default();
+        ChatTemplate::chatml(&token(config.bos_token_id), &token(config.eos_token_ids.first().copied()))
+    }))
 }

@@ -1,4 +1,4 @@
-//! The `candle-peft` command: finetune, eval, generate, merge, convert, data, bench, plot, demo.
+//! The `candle-peft` command: finetune, eval, generate, chat, merge, convert, data, bench, plot, demo.
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
 pub mod bench;
@@ -14,7 +14,7 @@ mod eval_args;
 mod train_args;
 
 pub use bench_args::{BenchKernelsArgs, BenchMethodsArgs, BenchRunArgs, BenchStepArgs};
-pub use eval_args::{ConvertArgs, EvalArgs, GenerateArgs, GenerationArgs, MergeArgs};
+pub use eval_args::{ChatArgs, ConvertArgs, EvalArgs, GenerateArgs, GenerationArgs, MergeArgs, SamplingArgs};
 pub use train_args::{AdapterArgs, FinetuneArgs};
 
 use std::path::PathBuf;
@@ -44,8 +44,10 @@ pub enum Command {
     Finetune(FinetuneArgs),
     /// Accuracy on the commonsense test sets (dataset/<task>/test.json).
     Eval(EvalArgs),
-    /// Generate a continuation of a prompt.
+    /// Generate a continuation of a prompt (streamed; greedy, sampled or beam search).
     Generate(GenerateArgs),
+    /// Talk with a model: user lines from stdin, answers streamed in its chat template; EOF ends.
+    Chat(ChatArgs),
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge(MergeArgs),
     /// Convert a GGUF file to a Hugging Face model directory (config, safetensors, tokenizer).

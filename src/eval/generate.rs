@@ -340,5 +340,8 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     best
 }
 
+pub mod sampling;
+pub mod stream;
+
 #[cfg(test)]
 mod tests;
