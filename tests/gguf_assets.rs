@@ -119,3 +119,42 @@ fn smollm2_forward_matches_independent_reference() {
     let enc = loaded.tokenizer.unwrap().encode(text, true).unwrap();
     assert_eq!(enc.get_ids(), ids.as_slice());
 }
+
+/// The packed weights (Q4_1 / Q8_0 blocks, llama.cpp's 8-bit products) decode greedily what the
+/// dequantized f32 model decodes, until a near tie: x's 8-bit rounding moves the logits by a
+/// fraction of a percent, and where the dense model's two best tokens are that close the packed
+/// model may take the other, after which the texts part. So each prompt's first 4 tokens must be
+/// equal, and wherever the texts part within 16 tokens, the dense model's margin between its own
+/// token and the packed model's must be under 1% of its logits' scale. (On "The three primary
+/// colors are" they part at the 9th token, and the packed text is llama.cpp's, checked by hand
+/// with bench/llamacpp_anchor.py on 2026-12-06.)
+#[test]
+#[ignore = "needs the real assets: scripts/fetch_assets.sh, then --ignored"]
+fn smollm2_packed_greedy_follows_dense_greedy_until_a_near_tie() {
+    use candle_peft::eval::generate::{greedy, GenerationConfig};
+    use candle_peft::loading::{load_model_for_inference, load_model_with};
+    let gguf = asset(SMOLLM2);
+    let path = gguf.to_str().unwrap();
+    let dense = load_model_with(path, DType::F32, &Device::Cpu, None).unwrap();
+    let packed = load_model_for_inference(path, DType::F32, &Device::Cpu, None).unwrap();
+    let n_packed = packed.model.named_linears().iter().filter(|(_, l)| matches!(l.base().base_weight(), candle_peft::quant::BaseWeight::Packed { .. })).count();
+    assert_eq!(n_packed, 30 * 7);
+    assert!(packed.model.packed_head.is_some());
+    let tokenizer = dense.tokenizer.as_ref().unwrap();
+    let cfg = GenerationConfig { max_new_tokens: 16, num_beams: 1, eos_token_ids: vec![], pad_token_id: 2 };
+    for prompt in ["The three primary colors are", "def fibonacci(n):", "<|im_start|>user\nWhat is 12+7?<|im_end|>\n<|im_start|>assistant\n"] {
+        let ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+        let want = greedy(&dense.model, std::slice::from_ref(&ids), &cfg).unwrap().remove(0);
+        let got = greedy(&packed.model, std::slice::from_ref(&ids), &cfg).unwrap().remove(0);
+        let Some(part) = want.iter().zip(&got).position(|(a, b)| a != b) else { continue };
+        assert!(part >= 4, "{prompt:?}: parted at token {part}: {got:?} against {want:?}");
+        let context: Vec<u32> = ids.iter().chain(&want[..part]).copied().collect();
+        let input = candle_core::Tensor::new(context.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = dense.model.forward(&input, None, None, false).unwrap();
+        let last: Vec<f32> = logits.squeeze(0).unwrap().get(context.len() - 1).unwrap().to_vec1().unwrap();
+        let scale = last.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let margin = last[want[part] as usize] - last[got[part] as usize];
+        assert!(margin < 0.01 * scale, "{prompt:?}: parted at token {part} with a dense margin of {margin} (scale {scale})");
+        eprintln!("{prompt:?}: parted at token {part}, dense margin {margin:.4} of scale {scale:.1}");
+    }
+}

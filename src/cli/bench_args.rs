@@ -153,3 +153,51 @@ impl BenchRunArgs {
         Ok(())
     }
 }
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchDecodeArgs {
+    #[command(flatten)]
+    pub model: super::ModelArgs,
+    /// Keep a GGUF model's weights dequantized (dense f32), as training loads them, instead of
+    /// packed in their block types.
+    #[arg(long)]
+    pub dense: bool,
+    /// New tokens per decode measurement (after the prompt "The three primary colors are").
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Prompt tokens of the prefill measurement (a repeated text cut to this length).
+    #[arg(long, default_value_t = 400)]
+    pub prefill_tokens: usize,
+    /// Batch sizes of the decode measurements (the same prompt in every row).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Runs per figure; the best is reported (the machine is shared).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// The python of a venv with `ik-llama-cpp-python` (`scripts/llamacpp_venv.sh`): runs
+    /// `bench/llamacpp_anchor.py` on the same GGUF file in the same run, for the ratios.
+    #[arg(long)]
+    pub anchor_python: Option<PathBuf>,
+    /// Threads of the anchor (the engine uses rayon's pool: RAYON_NUM_THREADS).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl BenchDecodeArgs {
+    pub fn validate(&self) -> Result<()> {
+        validate::int_in("new-tokens", self.new_tokens, 1, 1 << 16)?;
+        validate::int_in("prefill-tokens", self.prefill_tokens, 1, 1 << 20)?;
+        validate::int_in("repeat", self.repeat, 1, 100)?;
+        validate::int_in("threads", self.threads, 1, 1024)?;
+        for &b in &self.batch {
+            validate::int_in("batch", b, 1, 1024)?;
+        }
+        Ok(())
+    }
+}

@@ -15,9 +15,10 @@ use crate::training::{AdamWConfig, StepConfig};
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Finetune(args) => finetune(&args),
-        Command::Eval(args) => super::eval_cmd::eval(&args),
-        Command::Generate(args) => super::eval_cmd::generate(&args),
-        Command::Chat(args) => super::eval_cmd::chat(&args),
+        // Decoding runs many small parallel products: from a pool worker they split directly.
+        Command::Eval(args) => crate::threads::in_thread_pool(|| super::eval_cmd::eval(&args)),
+        Command::Generate(args) => crate::threads::in_thread_pool(|| super::eval_cmd::generate(&args)),
+        Command::Chat(args) => crate::threads::in_thread_pool(|| super::eval_cmd::chat(&args)),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => {
             crate::loading::convert::gguf_to_hf_dir(&args.gguf, &args.output)?;
@@ -31,6 +32,7 @@ pub fn run(command: Command) -> Result<()> {
         }
         Command::Bench(super::BenchCommand::Methods(args)) => super::bench::methods(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Step(args)) => super::bench::step(&args),
+        Command::Bench(super::BenchCommand::Decode(args)) => super::bench_decode::decode(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Kernels(args)) => super::bench_kernels::kernels(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Nf4(args)) => {
             super::bench_kernels::kernels(&super::BenchKernelsArgs { ops: vec!["nf4".into()], ..args }).map(|_| ())
@@ -49,9 +51,11 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Load the model and, when given, attach an adapter.
-pub fn load_with_adapter(model: &ModelArgs, adapter: Option<&str>) -> Result<LoadedModel> {
-    let mut loaded = load_model_with(&model.model, model.dtype()?, &model.device()?, model.quantize()?)?;
+/// Load the model and, when given, attach an adapter. For `inference` (generation) a GGUF model
+/// on the CPU keeps its weights packed (`loading::load_model_for_inference`).
+pub fn load_with_adapter(model: &ModelArgs, adapter: Option<&str>, inference: bool) -> Result<LoadedModel> {
+    let load = if inference { crate::loading::load_model_for_inference } else { load_model_with };
+    let mut loaded = load(&model.model, model.dtype()?, &model.device()?, model.quantize()?)?;
     if let Some(spec) = adapter {
         let cfg = load_adapter(&mut loaded.model, &ModelSource::parse(spec)?)?;
         tracing::info!("adapter {spec}: {}", cfg.peft_type());
@@ -157,7 +161,7 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
 
 fn merge(args: &MergeArgs) -> Result<()> {
     crate::fsutil::require_new_dir(&args.output)?;
-    let mut loaded = load_with_adapter(&args.model, Some(&args.adapter))?;
+    let mut loaded = load_with_adapter(&args.model, Some(&args.adapter), false)?;
     for (_, linear) in loaded.model.named_linears_mut() {
         linear.merge()?;
     }

@@ -30,7 +30,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         let files = [path.clone(), path.with_extension("predictions.json"), path.with_extension("png")];
         crate::fsutil::refuse_to_replace(&files, "--output", args.overwrite)?;
     }
-    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), false)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let tasks = if args.tasks.is_empty() {
         Task::ALL.to_vec()
@@ -87,7 +87,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     if args.system.is_some() && !args.chat {
         return Err(Error::msg("--system needs --chat (it is a message of the chat template)"));
     }
-    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let mut eos = loaded.model.config.eos_token_ids.clone();
     let ids = if args.chat {
@@ -139,7 +139,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 pub fn chat(args: &ChatArgs) -> Result<()> {
     validate::int_in("max-new-tokens", args.max_new_tokens, 1, 1 << 20)?;
     let sampling = args.sampling.config()?;
-    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
     let mut eos = loaded.model.config.eos_token_ids.clone();

@@ -2,6 +2,7 @@
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
 pub mod bench;
+pub mod bench_decode;
 pub mod bench_kernels;
 pub mod commands;
 pub mod config_file;
@@ -13,7 +14,7 @@ mod bench_args;
 mod eval_args;
 mod train_args;
 
-pub use bench_args::{BenchKernelsArgs, BenchMethodsArgs, BenchRunArgs, BenchStepArgs};
+pub use bench_args::{BenchDecodeArgs, BenchKernelsArgs, BenchMethodsArgs, BenchRunArgs, BenchStepArgs};
 pub use eval_args::{ChatArgs, ConvertArgs, EvalArgs, GenerateArgs, GenerationArgs, MergeArgs, SamplingArgs};
 pub use train_args::{AdapterArgs, FinetuneArgs};
 
@@ -161,6 +162,8 @@ pub enum BenchCommand {
     Nf4(BenchKernelsArgs),
     /// SNELL's fused branch against its plain candle ops and the frozen linear (`bench kernels --ops snell`).
     Snell(BenchKernelsArgs),
+    /// Generation speed: greedy decode at batch 1 and 8, and prefill; llama.cpp beside it.
+    Decode(BenchDecodeArgs),
 }
 
 #[derive(Args, Debug, Clone)]

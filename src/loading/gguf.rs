@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::loading::gguf_tokenizer;
 use crate::model::config::LlamaConfig;
+use crate::quant::ggml::{BlockType, QMatrix};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -16,16 +17,31 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-/// A dequantized GGUF model with Hugging Face tensor names.
+/// A GGUF model with Hugging Face tensor names: dense tensors, and the packed ones.
 pub struct GgufModel {
     pub config: LlamaConfig,
     pub tensors: HashMap<String, Tensor>,
+    /// With `keep_packed`: the decoder's linear weights, the embeddings and the head in their
+    /// block type, where it is one `quant::ggml` computes with.
+    pub packed: HashMap<String, QMatrix>,
     /// `tokenizer.json` text rebuilt from the embedded vocabulary, if the file has one.
     pub tokenizer_json: Option<String>,
 }
 
 /// Read a GGUF file: every tensor is dequantized, converted to `dtype` and placed on `device`.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
+    load_gguf_with(path, dtype, device, false)
+}
+
+/// Whether `hf` is a weight the model multiplies by (a decoder linear or the head), so that it
+/// can stay packed.
+fn packable(hf: &str) -> bool {
+    (hf.starts_with("model.layers.") && hf.ends_with("_proj.weight")) || hf == "lm_head.weight" || hf == "model.embed_tokens.weight"
+}
+
+/// `load_gguf`, keeping the linear weights and the head packed when `keep_packed` (inference on
+/// the CPU): Q/K rows un-permuted in their packed form, the other tensors dequantized.
+pub fn load_gguf_with(path: &Path, dtype: DType, device: &Device, keep_packed: bool) -> Result<GgufModel> {
     let (content, mut reader) = read_content(path)?;
     let meta = Metadata { path, map: &content.metadata };
     // The vocabulary is the embedding's rows (the token list may be shorter, or absent).
@@ -36,10 +52,24 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = HashMap::with_capacity(names.len());
+    let mut packed = HashMap::new();
     for name in names {
         let bad = |msg: String| Error::BadTensor { origin: origin.clone(), name: name.clone(), msg };
         let hf = hf_name(name).ok_or_else(|| bad(unknown_tensor_message(name)))?;
         let qtensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| bad(message(&e)))?;
+        let kind = BlockType::from_ggml(qtensor.dtype()).filter(|_| keep_packed && device.is_cpu() && packable(&hf));
+        if let (Some(kind), Ok((rows, cols))) = (kind, qtensor.shape().dims2()) {
+            let data = qtensor.data().map_err(|e| bad(message(&e)))?.into_owned();
+            let mut w = QMatrix::new(kind, rows, cols, data).map_err(|e| bad(e.to_string()))?;
+            if let Some(n_heads) = qk_heads(&hf, &config) {
+                // The row order of the un-permute, read off a column of row numbers.
+                let index = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
+                let order: Vec<f32> = unpermute_qk(&index, n_heads).map_err(|e| bad(format!("cannot un-permute: {}", message(&e))))?.flatten_all()?.to_vec1()?;
+                w = w.permute_rows(&order.iter().map(|&r| r as usize).collect::<Vec<_>>())?;
+            }
+            packed.insert(hf, w);
+            continue;
+        }
         let mut w = qtensor.dequantize(&Device::Cpu).map_err(|e| bad(format!("cannot dequantize: {}", message(&e))))?;
         if let Some(n_heads) = qk_heads(&hf, &config) {
             w = unpermute_qk(&w, n_heads).map_err(|e| bad(format!("cannot un-permute: {}", message(&e))))?;
@@ -47,13 +77,15 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
         tensors.insert(hf, w.to_dtype(dtype)?.to_device(device)?);
     }
 
-    let embed = tensors
-        .get("model.embed_tokens.weight")
-        .ok_or_else(|| Error::MissingTensor { origin: origin.clone(), name: "token_embd.weight".into() })?;
-    config.vocab_size = embed.dims2()?.0;
-    config.tie_word_embeddings = !tensors.contains_key("lm_head.weight");
+    let vocab = match (tensors.get("model.embed_tokens.weight"), packed.get("model.embed_tokens.weight")) {
+        (Some(dense), _) => dense.dims2()?.0,
+        (None, Some(w)) => w.rows,
+        (None, None) => return Err(Error::MissingTensor { origin: origin.clone(), name: "token_embd.weight".into() }),
+    };
+    config.vocab_size = vocab;
+    config.tie_word_embeddings = !tensors.contains_key("lm_head.weight") && !packed.contains_key("lm_head.weight");
     let tokenizer_json = gguf_tokenizer::tokenizer_json(&content.metadata, path)?;
-    Ok(GgufModel { config, tensors, tokenizer_json })
+    Ok(GgufModel { config, tensors, packed, tokenizer_json })
 }
 
 /// Open and parse the GGUF header. An unknown tensor type is reported with the tensor's name.
@@ -481,6 +513,53 @@ pub(crate) mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Every linear and the (tied) head kept packed, Q/K rows un-permuted in their packed form:
+    /// the model's logits on a few tokens (the packed products' rows) are the dense model's, up
+    /// to x's 8-bit rounding; with packing off nothing is packed.
+    #[test]
+    fn packed_weights_compute_what_the_dense_ones_do() {
+        let mut tiny = tiny_model();
+        let rnd = |rows: usize, cols: usize, seed: u64| {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+            let v: Vec<f32> = (0..rows * cols).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+        };
+        let q = permute_llama_cpp(&rnd(HEADS * HEAD_DIM, HIDDEN, 1), HEADS);
+        let k = permute_llama_cpp(&rnd(KV_HEADS * HEAD_DIM, HIDDEN, 2), KV_HEADS);
+        for (name, w, ty) in [
+            ("blk.0.attn_q.weight", q, GgmlDType::Q8_0),
+            ("blk.0.attn_k.weight", k, GgmlDType::Q4_1),
+            ("blk.0.attn_v.weight", rnd(KV_HEADS * HEAD_DIM, HIDDEN, 3), GgmlDType::Q5_0),
+            ("blk.0.ffn_up.weight", rnd(FFN, HIDDEN, 4), GgmlDType::Q5_1),
+        ] {
+            tiny.gguf.retain(|(n, _)| n != name);
+            tiny.gguf.push((name.to_string(), QTensor::quantize(&w, ty).unwrap()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &metadata(), &tiny.gguf);
+        let model = |keep_packed: bool| {
+            let g = load_gguf_with(&path, DType::F32, &Device::Cpu, keep_packed).unwrap();
+            let packed: Vec<String> = g.packed.keys().cloned().collect();
+            let weights = crate::weights::Weights::from_tensors(g.tensors, "tiny");
+            (crate::model::Llama::load_packed(g.config, &weights, g.packed, DType::F32, &Device::Cpu, None).unwrap(), packed)
+        };
+        let ((dense, none), (packed, names)) = (model(false), model(true));
+        assert!(none.is_empty());
+        let mut names = names;
+        names.sort();
+        // q (Q8_0), k (Q4_1), v (Q5_0), o (Q8_0), gate/down (Q4_0), up (Q5_1), the tied head (Q8_0).
+        assert_eq!(names.len(), 8, "{names:?}");
+        assert!(packed.packed_head.is_some() && dense.packed_head.is_none());
+        let ids = Tensor::new(&[[3u32, 5, 4, 6]], &Device::Cpu).unwrap();
+        let logits = |m: &crate::model::Llama| m.forward(&ids, None, None, false).unwrap();
+        let (want, got) = (logits(&dense), logits(&packed));
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let err = max_abs_diff(&want, &got) / scale;
+        assert!(err < 2e-2, "packed logits off by {err} of their scale");
+        assert!(err > 0.0, "the packed path was not taken");
     }
 
     #[test]

@@ -29,15 +29,26 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
 /// `load_model`, quantizing the frozen linear weights when `quantize` is given (`--quantize nf4`).
 /// A checkpoint saved by transformers + bitsandbytes in NF4 loads as NF4 either way.
 pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<LoadedModel> {
+    load(spec, dtype, device, quantize, false)
+}
+
+/// `load_model_with` for inference: a GGUF file on the CPU keeps its linear weights and head in
+/// their block types (`quant::ggml`), unless `quantize` asks for NF4. Training reads the dense
+/// weights: use `load_model_with`.
+pub fn load_model_for_inference(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<LoadedModel> {
+    load(spec, dtype, device, quantize, quantize.is_none() && device.is_cpu())
+}
+
+fn load(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>, keep_packed: bool) -> Result<LoadedModel> {
     let path = Path::new(spec);
     if path.is_file() {
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
             return Err(Error::BadFile { path: path.to_path_buf(), msg: "expected a .gguf file or a model directory".into() });
         }
-        let g = gguf::load_gguf(path, dtype, device)?;
+        let g = gguf::load_gguf_with(path, dtype, device, keep_packed)?;
         let tokenizer = g.tokenizer_json.as_deref().map(parse_tokenizer).transpose()?;
         let weights = crate::weights::Weights::from_tensors(g.tensors, path.display().to_string());
-        let model = Llama::load_with(g.config, &weights, dtype, device, quantize)?;
+        let model = Llama::load_packed(g.config, &weights, g.packed, dtype, device, quantize)?;
         return Ok(LoadedModel { model, tokenizer, source: spec.to_string() });
     }
     let source = crate::hub::ModelSource::parse(spec)?;

@@ -63,9 +63,11 @@ impl FrozenLinear {
     /// [`FEW_ROWS_MAX`](crate::quant::nf4_kernels::FEW_ROWS_MAX) rows (beams, small batches) through
     /// the few-row matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Inference on a packed GGUF base: the blocks' dot products, never a dense W.
+        // Inference on a packed GGUF base: a few rows (decoding) by the blocks' dot products;
+        // many (a prompt) by dequantizing W once and a dense GEMM, which is faster there.
         if let BaseWeight::Packed { weight, .. } = &self.weight {
-            if !x.track_op() && x.device().is_cpu() {
+            let rows = x.elem_count() / self.in_features().max(1);
+            if !x.track_op() && x.device().is_cpu() && rows <= crate::quant::ggml::PACKED_ROWS_MAX {
                 return crate::quant::ggml::matmul_tensor(weight, x);
             }
         }

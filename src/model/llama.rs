@@ -3,6 +3,7 @@
 //! loss has a backward pass in candle, the base weights are frozen tensors (never `Var`s), and
 //! adapters attach to the linear layers (`Linear`) or across whole residual blocks (`BlockControl`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -119,13 +120,17 @@ pub struct Positions {
 
 pub struct Llama {
     pub config: LlamaConfig,
+    /// Empty ([0, hidden]) when the embeddings are packed (`packed_embed`): read them through
+    /// [`Llama::embeddings`].
     pub embed_tokens: Tensor,
+    /// The embeddings as a GGUF block-quantized matrix (CPU inference): looked up row by row.
+    pub packed_embed: Option<std::sync::Arc<QMatrix>>,
     pub layers: Vec<DecoderLayer>,
     pub norm: Tensor,
     /// None when the head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
-    /// The head as a GGUF block-quantized matrix (tied or not), for inference on the CPU: the
-    /// logits of a decode step read it instead of the dense [vocab, hidden] head.
+    /// The head as a GGUF block-quantized matrix (the packed embeddings themselves when tied),
+    /// for inference on the CPU: the logits read it instead of a dense [vocab, hidden] head.
     pub packed_head: Option<std::sync::Arc<QMatrix>>,
     inv_freq: Vec<f32>,
     dtype: DType,
@@ -216,22 +221,33 @@ impl Llama {
                 mlp_control: None,
             });
         }
-        let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+        let take_packed = |name: &str| -> Result<Option<std::sync::Arc<QMatrix>>> {
+            match packed.borrow_mut().remove(name) {
+                Some(w) if w.shape != [c.vocab_size, h] => {
+                    let (origin, name) = (weights.origin().to_string(), name.to_string());
+                    Err(Error::ShapeMismatch { origin, name, expected: vec![c.vocab_size, h], got: w.shape.to_vec() })
+                }
+                w => Ok(w.map(std::sync::Arc::new)),
+            }
+        };
+        let packed_embed = take_packed("model.embed_tokens.weight")?;
+        let embed_tokens = match packed_embed {
+            Some(_) => Tensor::zeros((0, h), dtype, device)?,
+            None => get("model.embed_tokens.weight", &[c.vocab_size, h])?,
+        };
+        let mut packed_head = take_packed("lm_head.weight")?;
+        let lm_head = if packed_head.is_some() || (c.tie_word_embeddings && !weights.contains("lm_head.weight")) {
             None
         } else {
             Some(get("lm_head.weight", &[c.vocab_size, h])?)
         };
-        let packed_head = match packed.borrow_mut().remove("lm_head.weight") {
-            Some(w) if w.shape != [c.vocab_size, h] => {
-                let origin = weights.origin().to_string();
-                return Err(Error::ShapeMismatch { origin, name: "lm_head.weight".into(), expected: vec![c.vocab_size, h], got: w.shape.to_vec() });
-            }
-            w => w.map(std::sync::Arc::new),
-        };
+        if c.tie_word_embeddings && lm_head.is_none() && packed_head.is_none() {
+            packed_head = packed_embed.clone();
+        }
         Ok(Self {
             inv_freq: inv_freq(c),
             embed_tokens,
+            packed_embed,
             layers,
             norm: get("model.norm.weight", &[h])?,
             lm_head,
@@ -308,10 +324,10 @@ impl Llama {
     /// NF4 bases are written dequantized (in the working dtype).
     pub fn hf_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
+        out.insert("model.embed_tokens.weight".to_string(), self.embeddings()?.into_owned());
         out.insert("model.norm.weight".to_string(), self.norm.clone());
-        if let Some(head) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), head.clone());
+        if !self.config.tie_word_embeddings {
+            out.insert("lm_head.weight".to_string(), self.head()?.into_owned());
         }
         for (i, l) in self.layers.iter().enumerate() {
             out.insert(format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone());
@@ -384,6 +400,10 @@ impl Llama {
     /// The token embeddings [b, t, hidden] of `input_ids` [b, t].
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
+        if let Some(packed) = &self.packed_embed {
+            let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+            return Ok(packed.rows_tensor(&ids, self.dtype)?.to_device(&self.device)?.reshape((b, t, ()))?);
+        }
         Ok(self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?)
     }
 
@@ -416,19 +436,33 @@ impl Llama {
         ops::rms_norm(x, &self.norm, self.config.rms_norm_eps, train)
     }
 
-    /// The LM head [vocab, hidden] (the token embeddings when they are tied).
-    pub fn head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    /// The token embeddings [vocab, hidden] (dequantized when packed).
+    pub fn embeddings(&self) -> Result<Cow<'_, Tensor>> {
+        match &self.packed_embed {
+            Some(packed) => Ok(Cow::Owned(packed.to_tensor(self.dtype)?.to_device(&self.device)?)),
+            None => Ok(Cow::Borrowed(&self.embed_tokens)),
+        }
+    }
+
+    /// The LM head [vocab, hidden] (the token embeddings when they are tied; dequantized when
+    /// packed).
+    pub fn head(&self) -> Result<Cow<'_, Tensor>> {
+        match (&self.lm_head, &self.packed_head) {
+            (Some(head), _) => Ok(Cow::Borrowed(head)),
+            (None, Some(packed)) => Ok(Cow::Owned(packed.to_tensor(self.dtype)?.to_device(&self.device)?)),
+            (None, None) => self.embeddings(),
+        }
     }
 
     /// Project hidden states to the vocabulary, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if let Some(packed) = self.packed_head.as_ref().filter(|_| !hidden.track_op() && hidden.device().is_cpu()) {
-            return Ok(crate::quant::ggml::matmul_tensor(packed, hidden)?.to_dtype(ops::accumulate_dtype(self.dtype))?);
-        }
-        let head = self.head();
         let acc = ops::accumulate_dtype(self.dtype);
-        Ok(ops::frozen_matmul_t(hidden, &head.clone().into())?.to_dtype(acc)?)
+        // Inference reads a packed head directly (generation asks for the last rows only).
+        if let Some(packed) = self.packed_head.as_ref().filter(|_| !hidden.track_op() && hidden.device().is_cpu()) {
+            return Ok(crate::quant::ggml::matmul_tensor(packed, hidden)?.to_dtype(acc)?);
+        }
+        let head = self.head()?.into_owned();
+        Ok(ops::frozen_matmul_t(hidden, &head.into())?.to_dtype(acc)?)
     }
 
     fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {

@@ -31,9 +31,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
             BaseWeight::Nf4 { weight, dtype } => Ok(Cow::Owned(weight.dequantize(*dtype)?)),
-            BaseWeight::Packed { weight, dtype } => {
-                Ok(Cow::Owned(Tensor::from_vec(weight.dequantize(), (weight.rows, weight.cols), &Device::Cpu)?.to_dtype(*dtype)?))
-            }
+            BaseWeight::Packed { weight, dtype } => Ok(Cow::Owned(weight.to_tensor(*dtype)?)),
         }
     }
 

@@ -29,6 +29,10 @@ use crate::{Error, Result};
 /// Weights per block, for every type here.
 pub const BLOCK: usize = 32;
 
+/// Up to this many rows of x, `x Wᵀ` reads the packed blocks; above, dequantizing W and a dense
+/// GEMM is faster (`bench decode`'s prefill, 2026-12-06).
+pub const PACKED_ROWS_MAX: usize = 16;
+
 /// The block types kept packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockType {
@@ -110,7 +114,7 @@ impl Simd {
     fn cpu() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             let vnni = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw");
             if avx2 && vnni {
                 return Simd::Avx512Vnni;
@@ -123,6 +127,7 @@ impl Simd {
     }
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -161,9 +166,7 @@ fn codes(kind: BlockType, b: &[u8], out: &mut [u8; BLOCK]) -> (f32, f32, i32) {
             (f16_at(b, 0), f16_at(b, 2), 0)
         }
         BlockType::Q8_0 => {
-            for i in 0..BLOCK {
-                out[i] = b[2 + i];
-            }
+            out.copy_from_slice(&b[2..2 + BLOCK]);
             (f16_at(b, 0), 0.0, 0)
         }
     }
@@ -199,18 +202,44 @@ impl QMatrix {
         Self::new(self.kind, self.rows, self.cols, data)
     }
 
-    /// W as f32, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        let bb = self.kind.block_bytes();
+    /// W as a [rows, cols] tensor in `dtype`.
+    pub fn to_tensor(&self, dtype: candle_core::DType) -> Result<candle_core::Tensor> {
+        Ok(candle_core::Tensor::from_vec(self.dequantize(), (self.rows, self.cols), &candle_core::Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    /// The rows `ids` of W (an embedding lookup) as a [ids.len(), cols] tensor in `dtype`.
+    pub fn rows_tensor(&self, ids: &[u32], dtype: candle_core::DType) -> Result<candle_core::Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            if id as usize >= self.rows {
+                return Err(Error::msg(format!("token id {id} is outside the vocabulary of {} rows", self.rows)));
+            }
+            self.dequantize_row(id as usize, row);
+        }
+        Ok(candle_core::Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    /// Row `r` of W as f32 into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let mut q = [0u8; BLOCK];
-        for (block, dst) in self.data.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+        for (block, dst) in self.row(r).chunks_exact(self.kind.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
             let (d, m, bias) = codes(self.kind, block, &mut q);
             for (o, &c) in dst.iter_mut().zip(&q) {
                 let c = if self.kind == BlockType::Q8_0 { c as i8 as i32 } else { c as i32 - bias };
                 *o = d * c as f32 + m;
             }
         }
+    }
+
+    /// W as f32, row-major (rows over the threads).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let rows_per_task = 64;
+        out.par_chunks_mut(rows_per_task * self.cols).enumerate().for_each(|(task, out)| {
+            for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                self.dequantize_row(task * rows_per_task + i, row);
+            }
+        });
         out
     }
 
@@ -225,14 +254,12 @@ impl QMatrix {
         }
         let xq: Vec<QuantizedRow> = x.chunks_exact(self.cols).map(quantize_row).collect();
         let mut y_t = vec![0f32; self.rows * t];
-        // Weight rows in chunks over the threads; each weight row is read once for all of x.
-        let chunk = 16;
+        // Weight rows in a few chunks per thread (a task per 16 rows costs more in scheduling
+        // than a small matrix's rows take); each weight row is read once for all of x.
+        let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(64);
         y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| {
             for (i, o) in out.chunks_exact_mut(t).enumerate() {
-                let w = self.row(c * chunk + i);
-                for (xr, v) in xq.iter().zip(o.iter_mut()) {
-                    *v = dot_row(self.kind, w, xr, simd);
-                }
+                dot_rows(self.kind, self.row(c * chunk + i), &xq, o, simd);
             }
         });
         // [rows, t] → [t, rows].
@@ -282,17 +309,32 @@ pub fn quantize_row(x: &[f32]) -> QuantizedRow {
     row
 }
 
-/// One weight row against one quantized row of x.
-fn dot_row(kind: BlockType, w: &[u8], x: &QuantizedRow, simd: Simd) -> f32 {
+/// One weight row against the rows `xs` of x, into `out` (one value per row).
+fn dot_rows(kind: BlockType, w: &[u8], xs: &[QuantizedRow], out: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if simd >= Simd::Avx2 {
-            // SAFETY: the level is one this CPU has (`Simd::detected` / `available`).
-            return unsafe { x86::dot_row(kind, w, x, simd == Simd::Avx512Vnni) };
+    if simd >= Simd::Avx2 {
+        // Groups of 4 rows share each block's unpacking; SAFETY: the level is one this CPU has
+        // (`Simd::detected` / `available`), and each call gets as many rows as outputs.
+        for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+            unsafe {
+                match (simd, xs.len()) {
+                    (Simd::Avx512Vnni, 4) => x86::dot_rows_vnni::<4>(kind, w, xs, out),
+                    (Simd::Avx512Vnni, 3) => x86::dot_rows_vnni::<3>(kind, w, xs, out),
+                    (Simd::Avx512Vnni, 2) => x86::dot_rows_vnni::<2>(kind, w, xs, out),
+                    (Simd::Avx512Vnni, _) => x86::dot_rows_vnni::<1>(kind, w, xs, out),
+                    (_, 4) => x86::dot_rows_avx2::<4>(kind, w, xs, out),
+                    (_, 3) => x86::dot_rows_avx2::<3>(kind, w, xs, out),
+                    (_, 2) => x86::dot_rows_avx2::<2>(kind, w, xs, out),
+                    (_, _) => x86::dot_rows_avx2::<1>(kind, w, xs, out),
+                }
+            }
         }
+        return;
     }
     let _ = simd;
-    dot_row_scalar(kind, w, x)
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot_row_scalar(kind, w, x);
+    }
 }
 
 /// The reference: each block's integer sum `Σ code_i p_i`, then its scales.
@@ -319,10 +361,10 @@ pub fn dot_row_scalar(kind: BlockType, w: &[u8], x: &QuantizedRow) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{f16_at, BlockType, QuantizedRow, BLOCK};
+    use super::{BlockType, QuantizedRow, BLOCK};
 
     /// The 32 codes of a 4- or 5-bit block as unsigned bytes in one register.
-    #[target_feature(enable = "avx2")]
+    #[inline(always)]
     unsafe fn nibbles(qs: *const u8) -> __m256i {
         let bytes = _mm_loadu_si128(qs as *const __m128i);
         let lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
@@ -331,7 +373,7 @@ mod x86 {
     }
 
     /// Bit i of qh as 0x10 in byte i.
-    #[target_feature(enable = "avx2")]
+    #[inline(always)]
     unsafe fn high_bits(qh: u32) -> __m256i {
         // Byte i takes the qh byte that holds bit i, then tests bit (i mod 8).
         let spread = _mm256_shuffle_epi8(
@@ -343,18 +385,7 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// Σ u_i p_i over 32 unsigned bytes u and signed bytes p, as 8 partial i32 sums.
-    #[target_feature(enable = "avx2,avx512vl,avx512vnni")]
-    unsafe fn sum_vnni(u: __m256i, p: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, p)
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn sum_avx2(u: __m256i, p: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, p), _mm256_set1_epi16(1))
-    }
-
-    #[target_feature(enable = "avx2")]
+    #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -362,41 +393,76 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// f16 at byte `at` by F16C.
+    #[inline(always)]
+    unsafe fn half(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([*b.get_unchecked(at), *b.get_unchecked(at + 1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
     /// # Safety
-    /// The CPU has AVX2 and FMA, and AVX-512 VL + VNNI when `vnni`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_row(kind: BlockType, w: &[u8], x: &QuantizedRow, vnni: bool) -> f32 {
+    /// The CPU has AVX2, FMA and F16C; `out.len() == xs.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_avx2<const N: usize>(kind: BlockType, w: &[u8], xs: &[QuantizedRow], out: &mut [f32]) {
+        dot_rows::<false, N>(kind, w, xs, out)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA, F16C and AVX-512 F, VL, BW and VNNI; `out.len() == xs.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_rows_vnni<const N: usize>(kind: BlockType, w: &[u8], xs: &[QuantizedRow], out: &mut [f32]) {
+        dot_rows::<true, N>(kind, w, xs, out)
+    }
+
+    /// One weight row against N rows of x: each block's codes unpacked once, then for every x
+    /// row the integer sum `Σ u_i p_i` (u unsigned codes, p signed) by VNNI's `vpdpbusd`, or by
+    /// AVX2's `vpmaddubsw` + `vpmaddwd` (pairs of u·p fit an i16: at most 2·128·127), scaled
+    /// and accumulated in f32; inlined into the two entry points above.
+    #[inline(always)]
+    unsafe fn dot_rows<const VNNI: bool, const N: usize>(kind: BlockType, w: &[u8], xs: &[QuantizedRow], out: &mut [f32]) {
         let bb = kind.block_bytes();
         let blocks = w.len() / bb;
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offset = [0f32; N];
         for b in 0..blocks {
-            let block = &w[b * bb..(b + 1) * bb];
-            let p = _mm256_loadu_si256(x.p.as_ptr().add(b * BLOCK) as *const __m256i);
-            let (u, p, d, m, bias) = match kind {
-                BlockType::Q4_0 => (nibbles(block.as_ptr().add(2)), p, f16_at(block, 0), 0.0, 8.0),
-                BlockType::Q4_1 => (nibbles(block.as_ptr().add(4)), p, f16_at(block, 0), f16_at(block, 2), 0.0),
+            let block = w.get_unchecked(b * bb..(b + 1) * bb);
+            let d = half(block, 0);
+            // The codes, and for Q8_0 the signed weights whose signs move onto p.
+            let (u, signs, m, bias) = match kind {
+                BlockType::Q4_0 => (nibbles(block.as_ptr().add(2)), None, 0.0, 8.0),
+                BlockType::Q4_1 => (nibbles(block.as_ptr().add(4)), None, half(block, 2), 0.0),
                 BlockType::Q5_0 => {
                     let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                    (_mm256_or_si256(nibbles(block.as_ptr().add(6)), high_bits(qh)), p, f16_at(block, 0), 0.0, 16.0)
+                    (_mm256_or_si256(nibbles(block.as_ptr().add(6)), high_bits(qh)), None, 0.0, 16.0)
                 }
                 BlockType::Q5_1 => {
                     let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
-                    (_mm256_or_si256(nibbles(block.as_ptr().add(8)), high_bits(qh)), p, f16_at(block, 0), f16_at(block, 2), 0.0)
+                    (_mm256_or_si256(nibbles(block.as_ptr().add(8)), high_bits(qh)), None, half(block, 2), 0.0)
                 }
                 BlockType::Q8_0 => {
-                    // Signed × signed: |w| against p carrying w's sign.
                     let q = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
-                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q), f16_at(block, 0), 0.0, 0.0)
+                    (_mm256_sign_epi8(q, q), Some(q), 0.0, 0.0)
                 }
             };
-            let sums = if vnni { sum_vnni(u, p) } else { sum_avx2(u, p) };
-            let scale = d * x.d[b];
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
-            // The code bias and the offset: −bias·d·Σp + m·s, with d_x Σp = s_x.
-            offset += m * x.s[b] - bias * d * x.s[b];
+            for j in 0..N {
+                let x = xs.get_unchecked(j);
+                let mut p = _mm256_loadu_si256(x.p.as_ptr().add(b * BLOCK) as *const __m256i);
+                if let Some(q) = signs {
+                    p = _mm256_sign_epi8(p, q);
+                }
+                let sums = if VNNI {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, p)
+                } else {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u, p), _mm256_set1_epi16(1))
+                };
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * *x.d.get_unchecked(b)), acc[j]);
+                // The code bias and the offset: −bias·d·Σp + m·s, with d_x Σp = s_x.
+                offset[j] += (m - bias * d) * *x.s.get_unchecked(b);
+            }
         }
-        hsum(acc) + offset
+        for j in 0..N {
+            *out.get_unchecked_mut(j) = hsum(acc[j]) + offset[j];
+        }
     }
 }
 

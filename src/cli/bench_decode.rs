@@ -1,0 +1,137 @@
+//! `candle-peft bench decode`: generation speed on the CPU, as a user sees it. Greedy decoding
+//! of `--new-tokens` after a short prompt at each `--batch` size, and the prefill of a
+//! `--prefill-tokens` prompt; each figure the best of `--repeat` runs after a warm-up. With
+//! `--anchor-python`, llama.cpp (`bench/llamacpp_anchor.py`) runs on the same file in the same
+//! run, and the ratios are printed beside the figures.
+//!
+//! Decode time is the time of `1 + n` new tokens less that of 1 (which is the prefill and the
+//! first token), so that it counts only the decode steps.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::BenchDecodeArgs;
+use crate::error::{Error, Result};
+use crate::eval::generate::{greedy, GenerationConfig};
+use crate::model::Llama;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeFigures {
+    pub model: String,
+    pub weights: String,
+    pub threads: usize,
+    /// (batch, tokens/s over all rows).
+    pub decode_tok_s: Vec<(usize, f64)>,
+    pub prefill_tok_s: f64,
+    pub prefill_tokens: usize,
+    /// `bench/llamacpp_anchor.py`'s line, when it ran.
+    pub anchor: Option<Value>,
+}
+
+/// Seconds of `greedy` with `new` tokens on `prompts`, never stopping at an EOS.
+fn greedy_seconds(model: &Llama, prompts: &[Vec<u32>], new: usize) -> Result<f64> {
+    let cfg = GenerationConfig { max_new_tokens: new, num_beams: 1, eos_token_ids: Vec::new(), pad_token_id: 0 };
+    let start = Instant::now();
+    let out = greedy(model, prompts, &cfg)?;
+    let seconds = start.elapsed().as_secs_f64();
+    if out.iter().any(|row| row.len() != new) {
+        return Err(Error::msg("bench decode: a row stopped early"));
+    }
+    Ok(seconds)
+}
+
+fn best(repeat: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    (0..repeat).try_fold(f64::INFINITY, |b, _| Ok(b.min(f()?)))
+}
+
+pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
+    args.validate()?;
+    crate::threads::in_thread_pool(|| measure(args))
+}
+
+fn measure(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
+    if let Some(path) = &args.json {
+        crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--json", args.overwrite)?;
+    }
+    let (dtype, device, quantize) = (args.model.dtype()?, args.model.device()?, args.model.quantize()?);
+    let loaded = if args.dense {
+        crate::loading::load_model_with(&args.model.model, dtype, &device, quantize)?
+    } else {
+        crate::loading::load_model_for_inference(&args.model.model, dtype, &device, quantize)?
+    };
+    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| Error::msg(format!("{}: no tokenizer to make the prompts with", args.model.model)))?;
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        Ok(tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    };
+    let model = &loaded.model;
+    let prompt = encode("The three primary colors are")?;
+    let mut long = encode(&"The history of the city ".repeat(args.prefill_tokens / 4 + 8))?;
+    if long.len() < args.prefill_tokens {
+        return Err(Error::msg(format!("the prefill prompt has only {} tokens", long.len())));
+    }
+    long.truncate(args.prefill_tokens);
+    crate::eval::generate::check_context(model, &[long.clone()], &GenerationConfig { max_new_tokens: 1, num_beams: 1, eos_token_ids: vec![], pad_token_id: 0 })?;
+
+    greedy_seconds(model, std::slice::from_ref(&prompt), 8)?; // warm-up: pages, thread pool
+    let mut decode_tok_s = Vec::new();
+    for &b in &args.batch {
+        let prompts = vec![prompt.clone(); b];
+        let first = best(args.repeat, || greedy_seconds(model, &prompts, 1))?;
+        let all = best(args.repeat, || greedy_seconds(model, &prompts, 1 + args.new_tokens))?;
+        decode_tok_s.push((b, (b * args.new_tokens) as f64 / (all - first).max(1e-9)));
+    }
+    let prefill = best(args.repeat, || greedy_seconds(model, &[long.clone()], 1))?;
+    let anchor = match &args.anchor_python {
+        Some(python) => Some(run_anchor(python, &args.model.model, args.threads)?),
+        None => None,
+    };
+    let figures = DecodeFigures {
+        model: args.model.model.clone(),
+        weights: if args.dense { "dense".into() } else { "packed".into() },
+        threads: rayon::current_num_threads(),
+        decode_tok_s,
+        prefill_tok_s: args.prefill_tokens as f64 / prefill,
+        prefill_tokens: args.prefill_tokens,
+        anchor,
+    };
+    print!("{}", table(&figures));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&figures).map_err(|e| Error::msg(e.to_string()))?;
+        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(figures)
+}
+
+/// `bench/llamacpp_anchor.py MODEL THREADS`, its one JSON line.
+fn run_anchor(python: &std::path::Path, model: &str, threads: usize) -> Result<Value> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/llamacpp_anchor.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .arg(threads.to_string())
+        .output()
+        .map_err(|e| Error::msg(format!("--anchor-python {}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("")).map_err(|e| Error::msg(format!("{}: not one JSON line ({e}): {line}", script.display())))
+}
+
+pub fn table(f: &DecodeFigures) -> String {
+    let anchor = |key: &str| f.anchor.as_ref().and_then(|a| a.get(key)).and_then(Value::as_f64);
+    let mut s = format!("{} ({} weights, {} threads)\n", f.model, f.weights, f.threads);
+    s += &format!("{:<24} {:>12} {:>14} {:>8}\n", "", "tokens/s", "llama.cpp", "ratio");
+    let mut row = |name: String, ours: f64, theirs: Option<f64>| {
+        let (t, r) = theirs.map_or(("-".to_string(), "-".to_string()), |t| (format!("{t:.1}"), format!("{:.2}", ours / t)));
+        s += &format!("{name:<24} {ours:>12.1} {t:>14} {r:>8}\n");
+    };
+    for &(b, tok_s) in &f.decode_tok_s {
+        row(format!("decode, batch {b}"), tok_s, if b == 1 { anchor("decode_tok_s") } else { None });
+    }
+    row(format!("prefill, {} tokens", f.prefill_tokens), f.prefill_tok_s, anchor("prefill_tok_s"));
+    s
+}
