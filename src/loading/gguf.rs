@@ -11,6 +11,7 @@ use crate::loading::gguf_tokenizer;
 use crate::model::config::LlamaConfig;
 use crate::quant::ggml::{BlockType, QMatrix};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
@@ -57,10 +58,19 @@ pub fn load_gguf_with(path: &Path, dtype: DType, device: &Device, keep_packed: b
         let bad = |msg: String| Error::BadTensor { origin: origin.clone(), name: name.clone(), msg };
         let hf = hf_name(name).ok_or_else(|| bad(unknown_tensor_message(name)))?;
         let qtensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| bad(message(&e)))?;
-        let kind = BlockType::from_ggml(qtensor.dtype()).filter(|_| keep_packed && device.is_cpu() && packable(&hf));
-        if let (Some(kind), Ok((rows, cols))) = (kind, qtensor.shape().dims2()) {
-            let data = qtensor.data().map_err(|e| bad(message(&e)))?.into_owned();
-            let mut w = QMatrix::new(kind, rows, cols, data).map_err(|e| bad(e.to_string()))?;
+        let pack = keep_packed && device.is_cpu() && packable(&hf) && qtensor.dtype() != GgmlDType::F32;
+        if let (true, Ok((rows, cols))) = (pack, qtensor.shape().dims2()) {
+            let mut w = match BlockType::from_ggml(qtensor.dtype()) {
+                Some(kind) => {
+                    let data = qtensor.data().map_err(|e| bad(message(&e)))?.into_owned();
+                    QMatrix::new(kind, rows, cols, data).map_err(|e| bad(e.to_string()))?
+                }
+                // K-quants and F16 have no product here yet: requantized to Q8_0.
+                None => {
+                    let dense: Vec<f32> = qtensor.dequantize(&Device::Cpu).map_err(|e| bad(message(&e)))?.flatten_all()?.to_vec1()?;
+                    crate::quant::ggml::quantize_q8_0(&dense, rows, cols).map_err(|e| bad(e.to_string()))?
+                }
+            };
             if let Some(n_heads) = qk_heads(&hf, &config) {
                 // The row order of the un-permute, read off a column of row numbers.
                 let index = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
@@ -533,6 +543,8 @@ pub(crate) mod tests {
             ("blk.0.attn_k.weight", k, GgmlDType::Q4_1),
             ("blk.0.attn_v.weight", rnd(KV_HEADS * HEAD_DIM, HIDDEN, 3), GgmlDType::Q5_0),
             ("blk.0.ffn_up.weight", rnd(FFN, HIDDEN, 4), GgmlDType::Q5_1),
+            // A type without a product here (as the K-quants): requantized to Q8_0 at load.
+            ("blk.0.ffn_down.weight", rnd(HIDDEN, FFN, 5), GgmlDType::F16),
         ] {
             tiny.gguf.retain(|(n, _)| n != name);
             tiny.gguf.push((name.to_string(), QTensor::quantize(&w, ty).unwrap()));
@@ -550,7 +562,8 @@ pub(crate) mod tests {
         assert!(none.is_empty());
         let mut names = names;
         names.sort();
-        // q (Q8_0), k (Q4_1), v (Q5_0), o (Q8_0), gate/down (Q4_0), up (Q5_1), the tied head (Q8_0).
+        // q (Q8_0), k (Q4_1), v (Q5_0), o (Q8_0), gate (Q4_0), up (Q5_1), down (F16, requantized
+        // to Q8_0), the tied head (Q8_0).
         assert_eq!(names.len(), 8, "{names:?}");
         assert!(packed.packed_head.is_some() && dense.packed_head.is_none());
         let ids = Tensor::new(&[[3u32, 5, 4, 6]], &Device::Cpu).unwrap();
@@ -560,6 +573,27 @@ pub(crate) mod tests {
         let err = max_abs_diff(&want, &got) / scale;
         assert!(err < 2e-2, "packed logits off by {err} of their scale");
         assert!(err > 0.0, "the packed path was not taken");
+
+        // A LoRA on a packed base is its own low-rank term beside the packed product.
+        let (mut dense, mut packed) = (dense, packed);
+        let lora = crate::adapters::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: crate::adapters::Targets::List(vec!["q_proj".into(), "down_proj".into()]),
+            use_rslora: false,
+            use_dora: false,
+        };
+        for m in [&mut dense, &mut packed] {
+            crate::adapters::inject(m, &crate::adapters::AdapterConfig::new(lora.clone()), 3).unwrap();
+            for (_, var) in m.trainable_params() {
+                var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+            }
+        }
+        let (want_lora, got_lora) = (logits(&dense), logits(&packed));
+        assert!(max_abs_diff(&want_lora, &want) > 10.0 * max_abs_diff(&want, &got), "the adapter changes the logits");
+        let err = max_abs_diff(&want_lora, &got_lora) / scale;
+        assert!(err < 2e-2, "packed + LoRA logits off by {err} of their scale");
     }
 
     #[test]

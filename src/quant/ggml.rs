@@ -276,6 +276,24 @@ impl QMatrix {
     }
 }
 
+/// W [rows, cols] (f32, row-major) in Q8_0 blocks (ggml's `quantize_row_q8_0`: d = max|w| / 127
+/// per block, round to nearest): how the types without a product here (the K-quants, F16)
+/// are kept packed, at 8.5 bits a weight and an error under 0.4% of each block's largest weight.
+pub fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
+    if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+        return Err(Error::msg(format!("Q8_0 needs [rows, cols] with cols a multiple of {BLOCK}, got {} values for [{rows}, {cols}]", w.len())));
+    }
+    let mut data = Vec::with_capacity(rows * cols / BLOCK * 34);
+    for block in w.chunks_exact(BLOCK) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        data.extend(block.iter().map(|v| (v * inv).round() as i8 as u8));
+    }
+    QMatrix::new(BlockType::Q8_0, rows, cols, data)
+}
+
 /// `x Wᵀ` for x [.., cols] of any float dtype: y [.., rows] in x's dtype, on the CPU.
 pub fn matmul_tensor(w: &QMatrix, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
     let dims = x.dims();
@@ -532,6 +550,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q8_0_quantization_is_ggmls() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let w: Vec<f32> = (0..4 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let ours = quantize_q8_0(&w, 4, 64).unwrap();
+        let t = candle_core::Tensor::from_vec(w.clone(), (4, 64), &candle_core::Device::Cpu).unwrap();
+        let theirs = candle_core::quantized::QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        assert_eq!(ours.data, theirs.data().unwrap().into_owned());
+        let back = ours.dequantize();
+        let err = w.iter().zip(&back).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err <= 0.5 / 127.0 + 1e-3, "{err}");
+        assert!(quantize_q8_0(&w, 4, 63).is_err());
     }
 
     #[test]
