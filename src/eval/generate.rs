@@ -186,14 +186,26 @@ fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {
     Ok(())
 }
 
+/// Prompts longer than this are fed in chunks of this many tokens, each attending to the cache
+/// and itself: the attention scores of a chunk are [heads, chunk, prompt], so memory grows
+/// linearly with the prompt, not with its square. Shorter prompts go in one forward (the
+/// commonsense protocol's bits do not move).
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Run the left-padded prompts through the model, filling `cache`; the logits [b, vocab] of
 /// each prompt's last token.
 fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache) -> Result<Tensor> {
     let (ids, mask) = left_pad(prompts, pad);
-    let t = mask[0].len();
-    let input = Tensor::from_vec(ids, (prompts.len(), t), model.device())?;
-    let hidden = model.forward_hidden(&input, Some(&mask), Some(cache), false)?;
-    last_logits(model, &hidden)
+    let (b, t) = (prompts.len(), mask[0].len());
+    let input = Tensor::from_vec(ids, (b, t), model.device())?;
+    let chunk = if t > PREFILL_CHUNK { PREFILL_CHUNK } else { t.max(1) };
+    let mut hidden = None;
+    for start in (0..t).step_by(chunk) {
+        let len = chunk.min(t - start);
+        let part: Vec<Vec<u32>> = mask.iter().map(|m| m[start..start + len].to_vec()).collect();
+        hidden = Some(model.forward_hidden(&input.narrow(1, start, len)?, Some(&part), Some(cache), false)?);
+    }
+    last_logits(model, &hidden.ok_or_else(|| Error::msg("an empty prompt has nothing to continue"))?)
 }
 
 /// Feed one token per cache row; the logits [rows, vocab] of that token.

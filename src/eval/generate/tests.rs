@@ -260,3 +260,26 @@ fn bench_decode_smollm2_shape() {
         );
     }
 }
+
+/// A prompt longer than `PREFILL_CHUNK` goes in chunks: the last token's logits are those of one
+/// forward over the whole prompt, for a lone prompt and for a left-padded batch whose shorter
+/// row is all padding in the first chunk.
+#[test]
+fn chunked_prefill_matches_one_forward() {
+    let model = model(3);
+    let long: Vec<u32> = (0..PREFILL_CHUNK as u32 * 2 + 37).map(|i| 1 + i * 7 % (V as u32 - 1)).collect();
+    let short: Vec<u32> = long[..PREFILL_CHUNK / 2].to_vec();
+    let one_forward = |p: &[u32]| -> Vec<f32> {
+        let input = Tensor::new(p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.forward(&input, None, None, false).unwrap();
+        logits.squeeze(0).unwrap().get(p.len() - 1).unwrap().to_vec1().unwrap()
+    };
+    let mut cache = KvCache::new();
+    let got: Vec<Vec<f32>> = prefill(&model, &[long.clone(), short.clone()], 0, &mut cache).unwrap().to_vec2().unwrap();
+    assert_eq!(cache.len(), long.len());
+    for (row, p) in got.iter().zip([&long, &short]) {
+        let want = one_forward(p);
+        let diff = row.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(diff < 1e-4, "prompt of {} tokens: chunked prefill off by {diff}", p.len());
+    }
+}
