@@ -68,6 +68,23 @@ pub struct KernelTiming {
     pub peak_extra_mib: Option<f64>,
 }
 
+impl KernelTiming {
+    /// A row of `ms` against `baseline_ms` (the ratio), with no optional figure.
+    pub fn new(op: &str, shape: &str, variant: &str, ms: f64, baseline_ms: f64) -> Self {
+        Self { op: op.into(), shape: shape.into(), variant: variant.into(), ms, ratio: ms / baseline_ms, tflops: None, gbps: None, peak_extra_mib: None }
+    }
+
+    /// With TFLOP/s for `flops` floating-point operations in `ms`.
+    pub fn flops(self, flops: f64) -> Self {
+        Self { tflops: Some(flops / (self.ms * 1e-3) / 1e12), ..self }
+    }
+
+    /// With the peak memory over what was in use before.
+    pub fn peak_mib(self, mib: f64) -> Self {
+        Self { peak_extra_mib: Some(mib), ..self }
+    }
+}
+
 /// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
 pub fn time(device: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {

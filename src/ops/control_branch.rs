@@ -149,7 +149,7 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
         let unfused = shapes.time(device, || run(false))?;
         let fused = shapes.time(device, || run(true))?;
         for (variant, ms) in [("unfused", unfused), ("fused", fused)] {
-            out.push(KernelTiming { op: "control_branch".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: None });
+            out.push(KernelTiming::new("control_branch", &shape, variant, ms, unfused));
         }
     }
     Ok(())

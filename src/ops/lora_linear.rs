@@ -374,16 +374,7 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
             ("unfused LoRA", unfused, lora_flops, unfused_mem),
             ("fused LoRA", fused, lora_flops, fused_mem),
         ] {
-            out.push(KernelTiming {
-                op: "lora_linear".into(),
-                shape: shape.clone(),
-                variant: variant.into(),
-                ms,
-                ratio: ms / frozen,
-                tflops: Some(flops / (ms * 1e-3) / 1e12),
-                gbps: None,
-                peak_extra_mib: Some(mib),
-            });
+            out.push(KernelTiming::new("lora_linear", &shape, variant, ms, frozen).flops(flops).peak_mib(mib));
         }
     }
     Ok(())

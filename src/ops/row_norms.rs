@@ -122,7 +122,7 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
         let fused = shapes.time(device, fused_step)?;
         let (unfused_mem, fused_mem) = (crate::memory::peak_extra_mib(device, unfused_step)?, crate::memory::peak_extra_mib(device, fused_step)?);
         for (variant, ms, mib) in [("unfused", unfused, unfused_mem), ("fused", fused, fused_mem)] {
-            out.push(KernelTiming { op: "dora_row_norms".into(), shape: shape.clone(), variant: variant.into(), ms, ratio: ms / unfused, tflops: None, gbps: None, peak_extra_mib: Some(mib) });
+            out.push(KernelTiming::new("dora_row_norms", &shape, variant, ms, unfused).peak_mib(mib));
         }
     }
     Ok(())

@@ -565,18 +565,7 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
             };
             let frozen = shapes.time(device, frozen_step)?;
             let frozen_mem = crate::memory::peak_extra_mib(device, frozen_step)?;
-            let mut push = |shape: &str, variant: &str, ms: f64, mib: f64| {
-                out.push(KernelTiming {
-                    op: "snell".into(),
-                    shape: shape.into(),
-                    variant: variant.into(),
-                    ms,
-                    ratio: ms / frozen,
-                    tflops: None,
-                    gbps: None,
-                    peak_extra_mib: Some(mib),
-                })
-            };
+            let mut push = |shape: &str, variant: &str, ms: f64, mib: f64| out.push(KernelTiming::new("snell", shape, variant, ms, frozen).peak_mib(mib));
             push(&format!("{d_in}x{d_out} T{t}"), "frozen linear", frozen, frozen_mem);
             for &s in &shapes.sparsities {
                 crate::ops::snell_merge::check_sparsity(s, "bench snell")?;

@@ -123,14 +123,8 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
         let packed = w.packed.len() as f64;
         let n = w.elem_count() as f64;
         let row = |shape: String, variant: &str, ms: f64, dense: f64, bytes: f64| KernelTiming {
-            op: "nf4".into(),
-            shape,
-            variant: variant.into(),
-            ms,
-            ratio: ms / dense,
-            tflops: None,
             gbps: Some(bytes / (ms * 1e-3) / 1e9),
-            peak_extra_mib: None,
+            ..KernelTiming::new("nf4", &shape, variant, ms, dense)
         };
         let dequant = shapes.time(device, || {
             w.dequantize(dtype)?;

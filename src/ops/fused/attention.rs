@@ -309,16 +309,7 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
         let unfused = timed[0].1;
         let flops = 14.0 * (b * h * t * t * d) as f64;
         for (variant, ms, mib) in timed {
-            out.push(KernelTiming {
-                op: "attention".into(),
-                shape: shape.clone(),
-                variant: variant.into(),
-                ms,
-                ratio: ms / unfused,
-                tflops: Some(flops / (ms * 1e-3) / 1e12),
-                gbps: None,
-                peak_extra_mib: Some(mib),
-            });
+            out.push(KernelTiming::new("attention", &shape, variant, ms, unfused).flops(flops).peak_mib(mib));
         }
     }
     Ok(())
