@@ -48,10 +48,6 @@ fn best(repeat: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
 
 pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     args.validate()?;
-    crate::threads::in_thread_pool(|| measure(args))
-}
-
-fn measure(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     if let Some(path) = &args.json {
         crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--json", args.overwrite)?;
     }
