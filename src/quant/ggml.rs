@@ -7,8 +7,8 @@
 //! |---|---|---|---|
 //! | Q4_0 | 18 | `d: f16, qs: [u8; 16]` | `d · (q_i − 8)`, `q_i` the low nibble of `qs[i]` (i < 16) or the high nibble of `qs[i − 16]` |
 //! | Q4_1 | 20 | `d: f16, m: f16, qs: [u8; 16]` | `d · q_i + m` |
-//! | Q5_0 | 22 | `d: f16, qh: u32, qs: [u8; 16]` | `d · ((q_i | h_i << 4) − 16)`, `h_i` bit i of qh |
-//! | Q5_1 | 24 | `d: f16, m: f16, qh: u32, qs: [u8; 16]` | `d · (q_i | h_i << 4) + m` |
+//! | Q5_0 | 22 | `d: f16, qh: u32, qs: [u8; 16]` | `d · (q_i + 16 h_i − 16)`, `h_i` bit i of qh |
+//! | Q5_1 | 24 | `d: f16, m: f16, qh: u32, qs: [u8; 16]` | `d · (q_i + 16 h_i) + m` |
 //! | Q8_0 | 34 | `d: f16, qs: [i8; 32]` | `d · qs[i]` |
 //!
 //! The product `y = x Wᵀ` quantizes each row of x to 8 bits per block of 32 first, as llama.cpp
