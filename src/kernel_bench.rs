@@ -44,9 +44,22 @@ impl BenchShapes {
         v
     }
 
-    /// Median milliseconds of `f` on `device` at these repetitions.
-    pub fn time(&self, device: &Device, f: impl FnMut() -> Result<()>) -> Result<f64> {
-        time(device, self.warmup, self.iters, f)
+    /// Median milliseconds of `f` on `device` over `iters` runs after `warmup` runs, each
+    /// synchronised.
+    pub fn time(&self, device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..self.warmup {
+            f()?;
+        }
+        device.synchronize()?;
+        let mut ms = Vec::with_capacity(self.iters);
+        for _ in 0..self.iters {
+            let start = Instant::now();
+            f()?;
+            device.synchronize()?;
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2])
     }
 }
 
@@ -85,22 +98,6 @@ impl KernelTiming {
     }
 }
 
-/// Median milliseconds of `f` over `iters` runs after `warmup` runs, each synchronised.
-pub fn time(device: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    device.synchronize()?;
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        device.synchronize()?;
-        ms.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
-}
 
 pub fn randn(shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)

@@ -42,7 +42,11 @@ pub struct Case<'a> {
     pub checks: Vec<Check>,
 }
 
-impl Case<'_> {
+impl<'a> Case<'a> {
+    pub fn new(device: &'a Device, dtype: DType, seed: u64) -> Self {
+        Self { device, dtype, rng: StdRng::seed_from_u64(seed), checks: Vec::new() }
+    }
+
     /// Random values rounded to the dtype under test, as an f64 CPU tensor.
     pub fn draw(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
         let n: usize = shape.iter().product();
@@ -163,12 +167,6 @@ pub fn table(checks: &[Check]) -> String {
     s
 }
 
-
-impl<'a> Case<'a> {
-    pub fn new(device: &'a Device, dtype: DType, seed: u64) -> Self {
-        Self { device, dtype, rng: StdRng::seed_from_u64(seed), checks: Vec::new() }
-    }
-}
 
 /// The harness on the CPU (both sides the CPU reference, in f32 against f64): every check of
 /// `cases` runs and passes, so that a failure on the GPU is the kernel's. For the ops' tests.

@@ -3,8 +3,9 @@
 //! lists them in one table, and nothing else names a method. `method::inject_linears` is the one
 //! place that injects adapters into a model's target modules by name (as PEFT's
 //! `target_modules`); `config` reads and writes `adapter_config.json`, `files` saves and loads
-//! adapters in PEFT's file format. The Control methods are not targeted by name: they attach a `BlockControl` across the blocks of
-//! every decoder layer, and use the same file layout with their own (non-PEFT) `peft_type`.
+//! adapters in PEFT's file format. The Control methods are not targeted by name: they attach a
+//! `BlockControl` across the blocks of every decoder layer, and use the same file layout with
+//! their own (non-PEFT) `peft_type`.
 //! The methods' math and sources: docs/METHODS.md.
 
 pub mod adalora;

@@ -14,7 +14,8 @@ use serde_json::Value;
 
 use super::BenchDecodeArgs;
 use crate::error::{Error, Result};
-use crate::eval::generate::{greedy, GenerationConfig};
+use crate::data::tokenize::encode_ids;
+use crate::eval::generate::{check_context, greedy, GenerationConfig};
 use crate::model::Llama;
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,11 +31,15 @@ pub struct DecodeFigures {
     pub anchor: Option<Value>,
 }
 
-/// Seconds of `greedy` with `new` tokens on `prompts`, never stopping at an EOS.
+/// Greedy decoding of `new` tokens that never stops at an EOS.
+fn greedy_config(new: usize) -> GenerationConfig {
+    GenerationConfig { max_new_tokens: new, num_beams: 1, eos_token_ids: Vec::new(), pad_token_id: 0 }
+}
+
+/// Seconds of `greedy` with `new` tokens on `prompts`.
 fn greedy_seconds(model: &Llama, prompts: &[Vec<u32>], new: usize) -> Result<f64> {
-    let cfg = GenerationConfig { max_new_tokens: new, num_beams: 1, eos_token_ids: Vec::new(), pad_token_id: 0 };
     let start = Instant::now();
-    let out = greedy(model, prompts, &cfg)?;
+    let out = greedy(model, prompts, &greedy_config(new))?;
     let seconds = start.elapsed().as_secs_f64();
     if out.iter().any(|row| row.len() != new) {
         return Err(Error::msg("bench decode: a row stopped early"));
@@ -58,9 +63,7 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
         crate::loading::load_model_for_inference(&args.model.model, dtype, &device, quantize)?
     };
     let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| Error::msg(format!("{}: no tokenizer to make the prompts with", args.model.model)))?;
-    let encode = |text: &str| -> Result<Vec<u32>> {
-        Ok(tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
-    };
+    let encode = |text: &str| encode_ids(tokenizer, text, true);
     let model = &loaded.model;
     let prompt = encode("The three primary colors are")?;
     let mut long = encode(&"The history of the city ".repeat(args.prefill_tokens / 4 + 8))?;
@@ -68,7 +71,7 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
         return Err(Error::msg(format!("the prefill prompt has only {} tokens", long.len())));
     }
     long.truncate(args.prefill_tokens);
-    crate::eval::generate::check_context(model, &[long.clone()], &GenerationConfig { max_new_tokens: 1, num_beams: 1, eos_token_ids: vec![], pad_token_id: 0 })?;
+    check_context(model, std::slice::from_ref(&long), &greedy_config(1))?;
 
     greedy_seconds(model, std::slice::from_ref(&prompt), 8)?; // warm-up: pages, thread pool
     let mut decode_tok_s = Vec::new();

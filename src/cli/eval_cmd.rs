@@ -10,7 +10,8 @@ use crate::eval::answer::Task;
 use crate::eval::chat::session::run_chat;
 use crate::eval::chat::{model_chat_template, ChatTemplate, Message};
 use crate::eval::evaluate::{evaluate_dir, EvalEvent};
-use crate::eval::generate::stream::{generate_text, TextGenerationConfig};
+use crate::data::tokenize::{decode_text, encode_ids};
+use crate::eval::generate::stream::{generate_text, stop_at, TextGenerationConfig};
 use crate::eval::generate::{beam_search, GenerationConfig};
 use crate::model::{Llama, LlamaConfig};
 
@@ -89,29 +90,26 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
     let tokenizer = require_tokenizer(&loaded)?;
-    let mut eos = loaded.model.config.eos_token_ids.clone();
-    let ids = if args.chat {
+    let (ids, eos) = if args.chat {
         let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
-        eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
         let messages: Vec<Message> =
             args.system.iter().map(|s| Message::new("system", s)).chain([Message::new("user", &args.prompt)]).collect();
         let text = template.render(&messages, true)?;
         // The template writes the special tokens (apply_chat_template tokenizes with add_special_tokens=False).
-        tokenizer.encode(text, false)
+        (encode_ids(tokenizer, &text, false)?, chat_eos(&loaded.model.config, tokenizer, &template))
     } else {
-        tokenizer.encode(args.prompt.as_str(), true)
+        (encode_ids(tokenizer, &args.prompt, true)?, loaded.model.config.eos_token_ids.clone())
     };
-    let ids = ids.map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
     let cfg = GenerationConfig { eos_token_ids: eos, ..generation_config(&loaded.model, &args.generation) };
     crate::eval::generate::check_context(&loaded.model, std::slice::from_ref(&ids), &cfg)
         .map_err(|e| Error::msg(format!("--prompt / --max-new-tokens: {e}")))?;
-    let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()));
+    let decode = |ids: &[u32]| decode_text(tokenizer, ids);
     let start = std::time::Instant::now();
     let new = if cfg.num_beams > 1 {
         // Beam search knows its answer only at the end: printed whole, cut at a stop string.
         let new = beam_search(&loaded.model, &[ids], &cfg)?.remove(0);
         let mut text = decode(&new)?;
-        if let Some(at) = args.sampling.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(at) = stop_at(&text, &args.sampling.stop) {
             text.truncate(at);
         }
         println!("{text}");
@@ -142,13 +140,19 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
-    let mut eos = loaded.model.config.eos_token_ids.clone();
-    eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
+    let eos = chat_eos(&loaded.model.config, tokenizer, &template);
     let cfg = TextGenerationConfig { max_new_tokens: args.max_new_tokens, eos_token_ids: eos, stop_strings: args.sampling.stop.clone(), sampling };
     eprintln!("{}: type a message and Enter; end with Ctrl-D (EOF)", loaded.source);
     let stdin = std::io::stdin();
     run_chat(&loaded.model, tokenizer, &template, args.system.as_deref(), &cfg, &mut stdin.lock(), &mut std::io::stdout(), &mut std::io::stderr())?;
     Ok(())
+}
+
+/// The model's EOS ids and the chat template's end-of-turn token: a chat answer ends at either.
+fn chat_eos(config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer, template: &ChatTemplate) -> Vec<u32> {
+    let mut eos = config.eos_token_ids.clone();
+    eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
+    eos
 }
 
 /// The model's own chat template, or ChatML (said on stderr) when it has none.

@@ -64,6 +64,16 @@ pub fn tokenize_example(
     Ok(Tokenized { input_ids, labels })
 }
 
+/// The ids of `text`; `add_special_tokens` runs the tokenizer's post-processor (BOS for LLaMA).
+pub fn encode_ids(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+    Ok(tokenizer.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+}
+
+/// The text of `ids`, special tokens skipped.
+pub fn decode_text(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
 /// `tokenize(prompt, add_eos_token)` of finetune.py; `eos: None` means `add_eos_token=False`.
 fn encode(
     tokenizer: &Tokenizer,
@@ -72,10 +82,7 @@ fn encode(
     eos: Option<u32>,
     opts: &TokenizeOptions,
 ) -> Result<Vec<u32>> {
-    let encoding = tokenizer
-        .encode(text, true)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut ids = encoding.get_ids().to_vec();
+    let mut ids = encode_ids(tokenizer, text, true)?;
     if let Some(bos) = bos {
         if ids.first() != Some(&bos) {
             ids.insert(0, bos);

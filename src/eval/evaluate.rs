@@ -21,6 +21,7 @@ use tokenizers::Tokenizer;
 use super::answer::{extract_answer, response_text, Task};
 use super::generate::{generate, GenerationConfig};
 use super::report::EvalReport;
+use crate::data::tokenize::{decode_text, encode_ids};
 use crate::data::{eval_prompt, load_examples, Example};
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -142,8 +143,7 @@ fn gold_answers(task: Task, examples: &[Example]) -> Result<Vec<&str>> {
 /// The evaluation prompt's ids, with the tokenizer's special tokens (BOS).
 fn encode_prompt(tokenizer: &Tokenizer, example: &Example) -> Result<Vec<u32>> {
     let text = eval_prompt(&example.instruction, &example.input);
-    let encoding = tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    Ok(encoding.get_ids().to_vec())
+    encode_ids(tokenizer, &text, true)
 }
 
 /// Decode the new tokens and score the response.
@@ -154,7 +154,7 @@ fn score_output(
     answer: &str,
     new_tokens: &[u32],
 ) -> Result<Prediction> {
-    let text = tokenizer.decode(new_tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let text = decode_text(tokenizer, new_tokens)?;
     let output = response_text(&text).to_string();
     let prediction = extract_answer(task, &output);
     let correct = !prediction.is_empty() && prediction == answer;

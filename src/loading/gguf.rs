@@ -34,14 +34,15 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     load_gguf_with(path, dtype, device, false)
 }
 
-/// Whether `hf` is a weight the model multiplies by (a decoder linear or the head), so that it
-/// can stay packed.
+/// Whether `hf` can stay packed: a decoder linear, the head, or the embeddings (looked up row by
+/// row, and the head when tied).
 fn packable(hf: &str) -> bool {
     (hf.starts_with("model.layers.") && hf.ends_with("_proj.weight")) || hf == "lm_head.weight" || hf == "model.embed_tokens.weight"
 }
 
-/// `load_gguf`, keeping the linear weights and the head packed when `keep_packed` (inference on
-/// the CPU): Q/K rows un-permuted in their packed form, the other tensors dequantized.
+/// `load_gguf`, keeping the linear weights, embeddings and head packed when `keep_packed` and
+/// `device` is the CPU (inference): Q/K rows un-permuted in their packed form, the other tensors
+/// dequantized.
 pub fn load_gguf_with(path: &Path, dtype: DType, device: &Device, keep_packed: bool) -> Result<GgufModel> {
     let (content, mut reader) = read_content(path)?;
     let meta = Metadata { path, map: &content.metadata };

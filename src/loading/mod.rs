@@ -36,7 +36,7 @@ pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Opti
 /// their block types (`quant::ggml`), unless `quantize` asks for NF4. Training reads the dense
 /// weights: use `load_model_with`.
 pub fn load_model_for_inference(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<LoadedModel> {
-    load(spec, dtype, device, quantize, quantize.is_none() && device.is_cpu())
+    load(spec, dtype, device, quantize, quantize.is_none())
 }
 
 fn load(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>, keep_packed: bool) -> Result<LoadedModel> {

@@ -63,21 +63,20 @@ impl FrozenLinear {
     /// [`FEW_ROWS_MAX`](crate::quant::nf4_kernels::FEW_ROWS_MAX) rows (beams, small batches) through
     /// the few-row matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Inference on a packed GGUF base: a few rows (decoding) by the blocks' dot products;
-        // many (a prompt) by dequantizing W once and a dense GEMM, which is faster there.
-        if let BaseWeight::Packed { weight, .. } = &self.weight {
-            let rows = x.elem_count() / self.in_features().max(1);
-            if !x.track_op() && x.device().is_cpu() && rows <= crate::quant::ggml::PACKED_ROWS_MAX {
-                return crate::quant::ggml::matmul_tensor(weight, x);
+        let rows = x.elem_count() / self.in_features().max(1);
+        match &self.weight {
+            // Inference on a packed GGUF base: a few rows (decoding) by the blocks' dot products;
+            // many (a prompt) by dequantizing W once and a dense GEMM, which is faster there.
+            BaseWeight::Packed { weight, .. } if !x.track_op() && x.device().is_cpu() && rows <= crate::quant::ggml::PACKED_ROWS_MAX => {
+                crate::quant::ggml::matmul_tensor(weight, x)
             }
-        }
-        if let BaseWeight::Nf4 { weight, .. } = &self.weight {
-            let rows = x.elem_count() / self.in_features().max(1);
-            if rows <= crate::quant::nf4_kernels::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::ops::fused_for(x) {
-                return if rows == 1 { crate::quant::nf4_kernels::gemv(weight, x) } else { crate::quant::nf4_kernels::matmul_few(weight, x) };
+            BaseWeight::Nf4 { weight, .. }
+                if rows <= crate::quant::nf4_kernels::FEW_ROWS_MAX && x.device().is_cuda() && !x.track_op() && crate::ops::fused_for(x) =>
+            {
+                if rows == 1 { crate::quant::nf4_kernels::gemv(weight, x) } else { crate::quant::nf4_kernels::matmul_few(weight, x) }
             }
+            _ => ops::frozen_matmul_t(x, &self.weight),
         }
-        ops::frozen_matmul_t(x, &self.weight)
     }
 
     /// `x Wᵀ` for x [b, t, in] split into attention heads; in training one op

@@ -178,21 +178,23 @@ impl Llama {
             }
             Ok(Linear::new_nf4(w, dtype))
         };
+        // A weight read in its own format (packed, bnb-4bit) checked against the shape it must have.
+        let check_shape = |name: &str, expected: &[usize], got: &[usize]| -> Result<()> {
+            if got == expected {
+                return Ok(());
+            }
+            let (origin, name) = (weights.origin().to_string(), name.to_string());
+            Err(Error::ShapeMismatch { origin, name, expected: expected.to_vec(), got: got.to_vec() })
+        };
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             if let Some(w) = packed.borrow_mut().remove(name) {
-                if w.shape != [out, inp] {
-                    let (origin, name) = (weights.origin().to_string(), name.to_string());
-                    return Err(Error::ShapeMismatch { origin, name, expected: vec![out, inp], got: w.shape.to_vec() });
-                }
+                check_shape(name, &[out, inp], &w.shape)?;
                 return Ok(Linear::new_packed(w, dtype));
             }
             let bnb_4bit = [nf4::QUANT_STATE_NF4, nf4::QUANT_STATE_FP4].iter().any(|s| weights.contains(&format!("{name}.{s}")));
             if bnb_4bit {
                 let w = Nf4Tensor::from_bnb(weights, name, device)?;
-                if w.shape != [out, inp] {
-                    let (origin, name, got) = (weights.origin().to_string(), name.to_string(), w.shape.clone());
-                    return Err(Error::ShapeMismatch { origin, name, expected: vec![out, inp], got });
-                }
+                check_shape(name, &[out, inp], &w.shape)?;
                 return nf4_linear(w);
             }
             match quantize {
@@ -222,13 +224,11 @@ impl Llama {
             });
         }
         let take_packed = |name: &str| -> Result<Option<std::sync::Arc<QMatrix>>> {
-            match packed.borrow_mut().remove(name) {
-                Some(w) if w.shape != [c.vocab_size, h] => {
-                    let (origin, name) = (weights.origin().to_string(), name.to_string());
-                    Err(Error::ShapeMismatch { origin, name, expected: vec![c.vocab_size, h], got: w.shape.to_vec() })
-                }
-                w => Ok(w.map(std::sync::Arc::new)),
+            let w = packed.borrow_mut().remove(name);
+            if let Some(w) = &w {
+                check_shape(name, &[c.vocab_size, h], &w.shape)?;
             }
+            Ok(w.map(std::sync::Arc::new))
         };
         let packed_embed = take_packed("model.embed_tokens.weight")?;
         let embed_tokens = match packed_embed {
@@ -326,7 +326,7 @@ impl Llama {
         let mut out = HashMap::new();
         out.insert("model.embed_tokens.weight".to_string(), self.embeddings()?.into_owned());
         out.insert("model.norm.weight".to_string(), self.norm.clone());
-        if !self.config.tie_word_embeddings {
+        if self.lm_head.is_some() || !self.config.tie_word_embeddings {
             out.insert("lm_head.weight".to_string(), self.head()?.into_owned());
         }
         for (i, l) in self.layers.iter().enumerate() {

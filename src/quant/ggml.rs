@@ -283,13 +283,12 @@ pub fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
     if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
         return Err(Error::msg(format!("Q8_0 needs [rows, cols] with cols a multiple of {BLOCK}, got {} values for [{rows}, {cols}]", w.len())));
     }
-    let mut data = Vec::with_capacity(rows * cols / BLOCK * 34);
+    let mut data = Vec::with_capacity(rows * cols / BLOCK * BlockType::Q8_0.block_bytes());
+    let mut q = [0i8; BLOCK];
     for block in w.chunks_exact(BLOCK) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let d = quantize_block(block, &mut q);
         data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        data.extend(block.iter().map(|v| (v * inv).round() as i8 as u8));
+        data.extend(q.iter().map(|&p| p as u8));
     }
     QMatrix::new(BlockType::Q8_0, rows, cols, data)
 }
@@ -308,19 +307,25 @@ pub fn matmul_tensor(w: &QMatrix, x: &candle_core::Tensor) -> Result<candle_core
     Ok(candle_core::Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
 }
 
+/// One block of values in 8 bits, `x_i ≈ d · p_i` with `d = max|x| / 127`, rounded to nearest
+/// (ggml's `quantize_row_q8_0` and `quantize_row_q8_1`); returns d.
+fn quantize_block(xs: &[f32], ps: &mut [i8]) -> f32 {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (p, &v) in ps.iter_mut().zip(xs) {
+        *p = (v * inv).round() as i8;
+    }
+    d
+}
+
 /// A row of x as 8-bit blocks (llama.cpp's `quantize_row_q8_1`: round to nearest).
 pub fn quantize_row(x: &[f32]) -> QuantizedRow {
     let blocks = x.len() / BLOCK;
     let mut row = QuantizedRow { d: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks), p: vec![0; x.len()] };
     for (xs, ps) in x.chunks_exact(BLOCK).zip(row.p.chunks_exact_mut(BLOCK)) {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (p, &v) in ps.iter_mut().zip(xs) {
-            *p = (v * inv).round() as i8;
-            sum += *p as i32;
-        }
+        let d = quantize_block(xs, ps);
+        let sum: i32 = ps.iter().map(|&p| p as i32).sum();
         row.d.push(d);
         row.s.push(d * sum as f32);
     }

@@ -10,6 +10,7 @@ use std::io::{BufRead, Write};
 
 use super::{ChatTemplate, Message};
 use crate::error::{Error, Result};
+use crate::data::tokenize::{decode_text, encode_ids};
 use crate::eval::generate::stream::{generate_text, TextGenerationConfig};
 use crate::model::llama::Llama;
 
@@ -32,7 +33,7 @@ pub fn run_chat(
     err: &mut dyn Write,
 ) -> Result<Vec<Message>> {
     let mut conversation: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
-    let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()));
+    let decode = |ids: &[u32]| decode_text(tokenizer, ids);
     let mut turn_cfg = cfg.clone();
     loop {
         write!(err, "> ").and_then(|()| err.flush()).map_err(io)?;
@@ -49,7 +50,7 @@ pub fn run_chat(
         let text = template.render(&conversation, true)?;
         // The template writes the special tokens itself (apply_chat_template tokenizes with
         // add_special_tokens=False).
-        let ids = tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
+        let ids = encode_ids(tokenizer, &text, false)?;
         // Another seed each turn, so that asking again does not repeat the same draws.
         turn_cfg.sampling.seed = cfg.sampling.seed.wrapping_add(conversation.len() as u64);
         let answer = generate_text(model, decode, &ids, &turn_cfg, |piece| write!(out, "{piece}").and_then(|()| out.flush()).map_err(io));

@@ -153,13 +153,7 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 
 /// The index of the largest value, the lowest one on a tie (what `Tensor::argmax` returns).
 pub fn argmax(values: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best
+    super::top_k(values, 1).first().copied().unwrap_or(0)
 }
 
 /// The processors and the seeded random numbers of one generation.

@@ -107,6 +107,11 @@ pub fn generate_text(
     Ok(Generated { tokens, text, stop })
 }
 
+/// Where `text` ends: the start of the first stop string in it (empty stop strings never match).
+pub fn stop_at(text: &str, stop_strings: &[String]) -> Option<usize> {
+    stop_strings.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
 /// Incremental decoding: which part of the answer's text is final after each token.
 pub struct TextStream<D> {
     decode: D,
@@ -119,8 +124,8 @@ pub struct TextStream<D> {
 }
 
 impl<D: Fn(&[u32]) -> Result<String>> TextStream<D> {
+    /// An empty stop string never ends the answer (`stop_at`) and holds nothing back.
     pub fn new(decode: D, stop_strings: Vec<String>) -> Self {
-        let stop_strings = stop_strings.into_iter().filter(|s| !s.is_empty()).collect();
         Self { decode, stop_strings, tokens: Vec::new(), text: String::new(), shown: 0 }
     }
 
@@ -128,7 +133,7 @@ impl<D: Fn(&[u32]) -> Result<String>> TextStream<D> {
     pub fn push(&mut self, token: u32) -> Result<(String, bool)> {
         self.tokens.push(token);
         self.text = (self.decode)(&self.tokens)?;
-        if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+        if let Some(at) = stop_at(&self.text, &self.stop_strings) {
             self.text.truncate(at);
             let piece = self.take(at);
             return Ok((piece, true));
