@@ -37,6 +37,7 @@ pub mod quant;
 pub mod selftest;
 pub mod threads;
 pub mod training;
+pub mod validate;
 pub mod weights;
 
 pub use error::{Error, Result};

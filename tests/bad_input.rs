@@ -47,6 +47,7 @@ fn finetune_numbers_out_of_range_are_refused_naming_the_flag() {
         (&["--r", "1099511627776"], "--r 1099511627776"),
         (&["--r", "0"], "--r 0"),
         (&["--sparsity", "1", "--method", "snell"], "--sparsity 1"),
+        (&["--control-rank", "8"], "--control-rank is not a flag of --method lora"),
         (&["--pad-token-id", "4000000000"], "--pad-token-id 4000000000"),
     ];
     for (extra, needle) in cases {

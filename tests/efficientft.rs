@@ -11,7 +11,7 @@ use candle_peft::adapters::{self, adalora, inject, load_adapter, save_adapter, s
 use candle_peft::training::configure_trainer;
 use candle_peft::hub::ModelSource;
 use candle_peft::model::Llama;
-use candle_peft::adapters::galore::GaloreConfig;
+use candle_peft::adapters::full::galore::GaloreConfig;
 use candle_peft::training::{causal_lm_loss, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 

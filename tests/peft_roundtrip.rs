@@ -21,7 +21,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::adalora::AdaLoraConfig;
-use candle_peft::adapters::lora_init::{save_converted, InitKind, LoraInitConfig};
+use candle_peft::adapters::lora::init::{save_converted, InitKind, LoraInitConfig};
 use candle_peft::adapters::{inject, save_adapter, AdapterConfig, Ia3Config, LoraConfig, Targets};
 use candle_peft::weights::Weights;
 use candle_peft::model::llama::random_weights;

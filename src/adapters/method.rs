@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use rand::rngs::StdRng;
 use serde_json::Value;
 
-use super::galore::GaloreConfig;
+use super::full::galore::GaloreConfig;
 use super::{StepHook, Targets};
 use crate::error::{Error, Result};
 use crate::model::{FrozenLinear, LinearAdapter, Llama, TrainBatch};

@@ -8,8 +8,9 @@ use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::{AdapterArgs, BenchMethodsArgs, BenchStepArgs};
+use super::{BenchMethodsArgs, BenchStepArgs};
 use crate::adapters::inject;
+use crate::adapters::registry::{self, Method, METHODS};
 use crate::training::configure_trainer;
 use crate::error::{Error, Result};
 use crate::memory::{proc_status_mib, reset_peak_rss, GpuMemory};
@@ -146,21 +147,23 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     if let Some(path) = &args.output {
         crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--output", args.overwrite)?;
     }
-    args.adapter.validate()?;
-    for name in &args.methods {
-        crate::adapters::registry::method(name)?;
+    let methods: Vec<&'static Method> = if args.methods.is_empty() { METHODS.iter().collect() } else { args.methods.iter().map(|name| registry::method(name)).collect::<Result<_>>()? };
+    // Each method's flags in range, and none given that no method run reads.
+    args.adapter.check_read_by(&methods)?;
+    for method in &methods {
+        args.adapter.config_for(method)?;
     }
     let exe = std::env::current_exe().map_err(|e| Error::msg(format!("cannot find this executable: {e}")))?;
-    let names: Vec<String> = if args.methods.is_empty() { crate::adapters::registry::METHODS.iter().map(|m| m.name.to_string()).collect() } else { args.methods.clone() };
     let mut reports = Vec::new();
-    for name in &names {
+    for method in methods {
+        let name = method.name;
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(kernel_flags()).args(["bench", "step", "--method", name, "--shape", &args.run.shape, "--device", &args.run.device, "--dtype", &args.run.dtype])
             .args(args.run.quantize.iter().flat_map(|q| ["--quantize", q.as_str()]))
             .args(args.run.layers.iter().flat_map(|n| ["--layers".to_string(), n.to_string()]))
             .args(["--batch", &args.run.batch.to_string(), "--seq", &args.run.seq.to_string(), "--steps", &args.run.steps.to_string()])
             .arg(format!("--gradient-checkpointing={}", args.run.gradient_checkpointing))
-            .args(adapter_flags(&args.adapter));
+            .args(args.adapter.given_flags(method));
         let out = cmd.output().map_err(|e| Error::msg(format!("cannot run {}: {e}", exe.display())))?;
         if !out.status.success() {
             return Err(Error::msg(format!("bench step --method {name} failed:\n{}", String::from_utf8_lossy(&out.stderr))));
@@ -178,54 +181,6 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
         println!("wrote {}", path.display());
     }
     Ok(reports)
-}
-
-/// The shared hyperparameters, passed on to each child.
-/// Every adapter flag, for the `bench step` child of each method. Destructured in full, so that a
-/// new flag cannot be left out (the child would silently run with its default).
-fn adapter_flags(a: &AdapterArgs) -> Vec<String> {
-    let AdapterArgs {
-        method: _,
-        r,
-        lora_alpha,
-        lora_dropout,
-        target_modules,
-        feedforward_modules,
-        control_rank,
-        control_alpha,
-        control_dropout,
-        double_control_rank,
-        stable_mode,
-        adalora_init_r,
-        adalora_target_r,
-        sparse_rate,
-        snell_heads,
-        sparsity,
-        galore_rank,
-        galore_update_proj_gap,
-        galore_scale,
-    } = a;
-    let mut flags = vec![
-        format!("--r={r}"),
-        format!("--lora-alpha={lora_alpha}"),
-        format!("--lora-dropout={lora_dropout}"),
-        format!("--target-modules={}", target_modules.join(",")),
-        format!("--feedforward-modules={}", feedforward_modules.join(",")),
-        format!("--control-rank={control_rank}"),
-        format!("--control-alpha={control_alpha}"),
-        format!("--control-dropout={control_dropout}"),
-        format!("--double-control-rank={double_control_rank}"),
-        format!("--stable-mode={stable_mode}"),
-        format!("--sparse-rate={sparse_rate}"),
-        format!("--snell-heads={snell_heads}"),
-        format!("--sparsity={sparsity}"),
-        format!("--galore-update-proj-gap={galore_update_proj_gap}"),
-        format!("--galore-scale={galore_scale}"),
-    ];
-    for (name, value) in [("--adalora-init-r", adalora_init_r), ("--adalora-target-r", adalora_target_r), ("--galore-rank", galore_rank)] {
-        flags.extend(value.map(|v| format!("{name}={v}")));
-    }
-    flags
 }
 
 fn table(reports: &[MethodReport], args: &BenchMethodsArgs) -> String {

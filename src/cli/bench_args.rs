@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{validate, AdapterArgs};
+use crate::validate;
+use super::AdapterArgs;
 use crate::error::Result;
 
 #[derive(Args, Debug, Clone)]

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{validate, ModelArgs};
+use crate::validate;
+use super::ModelArgs;
 use crate::error::Result;
 use crate::eval::generate::sampling::SamplingConfig;
 

@@ -4,7 +4,8 @@
 use std::io::Write;
 
 use super::commands::{load_with_adapter, require_tokenizer};
-use super::{validate, ChatArgs, EvalArgs, GenerateArgs, GenerationArgs};
+use crate::validate;
+use super::{ChatArgs, EvalArgs, GenerateArgs, GenerationArgs};
 use crate::error::{Error, Result};
 use crate::eval::answer::Task;
 use crate::eval::chat::session::run_chat;
@@ -26,7 +27,7 @@ fn generation_config(model: &Llama, args: &GenerationArgs) -> GenerationConfig {
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
     args.generation.validate()?;
-    super::validate::int_in("batch-size", args.batch_size, 1, 1 << 16)?;
+    validate::int_in("batch-size", args.batch_size, 1, 1 << 16)?;
     if let Some(path) = &args.output {
         let files = [path.clone(), path.with_extension("predictions.json"), path.with_extension("png")];
         crate::fsutil::refuse_to_replace(&files, "--output", args.overwrite)?;

@@ -9,7 +9,7 @@ pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
 pub mod selftest;
-pub mod validate;
+
 mod bench_args;
 mod eval_args;
 mod train_args;

@@ -1,4 +1,4 @@
-//! The DoRA linear (Liu et al., ICML 2024; PEFT ≥ 0.12 semantics, see `adapters::dora`) as one
+//! The DoRA linear (Liu et al., ICML 2024; PEFT ≥ 0.12 semantics, see `adapters::lora::dora`) as one
 //! op with its own backward. With `k = m / ‖W + s·B A‖` per output row (the norm detached):
 //!
 //! ```text

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::adapters::galore::{GaloreConfig, Projector};
+use crate::adapters::full::galore::{GaloreConfig, Projector};
 use crate::error::{Error, Result};
 use crate::ops::adamw::{self, AdamWScalars};
 

@@ -5,7 +5,6 @@
 //! `y = (x Wᵀ) ⊙ l` with `l` [out, 1]; on a feed-forward target (`feedforward_modules`) it scales
 //! the input, `y = (x ⊙ l) Wᵀ` with `l` [1, in]. PEFT's key: `ia3_l`. Merge: `W ← W ⊙ l`.
 
-use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use std::path::Path;
@@ -13,11 +12,35 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use serde_json::{json, Value};
 
-use super::config::{parse, ReadConfig};
-use super::method::{AdapterMethod, BuiltLinear};
-use super::Targets;
-use crate::model::{FrozenLinear, LinearAdapter};
+use crate::adapters::flags::{FlagGroup, Flags, MethodFlags, TargetFlags};
+use crate::adapters::config::{parse, ReadConfig};
+use crate::adapters::method::{AdapterMethod, BuiltLinear};
+use crate::adapters::Targets;
+use crate::model::FrozenLinear;
 use crate::Result;
+
+mod layer;
+pub use layer::*;
+
+/// IA3's flags.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "IA3")]
+pub struct Ia3Flags {
+    /// The targets whose input (not output) is scaled.
+    #[arg(long, value_delimiter = ',', default_value = "down_proj")]
+    pub feedforward_modules: Vec<String>,
+}
+
+impl MethodFlags for Ia3Flags {}
+
+pub const FLAGS: &[FlagGroup] = &[<TargetFlags as clap::Args>::augment_args, <Ia3Flags as clap::Args>::augment_args];
+
+impl Ia3Config {
+    pub fn from_flags(f: &Flags) -> Result<Self> {
+        let (ia3, targets) = (f.read::<Ia3Flags>()?, f.read::<TargetFlags>()?);
+        Ok(Self { target_modules: targets.targets(), feedforward_modules: Some(Targets::List(ia3.feedforward_modules)) })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ia3Config {
@@ -56,47 +79,3 @@ pub fn read_peft_ia3(v: &Value, path: &Path) -> Result<ReadConfig> {
     Ok((parse::<Ia3Config>(v, path, "IA3")?.into(), &["target_modules", "feedforward_modules"]))
 }
 
-pub struct Ia3Linear {
-    pub l: Var,
-    feedforward: bool,
-}
-
-impl Ia3Linear {
-    pub fn new(base: &FrozenLinear, feedforward: bool) -> Result<Self> {
-        let shape = if feedforward { (1, base.in_features()) } else { (base.out_features(), 1) };
-        Ok(Self { l: Var::ones(shape, DType::F32, base.device())?, feedforward })
-    }
-
-    /// The scaling as a row vector in `dtype`, to broadcast over the last dim of activations.
-    fn scaling(&self, dtype: DType) -> Result<Tensor> {
-        Ok(self.l.as_tensor().flatten_all()?.to_dtype(dtype)?)
-    }
-
-    /// The scaling shaped to multiply W [out, in]: a column for outputs, a row for inputs.
-    fn weight_scaling(&self) -> &Tensor {
-        self.l.as_tensor()
-    }
-}
-
-impl LinearAdapter for Ia3Linear {
-    fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
-        let l = self.scaling(x.dtype())?;
-        if self.feedforward {
-            base.forward(&x.broadcast_mul(&l)?)
-        } else {
-            Ok(base.forward(x)?.broadcast_mul(&l)?)
-        }
-    }
-
-    fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
-        Ok(w.to_dtype(DType::F32)?.broadcast_mul(self.weight_scaling())?.to_dtype(w.dtype())?)
-    }
-
-    fn unmerged_weight(&self, w: &Tensor) -> Result<Tensor> {
-        Ok(w.to_dtype(DType::F32)?.broadcast_div(self.weight_scaling())?.to_dtype(w.dtype())?)
-    }
-
-    fn params(&self) -> Vec<(String, Var)> {
-        vec![("ia3_l".into(), self.l.clone())]
-    }
-}

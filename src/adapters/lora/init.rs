@@ -26,12 +26,12 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 
-use super::linalg::{qr, svd, to_matrix, to_tensor};
+use crate::adapters::linalg::{qr, svd, to_matrix, to_tensor};
 use serde_json::{json, Value};
 
-use super::lora::{LoraConfig, LoraLinear};
-use super::method::{AdapterMethod, BuiltLinear};
-use super::{AdapterConfig, Targets};
+use crate::adapters::lora::{LoraConfig, LoraLinear};
+use crate::adapters::method::{AdapterMethod, BuiltLinear};
+use crate::adapters::{AdapterConfig, Targets};
 use crate::error::{Error, Result};
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
 use crate::ops::nn::AttentionHeads;
@@ -205,5 +205,5 @@ pub fn save_converted(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model
     };
     let (converted, tensors) = convert_to_lora(model, &init.lora)?;
     let cfg = AdapterConfig::new(converted);
-    crate::fsutil::write_dir_atomic(dir, |tmp| super::write_adapter_files(tmp, &cfg, &tensors, base_model))
+    crate::fsutil::write_dir_atomic(dir, |tmp| crate::adapters::write_adapter_files(tmp, &cfg, &tensors, base_model))
 }

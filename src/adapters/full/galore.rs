@@ -14,7 +14,10 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::linalg::{svd, to_matrix, to_tensor};
+use crate::adapters::flags::{Flags, MethodFlags, MAX_RANK};
+use crate::adapters::lora::LoraFlags;
+use crate::validate::{int_in, positive};
+use crate::adapters::linalg::{svd, to_matrix, to_tensor};
 use crate::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -76,5 +79,37 @@ impl Projector {
         let p = self.ortho.as_ref().ok_or_else(|| crate::Error::Training("GaLore: project_back before project".into()))?;
         let full = if self.right { low.matmul(p)? } else { p.matmul(low)? };
         Ok((full * self.config.scale)?)
+    }
+}
+
+/// GaLore's flags (its rank defaults to LoRA's r).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "GaLore")]
+pub struct GaloreFlags {
+    /// Projection rank (default r).
+    #[arg(long)]
+    pub galore_rank: Option<usize>,
+    /// Optimizer steps between two SVDs of the gradient.
+    #[arg(long, default_value_t = 500)]
+    pub galore_update_proj_gap: usize,
+    /// Scale of the projected-back update.
+    #[arg(long, default_value_t = 4.0)]
+    pub galore_scale: f64,
+}
+
+impl MethodFlags for GaloreFlags {
+    fn validate(&self) -> Result<()> {
+        if let Some(r) = self.galore_rank {
+            int_in("galore-rank", r, 1, MAX_RANK)?;
+        }
+        int_in("galore-update-proj-gap", self.galore_update_proj_gap, 1, usize::MAX)?;
+        positive("galore-scale", self.galore_scale, 1e6)
+    }
+}
+
+impl GaloreConfig {
+    pub fn from_flags(f: &Flags) -> Result<Self> {
+        let g = f.read::<GaloreFlags>()?;
+        Ok(Self { rank: g.galore_rank.unwrap_or(f.read::<LoraFlags>()?.r), update_proj_gap: g.galore_update_proj_gap, scale: g.galore_scale })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
 
-use super::lora::{LoraConfig, LoraLinear};
+use crate::adapters::lora::{LoraConfig, LoraLinear};
 use crate::ops;
 use crate::ops::nn::AttentionHeads;
 use crate::model::{FrozenLinear, LinearAdapter};

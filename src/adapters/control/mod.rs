@@ -25,7 +25,6 @@
 //! (`...layers.N.self_attn.q_proj.lora_A.weight`). The LoRA part is stored as a nested `lora`
 //! object of the config.
 
-use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
@@ -33,14 +32,65 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::config::{parse, ReadConfig};
-use super::method::{inject_linears, AdapterMethod};
-use super::{uniform_var, LoraConfig, Targets};
-use crate::ops::dropout::Dropout;
-use crate::error::{Error, Result};
-use crate::ops;
-use crate::ops::nn::matmul_t;
-use crate::model::{BlockControl, ControlContext, Llama};
+use crate::adapters::flags::{FlagGroup, Flags, MethodFlags};
+use crate::adapters::lora;
+use crate::validate::{dropout, int_in, real_in};
+use crate::adapters::flags::MAX_RANK;
+use crate::adapters::config::{parse, ReadConfig};
+use crate::adapters::method::{inject_linears, AdapterMethod};
+use crate::adapters::{LoraConfig, Targets};
+use crate::error::Result;
+use crate::model::Llama;
+
+mod layer;
+pub use layer::*;
+
+/// The Control methods' flags.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Control")]
+pub struct ControlFlags {
+    /// Rank of the control across the MLP block.
+    #[arg(long, default_value_t = 64)]
+    pub control_rank: usize,
+    /// α, the control's scale.
+    #[arg(long, default_value_t = 1.0)]
+    pub control_alpha: f64,
+    /// Dropout on the control's input.
+    #[arg(long, default_value_t = 0.0)]
+    pub control_dropout: f64,
+    /// Double Control: rank of the control across the attention block.
+    #[arg(long, default_value_t = 64)]
+    pub double_control_rank: usize,
+}
+
+impl MethodFlags for ControlFlags {
+    fn validate(&self) -> Result<()> {
+        int_in("control-rank", self.control_rank, 1, MAX_RANK)?;
+        real_in("control-alpha", self.control_alpha, (-1e6, true), (1e6, true))?;
+        dropout("control-dropout", self.control_dropout)?;
+        int_in("double-control-rank", self.double_control_rank, 1, MAX_RANK)
+    }
+}
+
+pub const FLAGS: &[FlagGroup] = &[<ControlFlags as clap::Args>::augment_args];
+/// Control + LoRA's: the Control flags and LoRA's.
+pub const WITH_LORA_FLAGS: &[FlagGroup] = &[<ControlFlags as clap::Args>::augment_args, lora::FLAGS[0], lora::FLAGS[1]];
+
+impl ControlConfig {
+    /// Parallel Control, across the attention block too when `double_control`, with LoRA on
+    /// the targets when `with_lora`.
+    pub fn from_flags(f: &Flags, double_control: bool, with_lora: bool) -> Result<Self> {
+        let c = f.read::<ControlFlags>()?;
+        Ok(Self {
+            control_rank: c.control_rank,
+            control_alpha: c.control_alpha,
+            control_dropout: c.control_dropout,
+            double_control,
+            double_control_rank: c.double_control_rank,
+            lora: if with_lora { Some(LoraConfig::from_flags(f, false, false)?) } else { None },
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlConfig {
@@ -109,73 +159,3 @@ pub fn read_control(v: &Value, path: &Path) -> Result<ReadConfig> {
     Ok((parse::<ControlConfig>(v, path, "Control")?.into(), KEYS))
 }
 
-/// `α·B(drop(A x))` across one residual block.
-pub struct ParallelControl {
-    pub a: Var,
-    pub b: Var,
-    pub alpha: f64,
-    dropout: Dropout,
-}
-
-impl ParallelControl {
-    pub fn new(hidden: usize, rank: usize, alpha: f64, dropout: f64, rng: &mut StdRng, device: &Device) -> Result<Self> {
-        Ok(Self {
-            a: uniform_var(&[rank, hidden], 1.0 / (hidden as f64).sqrt(), rng, device)?,
-            b: Var::zeros((hidden, rank), DType::F32, device)?,
-            alpha,
-            dropout: Dropout::new(dropout, rng),
-        })
-    }
-}
-
-impl BlockControl for ParallelControl {
-    fn forward(&self, x: &Tensor, _ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        let z = self.dropout.apply(&matmul_t(x, &a)?, train)?;
-        Ok((matmul_t(&z, &b)? * self.alpha)?)
-    }
-
-    /// On CUDA, and in CPU training, the rank-r branch is accumulated into the residual sum in
-    /// one op (src/ops/control_branch.rs) that keeps only z and B for backward.
-    fn add_to(&self, block_output: &Tensor, x: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
-        if !ops::fused_forward(x, train) {
-            return Ok((block_output + self.forward(x, ctx, train)?)?);
-        }
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        let z = self.dropout.apply(&matmul_t(x, &a)?, train)?;
-        ops::control_branch(block_output, &z, &b, self.alpha)
-    }
-
-    fn params(&self) -> Vec<(String, Var)> {
-        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
-    }
-}
-
-/// Attach the controls of `cfg` to every decoder layer (the LoRA part is injected by the
-/// caller); returns how many controls.
-pub fn attach(model: &mut Llama, cfg: &ControlConfig, rng: &mut StdRng) -> Result<usize> {
-    if cfg.control_rank == 0 || (cfg.double_control && cfg.double_control_rank == 0) {
-        return Err(Error::Adapter("control ranks must be at least 1".into()));
-    }
-    let (hidden, device) = (model.config.hidden_size, model.device().clone());
-    // Checked before anything is allocated from them: a rank read from a file could be any size.
-    for (name, rank) in [("control_rank", cfg.control_rank), ("double_control_rank", cfg.double_control_rank)] {
-        if rank > hidden && (name == "control_rank" || cfg.double_control) {
-            return Err(Error::Adapter(format!("{name} = {rank} is larger than the model's hidden size {hidden}")));
-        }
-    }
-    let mut count = 0;
-    for layer in &mut model.layers {
-        if cfg.double_control {
-            let c = ParallelControl::new(hidden, cfg.double_control_rank, cfg.control_alpha, cfg.control_dropout, rng, &device)?;
-            layer.attn_control = Some(Box::new(c));
-            count += 1;
-        }
-        let c = ParallelControl::new(hidden, cfg.control_rank, cfg.control_alpha, cfg.control_dropout, rng, &device)?;
-        layer.mlp_control = Some(Box::new(c));
-        count += 1;
-    }
-    Ok(count)
-}

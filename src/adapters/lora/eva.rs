@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use serde_json::{json, Value};
 
-use super::lora::{LoraConfig, LoraLinear};
-use super::method::{check_rank, AdapterMethod, BuiltLinear};
-use super::Targets;
+use crate::adapters::lora::{LoraConfig, LoraLinear};
+use crate::adapters::method::{check_rank, AdapterMethod, BuiltLinear};
+use crate::adapters::Targets;
 use crate::model::{FrozenLinear, LinearAdapter, Llama};
 use crate::model::TrainBatch;
 use crate::{Error, Result};
@@ -150,7 +150,7 @@ impl LinearAdapter for Recorder {
         };
         let xm = rows.broadcast_mul(&m)?;
         let sum: Vec<f64> = xm.sum(0)?.to_dtype(DType::F64)?.to_vec1()?;
-        let outer = super::linalg::to_matrix(&xm.t()?.matmul(&rows)?)?;
+        let outer = crate::adapters::linalg::to_matrix(&xm.t()?.matmul(&rows)?)?;
         let n = m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let mut st = self.stats.lock().expect("eva stats");
         st.sum += DVector::from_vec(sum);
@@ -242,7 +242,7 @@ pub fn initialize_eva(model: &mut Llama, cfg: &mut EvaConfig, batches: &[TrainBa
             continue;
         }
         let device = lin.base().device().clone();
-        let a = super::linalg::to_tensor(&comps[i].rows(0, r).into_owned(), &device)?;
+        let a = crate::adapters::linalg::to_tensor(&comps[i].rows(0, r).into_owned(), &device)?;
         let b = Tensor::zeros((lin.base().out_features(), r), DType::F32, &device)?;
         let (_, scale) = cfg.layer(&path);
         lin.set_adapter(Box::new(LoraLinear::from_parts(&a, &b, scale, cfg.lora.lora_dropout, &mut rng)?));
