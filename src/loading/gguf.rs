@@ -78,7 +78,7 @@ pub fn load_gguf_with(path: &Path, dtype: DType, device: &Device, keep_packed: b
                 let order: Vec<f32> = unpermute_qk(&index, n_heads).map_err(|e| bad(format!("cannot un-permute: {}", message(&e))))?.flatten_all()?.to_vec1()?;
                 w = w.permute_rows(&order.iter().map(|&r| r as usize).collect::<Vec<_>>())?;
             }
-            packed.insert(hf, w);
+            packed.insert(hf, w.for_this_cpu());
             continue;
         }
         let mut w = qtensor.dequantize(&Device::Cpu).map_err(|e| bad(format!("cannot dequantize: {}", message(&e))))?;

@@ -65,9 +65,9 @@ impl FrozenLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_features().max(1);
         match &self.weight {
-            // Inference on a packed GGUF base: a few rows (decoding) by the blocks' dot products;
-            // many (a prompt) by dequantizing W once and a dense GEMM, which is faster there.
-            BaseWeight::Packed { weight, .. } if !x.track_op() && x.device().is_cpu() && rows <= crate::quant::ggml::PACKED_ROWS_MAX => {
+            // Inference on a packed GGUF base: by the blocks' dot products where they pay (few
+            // rows, or any number when interleaved); else by dequantizing W once and a dense GEMM.
+            BaseWeight::Packed { weight, .. } if !x.track_op() && x.device().is_cpu() && weight.packed_product_pays(rows) => {
                 crate::quant::ggml::matmul_tensor(weight, x)
             }
             BaseWeight::Nf4 { weight, .. }

@@ -61,6 +61,7 @@ macro_rules! precomputed_forward3 {
 
 pub mod adamw;
 pub mod dropout;
+pub mod exp;
 pub mod fused;
 pub mod nn;
 pub mod control_branch;

@@ -62,8 +62,9 @@ pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(accumulate_dtype(dtype))?;
     let p = match (train, xf.device()) {
+        // The fused op's f32 rows take the vectorized exp (`ops::exp`).
+        (_, Device::Cpu) if xf.dtype() == DType::F32 || train => xf.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)?,
         (false, _) => candle_nn::ops::softmax_last_dim(&xf)?,
-        (true, Device::Cpu) => xf.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)?,
         (true, _) => softmax_last_dim_reference(&xf)?,
     };
     Ok(p.to_dtype(dtype)?)
@@ -78,9 +79,10 @@ pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
 }
 
 /// SwiGLU's gate `silu(g) ⊙ u`. Training on the CPU (f32, f64) and on CUDA takes the fused op,
-/// which keeps g and u only.
+/// which keeps g and u only; so does inference in f32 on the CPU, for its vectorized exp.
 pub fn swiglu(g: &Tensor, u: &Tensor, train: bool) -> Result<Tensor> {
-    if (fused_cpu(train, &[g, u]) || fused_cuda(train, &[g, u])) && g.shape() == u.shape() {
+    let cpu_f32 = !train && [g, u].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if (cpu_f32 || fused_cpu(train, &[g, u]) || fused_cuda(train, &[g, u])) && g.shape() == u.shape() {
         return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, super::fused::SwiGlu)?);
     }
     swiglu_reference(g, u)

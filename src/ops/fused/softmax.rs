@@ -35,7 +35,14 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let cols = layout.shape().dims().last().copied().unwrap_or(1);
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(contiguous(v, layout, self.name())?, cols)),
+            CpuStorage::F32(v) => {
+                // Rows in parallel, each with the vectorized exp.
+                use rayon::prelude::*;
+                let mut out = contiguous(v, layout, self.name())?.to_vec();
+                let rows_per_task = (16384 / cols.max(1)).max(1);
+                out.par_chunks_mut(rows_per_task * cols.max(1)).for_each(|rows| crate::ops::exp::softmax_rows_in_place(rows, cols));
+                CpuStorage::F32(out)
+            }
             CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(contiguous(v, layout, self.name())?, cols)),
             other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
         };

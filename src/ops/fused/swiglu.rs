@@ -27,7 +27,12 @@ impl CustomOp2 for SwiGlu {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(swiglu_values(contiguous(g, l1, self.name())?, contiguous(u, l2, self.name())?))
+                use rayon::prelude::*;
+                let (g, u) = (contiguous(g, l1, self.name())?, contiguous(u, l2, self.name())?);
+                let mut out = vec![0f32; g.len()];
+                const TASK: usize = 16384;
+                out.par_chunks_mut(TASK).zip(g.par_chunks(TASK).zip(u.par_chunks(TASK))).for_each(|(o, (g, u))| crate::ops::exp::silu_mul(g, u, o));
+                CpuStorage::F32(out)
             }
             (CpuStorage::F64(g), CpuStorage::F64(u)) => {
                 CpuStorage::F64(swiglu_values(contiguous(g, l1, self.name())?, contiguous(u, l2, self.name())?))

@@ -1,0 +1,259 @@
+//! Q4_0, Q4_1 and Q8_0 matrices with 8 rows interleaved, and their product on AVX2 / VNNI: the
+//! layout of llama.cpp's repacked `block_q4_0x8`, arrived at for the same reason.
+//!
+//! Row-major blocks make a block's dot product a horizontal sum: the integer sum of 32 products
+//! lands in 8 lanes that must be scaled by `d_w · d_x` (a conversion and two multiplies) for
+//! every block of every row, about as many instructions as the 32 multiply-adds themselves. With
+//! 8 rows interleaved, one register holds 4 consecutive codes of each of 8 rows, and `vpdpbusd`
+//! against 4 bytes of x broadcast to every lane adds 32 products into 8 per-row sums at once; the
+//! scaling then costs one conversion and two multiply-adds per block for 8 rows.
+//!
+//! Layout: the rows in groups of 8 (the last group padded with zero blocks), each group block
+//! after block; a group's block holds the 8 rows' scales, then their codes:
+//!
+//! | type | bytes | group block |
+//! |---|---|---|
+//! | Q4_0 | 144 | `d: [f16; 8]`, `q: [u8; 128]` |
+//! | Q4_1 | 160 | `d: [f16; 8]`, `m: [f16; 8]`, `q: [u8; 128]` |
+//! | Q8_0 | 272 | `d: [f16; 8]`, `q: [i8; 256]` |
+//!
+//! For Q4, `q[32g + 4k + i] = qs_k[4g + i]` (g < 4, row k, i < 4): the low nibbles of chunk g are
+//! codes 4g..4g+3 of each row, its high nibbles codes 16+4g..16+4g+3. For Q8_0,
+//! `q[32g + 4k + i] = qs_k[4g + i]` (g < 8). In both, code register n (n < 8) holds codes
+//! 4n..4n+3 of every row, against x's bytes 4n..4n+3. The same bytes as the row-major blocks.
+//!
+//! The sum per block: `d_w d_x Σ u_i p_i + c · s_x`, with u the unsigned codes and c the
+//! offset per unit of `s_x = d_x Σ p_i`: Q4_0 `c = −8 d_w`, Q4_1 `c = m`; Q8_0's signed codes
+//! enter VNNI as `w + 128` (so `c = −128 d_w`) and AVX2 by the sign trick (`|w|` against
+//! `sign(w) · p`, c = 0), which keeps `vpmaddubsw`'s pairs inside an i16.
+
+use super::{BlockType, QMatrix, QuantizedRow, BLOCK};
+
+/// Rows per group.
+pub const GROUP: usize = 8;
+
+/// Whether a type has the interleaved layout.
+pub fn supported(kind: BlockType) -> bool {
+    matches!(kind, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0)
+}
+
+/// Bytes of a row-major block's scales (d, and m for Q4_1): its codes start there.
+fn scale_bytes(kind: BlockType) -> usize {
+    if kind == BlockType::Q4_1 { 4 } else { 2 }
+}
+
+/// Bytes of a group block.
+pub fn group_block_bytes(kind: BlockType) -> usize {
+    GROUP * kind.block_bytes()
+}
+
+/// The row-major blocks `rows` x `blocks` (ggml's layout) as interleaved groups.
+pub fn interleave(kind: BlockType, rows: usize, blocks: usize, data: &[u8]) -> Vec<u8> {
+    let (bb, sb) = (kind.block_bytes(), scale_bytes(kind));
+    let groups = rows.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * blocks * group_block_bytes(kind)];
+    for (g, group) in out.chunks_exact_mut(blocks * group_block_bytes(kind)).enumerate() {
+        for (b, dst) in group.chunks_exact_mut(group_block_bytes(kind)).enumerate() {
+            for k in 0..GROUP.min(rows - g * GROUP) {
+                let src = &data[((g * GROUP + k) * blocks + b) * bb..][..bb];
+                // The scales: d (then m) of row k.
+                dst[2 * k..2 * k + 2].copy_from_slice(&src[0..2]);
+                if sb == 4 {
+                    dst[16 + 2 * k..16 + 2 * k + 2].copy_from_slice(&src[2..4]);
+                }
+                let (codes, q) = (&mut dst[GROUP * sb..], &src[scale_bytes(kind)..]);
+                for chunk in 0..q.len() / 4 {
+                    codes[32 * chunk + 4 * k..32 * chunk + 4 * k + 4].copy_from_slice(&q[4 * chunk..4 * chunk + 4]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Row `r`'s blocks in ggml's row-major layout, read back out of the interleaved `data`.
+pub fn row_blocks(kind: BlockType, blocks: usize, data: &[u8], r: usize) -> Vec<u8> {
+    let (bb, sb) = (kind.block_bytes(), scale_bytes(kind));
+    let (g, k) = (r / GROUP, r % GROUP);
+    let group = &data[g * blocks * group_block_bytes(kind)..];
+    let mut out = vec![0u8; blocks * bb];
+    for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
+        let src = &group[b * group_block_bytes(kind)..][..group_block_bytes(kind)];
+        dst[0..2].copy_from_slice(&src[2 * k..2 * k + 2]);
+        if sb == 4 {
+            dst[2..4].copy_from_slice(&src[16 + 2 * k..16 + 2 * k + 2]);
+        }
+        let codes = &src[GROUP * sb..];
+        let q = &mut dst[scale_bytes(kind)..];
+        for chunk in 0..q.len() / 4 {
+            q[4 * chunk..4 * chunk + 4].copy_from_slice(&codes[32 * chunk + 4 * k..32 * chunk + 4 * k + 4]);
+        }
+    }
+    out
+}
+
+/// `y = x Wᵀ` into `y` [t, rows] for the quantized rows `xq` of x, W interleaved; `vnni` picks
+/// `vpdpbusd` over AVX2's `vpmaddubsw`. Groups of rows over the threads.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and with `vnni` AVX-512 F, VL, BW and VNNI.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [f32], vnni: bool) {
+    use rayon::prelude::*;
+    let (t, rows, blocks) = (xq.len(), w.rows, w.cols / BLOCK);
+    let groups = rows.div_ceil(GROUP);
+    let group_bytes = blocks * group_block_bytes(w.kind);
+    let per_task = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let out = SharedOut(y.as_mut_ptr());
+    (0..groups.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let out = &out;
+        for g in task * per_task..((task + 1) * per_task).min(groups) {
+            let group = &w.data[g * group_bytes..(g + 1) * group_bytes];
+            let lanes = GROUP.min(rows - g * GROUP);
+            // x rows in chunks: 8 with VNNI (AVX-512 VL has registers for their sums), 4 on AVX2.
+            let most = if vnni { 8 } else { 4 };
+            let mut j = 0;
+            while j < t {
+                let n = (t - j).min(most);
+                let xs = &xq[j..j + n];
+                let mut sums = [[0f32; GROUP]; 8];
+                match (vnni, n) {
+                    (true, 8) => x86::group_vnni::<8>(w.kind, group, xs, &mut sums),
+                    (true, 7) => x86::group_vnni::<7>(w.kind, group, xs, &mut sums),
+                    (true, 6) => x86::group_vnni::<6>(w.kind, group, xs, &mut sums),
+                    (true, 5) => x86::group_vnni::<5>(w.kind, group, xs, &mut sums),
+                    (true, 4) => x86::group_vnni::<4>(w.kind, group, xs, &mut sums),
+                    (true, 3) => x86::group_vnni::<3>(w.kind, group, xs, &mut sums),
+                    (true, 2) => x86::group_vnni::<2>(w.kind, group, xs, &mut sums),
+                    (true, _) => x86::group_vnni::<1>(w.kind, group, xs, &mut sums),
+                    (false, 4) => x86::group_avx2::<4>(w.kind, group, xs, &mut sums),
+                    (false, 3) => x86::group_avx2::<3>(w.kind, group, xs, &mut sums),
+                    (false, 2) => x86::group_avx2::<2>(w.kind, group, xs, &mut sums),
+                    (false, _) => x86::group_avx2::<1>(w.kind, group, xs, &mut sums),
+                }
+                for (i, s) in sums.iter().take(n).enumerate() {
+                    // SAFETY: row j + i, columns g·8 .. g·8 + lanes: this task's groups only.
+                    std::ptr::copy_nonoverlapping(s.as_ptr(), out.0.add((j + i) * rows + g * GROUP), lanes);
+                }
+                j += n;
+            }
+        }
+    });
+}
+
+/// The output, written by the tasks at disjoint places (each its own groups' columns).
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements and the buffer outlives them (`for_each` returns
+// after every task).
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockType, QuantizedRow, GROUP};
+
+    /// # Safety
+    /// AVX2, FMA, F16C, AVX-512 F/VL/BW/VNNI; `xs.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn group_vnni<const N: usize>(kind: BlockType, group: &[u8], xs: &[QuantizedRow], out: &mut [[f32; GROUP]; 8]) {
+        group_dot::<true, N>(kind, group, xs, out)
+    }
+
+    /// # Safety
+    /// AVX2, FMA, F16C; `xs.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_avx2<const N: usize>(kind: BlockType, group: &[u8], xs: &[QuantizedRow], out: &mut [[f32; GROUP]; 8]) {
+        group_dot::<false, N>(kind, group, xs, out)
+    }
+
+    /// One group of 8 rows against N rows of x (see the module doc). The loops index several
+    /// arrays by one register number or row, as the module doc's formulas do.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn group_dot<const VNNI: bool, const N: usize>(kind: BlockType, group: &[u8], xs: &[QuantizedRow], out: &mut [[f32; GROUP]; 8]) {
+        let gb = super::group_block_bytes(kind);
+        let blocks = group.len() / gb;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let low = _mm256_set1_epi8(0x0f);
+        for b in 0..blocks {
+            let blk = group.as_ptr().add(b * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut u = [_mm256_setzero_si256(); 8];
+            let mut signs = [_mm256_setzero_si256(); 8];
+            let c = match kind {
+                BlockType::Q4_0 | BlockType::Q4_1 => {
+                    let codes = blk.add(if kind == BlockType::Q4_1 { 32 } else { 16 });
+                    for g in 0..4 {
+                        let v = _mm256_loadu_si256(codes.add(32 * g) as *const __m256i);
+                        u[g] = _mm256_and_si256(v, low);
+                        u[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    }
+                    if kind == BlockType::Q4_1 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+                    } else {
+                        _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                    }
+                }
+                _ => {
+                    let codes = blk.add(16);
+                    for g in 0..8 {
+                        let v = _mm256_loadu_si256(codes.add(32 * g) as *const __m256i);
+                        if VNNI {
+                            u[g] = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                        } else {
+                            u[g] = _mm256_sign_epi8(v, v);
+                            signs[g] = v;
+                        }
+                    }
+                    if VNNI {
+                        _mm256_mul_ps(d, _mm256_set1_ps(-128.0))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                }
+            };
+            // Code register n against bytes 4n..4n+3 of every x row: the rows' sums are
+            // independent chains, interleaved here rather than left to the out-of-order window.
+            let bytes = |j: usize, n: usize| {
+                let p = xs.get_unchecked(j).p.as_ptr().add(b * 32 + 4 * n);
+                _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+            };
+            let mut sums = [_mm256_setzero_si256(); N];
+            if VNNI {
+                for n in 0..8 {
+                    for j in 0..N {
+                        sums[j] = _mm256_dpbusd_epi32(sums[j], u[n], bytes(j, n));
+                    }
+                }
+            } else if kind == BlockType::Q8_0 {
+                // Pairs of |w|·p reach 2·128·127: each pair sum is widened at once.
+                for n in 0..8 {
+                    for j in 0..N {
+                        let pairs = _mm256_maddubs_epi16(u[n], _mm256_sign_epi8(bytes(j, n), signs[n]));
+                        sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                    }
+                }
+            } else {
+                // 4-bit codes: pairs reach 2·15·127, so all eight sums fit one i16 (30 480).
+                for n in 0..8 {
+                    for j in 0..N {
+                        sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(u[n], bytes(j, n)));
+                    }
+                }
+                for s in &mut sums {
+                    *s = _mm256_madd_epi16(*s, _mm256_set1_epi16(1));
+                }
+            }
+            for j in 0..N {
+                let x = xs.get_unchecked(j);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.get_unchecked(b)));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[j]), scale, acc[j]);
+                acc[j] = _mm256_fmadd_ps(c, _mm256_set1_ps(*x.s.get_unchecked(b)), acc[j]);
+            }
+        }
+        for j in 0..N {
+            _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+        }
+    }
+}
