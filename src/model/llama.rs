@@ -69,13 +69,57 @@ pub struct DecoderLayer {
     pub mlp_control: Option<Box<dyn BlockControl>>,
 }
 
-/// Keys and values of the tokens seen so far, per layer, with their padding mask.
-#[derive(Default, Clone)]
+/// Keys and values of the tokens seen so far, per layer, with their padding mask. Not `Clone`:
+/// a clone would share the buffers that appending writes into.
+#[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// Per layer, the MLP control's past block inputs when that control mixes tokens.
     control_inputs: Vec<Option<Tensor>>,
     mask: Vec<Vec<u32>>,
+}
+
+/// One layer's keys and values [b, kv_heads, capacity, head_dim], the first `len` positions
+/// filled. A new token is written in place (`slice_set`) while there is room; when there is none
+/// the buffers are copied into ones of twice the length, so n tokens cost O(n) copies, not the
+/// O(n²) of concatenating the whole past every step.
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// The first keys and values as they are (no copy: a forward without a cache, as in
+    /// training, never appends).
+    fn new(k: Tensor, v: Tensor) -> Self {
+        let len = k.dim(2).unwrap_or(0);
+        Self { k, v, len }
+    }
+
+    /// The filled positions.
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+
+    /// Append the keys and values of new positions; all of them so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, g, t, d) = k.dims4()?;
+        let needed = self.len + t;
+        if needed > self.k.dim(2)? || !self.k.is_contiguous() {
+            let capacity = needed.max(2 * self.len).max(16);
+            let grow = |old: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, g, capacity, d), old.dtype(), old.device())?;
+                buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                Ok(buf)
+            };
+            (self.k, self.v) = (grow(&self.k)?, grow(&self.v)?);
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        self.filled()
+    }
 }
 
 impl KvCache {
@@ -96,11 +140,11 @@ impl KvCache {
         if self.layers.is_empty() {
             return Ok(());
         }
-        let device = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
+        let device = self.layers.iter().flatten().next().map(|kv| kv.k.device().clone()).unwrap_or(Device::Cpu);
         let idx = Tensor::new(rows, &device)?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for kv in self.layers.iter_mut().flatten() {
+            let (k, v) = kv.filled()?;
+            *kv = LayerKv::new(k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?);
         }
         for x in self.control_inputs.iter_mut().flatten() {
             *x = x.index_select(&idx, 0)?;
@@ -382,7 +426,7 @@ impl Llama {
         let mut scratch = KvCache::new();
         let cache = cache.unwrap_or(&mut scratch);
         if cache.layers.is_empty() {
-            cache.layers = vec![None; self.layers.len()];
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
             cache.control_inputs = vec![None; self.layers.len()];
             cache.mask = vec![Vec::new(); b];
         }
@@ -480,7 +524,7 @@ impl Llama {
         layer: &DecoderLayer,
         h: &Tensor,
         positions: &Positions,
-        (kv, past_input): (&mut Option<(Tensor, Tensor)>, &mut Option<Tensor>),
+        (kv, past_input): (&mut Option<LayerKv>, &mut Option<Tensor>),
         train: bool,
         output: LayerOutput,
     ) -> Result<Tensor> {
@@ -521,7 +565,7 @@ impl Llama {
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerKv>,
         train: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -529,11 +573,10 @@ impl Llama {
         let q = attn.q_proj.forward_heads(x, AttentionHeads::rotated(nh, cos, sin), train)?;
         let mut k = attn.k_proj.forward_heads(x, AttentionHeads::rotated(nkv, cos, sin), train)?;
         let mut v = attn.v_proj.forward_heads(x, AttentionHeads::plain(nkv), train)?;
-        if let Some((pk, pv)) = kv.as_ref() {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
+        match kv {
+            Some(cache) => (k, v) = cache.append(&k.detach(), &v.detach())?,
+            None => *kv = Some(LayerKv::new(k.detach(), v.detach())),
         }
-        *kv = Some((k.detach(), v.detach()));
         let out = ops::attention(&q, &k, &v, bias, train)?;
         attn.o_proj.forward_add(&out, residual, train)
     }

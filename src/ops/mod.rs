@@ -60,6 +60,7 @@ macro_rules! precomputed_forward3 {
 }
 
 pub mod adamw;
+pub mod attention_cpu;
 pub mod dropout;
 pub mod exp;
 pub mod fused;

@@ -165,6 +165,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, train: bool)
 /// `softmax(q kᵀ · scale + bias) v`, as `attention` (causal) but with the scale given (the nonlinear
 /// controller mixes tokens with unscaled logits).
 pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, train: bool) -> Result<Tensor> {
+    // Decoding on the CPU: a row at a time, masked keys skipped (`ops::attention_cpu`).
+    if !train && !crate::ops::unfused() && super::attention_cpu::takes(q, k, v, bias) && q.dim(2)? <= super::attention_cpu::QUERIES_MAX {
+        return super::attention_cpu::attention(q, k, v, bias, scale);
+    }
     if fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
         let op = super::fused::Attention::causal(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
