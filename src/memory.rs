@@ -100,3 +100,19 @@ impl GpuMemory {
         Err(Error::msg("no GPU memory sampler without the `cuda` feature"))
     }
 }
+
+/// The machine's memory read bandwidth in GB/s (10⁹ bytes a second): the best of five parallel
+/// sums over a buffer of `bytes` (much larger than the caches), on the current thread pool. What
+/// a decoding step that streams its weights can reach at most.
+pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = vec![1u64; bytes / 8];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let sum = words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w))).reduce(|| 0, u64::wrapping_add);
+        best = best.min(start.elapsed().as_secs_f64());
+        std::hint::black_box(sum);
+    }
+    (words.len() * 8) as f64 / best / 1e9
+}

@@ -69,3 +69,30 @@ fn chat_falls_back_to_chatml_and_keeps_the_conversation() {
     let (_, again, _) = run(&args, "She painted\n\nthe old door\n");
     assert_eq!(again, out, "the same seed gives the same conversation");
 }
+
+/// `bench decode` on random Q4_0 weights of a shape (no file): its figures, the weight bytes a
+/// step reads (every linear layer and the head, counted here from the shape) and the bandwidth.
+#[test]
+fn bench_decode_on_random_weights_reports_the_memory_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("decode.json");
+    let (ok, out, err) = run(
+        &["bench", "decode", "--model", "random:tiny", "--repeat", "1", "--new-tokens", "2", "--prefill-tokens", "8", "--batch", "1,2", "--json", json.to_str().unwrap()],
+        "",
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("GB/s read bandwidth"), "{out}");
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // tiny(512): the head is the tied embedding, read once a step like the layers.
+    let c = candle_peft::model::LlamaConfig::tiny(512);
+    let (h, hd, kv, im) = (c.hidden_size, c.head_dim, c.num_key_value_heads, c.intermediate_size);
+    // down_proj's 176 columns are not whole blocks of 32: it is dense f32.
+    let q4 = c.num_hidden_layers * (h * c.num_attention_heads * hd * 2 + h * kv * hd * 2 + 2 * h * im) + c.vocab_size * h;
+    let f32s = c.num_hidden_layers * h * im;
+    assert_eq!(figures["weight_bytes_per_token"].as_u64().unwrap() as usize, q4 / 32 * 18 + f32s * 4, "Q4_0: 18 bytes a block of 32");
+    assert!(figures["read_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(figures["decode_tok_s"].as_array().unwrap().len(), 2);
+    // Without a file there is nothing for llama.cpp to read.
+    let (ok, _, err) = run(&["bench", "decode", "--model", "random:tiny", "--anchor-python", "python3"], "");
+    assert!(!ok && err.contains("random:"), "{err}");
+}

@@ -45,7 +45,7 @@ pub struct MethodReport {
     pub kernels: String,
 }
 
-fn shape(name: &str) -> Result<LlamaConfig> {
+pub(crate) fn shape(name: &str) -> Result<LlamaConfig> {
     match name {
         "smollm2" => Ok(LlamaConfig::smollm2_135m()),
         "llama2-7b" => Ok(LlamaConfig::llama2_7b()),

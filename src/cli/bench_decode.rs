@@ -6,6 +6,12 @@
 //!
 //! Decode time is the time of `1 + n` new tokens less that of 1 (which is the prefill and the
 //! first token), so that it counts only the decode steps.
+//!
+//! Beside them, the bound that memory puts on decoding: the weight bytes a step reads and the
+//! machine's measured read bandwidth (`memory::read_bandwidth_gb_s`); batch 1 decoding cannot
+//! beat bandwidth / bytes. `--model random:SHAPE` (smollm2, llama2-7b, tiny) decodes random
+//! Q4_0 weights of that shape, with prompts of fixed token ids: LLaMA-7B's figure without its
+//! file.
 
 use std::time::Instant;
 
@@ -27,6 +33,10 @@ pub struct DecodeFigures {
     pub decode_tok_s: Vec<(usize, f64)>,
     pub prefill_tok_s: f64,
     pub prefill_tokens: usize,
+    /// The weight bytes one decoding step reads (`Llama::weight_bytes_per_token`).
+    pub weight_bytes_per_token: usize,
+    /// The machine's memory read bandwidth, GB/s.
+    pub read_bandwidth_gb_s: f64,
     /// `bench/llamacpp_anchor.py`'s line, when it ran.
     pub anchor: Option<Value>,
 }
@@ -57,20 +67,36 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
         crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--json", args.overwrite)?;
     }
     let (dtype, device, quantize) = (args.model.dtype()?, args.model.device()?, args.model.quantize()?);
-    let loaded = if args.dense {
-        crate::loading::load_model_with(&args.model.model, dtype, &device, quantize)?
-    } else {
-        crate::loading::load_model_for_inference(&args.model.model, dtype, &device, quantize)?
+    let random = args.model.model.strip_prefix("random:");
+    let loaded = match random {
+        Some(_) if args.anchor_python.is_some() => return Err(Error::msg("--anchor-python needs a model file; `random:` has none")),
+        Some(shape) => crate::loading::LoadedModel {
+            model: crate::loading::random_packed(super::bench::shape(shape)?, crate::quant::ggml::BlockType::Q4_0, 0)?,
+            tokenizer: None,
+            source: args.model.model.clone(),
+        },
+        None if args.dense => crate::loading::load_model_with(&args.model.model, dtype, &device, quantize)?,
+        None => crate::loading::load_model_for_inference(&args.model.model, dtype, &device, quantize)?,
     };
-    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| Error::msg(format!("{}: no tokenizer to make the prompts with", args.model.model)))?;
-    let encode = |text: &str| encode_ids(tokenizer, text, true);
     let model = &loaded.model;
-    let prompt = encode("The three primary colors are")?;
-    let mut long = encode(&"The history of the city ".repeat(args.prefill_tokens / 4 + 8))?;
-    if long.len() < args.prefill_tokens {
-        return Err(Error::msg(format!("the prefill prompt has only {} tokens", long.len())));
-    }
-    long.truncate(args.prefill_tokens);
+    let (prompt, long) = match &loaded.tokenizer {
+        Some(tokenizer) => {
+            let encode = |text: &str| encode_ids(tokenizer, text, true);
+            let mut long = encode(&"The history of the city ".repeat(args.prefill_tokens / 4 + 8))?;
+            if long.len() < args.prefill_tokens {
+                return Err(Error::msg(format!("the prefill prompt has only {} tokens", long.len())));
+            }
+            long.truncate(args.prefill_tokens);
+            (encode("The three primary colors are")?, long)
+        }
+        None if random.is_some() => {
+            // Token ids spread over the vocabulary (the weights are random: any ids do).
+            let vocab = model.config.vocab_size as u32;
+            let ids = |n: usize| (0..n as u32).map(|i| 1 + i.wrapping_mul(7919) % (vocab - 1)).collect::<Vec<u32>>();
+            (ids(6), ids(args.prefill_tokens))
+        }
+        None => return Err(Error::msg(format!("{}: no tokenizer to make the prompts with", args.model.model))),
+    };
     check_context(model, std::slice::from_ref(&long), &greedy_config(1))?;
 
     greedy_seconds(model, std::slice::from_ref(&prompt), 8)?; // warm-up: pages, thread pool
@@ -81,7 +107,7 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
         let all = best(args.repeat, || greedy_seconds(model, &prompts, 1 + args.new_tokens))?;
         decode_tok_s.push((b, (b * args.new_tokens) as f64 / (all - first).max(1e-9)));
     }
-    let prefill = best(args.repeat, || greedy_seconds(model, &[long.clone()], 1))?;
+    let prefill = best(args.repeat, || greedy_seconds(model, std::slice::from_ref(&long), 1))?;
     let anchor = match &args.anchor_python {
         Some(python) => Some(run_anchor(python, &args.model.model, args.threads)?),
         None => None,
@@ -93,6 +119,8 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
         decode_tok_s,
         prefill_tok_s: args.prefill_tokens as f64 / prefill,
         prefill_tokens: args.prefill_tokens,
+        weight_bytes_per_token: model.weight_bytes_per_token(),
+        read_bandwidth_gb_s: crate::memory::read_bandwidth_gb_s(1 << 30),
         anchor,
     };
     print!("{}", table(&figures));
@@ -132,5 +160,15 @@ pub fn table(f: &DecodeFigures) -> String {
         row(format!("decode, batch {b}"), tok_s, if b == 1 { anchor("decode_tok_s") } else { None });
     }
     row(format!("prefill, {} tokens", f.prefill_tokens), f.prefill_tok_s, anchor("prefill_tok_s"));
+    let (gb, bound) = (f.weight_bytes_per_token as f64 / 1e9, f.read_bandwidth_gb_s / (f.weight_bytes_per_token as f64 / 1e9));
+    if let Some(&(_, one)) = f.decode_tok_s.iter().find(|(b, _)| *b == 1) {
+        s += &format!(
+            "memory: {:.3} GB of weights a step, {:.1} GB/s read bandwidth: at most {bound:.1} tokens/s at batch 1; decoding reads {:.1} GB/s, {:.0}% of it\n",
+            gb,
+            f.read_bandwidth_gb_s,
+            one * gb,
+            100.0 * one / bound
+        );
+    }
     s
 }

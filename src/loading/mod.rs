@@ -5,6 +5,7 @@ pub mod convert;
 pub mod gguf;
 pub mod gguf_tokenizer;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -99,4 +100,64 @@ fn check_quantization_config(config: &Path) -> Result<()> {
         return Err(bad(format!("quantization_config: bnb_4bit_quant_type `{qt}` is not supported (nf4 only)")));
     }
     Ok(())
+}
+
+/// A model of `config`'s shape whose linear weights, embedding and head are random `kind` blocks
+/// (codes uniform, scales 0.01; norms at 1), laid out for this CPU: what decoding a model of that
+/// size costs, without the file (`bench decode --model random:llama2-7b`: 3.8 GB in Q4_0). A
+/// matrix whose rows are not whole blocks (test shapes) is dense f32 instead.
+pub fn random_packed(config: LlamaConfig, kind: crate::quant::ggml::BlockType, seed: u64) -> Result<Llama> {
+    use crate::quant::ggml::QMatrix;
+    use rand::{rngs::StdRng, RngCore, SeedableRng};
+    use rayon::prelude::*;
+    let c = &config;
+    let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), [c.vocab_size, h])];
+    if !c.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), [c.vocab_size, h]));
+    }
+    for i in 0..c.num_hidden_layers {
+        for (name, shape) in [
+            ("self_attn.q_proj", [c.num_attention_heads * hd, h]),
+            ("self_attn.k_proj", [kv * hd, h]),
+            ("self_attn.v_proj", [kv * hd, h]),
+            ("self_attn.o_proj", [h, c.num_attention_heads * hd]),
+            ("mlp.gate_proj", [im, h]),
+            ("mlp.up_proj", [im, h]),
+            ("mlp.down_proj", [h, im]),
+        ] {
+            shapes.push((format!("model.layers.{i}.{name}.weight"), shape));
+        }
+    }
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let mut packed = HashMap::new();
+    let mut dense = HashMap::new();
+    for (n, (name, [rows, cols])) in shapes.into_iter().enumerate() {
+        if !cols.is_multiple_of(crate::quant::ggml::BLOCK) {
+            dense.insert(name, (candle_core::Tensor::rand(-1f32, 1.0, (rows, cols), &Device::Cpu)? * 0.01)?);
+            continue;
+        }
+        let bb = kind.block_bytes();
+        let mut data = vec![0u8; rows * cols / crate::quant::ggml::BLOCK * bb];
+        data.par_chunks_mut(bb << 12).enumerate().for_each(|(i, chunk)| {
+            StdRng::seed_from_u64(seed ^ ((n as u64) << 32) ^ i as u64).fill_bytes(chunk);
+            for block in chunk.chunks_exact_mut(bb) {
+                // d (and Q4_1's / Q5_1's m) small and finite, whatever the random bytes were.
+                block[..2].copy_from_slice(&scale);
+                if matches!(kind, crate::quant::ggml::BlockType::Q4_1 | crate::quant::ggml::BlockType::Q5_1) {
+                    block[2..4].copy_from_slice(&scale);
+                }
+            }
+        });
+        packed.insert(name, QMatrix::new(kind, rows, cols, data)?.for_this_cpu());
+    }
+    let mut norms = dense;
+    for i in 0..c.num_hidden_layers {
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            norms.insert(format!("model.layers.{i}.{norm}.weight"), candle_core::Tensor::ones(h, DType::F32, &Device::Cpu)?);
+        }
+    }
+    norms.insert("model.norm.weight".to_string(), candle_core::Tensor::ones(h, DType::F32, &Device::Cpu)?);
+    let weights = crate::weights::Weights::from_tensors(norms, "random".to_string());
+    Llama::load_packed(config, &weights, packed, DType::F32, &Device::Cpu, None)
 }

@@ -322,6 +322,23 @@ impl Llama {
         &self.device
     }
 
+    /// The weight bytes one decoding step reads: every linear layer's and the LM head's (the
+    /// embedding gives one row per token, nothing next to these).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj])
+            .map(|lin| lin.base().base_weight().bytes())
+            .sum();
+        let head = match (&self.lm_head, &self.packed_head) {
+            (Some(h), _) => h.elem_count() * h.dtype().size_in_bytes(),
+            (None, Some(p)) => p.data.len(),
+            (None, None) => self.embed_tokens.elem_count() * self.embed_tokens.dtype().size_in_bytes(),
+        };
+        linears + head
+    }
+
     /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
     pub fn named_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

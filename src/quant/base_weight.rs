@@ -51,6 +51,15 @@ impl BaseWeight {
         }
     }
 
+    /// The bytes a product with W reads: the dense values, or the packed codes and scales.
+    pub fn bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Nf4 { weight, .. } => weight.packed.len() + weight.shape.iter().product::<usize>() / weight.blocksize,
+            BaseWeight::Packed { weight, .. } => weight.data.len(),
+        }
+    }
+
     /// The dtype [`BaseWeight::dense`] gives.
     pub fn dtype(&self) -> DType {
         match self {
