@@ -43,6 +43,9 @@ pub struct MethodReport {
     /// "gemm" (`--attention-kernel`).
     #[serde(default)]
     pub kernels: String,
+    /// `bench/cpu_anchor.py`'s figures, when `--anchor-python` ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<serde_json::Value>,
 }
 
 pub(crate) fn shape(name: &str) -> Result<LlamaConfig> {
@@ -104,7 +107,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     let peak = proc_status_mib("VmHWM")?;
     let gpu_loaded_mib = gpu.as_ref().map(GpuMemory::baseline_mib);
     let gpu_peak_extra_mib = gpu.map(GpuMemory::finish).transpose()?;
-    let report = MethodReport {
+    let mut report = MethodReport {
         method: args.adapter.method.clone(),
         trainable_params: model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum(),
         optimizer_state_bytes,
@@ -117,9 +120,38 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f64::NAN),
         kernels: kernels_in_use(),
+        anchor: None,
     };
+    if let (Some(python), Some(dir)) = (&args.anchor_python, &args.anchor_model) {
+        let anchor = super::bench_decode::run_anchor(python, "cpu_anchor.py", &[&dir.display().to_string()])?;
+        eprintln!("{}", anchor_line(&report, &anchor, anchor_recipe(args)?));
+        report.anchor = Some(anchor);
+    }
     println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
     Ok(())
+}
+
+/// Whether this run's step is the anchor's recipe (LoRA r 32, alpha 64 on q,k,v,up,down, SmolLM2's
+/// shape, batch 4 x 256, f32 on the CPU): only then is the ratio like for like.
+fn anchor_recipe(args: &BenchStepArgs) -> Result<bool> {
+    let cfg = args.adapter.to_config()?;
+    let targets = crate::adapters::Targets::List(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"].map(String::from).to_vec());
+    let lora = cfg.downcast_ref::<crate::adapters::LoraConfig>().is_some_and(|c| c.r == 32 && c.lora_alpha == 64.0 && !c.use_rslora && !c.use_dora && c.target_modules == targets);
+    let run = &args.run;
+    Ok(lora && run.shape == "smollm2" && run.layers.is_none() && run.batch == 4 && run.seq == 256 && run.dtype == "f32" && run.device == "cpu" && run.quantize.is_none())
+}
+
+/// This run's tokens/s beside the anchor's, f32 and bf16 autocast, with the ratios.
+fn anchor_line(report: &MethodReport, anchor: &serde_json::Value, same_recipe: bool) -> String {
+    let theirs = |key: &str| anchor.get(key).and_then(serde_json::Value::as_f64);
+    let ratio = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{t:.1} tokens/s ({:.2}x)", report.tokens_per_second / t));
+    format!(
+        "this engine {:.1} tokens/s; PyTorch + PEFT f32 {}, bf16 autocast {}{}",
+        report.tokens_per_second,
+        ratio(theirs("lora_train_tok_s_bs4x256")),
+        ratio(theirs("lora_train_bf16_autocast_tok_s_bs4x256")),
+        if same_recipe { "" } else { " (the anchor's recipe differs from this run's: not like for like)" }
+    )
 }
 
 /// The report's `kernels`.

@@ -81,6 +81,14 @@ pub struct BenchStepArgs {
     pub run: BenchRunArgs,
     #[command(flatten)]
     pub adapter: AdapterArgs,
+    /// PyTorch + PEFT in the same run, for the ratio: `bench/cpu_anchor.py` (its own recipe: LoRA
+    /// r 32, alpha 64 on q,k,v,up,down, batch 4 x 256, f32 and bf16 autocast) run by this Python
+    /// (a venv with torch, transformers and peft: `scripts/peft_venv.sh`).
+    #[arg(long, requires = "anchor_model")]
+    pub anchor_python: Option<PathBuf>,
+    /// The Hugging Face directory of SmolLM2-135M the anchor trains (`candle-peft convert` of the GGUF).
+    #[arg(long, requires = "anchor_python")]
+    pub anchor_model: Option<PathBuf>,
 }
 
 /// The model and batch every method of a benchmark runs on.

@@ -109,7 +109,7 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     }
     let prefill = best(args.repeat, || greedy_seconds(model, std::slice::from_ref(&long), 1))?;
     let anchor = match &args.anchor_python {
-        Some(python) => Some(run_anchor(python, &args.model.model, args.threads)?),
+        Some(python) => Some(run_anchor(python, "llamacpp_anchor.py", &[&args.model.model, &args.threads.to_string()])?),
         None => None,
     };
     let figures = DecodeFigures {
@@ -132,20 +132,23 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     Ok(figures)
 }
 
-/// `bench/llamacpp_anchor.py MODEL THREADS`, its one JSON line.
-fn run_anchor(python: &std::path::Path, model: &str, threads: usize) -> Result<Value> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/llamacpp_anchor.py");
+/// `bench/SCRIPT ARGS...` run by `python`: the JSON object it prints (the whole output, or its
+/// last line after other output).
+pub(crate) fn run_anchor(python: &std::path::Path, script: &str, args: &[&str]) -> Result<Value> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join(script);
     let out = std::process::Command::new(python)
         .arg(&script)
-        .arg(model)
-        .arg(threads.to_string())
+        .args(args)
         .output()
         .map_err(|e| Error::msg(format!("--anchor-python {}: {e}", python.display())))?;
     if !out.status.success() {
         return Err(Error::msg(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim())));
     }
     let line = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(line.lines().last().unwrap_or("")).map_err(|e| Error::msg(format!("{}: not one JSON line ({e}): {line}", script.display())))
+    // The whole output as one (possibly indented) object, or else its last line.
+    serde_json::from_str(line.trim())
+        .or_else(|_| serde_json::from_str(line.lines().last().unwrap_or("")))
+        .map_err(|e| Error::msg(format!("{}: not one JSON object ({e}): {line}", script.display())))
 }
 
 pub fn table(f: &DecodeFigures) -> String {
