@@ -111,21 +111,13 @@ pub fn random_packed(config: LlamaConfig, kind: crate::quant::ggml::BlockType, s
     use rand::{rngs::StdRng, RngCore, SeedableRng};
     use rayon::prelude::*;
     let c = &config;
-    let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+    let h = c.hidden_size;
     let mut shapes = vec![("model.embed_tokens.weight".to_string(), [c.vocab_size, h])];
     if !c.tie_word_embeddings {
         shapes.push(("lm_head.weight".to_string(), [c.vocab_size, h]));
     }
     for i in 0..c.num_hidden_layers {
-        for (name, shape) in [
-            ("self_attn.q_proj", [c.num_attention_heads * hd, h]),
-            ("self_attn.k_proj", [kv * hd, h]),
-            ("self_attn.v_proj", [kv * hd, h]),
-            ("self_attn.o_proj", [h, c.num_attention_heads * hd]),
-            ("mlp.gate_proj", [im, h]),
-            ("mlp.up_proj", [im, h]),
-            ("mlp.down_proj", [h, im]),
-        ] {
+        for (name, shape) in c.layer_linears() {
             shapes.push((format!("model.layers.{i}.{name}.weight"), shape));
         }
     }

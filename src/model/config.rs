@@ -33,6 +33,21 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Every decoder layer's linear layers: name within the layer and shape [out, in].
+    pub fn layer_linears(&self) -> [(&'static str, [usize; 2]); 7] {
+        let (h, kv, hd, im) = (self.hidden_size, self.num_key_value_heads, self.head_dim, self.intermediate_size);
+        let q = self.num_attention_heads * hd;
+        [
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv * hd, h]),
+            ("self_attn.v_proj", [kv * hd, h]),
+            ("self_attn.o_proj", [h, q]),
+            ("mlp.gate_proj", [im, h]),
+            ("mlp.up_proj", [im, h]),
+            ("mlp.down_proj", [h, im]),
+        ]
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let v: Value = crate::error::read_json(path)?;
         Self::from_value(&v, path)

@@ -675,20 +675,12 @@ pub fn random_weight_makers(c: &LlamaConfig, std: f32, seed: u64) -> Result<Vec<
         }))
     };
     let ones = |n: usize| -> TensorMaker { Box::new(move || Ok(Tensor::ones(n, DType::F32, &Device::Cpu)?)) };
-    let (h, kv, hd, im) = (c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+    let h = c.hidden_size;
     let mut w = Vec::new();
     w.push(("model.embed_tokens.weight".to_string(), normal(&[c.vocab_size, h])?));
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [c.num_attention_heads * hd, h]),
-            ("self_attn.k_proj", [kv * hd, h]),
-            ("self_attn.v_proj", [kv * hd, h]),
-            ("self_attn.o_proj", [h, c.num_attention_heads * hd]),
-            ("mlp.gate_proj", [im, h]),
-            ("mlp.up_proj", [im, h]),
-            ("mlp.down_proj", [h, im]),
-        ] {
+        for (name, shape) in c.layer_linears() {
             w.push((format!("{p}.{name}.weight"), normal(&shape)?));
         }
         w.push((format!("{p}.input_layernorm.weight"), ones(h)));
