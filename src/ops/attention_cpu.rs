@@ -18,10 +18,9 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-/// Up to this many query positions (decoding, beams, short prompts) the rows are faster than the
-/// composed GEMMs, which read each key once for a block of queries where a row reads every key
-/// per query; on a 400-token prompt the two measured the same (`bench decode`, SmolLM2-135M,
-/// 2026-12-06), so prompts keep the composition.
+/// Up to this many query positions (decoding, beams, short prompts) the rows are used; a prompt
+/// keeps the composed GEMMs, which read each key once for a block of queries where a row reads
+/// every key once per query, and are no slower there (docs/BENCHMARKS.md, CPU inference).
 pub const QUERIES_MAX: usize = 16;
 
 /// The bias of a masked key (`ops::attention_bias` in f32).

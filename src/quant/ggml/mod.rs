@@ -36,8 +36,9 @@ use crate::{Error, Result};
 /// Weights per block, for every type here.
 pub const BLOCK: usize = 32;
 
-/// Up to this many rows of x, `x Wᵀ` reads the packed blocks; above, dequantizing W and a dense
-/// GEMM is faster (`bench decode`'s prefill, 2026-12-06).
+/// Up to this many rows of x, `x Wᵀ` on a row-major matrix reads the packed blocks; above,
+/// dequantizing W and a dense GEMM is faster. An interleaved matrix reads its blocks for any
+/// number of rows (`QMatrix::packed_product_pays`).
 pub const PACKED_ROWS_MAX: usize = 16;
 
 /// The block types kept packed.
