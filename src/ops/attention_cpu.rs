@@ -50,13 +50,15 @@ fn view<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<View<'a
     }
 }
 
-/// Whether [`attention`] takes these tensors: f32 on the CPU, q, k, v and bias 4-D.
+/// Whether [`attention`] takes these tensors: f32 on the CPU, q [b, H, t, d], k and v
+/// [b, G, s, d] with G dividing H, bias [b, 1, t, s], each with unit stride in its last dim.
+/// Anything else goes the composed way.
 pub fn takes(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> bool {
-    [q, k, v, bias].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() == 4)
+    let plain = [q, k, v, bias].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() == 4 && t.layout().stride().last() == Some(&1));
+    plain && fits(q, k, v, bias).is_ok()
 }
 
-/// `softmax(q kᵀ · scale + bias) v` as [b, t, H·d] (see the module doc).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+fn fits(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<()> {
     let (b, h, t, d) = q.dims4()?;
     let (_, g, s, _) = k.dims4()?;
     if g == 0 || h % g != 0 || v.dims4()? != (b, g, s, d) || k.dims4()? != (b, g, s, d) || bias.dims4()? != (b, 1, t, s) {
@@ -68,6 +70,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             bias.dims()
         )));
     }
+    Ok(())
+}
+
+/// `softmax(q kᵀ · scale + bias) v` as [b, t, H·d] (see the module doc).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    fits(q, k, v, bias)?;
+    let (b, h, t, d) = q.dims4()?;
+    let (g, s) = (k.dim(1)?, k.dim(2)?);
     let (n, scale) = (h / g, scale as f32);
     let guards = [q, k, v, bias].map(|t| t.storage_and_layout());
     let [qv, kv, vv, bv] = [("q", 0), ("k", 1), ("v", 2), ("bias", 3)].map(|(what, i)| view(&guards[i].0, guards[i].1, what));
@@ -200,5 +210,6 @@ mod tests {
         let k = Tensor::zeros((1, 2, 2, 4), DType::F32, &dev).unwrap();
         let bias = Tensor::zeros((1, 1, 2, 2), DType::F32, &dev).unwrap();
         assert!(attention(&q, &k, &k, &bias, 1.0).unwrap_err().to_string().contains("do not fit"));
+        assert!(!takes(&q, &k, &k, &bias), "3 query heads over 2 key heads go the composed way");
     }
 }
