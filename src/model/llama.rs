@@ -69,6 +69,20 @@ pub struct DecoderLayer {
     pub mlp_control: Option<Box<dyn BlockControl>>,
 }
 
+impl DecoderLayer {
+    /// The layer's linear layers, in the order of [`LlamaConfig::layer_linears`].
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    /// [`DecoderLayer::linears`], mutable.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+}
+
 /// Keys and values of the tokens seen so far, per layer, with their padding mask. Not `Clone`:
 /// a clone would share the buffers that appending writes into.
 #[derive(Default)]
@@ -92,9 +106,9 @@ struct LayerKv {
 impl LayerKv {
     /// The first keys and values as they are (no copy: a forward without a cache, as in
     /// training, never appends).
-    fn new(k: Tensor, v: Tensor) -> Self {
-        let len = k.dim(2).unwrap_or(0);
-        Self { k, v, len }
+    fn new(k: Tensor, v: Tensor) -> Result<Self> {
+        let len = k.dim(2)?;
+        Ok(Self { k, v, len })
     }
 
     /// The filled positions.
@@ -144,7 +158,7 @@ impl KvCache {
         let idx = Tensor::new(rows, &device)?;
         for kv in self.layers.iter_mut().flatten() {
             let (k, v) = kv.filled()?;
-            *kv = LayerKv::new(k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?);
+            *kv = LayerKv::new(k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)?;
         }
         for x in self.control_inputs.iter_mut().flatten() {
             *x = x.index_select(&idx, 0)?;
@@ -328,7 +342,7 @@ impl Llama {
         let linears: usize = self
             .layers
             .iter()
-            .flat_map(|l| [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj])
+            .flat_map(DecoderLayer::linears)
             .map(|lin| lin.base().base_weight().bytes())
             .sum();
         let head = match (&self.lm_head, &self.packed_head) {
@@ -341,41 +355,23 @@ impl Llama {
 
     /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
     pub fn named_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let names = self.config.layer_linears().map(|(name, _)| name);
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                out.push((format!("{p}.{name}"), lin));
+            for (name, lin) in names.iter().zip(l.linears_mut()) {
+                out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
         out
     }
 
+    /// [`Llama::named_linears_mut`], shared.
     pub fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let names = self.config.layer_linears().map(|(name, _)| name);
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                out.push((format!("{p}.{name}"), lin));
+            for (name, lin) in names.iter().zip(l.linears()) {
+                out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
         out
@@ -592,7 +588,7 @@ impl Llama {
         let mut v = attn.v_proj.forward_heads(x, AttentionHeads::plain(nkv), train)?;
         match kv {
             Some(cache) => (k, v) = cache.append(&k.detach(), &v.detach())?,
-            None => *kv = Some(LayerKv::new(k.detach(), v.detach())),
+            None => *kv = Some(LayerKv::new(k.detach(), v.detach())?),
         }
         let out = ops::attention(&q, &k, &v, bias, train)?;
         attn.o_proj.forward_add(&out, residual, train)

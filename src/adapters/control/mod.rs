@@ -32,10 +32,9 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::adapters::flags::{FlagGroup, Flags, MethodFlags};
-use crate::adapters::lora;
+use crate::adapters::flags::{FlagGroup, Flags, MethodFlags, TargetFlags, MAX_RANK};
+use crate::adapters::lora::LoraFlags;
 use crate::validate::{dropout, int_in, real_in};
-use crate::adapters::flags::MAX_RANK;
 use crate::adapters::config::{parse, ReadConfig};
 use crate::adapters::method::{inject_linears, AdapterMethod};
 use crate::adapters::{LoraConfig, Targets};
@@ -74,7 +73,7 @@ impl MethodFlags for ControlFlags {
 
 pub const FLAGS: &[FlagGroup] = &[<ControlFlags as clap::Args>::augment_args];
 /// Control + LoRA's: the Control flags and LoRA's.
-pub const WITH_LORA_FLAGS: &[FlagGroup] = &[<ControlFlags as clap::Args>::augment_args, lora::FLAGS[0], lora::FLAGS[1]];
+pub const WITH_LORA_FLAGS: &[FlagGroup] = &[<ControlFlags as clap::Args>::augment_args, <TargetFlags as clap::Args>::augment_args, <LoraFlags as clap::Args>::augment_args];
 
 impl ControlConfig {
     /// Parallel Control, across the attention block too when `double_control`, with LoRA on
