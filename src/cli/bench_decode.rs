@@ -9,9 +9,9 @@
 //!
 //! Beside them, the bound that memory puts on decoding: the weight bytes a step reads and the
 //! machine's measured read bandwidth (`memory::read_bandwidth_gb_s`); batch 1 decoding cannot
-//! beat bandwidth / bytes. `--model random:SHAPE` (smollm2, llama2-7b, tiny) decodes random
-//! Q4_0 weights of that shape, with prompts of fixed token ids: LLaMA-7B's figure without its
-//! file.
+//! beat bandwidth / bytes. `--model random:SHAPE[:TYPE]` (smollm2, llama2-7b, tiny; q4_0 unless
+//! a block type such as q4_k is named) decodes random weights of that shape and type, with
+//! prompts of fixed token ids: LLaMA-7B's figure without its file.
 
 use std::time::Instant;
 
@@ -61,6 +61,20 @@ fn best(repeat: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     (0..repeat).try_fold(f64::INFINITY, |b, _| Ok(b.min(f()?)))
 }
 
+/// `random:SHAPE[:TYPE]`'s model.
+fn random_model(spec: &str) -> Result<Llama> {
+    use crate::quant::ggml::BlockType;
+    let (shape, kind) = match spec.split_once(':') {
+        None => (spec, BlockType::Q4_0),
+        Some((shape, name)) => {
+            let names = BlockType::ALL.map(|t| format!("{t:?}").to_lowercase()).join(", ");
+            let kind = BlockType::from_name(name).ok_or_else(|| Error::msg(format!("--model random:{spec}: unknown block type `{name}` (one of {names})")))?;
+            (shape, kind)
+        }
+    };
+    crate::loading::random_packed(super::bench::shape(shape)?, kind, 0)
+}
+
 pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     args.validate()?;
     if let Some(path) = &args.json {
@@ -70,8 +84,8 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     let random = args.model.model.strip_prefix("random:");
     let loaded = match random {
         Some(_) if args.anchor_python.is_some() => return Err(Error::msg("--anchor-python needs a model file; `random:` has none")),
-        Some(shape) => crate::loading::LoadedModel {
-            model: crate::loading::random_packed(super::bench::shape(shape)?, crate::quant::ggml::BlockType::Q4_0, 0)?,
+        Some(spec) => crate::loading::LoadedModel {
+            model: random_model(spec)?,
             tokenizer: None,
             source: args.model.model.clone(),
         },

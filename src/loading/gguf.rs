@@ -66,7 +66,7 @@ pub fn load_gguf_with(path: &Path, dtype: DType, device: &Device, keep_packed: b
                     let data = qtensor.data().map_err(|e| bad(message(&e)))?.into_owned();
                     QMatrix::new(kind, rows, cols, data).map_err(|e| bad(e.to_string()))?
                 }
-                // K-quants and F16 have no product here yet: requantized to Q8_0.
+                // Q2_K, Q3_K and F16 have no product here: requantized to Q8_0.
                 None => {
                     let dense: Vec<f32> = qtensor.dequantize(&Device::Cpu).map_err(|e| bad(message(&e)))?.flatten_all()?.to_vec1()?;
                     crate::quant::ggml::quantize_q8_0(&dense, rows, cols).map_err(|e| bad(e.to_string()))?
@@ -439,7 +439,8 @@ pub(crate) mod tests {
     const HEADS: usize = 4;
     const KV_HEADS: usize = 2;
     const HEAD_DIM: usize = 16;
-    const FFN: usize = 96;
+    // A multiple of 256, so that ffn_down can be a K-quant.
+    const FFN: usize = 256;
     const VOCAB: usize = 8;
 
     /// llama.cpp's `permute` from `convert_hf_to_gguf.py`, the operation `unpermute_qk` undoes.
@@ -544,8 +545,9 @@ pub(crate) mod tests {
             ("blk.0.attn_k.weight", k, GgmlDType::Q4_1),
             ("blk.0.attn_v.weight", rnd(KV_HEADS * HEAD_DIM, HIDDEN, 3), GgmlDType::Q5_0),
             ("blk.0.ffn_up.weight", rnd(FFN, HIDDEN, 4), GgmlDType::Q5_1),
-            // A type without a product here (as the K-quants): requantized to Q8_0 at load.
-            ("blk.0.ffn_down.weight", rnd(HIDDEN, FFN, 5), GgmlDType::F16),
+            ("blk.0.ffn_down.weight", rnd(HIDDEN, FFN, 5), GgmlDType::Q4K),
+            // A type without a product here (as Q2_K, Q3_K): requantized to Q8_0 at load.
+            ("blk.0.attn_output.weight", rnd(HIDDEN, HIDDEN, 6), GgmlDType::F16),
         ] {
             tiny.gguf.retain(|(n, _)| n != name);
             tiny.gguf.push((name.to_string(), QTensor::quantize(&w, ty).unwrap()));
@@ -563,15 +565,18 @@ pub(crate) mod tests {
         assert!(none.is_empty());
         let mut names = names;
         names.sort();
-        // q (Q8_0), k (Q4_1), v (Q5_0), o (Q8_0), gate (Q4_0), up (Q5_1), down (F16, requantized
-        // to Q8_0), the tied head (Q8_0).
+        // q (Q8_0), k (Q4_1), v (Q5_0), o (F16, requantized to Q8_0), gate (Q4_0), up (Q5_1),
+        // down (Q4_K, kept), the tied head (Q8_0).
         assert_eq!(names.len(), 8, "{names:?}");
+        let g = load_gguf_with(&path, DType::F32, &Device::Cpu, true).unwrap();
+        let kind = |n: &str| g.packed[&format!("model.layers.0.{n}.weight")].kind;
+        assert_eq!([kind("mlp.down_proj"), kind("self_attn.o_proj")], [BlockType::Q4_K, BlockType::Q8_0]);
         assert!(packed.packed_head.is_some() && dense.packed_head.is_none());
         let ids = Tensor::new(&[[3u32, 5, 4, 6]], &Device::Cpu).unwrap();
         let logits = |m: &crate::model::Llama| m.forward(&ids, None, None, false).unwrap();
         let (want, got) = (logits(&dense), logits(&packed));
-        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let err = max_abs_diff(&want, &got) / scale;
+        let scale = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let err = max_abs_diff(&want, &got) / scale(&want);
         assert!(err < 2e-2, "packed logits off by {err} of their scale");
         assert!(err > 0.0, "the packed path was not taken");
 
@@ -587,13 +592,15 @@ pub(crate) mod tests {
         };
         for m in [&mut dense, &mut packed] {
             crate::adapters::inject(m, &crate::adapters::AdapterConfig::new(lora.clone()), 3).unwrap();
-            for (_, var) in m.trainable_params() {
-                var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+            // The same random values in both models (B is zero at init: the adapter would be a no-op).
+            for (i, (_, var)) in m.trainable_params().into_iter().enumerate() {
+                let (rows, cols) = var.as_tensor().dims2().unwrap();
+                var.set(&rnd(rows, cols, 100 + i as u64)).unwrap();
             }
         }
         let (want_lora, got_lora) = (logits(&dense), logits(&packed));
         assert!(max_abs_diff(&want_lora, &want) > 10.0 * max_abs_diff(&want, &got), "the adapter changes the logits");
-        let err = max_abs_diff(&want_lora, &got_lora) / scale;
+        let err = max_abs_diff(&want_lora, &got_lora) / scale(&want_lora);
         assert!(err < 2e-2, "packed + LoRA logits off by {err} of their scale");
     }
 

@@ -121,24 +121,21 @@ pub fn random_packed(config: LlamaConfig, kind: crate::quant::ggml::BlockType, s
             shapes.push((format!("model.layers.{i}.{name}.weight"), shape));
         }
     }
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let scale = half::f16::from_f32(0.01);
     let mut packed = HashMap::new();
     let mut dense = HashMap::new();
     for (n, (name, [rows, cols])) in shapes.into_iter().enumerate() {
-        if !cols.is_multiple_of(crate::quant::ggml::BLOCK) {
+        if !cols.is_multiple_of(kind.block_len()) {
             dense.insert(name, (candle_core::Tensor::rand(-1f32, 1.0, (rows, cols), &Device::Cpu)? * 0.01)?);
             continue;
         }
         let bb = kind.block_bytes();
-        let mut data = vec![0u8; rows * cols / crate::quant::ggml::BLOCK * bb];
+        let mut data = vec![0u8; rows * cols / kind.block_len() * bb];
         data.par_chunks_mut(bb << 12).enumerate().for_each(|(i, chunk)| {
             StdRng::seed_from_u64(seed ^ ((n as u64) << 32) ^ i as u64).fill_bytes(chunk);
             for block in chunk.chunks_exact_mut(bb) {
-                // d (and Q4_1's / Q5_1's m) small and finite, whatever the random bytes were.
-                block[..2].copy_from_slice(&scale);
-                if matches!(kind, crate::quant::ggml::BlockType::Q4_1 | crate::quant::ggml::BlockType::Q5_1) {
-                    block[2..4].copy_from_slice(&scale);
-                }
+                // The scales small and finite, whatever the random bytes were.
+                kind.set_scales(block, scale);
             }
         });
         packed.insert(name, QMatrix::new(kind, rows, cols, data)?.for_this_cpu());

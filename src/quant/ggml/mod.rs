@@ -11,6 +11,9 @@
 //! | Q5_1 | 24 | `d: f16, m: f16, qh: u32, qs: [u8; 16]` | `d · (q_i + 16 h_i) + m` |
 //! | Q8_0 | 34 | `d: f16, qs: [i8; 32]` | `d · qs[i]` |
 //!
+//! The K-quants (Q4_K, Q5_K, Q6_K), in super-blocks of 256 with scales per 32 or 16 weights, are
+//! in `k_quants`; the product treats each of their sub-blocks of 32 as a block here.
+//!
 //! The product `y = x Wᵀ` quantizes each row of x to 8 bits per block of 32 first, as llama.cpp
 //! does (`x_i ≈ d_x · p_i`, `d_x = max|x| / 127`, with `s_x = d_x · Σ p_i` kept for the types with
 //! an offset), so a block's dot product is an integer sum: `d_w d_x Σ q_i p_i` (+ `m · s_x`).
@@ -23,6 +26,7 @@
 //! makes prompts and batches of rows cheaper from the packed blocks than dequantized.
 
 pub mod interleaved;
+pub mod k_quants;
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -41,7 +45,8 @@ pub const BLOCK: usize = 32;
 /// number of rows (`QMatrix::packed_product_pays`).
 pub const PACKED_ROWS_MAX: usize = 16;
 
-/// The block types kept packed.
+/// The block types kept packed, named as llama.cpp names them.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockType {
     Q4_0,
@@ -49,6 +54,9 @@ pub enum BlockType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl BlockType {
@@ -59,9 +67,32 @@ impl BlockType {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4_K,
+            GgmlDType::Q5K => Self::Q5_K,
+            GgmlDType::Q6K => Self::Q6_K,
             _ => return None,
         })
     }
+
+    pub fn to_ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_K => GgmlDType::Q4K,
+            Self::Q5_K => GgmlDType::Q5K,
+            Self::Q6_K => GgmlDType::Q6K,
+        }
+    }
+
+    /// The type named as llama.cpp names it (`q4_0`, `q4_k`, ...), any case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| format!("{t:?}").eq_ignore_ascii_case(name))
+    }
+
+    pub const ALL: [BlockType; 8] = [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q8_0, Self::Q4_K, Self::Q5_K, Self::Q6_K];
 
     pub fn block_bytes(self) -> usize {
         match self {
@@ -70,6 +101,32 @@ impl BlockType {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
+        }
+    }
+
+    /// Weights per block: 32, or a K-quant's super-block of 256.
+    pub fn block_len(self) -> usize {
+        if self.is_k_quant() { k_quants::SUPER } else { BLOCK }
+    }
+
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
+    }
+
+    /// Sets a block's f16 scales (d, and the offset or min where the type has one) to `d`:
+    /// random bytes with this made a block whose weights are small and finite.
+    pub fn set_scales(self, block: &mut [u8], d: f16) {
+        let d = d.to_le_bytes();
+        match self {
+            Self::Q6_K => block[208..210].copy_from_slice(&d),
+            Self::Q4_1 | Self::Q5_1 | Self::Q4_K | Self::Q5_K => {
+                block[..2].copy_from_slice(&d);
+                block[2..4].copy_from_slice(&d);
+            }
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => block[..2].copy_from_slice(&d),
         }
     }
 }
@@ -187,15 +244,17 @@ fn codes(kind: BlockType, b: &[u8], out: &mut [u8; BLOCK]) -> (f32, f32, i32) {
             out.copy_from_slice(&b[2..2 + BLOCK]);
             (f16_at(b, 0), 0.0, 0)
         }
+        BlockType::Q4_K | BlockType::Q5_K | BlockType::Q6_K => unreachable!("K-quants are read by k_quants"),
     }
 }
 
 impl QMatrix {
     pub fn new(kind: BlockType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(Error::msg(format!("{kind:?} matrix of {cols} columns: not a multiple of the block ({BLOCK})")));
+        let len = kind.block_len();
+        if !cols.is_multiple_of(len) {
+            return Err(Error::msg(format!("{kind:?} matrix of {cols} columns: not a multiple of the block ({len})")));
         }
-        let want = rows * cols / BLOCK * kind.block_bytes();
+        let want = rows * cols / len * kind.block_bytes();
         if data.len() != want {
             return Err(Error::msg(format!("{kind:?} matrix [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
         }
@@ -203,7 +262,7 @@ impl QMatrix {
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.kind.block_bytes()
+        self.cols / self.kind.block_len() * self.kind.block_bytes()
     }
 
     /// Row `r`'s blocks in ggml's layout (read out of the groups when interleaved).
@@ -233,9 +292,10 @@ impl QMatrix {
     }
 
     /// Whether `x Wᵀ` for `rows` rows of x is faster from the packed blocks than by
-    /// dequantizing W and a dense GEMM (`bench decode`'s prefill).
+    /// dequantizing W and a dense GEMM (`bench decode`'s prefill). The K-quants' product, whose
+    /// scaling is once a super-block, broke even with the dense one at 400 rows.
     pub fn packed_product_pays(&self, rows: usize) -> bool {
-        rows <= PACKED_ROWS_MAX || self.layout == Layout::Interleaved
+        rows <= PACKED_ROWS_MAX || self.layout == Layout::Interleaved || self.kind.is_k_quant()
     }
 
     /// The same matrix with its rows in the order `order` (row i of the result is row `order[i]`),
@@ -267,6 +327,9 @@ impl QMatrix {
 
     /// Row `r` of W as f32 into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.kind.is_k_quant() {
+            return k_quants::dequantize_row(self.kind, &self.row(r), out);
+        }
         let mut q = [0u8; BLOCK];
         for (block, dst) in self.row(r).chunks_exact(self.kind.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
             let (d, m, bias) = codes(self.kind, block, &mut q);
@@ -298,6 +361,10 @@ impl QMatrix {
         if x.len() != t * self.cols {
             return Err(Error::msg(format!("x of {} values is not [{t}, {}]", x.len(), self.cols)));
         }
+        if self.kind.is_k_quant() {
+            let xq = k_quants::quantize_rows(x, self.cols);
+            return Ok(self.rows_product(t, |w, out| k_quants::dot_rows(self.kind, w, &xq, out, simd)));
+        }
         let xq = quantize_rows(x, self.cols, simd);
         #[cfg(target_arch = "x86_64")]
         if self.layout == Layout::Interleaved && simd >= Simd::Avx2 {
@@ -306,18 +373,23 @@ impl QMatrix {
             unsafe { interleaved::matmul(self, &xq, &mut y, simd == Simd::Avx512Vnni) };
             return Ok(y);
         }
+        Ok(self.rows_product(t, |w, out| dot_rows(self.kind, w, &xq, out, simd)))
+    }
+
+    /// y [t, rows] of a row-major matrix, `dot(weight row, out)` giving a weight row's t outputs.
+    fn rows_product(&self, t: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
         let mut y_t = vec![0f32; self.rows * t];
         // Weight rows in a few chunks per thread (a task per 16 rows costs more in scheduling
         // than a small matrix's rows take); each weight row is read once for all of x.
         let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(64);
         y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| {
             for (i, o) in out.chunks_exact_mut(t).enumerate() {
-                dot_rows(self.kind, &self.row(c * chunk + i), &xq, o, simd);
+                dot(&self.row(c * chunk + i), o);
             }
         });
         // [rows, t] → [t, rows].
         if t == 1 {
-            return Ok(y_t);
+            return y_t;
         }
         let mut y = vec![0f32; t * self.rows];
         for r in 0..self.rows {
@@ -325,12 +397,12 @@ impl QMatrix {
                 y[j * self.rows + r] = y_t[r * t + j];
             }
         }
-        Ok(y)
+        y
     }
 }
 
 /// W [rows, cols] (f32, row-major) in Q8_0 blocks (ggml's `quantize_row_q8_0`: d = max|w| / 127
-/// per block, round to nearest): how the types without a product here (the K-quants, F16)
+/// per block, round to nearest): how the types without a product here (Q2_K, Q3_K, F16)
 /// are kept packed, at 8.5 bits a weight and an error under 0.4% of each block's largest weight.
 pub fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
     if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
@@ -486,7 +558,7 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -495,7 +567,7 @@ mod x86 {
 
     /// f16 at byte `at` by F16C.
     #[inline(always)]
-    unsafe fn half(b: &[u8], at: usize) -> f32 {
+    pub(super) unsafe fn half(b: &[u8], at: usize) -> f32 {
         let bits = u16::from_le_bytes([*b.get_unchecked(at), *b.get_unchecked(at + 1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
@@ -572,6 +644,7 @@ mod x86 {
                 let q = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
                 (_mm256_sign_epi8(q, q), Some(q), d, 0.0)
             }
+            BlockType::Q4_K | BlockType::Q5_K | BlockType::Q6_K => unreachable!("K-quants are read by k_quants"),
         }
     }
 
@@ -619,11 +692,10 @@ mod tests {
     fn random(kind: BlockType, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let mut rng = StdRng::seed_from_u64(seed);
         let bb = kind.block_bytes();
-        let mut data = vec![0u8; rows * cols / BLOCK * bb];
+        let mut data = vec![0u8; rows * cols / kind.block_len() * bb];
         for block in data.chunks_exact_mut(bb) {
             rng.fill(&mut block[..]);
-            let d = f16::from_f32(rng.random_range(-0.02..0.02)).to_le_bytes();
-            block[..2].copy_from_slice(&d);
+            kind.set_scales(block, f16::from_f32(rng.random_range(-0.02..0.02)));
             if matches!(kind, BlockType::Q4_1 | BlockType::Q5_1) {
                 block[2..4].copy_from_slice(&f16::from_f32(rng.random_range(-0.1..0.1)).to_le_bytes());
             }
@@ -631,21 +703,15 @@ mod tests {
         QMatrix::new(kind, rows, cols, data).unwrap()
     }
 
-    const KINDS: [BlockType; 5] = [BlockType::Q4_0, BlockType::Q4_1, BlockType::Q5_0, BlockType::Q5_1, BlockType::Q8_0];
+    const KINDS: [BlockType; 8] = BlockType::ALL;
 
     #[test]
     fn dequantize_matches_candle_for_every_type() {
         for kind in KINDS {
-            let ggml = match kind {
-                BlockType::Q4_0 => GgmlDType::Q4_0,
-                BlockType::Q4_1 => GgmlDType::Q4_1,
-                BlockType::Q5_0 => GgmlDType::Q5_0,
-                BlockType::Q5_1 => GgmlDType::Q5_1,
-                BlockType::Q8_0 => GgmlDType::Q8_0,
-            };
-            let m = random(kind, 3, 96, 1);
-            let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&m.data[..]), &candle_core::Device::Cpu, ggml).unwrap();
-            let qt = candle_core::quantized::QTensor::new(storage, (3, 96)).unwrap();
+            let cols = 3 * kind.block_len();
+            let m = random(kind, 3, cols, 1);
+            let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&m.data[..]), &candle_core::Device::Cpu, kind.to_ggml()).unwrap();
+            let qt = candle_core::quantized::QTensor::new(storage, (3, cols)).unwrap();
             let want: Vec<f32> = qt.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(m.dequantize(), want, "{kind:?}");
         }
@@ -658,7 +724,8 @@ mod tests {
     fn every_simd_level_matches_the_reference() {
         let mut rng = StdRng::seed_from_u64(5);
         for kind in KINDS {
-            for (rows, cols, t) in [(1, 32, 1), (37, 96, 1), (53, 288, 3), (130, 576, 5), (16, 64, 9)] {
+            for (rows, cols, t) in [(1, 32usize, 1), (37, 96, 1), (53, 288, 3), (130, 576, 5), (16, 64, 9)] {
+                let cols = cols.next_multiple_of(kind.block_len());
                 let m = random(kind, rows, cols, rows as u64);
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 let w = m.dequantize();
