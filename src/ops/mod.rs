@@ -9,7 +9,9 @@
 //! The model's layer ops: [`nn`] (RMSNorm, softmax, SwiGLU, attention, RoPE, cross-entropy, the
 //! frozen matmuls: fused where it pays, the composed reference beside each) over the CPU custom ops
 //! of [`fused`]; [`dropout`] (masks drawn from a seed, on the CPU and in `kernels/dropout.cu`);
-//! [`adamw`] (the in-place update). The adapters' fused ops:
+//! [`adamw`] (the in-place update). Inference on the CPU: [`attention_cpu`] (a few query rows
+//! against the KV cache), [`exp`] (vectorized exp, softmax, SiLU), [`matmul_bf16`] (few-row
+//! products reading bf16 weights as stored). The adapters' fused ops:
 //!
 //! | op | CUDA | what it fuses |
 //! |---|---|---|
@@ -69,6 +71,7 @@ pub mod control_branch;
 pub mod dora_linear;
 pub mod lora_linear;
 pub mod lowrank_add;
+pub mod matmul_bf16;
 
 pub mod row_norms;
 pub mod snell;

@@ -228,6 +228,11 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     if x.track_op() && fits && crate::ops::fused_for(x) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?);
     }
+    if let BaseWeight::Dense(dense) = w {
+        if super::matmul_bf16::takes(x, dense) {
+            return super::matmul_bf16::matmul_tensor(x, dense);
+        }
+    }
     matmul_t(x, &*w.dense()?)
 }
 

@@ -283,3 +283,21 @@ fn chunked_prefill_matches_one_forward() {
         assert!(diff < 1e-4, "prompt of {} tokens: chunked prefill off by {diff}", p.len());
     }
 }
+
+/// In bf16, up to `ops::matmul_bf16::ROWS_MAX` rows of x take the bf16 product that reads W as
+/// stored and more rows take candle's GEMM: a 16-token and a 20-token forward give the same
+/// logits at the first 16 positions (causal attention), up to bf16's rounding of activations.
+#[test]
+fn bf16_decoding_products_agree_with_candles_gemm() {
+    assert_eq!(crate::ops::matmul_bf16::ROWS_MAX, 16);
+    let model = Llama::random(LlamaConfig::tiny(V), 3, DType::BF16, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 7 % V) as u32).collect();
+    let logits = |n: usize| {
+        let input = Tensor::new(&ids[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model.forward(&input, None, None, false).unwrap().narrow(1, 0, 16).unwrap().to_dtype(DType::F32).unwrap()
+    };
+    let (few, many) = (logits(16), logits(20));
+    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let err = max(&(&few - &many).unwrap()) / max(&many);
+    assert!(err < 3e-2, "bf16 logits of the two products differ by {err} of their scale");
+}

@@ -378,26 +378,11 @@ impl QMatrix {
 
     /// y [t, rows] of a row-major matrix, `dot(weight row, out)` giving a weight row's t outputs.
     fn rows_product(&self, t: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
-        let mut y_t = vec![0f32; self.rows * t];
-        // Weight rows in a few chunks per thread (a task per 16 rows costs more in scheduling
-        // than a small matrix's rows take); each weight row is read once for all of x.
-        let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(64);
-        y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| {
+        crate::threads::rows_product(self.rows, t, 1, |first, out| {
             for (i, o) in out.chunks_exact_mut(t).enumerate() {
-                dot(&self.row(c * chunk + i), o);
+                dot(&self.row(first + i), o);
             }
-        });
-        // [rows, t] → [t, rows].
-        if t == 1 {
-            return y_t;
-        }
-        let mut y = vec![0f32; t * self.rows];
-        for r in 0..self.rows {
-            for j in 0..t {
-                y[j * self.rows + r] = y_t[r * t + j];
-            }
-        }
-        y
+        })
     }
 }
 
