@@ -83,7 +83,76 @@ impl DropoutMask {
         if x.device().is_cuda() {
             return Ok(crate::ops::cuda::dropout::apply(&x.contiguous()?, self.seed, self.keep)?);
         }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One pass over x, the mask drawn in registers (`kernels/dropout.cu` on the CPU).
+            use rayon::prelude::*;
+            let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            values.par_chunks_mut(MASK_TASK).enumerate().for_each(|(task, chunk)| apply_mask(self.seed, task * MASK_TASK, self.keep, chunk));
+            return Ok(Tensor::from_vec(values, x.shape(), x.device())?);
+        }
         Ok((&x * self.tensor(&x)?)?)
+    }
+}
+
+/// Elements a task of the CPU mask takes.
+const MASK_TASK: usize = 1 << 14;
+
+/// Whether element i is kept: the top 24 bits of `splitmix64(seed + (i + 1)·φ)` as a fraction
+/// of 2^24 are under `keep`.
+#[inline(always)]
+fn kept(seed: u64, i: usize, keep: f32) -> bool {
+    let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 * (1.0 / 16_777_216.0)) < keep
+}
+
+/// `values[j] *= mask[first + j]`: the mask of [`dropout_mask_values`] applied in place, 8
+/// elements at a time on AVX-512 (F, DQ: its 64-bit multiplies) where the CPU has it.
+pub fn apply_mask(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has AVX-512 F and DQ.
+        unsafe { x86::apply_mask(seed, first, keep, values) };
+        return;
+    }
+    apply_mask_scalar(seed, first, keep, values);
+}
+
+/// [`apply_mask`] one element at a time: the reference, and the path of other CPUs.
+pub fn apply_mask_scalar(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
+    let scale = 1.0 / keep;
+    for (j, v) in values.iter_mut().enumerate() {
+        *v = if kept(seed, first + j, keep) { *v * scale } else { 0.0 };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX-512 F and DQ.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub unsafe fn apply_mask(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
+        let body = values.len() / 8 * 8;
+        let lanes = _mm512_setr_epi64(1, 2, 3, 4, 5, 6, 7, 8);
+        let mul = |a: __m512i, c: u64| _mm512_mullo_epi64(a, _mm512_set1_epi64(c as i64));
+        let (keep_v, scale) = (_mm256_set1_ps(keep), _mm256_set1_ps(1.0 / keep));
+        for j in (0..body).step_by(8) {
+            let i = _mm512_add_epi64(_mm512_set1_epi64((first + j) as i64), lanes);
+            let mut z = _mm512_add_epi64(_mm512_set1_epi64(seed as i64), mul(i, 0x9E37_79B9_7F4A_7C15));
+            z = mul(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), 0xBF58_476D_1CE4_E5B9);
+            z = mul(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), 0x94D0_49BB_1331_11EB);
+            z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+            // The top 24 bits, exact in f32.
+            let u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(_mm512_srli_epi64(z, 40))), _mm256_set1_ps(1.0 / 16_777_216.0));
+            let v = _mm256_loadu_ps(values.as_ptr().add(j));
+            let out = _mm256_and_ps(_mm256_mul_ps(v, scale), _mm256_cmp_ps::<_CMP_LT_OQ>(u, keep_v));
+            _mm256_storeu_ps(values.as_mut_ptr().add(j), out);
+        }
+        super::apply_mask_scalar(seed, first + body, keep, &mut values[body..]);
     }
 }
 
@@ -92,18 +161,9 @@ impl DropoutMask {
 /// Counter-based, so any element can be drawn alone (in parallel here, one thread each there).
 pub fn dropout_mask_values(seed: u64, n: usize, keep: f32) -> Vec<f32> {
     use rayon::prelude::*;
-    let scale = 1.0 / keep;
-    (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
-            if u < keep { scale } else { 0.0 }
-        })
-        .collect()
+    let mut values = vec![1f32; n];
+    values.par_chunks_mut(MASK_TASK).enumerate().for_each(|(task, chunk)| apply_mask(seed, task * MASK_TASK, keep, chunk));
+    values
 }
 
 #[cfg(test)]
@@ -120,6 +180,26 @@ mod dropout_tests {
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
         assert!(same < 0.65, "two seeds agree on {same} of the elements (independent: 0.58)");
         assert_eq!(a, dropout_mask_values(7, n, 0.7));
+    }
+
+    /// The mask applied in place (vectorized where the CPU can, from any first element, with a
+    /// remainder) is `x ⊙ mask`, bit for bit.
+    #[test]
+    fn the_mask_applied_in_place_is_x_times_the_mask() {
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mask = dropout_mask_values(99, 1003 + 13, 0.8);
+        let scale = 1.0 / 0.8f32;
+        assert!(mask.iter().enumerate().all(|(i, &m)| m == if super::kept(99, i, 0.8) { scale } else { 0.0 }));
+        let want: Vec<f32> = x.iter().zip(&mask[13..]).map(|(x, m)| x * m).collect();
+        for apply in [super::apply_mask, super::apply_mask_scalar] {
+            let mut got = x.clone();
+            apply(99, 13, 0.8, &mut got);
+            assert_eq!(got, want);
+        }
+        let t = candle_core::Tensor::from_vec(x.clone(), (17, 59), &candle_core::Device::Cpu).unwrap();
+        let m = super::DropoutMask { seed: 99, keep: 0.8 };
+        let fused: Vec<f32> = m.dropped(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(fused, x.iter().zip(&mask).map(|(x, m)| x * m).collect::<Vec<_>>());
     }
 }
 

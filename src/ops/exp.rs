@@ -21,6 +21,19 @@ pub fn exp_in_place(xs: &mut [f32]) {
     exp_in_place_reference(xs);
 }
 
+/// `exp` of a tensor: an untracked f32 tensor on the CPU by [`exp_in_place`] over the threads,
+/// any other by candle's (libm's `expf`, one thread). Training's attention and SwiGLU backward
+/// spent 4-5% of a CPU step in libm.
+pub fn exp_tensor(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use rayon::prelude::*;
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 || t.track_op() {
+        return t.exp();
+    }
+    let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    values.par_chunks_mut(1 << 14).for_each(exp_in_place);
+    candle_core::Tensor::from_vec(values, t.shape(), t.device())
+}
+
 /// libm's `expf` on each value: the reference, and the path of other CPUs.
 pub fn exp_in_place_reference(xs: &mut [f32]) {
     for x in xs {
@@ -181,5 +194,21 @@ mod tests {
         let mut masked = vec![f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
         softmax_rows_in_place(&mut masked, 3);
         assert_eq!(masked, [0.0, 1.0, 0.0]);
+    }
+
+    /// The tensor form: candle's exp within 2 ulps on a strided f32 tensor (more values than one
+    /// task takes), and candle's own for a tracked tensor (same values exactly).
+    #[test]
+    fn exp_of_a_tensor_is_candles() {
+        use candle_core::{Device, Tensor, Var};
+        let t = Tensor::arange(0f32, 40000.0, &Device::Cpu).unwrap().affine(0.003, -60.0).unwrap().reshape((200, 200)).unwrap().t().unwrap();
+        let (got, want) = (exp_tensor(&t).unwrap(), t.exp().unwrap());
+        assert_eq!(got.dims(), want.dims());
+        let (got, want): (Vec<f32>, Vec<f32>) = (got.flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(got.iter().zip(&want).all(|(&g, &w)| ulps(g, w) <= 2));
+        let tracked = Var::from_tensor(&t).unwrap();
+        let e = exp_tensor(tracked.as_tensor()).unwrap();
+        assert!(e.track_op());
+        assert_eq!(e.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
     }
 }

@@ -113,7 +113,7 @@ impl CustomOp3 for Attention {
         let v = repeat_heads(&cpu_tensor(s3, l3, self.name())?, h / g)?;
         let scores = self.scores(&q, &k)?;
         let max = scores.max_keepdim(D::Minus1)?;
-        let e = scores.broadcast_sub(&max)?.exp()?;
+        let e = crate::ops::exp::exp_tensor(&scores.broadcast_sub(&max)?)?;
         drop(scores);
         let sum = e.sum_keepdim(D::Minus1)?;
         let o = e.broadcast_div(&sum)?.matmul(&v)?;
@@ -169,7 +169,7 @@ impl CustomOp3 for Attention {
         let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
         let (o, dout) = (heads(&o)?, heads(dout)?);
         let (kx, vx) = (repeat_heads(&k, n)?, repeat_heads(&v, n)?);
-        let p = self.scores(&q, &kx)?.broadcast_sub(lse)?.exp()?;
+        let p = crate::ops::exp::exp_tensor(&self.scores(&q, &kx)?.broadcast_sub(lse)?)?;
         let dv = p.t()?.matmul(&dout)?;
         let dp = dout.matmul(&vx.t()?)?;
         let rowdot = (&dout * &o)?.sum_keepdim(D::Minus1)?;

@@ -60,7 +60,7 @@ impl CustomOp2 for SwiGlu {
             return Ok((Some(dg), Some(du)));
         }
         let (g, u) = (&g.detach(), &u.detach());  // no graph behind dg, du (see RmsNorm's bwd)
-        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let sig = (crate::ops::exp::exp_tensor(&g.neg()?)? + 1.0)?.recip()?;
         let silu = (g * &sig)?;
         let du = (dy * &silu)?;
         // σ(g)(1 + g(1 − σ(g))) = σ(g) + silu(g)(1 − σ(g))
