@@ -35,6 +35,7 @@ pub mod model;
 pub mod plot;
 pub mod quant;
 pub mod selftest;
+pub mod simd;
 pub mod threads;
 pub mod training;
 pub mod validate;

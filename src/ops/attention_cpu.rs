@@ -85,7 +85,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     let mut out = vec![0f32; b * t * h * d];
     let shape = Shape { h, t, s, d, n, scale };
     #[cfg(target_arch = "x86_64")]
-    let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let fma = crate::simd::cap() >= crate::simd::Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let fma = false;
     let views = [qv, kv, vv, bv];

@@ -112,7 +112,7 @@ fn kept(seed: u64, i: usize, keep: f32) -> bool {
 /// elements at a time on AVX-512 (F, DQ: its 64-bit multiplies) where the CPU has it.
 pub fn apply_mask(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+    if crate::simd::cap() == crate::simd::Cap::Any && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
         // SAFETY: the CPU has AVX-512 F and DQ.
         unsafe { x86::apply_mask(seed, first, keep, values) };
         return;

@@ -78,7 +78,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        crate::simd::cap() >= crate::simd::Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
     /// # Safety

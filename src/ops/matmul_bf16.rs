@@ -37,10 +37,10 @@ impl Level {
     /// The best level this CPU has, lowered by `CANDLE_PEFT_SIMD` (scalar, avx2) if set.
     pub fn detected() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
-        *LEVEL.get_or_init(|| match std::env::var("CANDLE_PEFT_SIMD").as_deref() {
-            Ok("scalar") => Level::Scalar,
-            Ok("avx2") => Self::cpu().min(Level::Avx2),
-            _ => Self::cpu(),
+        *LEVEL.get_or_init(|| match crate::simd::cap() {
+            crate::simd::Cap::Scalar => Level::Scalar,
+            crate::simd::Cap::Avx2 => Self::cpu().min(Level::Avx2),
+            crate::simd::Cap::Any => Self::cpu(),
         })
     }
 

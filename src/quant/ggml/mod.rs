@@ -173,10 +173,10 @@ impl Simd {
         static LEVEL: OnceLock<Simd> = OnceLock::new();
         *LEVEL.get_or_init(|| {
             let cpu = Self::cpu();
-            match std::env::var("CANDLE_PEFT_SIMD").as_deref() {
-                Ok("scalar") => Simd::Scalar,
-                Ok("avx2") => cpu.min(Simd::Avx2),
-                _ => cpu,
+            match crate::simd::cap() {
+                crate::simd::Cap::Scalar => Simd::Scalar,
+                crate::simd::Cap::Avx2 => cpu.min(Simd::Avx2),
+                crate::simd::Cap::Any => cpu,
             }
         })
     }
