@@ -15,13 +15,12 @@ pub fn in_thread_pool<T: Send>(f: impl FnOnce() -> crate::Result<T> + Send) -> c
 }
 
 /// `y = x Wᵀ` [t, rows] from a kernel over W's rows: the rows in a few chunks per thread (a task
-/// per 16 rows costs more in scheduling than a small matrix's rows take), each a multiple of
-/// `align` rows, read once for all t rows of x. `dot(first, out)` fills `out`, [n, t], for W's
-/// rows `first..first + n`.
-pub fn rows_product(rows: usize, t: usize, align: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// per 16 rows costs more in scheduling than a small matrix's rows take), each row read once
+/// for all t rows of x. `dot(first, out)` fills `out`, [n, t], for W's rows `first..first + n`.
+pub fn rows_product(rows: usize, t: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     let mut y_t = vec![0f32; rows * t];
-    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64).next_multiple_of(align.max(1));
+    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
     y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| dot(c * chunk, out));
     // [rows, t] → [t, rows].
     if t == 1 {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first. `main.rs` belongs to `cli`.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("core: errors, files, weights I/O, CUDA plumbing, the kernel check and bench harnesses", &["error", "fsutil", "alloc", "memory", "weights", "hub", "cuda", "selftest", "kernel_bench", "threads", "validate"]),
+    ("core: errors, files, weights I/O, CUDA plumbing, the kernel check and bench harnesses", &["error", "fsutil", "alloc", "memory", "weights", "hub", "cuda", "selftest", "kernel_bench", "threads", "simd", "validate"]),
     ("quant: quantized weights", &["quant"]),
     ("ops: custom ops with their CPU reference and CUDA launcher", &["ops"]),
     ("model: the trainable LLaMA", &["model"]),

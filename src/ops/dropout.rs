@@ -124,7 +124,8 @@ pub fn apply_mask(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
 pub fn apply_mask_scalar(seed: u64, first: usize, keep: f32, values: &mut [f32]) {
     let scale = 1.0 / keep;
     for (j, v) in values.iter_mut().enumerate() {
-        *v = if kept(seed, first + j, keep) { *v * scale } else { 0.0 };
+        // A product even where dropped, as `x * mask` and the CUDA kernel do: NaN stays NaN.
+        *v *= if kept(seed, first + j, keep) { scale } else { 0.0 };
     }
 }
 
@@ -149,7 +150,7 @@ mod x86 {
             // The top 24 bits, exact in f32.
             let u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(_mm512_srli_epi64(z, 40))), _mm256_set1_ps(1.0 / 16_777_216.0));
             let v = _mm256_loadu_ps(values.as_ptr().add(j));
-            let out = _mm256_and_ps(_mm256_mul_ps(v, scale), _mm256_cmp_ps::<_CMP_LT_OQ>(u, keep_v));
+            let out = _mm256_mul_ps(v, _mm256_and_ps(scale, _mm256_cmp_ps::<_CMP_LT_OQ>(u, keep_v)));
             _mm256_storeu_ps(values.as_mut_ptr().add(j), out);
         }
         super::apply_mask_scalar(seed, first + body, keep, &mut values[body..]);
@@ -186,20 +187,22 @@ mod dropout_tests {
     /// remainder) is `x ⊙ mask`, bit for bit.
     #[test]
     fn the_mask_applied_in_place_is_x_times_the_mask() {
-        let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();
+        x[500] = f32::NAN;
         let mask = dropout_mask_values(99, 1003 + 13, 0.8);
         let scale = 1.0 / 0.8f32;
         assert!(mask.iter().enumerate().all(|(i, &m)| m == if super::kept(99, i, 0.8) { scale } else { 0.0 }));
         let want: Vec<f32> = x.iter().zip(&mask[13..]).map(|(x, m)| x * m).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for apply in [super::apply_mask, super::apply_mask_scalar] {
             let mut got = x.clone();
             apply(99, 13, 0.8, &mut got);
-            assert_eq!(got, want);
+            assert_eq!(bits(&got), bits(&want));
         }
         let t = candle_core::Tensor::from_vec(x.clone(), (17, 59), &candle_core::Device::Cpu).unwrap();
         let m = super::DropoutMask { seed: 99, keep: 0.8 };
         let fused: Vec<f32> = m.dropped(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(fused, x.iter().zip(&mask).map(|(x, m)| x * m).collect::<Vec<_>>());
+        assert_eq!(bits(&fused), bits(&x.iter().zip(&mask).map(|(x, m)| x * m).collect::<Vec<_>>()));
     }
 }
 

@@ -89,7 +89,7 @@ pub fn matmul(w: &[bf16], rows: usize, cols: usize, x: &[f32], t: usize, level: 
         return Err(Error::msg(format!("bf16 product of W [{rows}, {cols}] ({} values) and x [{t}, {cols}] ({} values)", w.len(), x.len())));
     }
     let x_bf16: Vec<bf16> = if level == Level::Avx512Bf16 { x.iter().map(|&v| bf16::from_f32(v)).collect() } else { Vec::new() };
-    Ok(crate::threads::rows_product(rows, t, 1, |first, out| {
+    Ok(crate::threads::rows_product(rows, t, |first, out| {
         for (i, out) in out.chunks_exact_mut(t).enumerate() {
             let w = &w[(first + i) * cols..(first + i + 1) * cols];
             for (j, y) in out.iter_mut().enumerate() {

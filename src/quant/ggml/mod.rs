@@ -12,7 +12,7 @@
 //! | Q8_0 | 34 | `d: f16, qs: [i8; 32]` | `d · qs[i]` |
 //!
 //! The K-quants (Q4_K, Q5_K, Q6_K), in super-blocks of 256 with scales per 32 or 16 weights, are
-//! in `k_quants`; the product treats each of their sub-blocks of 32 as a block here.
+//! in `k_quants`, whose product quantizes x per super-block instead (llama.cpp's Q8_K).
 //!
 //! The product `y = x Wᵀ` quantizes each row of x to 8 bits per block of 32 first, as llama.cpp
 //! does (`x_i ≈ d_x · p_i`, `d_x = max|x| / 127`, with `s_x = d_x · Σ p_i` kept for the types with
@@ -378,7 +378,7 @@ impl QMatrix {
 
     /// y [t, rows] of a row-major matrix, `dot(weight row, out)` giving a weight row's t outputs.
     fn rows_product(&self, t: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
-        crate::threads::rows_product(self.rows, t, 1, |first, out| {
+        crate::threads::rows_product(self.rows, t, |first, out| {
             for (i, o) in out.chunks_exact_mut(t).enumerate() {
                 dot(&self.row(first + i), o);
             }
@@ -495,7 +495,7 @@ fn dot_rows(kind: BlockType, w: &[u8], xs: &[QuantizedRow], out: &mut [f32], sim
 }
 
 /// The reference: each block's integer sum `Σ code_i p_i`, then its scales.
-pub fn dot_row_scalar(kind: BlockType, w: &[u8], x: &QuantizedRow) -> f32 {
+fn dot_row_scalar(kind: BlockType, w: &[u8], x: &QuantizedRow) -> f32 {
     let bb = kind.block_bytes();
     let mut q = [0u8; BLOCK];
     let mut acc = 0f32;
