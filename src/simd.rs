@@ -25,3 +25,25 @@ pub fn cap() -> Cap {
         _ => Cap::Any,
     })
 }
+
+/// A kernel's own level `cpu` (the best this CPU runs) lowered to the cap: `scalar` under
+/// `Cap::Scalar`, at most `avx2` under `Cap::Avx2`.
+pub fn capped<L: Ord>(cpu: L, scalar: L, avx2: L) -> L {
+    match cap() {
+        Cap::Scalar => scalar,
+        Cap::Avx2 => cpu.min(avx2),
+        Cap::Any => cpu,
+    }
+}
+
+/// Whether a kernel may use AVX2 and FMA: the CPU has them and the cap allows them.
+pub fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cap() >= Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

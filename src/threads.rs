@@ -34,3 +34,24 @@ pub fn rows_product(rows: usize, t: usize, dot: impl Fn(usize, &mut [f32]) + Syn
     }
     y
 }
+
+/// The tensor side of a CPU product kernel: x [.., cols] of any float dtype read as f32 rows,
+/// `f(values, t)` giving y [t, rows], returned shaped as x with `rows` last, in x's dtype. A last
+/// dim other than `cols` is an error naming `what` (the weight).
+pub fn product_tensor(
+    x: &candle_core::Tensor,
+    cols: usize,
+    rows: usize,
+    what: &str,
+    f: impl FnOnce(&[f32], usize) -> crate::Result<Vec<f32>>,
+) -> crate::Result<candle_core::Tensor> {
+    let dims = x.dims();
+    if dims.last() != Some(&cols) {
+        return Err(crate::Error::msg(format!("x of shape {dims:?} against {what} of {cols} columns")));
+    }
+    let values: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let y = f(&values, x.elem_count() / cols.max(1))?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has a last dim") = rows;
+    Ok(candle_core::Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+}

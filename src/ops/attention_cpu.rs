@@ -84,10 +84,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     let (qv, kv, vv, bv) = (qv?, kv?, vv?, bv?);
     let mut out = vec![0f32; b * t * h * d];
     let shape = Shape { h, t, s, d, n, scale };
-    #[cfg(target_arch = "x86_64")]
-    let fma = crate::simd::cap() >= crate::simd::Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
+    let fma = crate::simd::avx2_fma();
     let views = [qv, kv, vv, bv];
     out.par_chunks_mut(h * d).enumerate().for_each(|(row, o)| {
         #[cfg(target_arch = "x86_64")]

@@ -13,7 +13,7 @@
 /// `exp` of each value, in place.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if x86::available() {
+    if crate::simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         unsafe { x86::exp_in_place(xs) };
         return;
@@ -76,10 +76,6 @@ pub fn softmax_rows_in_place(xs: &mut [f32], cols: usize) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    pub fn available() -> bool {
-        crate::simd::cap() >= crate::simd::Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
 
     /// # Safety
     /// The CPU has AVX2 and FMA.

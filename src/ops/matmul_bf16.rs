@@ -37,11 +37,7 @@ impl Level {
     /// The best level this CPU has, lowered by `CANDLE_PEFT_SIMD` (scalar, avx2) if set.
     pub fn detected() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
-        *LEVEL.get_or_init(|| match crate::simd::cap() {
-            crate::simd::Cap::Scalar => Level::Scalar,
-            crate::simd::Cap::Avx2 => Self::cpu().min(Level::Avx2),
-            crate::simd::Cap::Any => Self::cpu(),
-        })
+        *LEVEL.get_or_init(|| crate::simd::capped(Self::cpu(), Level::Scalar, Level::Avx2))
     }
 
     /// Every level this CPU can run, lowest first (for the tests).
@@ -70,17 +66,10 @@ pub fn takes(x: &Tensor, w: &Tensor) -> bool {
 /// `x Wᵀ` for x [.., cols] of any float dtype and W bf16 [rows, cols]: y [.., rows] in x's dtype.
 pub fn matmul_tensor(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    let dims = x.dims();
-    if dims.last() != Some(&cols) {
-        return Err(Error::msg(format!("x of shape {dims:?} against a bf16 weight of {cols} columns")));
-    }
-    let t = x.elem_count() / cols.max(1);
-    let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     // W borrowed where it is contiguous (a weight is): a copy would read it twice.
-    let y = super::with_values::<bf16, _>(w, |weight| matmul(weight, rows, cols, &values, t, Level::detected()))??;
-    let mut out = dims.to_vec();
-    *out.last_mut().expect("x has a last dim") = rows;
-    Ok(Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+    crate::threads::product_tensor(x, cols, rows, "a bf16 weight", |values, t| {
+        super::with_values::<bf16, _>(w, |weight| matmul(weight, rows, cols, values, t, Level::detected()))?
+    })
 }
 
 /// y [t, rows] = x [t, cols] · Wᵀ, W [rows, cols] row-major, on `level`.

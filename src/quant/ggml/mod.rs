@@ -173,11 +173,7 @@ impl Simd {
         static LEVEL: OnceLock<Simd> = OnceLock::new();
         *LEVEL.get_or_init(|| {
             let cpu = Self::cpu();
-            match crate::simd::cap() {
-                crate::simd::Cap::Scalar => Simd::Scalar,
-                crate::simd::Cap::Avx2 => cpu.min(Simd::Avx2),
-                crate::simd::Cap::Any => cpu,
-            }
+            crate::simd::capped(cpu, Simd::Scalar, Simd::Avx2)
         })
     }
 
@@ -405,16 +401,7 @@ pub fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
 
 /// `x Wᵀ` for x [.., cols] of any float dtype: y [.., rows] in x's dtype, on the CPU.
 pub fn matmul_tensor(w: &QMatrix, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    let dims = x.dims();
-    if dims.last() != Some(&w.cols) {
-        return Err(Error::msg(format!("x of shape {dims:?} against a packed weight of {} columns", w.cols)));
-    }
-    let t = x.elem_count() / w.cols;
-    let values: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = w.matmul(&values, t)?;
-    let mut out = dims.to_vec();
-    *out.last_mut().expect("x has a last dim") = w.rows;
-    Ok(candle_core::Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+    crate::threads::product_tensor(x, w.cols, w.rows, "a packed weight", |values, t| w.matmul(values, t))
 }
 
 /// One block of values in 8 bits, `x_i ≈ d · p_i` with `d = max|x| / 127`, rounded to nearest,
