@@ -36,6 +36,18 @@ pub fn capped<L: Ord>(cpu: L, scalar: L, avx2: L) -> L {
     }
 }
 
+/// [`avx2_fma`], and F16C (every AVX2 CPU has it; checked all the same).
+pub fn avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_fma() && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether a kernel may use AVX2 and FMA: the CPU has them and the cap allows them.
 pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -85,7 +85,11 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     let loaded = match random {
         Some(_) if args.anchor_python.is_some() => return Err(Error::msg("--anchor-python needs a model file; `random:` has none")),
         Some(spec) => crate::loading::LoadedModel {
-            model: random_model(spec)?,
+            model: {
+                let mut model = random_model(spec)?;
+                model.set_kv_dtype(dtype);
+                model
+            },
             tokenizer: None,
             source: args.model.model.clone(),
         },

@@ -90,7 +90,8 @@ pub struct ModelArgs {
     /// A Hugging Face directory, a hub repo id (org/name[@revision]) or a .gguf file.
     #[arg(long)]
     pub model: String,
-    /// Working dtype of the frozen weights: f32, bf16 or f16.
+    /// Working dtype of the frozen weights: f32, bf16 or f16. A GGUF model whose weights stay
+    /// packed (inference on the CPU) computes in f32 and keeps its KV cache in bf16 / f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// cpu, or cuda[:N] in a build with the `cuda` feature.

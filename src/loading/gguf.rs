@@ -602,6 +602,15 @@ pub(crate) mod tests {
         assert!(max_abs_diff(&want_lora, &want) > 10.0 * max_abs_diff(&want, &got), "the adapter changes the logits");
         let err = max_abs_diff(&want_lora, &got_lora) / scale(&want_lora);
         assert!(err < 2e-2, "packed + LoRA logits off by {err} of their scale");
+
+        // `--dtype bf16` on packed weights: f32 activations, the KV cache in bf16.
+        let spec = path.to_str().unwrap();
+        let half = crate::loading::load_model_for_inference(spec, DType::BF16, &Device::Cpu, None).unwrap().model;
+        assert_eq!((half.dtype(), half.kv_dtype()), (DType::F32, DType::BF16));
+        let err = max_abs_diff(&want, &logits(&half)) / scale(&want);
+        assert!(err < 3e-2, "packed logits with a bf16 cache off by {err} of their scale");
+        let dense_half = crate::loading::load_model(spec, DType::BF16, &Device::Cpu).unwrap().model;
+        assert_eq!((dense_half.dtype(), dense_half.kv_dtype()), (DType::BF16, DType::BF16));
     }
 
     #[test]

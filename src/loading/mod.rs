@@ -46,10 +46,15 @@ fn load(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
             return Err(Error::BadFile { path: path.to_path_buf(), msg: "expected a .gguf file or a model directory".into() });
         }
-        let g = gguf::load_gguf_with(path, dtype, device, keep_packed)?;
+        // Packed weights take f32 rows of x whatever the dtype, so the activations stay f32 (as
+        // llama.cpp's); a half dtype is then the KV cache's, which is what it would save.
+        let packed_on_cpu = keep_packed && device.is_cpu();
+        let compute = if packed_on_cpu { DType::F32 } else { dtype };
+        let g = gguf::load_gguf_with(path, compute, device, keep_packed)?;
         let tokenizer = g.tokenizer_json.as_deref().map(parse_tokenizer).transpose()?;
         let weights = crate::weights::Weights::from_tensors(g.tensors, path.display().to_string());
-        let model = Llama::load_packed(g.config, &weights, g.packed, dtype, device, quantize)?;
+        let mut model = Llama::load_packed(g.config, &weights, g.packed, compute, device, quantize)?;
+        model.set_kv_dtype(dtype);
         return Ok(LoadedModel { model, tokenizer, source: spec.to_string() });
     }
     let source = crate::hub::ModelSource::parse(spec)?;

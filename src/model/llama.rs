@@ -192,6 +192,8 @@ pub struct Llama {
     pub packed_head: Option<std::sync::Arc<QMatrix>>,
     inv_freq: Vec<f32>,
     dtype: DType,
+    /// The dtype the KV cache keeps keys and values in (`dtype` unless set).
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -311,6 +313,7 @@ impl Llama {
             lm_head,
             packed_head,
             dtype,
+            kv_dtype: dtype,
             device: device.clone(),
             config,
         })
@@ -330,6 +333,18 @@ impl Llama {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Keep the KV cache's keys and values in `dtype` (f16 or bf16 halve what a decoding step
+    /// reads of the past and what a long context holds; the CPU attention reads them as stored,
+    /// `ops::attention_cpu`). The attention then reads the rounded values, the first forward's
+    /// too, so a prompt gives the same logits in one forward or in pieces.
+    pub fn set_kv_dtype(&mut self, dtype: DType) {
+        self.kv_dtype = dtype;
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -586,8 +601,14 @@ impl Llama {
         let q = attn.q_proj.forward_heads(x, AttentionHeads::rotated(nh, cos, sin), train)?;
         let mut k = attn.k_proj.forward_heads(x, AttentionHeads::rotated(nkv, cos, sin), train)?;
         let mut v = attn.v_proj.forward_heads(x, AttentionHeads::plain(nkv), train)?;
+        let stored = self.kv_dtype;
         match kv {
-            Some(cache) => (k, v) = cache.append(&k.detach(), &v.detach())?,
+            Some(cache) => (k, v) = cache.append(&k.detach().to_dtype(stored)?, &v.detach().to_dtype(stored)?)?,
+            None if k.dtype() != stored => {
+                let cache = LayerKv::new(k.detach().to_dtype(stored)?, v.detach().to_dtype(stored)?)?;
+                (k, v) = cache.filled()?;
+                *kv = Some(cache);
+            }
             None => *kv = Some(LayerKv::new(k.detach(), v.detach())?),
         }
         let out = ops::attention(&q, &k, &v, bias, train)?;

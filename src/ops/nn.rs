@@ -169,6 +169,8 @@ pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale
     if !train && !crate::ops::unfused() && super::attention_cpu::takes(q, k, v, bias) && q.dim(2)? <= super::attention_cpu::QUERIES_MAX {
         return super::attention_cpu::attention(q, k, v, bias, scale);
     }
+    // Keys and values from a cache kept in another dtype than the queries (`set_kv_dtype`).
+    let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     if fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
         let op = super::fused::Attention::causal(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);

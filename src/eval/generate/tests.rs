@@ -54,7 +54,28 @@ fn reference_greedy(model: &Llama, prompt: &[u32], cfg: &GenerationConfig) -> Ve
 
 #[test]
 fn kv_cache_logits_match_the_full_forward() {
-    let m = model(1);
+    kv_cache_logits_match_the_full_forward_in(DType::F32);
+}
+
+/// A cache kept in half precision: the full forward rounds its keys and values alike, so the
+/// two still agree; against the f32 cache the logits move by the rounding only.
+#[test]
+fn a_half_precision_kv_cache_matches_the_full_forward_and_stays_near_f32() {
+    for kv in [DType::F16, DType::BF16] {
+        kv_cache_logits_match_the_full_forward_in(kv);
+        let mut half = model(1);
+        half.set_kv_dtype(kv);
+        let seqs = vec![vec![1, 5, 7, 3, 9, 2, 11, 4]];
+        let (a, b) = (full_log_probs(&model(1), &seqs), full_log_probs(&half, &seqs));
+        let diff = a[0].iter().flatten().zip(b[0].iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let bound = if kv == DType::F16 { 2e-3 } else { 2e-2 };
+        assert!(diff > 0.0 && diff < bound, "{kv:?}: max |log-prob diff| {diff}");
+    }
+}
+
+fn kv_cache_logits_match_the_full_forward_in(kv: DType) {
+    let mut m = model(1);
+    m.set_kv_dtype(kv);
     let prompts = vec![vec![1, 5, 7, 3, 9], vec![1, 4, 6]];
     let continuation = [[2u32, 11, 4, 6], [10, 3, 3, 8]];
     let mut cache = KvCache::new();
@@ -67,7 +88,7 @@ fn kv_cache_logits_match_the_full_forward() {
             let full = m.forward(&input, None, None, false).unwrap();
             let want = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap().pop().unwrap();
             let diff = got[row].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-4, "row {row}, step {step}: max |diff| {diff}");
+            assert!(diff < 1e-4, "{kv:?} cache, row {row}, step {step}: max |diff| {diff}");
         }
         if step < continuation[0].len() {
             logits = decode_step(&m, &[continuation[0][step], continuation[1][step]], &mut cache).unwrap();
