@@ -15,15 +15,20 @@
 //! |---|---|---|
 //! | Q4_0 | 144 | `d: [f16; 8]`, `q: [u8; 128]` |
 //! | Q4_1 | 160 | `d: [f16; 8]`, `m: [f16; 8]`, `q: [u8; 128]` |
+//! | Q5_0 | 176 | `d: [f16; 8]`, `h: [u32; 8]`, `q: [u8; 128]` |
+//! | Q5_1 | 192 | `d: [f16; 8]`, `m: [f16; 8]`, `h: [u32; 8]`, `q: [u8; 128]` |
 //! | Q8_0 | 272 | `d: [f16; 8]`, `q: [i8; 256]` |
 //!
-//! For Q4, `q[32g + 4k + i] = qs_k[4g + i]` (g < 4, row k, i < 4): the low nibbles of chunk g are
-//! codes 4g..4g+3 of each row, its high nibbles codes 16+4g..16+4g+3. For Q8_0,
+//! For Q4 and Q5, `q[32g + 4k + i] = qs_k[4g + i]` (g < 4, row k, i < 4): the low nibbles of
+//! chunk g are codes 4g..4g+3 of each row, its high nibbles codes 16+4g..16+4g+3. For Q8_0,
 //! `q[32g + 4k + i] = qs_k[4g + i]` (g < 8). In both, code register n (n < 8) holds codes
-//! 4n..4n+3 of every row, against x's bytes 4n..4n+3. The same bytes as the row-major blocks.
+//! 4n..4n+3 of every row, against x's bytes 4n..4n+3. Q5's fifth bits are regrouped the same way:
+//! bit 4k + i of `h[n]` is bit 4n + i of row k's `qh`, so that `h[n]` is the byte mask of code
+//! register n (one masked add with AVX-512 BW). The same bytes as the row-major blocks.
 //!
 //! The sum per block: `d_w d_x Σ u_i p_i + c · s_x`, with u the unsigned codes and c the
-//! offset per unit of `s_x = d_x Σ p_i`: Q4_0 `c = −8 d_w`, Q4_1 `c = m`; Q8_0's signed codes
+//! offset per unit of `s_x = d_x Σ p_i`: Q4_0 `c = −8 d_w`, Q5_0 `c = −16 d_w`, Q4_1 and Q5_1
+//! `c = m`; Q8_0's signed codes
 //! enter VNNI as `w + 128` (so `c = −128 d_w`) and AVX2 by the sign trick (`|w|` against
 //! `sign(w) · p`, c = 0), which keeps `vpmaddubsw`'s pairs inside an i16.
 
@@ -34,12 +39,44 @@ pub const GROUP: usize = 8;
 
 /// Whether a type has the interleaved layout.
 pub fn supported(kind: BlockType) -> bool {
-    matches!(kind, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0)
+    matches!(kind, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q8_0)
 }
 
-/// Bytes of a row-major block's scales (d, and m for Q4_1): its codes start there.
+/// Bytes of a row-major block before its codes: d, then m (Q4_1, Q5_1), then qh (Q5).
 fn scale_bytes(kind: BlockType) -> usize {
-    if kind == BlockType::Q4_1 { 4 } else { 2 }
+    match kind {
+        BlockType::Q4_1 => 4,
+        BlockType::Q5_0 => 6,
+        BlockType::Q5_1 => 8,
+        _ => 2,
+    }
+}
+
+/// Whether a row-major block has m after d.
+fn has_min(kind: BlockType) -> bool {
+    matches!(kind, BlockType::Q4_1 | BlockType::Q5_1)
+}
+
+/// Where a group block's regrouped fifth bits start (Q5), after d (and m).
+fn high_bits_at(kind: BlockType) -> usize {
+    if has_min(kind) { 32 } else { 16 }
+}
+
+/// Row k's `qh` into the group's regrouped fifth bits `h` (module doc), or back out.
+fn regroup_high_bits(h: &mut [u8], k: usize, qh: u32) {
+    for n in 0..8 {
+        let bits = (qh >> (4 * n)) & 0xf;
+        let word = u32::from_le_bytes(h[4 * n..4 * n + 4].try_into().expect("4 bytes")) | bits << (4 * k);
+        h[4 * n..4 * n + 4].copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+fn row_high_bits(h: &[u8], k: usize) -> u32 {
+    (0..8).map(|n| ((u32::from_le_bytes(h[4 * n..4 * n + 4].try_into().expect("4 bytes")) >> (4 * k)) & 0xf) << (4 * n)).fold(0, |a, b| a | b)
+}
+
+fn is_q5(kind: BlockType) -> bool {
+    matches!(kind, BlockType::Q5_0 | BlockType::Q5_1)
 }
 
 /// Bytes of a group block.
@@ -56,10 +93,14 @@ pub fn interleave(kind: BlockType, rows: usize, blocks: usize, data: &[u8]) -> V
         for (b, dst) in group.chunks_exact_mut(group_block_bytes(kind)).enumerate() {
             for k in 0..GROUP.min(rows - g * GROUP) {
                 let src = &data[((g * GROUP + k) * blocks + b) * bb..][..bb];
-                // The scales: d (then m) of row k.
+                // The scales: d (then m) of row k, and its fifth bits.
                 dst[2 * k..2 * k + 2].copy_from_slice(&src[0..2]);
-                if sb == 4 {
+                if has_min(kind) {
                     dst[16 + 2 * k..16 + 2 * k + 2].copy_from_slice(&src[2..4]);
+                }
+                if is_q5(kind) {
+                    let qh = u32::from_le_bytes(src[sb - 4..sb].try_into().expect("4 bytes"));
+                    regroup_high_bits(&mut dst[high_bits_at(kind)..], k, qh);
                 }
                 let (codes, q) = (&mut dst[GROUP * sb..], &src[scale_bytes(kind)..]);
                 for chunk in 0..q.len() / 4 {
@@ -80,8 +121,11 @@ pub fn row_blocks(kind: BlockType, blocks: usize, data: &[u8], r: usize) -> Vec<
     for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
         let src = &group[b * group_block_bytes(kind)..][..group_block_bytes(kind)];
         dst[0..2].copy_from_slice(&src[2 * k..2 * k + 2]);
-        if sb == 4 {
+        if has_min(kind) {
             dst[2..4].copy_from_slice(&src[16 + 2 * k..16 + 2 * k + 2]);
+        }
+        if is_q5(kind) {
+            dst[sb - 4..sb].copy_from_slice(&row_high_bits(&src[high_bits_at(kind)..], k).to_le_bytes());
         }
         let codes = &src[GROUP * sb..];
         let q = &mut dst[scale_bytes(kind)..];
@@ -167,6 +211,18 @@ mod x86 {
         group_dot::<false, N>(kind, group, xs, out)
     }
 
+    /// Byte i of the result is 0xff where bit i of `bits` is set (AVX2 has no byte masks).
+    #[inline(always)]
+    unsafe fn bit_bytes(bits: u32) -> __m256i {
+        // Byte i takes byte i / 8 of `bits`, then tests its bit i % 8.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+    }
+
     /// One group of 8 rows against N rows of x (see the module doc). The loops index several
     /// arrays by one register number or row, as the module doc's formulas do.
     #[allow(clippy::needless_range_loop)]
@@ -182,17 +238,29 @@ mod x86 {
             let mut u = [_mm256_setzero_si256(); 8];
             let mut signs = [_mm256_setzero_si256(); 8];
             let c = match kind {
-                BlockType::Q4_0 | BlockType::Q4_1 => {
-                    let codes = blk.add(if kind == BlockType::Q4_1 { 32 } else { 16 });
+                BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+                    let codes = blk.add(GROUP * super::scale_bytes(kind));
                     for g in 0..4 {
                         let v = _mm256_loadu_si256(codes.add(32 * g) as *const __m256i);
                         u[g] = _mm256_and_si256(v, low);
                         u[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     }
-                    if kind == BlockType::Q4_1 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
-                    } else {
-                        _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                    if super::is_q5(kind) {
+                        let h = blk.add(super::high_bits_at(kind)) as *const u32;
+                        for n in 0..8 {
+                            let mask = std::ptr::read_unaligned(h.add(n));
+                            u[n] = if VNNI {
+                                // A nibble plus 16 is the nibble with its fifth bit.
+                                _mm256_mask_add_epi8(u[n], mask, u[n], _mm256_set1_epi8(0x10))
+                            } else {
+                                _mm256_or_si256(u[n], _mm256_and_si256(bit_bytes(mask), _mm256_set1_epi8(0x10)))
+                            };
+                        }
+                    }
+                    match kind {
+                        BlockType::Q4_1 | BlockType::Q5_1 => _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
+                        BlockType::Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
+                        _ => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
                     }
                 }
                 _ => {
@@ -226,11 +294,13 @@ mod x86 {
                         sums[j] = _mm256_dpbusd_epi32(sums[j], u[n], bytes(j, n));
                     }
                 }
-            } else if kind == BlockType::Q8_0 {
-                // Pairs of |w|·p reach 2·128·127: each pair sum is widened at once.
+            } else if kind != BlockType::Q4_0 && kind != BlockType::Q4_1 {
+                // Pairs of |w|·p reach 2·128·127 (Q8_0), of 5-bit codes 2·31·127, eight of
+                // which overflow an i16: each pair sum is widened at once.
                 for n in 0..8 {
                     for j in 0..N {
-                        let pairs = _mm256_maddubs_epi16(u[n], _mm256_sign_epi8(bytes(j, n), signs[n]));
+                        let p = if kind == BlockType::Q8_0 { _mm256_sign_epi8(bytes(j, n), signs[n]) } else { bytes(j, n) };
+                        let pairs = _mm256_maddubs_epi16(u[n], p);
                         sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
                     }
                 }

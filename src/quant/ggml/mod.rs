@@ -21,7 +21,7 @@
 //! `CANDLE_PEFT_SIMD=scalar|avx2` forces a lower level), else on the scalar code here, which is
 //! the reference the others are tested against. Output rows are split over the threads.
 //!
-//! On AVX2 the Q4_0, Q4_1 and Q8_0 matrices are kept with 8 rows interleaved instead
+//! On AVX2 the Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices are kept with 8 rows interleaved instead
 //! (`interleaved`: the same bytes, a product with a quarter of the scaling work), which is what
 //! makes prompts and batches of rows cheaper from the packed blocks than dequantized.
 
