@@ -15,7 +15,7 @@
 //! The reference is the composition of candle ops (`ops::nn::attention_reference`); the test
 //! below compares the two.
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::{Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -46,9 +46,7 @@ impl<T> View<'_, T> {
 
 /// An element type the keys and values may be stored in: f32, or a half type (a KV cache in
 /// f16 / bf16), widened to f32 as it is read.
-pub trait Element: Copy + Send + Sync + 'static {
-    fn values(storage: &CpuStorage) -> Option<&[Self]>;
-    fn to_f32(self) -> f32;
+pub trait Element: candle_core::WithDType + Into<f32> {
     /// 8 values widened to f32.
     ///
     /// # Safety
@@ -57,50 +55,30 @@ pub trait Element: Copy + Send + Sync + 'static {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m128i, __m256, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_slli_epi32, _mm_loadu_si128};
+
 impl Element for f32 {
-    fn values(storage: &CpuStorage) -> Option<&[Self]> {
-        if let CpuStorage::F32(v) = storage { Some(v) } else { None }
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 }
 
 impl Element for half::f16 {
-    fn values(storage: &CpuStorage) -> Option<&[Self]> {
-        if let CpuStorage::F16(v) = storage { Some(v) } else { None }
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
+    unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
 impl Element for half::bf16 {
-    fn values(storage: &CpuStorage) -> Option<&[Self]> {
-        if let CpuStorage::BF16(v) = storage { Some(v) } else { None }
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(p: *const Self) -> __m256 {
         // A bf16 is the top half of an f32.
-        use std::arch::x86_64::*;
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
     }
 }
@@ -108,9 +86,9 @@ impl Element for half::bf16 {
 fn view<'a, T: Element>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<View<'a, T>> {
     let stride = layout.stride();
     match (storage, stride) {
-        (Storage::Cpu(cpu), &[s0, s1, s2, 1]) => match T::values(cpu) {
-            Some(data) => Ok(View { data, offset: layout.start_offset(), stride: [s0, s1, s2, 1] }),
-            None => Err(Error::msg(format!("CPU attention: {what} is {:?}, not the dtype of the keys", candle_core::backend::BackendStorage::dtype(cpu)))),
+        (Storage::Cpu(cpu), &[s0, s1, s2, 1]) => match T::cpu_storage_as_slice(cpu) {
+            Ok(data) => Ok(View { data, offset: layout.start_offset(), stride: [s0, s1, s2, 1] }),
+            Err(e) => Err(Error::msg(format!("CPU attention: {what}: {e}"))),
         },
         _ => Err(Error::msg(format!("CPU attention: {what} must be a 4-D CPU tensor with unit stride in its last dim"))),
     }
@@ -274,10 +252,10 @@ const KEYS: usize = 8;
 fn dot<T: Element>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
-    let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * y.to_f32()).sum();
+    let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * Into::<f32>::into(*y)).sum();
     for (x, y) in qc.zip(kc) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l].to_f32();
+            acc[l] += x[l] * Into::<f32>::into(y[l]);
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -290,7 +268,7 @@ fn weighted_values<'a, T: Element>(p: &[f32], inv: f32, value: impl Fn(usize) ->
     for (j, &pj) in p.iter().enumerate() {
         if pj != 0.0 {
             for (o, &v) in o.iter_mut().zip(value(j)) {
-                *o += pj * v.to_f32();
+                *o += pj * Into::<f32>::into(v);
             }
         }
     }
@@ -336,7 +314,7 @@ mod x86 {
         _mm256_storeu_ps(out.as_mut_ptr(), sums);
         for (o, key) in out.iter_mut().zip(keys) {
             for (i, x) in q.iter().enumerate().skip(c) {
-                *o += x * (*key.add(i)).to_f32();
+                *o += x * Into::<f32>::into(*key.add(i));
             }
         }
         out

@@ -211,18 +211,6 @@ mod x86 {
         group_dot::<false, N>(kind, group, xs, out)
     }
 
-    /// Byte i of the result is 0xff where bit i of `bits` is set (AVX2 has no byte masks).
-    #[inline(always)]
-    unsafe fn bit_bytes(bits: u32) -> __m256i {
-        // Byte i takes byte i / 8 of `bits`, then tests its bit i % 8.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits as i32),
-            _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
-        );
-        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
-    }
-
     /// One group of 8 rows against N rows of x (see the module doc). The loops index several
     /// arrays by one register number or row, as the module doc's formulas do.
     #[allow(clippy::needless_range_loop)]
@@ -253,7 +241,7 @@ mod x86 {
                                 // A nibble plus 16 is the nibble with its fifth bit.
                                 _mm256_mask_add_epi8(u[n], mask, u[n], _mm256_set1_epi8(0x10))
                             } else {
-                                _mm256_or_si256(u[n], _mm256_and_si256(bit_bytes(mask), _mm256_set1_epi8(0x10)))
+                                _mm256_or_si256(u[n], super::super::x86::high_bits(mask))
                             };
                         }
                     }

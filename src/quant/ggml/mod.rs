@@ -516,9 +516,9 @@ mod x86 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// Bit i of qh as 0x10 in byte i.
+    /// Bit i of qh as 0x10 in byte i (Q5's fifth bits; the interleaved kernel's too).
     #[inline(always)]
-    unsafe fn high_bits(qh: u32) -> __m256i {
+    pub(super) unsafe fn high_bits(qh: u32) -> __m256i {
         // Byte i takes the qh byte that holds bit i, then tests bit (i mod 8).
         let spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(qh as i32),
