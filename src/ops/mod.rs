@@ -66,6 +66,7 @@ pub mod attention_cpu;
 pub mod dropout;
 pub mod exp;
 pub mod fused;
+pub mod gemm_bf16;
 pub mod nn;
 pub mod control_branch;
 pub mod dora_linear;
