@@ -77,7 +77,9 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     if let Some(layers) = args.run.layers {
         config.num_hidden_layers = layers;
     }
-    let mut model = Llama::random_with(config, 0, super::parse_dtype(&args.run.dtype)?, &device, quantize)?;
+    let (activations, base) = crate::loading::training_dtypes(super::parse_dtype(&args.run.dtype)?, &device);
+    let mut model = Llama::random_with(config, 0, activations, &device, quantize)?;
+    model.set_frozen_linear_dtype(base)?;
     let batch = random_batch(model.config.vocab_size, args.run.batch, args.run.seq, 1, &device)?;
     let mut adapter = args.adapter.to_config()?;
     inject(&mut model, &adapter, 0)?;

@@ -90,7 +90,7 @@ pub fn require_tokenizer(loaded: &LoadedModel) -> Result<&tokenizers::Tokenizer>
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
     args.validate()?;
-    let mut loaded = load_model_with(&args.model.model, args.model.dtype()?, &args.model.device()?, args.model.quantize()?)?;
+    let mut loaded = crate::loading::load_model_for_training(&args.model.model, args.model.dtype()?, &args.model.device()?, args.model.quantize()?)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
     let vocab = loaded.model.config.vocab_size;
     if args.pad_token_id as usize >= vocab {

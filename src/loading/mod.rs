@@ -33,6 +33,22 @@ pub fn load_model_with(spec: &str, dtype: DType, device: &Device, quantize: Opti
     load(spec, dtype, device, quantize, false)
 }
 
+/// The dtypes training runs in for `--dtype dtype` on `device`: (activations, frozen linear
+/// weights). On the CPU, bf16 is mixed precision as autocast has it: the frozen linear weights
+/// and the operands of their products in bf16 (`ops::gemm_bf16`, f32 accumulation), the
+/// activations, the adapters, their gradients and the optimizer state in f32. Elsewhere, one dtype.
+pub fn training_dtypes(dtype: DType, device: &Device) -> (DType, DType) {
+    if device.is_cpu() && dtype == DType::BF16 { (DType::F32, DType::BF16) } else { (dtype, dtype) }
+}
+
+/// `load_model_with` for training: in [`training_dtypes`].
+pub fn load_model_for_training(spec: &str, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<LoadedModel> {
+    let (activations, base) = training_dtypes(dtype, device);
+    let mut loaded = load_model_with(spec, activations, device, quantize)?;
+    loaded.model.set_frozen_linear_dtype(base)?;
+    Ok(loaded)
+}
+
 /// `load_model_with` for inference: a GGUF file on the CPU keeps its linear weights and head in
 /// their block types (`quant::ggml`), unless `quantize` asks for NF4. Training reads the dense
 /// weights: use `load_model_with`.

@@ -145,6 +145,16 @@ impl Linear {
         Self { base: FrozenLinear::new(weight), adapter: None, merged: false }
     }
 
+    /// Keep a dense frozen base in `dtype` (a packed or NF4 base stays as it is).
+    pub fn set_base_dtype(&mut self, dtype: DType) -> Result<()> {
+        if let BaseWeight::Dense(w) = self.base.base_weight() {
+            if w.dtype() != dtype {
+                self.base = FrozenLinear::new(w.to_dtype(dtype)?);
+            }
+        }
+        Ok(())
+    }
+
     /// A layer whose frozen weight is NF4, computing in `dtype`.
     pub fn new_nf4(weight: Nf4Tensor, dtype: DType) -> Self {
         Self { base: FrozenLinear::nf4(weight, dtype), adapter: None, merged: false }

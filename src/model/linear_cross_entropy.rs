@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use crate::ops::fused::{CrossEntropyRows, SoftmaxLastDim};
-use crate::ops::nn::{accumulate_dtype, labelled_count, matmul_t};
+use crate::ops::nn::{accumulate_dtype, labelled_count};
 use crate::error::{Error, Result};
 
 /// Logits per block: 16 M values, 64 MiB in f32 (LLaMA-2's vocabulary: 524 rows a block).
@@ -56,14 +56,15 @@ pub fn linear_cross_entropy_in_blocks(hidden: &Tensor, head: &Tensor, labels: &T
     for start in (0..n).step_by(rows_per_block) {
         let len = rows_per_block.min(n - start);
         let y = labels.narrow(0, start, len)?.contiguous()?;
-        let logits = matmul_t(&x.narrow(0, start, len)?.contiguous()?, head)?.to_dtype(acc)?;
+        // A bf16 head under f32 hidden states (mixed precision) takes the bf16 kernel.
+        let logits = crate::ops::frozen_x_wt(&x.narrow(0, start, len)?.contiguous()?, head)?.to_dtype(acc)?;
         let (nll_sum, dlogits) = block_loss_and_grad(&logits, &y, 1.0 / count as f64, needs_grad)?;
         loss_sum = Some(match loss_sum {
             Some(s) => (s + nll_sum)?,
             None => nll_sum,
         });
         if let Some(dz) = dlogits {
-            grads.push(dz.to_dtype(hidden.dtype())?.matmul(head)?);
+            grads.push(crate::ops::frozen_dy_w(&dz.to_dtype(hidden.dtype())?, head)?);
         }
     }
     let loss = (loss_sum.expect("n > 0: at least one block") / count as f64)?;

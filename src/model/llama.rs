@@ -194,6 +194,9 @@ pub struct Llama {
     dtype: DType,
     /// The dtype the KV cache keeps keys and values in (`dtype` unless set).
     kv_dtype: DType,
+    /// The head in the frozen linears' dtype where it differs from `dtype` (mixed precision:
+    /// `set_frozen_linear_dtype`), for the products; `head()` still gives it as loaded.
+    product_head: Option<Tensor>,
     device: Device,
 }
 
@@ -314,6 +317,7 @@ impl Llama {
             packed_head,
             dtype,
             kv_dtype: dtype,
+            product_head: None,
             device: device.clone(),
             config,
         })
@@ -345,6 +349,33 @@ impl Llama {
 
     pub fn kv_dtype(&self) -> DType {
         self.kv_dtype
+    }
+
+    /// Keep the decoder's dense frozen linear weights in `dtype` while the activations stay in
+    /// the model's dtype: f32 activations over a bf16 base is the CPU's mixed precision
+    /// (`loading::training_dtypes`), whose products take `ops::gemm_bf16`.
+    pub fn set_frozen_linear_dtype(&mut self, dtype: DType) -> Result<()> {
+        for layer in &mut self.layers {
+            for linear in layer.linears_mut() {
+                linear.set_base_dtype(dtype)?;
+            }
+        }
+        // The head is the largest product of a training step (49k rows for SmolLM2): in the
+        // same dtype, a copy beside the embeddings that the lookup keeps reading.
+        self.product_head = match (dtype != self.dtype, &self.packed_head) {
+            (true, None) => Some(self.head()?.to_dtype(dtype)?),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// The LM head for the products (logits, the loss): [`Llama::head`], or its copy in the
+    /// frozen linears' dtype under mixed precision.
+    pub fn product_head(&self) -> Result<Cow<'_, Tensor>> {
+        match &self.product_head {
+            Some(head) => Ok(Cow::Borrowed(head)),
+            None => self.head(),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -533,7 +564,7 @@ impl Llama {
         if let Some(packed) = self.packed_head.as_ref().filter(|_| !hidden.track_op() && hidden.device().is_cpu()) {
             return Ok(crate::quant::ggml::matmul_tensor(packed, hidden)?.to_dtype(acc)?);
         }
-        let head = self.head()?.into_owned();
+        let head = self.product_head()?.into_owned();
         Ok(ops::frozen_matmul_t(hidden, &head.into())?.to_dtype(acc)?)
     }
 

@@ -144,7 +144,7 @@ impl CustomOp3 for LoraLinearOp {
         let a = cpu_tensor(a, la, self.name())?.to_dtype(acc)?;
         let b = cpu_tensor(b, lb, self.name())?.to_dtype(acc)?;
         let xa = xd.matmul(&a.t()?)?;
-        let y = (xt.matmul(&self.dense_w()?.to_dtype(acc)?.t()?)? + (xa.matmul(&b.t()?)? * self.scale)?)?;
+        let y = (super::frozen_x_wt(&xt, &*self.dense_w()?)? + (xa.matmul(&b.t()?)? * self.scale)?)?;
         self.save_xa(xa.to_dtype(dtype)?);
         let shape = y.shape().clone();
         Ok((tensor_cpu_storage(&y.to_dtype(dtype)?)?, shape))
@@ -187,7 +187,7 @@ impl CustomOp3 for LoraLinearOp {
             None => g.t()?.matmul(&x)?,
         };
         let da = (da * self.scale)?;
-        let dx = dy.matmul(&*self.dense_w()?)?;
+        let dx = super::frozen_dy_w(&dy, &*self.dense_w()?)?;
         let mask = self.mask.map(|m| m.tensor(&x)).transpose().map_err(wrap)?;
         lowrank_add(&dx, &g, &a, Factor::Transposed, mask.as_ref(), self.scale).map_err(wrap)?;
         drop(mask);

@@ -273,6 +273,24 @@ pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
+/// `x Wᵀ` for x [rows, in] and a frozen W [out, in] on the CPU: a bf16 W with f32 x (the mixed
+/// precision of `--dtype bf16` training) on the bf16 kernel where the CPU has it
+/// ([`gemm_bf16`]), else W in x's dtype.
+pub(crate) fn frozen_x_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if gemm_bf16::applies(x, w) {
+        return gemm_bf16::x_wt(x, w).map_err(candle_core::Error::wrap);
+    }
+    x.matmul(&w.to_dtype(x.dtype())?.t()?)
+}
+
+/// `dy W` for dy [rows, out] and a frozen W [out, in]: the backward of [`frozen_x_wt`].
+pub(crate) fn frozen_dy_w(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if gemm_bf16::applies(dy, w) {
+        return gemm_bf16::dy_w(dy, w).map_err(candle_core::Error::wrap);
+    }
+    dy.matmul(&w.to_dtype(dy.dtype())?)
+}
+
 /// `f` of a tensor's values in row-major order: borrowed from a contiguous CPU tensor, else
 /// through a host copy.
 pub(crate) fn with_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {

@@ -220,14 +220,22 @@ fn attention_with(
     Ok(softmax(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
+/// Whether the frozen ops take W with x: the same dtype and device, or a bf16 W under f32
+/// activations on the CPU (`--dtype bf16` training's mixed precision, `ops::gemm_bf16`).
+fn weight_fits(x: &Tensor, w: &BaseWeight) -> bool {
+    let mixed = x.dtype() == DType::F32 && w.dtype() == DType::BF16 && x.device().is_cpu();
+    (w.dtype() == x.dtype() || mixed) && w.device().same_device(x.device())
+}
+
 /// `x Wᵀ` for a frozen W [out, in] (the LM head, every frozen linear): when x is tracked, an op
 /// whose backward computes only dx, where candle's matmul would also compute and keep an unused
 /// ∂L/∂W (an extra GEMM and an [out, in] gradient per layer until backward ends), and which holds
 /// W as given (an NF4 base stays packed between forward and backward, dequantized in each). On
 /// the CPU in f32 / f64, and on CUDA through cuBLAS (unless `--unfused`).
 pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
-    let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
-    if x.track_op() && fits && crate::ops::fused_for(x) {
+    let fits = weight_fits(x, w);
+    // A bf16 base under f32 activations takes the op untracked too: it holds the mixed product.
+    if (x.track_op() || w.dtype() != x.dtype()) && fits && crate::ops::fused_for(x) {
         return Ok(x.contiguous()?.apply_op1(super::fused::FrozenMatmulT { weight: w.clone() })?);
     }
     if let BaseWeight::Dense(dense) = w {
@@ -242,7 +250,7 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
 /// the split inside, [`super::fused::ProjectedHeads`]) whose node holds x and the heads, not the
 /// [b, t, out] product that a separate split would keep as its input.
 pub fn frozen_matmul_t_heads(x: &Tensor, w: &BaseWeight, heads: AttentionHeads, train: bool) -> Result<Tensor> {
-    let fits = w.dtype() == x.dtype() && w.device().same_device(x.device());
+    let fits = weight_fits(x, w);
     if fits && heads.fused(x, train) {
         let op = heads.project(x, super::fused::FrozenMatmulT { weight: w.clone() })?;
         return Ok(x.contiguous()?.apply_op1(op)?);
@@ -254,7 +262,7 @@ pub fn frozen_matmul_t_heads(x: &Tensor, w: &BaseWeight, heads: AttentionHeads, 
 /// In training, one op ([`super::fused::FrozenMatmulTAdd`]) whose graph node holds x and the
 /// residual but not the [.., out] product, which candle's add node would keep until backward.
 pub fn frozen_matmul_t_add(x: &Tensor, w: &BaseWeight, residual: &Tensor) -> Result<Tensor> {
-    let fits = w.dtype() == x.dtype() && residual.dtype() == x.dtype() && w.device().same_device(x.device());
+    let fits = weight_fits(x, w) && residual.dtype() == x.dtype();
     if (x.track_op() || residual.track_op()) && fits && crate::ops::fused_for(x) {
         let op = super::fused::FrozenMatmulTAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() } };
         return Ok(x.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
@@ -285,7 +293,7 @@ pub fn swiglu_frozen_matmul_t_add_backward_only(g: &Tensor, u: &Tensor, w: &Base
 }
 
 fn swiglu_project_add_fuses(g: &Tensor, u: &Tensor, w: &BaseWeight, residual: &Tensor, train: bool) -> bool {
-    let fits = w.dtype() == g.dtype() && w.device().same_device(g.device()) && g.shape() == u.shape();
+    let fits = weight_fits(g, w) && g.shape() == u.shape();
     fits && (fused_cpu(train, &[g, u, residual]) || fused_cuda(train, &[g, u, residual]))
 }
 

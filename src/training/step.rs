@@ -27,7 +27,7 @@ pub fn causal_lm_loss_from_hidden(model: &Llama, hidden: &Tensor, batch: &TrainB
     let (b, t) = check_length(batch)?;
     let h = hidden.narrow(1, 0, t - 1)?.contiguous()?.reshape((b * (t - 1), ()))?;
     let labels = batch.labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
-    linear_cross_entropy(&h, &*model.head()?, &labels)
+    linear_cross_entropy(&h, &*model.product_head()?, &labels)
 }
 
 fn check_length(batch: &TrainBatch) -> Result<(usize, usize)> {

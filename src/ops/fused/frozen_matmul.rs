@@ -133,7 +133,7 @@ impl FrozenMatmulT {
             candle_core::bail!("{}: x {:?} against W [{out}, {inp}]", self.name(), dims);
         }
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&w.to_dtype(x.dtype())?.t()?)?;
+        let y = crate::ops::frozen_x_wt(&x.reshape((rows, inp))?, &w)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dim") = out;
         y.reshape(out_dims)
@@ -160,7 +160,7 @@ impl CustomOp1 for FrozenMatmulT {
         let w = self.dense()?;
         let out = w.dim(0)?;
         let rows = dy.elem_count() / out.max(1);
-        let dx = dy.reshape((rows, out))?.matmul(&w.to_dtype(dy.dtype())?)?.reshape(x.shape())?;
+        let dx = crate::ops::frozen_dy_w(&dy.reshape((rows, out))?, &w)?.reshape(x.shape())?;
         Ok(Some(dx))
     }
 }
