@@ -7,7 +7,8 @@
 //! W constant: the `FrozenMatmulT` op training uses, since candle's matmul would also compute
 //! ∂L/∂W), the unfused LoRA (`x Wᵀ + s·(x Aᵀ) Bᵀ` in candle ops, as `--unfused` trains, ∂L/∂W
 //! included) and the fused op, with their ratios to the frozen linear and the achieved
-//! TFLOP/s. The control branch (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against
+//! TFLOP/s; on the CPU in f32 also the frozen linear with W in bf16 (the mixed precision of
+//! `--dtype bf16` training, `ops::gemm_bf16`). The control branch (`base + α·z Bᵀ`) and DoRA's row norms are compared fused against
 //! unfused; NF4 dequantize, the batch-1 GEMV and the few-row matmul report GB/s (ratio: over
 //! dequantize-then-matmul with the same x). The training attention on both of its kernels
 //! (flash, `kernels/attention.cu`: the [t, s] scores never in memory; gemm,

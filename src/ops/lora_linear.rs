@@ -376,6 +376,18 @@ pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<
         ] {
             out.push(KernelTiming::new("lora_linear", &shape, variant, ms, frozen).flops(flops).peak_mib(mib));
         }
+        // The CPU's mixed precision (`--dtype bf16` training): the same frozen linear with W in
+        // bf16 under f32 x, its products on bf16 operands (`ops::gemm_bf16` where the CPU has it).
+        if device.is_cpu() && dtype == DType::F32 {
+            let base_bf16: crate::quant::BaseWeight = w.to_dtype(DType::BF16)?.into();
+            let mixed_step = || -> Result<()> {
+                crate::ops::nn::frozen_matmul_t_op(x.as_tensor(), &base_bf16)?.backward()?;
+                Ok(())
+            };
+            let mixed = shapes.time(device, mixed_step)?;
+            let mixed_mem = crate::memory::peak_extra_mib(device, mixed_step)?;
+            out.push(KernelTiming::new("lora_linear", &shape, "frozen, bf16 W", mixed, frozen).flops(base_flops).peak_mib(mixed_mem));
+        }
     }
     Ok(())
 }
