@@ -175,8 +175,22 @@ fn pack_b(b: Strided) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut pb = vec![0u32; n.div_ceil(NR) * kp * NR];
     pb.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
-        for j in 0..NR.min(n - panel * NR) {
-            let r = panel * NR + j;
+        let (r0, cols) = (panel * NR, NR.min(n - panel * NR));
+        if b.row_stride == 1 && b.col_stride != 1 {
+            // B stored transposed (the backward's Wᵀ): a pair's two values lie in two stored rows,
+            // each contiguous over the panel's columns.
+            let cs = b.col_stride;
+            for (p, out) in dst.chunks_exact_mut(NR).enumerate() {
+                let lo = &b.data[2 * p * cs + r0..][..cols];
+                match (2 * p + 1 < k).then(|| &b.data[(2 * p + 1) * cs + r0..][..cols]) {
+                    Some(hi) => out.iter_mut().zip(lo.iter().zip(hi)).for_each(|(o, (&l, &h))| *o = pair(l, h)),
+                    None => out.iter_mut().zip(lo).for_each(|(o, &l)| *o = pair(l, bf16::ZERO)),
+                }
+            }
+            return;
+        }
+        for j in 0..cols {
+            let r = r0 + j;
             for p in 0..kp {
                 let hi = if 2 * p + 1 < k { b.get(r, 2 * p + 1) } else { bf16::ZERO };
                 dst[p * NR + j] = pair(b.get(r, 2 * p), hi);
