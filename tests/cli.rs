@@ -99,12 +99,14 @@ fn bench_kernels_on_the_cpu_writes_a_row_per_variant_and_a_chart() {
     assert!(text.contains("fused LoRA"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    // lora: frozen, unfused, fused; control, dora and attention (two sequence lengths): unfused,
+    // lora: frozen, unfused, fused, and (on the CPU in f32) frozen with a bf16 W; control, dora
+    // and attention (two sequence lengths): unfused,
     // fused; nf4: dequantize, then at
     // one row of x the GEMV and dequantize + matmul, and at each of five row counts the few-row
     // kernel and dequantize + matmul; snell: the frozen linear, then plain and fused for each of
     // the two default sparsities.
-    assert_eq!(rows.len(), 3 + 2 + 2 + 2 * 2 + (1 + 2 + 2 * 5) + 5, "{rows:?}");
+    assert_eq!(rows.len(), 4 + 2 + 2 + 2 * 2 + (1 + 2 + 2 * 5) + 5, "{rows:?}");
+    assert!(rows.iter().any(|r| r["op"] == "lora_linear" && r["variant"] == "frozen, bf16 W"));
     let attention: Vec<_> = rows.iter().filter(|r| r["op"] == "attention").collect();
     assert_eq!(attention.iter().map(|r| r["shape"].as_str().unwrap()).collect::<Vec<_>>(), ["b3 h2 g1 t8 d8", "b3 h2 g1 t8 d8", "b1 h2 g1 t24 d8", "b1 h2 g1 t24 d8"]);
     assert!(attention.iter().all(|r| r["tflops"].is_number() && r["peak_extra_mib"].is_number()));

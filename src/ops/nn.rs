@@ -243,7 +243,8 @@ pub fn frozen_matmul_t(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
             return super::matmul_bf16::matmul_tensor(x, dense);
         }
     }
-    matmul_t(x, &*w.dense()?)
+    // W in x's dtype: a bf16 base under f32 x with `--unfused` comes here.
+    matmul_t(x, &w.dense()?.to_dtype(x.dtype())?)
 }
 
 /// `x Wᵀ` for a frozen W, split into attention heads: in training one op (the frozen matmul with
