@@ -14,6 +14,13 @@ pub fn in_thread_pool<T: Send>(f: impl FnOnce() -> crate::Result<T> + Send) -> c
     pool.install(f)
 }
 
+/// An output buffer that the tasks of one parallel loop write at disjoint places (each its own
+/// tiles or columns), through the raw pointer: split slices cannot express a tile of rows.
+pub struct DisjointOut(pub *mut f32);
+// SAFETY: the tasks write disjoint elements, and the buffer outlives them (a rayon `for_each`
+// returns after every task).
+unsafe impl Sync for DisjointOut {}
+
 /// `y = x Wᵀ` [t, rows] from a kernel over W's rows: the rows in a few chunks per thread (a task
 /// per 16 rows costs more in scheduling than a small matrix's rows take), each row read once
 /// for all t rows of x. `dot(first, out)` fills `out`, [n, t], for W's rows `first..first + n`.

@@ -180,8 +180,8 @@ unsafe fn row_avx2<T: Element>(row: usize, o: &mut [f32], shape: Shape, qb: View
     output_row::<T, true>(row, o, shape, qb, kv)
 }
 
-/// The H heads' outputs of one (batch row, query position). `SIMD`: the AVX2 kernels below
-/// (only where the CPU has them: else `mul_add` is a library call).
+/// The H heads' outputs of one (batch row, query position). `SIMD`: the AVX2 kernels of `x86`
+/// (only inside `row_avx2`, compiled with their features), else the portable loops.
 #[inline(always)]
 fn output_row<T: Element, const SIMD: bool>(row: usize, o: &mut [f32], Shape { h, t, s, d, n, scale }: Shape, (qv, bv): Views<f32>, (kv, vv): Views<T>) {
     let (bi, i) = (row / t, row % t);

@@ -80,7 +80,8 @@ pub fn gemm(a: &[f32], m: usize, b: Strided) -> Result<Vec<f32>> {
     let mut c = vec![0f32; m * n];
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let (m_chunks, n_blocks) = (m_panels.div_ceil(MC_PANELS), n_panels.div_ceil(NC_PANELS));
-    let out = SharedOut(c.as_mut_ptr());
+    // Each task writes its own tiles of C.
+    let out = crate::threads::DisjointOut(c.as_mut_ptr());
     (0..m_chunks * n_blocks).into_par_iter().for_each(|task| {
         let out = &out;
         let (mc, nb) = (task / n_blocks, task % n_blocks);
@@ -104,11 +105,6 @@ pub fn gemm(a: &[f32], m: usize, b: Strided) -> Result<Vec<f32>> {
     Ok(c)
 }
 
-/// C's tiles, written by the tasks at disjoint places.
-struct SharedOut(*mut f32);
-// SAFETY: each task writes its own tiles, and `for_each` returns after every task.
-unsafe impl Sync for SharedOut {}
-
 /// Whether the products of an f32 x with a bf16 frozen W (the CPU's mixed precision: a bf16
 /// base, f32 activations) take the kernel: both on the CPU and the CPU has AVX-512 BF16.
 pub fn applies(x: &candle_core::Tensor, w: &candle_core::Tensor) -> bool {
@@ -118,27 +114,28 @@ pub fn applies(x: &candle_core::Tensor, w: &candle_core::Tensor) -> bool {
 
 /// `x Wᵀ` [rows, out] for x [rows, in] f32 and W [out, in] bf16, where [`applies`].
 pub fn x_wt(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    let ((rows, inp), (out, w_in)) = (x.dims2()?, w.dims2()?);
-    if inp != w_in {
-        return Err(Error::msg(format!("bf16 GEMM: x [{rows}, {inp}] against W [{out}, {w_in}]")));
-    }
-    let c = super::with_values::<bf16, _>(w, |w| {
-        super::with_values::<f32, _>(x, |x| gemm(x, rows, Strided { data: w, rows: out, cols: inp, row_stride: inp, col_stride: 1 }))
-    })???;
-    Ok(candle_core::Tensor::from_vec(c, (rows, out), x.device())?)
+    let (out, inp) = w.dims2()?;
+    tensor_gemm(x, w, "x", inp, |data| Strided { data, rows: out, cols: inp, row_stride: inp, col_stride: 1 })
 }
 
 /// `dy W` [rows, in] for dy [rows, out] f32 and W [out, in] bf16 (the backward of [`x_wt`]), W
 /// read as Wᵀ through strides.
 pub fn dy_w(dy: &candle_core::Tensor, w: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    let ((rows, out), (w_out, inp)) = (dy.dims2()?, w.dims2()?);
-    if out != w_out {
-        return Err(Error::msg(format!("bf16 GEMM: dy [{rows}, {out}] against W [{w_out}, {inp}]")));
+    let (out, inp) = w.dims2()?;
+    tensor_gemm(dy, w, "dy", out, |data| Strided { data, rows: inp, cols: out, row_stride: 1, col_stride: inp })
+}
+
+/// `a Bᵀ` for a [rows, k] f32 (`what` in the error) and B read out of W's values by `b`.
+fn tensor_gemm(a: &candle_core::Tensor, w: &candle_core::Tensor, what: &str, k: usize, b: impl Fn(&[bf16]) -> Strided) -> Result<candle_core::Tensor> {
+    let (rows, cols) = a.dims2()?;
+    if cols != k {
+        return Err(Error::msg(format!("bf16 GEMM: {what} [{rows}, {cols}] against W {:?}", w.dims())));
     }
-    let c = super::with_values::<bf16, _>(w, |w| {
-        super::with_values::<f32, _>(dy, |dy| gemm(dy, rows, Strided { data: w, rows: inp, cols: out, row_stride: 1, col_stride: inp }))
+    let (c, n) = super::with_values::<bf16, _>(w, |w| {
+        let b = b(w);
+        super::with_values::<f32, _>(a, |a| gemm(a, rows, b).map(|c| (c, b.rows)))
     })???;
-    Ok(candle_core::Tensor::from_vec(c, (rows, inp), dy.device())?)
+    Ok(candle_core::Tensor::from_vec(c, (rows, n), a.device())?)
 }
 
 /// The bf16 pair (k = 2p, 2p + 1) as the u32 `vdpbf16ps` reads: the lower k in the low half.

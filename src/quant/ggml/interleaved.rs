@@ -148,7 +148,8 @@ pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [f32], vnni: bool
     let groups = rows.div_ceil(GROUP);
     let group_bytes = blocks * group_block_bytes(w.kind);
     let per_task = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
-    let out = SharedOut(y.as_mut_ptr());
+    // Each task writes its own groups' columns.
+    let out = crate::threads::DisjointOut(y.as_mut_ptr());
     (0..groups.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = &out;
         for g in task * per_task..((task + 1) * per_task).min(groups) {
@@ -184,12 +185,6 @@ pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [f32], vnni: bool
         }
     });
 }
-
-/// The output, written by the tasks at disjoint places (each its own groups' columns).
-struct SharedOut(*mut f32);
-// SAFETY: the tasks write disjoint elements and the buffer outlives them (`for_each` returns
-// after every task).
-unsafe impl Sync for SharedOut {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
