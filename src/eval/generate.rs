@@ -88,7 +88,7 @@ pub fn greedy(model: &Llama, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Re
         return Ok(out);
     }
     let mut cache = KvCache::new();
-    let mut logits = prefill(model, prompts, cfg.pad_token_id, &mut cache)?;
+    let mut logits = prefill(model, prompts, cfg.pad_token_id, &mut cache, cfg.max_new_tokens)?;
     // `running[r]` is the prompt index of cache row r.
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new_tokens {
@@ -132,7 +132,7 @@ fn beam_search_impl(model: &Llama, prompts: &[Vec<u32>], cfg: &GenerationConfig)
     }
     let nb = cfg.num_beams;
     let mut cache = KvCache::new();
-    let prompt_logits = prefill(model, prompts, cfg.pad_token_id, &mut cache)?;
+    let prompt_logits = prefill(model, prompts, cfg.pad_token_id, &mut cache, cfg.max_new_tokens)?;
     // Every beam of a prompt starts from the prompt's cache row and logits.
     let expand: Vec<u32> = (0..prompts.len() as u32).flat_map(|p| std::iter::repeat_n(p, nb)).collect();
     cache.select_rows(&expand)?;
@@ -192,9 +192,9 @@ fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {
 /// commonsense protocol's bits do not move).
 pub const PREFILL_CHUNK: usize = 512;
 
-/// Run the left-padded prompts through the model, filling `cache`; the logits [b, vocab] of
-/// each prompt's last token.
-fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache) -> Result<Tensor> {
+/// Run the left-padded prompts through the model, filling `cache` and leaving room in it for
+/// `new` more positions; the logits [b, vocab] of each prompt's last token.
+fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache, new: usize) -> Result<Tensor> {
     let (ids, mask) = left_pad(prompts, pad);
     let (b, t) = (prompts.len(), mask[0].len());
     let input = Tensor::from_vec(ids, (b, t), model.device())?;
@@ -205,6 +205,7 @@ fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache) -
         let part: Vec<Vec<u32>> = mask.iter().map(|m| m[start..start + len].to_vec()).collect();
         hidden = Some(model.forward_hidden(&input.narrow(1, start, len)?, Some(&part), Some(cache), false)?);
     }
+    cache.reserve(t + new)?;
     last_logits(model, &hidden.ok_or_else(|| Error::msg("an empty prompt has nothing to continue"))?)
 }
 

@@ -116,18 +116,27 @@ impl LayerKv {
         Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
     }
 
+    /// Room for `capacity` positions in contiguous buffers (a copy of the filled ones), unless
+    /// there is already.
+    fn reserve(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.k.dim(2)? && self.k.is_contiguous() {
+            return Ok(());
+        }
+        let (b, g, _, d) = self.k.dims4()?;
+        let grow = |old: &Tensor| -> Result<Tensor> {
+            let buf = Tensor::zeros((b, g, capacity.max(self.len), d), old.dtype(), old.device())?;
+            buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            Ok(buf)
+        };
+        (self.k, self.v) = (grow(&self.k)?, grow(&self.v)?);
+        Ok(())
+    }
+
     /// Append the keys and values of new positions; all of them so far.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, g, t, d) = k.dims4()?;
-        let needed = self.len + t;
+        let needed = self.len + k.dim(2)?;
         if needed > self.k.dim(2)? || !self.k.is_contiguous() {
-            let capacity = needed.max(2 * self.len).max(16);
-            let grow = |old: &Tensor| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, g, capacity, d), old.dtype(), old.device())?;
-                buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                Ok(buf)
-            };
-            (self.k, self.v) = (grow(&self.k)?, grow(&self.v)?);
+            self.reserve(needed.max(2 * self.len).max(16))?;
         }
         self.k.slice_set(&k.contiguous()?, 2, self.len)?;
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
@@ -149,7 +158,14 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Keep the rows named by `rows` (in that order): beam search reorders its hypotheses.
+    /// Room for `positions` in every layer's buffers, so that decoding up to there never copies
+    /// the past to grow them (generation knows its prompt and its `max_new_tokens`).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.layers.iter_mut().flatten().try_for_each(|kv| kv.reserve(positions))
+    }
+
+    /// Keep the rows named by `rows` (in that order): beam search reorders its hypotheses. The
+    /// buffers keep their room.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
         if self.layers.is_empty() {
             return Ok(());
@@ -157,8 +173,8 @@ impl KvCache {
         let device = self.layers.iter().flatten().next().map(|kv| kv.k.device().clone()).unwrap_or(Device::Cpu);
         let idx = Tensor::new(rows, &device)?;
         for kv in self.layers.iter_mut().flatten() {
-            let (k, v) = kv.filled()?;
-            *kv = LayerKv::new(k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)?;
+            kv.reserve(kv.k.dim(2)?)?;
+            *kv = LayerKv { k: kv.k.index_select(&idx, 0)?, v: kv.v.index_select(&idx, 0)?, len: kv.len };
         }
         for x in self.control_inputs.iter_mut().flatten() {
             *x = x.index_select(&idx, 0)?;

@@ -66,7 +66,7 @@ pub fn sample_tokens(
         return Ok(Vec::new());
     }
     let mut cache = KvCache::new();
-    let mut logits = prefill(model, &prompts, 0, &mut cache)?;
+    let mut logits = prefill(model, &prompts, 0, &mut cache, max_new_tokens)?;
     for step in 0..max_new_tokens {
         let row = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let token = sampler.next_token(&row, &seen)?;

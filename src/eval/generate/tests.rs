@@ -78,8 +78,15 @@ fn kv_cache_logits_match_the_full_forward_in(kv: DType) {
     m.set_kv_dtype(kv);
     let prompts = vec![vec![1, 5, 7, 3, 9], vec![1, 4, 6]];
     let continuation = [[2u32, 11, 4, 6], [10, 3, 3, 8]];
+    // Room for none of the new positions (the buffers grow as they come), some, and all.
+    for room in [0, 2, 64] {
+        kv_cache_logits_match_with_room(&m, kv, room, &prompts, &continuation);
+    }
+}
+
+fn kv_cache_logits_match_with_room(m: &Llama, kv: DType, room: usize, prompts: &[Vec<u32>], continuation: &[[u32; 4]; 2]) {
     let mut cache = KvCache::new();
-    let mut logits = prefill(&m, &prompts, 0, &mut cache).unwrap();
+    let mut logits = prefill(m, prompts, 0, &mut cache, room).unwrap();
     for step in 0..=continuation[0].len() {
         let got = logits.to_vec2::<f32>().unwrap();
         for (row, prompt) in prompts.iter().enumerate() {
@@ -88,10 +95,10 @@ fn kv_cache_logits_match_the_full_forward_in(kv: DType) {
             let full = m.forward(&input, None, None, false).unwrap();
             let want = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap().pop().unwrap();
             let diff = got[row].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-4, "{kv:?} cache, row {row}, step {step}: max |diff| {diff}");
+            assert!(diff < 1e-4, "{kv:?} cache with room for {room}, row {row}, step {step}: max |diff| {diff}");
         }
         if step < continuation[0].len() {
-            logits = decode_step(&m, &[continuation[0][step], continuation[1][step]], &mut cache).unwrap();
+            logits = decode_step(m, &[continuation[0][step], continuation[1][step]], &mut cache).unwrap();
         }
     }
 }
@@ -264,7 +271,7 @@ fn bench_decode_smollm2_shape() {
         let cfg = config(32, num_beams, NO_EOS);
         let start = std::time::Instant::now();
         let mut cache = KvCache::new();
-        prefill(&m, &prompts, 0, &mut cache).unwrap();
+        prefill(&m, &prompts, 0, &mut cache, 0).unwrap();
         let prefill_s = start.elapsed().as_secs_f64();
         let start = std::time::Instant::now();
         let out = generate(&m, &prompts, &cfg).unwrap();
@@ -296,7 +303,7 @@ fn chunked_prefill_matches_one_forward() {
         logits.squeeze(0).unwrap().get(p.len() - 1).unwrap().to_vec1().unwrap()
     };
     let mut cache = KvCache::new();
-    let got: Vec<Vec<f32>> = prefill(&model, &[long.clone(), short.clone()], 0, &mut cache).unwrap().to_vec2().unwrap();
+    let got: Vec<Vec<f32>> = prefill(&model, &[long.clone(), short.clone()], 0, &mut cache, 0).unwrap().to_vec2().unwrap();
     assert_eq!(cache.len(), long.len());
     for (row, p) in got.iter().zip([&long, &short]) {
         let want = one_forward(p);
