@@ -14,6 +14,7 @@
 //! | training | `training`: optimizer, schedule, step, loop, checkpoints |
 //! | eval | `eval`: generation, answer extraction, accuracy |
 //! | reports | `plot`: PNG charts |
+//! | serving | `serving`: the OpenAI-compatible server, continuous batching over adapters |
 //! | cli | `cli`, `demo`: the `candle-peft` command |
 
 pub mod adapters;
@@ -35,6 +36,7 @@ pub mod model;
 pub mod plot;
 pub mod quant;
 pub mod selftest;
+pub mod serving;
 pub mod simd;
 pub mod threads;
 pub mod training;

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("training", &["training"]),
     ("eval", &["eval"]),
     ("reports: charts", &["plot"]),
+    ("serving: the HTTP server and its decoding loop", &["serving"]),
     ("cli", &["cli", "demo"]),
 ];
 

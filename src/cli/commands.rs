@@ -26,6 +26,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Eval(args) => super::eval_cmd::eval(&args),
         Command::Generate(args) => super::eval_cmd::generate(&args),
         Command::Chat(args) => super::eval_cmd::chat(&args),
+        Command::Serve(args) => super::serve_cmd::serve(&args),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => {
             crate::loading::convert::gguf_to_hf_dir(&args.gguf, &args.output)?;

@@ -150,14 +150,14 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
 }
 
 /// The model's EOS ids and the chat template's end-of-turn token: a chat answer ends at either.
-fn chat_eos(config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer, template: &ChatTemplate) -> Vec<u32> {
+pub(super) fn chat_eos(config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer, template: &ChatTemplate) -> Vec<u32> {
     let mut eos = config.eos_token_ids.clone();
     eos.extend(tokenizer.token_to_id(&template.eos_token).filter(|id| !eos.contains(id)));
     eos
 }
 
 /// The model's own chat template, or ChatML (said on stderr) when it has none.
-fn chat_template(spec: &str, config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer) -> Result<ChatTemplate> {
+pub(super) fn chat_template(spec: &str, config: &LlamaConfig, tokenizer: &tokenizers::Tokenizer) -> Result<ChatTemplate> {
     let text = |id: u32| tokenizer.id_to_token(id);
     let found = model_chat_template(spec, config.bos_token_id, config.eos_token_ids.first().copied(), text)?;
     Ok(found.unwrap_or_else(|| {

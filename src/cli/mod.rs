@@ -1,4 +1,4 @@
-//! The `candle-peft` command: finetune, eval, generate, chat, merge, convert, data, bench, plot, demo.
+//! The `candle-peft` command: finetune, eval, generate, chat, serve, merge, convert, data, bench, plot, demo.
 //! Every subcommand also takes `--config FILE.toml` whose keys mirror its flags.
 
 pub mod bench;
@@ -9,6 +9,7 @@ pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
 pub mod selftest;
+pub mod serve_cmd;
 
 mod bench_args;
 mod eval_args;
@@ -49,6 +50,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Talk with a model: user lines from stdin, answers streamed in its chat template; EOF ends.
     Chat(ChatArgs),
+    /// An OpenAI-compatible HTTP server over a base model and its adapters (continuous batching).
+    Serve(serve_cmd::ServeArgs),
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge(MergeArgs),
     /// Convert a GGUF file to a Hugging Face model directory (config, safetensors, tokenizer).

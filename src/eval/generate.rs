@@ -194,7 +194,7 @@ pub const PREFILL_CHUNK: usize = 512;
 
 /// Run the left-padded prompts through the model, filling `cache` and leaving room in it for
 /// `new` more positions; the logits [b, vocab] of each prompt's last token.
-fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache, new: usize) -> Result<Tensor> {
+pub fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache, new: usize) -> Result<Tensor> {
     let (ids, mask) = left_pad(prompts, pad);
     let (b, t) = (prompts.len(), mask[0].len());
     let input = Tensor::from_vec(ids, (b, t), model.device())?;
@@ -210,7 +210,7 @@ fn prefill(model: &Llama, prompts: &[Vec<u32>], pad: u32, cache: &mut KvCache, n
 }
 
 /// Feed one token per cache row; the logits [rows, vocab] of that token.
-fn decode_step(model: &Llama, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+pub fn decode_step(model: &Llama, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
     let input = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), model.device())?;
     let hidden = model.forward_hidden(&input, None, Some(cache), false)?;
     last_logits(model, &hidden)

@@ -141,6 +141,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The frozen weight, shared (no copy), without the adapter.
+    pub fn share_base(&self) -> Self {
+        Self { base: self.base.clone(), adapter: None, merged: false }
+    }
+
     pub fn new(weight: Tensor) -> Self {
         Self { base: FrozenLinear::new(weight), adapter: None, merged: false }
     }

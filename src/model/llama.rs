@@ -70,6 +70,19 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// This layer's frozen weights, shared, without its adapters and controls.
+    pub fn share_base(&self) -> Self {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        Self {
+            self_attn: Attention { q_proj: a.q_proj.share_base(), k_proj: a.k_proj.share_base(), v_proj: a.v_proj.share_base(), o_proj: a.o_proj.share_base() },
+            mlp: Mlp { gate_proj: m.gate_proj.share_base(), up_proj: m.up_proj.share_base(), down_proj: m.down_proj.share_base() },
+            input_layernorm: self.input_layernorm.clone(),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            attn_control: None,
+            mlp_control: None,
+        }
+    }
+
     /// The layer's linear layers, in the order of [`LlamaConfig::layer_linears`].
     pub fn linears(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -162,6 +175,61 @@ impl KvCache {
     /// the past to grow them (generation knows its prompt and its `max_new_tokens`).
     pub fn reserve(&mut self, positions: usize) -> Result<()> {
         self.layers.iter_mut().flatten().try_for_each(|kv| kv.reserve(positions))
+    }
+
+    /// The rows of `other` after this cache's rows: continuous batching joins a request whose
+    /// prompt was just prefilled to the running batch. The side with fewer positions is padded on
+    /// the left with masked ones so that the rows line up (the keys are cached with their
+    /// rotation applied, so moving them changes nothing); each side keeps the room it had.
+    pub fn join(&mut self, other: KvCache) -> Result<()> {
+        if self.layers.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.layers.len() != self.layers.len() {
+            return Err(Error::msg(format!("KV cache join: {} layers against {}", other.layers.len(), self.layers.len())));
+        }
+        let (ours, theirs) = (self.len(), other.len());
+        let len = ours.max(theirs);
+        // Positions [.., len - filled .. len] of a [b, g, capacity, d] buffer with `room` spare.
+        let place = |kv: &Tensor, filled: usize, room: usize| -> Result<Tensor> {
+            let (b, g, _, d) = kv.dims4()?;
+            let zeros = |n: usize| Tensor::zeros((b, g, n, d), kv.dtype(), kv.device());
+            Ok(Tensor::cat(&[&zeros(len - filled)?, &kv.narrow(2, 0, filled)?, &zeros(room)?], 2)?)
+        };
+        let room = |kv: &LayerKv| -> Result<usize> { Ok(kv.k.dim(2)? - kv.len) };
+        for (mine, their) in self.layers.iter_mut().zip(other.layers) {
+            match (mine.as_mut(), their) {
+                (Some(a), Some(b)) => {
+                    let spare = room(a)?.max(room(&b)?);
+                    let k = Tensor::cat(&[place(&a.k, a.len, spare)?, place(&b.k, b.len, spare)?], 0)?;
+                    let v = Tensor::cat(&[place(&a.v, a.len, spare)?, place(&b.v, b.len, spare)?], 0)?;
+                    *a = LayerKv { k, v, len };
+                }
+                (None, None) => {}
+                _ => return Err(Error::msg("KV cache join: a layer is cached on one side only")),
+            }
+        }
+        for (mine, their) in self.control_inputs.iter_mut().zip(other.control_inputs) {
+            // The block inputs of past tokens [b, past, d], padded the same way (the bias masks them).
+            let pad = |x: &Tensor, filled: usize| -> Result<Tensor> {
+                let (b, _, d) = x.dims3()?;
+                Ok(Tensor::cat(&[&Tensor::zeros((b, len - filled, d), x.dtype(), x.device())?, x], 1)?)
+            };
+            *mine = match (mine.take(), their) {
+                (Some(a), Some(b)) => Some(Tensor::cat(&[pad(&a, ours)?, pad(&b, theirs)?], 0)?),
+                (None, None) => None,
+                _ => return Err(Error::msg("KV cache join: control inputs are cached on one side only")),
+            };
+        }
+        let left = |m: Vec<u32>, filled: usize| [vec![0u32; len - filled], m].concat();
+        self.mask = std::mem::take(&mut self.mask).into_iter().map(|m| left(m, ours)).chain(other.mask.into_iter().map(|m| left(m, theirs))).collect();
+        Ok(())
+    }
+
+    /// The number of rows.
+    pub fn rows(&self) -> usize {
+        self.mask.len()
     }
 
     /// Keep the rows named by `rows` (in that order): beam search reorders its hypotheses. The
@@ -353,6 +421,26 @@ impl Llama {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// A model on this one's frozen weights without a copy of them (tensors and packed matrices
+    /// are shared by reference) and without its adapters: a server attaches each adapter it
+    /// keeps to its own such model over one base. A merged adapter is part of the weights.
+    pub fn share_base(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            packed_embed: self.packed_embed.clone(),
+            layers: self.layers.iter().map(DecoderLayer::share_base).collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            packed_head: self.packed_head.clone(),
+            inv_freq: self.inv_freq.clone(),
+            dtype: self.dtype,
+            kv_dtype: self.kv_dtype,
+            product_head: self.product_head.clone(),
+            device: self.device.clone(),
+        }
     }
 
     /// Keep the KV cache's keys and values in `dtype` (f16 or bf16 halve what a decoding step

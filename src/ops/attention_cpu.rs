@@ -185,11 +185,22 @@ unsafe fn row_avx2<T: Element>(row: usize, o: &mut [f32], shape: Shape, qb: View
 #[inline(always)]
 fn output_row<T: Element, const SIMD: bool>(row: usize, o: &mut [f32], Shape { h, t, s, d, n, scale }: Shape, (qv, bv): Views<f32>, (kv, vv): Views<T>) {
     let (bi, i) = (row / t, row % t);
+    // The keys before the first unmasked one (a row's left padding) are not visited at all: the
+    // row's sums then run over the same keys in the same order whatever padding its batch put
+    // before it, so that a row gives the same bits alone or in any batch (continuous batching
+    // pads rows of different lengths to one).
     let bias_row = bv.row(bi, 0, i, s);
-    let mut p = vec![0f32; s];
+    let first = bias_row.iter().position(|&b| b > MASKED).unwrap_or(s);
+    if first == s {
+        // Every key masked (a padding query of a left-padded prompt): nothing to attend to.
+        o.fill(0.0);
+        return;
+    }
+    let bias_row = &bias_row[first..];
+    let mut p = vec![0f32; s - first];
     for hi in 0..h {
         let (qrow, kh) = (qv.row(bi, hi, i, d), hi / n);
-        for (j0, (pj, bias)) in p.chunks_mut(KEYS).zip(bias_row.chunks(KEYS)).enumerate().map(|(c, pb)| (c * KEYS, pb)) {
+        for (j0, (pj, bias)) in p.chunks_mut(KEYS).zip(bias_row.chunks(KEYS)).enumerate().map(|(c, pb)| (first + c * KEYS, pb)) {
             if bias.iter().all(|&b| b <= MASKED) {
                 pj.fill(f32::NEG_INFINITY);
                 continue;
@@ -217,7 +228,7 @@ fn output_row<T: Element, const SIMD: bool>(row: usize, o: &mut [f32], Shape { h
         }
         super::exp::exp_in_place(&mut p);
         let inv = 1.0 / lanes(&p, 0.0, |a, b| a + b);
-        let (oh, value) = (&mut o[hi * d..(hi + 1) * d], |j| vv.row(bi, kh, j, d));
+        let (oh, value) = (&mut o[hi * d..(hi + 1) * d], |j| vv.row(bi, kh, first + j, d));
         #[cfg(target_arch = "x86_64")]
         if SIMD {
             // SAFETY: as above.
@@ -406,6 +417,26 @@ mod tests {
         let want = crate::ops::nn::attention_reference(&q, &f32(&k), &f32(&v), &bias).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn left_padding_changes_no_bit_of_a_row() {
+        let dev = Device::Cpu;
+        let (h, g, d, s) = (4, 2, 72, 21);
+        let q = Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev).unwrap();
+        let kv = Tensor::randn(0f32, 1.0, (2, 1, g, s, d), &dev).unwrap();
+        let (k, v) = (kv.get(0).unwrap(), kv.get(1).unwrap());
+        let alone = attention(&q, &k, &v, &crate::ops::nn::attention_bias(&[vec![1u32; s]], 1, DType::F32, &dev).unwrap(), 0.125).unwrap();
+        // 3 and 11 padding keys of any value before the same keys: the same bits.
+        for pad in [3, 11] {
+            let junk = Tensor::randn(0f32, 9.0, (1, g, pad, d), &dev).unwrap();
+            let (kp, vp) = (Tensor::cat(&[&junk, &k], 2).unwrap(), Tensor::cat(&[&junk, &v], 2).unwrap());
+            let mask = [vec![0u32; pad], vec![1u32; s]].concat();
+            let bias = crate::ops::nn::attention_bias(&[mask], 1, DType::F32, &dev).unwrap();
+            let padded = attention(&q, &kp, &vp, &bias, 0.125).unwrap();
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&padded), bits(&alone), "{pad} padding keys");
+        }
     }
 
     #[test]

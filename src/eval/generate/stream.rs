@@ -146,8 +146,13 @@ impl<D: Fn(&[u32]) -> Result<String>> TextStream<D> {
     /// The answer is over: the text not handed out yet (held-back text is now final) and the
     /// whole text.
     pub fn finish(mut self) -> (String, String) {
-        let rest = self.take(self.text.len());
+        let rest = self.rest();
         (rest, self.text)
+    }
+
+    /// The answer is over: the text not handed out yet.
+    pub fn rest(&mut self) -> String {
+        self.take(self.text.len())
     }
 
     /// Bytes at the end of `text` that begin some stop string and so may not be final.

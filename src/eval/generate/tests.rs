@@ -329,3 +329,48 @@ fn bf16_decoding_products_agree_with_candles_gemm() {
     let err = max(&(&few - &many).unwrap()) / max(&many);
     assert!(err < 3e-2, "bf16 logits of the two products differ by {err} of their scale");
 }
+
+/// Each prompt alone: the logits after its prompt and after each of `next`.
+fn logits_alone(m: &Llama, prompt: &[u32], next: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new();
+    let mut out = vec![prefill(m, &[prompt.to_vec()], 0, &mut cache, next.len()).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()];
+    for &token in next {
+        out.push(decode_step(m, &[token], &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+#[test]
+fn rows_joined_into_a_running_batch_decode_as_they_do_alone() {
+    let m = model(2);
+    let prompts = [vec![1u32, 5, 7, 3, 9, 2, 8], vec![1u32, 4], vec![1u32, 6, 6]];
+    let next = [[3u32, 9, 4, 11], [7, 7, 2, 5], [10, 1, 3, 3]];
+    let want: Vec<Vec<Vec<f32>>> = prompts.iter().zip(&next).map(|(p, n)| logits_alone(&m, p, n)).collect();
+    // Row 0 runs two steps alone; row 1 (shorter: padded) joins, then row 2; then row 0 leaves.
+    let mut batch = KvCache::new();
+    prefill(&m, &[prompts[0].clone()], 0, &mut batch, 4).unwrap();
+    let close = |got: &[f32], want: &[f32], what: &str| {
+        let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{what}: max |diff| {diff}");
+    };
+    for step in 0..2 {
+        let got = decode_step(&m, &[next[0][step]], &mut batch).unwrap().to_vec2::<f32>().unwrap();
+        close(&got[0], &want[0][step + 1], &format!("row 0 alone, step {step}"));
+    }
+    for row in [1, 2] {
+        let mut joining = KvCache::new();
+        prefill(&m, &[prompts[row].clone()], 0, &mut joining, 4).unwrap();
+        batch.join(joining).unwrap();
+    }
+    assert_eq!(batch.rows(), 3);
+    let got = decode_step(&m, &[next[0][2], next[1][0], next[2][0]], &mut batch).unwrap().to_vec2::<f32>().unwrap();
+    close(&got[0], &want[0][3], "row 0 in the batch");
+    close(&got[1], &want[1][1], "row 1 joined");
+    close(&got[2], &want[2][1], "row 2 joined");
+    batch.select_rows(&[1, 2]).unwrap();
+    for step in 1..4 {
+        let got = decode_step(&m, &[next[1][step], next[2][step]], &mut batch).unwrap().to_vec2::<f32>().unwrap();
+        close(&got[0], &want[1][step + 1], &format!("row 1, step {step}"));
+        close(&got[1], &want[2][step + 1], &format!("row 2, step {step}"));
+    }
+}

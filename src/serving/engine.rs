@@ -1,0 +1,284 @@
+//! The decoding loop of the server: one thread that owns the models and runs every request,
+//! batched continuously.
+//!
+//! A request waits in a bounded queue until the loop takes it, at a token boundary: its prompt
+//! is prefilled alone, its first token sampled, and its cache row joins the running batch of its
+//! model (`KvCache::join` pads the shorter side on the left; the CPU attention skips that padding,
+//! so a row's numbers do not depend on who it shares the batch with). Each step then decodes one
+//! token for every row of every batch, samples each row with its own sampler (its own seed and
+//! settings), hands the text that became final to the request, and drops the rows that finished
+//! or whose client went away (its receiver closed) before the next step.
+//!
+//! One batch per model: a base and its adapters share the frozen weights (`Llama::share_base`),
+//! but rows of different adapters decode in separate forwards, one after another in each step.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::metrics::Metrics;
+use crate::eval::generate::sampling::{Sampler, SamplingConfig};
+use crate::eval::generate::stream::TextStream;
+use crate::eval::generate::{decode_step, prefill};
+use crate::model::llama::{KvCache, Llama};
+use crate::{Error, Result};
+
+/// Why an answer ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_tokens`.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What the loop tells a request, in order: pieces of text, then one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done { finish: Finish, completion_tokens: usize },
+    Failed(String),
+}
+
+/// A request the handlers checked: a known model, a prompt that fits the context.
+pub struct Job {
+    /// Index into the engine's models (0 is the base).
+    pub model: usize,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub stop: Vec<String>,
+    pub sampling: SamplingConfig,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub queued_at: Instant,
+}
+
+type Decode = Box<dyn Fn(&[u32]) -> Result<String> + Send>;
+
+/// A request being decoded.
+struct Row {
+    job: Job,
+    sampler: Sampler,
+    text: TextStream<Decode>,
+    /// The prompt and the tokens so far (the repetition penalty reads them).
+    seen: Vec<u32>,
+    generated: usize,
+    /// The token the next step feeds.
+    next: u32,
+}
+
+impl Row {
+    /// Take `token`: send the text it makes final; whether the answer goes on.
+    fn push(&mut self, token: u32, metrics: &Metrics) -> Result<bool> {
+        self.generated += 1;
+        metrics.completion_tokens.inc();
+        let done = |row: &mut Row, finish: Finish| {
+            let rest = row.text.rest();
+            if !rest.is_empty() {
+                let _ = row.job.events.send(Event::Text(rest));
+            }
+            let _ = row.job.events.send(Event::Done { finish, completion_tokens: row.generated });
+            metrics.finished(finish, row.job.queued_at);
+            Ok(false)
+        };
+        if self.job.eos_token_ids.contains(&token) {
+            return done(self, Finish::Stop);
+        }
+        self.seen.push(token);
+        let (piece, hit) = self.text.push(token)?;
+        if !piece.is_empty() {
+            if self.generated == 1 {
+                metrics.first_token(self.job.queued_at);
+            }
+            let _ = self.job.events.send(Event::Text(piece));
+        }
+        if hit {
+            return done(self, Finish::Stop);
+        }
+        if self.generated >= self.job.max_new_tokens {
+            return done(self, Finish::Length);
+        }
+        self.next = token;
+        Ok(true)
+    }
+
+    fn fail(&self, why: &str) {
+        let _ = self.job.events.send(Event::Failed(why.to_string()));
+    }
+}
+
+/// The running rows of one model and their cache.
+struct Batch {
+    model: usize,
+    cache: KvCache,
+    rows: Vec<Row>,
+}
+
+pub struct Engine {
+    /// The base, then each adapter's model over the same frozen weights.
+    pub models: Vec<Llama>,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Rows decoded at once, over all models.
+    pub max_batch: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// Serve the queue until it is closed and every request taken from it is answered.
+    pub fn run(self, mut queue: mpsc::Receiver<Job>) {
+        let mut batches: Vec<Batch> = Vec::new();
+        loop {
+            let running: usize = batches.iter().map(|b| b.rows.len()).sum();
+            // Idle: wait for a request. Busy: take what is queued, up to the batch size.
+            let mut admitted = Vec::new();
+            if running == 0 {
+                match queue.blocking_recv() {
+                    Some(job) => admitted.push(job),
+                    None => return,
+                }
+            }
+            while running + admitted.len() < self.max_batch {
+                match queue.try_recv() {
+                    Ok(job) => admitted.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.metrics.queue_depth.set(queue.len());
+            for job in admitted {
+                self.admit(job, &mut batches);
+            }
+            for batch in &mut batches {
+                self.step(batch);
+            }
+            batches.retain(|b| !b.rows.is_empty());
+            self.metrics.running.set(batches.iter().map(|b| b.rows.len()).sum());
+        }
+    }
+
+    /// Prefill a request alone, sample its first token, and join it to its model's batch.
+    fn admit(&self, job: Job, batches: &mut Vec<Batch>) {
+        if job.events.is_closed() {
+            self.metrics.cancelled.inc();
+            return;
+        }
+        let model = &self.models[job.model];
+        let tokenizer = self.tokenizer.clone();
+        let decode: Decode = Box::new(move |ids: &[u32]| crate::data::tokenize::decode_text(&tokenizer, ids));
+        let sampler = match Sampler::new(job.sampling.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = job.events.send(Event::Failed(e.to_string()));
+                return;
+            }
+        };
+        let text = TextStream::new(decode, job.stop.clone());
+        let mut row = Row { seen: job.prompt.clone(), job, sampler, text, generated: 0, next: 0 };
+        let mut cache = KvCache::new();
+        let first = guarded(|| {
+            let logits = prefill(model, std::slice::from_ref(&row.job.prompt), 0, &mut cache, row.job.max_new_tokens)?;
+            let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            let token = row.sampler.next_token(&logits, &row.seen)?;
+            row.push(token, &self.metrics)
+        });
+        self.metrics.prompt_tokens.add(row.job.prompt.len());
+        match first {
+            Ok(false) => {}
+            Ok(true) => match batches.iter_mut().find(|b| b.model == row.job.model) {
+                Some(batch) => match batch.cache.join(cache) {
+                    Ok(()) => batch.rows.push(row),
+                    Err(e) => row.fail(&format!("joining the batch: {e}")),
+                },
+                None => batches.push(Batch { model: row.job.model, cache, rows: vec![row] }),
+            },
+            Err(e) => row.fail(&e.to_string()),
+        }
+    }
+
+    /// One token for every row of `batch`; the rows that finished, failed or lost their client
+    /// leave it.
+    fn step(&self, batch: &mut Batch) {
+        let gone: Vec<bool> = batch.rows.iter().map(|r| r.job.events.is_closed()).collect();
+        self.metrics.cancelled.add(gone.iter().filter(|&&g| g).count());
+        let mut keep: Vec<usize> = (0..batch.rows.len()).filter(|&i| !gone[i]).collect();
+        if keep.len() < batch.rows.len() && !self.drop_rows(batch, &keep) {
+            return;
+        }
+        if batch.rows.is_empty() {
+            return;
+        }
+        self.metrics.batch_rows.observe(batch.rows.len() as f64);
+        let model = &self.models[batch.model];
+        let tokens: Vec<u32> = batch.rows.iter().map(|r| r.next).collect();
+        let (cache, rows, metrics) = (&mut batch.cache, &mut batch.rows, &self.metrics);
+        let stepped = guarded(|| {
+            let logits = decode_step(model, &tokens, cache)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            keep.clear();
+            for (i, (row, logits)) in rows.iter_mut().zip(&logits).enumerate() {
+                let token = row.sampler.next_token(logits, &row.seen)?;
+                if row.push(token, metrics)? {
+                    keep.push(i);
+                }
+            }
+            Ok(())
+        });
+        match stepped {
+            Ok(()) => {
+                if keep.len() < batch.rows.len() {
+                    self.drop_rows(batch, &keep);
+                }
+            }
+            Err(e) => {
+                tracing::error!("decode step failed: {e}");
+                for row in &batch.rows {
+                    row.fail(&format!("decoding failed: {e}"));
+                }
+                batch.rows.clear();
+            }
+        }
+    }
+
+    /// Keep only the rows `keep` (in order); false, with every row failed, if the cache could
+    /// not follow.
+    fn drop_rows(&self, batch: &mut Batch, keep: &[usize]) -> bool {
+        let mut rows: Vec<Option<Row>> = std::mem::take(&mut batch.rows).into_iter().map(Some).collect();
+        let kept: Vec<Row> = keep.iter().filter_map(|&i| rows[i].take()).collect();
+        if kept.is_empty() {
+            batch.cache = KvCache::new();
+            return true;
+        }
+        let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+        match batch.cache.select_rows(&idx) {
+            Ok(()) => {
+                batch.rows = kept;
+                true
+            }
+            Err(e) => {
+                for row in &kept {
+                    row.fail(&format!("dropping finished rows: {e}"));
+                }
+                false
+            }
+        }
+    }
+}
+
+/// `f`, with a panic inside it turned into an error: one bad request fails, the server goes on.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(Error::msg(format!("internal error: {}", why.unwrap_or_else(|| "a panic".into()))))
+        }
+    }
+}

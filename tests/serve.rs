@@ -1,0 +1,254 @@
+//! `serve` end to end on a tiny model directory with two LoRA adapters the test writes: the
+//! OpenAI endpoints whole and streamed, each answer equal to `generate`'s greedy answer for its
+//! adapter, 32 concurrent clients over mixed adapters each getting its single-request answer,
+//! every error case with the server healthy afterwards, a client that leaves mid-stream, a full
+//! queue, and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use candle_core::{DType, Device, Tensor};
+use candle_peft::adapters::{inject, save_adapter, AdapterConfig, LoraConfig, Targets};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_candle-peft");
+
+/// A LoRA adapter of the model at `model` with random (non-zero) A and B, written to `dir`.
+fn write_adapter(model: &Path, dir: &Path, seed: u64, targets: &[&str]) {
+    let mut loaded = candle_peft::loading::load_model(model.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let cfg = AdapterConfig::new(LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Targets::List(targets.iter().map(|s| s.to_string()).collect()),
+        use_rslora: false,
+        use_dora: false,
+    });
+    inject(&mut loaded.model, &cfg, seed).unwrap();
+    for (i, (_, var)) in loaded.model.trainable_params().iter().enumerate() {
+        let noise = Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap();
+        var.set(&(noise * (1.0 + (seed as usize + i) as f64 % 3.0)).unwrap()).unwrap();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    save_adapter(&loaded.model, &cfg, dir, None).unwrap();
+}
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Server {
+    let mut child = Command::new(BIN).arg("serve").args(args).args(["--port", "0"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve printed {line:?}")).to_string();
+    Server { child, url }
+}
+
+/// POST `body`: the status and the JSON answer (error statuses included).
+fn post(s: &Server, path: &str, body: &str) -> (u16, Value) {
+    let r = ureq::post(&format!("{}{path}", s.url)).set("Content-Type", "application/json").send_string(body);
+    let response = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {path}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}")))
+}
+
+fn get(s: &Server, path: &str) -> (u16, String) {
+    let r = ureq::get(&format!("{}{path}", s.url)).call().unwrap();
+    (r.status(), r.into_string().unwrap())
+}
+
+/// The text of a non-streamed answer.
+fn completion(s: &Server, model: &str, prompt: &str, max_tokens: usize) -> String {
+    let (status, body) = post(s, "/v1/completions", &json!({ "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 }).to_string());
+    assert_eq!(status, 200, "{body}");
+    body["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// The data lines of a streamed answer, `[DONE]` last.
+fn streamed(s: &Server, path: &str, body: Value) -> Vec<String> {
+    let r = ureq::post(&format!("{}{path}", s.url)).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    BufReader::new(r.into_reader()).lines().map(Result::unwrap).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+}
+
+/// `generate`'s greedy answer.
+fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, max_new: usize) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]);
+    if let Some(a) = adapter {
+        cmd.args(["--adapter", a.to_str().unwrap()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
+}
+
+fn metric(s: &Server, name: &str) -> f64 {
+    let (_, text) = get(s, "/metrics");
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+#[test]
+fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, one, two) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"));
+    common::write_tiny_model_dir(&model);
+    write_adapter(&model, &one, 1, &["q_proj", "v_proj", "down_proj"]);
+    write_adapter(&model, &two, 2, &["k_proj", "o_proj", "up_proj"]);
+    let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
+    let s = start(&["--model", model.to_str().unwrap(), "--name", "base", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-batch", "8"]);
+
+    let (status, body) = get(&s, "/v1/models");
+    let ids: Vec<String> = serde_json::from_str::<Value>(&body).unwrap()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!((status, ids), (200, vec!["base".to_string(), "one".into(), "two".into()]));
+
+    // Each model's greedy answer is generate's, and the adapters change it.
+    let prompts = ["She painted the old door", "The river ran", "A small red"];
+    let mut answers = std::collections::HashMap::new();
+    for (name, adapter) in [("base", None), ("one", Some(one.as_path())), ("two", Some(two.as_path()))] {
+        for p in prompts {
+            let got = completion(&s, name, p, 10);
+            assert_eq!(got, generate(&model, adapter, p, 10), "{name}, {p:?}");
+            answers.insert((name, p), got);
+        }
+    }
+    assert!(prompts.iter().any(|p| answers[&("one", *p)] != answers[&("base", *p)]), "adapter one changes nothing: {answers:?}");
+    assert!(prompts.iter().any(|p| answers[&("two", *p)] != answers[&("one", *p)]), "adapters one and two agree: {answers:?}");
+
+    // Streamed: the pieces make the same text; the last chunk says why it ended, then the usage, then [DONE].
+    let events = streamed(&s, "/v1/completions", json!({ "model": "two", "prompt": prompts[0], "max_tokens": 10, "temperature": 0, "stream": true, "stream_options": { "include_usage": true } }));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str())).collect();
+    assert_eq!(text, answers[&("two", prompts[0])]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0 && usage["total_tokens"].as_u64() == Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()), "{usage}");
+    assert!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"].is_string());
+
+    // Chat, whole and streamed, agree (ChatML: the tiny model has no template of its own).
+    let chat = json!({ "model": "one", "messages": [{ "role": "user", "content": "The river ran" }], "max_tokens": 8, "temperature": 0 });
+    let (status, whole) = post(&s, "/v1/chat/completions", &chat.to_string());
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    let mut stream_req = chat.clone();
+    stream_req["stream"] = json!(true);
+    let events = streamed(&s, "/v1/chat/completions", stream_req);
+    let text: String = events.iter().filter(|e| *e != "[DONE]").filter_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+
+    // 32 concurrent clients over the three models: each gets its single-request answer.
+    let threads: Vec<_> = (0..32)
+        .map(|i| {
+            let (name, p) = (["base", "one", "two"][i % 3], prompts[(i / 3) % 3]);
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "model": name, "prompt": p, "max_tokens": 10, "temperature": 0 }).to_string();
+                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
+                (name, p, r["choices"][0]["text"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (name, p, got) = t.join().unwrap();
+        assert_eq!(got, answers[&(name, p)], "{name}, {p:?} among 32 clients");
+    }
+    assert!(metric(&s, "candle_peft_batch_rows_bucket{le=\"1\"}") < metric(&s, "candle_peft_batch_rows_count"), "no step ever decoded more than one row");
+
+    // Seeded sampling is reproducible.
+    let sampled = |seed: u64| {
+        let (_, b) = post(&s, "/v1/completions", &json!({ "model": "one", "prompt": "The river ran", "max_tokens": 12, "temperature": 1.5, "seed": seed }).to_string());
+        b["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(sampled(5), sampled(5));
+
+    // Bad requests: the status, OpenAI's error object, and a healthy server afterwards.
+    let long = "door ".repeat(600);
+    let cases: [(&str, String, u16, &str); 7] = [
+        ("/v1/completions", json!({ "model": "three", "prompt": "x" }).to_string(), 404, "model `three` does not exist"),
+        ("/v1/completions", "{\"model\": \"base\", \"prompt\": ".into(), 400, "not a valid request"),
+        ("/v1/completions", json!({ "model": "base", "prompt": long, "max_tokens": 4 }).to_string(), 400, "context of 512 tokens"),
+        ("/v1/completions", json!({ "model": "base", "prompt": "x", "max_tokens": 100000 }).to_string(), 400, "`max_tokens` is 100000"),
+        ("/v1/completions", json!({ "model": "base", "prompt": "x", "top_p": 0 }).to_string(), 400, "top-p"),
+        ("/v1/completions", json!({ "model": "base", "prompt": "x", "n": 2 }).to_string(), 400, "`n` must be 1"),
+        ("/v1/chat/completions", json!({ "model": "base", "messages": [] }).to_string(), 400, "`messages` is empty"),
+    ];
+    for (path, body, want, says) in cases {
+        let (status, answer) = post(&s, path, &body);
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(status == want && message.contains(says), "{body:.80}: {status} {answer}");
+        assert_eq!(get(&s, "/health").0, 200);
+    }
+    assert!(metric(&s, "candle_peft_requests_total{status=\"4xx\"}") >= 7.0);
+
+    // A client that leaves mid-stream frees its row: the answer stops short of its 500 tokens.
+    let generated = metric(&s, "candle_peft_generation_tokens_total");
+    let mut conn = std::net::TcpStream::connect(s.url.strip_prefix("http://").unwrap()).unwrap();
+    let body = json!({ "model": "one", "prompt": "She painted", "max_tokens": 500, "temperature": 1.0, "ignore_eos": true, "stream": true }).to_string();
+    write!(conn, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut first = [0u8; 64];
+    conn.read_exact(&mut first).unwrap();
+    drop(conn);
+    let freed = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        metric(&s, "candle_peft_requests_cancelled_total") >= 1.0 && metric(&s, "candle_peft_running_requests") == 0.0
+    });
+    assert!(freed, "the row of the client that left is still decoding");
+    let spent = metric(&s, "candle_peft_generation_tokens_total") - generated;
+    assert!(spent < 500.0, "the answer went on to its end ({spent} tokens) after the client left");
+    eprintln!("the client left; its row decoded {spent} tokens");
+    assert_eq!(completion(&s, "base", prompts[1], 10), answers[&("base", prompts[1])]);
+
+    // SIGTERM: the server stops by itself.
+    let mut s = s;
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
+    let stopped = (0..100).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.child.try_wait().unwrap()
+    });
+    assert!(stopped.is_some_and(|st| st.success()), "after SIGTERM: {stopped:?}");
+}
+
+#[test]
+fn a_full_queue_is_answered_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    common::write_tiny_model_dir(&model);
+    let s = start(&["--model", model.to_str().unwrap(), "--name", "base", "--max-batch", "1", "--queue-size", "1"]);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "model": "base", "prompt": "She painted the old door", "max_tokens": 200, "temperature": 1.0 }).to_string();
+                match ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body) {
+                    Ok(r) => (r.status(), String::new()),
+                    Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(answers.iter().any(|(c, _)| *c == 200), "{answers:?}");
+    let full: Vec<_> = answers.iter().filter(|(c, _)| *c == 429).collect();
+    assert!(!full.is_empty() && full.iter().all(|(_, b)| b.contains("the queue is full")), "{answers:?}");
+    assert_eq!(get(&s, "/health").0, 200);
+}
