@@ -35,6 +35,16 @@ impl FrozenLinear {
         &self.weight
     }
 
+    /// Whether both hold the very same weights (shared, not equal copies).
+    pub fn shares_weight_with(&self, other: &FrozenLinear) -> bool {
+        match (&self.weight, &other.weight) {
+            (BaseWeight::Dense(a), BaseWeight::Dense(b)) => a.id() == b.id(),
+            (BaseWeight::Nf4 { weight: a, dtype: da }, BaseWeight::Nf4 { weight: b, dtype: db }) => Arc::ptr_eq(a, b) && da == db,
+            (BaseWeight::Packed { weight: a, dtype: da }, BaseWeight::Packed { weight: b, dtype: db }) => Arc::ptr_eq(a, b) && da == db,
+            _ => false,
+        }
+    }
+
     /// W in the working dtype ([`BaseWeight::dense`]: for NF4 a dense copy for as long as the
     /// caller holds it: DoRA's norms, merge, export).
     pub fn weight(&self) -> Result<Cow<'_, Tensor>> {
@@ -110,6 +120,13 @@ pub trait LinearAdapter: Send + Sync {
     /// and the branch's up-projection). The others compute the whole output.
     fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         self.forward_swiglu(g, u, base, train)
+    }
+    /// The adapter's term alone where its inference output is `base(x) + term(x)` (LoRA and
+    /// its additive kin), so that rows of several adapters share one base product (a mixed
+    /// batch); `None` for the methods that change the product itself (DoRA, IA3, SNELL, ...),
+    /// whose rows a mixed batch computes whole.
+    fn additive_term(&self, _x: &Tensor) -> Option<Result<Tensor>> {
+        None
     }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
     fn merged_weight(&self, base: &Tensor) -> Result<Tensor>;
@@ -205,6 +222,12 @@ impl Linear {
     }
 
     /// The adapter that computes the layer: none when it is merged into the base weight.
+    /// The active adapter's additive term for x (`LinearAdapter::additive_term`); `None` without
+    /// an adapter, merged, or not additive.
+    pub fn additive_term(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        self.active_adapter().and_then(|a| a.additive_term(x))
+    }
+
     fn active_adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_deref().filter(|_| !self.merged)
     }

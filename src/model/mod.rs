@@ -5,8 +5,10 @@ pub mod config;
 pub mod linear;
 pub mod linear_cross_entropy;
 pub mod llama;
+pub mod mixed;
 
 pub use batch::TrainBatch;
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{FrozenLinear, Linear, LinearAdapter};
 pub use llama::{BlockControl, ControlContext, KvCache, Llama, Positions};
+pub use mixed::RowModels;

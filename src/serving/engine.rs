@@ -2,15 +2,15 @@
 //! batched continuously.
 //!
 //! A request waits in a bounded queue until the loop takes it, at a token boundary: its prompt
-//! is prefilled alone, its first token sampled, and its cache row joins the running batch of its
-//! model (`KvCache::join` pads the shorter side on the left; the CPU attention skips that padding,
-//! so a row's numbers do not depend on who it shares the batch with). Each step then decodes one
-//! token for every row of every batch, samples each row with its own sampler (its own seed and
-//! settings), hands the text that became final to the request, and drops the rows that finished
-//! or whose client went away (its receiver closed) before the next step.
+//! is prefilled alone, its first token sampled, and its cache row joins the running batch
+//! (`KvCache::join` pads the shorter side on the left; the CPU attention skips that padding, so a
+//! row's numbers do not depend on who it shares the batch with). Each step then decodes one token
+//! for every row, samples each row with its own sampler (its own seed and settings), hands the
+//! text that became final to the request, and drops the rows that finished or whose client went
+//! away (its receiver closed) before the next step.
 //!
-//! One batch per model: a base and its adapters share the frozen weights (`Llama::share_base`),
-//! but rows of different adapters decode in separate forwards, one after another in each step.
+//! One batch for every adapter: the model is `Llama::mixed` over the base and the adapters, told
+//! each row's adapter before each forward, so the base's products run once for all rows.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +22,7 @@ use crate::eval::generate::sampling::{Sampler, SamplingConfig};
 use crate::eval::generate::stream::TextStream;
 use crate::eval::generate::{decode_step, prefill};
 use crate::model::llama::{KvCache, Llama};
+use crate::model::RowModels;
 use crate::{Error, Result};
 
 /// Why an answer ended, as OpenAI names it.
@@ -117,16 +118,19 @@ impl Row {
     }
 }
 
-/// The running rows of one model and their cache.
+/// The running rows and their cache.
+#[derive(Default)]
 struct Batch {
-    model: usize,
     cache: KvCache,
     rows: Vec<Row>,
 }
 
 pub struct Engine {
-    /// The base, then each adapter's model over the same frozen weights.
-    pub models: Vec<Llama>,
+    /// The base, or `Llama::mixed` over the base and the adapters.
+    pub model: Llama,
+    /// Where `model` is mixed: each row's model (0 the base, then the adapters), set before
+    /// each forward.
+    pub row_models: Option<Arc<RowModels>>,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// Rows decoded at once, over all models.
     pub max_batch: usize,
@@ -136,9 +140,9 @@ pub struct Engine {
 impl Engine {
     /// Serve the queue until it is closed and every request taken from it is answered.
     pub fn run(self, mut queue: mpsc::Receiver<Job>) {
-        let mut batches: Vec<Batch> = Vec::new();
+        let mut batch = Batch::default();
         loop {
-            let running: usize = batches.iter().map(|b| b.rows.len()).sum();
+            let running = batch.rows.len();
             // Idle: wait for a request. Busy: take what is queued, up to the batch size.
             let mut admitted = Vec::new();
             if running == 0 {
@@ -155,23 +159,27 @@ impl Engine {
             }
             self.metrics.queue_depth.set(queue.len());
             for job in admitted {
-                self.admit(job, &mut batches);
+                self.admit(job, &mut batch);
             }
-            for batch in &mut batches {
-                self.step(batch);
-            }
-            batches.retain(|b| !b.rows.is_empty());
-            self.metrics.running.set(batches.iter().map(|b| b.rows.len()).sum());
+            self.step(&mut batch);
+            self.metrics.running.set(batch.rows.len());
         }
     }
 
-    /// Prefill a request alone, sample its first token, and join it to its model's batch.
-    fn admit(&self, job: Job, batches: &mut Vec<Batch>) {
+    /// Name each row's model for the next forward.
+    fn assign(&self, models: impl Iterator<Item = usize>) {
+        if let Some(rows) = &self.row_models {
+            rows.set(models.collect());
+        }
+    }
+
+    /// Prefill a request alone, sample its first token, and join it to the batch.
+    fn admit(&self, job: Job, batch: &mut Batch) {
         if job.events.is_closed() {
             self.metrics.cancelled.inc();
             return;
         }
-        let model = &self.models[job.model];
+        let model = &self.model;
         let tokenizer = self.tokenizer.clone();
         let decode: Decode = Box::new(move |ids: &[u32]| crate::data::tokenize::decode_text(&tokenizer, ids));
         let sampler = match Sampler::new(job.sampling.clone()) {
@@ -184,6 +192,7 @@ impl Engine {
         let text = TextStream::new(decode, job.stop.clone());
         let mut row = Row { seen: job.prompt.clone(), job, sampler, text, generated: 0, next: 0 };
         let mut cache = KvCache::new();
+        self.assign(std::iter::once(row.job.model));
         let first = guarded(|| {
             let logits = prefill(model, std::slice::from_ref(&row.job.prompt), 0, &mut cache, row.job.max_new_tokens)?;
             let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
@@ -193,12 +202,9 @@ impl Engine {
         self.metrics.prompt_tokens.add(row.job.prompt.len());
         match first {
             Ok(false) => {}
-            Ok(true) => match batches.iter_mut().find(|b| b.model == row.job.model) {
-                Some(batch) => match batch.cache.join(cache) {
-                    Ok(()) => batch.rows.push(row),
-                    Err(e) => row.fail(&format!("joining the batch: {e}")),
-                },
-                None => batches.push(Batch { model: row.job.model, cache, rows: vec![row] }),
+            Ok(true) => match batch.cache.join(cache) {
+                Ok(()) => batch.rows.push(row),
+                Err(e) => row.fail(&format!("joining the batch: {e}")),
             },
             Err(e) => row.fail(&e.to_string()),
         }
@@ -217,7 +223,8 @@ impl Engine {
             return;
         }
         self.metrics.batch_rows.observe(batch.rows.len() as f64);
-        let model = &self.models[batch.model];
+        let model = &self.model;
+        self.assign(batch.rows.iter().map(|r| r.job.model));
         let tokens: Vec<u32> = batch.rows.iter().map(|r| r.next).collect();
         let (cache, rows, metrics) = (&mut batch.cache, &mut batch.rows, &self.metrics);
         let stepped = guarded(|| {

@@ -2,9 +2,9 @@
 //! adapters attached to it without merging.
 //!
 //! Why: an adapter is trained to be served, usually beside others over the same base. PEFT runs
-//! one adapter at a time; here every adapter gets its own model over the base's frozen weights,
-//! shared by reference (`Llama::share_base`), so N adapters cost their own small tensors only,
-//! and a request's `model` field picks the base or an adapter.
+//! one adapter at a time; here the adapters attach to the base's frozen weights, shared by
+//! reference (`Llama::share_base`), so N adapters cost their own small tensors only, and a
+//! request's `model` field picks the base or an adapter.
 //!
 //! Two parts, one thread each side:
 //! - `http` (axum on a one-thread tokio runtime): `GET /health`, `GET /metrics` (Prometheus),
@@ -12,8 +12,9 @@
 //!   template), whole or streamed as server-sent events, with OpenAI's error object. A request is
 //!   checked completely, then queued in a bounded queue (429 when full).
 //! - `engine` (the calling thread, with the rayon pool for the model's products): continuous
-//!   batching, a request joining the running batch of its model at a token boundary and leaving
-//!   it when it ends or its client goes away.
+//!   batching, a request joining the running batch at a token boundary and leaving it when it
+//!   ends or its client goes away; rows of every adapter in one batch (`Llama::mixed`: the base
+//!   product once for all rows, each adapter's low-rank term on its own rows).
 //!
 //! SIGTERM or Ctrl-C stops accepting connections, lets the requests in flight finish, and ends.
 
@@ -59,7 +60,14 @@ pub fn serve(config: ServerConfig) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let tokenizer = Arc::new(tokenizer);
     let (queue, jobs) = mpsc::channel(queue_size.max(1));
-    let (names, models): (Vec<String>, Vec<Llama>) = models.into_iter().unzip();
+    let (names, mut models): (Vec<String>, Vec<Llama>) = models.into_iter().unzip();
+    let (model, row_models) = match models.len() {
+        1 => (models.remove(0), None),
+        _ => {
+            let (mixed, rows) = Llama::mixed(models)?;
+            (mixed, Some(rows))
+        }
+    };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let state = Arc::new(http::AppState {
         names,
@@ -97,7 +105,7 @@ pub fn serve(config: ServerConfig) -> Result<()> {
             })
         })
         .map_err(|e| Error::msg(format!("serve: cannot start the HTTP thread: {e}")))?;
-    engine::Engine { models, tokenizer, max_batch: max_batch.max(1), metrics }.run(jobs);
+    engine::Engine { model, row_models, tokenizer, max_batch: max_batch.max(1), metrics }.run(jobs);
     match http.join() {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::msg(format!("serve: {e}"))),

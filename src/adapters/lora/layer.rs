@@ -113,6 +113,11 @@ impl LinearAdapter for LoraLinear {
         self.forward_swiglu(g, u, base, train)
     }
 
+    /// `s · (x Aᵀ) Bᵀ`: what the unfused forward adds to the base at inference (no dropout).
+    fn additive_term(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        Some(self.branch(x))
+    }
+
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
         Ok((w.to_dtype(DType::F32)? + self.delta_weight(DType::F32)?)?.to_dtype(w.dtype())?)
     }

@@ -1,0 +1,208 @@
+//! One model over a shared base that decodes rows of different adapters in one batch.
+//!
+//! `y = x Wᵀ` for every row at once, from the base weights read once, then each adapter's own
+//! term for its rows only: `y[rows_a] += s_a · (x[rows_a] A_aᵀ) B_aᵀ` (Punica's / S-LoRA's
+//! segmented LoRA, here a gather of the adapter's rows, its two small products, and the rows
+//! put back). A row's adapter is named per forward by [`RowModels`], which the caller sets.
+//!
+//! - A method whose output is not `base + term` (DoRA, IA3, SNELL, ...), or an adapter whose
+//!   layer holds other base weights (PiSSA's residual, a merged adapter), computes its rows
+//!   whole on its own layer.
+//! - Block controls (Control, Parallel / Double Control) add their output to the block's, so
+//!   each adds its term to its rows.
+//! - A forward whose rows all belong to one model takes that model's own path, bit for bit what
+//!   the model alone computes.
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::{Tensor, Var};
+
+use super::linear::{FrozenLinear, Linear, LinearAdapter};
+use super::llama::{BlockControl, ControlContext, Llama};
+use crate::{Error, Result};
+
+/// Which model (0: the base, then the adapters in the order given to [`Llama::mixed`]) each row
+/// of the next forward belongs to.
+#[derive(Default)]
+pub struct RowModels(RwLock<Vec<usize>>);
+
+impl RowModels {
+    pub fn set(&self, rows: Vec<usize>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+
+    fn get(&self) -> Vec<usize> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The rows of each model present in a forward of `b` rows, in order of first appearance; or
+/// the one model when every row is its.
+enum Groups {
+    One(usize),
+    Several(Vec<(usize, Tensor)>, Tensor),
+}
+
+fn groups(rows: &RowModels, b: usize, device: &candle_core::Device) -> Result<Groups> {
+    let rows = rows.get();
+    if rows.len() != b {
+        return Err(Error::msg(format!("mixed adapters: a forward of {b} rows, but {} rows were assigned to models", rows.len())));
+    }
+    if rows.iter().all(|&m| m == rows[0]) {
+        return Ok(Groups::One(rows[0]));
+    }
+    let mut models: Vec<usize> = Vec::new();
+    for &m in &rows {
+        if !models.contains(&m) {
+            models.push(m);
+        }
+    }
+    let mut order = Vec::with_capacity(b);
+    let mut out = Vec::with_capacity(models.len());
+    for m in models {
+        let idx: Vec<u32> = (0..b as u32).filter(|&r| rows[r as usize] == m).collect();
+        order.extend_from_slice(&idx);
+        out.push((m, Tensor::new(idx.as_slice(), device)?));
+    }
+    // Where each original row sits among the groups, to put them back in order.
+    let mut back = vec![0u32; b];
+    for (at, &row) in order.iter().enumerate() {
+        back[row as usize] = at as u32;
+    }
+    Ok(Groups::Several(out, Tensor::new(back.as_slice(), device)?))
+}
+
+/// One linear layer's adapters, by model.
+struct MixedLinear {
+    /// `None`: the model computes this layer with the shared base alone.
+    models: Vec<Option<Linear>>,
+    rows: Arc<RowModels>,
+}
+
+impl LinearAdapter for MixedLinear {
+    fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
+        let own = |m: usize, x: &Tensor| match &self.models[m] {
+            Some(linear) => linear.forward(x, false),
+            None => base.forward(x),
+        };
+        let (groups, back) = match groups(&self.rows, x.dim(0)?, x.device())? {
+            Groups::One(m) => return own(m, x),
+            Groups::Several(g, back) => (g, back),
+        };
+        let shared = base.forward(x)?;
+        let mut parts = Vec::with_capacity(groups.len());
+        for (m, idx) in &groups {
+            let xm = x.index_select(idx, 0)?;
+            parts.push(match &self.models[*m] {
+                None => shared.index_select(idx, 0)?,
+                Some(linear) => match linear.additive_term(&xm) {
+                    Some(term) => (shared.index_select(idx, 0)? + term?)?,
+                    None => linear.forward(&xm, false)?,
+                },
+            });
+        }
+        Ok(Tensor::cat(&parts, 0)?.index_select(&back, 0)?)
+    }
+
+    fn merged_weight(&self, _base: &Tensor) -> Result<Tensor> {
+        Err(Error::msg("a layer of several adapters cannot be merged"))
+    }
+
+    fn unmerged_weight(&self, _merged: &Tensor) -> Result<Tensor> {
+        Err(Error::msg("a layer of several adapters cannot be merged"))
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+}
+
+/// One block's controls, by model.
+struct MixedControl {
+    models: Vec<Option<Box<dyn BlockControl>>>,
+    rows: Arc<RowModels>,
+}
+
+impl BlockControl for MixedControl {
+    fn forward(&self, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
+        self.add_to(&block_input.zeros_like()?, block_input, ctx, train)
+    }
+
+    fn add_to(&self, block_output: &Tensor, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
+        let groups = match groups(&self.rows, block_input.dim(0)?, block_input.device())? {
+            Groups::One(m) => {
+                return match &self.models[m] {
+                    Some(c) => c.add_to(block_output, block_input, ctx, train),
+                    None => Ok(block_output.clone()),
+                }
+            }
+            Groups::Several(g, _) => g,
+        };
+        let mut out = block_output.clone();
+        for (m, idx) in &groups {
+            let Some(control) = &self.models[*m] else { continue };
+            let bias = ctx.bias.index_select(idx, 0)?;
+            let past = ctx.past_input.map(|p| p.index_select(idx, 0)).transpose()?;
+            let term = control.forward(&block_input.index_select(idx, 0)?, &ControlContext { bias: &bias, past_input: past.as_ref() }, train)?;
+            out = out.index_add(idx, &term, 0)?;
+        }
+        Ok(out)
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+
+    fn mixes_tokens(&self) -> bool {
+        self.models.iter().flatten().any(|c| c.mixes_tokens())
+    }
+}
+
+impl Llama {
+    /// One model that serves `models` (the base first, then models over its weights, each with
+    /// an adapter: `Llama::share_base` and an adapter attached) row by row, the row's model
+    /// named by the returned [`RowModels`] before each forward. The adapters move into it.
+    pub fn mixed(mut models: Vec<Llama>) -> Result<(Llama, Arc<RowModels>)> {
+        let rows = Arc::new(RowModels::default());
+        let Some(first) = models.first() else {
+            return Err(Error::msg("mixed adapters: no model"));
+        };
+        let mut out = first.share_base();
+        for (i, m) in models.iter().enumerate().skip(1) {
+            let shared = m.embed_tokens.id() == out.embed_tokens.id()
+                && m.norm.id() == out.norm.id()
+                && m.lm_head.as_ref().map(Tensor::id) == out.lm_head.as_ref().map(Tensor::id)
+                && m.layers.len() == out.layers.len();
+            if !shared {
+                return Err(Error::msg(format!("mixed adapters: model {i} has embeddings, norms or a head of its own, not the base's")));
+            }
+        }
+        for (l, layer) in out.layers.iter_mut().enumerate() {
+            for (j, linear) in layer.linears_mut().into_iter().enumerate() {
+                let per_model: Vec<Option<Linear>> = models
+                    .iter_mut()
+                    .map(|m| {
+                        let own: &mut Linear = m.layers[l].linears_mut().into_iter().nth(j).expect("7 linears");
+                        let plain = own.adapter().is_none() && own.base().shares_weight_with(linear.base());
+                        (!plain).then(|| {
+                            let bare = own.share_base();
+                            std::mem::replace(own, bare)
+                        })
+                    })
+                    .collect();
+                if per_model.iter().any(Option::is_some) {
+                    linear.set_adapter(Box::new(MixedLinear { models: per_model, rows: rows.clone() }));
+                }
+            }
+            let attn: Vec<_> = models.iter_mut().map(|m| m.layers[l].attn_control.take()).collect();
+            if attn.iter().any(Option::is_some) {
+                layer.attn_control = Some(Box::new(MixedControl { models: attn, rows: rows.clone() }));
+            }
+            let mlp: Vec<_> = models.iter_mut().map(|m| m.layers[l].mlp_control.take()).collect();
+            if mlp.iter().any(Option::is_some) {
+                layer.mlp_control = Some(Box::new(MixedControl { models: mlp, rows: rows.clone() }));
+            }
+        }
+        Ok((out, rows))
+    }
+}
