@@ -42,6 +42,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Bench(super::BenchCommand::Step(args)) => super::bench::step(&args),
         Command::Bench(super::BenchCommand::Decode(args)) => super::bench_decode::decode(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Kernels(args)) => super::bench_kernels::kernels(&args).map(|_| ()),
+        Command::Bench(super::BenchCommand::Serve(args)) => super::bench_serve::serve(&args).map(|_| ()),
         Command::Bench(super::BenchCommand::Nf4(args)) => {
             super::bench_kernels::kernels(&super::BenchKernelsArgs { ops: vec!["nf4".into()], ..args }).map(|_| ())
         }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_decode;
 pub mod bench_kernels;
+pub mod bench_serve;
 pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
@@ -162,6 +163,9 @@ pub enum BenchCommand {
     Step(BenchStepArgs),
     /// Fused kernels against the unfused candle graph, forward + backward, on the GPU.
     Kernels(BenchKernelsArgs),
+    /// The server under 1, 8, 32 concurrent clients: the base alone against adapters mixed in
+    /// every batch (throughput, p50 / p99 latency).
+    Serve(bench_serve::BenchServeArgs),
     /// NF4 dequantize and GEMV GB/s (`bench kernels --ops nf4`).
     Nf4(BenchKernelsArgs),
     /// SNELL's fused branch against its plain candle ops and the frozen linear (`bench kernels --ops snell`).

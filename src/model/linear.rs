@@ -99,6 +99,18 @@ impl FrozenLinear {
     }
 }
 
+/// Inference: not training, and no input carries a graph.
+pub fn inference(inputs: &[&Tensor], train: bool) -> bool {
+    !train && inputs.iter().all(|x| !x.track_op())
+}
+
+/// `out`, detached at inference: the adapter's variables would otherwise give every later
+/// product of the forward a tracked input, which takes a packed base off its packed kernels
+/// (and keeps a graph nobody reads).
+pub fn untracked(out: Tensor, inference: bool) -> Result<Tensor> {
+    Ok(if inference { out.detach() } else { out })
+}
+
 /// What a per-weight adapter method implements.
 pub trait LinearAdapter: Send + Sync {
     /// The adapted layer's output for input x, given the frozen base layer.
@@ -121,11 +133,11 @@ pub trait LinearAdapter: Send + Sync {
     fn forward_swiglu_backward_only(&self, g: &Tensor, u: &Tensor, base: &FrozenLinear, train: bool) -> Result<Tensor> {
         self.forward_swiglu(g, u, base, train)
     }
-    /// The adapter's term alone where its inference output is `base(x) + term(x)` (LoRA and
-    /// its additive kin), so that rows of several adapters share one base product (a mixed
-    /// batch); `None` for the methods that change the product itself (DoRA, IA3, SNELL, ...),
-    /// whose rows a mixed batch computes whole.
-    fn additive_term(&self, _x: &Tensor) -> Option<Result<Tensor>> {
+    /// `(A [r, in], B [out, r], s)` where the inference output is `base(x) + s · (x Aᵀ) Bᵀ`
+    /// (LoRA, rsLoRA), so that rows of several adapters share one base product
+    /// (`ops::lora_rows`); `None` for the methods that change the product itself (DoRA, IA3,
+    /// SNELL, ...), whose rows a mixed batch computes whole.
+    fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
         None
     }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
@@ -222,19 +234,20 @@ impl Linear {
     }
 
     /// The adapter that computes the layer: none when it is merged into the base weight.
-    /// The active adapter's additive term for x (`LinearAdapter::additive_term`); `None` without
-    /// an adapter, merged, or not additive.
-    pub fn additive_term(&self, x: &Tensor) -> Option<Result<Tensor>> {
-        self.active_adapter().and_then(|a| a.additive_term(x))
+    /// The active adapter's low-rank factors (`LinearAdapter::low_rank_factors`); `None`
+    /// without an adapter, merged, or not of that form.
+    pub fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
+        self.active_adapter().and_then(|a| a.low_rank_factors())
     }
 
+    /// The adapter, unless merged into the base.
     fn active_adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_deref().filter(|_| !self.merged)
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
-            Some(adapter) => adapter.forward(x, &self.base, train),
+            Some(adapter) => untracked(adapter.forward(x, &self.base, train)?, inference(&[x], train)),
             None => self.base.forward(x),
         }
     }
@@ -242,7 +255,7 @@ impl Linear {
     /// `forward(x)` for x [b, t, in] split into attention heads (`LinearAdapter::forward_heads`).
     pub fn forward_heads(&self, x: &Tensor, heads: AttentionHeads, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
-            Some(adapter) => adapter.forward_heads(x, &self.base, heads, train),
+            Some(adapter) => untracked(adapter.forward_heads(x, &self.base, heads, train)?, inference(&[x], train)),
             None => self.base.forward_heads(x, heads, train),
         }
     }
@@ -261,7 +274,7 @@ impl Linear {
     /// product for backward, an adapter takes `LinearAdapter::forward_swiglu`.
     pub fn forward_swiglu_add(&self, g: &Tensor, u: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         match self.active_adapter() {
-            Some(adapter) => Ok((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?),
+            Some(adapter) => untracked((residual + adapter.forward_swiglu(g, u, &self.base, train)?)?, inference(&[g, u, residual], train)),
             None if train => ops::swiglu_frozen_matmul_t_add(g, u, self.base.base_weight(), residual, train),
             None => Ok((residual + self.base.forward(&ops::swiglu(g, u, train)?)?)?),
         }

@@ -695,8 +695,9 @@ impl Llama {
         let Positions { bias, cos, sin } = positions;
         let attn_in = ops::rms_norm(h, &layer.input_layernorm, eps, train)?;
         let mut h2 = self.attention(&layer.self_attn, &attn_in, h, bias, cos, sin, kv, train)?;
+        let inference = super::linear::inference(&[h], train);
         if let Some(c) = &layer.attn_control {
-            h2 = c.add_to(&h2, h, &ControlContext { bias, past_input: None }, train)?;
+            h2 = super::linear::untracked(c.add_to(&h2, h, &ControlContext { bias, past_input: None }, train)?, inference)?;
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
@@ -706,7 +707,7 @@ impl Llama {
             LayerOutput::GradientsOnly => m.down_proj.forward_swiglu_add_backward_only(&gate, &up, &h2, train)?,
         };
         if let Some(c) = &layer.mlp_control {
-            out = c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?;
+            out = super::linear::untracked(c.add_to(&out, &h2, &ControlContext { bias, past_input: past_input.as_ref() }, train)?, inference)?;
             if c.mixes_tokens() {
                 let seen = match past_input.as_ref() {
                     Some(p) => Tensor::cat(&[p, &h2.detach()], 1)?,

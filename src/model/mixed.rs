@@ -72,33 +72,89 @@ fn groups(rows: &RowModels, b: usize, device: &candle_core::Device) -> Result<Gr
     Ok(Groups::Several(out, Tensor::new(back.as_slice(), device)?))
 }
 
+/// How one model computes a linear layer in a mixed batch.
+enum Slot {
+    /// The shared base alone.
+    Base,
+    /// The shared base plus its LoRA term: `factors[i]`.
+    LowRank(usize),
+    /// Its own layer, whole (not of the low-rank form, or other base weights).
+    Whole,
+}
+
 /// One linear layer's adapters, by model.
 struct MixedLinear {
-    /// `None`: the model computes this layer with the shared base alone.
+    /// The models' own layers (`None`: the shared base alone).
     models: Vec<Option<Linear>>,
+    slots: Vec<Slot>,
+    factors: Vec<(Tensor, Tensor, f64)>,
     rows: Arc<RowModels>,
+}
+
+impl MixedLinear {
+    fn new(models: Vec<Option<Linear>>, base: &FrozenLinear, rows: Arc<RowModels>) -> Self {
+        let mut factors = Vec::new();
+        let slots = models
+            .iter()
+            .map(|m| match m {
+                None => Slot::Base,
+                Some(linear) => match linear.low_rank_factors() {
+                    Some(f) if linear.base().shares_weight_with(base) => {
+                        factors.push(f);
+                        Slot::LowRank(factors.len() - 1)
+                    }
+                    _ => Slot::Whole,
+                },
+            })
+            .collect();
+        Self { models, slots, factors, rows }
+    }
 }
 
 impl LinearAdapter for MixedLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
-        let own = |m: usize, x: &Tensor| match &self.models[m] {
-            Some(linear) => linear.forward(x, false),
-            None => base.forward(x),
-        };
         let (groups, back) = match groups(&self.rows, x.dim(0)?, x.device())? {
-            Groups::One(m) => return own(m, x),
+            Groups::One(m) => {
+                return match &self.models[m] {
+                    Some(linear) => linear.forward(x, false),
+                    None => base.forward(x),
+                }
+            }
             Groups::Several(g, back) => (g, back),
         };
-        let shared = base.forward(x)?;
+        let mut y = base.forward(x)?;
+        if !self.factors.is_empty() {
+            // Each batch row's positions (x [b, t, in]: t rows of x a batch row) take its adapter.
+            let (rows, models) = (crate::ops::lora_rows::rows_of(x)?, self.rows.get());
+            let t = rows / x.dim(0)?.max(1);
+            let adapter_of: Vec<Option<usize>> = (0..rows)
+                .map(|r| match self.slots[models[r / t]] {
+                    Slot::LowRank(i) => Some(i),
+                    _ => None,
+                })
+                .collect();
+            if crate::ops::lora_rows::takes(x) {
+                y = crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors)?;
+            } else {
+                // Another device or dtype: each adapter's term by candle ops on its rows.
+                for (m, idx) in &groups {
+                    if let Slot::LowRank(i) = self.slots[*m] {
+                        let (a, b, s) = &self.factors[i];
+                        let xm = x.index_select(idx, 0)?;
+                        let term = (crate::ops::nn::matmul_t(&crate::ops::nn::matmul_t(&xm, &a.to_dtype(x.dtype())?)?, &b.to_dtype(x.dtype())?)? * *s)?;
+                        y = y.index_add(idx, &term, 0)?;
+                    }
+                }
+            }
+        }
+        if !groups.iter().any(|(m, _)| matches!(self.slots[*m], Slot::Whole)) {
+            return Ok(y);
+        }
         let mut parts = Vec::with_capacity(groups.len());
         for (m, idx) in &groups {
-            let xm = x.index_select(idx, 0)?;
-            parts.push(match &self.models[*m] {
-                None => shared.index_select(idx, 0)?,
-                Some(linear) => match linear.additive_term(&xm) {
-                    Some(term) => (shared.index_select(idx, 0)? + term?)?,
-                    None => linear.forward(&xm, false)?,
-                },
+            parts.push(match (&self.slots[*m], &self.models[*m]) {
+                (Slot::Whole, Some(linear)) => linear.forward(&x.index_select(idx, 0)?, false)?,
+                _ => y.index_select(idx, 0)?,
             });
         }
         Ok(Tensor::cat(&parts, 0)?.index_select(&back, 0)?)
@@ -191,7 +247,8 @@ impl Llama {
                     })
                     .collect();
                 if per_model.iter().any(Option::is_some) {
-                    linear.set_adapter(Box::new(MixedLinear { models: per_model, rows: rows.clone() }));
+                    let mixed = MixedLinear::new(per_model, linear.base(), rows.clone());
+                    linear.set_adapter(Box::new(mixed));
                 }
             }
             let attn: Vec<_> = models.iter_mut().map(|m| m.layers[l].attn_control.take()).collect();

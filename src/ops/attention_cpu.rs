@@ -289,7 +289,7 @@ fn weighted_values<'a, T: Element>(p: &[f32], inv: f32, value: impl Fn(usize) ->
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Element, KEYS};

@@ -18,6 +18,7 @@
 //! | [`lowrank_add`] | `kernels/lowrank_add.cu`, cuBLAS | `out += s · (z Mᵀ) ⊙ mask` in place, no [T, d] product |
 //! | [`lora_linear`] | cuBLAS + `lowrank_add` | the LoRA linear `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, forward and backward; with the output split into attention heads ([`lora_linear_heads`], `kernels/rope.cu`) or SwiGLU in front ([`swiglu_lora_linear`]) |
 //! | [`control_branch`] | `kernels/lowrank_add.cu` | the control branch with the residual add `base + α · z Bᵀ` |
+//! | [`lora_rows`] | (CPU only) | LoRA's term at inference, row by row, each row with its own adapter (a mixed batch, `model::mixed`) |
 //! | [`dora_linear`] | cuBLAS (candle ops) | the DoRA linear, forward and backward, keeping one [T, out] tensor instead of about six; [`dora_linear_heads`] with the output split into heads |
 //! | [`row_norms`] | `kernels/row_norms.cu` | DoRA's `‖W + s·B A‖` per row without forming `W + s·B A` |
 //! | [`snell`] | `kernels/snell.cu`, cuBLAS | SNELL's `x ΔW_s` with ΔW recomputed from its factors, never kept; its threshold by radix selection |
@@ -71,6 +72,7 @@ pub mod nn;
 pub mod control_branch;
 pub mod dora_linear;
 pub mod lora_linear;
+pub mod lora_rows;
 pub mod lowrank_add;
 pub mod matmul_bf16;
 

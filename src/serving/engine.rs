@@ -158,8 +158,17 @@ impl Engine {
                 }
             }
             self.metrics.queue_depth.set(queue.len());
+            // The new rows join one another, then the batch once: its rows are copied once per
+            // round, not once per request.
+            let mut fresh = Batch::default();
             for job in admitted {
-                self.admit(job, &mut batch);
+                self.admit(job, &mut fresh);
+            }
+            if !fresh.rows.is_empty() {
+                match batch.cache.join(fresh.cache) {
+                    Ok(()) => batch.rows.append(&mut fresh.rows),
+                    Err(e) => fresh.rows.iter().for_each(|row| row.fail(&format!("joining the batch: {e}"))),
+                }
             }
             self.step(&mut batch);
             self.metrics.running.set(batch.rows.len());
@@ -173,7 +182,7 @@ impl Engine {
         }
     }
 
-    /// Prefill a request alone, sample its first token, and join it to the batch.
+    /// Prefill a request alone, sample its first token, and join it to `batch`.
     fn admit(&self, job: Job, batch: &mut Batch) {
         if job.events.is_closed() {
             self.metrics.cancelled.inc();

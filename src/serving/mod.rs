@@ -52,6 +52,23 @@ pub struct ServerConfig {
 /// Serve until SIGTERM / Ctrl-C; prints `listening on http://ADDR` once the port is bound (port 0
 /// picks a free one).
 pub fn serve(config: ServerConfig) -> Result<()> {
+    serve_with(
+        config,
+        |addr| {
+            println!("listening on http://{addr}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+        shutdown_signal(),
+    )
+}
+
+/// Serve until `shutdown` completes, calling `bound` with the address once the port is bound.
+pub fn serve_with(
+    config: ServerConfig,
+    bound: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let ServerConfig { models, tokenizer, template, eos_token_ids, chat_eos_token_ids, host, port, max_batch, queue_size, max_tokens_limit } = config;
     if models.is_empty() {
         return Err(Error::msg("serve: no model"));
@@ -91,9 +108,7 @@ pub fn serve(config: ServerConfig) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind((host.as_str(), port)))
         .map_err(|e| Error::msg(format!("serve: cannot listen on {host}:{port}: {e}")))?;
     let addr = listener.local_addr().map_err(|e| Error::msg(format!("serve: {e}")))?;
-    println!("listening on http://{addr}");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    bound(addr);
     // HTTP on its own thread; the engine here, where the rayon pool is. When the server stops,
     // the state and with it the queue's sender go, and the engine ends after the last answer.
     let http = std::thread::Builder::new()
@@ -101,7 +116,7 @@ pub fn serve(config: ServerConfig) -> Result<()> {
         .spawn(move || {
             runtime.block_on(async move {
                 let app = http::router(state);
-                axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
             })
         })
         .map_err(|e| Error::msg(format!("serve: cannot start the HTTP thread: {e}")))?;

@@ -87,6 +87,12 @@ impl LinearAdapter for LoraLinear {
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
             return ops::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
         }
+        if !train && ops::lora_rows::takes(x) {
+            // Inference on the CPU: the term added in place, as a mixed batch adds it.
+            let factors = [(self.a.as_tensor().clone(), self.b.as_tensor().clone(), self.scale)];
+            let rows = ops::lora_rows::rows_of(x)?;
+            return ops::lora_rows::add_tensor(x, base.forward(x)?, &vec![Some(0); rows], &factors);
+        }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }
 
@@ -113,9 +119,8 @@ impl LinearAdapter for LoraLinear {
         self.forward_swiglu(g, u, base, train)
     }
 
-    /// `s · (x Aᵀ) Bᵀ`: what the unfused forward adds to the base at inference (no dropout).
-    fn additive_term(&self, x: &Tensor) -> Option<Result<Tensor>> {
-        Some(self.branch(x))
+    fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
+        Some((self.a.as_tensor().clone(), self.b.as_tensor().clone(), self.scale))
     }
 
     fn merged_weight(&self, w: &Tensor) -> Result<Tensor> {
