@@ -8,54 +8,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
-use candle_peft::adapters::{inject, save_adapter, AdapterConfig, LoraConfig, Targets};
+use common::{start_server as start, write_lora_adapter as write_adapter, Server};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_candle-peft");
-
-/// A LoRA adapter of the model at `model` with random (non-zero) A and B, written to `dir`.
-fn write_adapter(model: &Path, dir: &Path, seed: u64, targets: &[&str]) {
-    let mut loaded = candle_peft::loading::load_model(model.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let cfg = AdapterConfig::new(LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: Targets::List(targets.iter().map(|s| s.to_string()).collect()),
-        use_rslora: false,
-        use_dora: false,
-    });
-    inject(&mut loaded.model, &cfg, seed).unwrap();
-    for (i, (_, var)) in loaded.model.trainable_params().iter().enumerate() {
-        let noise = Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap();
-        var.set(&(noise * (1.0 + (seed as usize + i) as f64 % 3.0)).unwrap()).unwrap();
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    save_adapter(&loaded.model, &cfg, dir, None).unwrap();
-}
-
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[&str]) -> Server {
-    let mut child = Command::new(BIN).arg("serve").args(args).args(["--port", "0"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve printed {line:?}")).to_string();
-    Server { child, url }
-}
 
 /// POST `body`: the status and the JSON answer (error statuses included).
 fn post(s: &Server, path: &str, body: &str) -> (u16, Value) {

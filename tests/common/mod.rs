@@ -130,3 +130,44 @@ pub fn write_tiny_gguf(path: &std::path::Path) {
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
     gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
 }
+
+/// A LoRA adapter of the model at `model` with random (non-zero) A and B, written to `dir`.
+pub fn write_lora_adapter(model: &std::path::Path, dir: &std::path::Path, seed: u64, targets: &[&str]) {
+    let mut loaded = candle_peft::loading::load_model(model.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let cfg = candle_peft::adapters::AdapterConfig::new(candle_peft::adapters::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: candle_peft::adapters::Targets::List(targets.iter().map(|s| s.to_string()).collect()),
+        use_rslora: false,
+        use_dora: false,
+    });
+    candle_peft::adapters::inject(&mut loaded.model, &cfg, seed).unwrap();
+    for (i, (_, var)) in loaded.model.trainable_params().iter().enumerate() {
+        let noise = Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap();
+        var.set(&(noise * (1.0 + (seed as usize + i) as f64 % 3.0)).unwrap()).unwrap();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_peft::adapters::save_adapter(&loaded.model, &cfg, dir, None).unwrap();
+}
+
+/// A running server, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_server(args: &[&str]) -> Server {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft")).arg("serve").args(args).args(["--port", "0"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve printed {line:?}")).to_string();
+    Server { child, url }
+}
