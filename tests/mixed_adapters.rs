@@ -75,3 +75,26 @@ fn each_row_of_a_mixed_batch_gets_its_own_models_logits() {
     let err = mixed.forward(&ids, None, None, false).unwrap_err().to_string();
     assert!(err.contains("7 rows") && err.contains("3 rows"), "{err}");
 }
+
+#[test]
+fn adapters_load_and_unload_in_a_running_mixed_model() {
+    let base = common::tiny(DType::F32);
+    let ids = Tensor::new(&[[3u32, 8, 1, 9, 4], [7, 7, 2, 5, 11], [1, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let (one, two) = (adapted(&base, &lora(&["q_proj", "down_proj"], false), 1), adapted(&base, &control(), 2));
+    let (want_base, want_one, want_two) = (logits(&base, &ids), logits(&one, &ids), logits(&two, &ids));
+    let (mut mixed, rows) = Llama::mixed(vec![base.share_base(), one]).unwrap();
+    rows.set(vec![1, 0, 1]);
+    let got = logits(&mixed, &ids);
+    assert_eq!((&got[0], &got[1], &got[2]), (&want_one[0], &want_base[1], &want_one[2]));
+    // A model at a new index, with a control (no layer had one): rows 0 and 2 take it.
+    mixed.set_mixed_model(&rows, 2, Some(two)).unwrap();
+    rows.set(vec![2, 1, 2]);
+    let got = logits(&mixed, &ids);
+    let close = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) < 1e-4;
+    assert!(close(&got[0], &want_two[0]) && close(&got[1], &want_one[1]) && close(&got[2], &want_two[2]));
+    // Unloaded, model 1's rows are the base's.
+    mixed.set_mixed_model(&rows, 1, None).unwrap();
+    rows.set(vec![1, 1, 1]);
+    assert_eq!(logits(&mixed, &ids), want_base);
+    assert!(mixed.set_mixed_model(&rows, 0, None).unwrap_err().to_string().contains("model 0 is the base"));
+}

@@ -210,3 +210,69 @@ fn a_full_queue_is_answered_429() {
     assert!(!full.is_empty() && full.iter().all(|(_, b)| b.contains("the queue is full")), "{answers:?}");
     assert_eq!(get(&s, "/health").0, 200);
 }
+
+fn delete(s: &Server, path: &str) -> (u16, Value) {
+    let r = match ureq::delete(&format!("{}{path}", s.url)).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("DELETE {path}: {e}"),
+    };
+    (r.status(), serde_json::from_str(&r.into_string().unwrap()).unwrap())
+}
+
+#[test]
+fn adapters_load_unload_and_take_turns_in_a_bounded_resident_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, one, two, three) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"), dir.path().join("three"));
+    common::write_tiny_model_dir(&model);
+    write_adapter(&model, &one, 1, &["q_proj", "v_proj", "down_proj"]);
+    write_adapter(&model, &two, 2, &["k_proj", "o_proj", "up_proj"]);
+    write_adapter(&model, &three, 3, &["gate_proj", "q_proj"]);
+    let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
+    // One adapter resident at a time: every switch evicts the other.
+    let s = start(&["--model", model.to_str().unwrap(), "--name", "base", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-resident-adapters", "1"]);
+    let p = "She painted the old door";
+    let want = |adapter: &Path| generate(&model, Some(adapter), p, 10);
+    let (want_one, want_two, want_three) = (want(&one), want(&two), want(&three));
+    assert_ne!(want_one, want_two);
+    for (name, w) in [("one", &want_one), ("two", &want_two), ("one", &want_one)] {
+        assert_eq!(&completion(&s, name, p, 10), w, "{name}");
+    }
+    let (_, list) = get(&s, "/v1/adapters");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["data"], json!([{ "id": "one", "resident": true }, { "id": "two", "resident": false }]));
+    // Concurrent requests for both: they take turns, each with its own answer.
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                let name = ["one", "two"][i % 2];
+                let body = json!({ "model": name, "prompt": "She painted the old door", "max_tokens": 10, "temperature": 0 }).to_string();
+                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
+                (name, r["choices"][0]["text"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (name, got) = t.join().unwrap();
+        assert_eq!(got, if name == "one" { want_one.clone() } else { want_two.clone() }, "{name}");
+    }
+
+    // Loaded at run time from a directory: listed, and answering as generate does.
+    let load = |name: &str, path: &str| post(&s, "/v1/adapters", &json!({ "name": name, "path": path }).to_string());
+    let (status, answer) = load("three", three.to_str().unwrap());
+    assert_eq!(status, 200, "{answer}");
+    assert!(get(&s, "/v1/models").1.contains("\"three\""));
+    assert_eq!(completion(&s, "three", p, 10), want_three);
+    let (status, answer) = load("three", three.to_str().unwrap());
+    assert!(status == 409 && answer["error"]["message"].as_str().unwrap().contains("taken"), "{answer}");
+    let (status, answer) = load("four", dir.path().join("nowhere").to_str().unwrap());
+    assert!(status == 400 && answer["error"]["message"].as_str().unwrap().contains("nowhere"), "{answer}");
+    // Unloaded: gone from the models, its requests 404.
+    assert_eq!(delete(&s, "/v1/adapters/three").0, 200);
+    let (status, _) = post(&s, "/v1/completions", &json!({ "model": "three", "prompt": p }).to_string());
+    assert_eq!(status, 404);
+    assert_eq!(delete(&s, "/v1/adapters/three").0, 404);
+    assert_eq!(completion(&s, "two", p, 10), want_two);
+    assert_eq!(get(&s, "/health").0, 200);
+}

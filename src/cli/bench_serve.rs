@@ -135,17 +135,22 @@ pub fn serve(args: &BenchServeArgs) -> Result<Vec<ServeFigure>> {
     let loaded = super::commands::load_with_adapter(&args.model, None, true)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
     let template = super::eval_cmd::chat_template(&args.model.model, &loaded.model.config, &tokenizer)?;
-    let mut models = vec![("base".to_string(), loaded.model.share_base())];
-    for i in 0..args.adapters {
-        models.push((format!("adapter-{i}"), random_adapter(&loaded.model, args.rank, i as u64)?));
-    }
+    let rank = args.rank;
+    let adapters: Vec<(String, crate::serving::registry::Loader)> = (0..args.adapters)
+        .map(|i| (format!("adapter-{i}"), std::sync::Arc::new(move |base: &crate::model::Llama| random_adapter(base, rank, i as u64)) as crate::serving::registry::Loader))
+        .collect();
     let most = args.clients.iter().copied().max().unwrap_or(1);
+    let eos = loaded.model.config.eos_token_ids.clone();
     let config = crate::serving::ServerConfig {
-        models,
+        base_name: "base".into(),
+        base: loaded.model,
+        adapters,
+        max_resident: args.adapters,
+        path_loader: None,
         tokenizer,
         template,
-        eos_token_ids: loaded.model.config.eos_token_ids.clone(),
-        chat_eos_token_ids: loaded.model.config.eos_token_ids.clone(),
+        eos_token_ids: eos.clone(),
+        chat_eos_token_ids: eos,
         host: "127.0.0.1".into(),
         port: 0,
         max_batch: most,

@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// The most `max_tokens` a request may ask for (at most the model's context).
     #[arg(long, default_value_t = 4096)]
     pub max_tokens_limit: usize,
+    /// Adapters attached at once; a request for another brings it in and the least recently
+    /// used one without requests in flight goes.
+    #[arg(long, default_value_t = 16)]
+    pub max_resident_adapters: usize,
 }
 
 /// `NAME=PATH`, both non-empty.
@@ -48,6 +52,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     crate::validate::int_in("max-batch", args.max_batch, 1, 4096)?;
     crate::validate::int_in("queue-size", args.queue_size, 1, 1 << 20)?;
     crate::validate::int_in("max-tokens-limit", args.max_tokens_limit, 1, 1 << 24)?;
+    crate::validate::int_in("max-resident-adapters", args.max_resident_adapters, 1, 4096)?;
     let specs = args.adapter.iter().map(|s| adapter_spec(s)).collect::<Result<Vec<_>>>()?;
     let loaded = super::commands::load_with_adapter(&args.model, None, true)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
@@ -57,20 +62,21 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         let path = std::path::Path::new(&args.model.model);
         path.file_name().map_or(args.model.model.clone(), |n| n.to_string_lossy().into_owned())
     });
-    let mut models = Vec::with_capacity(1 + specs.len());
+    let mut adapters: Vec<(String, crate::serving::registry::Loader)> = Vec::with_capacity(specs.len());
     for (name, path) in &specs {
-        if *name == base_name || models.iter().any(|(n, _)| n == name) {
+        if *name == base_name || adapters.iter().any(|(n, _)| n == name) {
             return Err(Error::msg(format!("--adapter {name}={path}: the name `{name}` is taken")));
         }
-        let mut model = loaded.model.share_base();
-        let cfg = load_adapter(&mut model, &ModelSource::parse(path)?).map_err(|e| Error::msg(format!("--adapter {name}={path}: {e}")))?;
-        eprintln!("adapter {name}: {} from {path}", cfg.peft_type());
-        models.push((name.to_string(), model));
+        let (spec, path) = (format!("--adapter {name}={path}"), path.to_string());
+        adapters.push((name.to_string(), std::sync::Arc::new(move |base: &crate::model::Llama| adapter_model(base, &path).map_err(|e| Error::msg(format!("{spec}: {e}"))))));
     }
     let eos = loaded.model.config.eos_token_ids.clone();
-    models.insert(0, (base_name, loaded.model));
     crate::serving::serve(crate::serving::ServerConfig {
-        models,
+        base_name,
+        base: loaded.model,
+        adapters,
+        max_resident: args.max_resident_adapters,
+        path_loader: Some(std::sync::Arc::new(adapter_model)),
         tokenizer,
         template,
         eos_token_ids: eos,
@@ -81,4 +87,12 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         queue_size: args.queue_size,
         max_tokens_limit: args.max_tokens_limit,
     })
+}
+
+/// The adapter directory `path` attached to a model over `base`'s weights.
+fn adapter_model(base: &crate::model::Llama, path: &str) -> Result<crate::model::Llama> {
+    let mut model = base.share_base();
+    let cfg = load_adapter(&mut model, &ModelSource::parse(path)?)?;
+    tracing::info!("adapter {path}: {}", cfg.peft_type());
+    Ok(model)
 }

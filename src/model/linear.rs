@@ -160,6 +160,10 @@ pub trait LinearAdapter: Send + Sync {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// [`LinearAdapter::as_any`], mutable (a mixed layer's adapters change at run time).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// A linear layer of the model: the frozen base plus, optionally, one adapter.
@@ -210,6 +214,10 @@ impl Linear {
 
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_deref()
+    }
+
+    pub fn adapter_mut(&mut self) -> Option<&mut (dyn LinearAdapter + 'static)> {
+        self.adapter.as_deref_mut()
     }
 
     pub fn set_adapter(&mut self, adapter: Box<dyn LinearAdapter>) {

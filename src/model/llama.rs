@@ -35,6 +35,10 @@ pub trait BlockControl: Send + Sync {
     fn mixes_tokens(&self) -> bool {
         false
     }
+    /// The concrete control, mutable (a mixed block's controls change at run time).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// What a block control may need besides its block input [b, t, d].

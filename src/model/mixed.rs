@@ -92,22 +92,35 @@ struct MixedLinear {
 }
 
 impl MixedLinear {
-    fn new(models: Vec<Option<Linear>>, base: &FrozenLinear, rows: Arc<RowModels>) -> Self {
-        let mut factors = Vec::new();
-        let slots = models
-            .iter()
-            .map(|m| match m {
+    /// Model `index` computes this layer by `linear` (`None`: the shared base alone).
+    fn set(&mut self, index: usize, linear: Option<Linear>, base: &FrozenLinear) {
+        if self.models.len() <= index {
+            self.models.resize_with(index + 1, || None);
+        }
+        self.models[index] = linear;
+        self.factors.clear();
+        let mut slots = Vec::with_capacity(self.models.len());
+        for m in &self.models {
+            slots.push(match m {
                 None => Slot::Base,
                 Some(linear) => match linear.low_rank_factors() {
                     Some(f) if linear.base().shares_weight_with(base) => {
-                        factors.push(f);
-                        Slot::LowRank(factors.len() - 1)
+                        self.factors.push(f);
+                        Slot::LowRank(self.factors.len() - 1)
                     }
                     _ => Slot::Whole,
                 },
-            })
-            .collect();
-        Self { models, slots, factors, rows }
+            });
+        }
+        self.slots = slots;
+    }
+
+    fn model(&self, m: usize) -> Option<&Linear> {
+        self.models.get(m).and_then(Option::as_ref)
+    }
+
+    fn slot(&self, m: usize) -> &Slot {
+        self.slots.get(m).unwrap_or(&Slot::Base)
     }
 }
 
@@ -115,7 +128,7 @@ impl LinearAdapter for MixedLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
         let (groups, back) = match groups(&self.rows, x.dim(0)?, x.device())? {
             Groups::One(m) => {
-                return match &self.models[m] {
+                return match self.model(m) {
                     Some(linear) => linear.forward(x, false),
                     None => base.forward(x),
                 }
@@ -128,8 +141,8 @@ impl LinearAdapter for MixedLinear {
             let (rows, models) = (crate::ops::lora_rows::rows_of(x)?, self.rows.get());
             let t = rows / x.dim(0)?.max(1);
             let adapter_of: Vec<Option<usize>> = (0..rows)
-                .map(|r| match self.slots[models[r / t]] {
-                    Slot::LowRank(i) => Some(i),
+                .map(|r| match self.slot(models[r / t]) {
+                    Slot::LowRank(i) => Some(*i),
                     _ => None,
                 })
                 .collect();
@@ -138,8 +151,8 @@ impl LinearAdapter for MixedLinear {
             } else {
                 // Another device or dtype: each adapter's term by candle ops on its rows.
                 for (m, idx) in &groups {
-                    if let Slot::LowRank(i) = self.slots[*m] {
-                        let (a, b, s) = &self.factors[i];
+                    if let Slot::LowRank(i) = self.slot(*m) {
+                        let (a, b, s) = &self.factors[*i];
                         let xm = x.index_select(idx, 0)?;
                         let term = (crate::ops::nn::matmul_t(&crate::ops::nn::matmul_t(&xm, &a.to_dtype(x.dtype())?)?, &b.to_dtype(x.dtype())?)? * *s)?;
                         y = y.index_add(idx, &term, 0)?;
@@ -147,12 +160,12 @@ impl LinearAdapter for MixedLinear {
                 }
             }
         }
-        if !groups.iter().any(|(m, _)| matches!(self.slots[*m], Slot::Whole)) {
+        if !groups.iter().any(|(m, _)| matches!(self.slot(*m), Slot::Whole)) {
             return Ok(y);
         }
         let mut parts = Vec::with_capacity(groups.len());
         for (m, idx) in &groups {
-            parts.push(match (&self.slots[*m], &self.models[*m]) {
+            parts.push(match (self.slot(*m), self.model(*m)) {
                 (Slot::Whole, Some(linear)) => linear.forward(&x.index_select(idx, 0)?, false)?,
                 _ => y.index_select(idx, 0)?,
             });
@@ -171,6 +184,10 @@ impl LinearAdapter for MixedLinear {
     fn params(&self) -> Vec<(String, Var)> {
         Vec::new()
     }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 /// One block's controls, by model.
@@ -187,7 +204,7 @@ impl BlockControl for MixedControl {
     fn add_to(&self, block_output: &Tensor, block_input: &Tensor, ctx: &ControlContext, train: bool) -> Result<Tensor> {
         let groups = match groups(&self.rows, block_input.dim(0)?, block_input.device())? {
             Groups::One(m) => {
-                return match &self.models[m] {
+                return match self.models.get(m).and_then(Option::as_ref) {
                     Some(c) => c.add_to(block_output, block_input, ctx, train),
                     None => Ok(block_output.clone()),
                 }
@@ -196,7 +213,7 @@ impl BlockControl for MixedControl {
         };
         let mut out = block_output.clone();
         for (m, idx) in &groups {
-            let Some(control) = &self.models[*m] else { continue };
+            let Some(control) = self.models.get(*m).and_then(Option::as_ref) else { continue };
             let bias = ctx.bias.index_select(idx, 0)?;
             let past = ctx.past_input.map(|p| p.index_select(idx, 0)).transpose()?;
             let term = control.forward(&block_input.index_select(idx, 0)?, &ControlContext { bias: &bias, past_input: past.as_ref() }, train)?;
@@ -212,54 +229,88 @@ impl BlockControl for MixedControl {
     fn mixes_tokens(&self) -> bool {
         self.models.iter().flatten().any(|c| c.mixes_tokens())
     }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 impl Llama {
     /// One model that serves `models` (the base first, then models over its weights, each with
     /// an adapter: `Llama::share_base` and an adapter attached) row by row, the row's model
     /// named by the returned [`RowModels`] before each forward. The adapters move into it.
-    pub fn mixed(mut models: Vec<Llama>) -> Result<(Llama, Arc<RowModels>)> {
+    pub fn mixed(models: Vec<Llama>) -> Result<(Llama, Arc<RowModels>)> {
         let rows = Arc::new(RowModels::default());
-        let Some(first) = models.first() else {
+        let mut models = models.into_iter();
+        let Some(first) = models.next() else {
             return Err(Error::msg("mixed adapters: no model"));
         };
         let mut out = first.share_base();
-        for (i, m) in models.iter().enumerate().skip(1) {
-            let shared = m.embed_tokens.id() == out.embed_tokens.id()
-                && m.norm.id() == out.norm.id()
-                && m.lm_head.as_ref().map(Tensor::id) == out.lm_head.as_ref().map(Tensor::id)
-                && m.layers.len() == out.layers.len();
-            if !shared {
-                return Err(Error::msg(format!("mixed adapters: model {i} has embeddings, norms or a head of its own, not the base's")));
-            }
-        }
-        for (l, layer) in out.layers.iter_mut().enumerate() {
-            for (j, linear) in layer.linears_mut().into_iter().enumerate() {
-                let per_model: Vec<Option<Linear>> = models
-                    .iter_mut()
-                    .map(|m| {
-                        let own: &mut Linear = m.layers[l].linears_mut().into_iter().nth(j).expect("7 linears");
-                        let plain = own.adapter().is_none() && own.base().shares_weight_with(linear.base());
-                        (!plain).then(|| {
-                            let bare = own.share_base();
-                            std::mem::replace(own, bare)
-                        })
-                    })
-                    .collect();
-                if per_model.iter().any(Option::is_some) {
-                    let mixed = MixedLinear::new(per_model, linear.base(), rows.clone());
-                    linear.set_adapter(Box::new(mixed));
-                }
-            }
-            let attn: Vec<_> = models.iter_mut().map(|m| m.layers[l].attn_control.take()).collect();
-            if attn.iter().any(Option::is_some) {
-                layer.attn_control = Some(Box::new(MixedControl { models: attn, rows: rows.clone() }));
-            }
-            let mlp: Vec<_> = models.iter_mut().map(|m| m.layers[l].mlp_control.take()).collect();
-            if mlp.iter().any(Option::is_some) {
-                layer.mlp_control = Some(Box::new(MixedControl { models: mlp, rows: rows.clone() }));
-            }
+        for (i, m) in models.enumerate() {
+            out.set_mixed_model(&rows, i + 1, Some(m))?;
         }
         Ok((out, rows))
+    }
+
+    /// In a [`Llama::mixed`] model, model `index` becomes `model` (its adapters move in), or,
+    /// with `None`, the base alone: adapters load and unload while the server runs. No row of
+    /// `index` may be in flight meanwhile.
+    pub fn set_mixed_model(&mut self, rows: &Arc<RowModels>, index: usize, model: Option<Llama>) -> Result<()> {
+        if index == 0 {
+            return Err(Error::msg("mixed adapters: model 0 is the base"));
+        }
+        let mut model = model;
+        if let Some(m) = &model {
+            let shared = m.embed_tokens.id() == self.embed_tokens.id()
+                && m.norm.id() == self.norm.id()
+                && m.lm_head.as_ref().map(Tensor::id) == self.lm_head.as_ref().map(Tensor::id)
+                && m.layers.len() == self.layers.len();
+            if !shared {
+                return Err(Error::msg(format!("mixed adapters: model {index} has embeddings, norms or a head of its own, not the base's")));
+            }
+        }
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (j, linear) in layer.linears_mut().into_iter().enumerate() {
+                let own = model.as_mut().and_then(|m| {
+                    let own: &mut Linear = m.layers[l].linears_mut().into_iter().nth(j).expect("7 linears");
+                    let plain = own.adapter().is_none() && own.base().shares_weight_with(linear.base());
+                    (!plain).then(|| {
+                        let bare = own.share_base();
+                        std::mem::replace(own, bare)
+                    })
+                });
+                let base = linear.base().clone();
+                match linear.adapter_mut().and_then(|a| a.as_any_mut()).and_then(|a| a.downcast_mut::<MixedLinear>()) {
+                    Some(mixed) => mixed.set(index, own, &base),
+                    None if own.is_some() => {
+                        let mut mixed = MixedLinear { models: Vec::new(), slots: Vec::new(), factors: Vec::new(), rows: rows.clone() };
+                        mixed.set(index, own, &base);
+                        linear.set_adapter(Box::new(mixed));
+                    }
+                    None => {}
+                }
+            }
+            let (attn, mlp) = match model.as_mut() {
+                Some(m) => (m.layers[l].attn_control.take(), m.layers[l].mlp_control.take()),
+                None => (None, None),
+            };
+            for (slot, control) in [(&mut layer.attn_control, attn), (&mut layer.mlp_control, mlp)] {
+                match slot.as_mut().and_then(|c| c.as_any_mut()).and_then(|c| c.downcast_mut::<MixedControl>()) {
+                    Some(mixed) => {
+                        if mixed.models.len() <= index {
+                            mixed.models.resize_with(index + 1, || None);
+                        }
+                        mixed.models[index] = control;
+                    }
+                    None if control.is_some() => {
+                        let mut models: Vec<Option<Box<dyn BlockControl>>> = (0..index).map(|_| None).collect();
+                        models.push(control);
+                        *slot = Some(Box::new(MixedControl { models, rows: rows.clone() }));
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -9,8 +9,10 @@
 //! text that became final to the request, and drops the rows that finished or whose client went
 //! away (its receiver closed) before the next step.
 //!
-//! One batch for every adapter: the model is `Llama::mixed` over the base and the adapters, told
-//! each row's adapter before each forward, so the base's products run once for all rows.
+//! One batch for every adapter: the model is `Llama::mixed` over the base and the resident
+//! adapters (`registry`), told each row's adapter before each forward, so the base's products run
+//! once for all rows. Admin commands (load, unload) come through the same queue and are carried
+//! out between two steps.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,8 +23,8 @@ use super::metrics::Metrics;
 use crate::eval::generate::sampling::{Sampler, SamplingConfig};
 use crate::eval::generate::stream::TextStream;
 use crate::eval::generate::{decode_step, prefill};
-use crate::model::llama::{KvCache, Llama};
-use crate::model::RowModels;
+use super::registry::{Admin, Registry};
+use crate::model::llama::KvCache;
 use crate::{Error, Result};
 
 /// Why an answer ended, as OpenAI names it.
@@ -51,10 +53,18 @@ pub enum Event {
     Failed(String),
 }
 
+/// What the HTTP side hands the loop.
+pub enum Work {
+    Job(Job),
+    Admin(Admin),
+}
+
 /// A request the handlers checked: a known model, a prompt that fits the context.
 pub struct Job {
-    /// Index into the engine's models (0 is the base).
+    /// The model's index (0 the base, then the adapters' slots) and its name, which must still
+    /// be that index's when the loop takes the request.
     pub model: usize,
+    pub model_name: String,
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<u32>,
@@ -126,11 +136,8 @@ struct Batch {
 }
 
 pub struct Engine {
-    /// The base, or `Llama::mixed` over the base and the adapters.
-    pub model: Llama,
-    /// Where `model` is mixed: each row's model (0 the base, then the adapters), set before
-    /// each forward.
-    pub row_models: Option<Arc<RowModels>>,
+    /// The mixed model over the base and the resident adapters.
+    pub registry: Registry,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// Rows decoded at once, over all models.
     pub max_batch: usize,
@@ -139,30 +146,47 @@ pub struct Engine {
 
 impl Engine {
     /// Serve the queue until it is closed and every request taken from it is answered.
-    pub fn run(self, mut queue: mpsc::Receiver<Job>) {
+    pub fn run(mut self, mut queue: mpsc::Receiver<Work>) {
         let mut batch = Batch::default();
+        // Requests taken from the queue and not yet in the batch (no room, or their adapter is
+        // waiting for a resident one to finish).
+        let mut waiting: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
         loop {
-            let running = batch.rows.len();
-            // Idle: wait for a request. Busy: take what is queued, up to the batch size.
-            let mut admitted = Vec::new();
-            if running == 0 {
+            // Idle: wait for work. Busy: take what is queued, up to the batch size.
+            if batch.rows.is_empty() && waiting.is_empty() {
                 match queue.blocking_recv() {
-                    Some(job) => admitted.push(job),
+                    Some(work) => self.take(work, &mut waiting, &batch),
                     None => return,
                 }
             }
-            while running + admitted.len() < self.max_batch {
+            while batch.rows.len() + waiting.len() < self.max_batch {
                 match queue.try_recv() {
-                    Ok(job) => admitted.push(job),
+                    Ok(work) => self.take(work, &mut waiting, &batch),
                     Err(_) => break,
                 }
             }
-            self.metrics.queue_depth.set(queue.len());
+            self.metrics.queue_depth.set(queue.len() + waiting.len());
             // The new rows join one another, then the batch once: its rows are copied once per
             // round, not once per request.
             let mut fresh = Batch::default();
-            for job in admitted {
-                self.admit(job, &mut fresh);
+            for _ in 0..waiting.len() {
+                let Some(job) = waiting.pop_front() else { break };
+                if batch.rows.len() + fresh.rows.len() >= self.max_batch {
+                    waiting.push_back(job);
+                    continue;
+                }
+                if !self.registry.is(job.model, &job.model_name) {
+                    let _ = job.events.send(Event::Failed(format!("model `{}` was unloaded", job.model_name)));
+                    continue;
+                }
+                let in_use = |m: usize| batch.rows.iter().chain(&fresh.rows).any(|r| r.job.model == m);
+                match self.registry.make_resident(job.model, &in_use) {
+                    Ok(true) => self.admit(job, &mut fresh),
+                    Ok(false) => waiting.push_back(job),
+                    Err(e) => {
+                        let _ = job.events.send(Event::Failed(format!("loading `{}`: {e}", job.model_name)));
+                    }
+                }
             }
             if !fresh.rows.is_empty() {
                 match batch.cache.join(fresh.cache) {
@@ -175,11 +199,20 @@ impl Engine {
         }
     }
 
+    /// A request waits for its turn; an admin command is carried out now, between two steps.
+    fn take(&mut self, work: Work, waiting: &mut std::collections::VecDeque<Job>, batch: &Batch) {
+        match work {
+            Work::Job(job) => waiting.push_back(job),
+            Work::Admin(command) => {
+                let in_use = |m: usize| batch.rows.iter().filter(|r| r.job.model == m).count() + waiting.iter().filter(|j| j.model == m).count();
+                self.registry.admin(command, &in_use);
+            }
+        }
+    }
+
     /// Name each row's model for the next forward.
     fn assign(&self, models: impl Iterator<Item = usize>) {
-        if let Some(rows) = &self.row_models {
-            rows.set(models.collect());
-        }
+        self.registry.rows.set(models.collect());
     }
 
     /// Prefill a request alone, sample its first token, and join it to `batch`.
@@ -188,7 +221,7 @@ impl Engine {
             self.metrics.cancelled.inc();
             return;
         }
-        let model = &self.model;
+        let model = &self.registry.model;
         let tokenizer = self.tokenizer.clone();
         let decode: Decode = Box::new(move |ids: &[u32]| crate::data::tokenize::decode_text(&tokenizer, ids));
         let sampler = match Sampler::new(job.sampling.clone()) {
@@ -232,7 +265,7 @@ impl Engine {
             return;
         }
         self.metrics.batch_rows.observe(batch.rows.len() as f64);
-        let model = &self.model;
+        let model = &self.registry.model;
         self.assign(batch.rows.iter().map(|r| r.job.model));
         let tokens: Vec<u32> = batch.rows.iter().map(|r| r.next).collect();
         let (cache, rows, metrics) = (&mut batch.cache, &mut batch.rows, &self.metrics);

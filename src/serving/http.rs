@@ -8,24 +8,26 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::engine::{Event, Job};
+use super::engine::{Event, Job, Work};
+use super::registry::Admin;
 use super::metrics::Metrics;
 use super::openai::{error_body, usage, Answer, ChatRequest, CompletionRequest, Endpoint, OneOrMany, Sampling};
 use crate::eval::chat::ChatTemplate;
 
 /// What the handlers share.
 pub struct AppState {
-    /// The base's name, then each adapter's: a request's `model` picks one.
-    pub names: Vec<String>,
+    /// The base's name, then each adapter slot's (`None`: unloaded): a request's `model` picks
+    /// one. The engine's registry changes it.
+    pub names: Arc<std::sync::RwLock<Vec<Option<String>>>>,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub template: ChatTemplate,
     /// A completion ends at these; a chat answer also at the template's end of turn.
@@ -35,7 +37,7 @@ pub struct AppState {
     pub context: usize,
     /// The most `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
-    pub queue: mpsc::Sender<Job>,
+    pub queue: mpsc::Sender<Work>,
     pub metrics: Arc<Metrics>,
     pub created: u64,
     pub next_id: AtomicU64,
@@ -48,6 +50,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/adapters", get(list_adapters).post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
         .with_state(state)
 }
 
@@ -90,9 +94,66 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
+impl AppState {
+    fn names(&self) -> Vec<Option<String>> {
+        self.names.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
-    let data: Vec<Value> = s.names.iter().map(|n| json!({ "id": n, "object": "model", "created": s.created, "owned_by": "candle-peft" })).collect();
+    let data: Vec<Value> = s.names().into_iter().flatten().map(|n| json!({ "id": n, "object": "model", "created": s.created, "owned_by": "candle-peft" })).collect();
     Json(json!({ "object": "list", "data": data }))
+}
+
+/// An admin command through the engine's queue (waiting for room, never refused as full).
+async fn admin<T>(s: &AppState, command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Admin) -> Result<T, Refusal> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let gone = || refuse(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+    s.queue.send(Work::Admin(command(reply))).await.map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())
+}
+
+async fn list_adapters(State(s): State<Arc<AppState>>) -> Response {
+    match admin(&s, |reply| Admin::List { reply }).await {
+        Ok(list) => {
+            let data: Vec<Value> = list.into_iter().map(|(name, resident)| json!({ "id": name, "resident": resident })).collect();
+            Json(json!({ "object": "list", "data": data })).into_response()
+        }
+        Err(r) => r.into_response(&s.metrics),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoadAdapter {
+    name: String,
+    path: String,
+}
+
+async fn load_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request = match parse::<LoadAdapter>(&body) {
+        Ok(r) if !r.name.is_empty() && !r.path.is_empty() => r,
+        Ok(_) => return refuse(StatusCode::BAD_REQUEST, "`name` and `path` must not be empty").into_response(&s.metrics),
+        Err(r) => return r.into_response(&s.metrics),
+    };
+    let name = request.name.clone();
+    let done = admin(&s, |reply| Admin::Load { name: request.name, path: request.path, reply }).await;
+    admin_answer(&s, done, json!({ "id": name, "loaded": true }))
+}
+
+async fn unload_adapter(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let done = admin(&s, |reply| Admin::Unload { name: name.clone(), reply }).await;
+    admin_answer(&s, done, json!({ "id": name, "unloaded": true }))
+}
+
+fn admin_answer(s: &AppState, done: Result<Result<(), super::registry::AdminError>, Refusal>, ok: Value) -> Response {
+    match done {
+        Ok(Ok(())) => {
+            s.metrics.ok.inc();
+            Json(ok).into_response()
+        }
+        Ok(Err(e)) => refuse(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.message).into_response(&s.metrics),
+        Err(r) => r.into_response(&s.metrics),
+    }
 }
 
 /// What both endpoints hand to `answer` once their body is read.
@@ -181,8 +242,9 @@ async fn answer(s: Arc<AppState>, prepared: Result<Prepared, Refusal>) -> Respon
 
 /// The job for a prepared request, queued: the model's name and the receiver of its events.
 fn queue(s: &AppState, p: &Prepared) -> Result<(String, mpsc::UnboundedReceiver<Event>), Refusal> {
-    let Some(model) = s.names.iter().position(|n| *n == p.model) else {
-        let known = s.names.join(", ");
+    let names = s.names();
+    let Some(model) = names.iter().position(|n| n.as_deref() == Some(p.model.as_str())) else {
+        let known = names.into_iter().flatten().collect::<Vec<_>>().join(", ");
         return Err(Refusal { status: StatusCode::NOT_FOUND, message: format!("model `{}` does not exist; this server has {known}", p.model), code: Some("model_not_found") });
     };
     if p.n.is_some_and(|n| n != 1) {
@@ -212,8 +274,8 @@ fn queue(s: &AppState, p: &Prepared) -> Result<(String, mpsc::UnboundedReceiver<
     };
     let stop = p.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
     let (tx, rx) = mpsc::unbounded_channel();
-    let job = Job { model, prompt: p.prompt.clone(), max_new_tokens: max_tokens, eos_token_ids, stop, sampling, events: tx, queued_at: Instant::now() };
-    match s.queue.try_send(job) {
+    let job = Job { model, model_name: p.model.clone(), prompt: p.prompt.clone(), max_new_tokens: max_tokens, eos_token_ids, stop, sampling, events: tx, queued_at: Instant::now() };
+    match s.queue.try_send(Work::Job(job)) {
         Ok(()) => Ok((p.model.clone(), rx)),
         Err(mpsc::error::TrySendError::Full(_)) => Err(refuse(StatusCode::TOO_MANY_REQUESTS, "the queue is full: try again shortly")),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),

@@ -15,6 +15,9 @@
 //!   batching, a request joining the running batch at a token boundary and leaving it when it
 //!   ends or its client goes away; rows of every adapter in one batch (`Llama::mixed`: the base
 //!   product once for all rows, each adapter's low-rank term on its own rows).
+//! - `registry`: the adapters by name, at most `max_resident` attached at once (least recently
+//!   used goes), loaded and unloaded at run time by `POST /v1/adapters` and
+//!   `DELETE /v1/adapters/NAME` (`GET /v1/adapters` lists them).
 //!
 //! SIGTERM or Ctrl-C stops accepting connections, lets the requests in flight finish, and ends.
 
@@ -22,6 +25,7 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+pub mod registry;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -34,8 +38,16 @@ use crate::{Error, Result};
 
 /// What `serve` needs, loaded by the caller.
 pub struct ServerConfig {
-    /// The base first, under its name, then each adapter's model under its name.
-    pub models: Vec<(String, Llama)>,
+    /// The name the base answers to, and the base.
+    pub base_name: String,
+    pub base: Llama,
+    /// Each adapter's name and how to build its model over the base.
+    pub adapters: Vec<(String, registry::Loader)>,
+    /// Adapters attached at once; a request for another brings it in, the least recently used
+    /// one without requests in flight goes.
+    pub max_resident: usize,
+    /// How `POST /v1/adapters` builds an adapter from a directory (`None`: it is refused).
+    pub path_loader: Option<registry::PathLoader>,
     pub tokenizer: tokenizers::Tokenizer,
     pub template: ChatTemplate,
     pub eos_token_ids: Vec<u32>,
@@ -69,22 +81,28 @@ pub fn serve_with(
     bound: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let ServerConfig { models, tokenizer, template, eos_token_ids, chat_eos_token_ids, host, port, max_batch, queue_size, max_tokens_limit } = config;
-    if models.is_empty() {
-        return Err(Error::msg("serve: no model"));
-    }
-    let context = models[0].1.config.max_position_embeddings;
+    let ServerConfig {
+        base_name,
+        base,
+        adapters,
+        max_resident,
+        path_loader,
+        tokenizer,
+        template,
+        eos_token_ids,
+        chat_eos_token_ids,
+        host,
+        port,
+        max_batch,
+        queue_size,
+        max_tokens_limit,
+    } = config;
+    let context = base.config.max_position_embeddings;
     let metrics = Arc::new(metrics::Metrics::default());
     let tokenizer = Arc::new(tokenizer);
+    let names = Arc::new(std::sync::RwLock::new(vec![Some(base_name)]));
+    let registry = registry::Registry::new(base, adapters, max_resident, path_loader, names.clone())?;
     let (queue, jobs) = mpsc::channel(queue_size.max(1));
-    let (names, mut models): (Vec<String>, Vec<Llama>) = models.into_iter().unzip();
-    let (model, row_models) = match models.len() {
-        1 => (models.remove(0), None),
-        _ => {
-            let (mixed, rows) = Llama::mixed(models)?;
-            (mixed, Some(rows))
-        }
-    };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let state = Arc::new(http::AppState {
         names,
@@ -120,7 +138,7 @@ pub fn serve_with(
             })
         })
         .map_err(|e| Error::msg(format!("serve: cannot start the HTTP thread: {e}")))?;
-    engine::Engine { model, row_models, tokenizer, max_batch: max_batch.max(1), metrics }.run(jobs);
+    engine::Engine { registry, tokenizer, max_batch: max_batch.max(1), metrics }.run(jobs);
     match http.join() {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::msg(format!("serve: {e}"))),
