@@ -8,12 +8,9 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::Command;
 
 use common::{start_server as start, write_lora_adapter as write_adapter, Server};
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_candle-peft");
 
 /// POST `body`: the status and the JSON answer (error statuses included).
 fn post(s: &Server, path: &str, body: &str) -> (u16, Value) {
@@ -47,18 +44,6 @@ fn streamed(s: &Server, path: &str, body: Value) -> Vec<String> {
     BufReader::new(r.into_reader()).lines().map(Result::unwrap).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
 }
 
-/// `generate`'s greedy answer.
-fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, max_new: usize) -> String {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]);
-    if let Some(a) = adapter {
-        cmd.args(["--adapter", a.to_str().unwrap()]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
-}
-
 fn metric(s: &Server, name: &str) -> f64 {
     let (_, text) = get(s, "/metrics");
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} not in {text}"))
@@ -84,7 +69,7 @@ fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
     for (name, adapter) in [("base", None), ("one", Some(one.as_path())), ("two", Some(two.as_path()))] {
         for p in prompts {
             let got = completion(&s, name, p, 10);
-            assert_eq!(got, generate(&model, adapter, p, 10), "{name}, {p:?}");
+            assert_eq!(got, common::generate_greedy(&model, adapter, p, 10), "{name}, {p:?}");
             answers.insert((name, p), got);
         }
     }
@@ -232,7 +217,7 @@ fn adapters_load_unload_and_take_turns_in_a_bounded_resident_set() {
     // One adapter resident at a time: every switch evicts the other.
     let s = start(&["--model", model.to_str().unwrap(), "--name", "base", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-resident-adapters", "1"]);
     let p = "She painted the old door";
-    let want = |adapter: &Path| generate(&model, Some(adapter), p, 10);
+    let want = |adapter: &Path| common::generate_greedy(&model, Some(adapter), p, 10);
     let (want_one, want_two, want_three) = (want(&one), want(&two), want(&three));
     assert_ne!(want_one, want_two);
     for (name, w) in [("one", &want_one), ("two", &want_two), ("one", &want_one)] {

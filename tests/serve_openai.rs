@@ -12,17 +12,6 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, max_new: usize) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]);
-    if let Some(a) = adapter {
-        cmd.args(["--adapter", a.to_str().unwrap()]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
-}
-
 #[test]
 #[ignore = "needs the openai Python client: see the file's doc comment"]
 fn the_openai_client_and_curl_get_generates_answers() {
@@ -44,7 +33,7 @@ fn the_openai_client_and_curl_get_generates_answers() {
         for stream in [false, true] {
             for (name, adapter) in models {
                 requests.push(json!({ "model": name, "prompt": p, "max_tokens": 10, "chat": false, "stream": stream }));
-                want.push(json!(generate(&model, adapter, p, 10)));
+                want.push(json!(common::generate_greedy(&model, adapter, p, 10)));
             }
         }
     }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::engine::{Event, Job, Work};
 use super::registry::Admin;
 use super::metrics::Metrics;
-use super::openai::{error_body, usage, Answer, ChatRequest, CompletionRequest, Endpoint, OneOrMany, Sampling};
+use super::openai::{error_body, usage, Answer, ChatRequest, Common, CompletionRequest, Endpoint, OneOrMany};
 use crate::eval::chat::ChatTemplate;
 
 /// What the handlers share.
@@ -159,14 +159,8 @@ fn admin_answer(s: &AppState, done: Result<Result<(), super::registry::AdminErro
 /// What both endpoints hand to `answer` once their body is read.
 struct Prepared {
     endpoint: Endpoint,
-    model: String,
     prompt: Vec<u32>,
-    max_tokens: Option<usize>,
-    sampling: Sampling,
-    stop: Option<OneOrMany>,
-    stream: bool,
-    include_usage: bool,
-    n: Option<usize>,
+    common: Common,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
@@ -178,31 +172,29 @@ fn encode(s: &AppState, text: &str, special: bool) -> Result<Vec<u32>, Refusal> 
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prepared = parse::<CompletionRequest>(&body).and_then(|r| {
+    let prepared = parse::<CompletionRequest>(&body).and_then(|mut r| {
         let mut prompts = r.prompt.into_vec();
         if prompts.len() != 1 {
             return Err(refuse(StatusCode::BAD_REQUEST, format!("`prompt` must be one string here, not {}", prompts.len())));
         }
         let prompt = encode(&s, &prompts.remove(0), true)?;
-        let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
         // OpenAI's default for completions.
-        let max_tokens = Some(r.max_tokens.unwrap_or(16));
-        Ok(Prepared { endpoint: Endpoint::Completions, model: r.model, prompt, max_tokens, sampling: r.sampling, stop: r.stop, stream: r.stream, include_usage, n: r.n })
+        r.common.max_tokens = Some(r.common.max_tokens.unwrap_or(16));
+        Ok(Prepared { endpoint: Endpoint::Completions, prompt, common: r.common })
     });
     answer(s, prepared).await
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prepared = parse::<ChatRequest>(&body).and_then(|r| {
+    let prepared = parse::<ChatRequest>(&body).and_then(|mut r| {
         if r.messages.is_empty() {
             return Err(refuse(StatusCode::BAD_REQUEST, "`messages` is empty"));
         }
         let text = s.template.render(&r.messages(), true).map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("the chat template failed on these messages: {e}")))?;
         // The template writes the special tokens itself.
         let prompt = encode(&s, &text, false)?;
-        let include_usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let max_tokens = r.max_completion_tokens.or(r.max_tokens);
-        Ok(Prepared { endpoint: Endpoint::Chat, model: r.model, prompt, max_tokens, sampling: r.sampling, stop: r.stop, stream: r.stream, include_usage, n: r.n })
+        r.common.max_tokens = r.max_completion_tokens.or(r.common.max_tokens);
+        Ok(Prepared { endpoint: Endpoint::Chat, prompt, common: r.common })
     });
     answer(s, prepared).await
 }
@@ -220,9 +212,10 @@ async fn answer(s: Arc<AppState>, prepared: Result<Prepared, Refusal>) -> Respon
     };
     let id = format!("{}-{}", if p.endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, s.next_id.fetch_add(1, Ordering::Relaxed));
     let prompt_tokens = p.prompt.len();
-    if p.stream {
+    if p.common.stream {
         s.metrics.ok.inc();
-        return stream(s.created, p.endpoint, id, model, prompt_tokens, p.include_usage, rx).into_response();
+        let include_usage = p.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return stream(s.created, p.endpoint, id, model, prompt_tokens, include_usage, rx).into_response();
     }
     let mut rx = rx;
     let mut text = String::new();
@@ -243,18 +236,19 @@ async fn answer(s: Arc<AppState>, prepared: Result<Prepared, Refusal>) -> Respon
 /// The job for a prepared request, queued: the model's name and the receiver of its events.
 fn queue(s: &AppState, p: &Prepared) -> Result<(String, mpsc::UnboundedReceiver<Event>), Refusal> {
     let names = s.names();
-    let Some(model) = names.iter().position(|n| n.as_deref() == Some(p.model.as_str())) else {
+    let c = &p.common;
+    let Some(model) = names.iter().position(|n| n.as_deref() == Some(c.model.as_str())) else {
         let known = names.into_iter().flatten().collect::<Vec<_>>().join(", ");
-        return Err(Refusal { status: StatusCode::NOT_FOUND, message: format!("model `{}` does not exist; this server has {known}", p.model), code: Some("model_not_found") });
+        return Err(Refusal { status: StatusCode::NOT_FOUND, message: format!("model `{}` does not exist; this server has {known}", c.model), code: Some("model_not_found") });
     };
-    if p.n.is_some_and(|n| n != 1) {
+    if c.n.is_some_and(|n| n != 1) {
         return Err(refuse(StatusCode::BAD_REQUEST, "`n` must be 1: one answer per request"));
     }
     if p.prompt.is_empty() {
         return Err(refuse(StatusCode::BAD_REQUEST, "the prompt is empty"));
     }
     let room = s.context.saturating_sub(p.prompt.len());
-    let max_tokens = p.max_tokens.unwrap_or(room.min(s.max_tokens_limit));
+    let max_tokens = c.max_tokens.unwrap_or(room.min(s.max_tokens_limit));
     if max_tokens == 0 || max_tokens > s.max_tokens_limit {
         return Err(refuse(StatusCode::BAD_REQUEST, format!("`max_tokens` is {max_tokens}; it must be between 1 and {}", s.max_tokens_limit)));
     }
@@ -265,18 +259,18 @@ fn queue(s: &AppState, p: &Prepared) -> Result<(String, mpsc::UnboundedReceiver<
         ));
     }
     let fresh_seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ s.next_id.load(Ordering::Relaxed);
-    let sampling = p.sampling.config(fresh_seed);
+    let sampling = c.sampling.config(fresh_seed);
     sampling.validate().map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))?;
     let eos_token_ids = match p.endpoint {
-        _ if p.sampling.ignore_eos => Vec::new(),
+        _ if c.sampling.ignore_eos => Vec::new(),
         Endpoint::Completions => s.eos_token_ids.clone(),
         Endpoint::Chat => s.chat_eos_token_ids.clone(),
     };
-    let stop = p.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+    let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
     let (tx, rx) = mpsc::unbounded_channel();
-    let job = Job { model, model_name: p.model.clone(), prompt: p.prompt.clone(), max_new_tokens: max_tokens, eos_token_ids, stop, sampling, events: tx, queued_at: Instant::now() };
+    let job = Job { model, model_name: c.model.clone(), prompt: p.prompt.clone(), max_new_tokens: max_tokens, eos_token_ids, stop, sampling, events: tx, queued_at: Instant::now() };
     match s.queue.try_send(Work::Job(job)) {
-        Ok(()) => Ok((p.model.clone(), rx)),
+        Ok(()) => Ok((c.model.clone(), rx)),
         Err(mpsc::error::TrySendError::Full(_)) => Err(refuse(StatusCode::TOO_MANY_REQUESTS, "the queue is full: try again shortly")),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
     }

@@ -65,10 +65,10 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// The fields both endpoints share.
 #[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
+pub struct Common {
     pub model: String,
-    pub prompt: OneOrMany,
     pub max_tokens: Option<usize>,
     #[serde(flatten)]
     pub sampling: Sampling,
@@ -77,6 +77,13 @@ pub struct CompletionRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: OneOrMany,
+    #[serde(flatten)]
+    pub common: Common,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,18 +94,11 @@ pub struct ChatMessage {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    pub model: String,
     pub messages: Vec<ChatMessage>,
-    pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens`.
     pub max_completion_tokens: Option<usize>,
     #[serde(flatten)]
-    pub sampling: Sampling,
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub n: Option<usize>,
+    pub common: Common,
 }
 
 impl ChatRequest {

@@ -171,3 +171,15 @@ pub fn start_server(args: &[&str]) -> Server {
     let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve printed {line:?}")).to_string();
     Server { child, url }
 }
+
+/// `candle-peft generate`'s greedy answer (its stdout without the last newline).
+pub fn generate_greedy(model: &std::path::Path, adapter: Option<&std::path::Path>, prompt: &str, max_new: usize) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"));
+    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]);
+    if let Some(a) = adapter {
+        cmd.args(["--adapter", a.to_str().unwrap()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
+}
