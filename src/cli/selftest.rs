@@ -5,7 +5,8 @@
 //! cuBLAS, `kernels/attention_gemm.cu`) and the decoder layer's RMSNorm (`kernels/rms_norm.cu`),
 //! SwiGLU (`kernels/swiglu.cu`) and the attention heads split with RoPE (`kernels/rope.cu`, alone
 //! and inside the q, k, v projections) as training runs them, the adapters' dropout masks
-//! (`kernels/dropout.cu`) and AdamW's update (`kernels/adamw.cu`).
+//! (`kernels/dropout.cu`), AdamW's update (`kernels/adamw.cu`) and the mixed batch's LoRA rows
+//! (`kernels/lora_rows.cu`).
 //!
 //! Each op's cases live beside the op (its `selftest` function), on the harness of
 //! `crate::selftest` (inputs, bounds, the table); this is the list the command runs.
@@ -32,6 +33,7 @@ const OPS: &[fn(&mut Case) -> Result<()>] = &[
     crate::ops::dropout::selftest,
     crate::ops::fused::heads::selftest,
     crate::ops::adamw::selftest,
+    crate::ops::lora_rows::selftest,
 ];
 
 /// Runs every check on `device` (a CUDA device), `rounds` random shapes per op and dtype.

@@ -113,9 +113,9 @@ fn dot(v: &[f32], w: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Whether [`add_tensor`] takes x: f32 on the CPU.
+/// Whether [`add_tensor`] takes x: f32 on the CPU, or a CUDA device (`kernels/lora_rows.cu`).
 pub fn takes(x: &candle_core::Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    (x.device().is_cpu() && x.dtype() == candle_core::DType::F32) || (x.device().is_cuda() && x.dtype().is_float())
 }
 
 /// The rows of x [.., in]: every dim but the last.
@@ -123,44 +123,97 @@ pub fn rows_of(x: &candle_core::Tensor) -> crate::Result<usize> {
     Ok(x.dims()[..x.rank().saturating_sub(1)].iter().product())
 }
 
-/// [`add`] on tensors: `y + s_a · (x Aᵀ) Bᵀ` row by row, for x [.., in] and y [.., out] (f32 on
-/// the CPU, [`takes`]), `factors[a] = (A [r, in], B [out, r], s)`. Returns y's shape.
+/// [`add`] on tensors: `y + s_a · (x Aᵀ) Bᵀ` row by row, for x [.., in] and y [.., out] ([`takes`]),
+/// `factors[a] = (A [r, in], B [out, r], s)`. y must be a fresh result (its storage is written
+/// in place, as `lowrank_add` writes its output); it is returned.
 pub fn add_tensor(
     x: &candle_core::Tensor,
     y: candle_core::Tensor,
     adapter_of: &[Option<usize>],
     factors: &[(candle_core::Tensor, candle_core::Tensor, f64)],
 ) -> crate::Result<candle_core::Tensor> {
-    use candle_core::{DType, Storage};
-    let (cols_in, cols_out) = (x.dim(candle_core::D::Minus1)?, y.dim(candle_core::D::Minus1)?);
     let rows = rows_of(x)?;
-    if !takes(x) || y.dtype() != DType::F32 || adapter_of.len() != rows || rows_of(&y)? != rows {
-        return Err(crate::Error::msg(format!("lora_rows: x {:?} {:?}, y {:?}, {} row adapters", x.dims(), x.dtype(), y.dims(), adapter_of.len())));
+    if !takes(x) || y.dtype() != x.dtype() || !y.device().same_device(x.device()) || adapter_of.len() != rows || rows_of(&y)? != rows {
+        return Err(crate::Error::msg(format!("lora_rows: x {:?} {:?}, y {:?} {:?}, {} row adapters", x.dims(), x.dtype(), y.dims(), y.dtype(), adapter_of.len())));
     }
-    let f32s: Vec<(candle_core::Tensor, candle_core::Tensor)> =
-        factors.iter().map(|(a, b, _)| Ok((a.to_dtype(DType::F32)?.contiguous()?, b.to_dtype(DType::F32)?.contiguous()?))).collect::<crate::Result<_>>()?;
-    let guards: Vec<_> = f32s.iter().map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout())).collect();
-    fn slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> crate::Result<&'a [f32]> {
-        match (storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<f32>()?[start..end]),
-            _ => Err(crate::Error::msg("lora_rows: the factors must be on the CPU")),
+    let factors: Vec<(candle_core::Tensor, candle_core::Tensor, f64)> = factors
+        .iter()
+        .map(|(a, b, s)| {
+            let f32 = |t: &candle_core::Tensor| -> crate::Result<candle_core::Tensor> { Ok(t.to_device(y.device())?.to_dtype(candle_core::DType::F32)?.contiguous()?) };
+            Ok((f32(a)?, f32(b)?, *s))
+        })
+        .collect::<crate::Result<_>>()?;
+    let y = y.contiguous()?;
+    y.inplace_op2(&x.contiguous()?, &LoraRows { adapter_of, factors: &factors })?;
+    Ok(y)
+}
+
+/// The in-place op of [`add_tensor`] (y is the first operand, x the second).
+struct LoraRows<'a> {
+    adapter_of: &'a [Option<usize>],
+    factors: &'a [(candle_core::Tensor, candle_core::Tensor, f64)],
+}
+
+impl candle_core::InplaceOp2 for LoraRows<'_> {
+    fn name(&self) -> &'static str {
+        "lora-rows"
+    }
+
+    fn cpu_fwd(&self, y: &mut candle_core::CpuStorage, ly: &candle_core::Layout, x: &candle_core::CpuStorage, lx: &candle_core::Layout) -> candle_core::Result<()> {
+        use candle_core::{CpuStorage, Storage};
+        let (Some((ys, ye)), Some((xs, xe))) = (ly.contiguous_offsets(), lx.contiguous_offsets()) else {
+            candle_core::bail!("lora-rows: x and y must be contiguous")
+        };
+        let (CpuStorage::F32(y), CpuStorage::F32(x)) = (y, x) else { candle_core::bail!("lora-rows: x and y must be f32 on the CPU") };
+        let (cols_in, cols_out) = (*lx.dims().last().unwrap_or(&0), *ly.dims().last().unwrap_or(&0));
+        let guards: Vec<_> = self.factors.iter().map(|(a, b, _)| (a.storage_and_layout(), b.storage_and_layout())).collect();
+        fn slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+            match (storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<f32>()?[start..end]),
+                _ => candle_core::bail!("lora-rows: the factors must be on the CPU"),
+            }
         }
-    }
-    let mut adapters = Vec::with_capacity(factors.len());
-    for ((ga, gb), (a, _, s)) in guards.iter().zip(factors) {
-        let r = a.dim(0)?;
-        let (a, b) = (slice(&ga.0, ga.1)?, slice(&gb.0, gb.1)?);
-        if a.len() != r * cols_in || b.len() != cols_out * r {
-            return Err(crate::Error::msg(format!("lora_rows: A of {} and B of {} values do not fit rank {r}, [{cols_in} -> {cols_out}]", a.len(), b.len())));
+        let mut adapters = Vec::with_capacity(self.factors.len());
+        for ((ga, gb), (a, _, s)) in guards.iter().zip(self.factors) {
+            let r = a.dim(0)?;
+            let (a, b) = (slice(&ga.0, ga.1)?, slice(&gb.0, gb.1)?);
+            if a.len() != r * cols_in || b.len() != cols_out * r {
+                candle_core::bail!("lora-rows: A of {} and B of {} values do not fit rank {r}, [{cols_in} -> {cols_out}]", a.len(), b.len());
+            }
+            adapters.push(Factors { a, b, r, scale: *s as f32 });
         }
-        adapters.push(Factors { a, b, r, scale: *s as f32 });
+        add(&x[xs..xe], &mut y[ys..ye], (cols_in, cols_out), self.adapter_of, &adapters);
+        Ok(())
     }
-    let shape = y.shape().clone();
-    let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-    let x = x.contiguous()?;
-    super::with_values::<f32, _>(&x, |x| add(x, &mut out, (cols_in, cols_out), adapter_of, &adapters))?;
-    drop(guards);
-    Ok(candle_core::Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, y: &mut candle_core::CudaStorage, ly: &candle_core::Layout, x: &candle_core::CudaStorage, lx: &candle_core::Layout) -> candle_core::Result<()> {
+        super::cuda::lora_rows::add(y, ly, x, lx, self.adapter_of, self.factors)
+    }
+}
+
+// The op on a device against its CPU reference (`candle-peft selftest`).
+
+/// Rows of three adapters and of none, odd shapes and ranks.
+pub fn selftest(c: &mut crate::selftest::Case) -> crate::Result<()> {
+    let (rows, cols_in, cols_out) = (c.odd(3, 40), c.odd(33, 300), c.odd(33, 700));
+    let ranks = [c.odd(1, 17), 16, c.odd(1, 40)];
+    let shape = format!("{rows} rows {cols_in}->{cols_out} r{ranks:?}");
+    let adapter_of: Vec<Option<usize>> = (0..rows).map(|i| if i % 4 == 3 { None } else { Some(i % 3) }).collect();
+    let mut factors = Vec::new();
+    for &r in &ranks {
+        let a = c.draw(&[r, cols_in], 0.1)?.to_dtype(candle_core::DType::F32)?;
+        let b = c.draw(&[cols_out, r], 0.1)?.to_dtype(candle_core::DType::F32)?;
+        factors.push((a, b, 0.5 + r as f64 / 20.0));
+    }
+    let x = c.draw(&[rows, cols_in], 1.0)?;
+    let y = c.draw(&[rows, cols_out], 1.0)?;
+    let on_device: Vec<_> = factors.iter().map(|(a, b, s)| Ok((c.on_device(a)?, c.on_device(b)?, *s))).collect::<crate::Result<_>>()?;
+    let got = add_tensor(&c.on_device(&x)?, c.on_device(&y)?.copy()?, &adapter_of, &on_device)?;
+    let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32);
+    let reference = add_tensor(&f32(&x)?, f32(&y)?.copy()?, &adapter_of, &factors)?.to_dtype(x.dtype())?;
+    c.record("lora_rows", &shape, "y", &got, &reference)?;
+    Ok(())
 }
 
 /// The composition in f64, for the tests.
@@ -179,6 +232,12 @@ pub fn reference(x: &[f32], y: &[f32], (cols_in, cols_out): (usize, usize), adap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checks run and pass with the CPU on both sides, so a failure on a GPU is the kernel's.
+    #[test]
+    fn the_selftest_checks_pass_on_the_cpu_reference() {
+        crate::selftest::passes_on_the_cpu(selftest, 1);
+    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);

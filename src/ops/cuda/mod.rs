@@ -368,3 +368,4 @@ pub mod dropout;
 pub mod rope;
 pub mod rms_norm;
 pub mod adamw;
+pub mod lora_rows;
