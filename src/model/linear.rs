@@ -241,14 +241,13 @@ impl Linear {
         self.merged
     }
 
-    /// The adapter that computes the layer: none when it is merged into the base weight.
     /// The active adapter's low-rank factors (`LinearAdapter::low_rank_factors`); `None`
     /// without an adapter, merged, or not of that form.
     pub fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
         self.active_adapter().and_then(|a| a.low_rank_factors())
     }
 
-    /// The adapter, unless merged into the base.
+    /// The adapter that computes the layer: none when it is merged into the base weight.
     fn active_adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_deref().filter(|_| !self.merged)
     }

@@ -2,8 +2,8 @@
 //!
 //! `y = x Wᵀ` for every row at once, from the base weights read once, then each adapter's own
 //! term for its rows only: `y[rows_a] += s_a · (x[rows_a] A_aᵀ) B_aᵀ` (Punica's / S-LoRA's
-//! segmented LoRA, here a gather of the adapter's rows, its two small products, and the rows
-//! put back). A row's adapter is named per forward by [`RowModels`], which the caller sets.
+//! segmented LoRA: `ops::lora_rows`, every row's term in one call, on the CPU and in CUDA). A
+//! row's adapter is named per forward by [`RowModels`], which the caller sets.
 //!
 //! - A method whose output is not `base + term` (DoRA, IA3, SNELL, ...), or an adapter whose
 //!   layer holds other base weights (PiSSA's residual, a merged adapter), computes its rows
@@ -43,16 +43,28 @@ enum Groups {
     Several(Vec<(usize, Tensor)>, Tensor),
 }
 
-fn groups(rows: &RowModels, b: usize, device: &candle_core::Device) -> Result<Groups> {
+/// Each row's model for a forward of `b` rows (checked against the assignment's length).
+fn models_of_rows(rows: &RowModels, b: usize) -> Result<Vec<usize>> {
     let rows = rows.get();
     if rows.len() != b {
         return Err(Error::msg(format!("mixed adapters: a forward of {b} rows, but {} rows were assigned to models", rows.len())));
     }
+    Ok(rows)
+}
+
+fn groups(rows: &RowModels, b: usize, device: &candle_core::Device) -> Result<Groups> {
+    let rows = models_of_rows(rows, b)?;
     if rows.iter().all(|&m| m == rows[0]) {
         return Ok(Groups::One(rows[0]));
     }
+    group_rows(&rows, device)
+}
+
+/// The index tensors of each model's rows, and of the way back to the rows' order.
+fn group_rows(rows: &[usize], device: &candle_core::Device) -> Result<Groups> {
+    let b = rows.len();
     let mut models: Vec<usize> = Vec::new();
-    for &m in &rows {
+    for &m in rows {
         if !models.contains(&m) {
             models.push(m);
         }
@@ -126,19 +138,24 @@ impl MixedLinear {
 
 impl LinearAdapter for MixedLinear {
     fn forward(&self, x: &Tensor, base: &FrozenLinear, _train: bool) -> Result<Tensor> {
-        let (groups, back) = match groups(&self.rows, x.dim(0)?, x.device())? {
-            Groups::One(m) => {
-                return match self.model(m) {
-                    Some(linear) => linear.forward(x, false),
-                    None => base.forward(x),
-                }
-            }
-            Groups::Several(g, back) => (g, back),
+        let models = models_of_rows(&self.rows, x.dim(0)?)?;
+        if models.iter().all(|&m| m == models[0]) {
+            return match self.model(models[0]) {
+                Some(linear) => linear.forward(x, false),
+                None => base.forward(x),
+            };
+        }
+        let whole = models.iter().any(|&m| matches!(self.slot(m), Slot::Whole));
+        let fast = crate::ops::lora_rows::takes(x);
+        // The index tensors only where rows are gathered (not on the `lora_rows` path).
+        let (groups, back) = match (whole || !fast).then(|| group_rows(&models, x.device())).transpose()? {
+            Some(Groups::Several(g, back)) => (g, Some(back)),
+            _ => (Vec::new(), None),
         };
         let mut y = base.forward(x)?;
         if !self.factors.is_empty() {
             // Each batch row's positions (x [b, t, in]: t rows of x a batch row) take its adapter.
-            let (rows, models) = (crate::ops::lora_rows::rows_of(x)?, self.rows.get());
+            let rows = crate::ops::lora_rows::rows_of(x)?;
             let t = rows / x.dim(0)?.max(1);
             let adapter_of: Vec<Option<usize>> = (0..rows)
                 .map(|r| match self.slot(models[r / t]) {
@@ -146,7 +163,7 @@ impl LinearAdapter for MixedLinear {
                     _ => None,
                 })
                 .collect();
-            if crate::ops::lora_rows::takes(x) {
+            if fast {
                 y = crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors)?;
             } else {
                 // Another device or dtype: each adapter's term by candle ops on its rows.
@@ -160,9 +177,9 @@ impl LinearAdapter for MixedLinear {
                 }
             }
         }
-        if !groups.iter().any(|(m, _)| matches!(self.slot(*m), Slot::Whole)) {
+        let Some(back) = back.filter(|_| whole) else {
             return Ok(y);
-        }
+        };
         let mut parts = Vec::with_capacity(groups.len());
         for (m, idx) in &groups {
             parts.push(match (self.slot(*m), self.model(*m)) {

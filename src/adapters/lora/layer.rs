@@ -87,8 +87,9 @@ impl LinearAdapter for LoraLinear {
             let b = self.b.as_tensor().to_dtype(x.dtype())?;
             return ops::lora_linear(x, base.base_weight(), &a, &b, self.scale, self.dropout_mask(train));
         }
-        if !train && ops::lora_rows::takes(x) {
-            // Inference on the CPU: the term added in place, as a mixed batch adds it.
+        if !train && ops::fused_for(x) && ops::lora_rows::takes(x) {
+            // Inference: the term added in place, as a mixed batch adds it (`--unfused` keeps
+            // the plain composition below).
             let factors = [(self.a.as_tensor().clone(), self.b.as_tensor().clone(), self.scale)];
             let rows = ops::lora_rows::rows_of(x)?;
             return ops::lora_rows::add_tensor(x, base.forward(x)?, &vec![Some(0); rows], &factors);
