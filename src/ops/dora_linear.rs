@@ -110,22 +110,24 @@ struct DoraLinearOp {
 }
 
 impl DoraLinearOp {
-    fn dense_w(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
-        self.w.dense().map_err(candle_core::Error::wrap)?.to_dtype(dtype)
+    /// W as stored (a bf16 W under f32 x stays bf16: the products take it as it is,
+    /// `ops::frozen_x_wt` / `frozen_dy_w`).
+    fn dense_w(&self) -> candle_core::Result<Tensor> {
+        Ok(self.w.dense().map_err(candle_core::Error::wrap)?.into_owned())
     }
 
     /// y, saving u and q; x [T, in], a [r, in], b [out, r], k [out], on any device.
     fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let acc = accumulate_dtype(dtype);
-        let w = self.dense_w(acc)?;
+        let w = self.dense_w()?;
         let mask = self.mask_like(x)?;
         let (x, a, b, k) = (x.to_dtype(acc)?, a.to_dtype(acc)?, b.to_dtype(acc)?, k.to_dtype(acc)?.unsqueeze(0)?);
-        let base = x.matmul(&w.t()?)?;
+        let base = super::frozen_x_wt(&x, &w)?;
         let (xd, base_d) = match mask {
             Some(m) => {
                 let xd = (&x * m.to_dtype(acc)?)?;
-                let bd = xd.matmul(&w.t()?)?;
+                let bd = super::frozen_x_wt(&xd, &w)?;
                 (xd, bd)
             }
             None => (x, base.clone()),
@@ -165,17 +167,17 @@ impl CustomOp3 for DoraLinearOp {
         let (u, q) = (u.to_dtype(acc)?, q.to_dtype(acc)?);
         let (d_in, d_out, r) = (x.dim(1)?, q.dim(1)?, self.rank);
         let (a, b) = split_factors(&ab, r, d_in, d_out)?;
-        let w = self.dense_w(acc)?;
+        let w = self.dense_w()?;
         let dq = dy.broadcast_mul(&k.unsqueeze(0)?)?;
         let dk = (&dy * &q)?.sum(0)?;
         let g = dq.matmul(&b)?;
         let lowrank = (g.matmul(&a)? * self.scale)?;
         let (dx, xd) = match mask {
-            None => ((dq.matmul(&w)? + lowrank)?, x),
+            None => ((super::frozen_dy_w(&dq, &w)? + lowrank)?, x),
             Some(m) => {
                 let m = m.to_dtype(acc)?;
-                let dropped = ((&dq - &dy)?.matmul(&w)? + lowrank)?;
-                ((dy.matmul(&w)? + (dropped * &m)?)?, (x * m)?)
+                let dropped = (super::frozen_dy_w(&(&dq - &dy)?, &w)? + lowrank)?;
+                ((super::frozen_dy_w(&dy, &w)? + (dropped * &m)?)?, (x * m)?)
             }
         };
         let da = (g.t()?.matmul(&xd)? * self.scale)?;
