@@ -202,32 +202,41 @@ impl KvCache {
             Ok(Tensor::cat(&[&zeros(len - filled)?, &kv.narrow(2, 0, filled)?, &zeros(room)?], 2)?)
         };
         let room = |kv: &LayerKv| -> Result<usize> { Ok(kv.k.dim(2)? - kv.len) };
-        for (mine, their) in self.layers.iter_mut().zip(other.layers) {
-            match (mine.as_mut(), their) {
+        // Everything is built before anything is replaced: a join that fails leaves this cache
+        // as it was (the running batch goes on).
+        let layers = self
+            .layers
+            .iter()
+            .zip(other.layers)
+            .map(|(mine, their)| match (mine, their) {
                 (Some(a), Some(b)) => {
                     let spare = room(a)?.max(room(&b)?);
                     let k = Tensor::cat(&[place(&a.k, a.len, spare)?, place(&b.k, b.len, spare)?], 0)?;
                     let v = Tensor::cat(&[place(&a.v, a.len, spare)?, place(&b.v, b.len, spare)?], 0)?;
-                    *a = LayerKv { k, v, len };
+                    Ok(Some(LayerKv { k, v, len }))
                 }
-                (None, None) => {}
-                _ => return Err(Error::msg("KV cache join: a layer is cached on one side only")),
-            }
-        }
-        for (mine, their) in self.control_inputs.iter_mut().zip(other.control_inputs) {
-            // The block inputs of past tokens [b, past, d], padded the same way (the bias masks them).
-            let pad = |x: &Tensor, filled: usize| -> Result<Tensor> {
-                let (b, _, d) = x.dims3()?;
-                Ok(Tensor::cat(&[&Tensor::zeros((b, len - filled, d), x.dtype(), x.device())?, x], 1)?)
-            };
-            *mine = match (mine.take(), their) {
-                (Some(a), Some(b)) => Some(Tensor::cat(&[pad(&a, ours)?, pad(&b, theirs)?], 0)?),
-                (None, None) => None,
-                _ => return Err(Error::msg("KV cache join: control inputs are cached on one side only")),
-            };
-        }
+                (None, None) => Ok(None),
+                _ => Err(Error::msg("KV cache join: a layer is cached on one side only")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // The block inputs of past tokens [b, past, d], padded the same way (the bias masks them).
+        let pad = |x: &Tensor, filled: usize| -> Result<Tensor> {
+            let (b, _, d) = x.dims3()?;
+            Ok(Tensor::cat(&[&Tensor::zeros((b, len - filled, d), x.dtype(), x.device())?, x], 1)?)
+        };
+        let control_inputs = self
+            .control_inputs
+            .iter()
+            .zip(other.control_inputs)
+            .map(|(mine, their)| match (mine, their) {
+                (Some(a), Some(b)) => Ok(Some(Tensor::cat(&[pad(a, ours)?, pad(&b, theirs)?], 0)?)),
+                (None, None) => Ok(None),
+                _ => Err(Error::msg("KV cache join: control inputs are cached on one side only")),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let left = |m: Vec<u32>, filled: usize| [vec![0u32; len - filled], m].concat();
         self.mask = std::mem::take(&mut self.mask).into_iter().map(|m| left(m, ours)).chain(other.mask.into_iter().map(|m| left(m, theirs))).collect();
+        (self.layers, self.control_inputs) = (layers, control_inputs);
         Ok(())
     }
 

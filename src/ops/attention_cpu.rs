@@ -258,9 +258,10 @@ fn lanes(p: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// multiply-adds of one key do not wait on each other's latency.
 const KEYS: usize = 8;
 
-/// `q · k` (the portable path, and the SIMD path's last keys).
+/// `q · k` (the portable path, and the SIMD path's last keys), in 8 lanes and then the lanes;
+/// `lora_rows` sums its dot products the same way.
 #[inline(always)]
-fn dot<T: Element>(q: &[f32], k: &[T]) -> f32 {
+pub(crate) fn dot<T: Element>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
     let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * Into::<f32>::into(*y)).sum();

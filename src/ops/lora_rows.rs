@@ -88,7 +88,7 @@ fn dots_into(v: &[f32], m: &[f32], len: usize, out: &mut [f32], simd: bool) {
     }
     let _ = simd;
     for (k, o) in out.iter_mut().enumerate().skip(k) {
-        *o = dot(v, &m[k * len..(k + 1) * len]);
+        *o = super::attention_cpu::dot(v, &m[k * len..(k + 1) * len]);
     }
 }
 
@@ -98,19 +98,6 @@ fn dots_into(v: &[f32], m: &[f32], len: usize, out: &mut [f32], simd: bool) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots8(v: &[f32], rows: [&[f32]; 8]) -> [f32; 8] {
     super::attention_cpu::x86::dots::<f32>(v, rows)
-}
-
-/// `v · w` in 8 lanes, then the lanes (the portable path and the last rows).
-fn dot(v: &[f32], w: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (vc, wc) = (v.chunks_exact(8), w.chunks_exact(8));
-    let tail: f32 = vc.remainder().iter().zip(wc.remainder()).map(|(a, b)| a * b).sum();
-    for (a, b) in vc.zip(wc) {
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether [`add_tensor`] takes x: f32 on the CPU, or a CUDA device (`kernels/lora_rows.cu`).

@@ -99,7 +99,7 @@ impl Row {
                 let _ = row.job.events.send(Event::Text(rest));
             }
             let _ = row.job.events.send(Event::Done { finish, completion_tokens: row.generated });
-            metrics.finished(finish, row.job.queued_at);
+            metrics.finished(row.job.queued_at);
             Ok(false)
         };
         if self.job.eos_token_ids.contains(&token) {
@@ -133,6 +133,16 @@ impl Row {
 struct Batch {
     cache: KvCache,
     rows: Vec<Row>,
+}
+
+impl Batch {
+    /// Every row fails with `why`; the batch starts empty again, its cache with it.
+    fn fail(&mut self, why: &str) {
+        for row in &self.rows {
+            row.fail(why);
+        }
+        *self = Batch::default();
+    }
 }
 
 pub struct Engine {
@@ -288,33 +298,30 @@ impl Engine {
             }
             Err(e) => {
                 tracing::error!("decode step failed: {e}");
-                for row in &batch.rows {
-                    row.fail(&format!("decoding failed: {e}"));
-                }
-                batch.rows.clear();
+                batch.fail(&format!("decoding failed: {e}"));
             }
         }
     }
 
-    /// Keep only the rows `keep` (in order); false, with every row failed, if the cache could
-    /// not follow.
+    /// Keep only the rows `keep` (ascending); false, with every kept row failed and the batch
+    /// emptied, if the cache could not follow.
     fn drop_rows(&self, batch: &mut Batch, keep: &[usize]) -> bool {
-        let mut rows: Vec<Option<Row>> = std::mem::take(&mut batch.rows).into_iter().map(Some).collect();
-        let kept: Vec<Row> = keep.iter().filter_map(|&i| rows[i].take()).collect();
-        if kept.is_empty() {
-            batch.cache = KvCache::new();
+        let mut kept = vec![false; batch.rows.len()];
+        keep.iter().for_each(|&i| kept[i] = true);
+        let mut i = 0;
+        batch.rows.retain(|_| {
+            i += 1;
+            kept[i - 1]
+        });
+        if batch.rows.is_empty() {
+            *batch = Batch::default();
             return true;
         }
         let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
         match batch.cache.select_rows(&idx) {
-            Ok(()) => {
-                batch.rows = kept;
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
-                for row in &kept {
-                    row.fail(&format!("dropping finished rows: {e}"));
-                }
+                batch.fail(&format!("dropping finished rows: {e}"));
                 false
             }
         }

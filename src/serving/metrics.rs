@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::engine::Finish;
-
 #[derive(Default)]
 pub struct Counter(AtomicU64);
 
@@ -112,7 +110,7 @@ impl Metrics {
         self.time_to_first_token.observe(queued_at.elapsed().as_secs_f64());
     }
 
-    pub fn finished(&self, _finish: Finish, queued_at: Instant) {
+    pub fn finished(&self, queued_at: Instant) {
         self.request_seconds.observe(queued_at.elapsed().as_secs_f64());
     }
 

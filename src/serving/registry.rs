@@ -144,14 +144,8 @@ impl Registry {
             return Ok(true);
         }
         let loader = slot.loader.clone();
-        if self.resident() >= self.max_resident {
-            let victim = (0..self.slots.len())
-                .filter_map(|i| self.slots[i].as_ref().filter(|s| s.resident && !in_use(i + 1)).map(|s| (s.last_used, i + 1)))
-                .min();
-            match victim {
-                Some((_, v)) => self.detach(v)?,
-                None => return Ok(false),
-            }
+        if self.resident() >= self.max_resident && !self.evict_lru(in_use)? {
+            return Ok(false);
         }
         let model = loader(&self.base)?;
         self.attach(index, model)?;
@@ -185,19 +179,19 @@ impl Registry {
         let loader: Loader = Arc::new(move |base: &Llama| path_loader(base, &path));
         let index = self.register(name, loader);
         let full = self.resident() >= self.max_resident;
-        let room = !full || self.make_room(in_use);
+        let room = !full || self.evict_lru(&|m| in_use(m) > 0).map_err(|e| refused(500, e.to_string()))?;
         if room {
             self.attach(index, model).map_err(|e| refused(500, e.to_string()))?;
         }
         Ok(())
     }
 
-    /// Detach the least recently used resident adapter with nothing in flight; whether one was.
-    fn make_room(&mut self, in_use: &dyn Fn(usize) -> usize) -> bool {
-        let victim = (0..self.slots.len()).filter_map(|i| self.slots[i].as_ref().filter(|s| s.resident && in_use(i + 1) == 0).map(|s| (s.last_used, i + 1))).min();
+    /// Detach the least recently used resident adapter that is not `in_use`; whether one was.
+    fn evict_lru(&mut self, in_use: &dyn Fn(usize) -> bool) -> Result<bool> {
+        let victim = (0..self.slots.len()).filter_map(|i| self.slots[i].as_ref().filter(|s| s.resident && !in_use(i + 1)).map(|s| (s.last_used, i + 1))).min();
         match victim {
-            Some((_, v)) => self.detach(v).is_ok(),
-            None => false,
+            Some((_, v)) => self.detach(v).map(|()| true),
+            None => Ok(false),
         }
     }
 

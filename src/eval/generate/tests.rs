@@ -374,3 +374,23 @@ fn rows_joined_into_a_running_batch_decode_as_they_do_alone() {
         close(&got[1], &want[2][step + 1], &format!("row 2, step {step}"));
     }
 }
+
+#[test]
+fn a_join_that_fails_leaves_the_batch_as_it_was() {
+    let m = model(2);
+    let mut narrow_cfg = LlamaConfig::tiny(V);
+    narrow_cfg.num_key_value_heads = 1;
+    let other = Llama::random(narrow_cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let (prompt, next) = (vec![1u32, 5, 7, 3], [3u32, 9]);
+    let want = logits_alone(&m, &prompt, &next);
+    let mut batch = KvCache::new();
+    prefill(&m, std::slice::from_ref(&prompt), 0, &mut batch, 4).unwrap();
+    let mut foreign = KvCache::new();
+    prefill(&other, &[vec![1u32, 2]], 0, &mut foreign, 4).unwrap();
+    assert!(batch.join(foreign).is_err(), "keys of another width cannot join");
+    assert_eq!(batch.rows(), 1);
+    for (step, &token) in next.iter().enumerate() {
+        let got = decode_step(&m, &[token], &mut batch).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, want[step + 1], "step {step}");
+    }
+}
