@@ -56,9 +56,26 @@ pub fn product_tensor(
     if dims.last() != Some(&cols) {
         return Err(crate::Error::msg(format!("x of shape {dims:?} against {what} of {cols} columns")));
     }
-    let values: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = f(&values, x.elem_count() / cols.max(1))?;
+    let t = x.elem_count() / cols.max(1);
+    // An f32 x is read in place: a decode step makes a hundred of these products.
+    let y = if x.dtype() == candle_core::DType::F32 {
+        with_values(x, |values: &[f32]| f(values, t))??
+    } else {
+        f(&x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?, t)?
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("x has a last dim") = rows;
     Ok(candle_core::Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// `f` of a tensor's values in row-major order: borrowed from a contiguous CPU tensor, else
+/// through a host copy.
+pub(crate) fn with_values<T: candle_core::WithDType, R>(t: &candle_core::Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&cpu.as_slice::<T>()?[start..end]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
 }

@@ -293,17 +293,7 @@ pub(crate) fn frozen_dy_w(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
     dy.matmul(&w.to_dtype(dy.dtype())?)
 }
 
-/// `f` of a tensor's values in row-major order: borrowed from a contiguous CPU tensor, else
-/// through a host copy.
-pub(crate) fn with_values<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            return Ok(f(&cpu.as_slice::<T>()?[start..end]));
-        }
-    }
-    Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
-}
+pub(crate) use crate::threads::with_values;
 
 /// The storage of a CPU tensor (a copy), in its dtype.
 pub(crate) fn tensor_cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {

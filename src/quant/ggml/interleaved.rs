@@ -137,19 +137,20 @@ pub fn row_blocks(kind: BlockType, blocks: usize, data: &[u8], r: usize) -> Vec<
 }
 
 /// `y = x Wᵀ` into `y` [t, rows] for the quantized rows `xq` of x, W interleaved; `vnni` picks
-/// `vpdpbusd` over AVX2's `vpmaddubsw`. Groups of rows over the threads.
+/// `vpdpbusd` over AVX2's `vpmaddubsw`. Groups of rows over the threads; every element of y is
+/// written.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C, and with `vnni` AVX-512 F, VL, BW and VNNI.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [f32], vnni: bool) {
+pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [std::mem::MaybeUninit<f32>], vnni: bool) {
     use rayon::prelude::*;
     let (t, rows, blocks) = (xq.len(), w.rows, w.cols / BLOCK);
     let groups = rows.div_ceil(GROUP);
     let group_bytes = blocks * group_block_bytes(w.kind);
     let per_task = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
     // Each task writes its own groups' columns.
-    let out = crate::threads::DisjointOut(y.as_mut_ptr());
+    let out = crate::threads::DisjointOut(y.as_mut_ptr().cast::<f32>());
     (0..groups.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = &out;
         for g in task * per_task..((task + 1) * per_task).min(groups) {
