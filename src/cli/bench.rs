@@ -210,9 +210,7 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     }
     println!("{}", table(&reports, args));
     if let Some(path) = &args.output {
-        let json = serde_json::to_string_pretty(&reports).map_err(|e| Error::msg(e.to_string()))?;
-        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
-        println!("wrote {}", path.display());
+        super::bench_args::write_json(path, &reports)?;
     }
     Ok(reports)
 }

@@ -210,3 +210,11 @@ impl BenchDecodeArgs {
         Ok(())
     }
 }
+
+/// A benchmark's figures as pretty JSON at `path`, written atomically, and say so.
+pub fn write_json(path: &std::path::Path, figures: &impl serde::Serialize) -> crate::Result<()> {
+    let json = serde_json::to_string_pretty(figures).map_err(|e| crate::Error::msg(format!("{}: {e}", path.display())))?;
+    crate::fsutil::write_file_atomic(path, json.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

@@ -143,9 +143,7 @@ pub fn decode(args: &BenchDecodeArgs) -> Result<DecodeFigures> {
     };
     print!("{}", table(&figures));
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&figures).map_err(|e| Error::msg(e.to_string()))?;
-        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
-        println!("wrote {}", path.display());
+        super::bench_args::write_json(path, &figures)?;
     }
     Ok(figures)
 }

@@ -105,14 +105,7 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Vec<KernelTiming>> {
     }
     print!("{}", table(&rows));
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&serde_json::json!({
-            "device": args.device,
-            "dtype": args.dtype,
-            "rows": rows,
-        }))
-        .map_err(|e| Error::msg(e.to_string()))?;
-        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
-        println!("wrote {}", path.display());
+        super::bench_args::write_json(path, &serde_json::json!({ "device": args.device, "dtype": args.dtype, "rows": rows }))?;
         let png = path.with_extension("png");
         crate::plot::bar_chart(&png, &chart(&rows, &args.dtype, &args.device))?;
         println!("wrote {}", png.display());

@@ -200,9 +200,7 @@ pub fn serve(args: &BenchServeArgs) -> Result<Vec<ServeFigure>> {
     })?;
     print!("{}", table(&clients, args));
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&clients).map_err(|e| Error::msg(e.to_string()))?;
-        crate::fsutil::write_file_atomic(path, json.as_bytes())?;
-        println!("wrote {}", path.display());
+        super::bench_args::write_json(path, &clients)?;
     }
     Ok(clients)
 }
