@@ -99,32 +99,44 @@ struct MixedLinear {
     /// The models' own layers (`None`: the shared base alone).
     models: Vec<Option<Linear>>,
     slots: Vec<Slot>,
+    /// (A, B, s), B transposed on the CPU (`ops::lora_rows::transpose_b`).
     factors: Vec<(Tensor, Tensor, f64)>,
+    b_transposed: bool,
     rows: Arc<RowModels>,
 }
 
 impl MixedLinear {
     /// Model `index` computes this layer by `linear` (`None`: the shared base alone).
-    fn set(&mut self, index: usize, linear: Option<Linear>, base: &FrozenLinear) {
-        if self.models.len() <= index {
-            self.models.resize_with(index + 1, || None);
+    fn set(&mut self, index: usize, linear: Option<Linear>, base: &FrozenLinear) -> Result<()> {
+        let b_transposed = base.device().is_cpu();
+        let mut models = std::mem::take(&mut self.models);
+        if models.len() <= index {
+            models.resize_with(index + 1, || None);
         }
-        self.models[index] = linear;
-        self.factors.clear();
-        let mut slots = Vec::with_capacity(self.models.len());
-        for m in &self.models {
+        let previous = std::mem::replace(&mut models[index], linear);
+        let (mut factors, mut slots) = (Vec::new(), Vec::with_capacity(models.len()));
+        let built = models.iter().try_for_each(|m| {
             slots.push(match m {
                 None => Slot::Base,
                 Some(linear) => match linear.low_rank_factors() {
-                    Some(f) if linear.base().shares_weight_with(base) => {
-                        self.factors.push(f);
-                        Slot::LowRank(self.factors.len() - 1)
+                    Some((a, b, s)) if linear.base().shares_weight_with(base) => {
+                        let b = if b_transposed { crate::ops::lora_rows::transpose_b(&b)? } else { b };
+                        factors.push((a, b, s));
+                        Slot::LowRank(factors.len() - 1)
                     }
                     _ => Slot::Whole,
                 },
             });
+            Ok::<_, crate::Error>(())
+        });
+        // All or nothing: the slots index the factors.
+        if let Err(e) = built {
+            models[index] = previous;
+            self.models = models;
+            return Err(e);
         }
-        self.slots = slots;
+        (self.models, self.factors, self.slots, self.b_transposed) = (models, factors, slots, b_transposed);
+        Ok(())
     }
 
     fn model(&self, m: usize) -> Option<&Linear> {
@@ -164,7 +176,7 @@ impl LinearAdapter for MixedLinear {
                 })
                 .collect();
             if fast {
-                y = crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors)?;
+                y = crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors, self.b_transposed)?;
             } else {
                 // Another device or dtype: each adapter's term by candle ops on its rows.
                 for (m, idx) in &groups {
@@ -298,10 +310,10 @@ impl Llama {
                 });
                 let base = linear.base().clone();
                 match linear.adapter_mut().and_then(|a| a.as_any_mut()).and_then(|a| a.downcast_mut::<MixedLinear>()) {
-                    Some(mixed) => mixed.set(index, own, &base),
+                    Some(mixed) => mixed.set(index, own, &base)?,
                     None if own.is_some() => {
-                        let mut mixed = MixedLinear { models: Vec::new(), slots: Vec::new(), factors: Vec::new(), rows: rows.clone() };
-                        mixed.set(index, own, &base);
+                        let mut mixed = MixedLinear { models: Vec::new(), slots: Vec::new(), factors: Vec::new(), b_transposed: false, rows: rows.clone() };
+                        mixed.set(index, own, &base)?;
                         linear.set_adapter(Box::new(mixed));
                     }
                     None => {}

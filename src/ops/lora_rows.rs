@@ -6,12 +6,18 @@
 //! one base: the base product is computed once for all rows, and each adapter's two thin
 //! products only for its rows, its A and B read once per call for all of them.
 //!
-//! Layout: x [rows, in] and y [rows, out], row-major f32; A [r, in] and B [out, r], row-major
-//! (PEFT's `lora_A` / `lora_B`). Both products are dot products of contiguous rows: `u = A x[i]`
-//! (r dots of length in), then `y[i][j] += s · B[j] · u` (out dots of length r), 8 at a time
-//! with their sums reduced together (`attention_cpu::x86::dots`). A row's sums run in one fixed
-//! order whatever the other rows of the batch, so a row gives the same bits alone or batched.
-//! The reference is the f64 composition `reference`; the tests compare the two.
+//! Layout: x [rows, in] and y [rows, out], row-major f32; A [r, in] row-major (PEFT's `lora_A`),
+//! B [out, r] row-major (PEFT's `lora_B`) or transposed, [r, out] (`Factors::b_transposed`: what a
+//! mixed layer keeps, made once when an adapter is attached). First `u = A x[i]`, r dot products
+//! of length in, 8 at a time with their sums reduced together (`attention_cpu::x86::dots`). Then
+//! `y[i][j] += s · Σ_k u[k] B[j][k]`: every output one chain of fused multiply-adds over k in
+//! order, 8 outputs side by side in a register's lanes, up to 4 rows of one adapter at once
+//! sharing B's loads. From B transposed a lane's values are one load; from B by rows, 8 rows are
+//! read and transposed in registers (which costs shuffles, so the mixed layer keeps Bᵀ). Both give
+//! the same bits, as does the one-output-at-a-time path for the columns left over: a row's sums
+//! run in one fixed order whatever its layout, its companions or the other rows of the batch, so a
+//! row gives the same bits alone or batched. The reference is the f64 composition `reference`;
+//! the tests compare the two.
 
 use rayon::prelude::*;
 
@@ -20,10 +26,18 @@ use rayon::prelude::*;
 pub struct Factors<'a> {
     /// [r, in]
     pub a: &'a [f32],
-    /// [out, r]
+    /// [out, r], or [r, out] when `b_transposed`
     pub b: &'a [f32],
+    pub b_transposed: bool,
     pub r: usize,
     pub scale: f32,
+}
+
+impl Factors<'_> {
+    /// `B[j][k]` for a layer of `cols_out` outputs.
+    fn b_at(&self, j: usize, k: usize, cols_out: usize) -> f32 {
+        if self.b_transposed { self.b[k * cols_out + j] } else { self.b[j * self.r + k] }
+    }
 }
 
 /// `y[i] += s · B (A x[i])` for each row i with `adapter_of[i] = Some(a)`, factors `adapters[a]`.
@@ -47,27 +61,181 @@ pub fn add(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapte
     } else {
         u.chunks_mut(r_max.max(1)).zip(x.chunks(cols_in).zip(adapter_of.iter())).for_each(project);
     }
-    // y[i][j] += s · B[j] · u[i], over column blocks; each task writes its own columns.
+    // y[i] += s · B u[i] over column blocks (each task writes its own columns), up to ROW_GROUP
+    // rows of an adapter at once.
+    let mut rows_of_adapter = vec![Vec::new(); adapters.len()];
+    for (i, a) in adapter_of.iter().enumerate() {
+        if let Some(a) = a {
+            rows_of_adapter[*a].push(i);
+        }
+    }
     const COLUMNS: usize = 128;
     let out = crate::threads::DisjointOut(y.as_mut_ptr());
-    let expand = |block: usize| {
+    let expand_block = |block: usize| {
         let out = &out;
         let cols = block * COLUMNS..((block + 1) * COLUMNS).min(cols_out);
-        let mut dots = vec![0f32; cols.len()];
-        for (i, adapter) in adapter_of.iter().enumerate() {
-            let Some(f) = adapter.map(|a| &adapters[a]) else { continue };
-            dots_into(&u[i * r_max..i * r_max + f.r], &f.b[cols.start * f.r..cols.end * f.r], f.r, &mut dots, simd);
-            // SAFETY: row i, this task's columns of y, which no other task writes.
-            let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * cols_out + cols.start), cols.len()) };
-            for (y, d) in y.iter_mut().zip(&dots) {
-                *y += f.scale * d;
+        for (f, rows) in adapters.iter().zip(&rows_of_adapter) {
+            for group in rows.chunks(ROW_GROUP) {
+                let us: Vec<&[f32]> = group.iter().map(|&i| &u[i * r_max..i * r_max + f.r]).collect();
+                // SAFETY: row i of y [rows, cols_out]; this task writes only its columns `cols`.
+                let ys: Vec<*mut f32> = group.iter().map(|&i| unsafe { out.0.add(i * cols_out) }).collect();
+                // SAFETY: as above; B holds [cols_out, r] values.
+                unsafe { expand(f, cols_out, cols.clone(), &us, &ys, simd) };
             }
         }
     };
     if parallel {
-        (0..cols_out.div_ceil(COLUMNS)).into_par_iter().for_each(expand);
+        (0..cols_out.div_ceil(COLUMNS)).into_par_iter().for_each(expand_block);
     } else {
-        (0..cols_out.div_ceil(COLUMNS)).for_each(expand);
+        (0..cols_out.div_ceil(COLUMNS)).for_each(expand_block);
+    }
+}
+
+/// Rows of one adapter expanded together.
+const ROW_GROUP: usize = 4;
+
+/// `y_n[j] = s · (Σ_k u_n[k] B[j][k]) + y_n[j]` for j in `cols` and the rows n of `us` / `ys`,
+/// every output one chain of fused multiply-adds over k in order (the module doc).
+///
+/// # Safety
+/// `ys[n]` points at a row of y of `cols_out` values that no one else writes in `cols`;
+/// `us.len() == ys.len() <= ROW_GROUP`, each u of f.r values.
+unsafe fn expand(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32], simd: bool) {
+    let mut j = cols.start;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+        j = match (us.len(), f.b_transposed) {
+            (4, true) => x86::expand_transposed::<4, 2>(f, cols_out, cols.clone(), us, ys),
+            (3, true) => x86::expand_transposed::<3, 2>(f, cols_out, cols.clone(), us, ys),
+            (2, true) => x86::expand_transposed::<2, 4>(f, cols_out, cols.clone(), us, ys),
+            (_, true) => x86::expand_transposed::<1, 4>(f, cols_out, cols.clone(), us, ys),
+            (4, false) => x86::expand_rows::<4>(f, cols.clone(), us, ys),
+            (3, false) => x86::expand_rows::<3>(f, cols.clone(), us, ys),
+            (2, false) => x86::expand_rows::<2>(f, cols.clone(), us, ys),
+            (_, false) => x86::expand_rows::<1>(f, cols.clone(), us, ys),
+        };
+    }
+    let _ = simd;
+    for j in j..cols.end {
+        for (u, y) in us.iter().zip(ys) {
+            let acc = (0..f.r).fold(0f32, |acc, k| u[k].mul_add(f.b_at(j, k, cols_out), acc));
+            let y = y.add(j);
+            *y = f.scale.mul_add(acc, *y);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Factors;
+
+    /// [`super::expand`] from B transposed, 8 W outputs a step for N rows (N W chains); returns
+    /// the first column it left (fewer than 8 from the end).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as `expand`, with `us.len() == N`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn expand_transposed<const N: usize, const W: usize>(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
+        let mut j = cols.start;
+        while j + 8 * W <= cols.end {
+            columns_transposed::<N, W>(f, cols_out, j, us, ys);
+            j += 8 * W;
+        }
+        while j + 8 <= cols.end {
+            columns_transposed::<N, 1>(f, cols_out, j, us, ys);
+            j += 8;
+        }
+        j
+    }
+
+    #[inline(always)]
+    unsafe fn columns_transposed<const N: usize, const W: usize>(f: &Factors, cols_out: usize, j: usize, us: &[&[f32]], ys: &[*mut f32]) {
+        let mut acc = [[_mm256_setzero_ps(); W]; N];
+        for k in 0..f.r {
+            let row = f.b.as_ptr().add(k * cols_out + j);
+            let b: [__m256; W] = std::array::from_fn(|w| _mm256_loadu_ps(row.add(8 * w)));
+            for n in 0..N {
+                let u = _mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k));
+                for w in 0..W {
+                    acc[n][w] = _mm256_fmadd_ps(u, b[w], acc[n][w]);
+                }
+            }
+        }
+        store(f.scale, &acc, j, ys);
+    }
+
+    /// y_n[j + 8w ..] = s · acc[n][w] + y_n[j + 8w ..].
+    #[inline(always)]
+    unsafe fn store<const N: usize, const W: usize>(scale: f32, acc: &[[__m256; W]; N], j: usize, ys: &[*mut f32]) {
+        let s = _mm256_set1_ps(scale);
+        for n in 0..N {
+            for w in 0..W {
+                let y = ys.get_unchecked(n).add(j + 8 * w);
+                _mm256_storeu_ps(y, _mm256_fmadd_ps(s, acc[n][w], _mm256_loadu_ps(y)));
+            }
+        }
+    }
+
+    /// [`super::expand`] from B by rows, 8 outputs a step: B's 8 rows read 8 values at a time
+    /// and transposed in registers, so that lane t of column m holds `B[j + t][k + m]`; returns
+    /// the first column it left.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as `expand`, with `us.len() == N`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn expand_rows<const N: usize>(f: &Factors, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
+        let (r, mut j) = (f.r, cols.start);
+        while j + 8 <= cols.end {
+            let base = f.b.as_ptr().add(j * r);
+            let mut acc = [[_mm256_setzero_ps(); 1]; N];
+            let mut k = 0;
+            while k + 8 <= r {
+                let columns = transpose8(std::array::from_fn(|t| _mm256_loadu_ps(base.add(t * r + k))));
+                for (m, column) in columns.iter().enumerate() {
+                    for n in 0..N {
+                        acc[n][0] = _mm256_fmadd_ps(_mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k + m)), *column, acc[n][0]);
+                    }
+                }
+                k += 8;
+            }
+            for k in k..r {
+                let column: [f32; 8] = std::array::from_fn(|t| *base.add(t * r + k));
+                let column = _mm256_loadu_ps(column.as_ptr());
+                for n in 0..N {
+                    acc[n][0] = _mm256_fmadd_ps(_mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k)), column, acc[n][0]);
+                }
+            }
+            store(f.scale, &acc, j, ys);
+            j += 8;
+        }
+        j
+    }
+
+    /// The 8 x 8 transpose: `out[m]` lane t is `rows[t]` lane m.
+    #[inline(always)]
+    unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+        let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+        let (u0, u1) = (_mm256_shuffle_ps::<0x44>(t0, t2), _mm256_shuffle_ps::<0xee>(t0, t2));
+        let (u2, u3) = (_mm256_shuffle_ps::<0x44>(t1, t3), _mm256_shuffle_ps::<0xee>(t1, t3));
+        let (u4, u5) = (_mm256_shuffle_ps::<0x44>(t4, t6), _mm256_shuffle_ps::<0xee>(t4, t6));
+        let (u6, u7) = (_mm256_shuffle_ps::<0x44>(t5, t7), _mm256_shuffle_ps::<0xee>(t5, t7));
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
     }
 }
 
@@ -111,13 +279,15 @@ pub fn rows_of(x: &candle_core::Tensor) -> crate::Result<usize> {
 }
 
 /// [`add`] on tensors: `y + s_a · (x Aᵀ) Bᵀ` row by row, for x [.., in] and y [.., out] ([`takes`]),
-/// `factors[a] = (A [r, in], B [out, r], s)`. y must be a fresh result (its storage is written
+/// `factors[a] = (A [r, in], B [out, r], s)`, or `(A, Bᵀ [r, out], s)` with `b_transposed`
+/// (the CPU's faster layout, [`transpose_b`]). y must be a fresh result (its storage is written
 /// in place, as `lowrank_add` writes its output); it is returned.
 pub fn add_tensor(
     x: &candle_core::Tensor,
     y: candle_core::Tensor,
     adapter_of: &[Option<usize>],
     factors: &[(candle_core::Tensor, candle_core::Tensor, f64)],
+    b_transposed: bool,
 ) -> crate::Result<candle_core::Tensor> {
     let rows = rows_of(x)?;
     if !takes(x) || y.dtype() != x.dtype() || !y.device().same_device(x.device()) || adapter_of.len() != rows || rows_of(&y)? != rows {
@@ -127,11 +297,14 @@ pub fn add_tensor(
         .iter()
         .map(|(a, b, s)| {
             let f32 = |t: &candle_core::Tensor| -> crate::Result<candle_core::Tensor> { Ok(t.to_device(y.device())?.to_dtype(candle_core::DType::F32)?.contiguous()?) };
-            Ok((f32(a)?, f32(b)?, *s))
+            // The CUDA kernel reads B by rows.
+            let b = if b_transposed && !y.device().is_cpu() { b.t()? } else { b.clone() };
+            Ok((f32(a)?, f32(&b)?, *s))
         })
         .collect::<crate::Result<_>>()?;
     let y = y.contiguous()?;
-    y.inplace_op2(&x.contiguous()?, &LoraRows { adapter_of, factors: &factors })?;
+    let b_transposed = b_transposed && y.device().is_cpu();
+    y.inplace_op2(&x.contiguous()?, &LoraRows { adapter_of, factors: &factors, b_transposed })?;
     Ok(y)
 }
 
@@ -139,6 +312,13 @@ pub fn add_tensor(
 struct LoraRows<'a> {
     adapter_of: &'a [Option<usize>],
     factors: &'a [(candle_core::Tensor, candle_core::Tensor, f64)],
+    /// B given as [r, out] (CPU only).
+    b_transposed: bool,
+}
+
+/// B [out, r] in the CPU's faster layout for [`add_tensor`]: [r, out], f32, contiguous.
+pub fn transpose_b(b: &candle_core::Tensor) -> crate::Result<candle_core::Tensor> {
+    Ok(b.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?)
 }
 
 impl candle_core::InplaceOp2 for LoraRows<'_> {
@@ -167,7 +347,7 @@ impl candle_core::InplaceOp2 for LoraRows<'_> {
             if a.len() != r * cols_in || b.len() != cols_out * r {
                 candle_core::bail!("lora-rows: A of {} and B of {} values do not fit rank {r}, [{cols_in} -> {cols_out}]", a.len(), b.len());
             }
-            adapters.push(Factors { a, b, r, scale: *s as f32 });
+            adapters.push(Factors { a, b, b_transposed: self.b_transposed, r, scale: *s as f32 });
         }
         add(&x[xs..xe], &mut y[ys..ye], (cols_in, cols_out), self.adapter_of, &adapters);
         Ok(())
@@ -196,9 +376,9 @@ pub fn selftest(c: &mut crate::selftest::Case) -> crate::Result<()> {
     let x = c.draw(&[rows, cols_in], 1.0)?;
     let y = c.draw(&[rows, cols_out], 1.0)?;
     let on_device: Vec<_> = factors.iter().map(|(a, b, s)| Ok((c.on_device(a)?, c.on_device(b)?, *s))).collect::<crate::Result<_>>()?;
-    let got = add_tensor(&c.on_device(&x)?, c.on_device(&y)?.copy()?, &adapter_of, &on_device)?;
+    let got = add_tensor(&c.on_device(&x)?, c.on_device(&y)?.copy()?, &adapter_of, &on_device, false)?;
     let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32);
-    let reference = add_tensor(&f32(&x)?, f32(&y)?.copy()?, &adapter_of, &factors)?.to_dtype(x.dtype())?;
+    let reference = add_tensor(&f32(&x)?, f32(&y)?.copy()?, &adapter_of, &factors, false)?.to_dtype(x.dtype())?;
     c.record("lora_rows", &shape, "y", &got, &reference)?;
     Ok(())
 }
@@ -252,7 +432,7 @@ mod tests {
     fn matches_the_reference((cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>]) {
         let shapes = [3usize, 16, 9];
         let factors: Vec<(Vec<f32>, Vec<f32>)> = shapes.iter().enumerate().map(|(s, &r)| (random(r * cols_in, 2 * s as u64), random(cols_out * r, 2 * s as u64 + 1))).collect();
-        let adapters: Vec<Factors> = factors.iter().zip(shapes).map(|((a, b), r)| Factors { a, b, r, scale: 0.7 + r as f32 / 10.0 }).collect();
+        let adapters: Vec<Factors> = factors.iter().zip(shapes).map(|((a, b), r)| Factors { a, b, b_transposed: false, r, scale: 0.7 + r as f32 / 10.0 }).collect();
         let x = random(adapter_of.len() * cols_in, 10);
         let y0 = random(adapter_of.len() * cols_out, 11);
         let mut y = y0.clone();
@@ -270,5 +450,11 @@ mod tests {
             add(&x[i * cols_in..(i + 1) * cols_in], &mut alone, (cols_in, cols_out), &[adapter], &adapters);
             assert_eq!(alone, y[i * cols_out..(i + 1) * cols_out], "row {i}");
         }
+        // B transposed gives the same bits too.
+        let transposed: Vec<Vec<f32>> = factors.iter().zip(shapes).map(|((_, b), r)| (0..r * cols_out).map(|e| b[(e % cols_out) * r + e / cols_out]).collect()).collect();
+        let adapters_t: Vec<Factors> = adapters.iter().zip(&transposed).map(|(f, bt)| Factors { b: bt, b_transposed: true, ..*f }).collect();
+        let mut y_t = y0.clone();
+        add(&x, &mut y_t, (cols_in, cols_out), adapter_of, &adapters_t);
+        assert_eq!(y_t, y);
     }
 }

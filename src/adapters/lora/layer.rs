@@ -92,7 +92,7 @@ impl LinearAdapter for LoraLinear {
             // the plain composition below).
             let factors = [(self.a.as_tensor().clone(), self.b.as_tensor().clone(), self.scale)];
             let rows = ops::lora_rows::rows_of(x)?;
-            return ops::lora_rows::add_tensor(x, base.forward(x)?, &vec![Some(0); rows], &factors);
+            return ops::lora_rows::add_tensor(x, base.forward(x)?, &vec![Some(0); rows], &factors, false);
         }
         Ok((base.forward(x)? + self.branch(&self.dropout(x, train)?)?)?)
     }
