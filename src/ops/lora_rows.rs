@@ -126,6 +126,8 @@ unsafe fn expand(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us:
     }
 }
 
+// The loops index several arrays by one row or register number, as the formulas do.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
