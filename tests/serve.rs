@@ -50,6 +50,47 @@ fn metric(s: &Server, name: &str) -> f64 {
 }
 
 #[test]
+fn adapters_kept_in_bf16_answer_as_generate_does_with_the_same_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, one, two) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"));
+    common::write_tiny_model_dir(&model);
+    write_adapter(&model, &one, 1, &["q_proj", "v_proj", "down_proj"]);
+    write_adapter(&model, &two, 2, &["k_proj", "o_proj", "up_proj"]);
+    let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
+    let s = start(&["--model", model.to_str().unwrap(), "--adapter-dtype", "bf16", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-batch", "8"]);
+    let prompts = ["She painted the old door", "The river ran"];
+    let mut answers = std::collections::HashMap::new();
+    for (name, adapter) in [("one", &one), ("two", &two)] {
+        for p in prompts {
+            let got = completion(&s, name, p, 10);
+            assert_eq!(got, common::generate_greedy_with(&model, Some(adapter), p, 10, &["--adapter-dtype", "bf16"]), "{name}, {p:?}");
+            answers.insert((name, p), got);
+        }
+    }
+    // Mixed in one batch, each still its single-request answer.
+    let threads: Vec<_> = (0..12)
+        .map(|i| {
+            let (name, p) = (["one", "two"][i % 2], prompts[(i / 2) % 2]);
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "model": name, "prompt": p, "max_tokens": 10, "temperature": 0 }).to_string();
+                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
+                (name, p, r["choices"][0]["text"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (name, p, got) = t.join().unwrap();
+        assert_eq!(got, answers[&(name, p)], "{name}, {p:?} among 12 clients");
+    }
+    drop(s);
+    // A dtype it does not know is refused at the start, naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(["serve", "--model", model.to_str().unwrap(), "--adapter-dtype", "f8", "--port", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--adapter-dtype") && err.contains("f8"), "{err}");
+}
+
+#[test]
 fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
     let dir = tempfile::tempdir().unwrap();
     let (model, one, two) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"));

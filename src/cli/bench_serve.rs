@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 pub struct BenchServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter_dtype: super::AdapterDtypeArgs,
     /// LoRA adapters served beside the base.
     #[arg(long, default_value_t = 8)]
     pub adapters: usize,
@@ -59,7 +61,7 @@ pub struct ServeFigure {
 }
 
 /// Random LoRA pairs on every linear layer of a model over `base`'s weights.
-fn random_adapter(base: &crate::model::Llama, rank: usize, seed: u64) -> Result<crate::model::Llama> {
+fn random_adapter(base: &crate::model::Llama, rank: usize, seed: u64, dtype: &super::AdapterDtypeArgs) -> Result<crate::model::Llama> {
     let mut m = base.share_base();
     let targets = crate::model::llama::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
     let cfg = AdapterConfig::new(LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.0, target_modules: Targets::List(targets), use_rslora: false, use_dora: false });
@@ -68,6 +70,7 @@ fn random_adapter(base: &crate::model::Llama, rank: usize, seed: u64) -> Result<
         let noise = candle_core::Tensor::randn(0f32, 0.01, var.shape(), var.device())?;
         var.set(&(var.as_tensor() + noise)?)?;
     }
+    dtype.apply(&mut m)?;
     Ok(m)
 }
 
@@ -126,6 +129,7 @@ pub fn serve(args: &BenchServeArgs) -> Result<Vec<ServeFigure>> {
     crate::validate::int_in("rank", args.rank, 1, 1024)?;
     crate::validate::int_in("requests", args.requests, 1, 10_000)?;
     crate::validate::int_in("max-tokens", args.max_tokens, 1, 1 << 16)?;
+    args.adapter_dtype.dtype()?;
     if args.clients.is_empty() || args.clients.iter().any(|&c| c == 0 || c > 1024) {
         return Err(Error::msg("--clients: each between 1 and 1024"));
     }
@@ -137,7 +141,10 @@ pub fn serve(args: &BenchServeArgs) -> Result<Vec<ServeFigure>> {
     let template = super::eval_cmd::chat_template(&args.model.model, &loaded.model.config, &tokenizer)?;
     let rank = args.rank;
     let adapters: Vec<(String, crate::serving::registry::Loader)> = (0..args.adapters)
-        .map(|i| (format!("adapter-{i}"), std::sync::Arc::new(move |base: &crate::model::Llama| random_adapter(base, rank, i as u64)) as crate::serving::registry::Loader))
+        .map(|i| {
+            let dtype = args.adapter_dtype.clone();
+            (format!("adapter-{i}"), std::sync::Arc::new(move |base: &crate::model::Llama| random_adapter(base, rank, i as u64, &dtype)) as crate::serving::registry::Loader)
+        })
         .collect();
     let most = args.clients.iter().copied().max().unwrap_or(1);
     let eos = loaded.model.config.eos_token_ids.clone();
@@ -207,10 +214,11 @@ pub fn serve(args: &BenchServeArgs) -> Result<Vec<ServeFigure>> {
 
 pub fn table(figures: &[ServeFigure], args: &BenchServeArgs) -> String {
     let mut out = format!(
-        "{} ({} LoRA adapters of rank {}, {} requests per client of {} tokens, {} threads)\n{:>8} {:>6} {:>10} {:>9} {:>9} {:>12}\n",
+        "{} ({} LoRA adapters of rank {} in {}, {} requests per client of {} tokens, {} threads)\n{:>8} {:>6} {:>10} {:>9} {:>9} {:>12}\n",
         args.model.model,
         args.adapters,
         args.rank,
+        args.adapter_dtype.adapter_dtype,
         args.requests,
         args.max_tokens,
         rayon::current_num_threads(),

@@ -59,6 +59,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[arg(long)]
     pub adapter: Option<String>,
+    #[command(flatten)]
+    pub adapter_dtype: super::AdapterDtypeArgs,
     #[arg(long)]
     pub prompt: String,
     /// Wrap the prompt in the model's chat template (ChatML when the model has none).
@@ -128,6 +130,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[arg(long)]
     pub adapter: Option<String>,
+    #[command(flatten)]
+    pub adapter_dtype: super::AdapterDtypeArgs,
     /// A system message at the start of the conversation.
     #[arg(long)]
     pub system: Option<String>,

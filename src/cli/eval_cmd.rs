@@ -89,7 +89,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     if args.system.is_some() && !args.chat {
         return Err(Error::msg("--system needs --chat (it is a message of the chat template)"));
     }
-    let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
+    args.adapter_dtype.dtype()?;
+    let mut loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
+    args.adapter_dtype.apply(&mut loaded.model)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let (ids, eos) = if args.chat {
         let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
@@ -138,7 +140,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 pub fn chat(args: &ChatArgs) -> Result<()> {
     validate::int_in("max-new-tokens", args.max_new_tokens, 1, 1 << 20)?;
     let sampling = args.sampling.config()?;
-    let loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
+    args.adapter_dtype.dtype()?;
+    let mut loaded = load_with_adapter(&args.model, args.adapter.as_deref(), true)?;
+    args.adapter_dtype.apply(&mut loaded.model)?;
     let tokenizer = require_tokenizer(&loaded)?;
     let template = chat_template(&args.model.model, &loaded.model.config, tokenizer)?;
     let eos = chat_eos(&loaded.model.config, tokenizer, &template);

@@ -17,6 +17,8 @@ pub struct ServeArgs {
     /// A request's `model` field names it; the base answers to its own name (`--name`).
     #[arg(long)]
     pub adapter: Vec<String>,
+    #[command(flatten)]
+    pub adapter_dtype: super::AdapterDtypeArgs,
     /// The name the base model answers to (default: the model's file or directory name).
     #[arg(long)]
     pub name: Option<String>,
@@ -53,6 +55,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     crate::validate::int_in("queue-size", args.queue_size, 1, 1 << 20)?;
     crate::validate::int_in("max-tokens-limit", args.max_tokens_limit, 1, 1 << 24)?;
     crate::validate::int_in("max-resident-adapters", args.max_resident_adapters, 1, 4096)?;
+    args.adapter_dtype.dtype()?;
     let specs = args.adapter.iter().map(|s| adapter_spec(s)).collect::<Result<Vec<_>>>()?;
     let loaded = super::commands::load_with_adapter(&args.model, None, true)?;
     let tokenizer = require_tokenizer(&loaded)?.clone();
@@ -68,7 +71,8 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             return Err(Error::msg(format!("--adapter {name}={path}: the name `{name}` is taken")));
         }
         let (spec, path) = (format!("--adapter {name}={path}"), path.to_string());
-        adapters.push((name.to_string(), std::sync::Arc::new(move |base: &crate::model::Llama| adapter_model(base, &path).map_err(|e| Error::msg(format!("{spec}: {e}"))))));
+        let dtype = args.adapter_dtype.clone();
+        adapters.push((name.to_string(), std::sync::Arc::new(move |base: &crate::model::Llama| adapter_model(base, &path, &dtype).map_err(|e| Error::msg(format!("{spec}: {e}"))))));
     }
     let eos = loaded.model.config.eos_token_ids.clone();
     crate::serving::serve(crate::serving::ServerConfig {
@@ -76,7 +80,10 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         base: loaded.model,
         adapters,
         max_resident: args.max_resident_adapters,
-        path_loader: Some(std::sync::Arc::new(adapter_model)),
+        path_loader: Some({
+            let dtype = args.adapter_dtype.clone();
+            std::sync::Arc::new(move |base: &crate::model::Llama, path: &str| adapter_model(base, path, &dtype))
+        }),
         tokenizer,
         template,
         eos_token_ids: eos,
@@ -89,10 +96,12 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     })
 }
 
-/// The adapter directory `path` attached to a model over `base`'s weights.
-fn adapter_model(base: &crate::model::Llama, path: &str) -> Result<crate::model::Llama> {
+/// The adapter directory `path` attached to a model over `base`'s weights, its LoRA factors in
+/// `--adapter-dtype`.
+fn adapter_model(base: &crate::model::Llama, path: &str, dtype: &super::AdapterDtypeArgs) -> Result<crate::model::Llama> {
     let mut model = base.share_base();
     let cfg = load_adapter(&mut model, &ModelSource::parse(path)?)?;
+    dtype.apply(&mut model)?;
     tracing::info!("adapter {path}: {}", cfg.peft_type());
     Ok(model)
 }

@@ -19,29 +19,33 @@
 //! row gives the same bits alone or batched. The reference is the f64 composition `reference`;
 //! the tests compare the two.
 
+use candle_core::DType;
 use rayon::prelude::*;
 
-/// One adapter's factors and scale, borrowed.
+use super::attention_cpu::Element;
+
+/// One adapter's factors and scale, borrowed: f32, or bf16 / f16 read as stored and widened
+/// (`--adapter-dtype`: a batch of many adapters is bound by reading their factors).
 #[derive(Clone, Copy)]
-pub struct Factors<'a> {
+pub struct Factors<'a, T> {
     /// [r, in]
-    pub a: &'a [f32],
+    pub a: &'a [T],
     /// [out, r], or [r, out] when `b_transposed`
-    pub b: &'a [f32],
+    pub b: &'a [T],
     pub b_transposed: bool,
     pub r: usize,
     pub scale: f32,
 }
 
-impl Factors<'_> {
+impl<T: Element> Factors<'_, T> {
     /// `B[j][k]` for a layer of `cols_out` outputs.
     fn b_at(&self, j: usize, k: usize, cols_out: usize) -> f32 {
-        if self.b_transposed { self.b[k * cols_out + j] } else { self.b[j * self.r + k] }
+        (if self.b_transposed { self.b[k * cols_out + j] } else { self.b[j * self.r + k] }).into()
     }
 }
 
 /// `y[i] += s · B (A x[i])` for each row i with `adapter_of[i] = Some(a)`, factors `adapters[a]`.
-pub fn add(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors]) {
+pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<T>]) {
     let rows = adapter_of.len();
     debug_assert!(x.len() == rows * cols_in && y.len() == rows * cols_out);
     let simd = crate::simd::avx2_fma_f16c();
@@ -100,20 +104,20 @@ const ROW_GROUP: usize = 4;
 /// # Safety
 /// `ys[n]` points at a row of y of `cols_out` values that no one else writes in `cols`;
 /// `us.len() == ys.len() <= ROW_GROUP`, each u of f.r values.
-unsafe fn expand(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32], simd: bool) {
+unsafe fn expand<T: Element>(f: &Factors<T>, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32], simd: bool) {
     let mut j = cols.start;
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
         j = match (us.len(), f.b_transposed) {
-            (4, true) => x86::expand_transposed::<4, 2>(f, cols_out, cols.clone(), us, ys),
-            (3, true) => x86::expand_transposed::<3, 2>(f, cols_out, cols.clone(), us, ys),
-            (2, true) => x86::expand_transposed::<2, 4>(f, cols_out, cols.clone(), us, ys),
-            (_, true) => x86::expand_transposed::<1, 4>(f, cols_out, cols.clone(), us, ys),
-            (4, false) => x86::expand_rows::<4>(f, cols.clone(), us, ys),
-            (3, false) => x86::expand_rows::<3>(f, cols.clone(), us, ys),
-            (2, false) => x86::expand_rows::<2>(f, cols.clone(), us, ys),
-            (_, false) => x86::expand_rows::<1>(f, cols.clone(), us, ys),
+            (4, true) => x86::expand_transposed::<T, 4, 2>(f, cols_out, cols.clone(), us, ys),
+            (3, true) => x86::expand_transposed::<T, 3, 2>(f, cols_out, cols.clone(), us, ys),
+            (2, true) => x86::expand_transposed::<T, 2, 4>(f, cols_out, cols.clone(), us, ys),
+            (_, true) => x86::expand_transposed::<T, 1, 4>(f, cols_out, cols.clone(), us, ys),
+            (4, false) => x86::expand_rows::<T, 4>(f, cols.clone(), us, ys),
+            (3, false) => x86::expand_rows::<T, 3>(f, cols.clone(), us, ys),
+            (2, false) => x86::expand_rows::<T, 2>(f, cols.clone(), us, ys),
+            (_, false) => x86::expand_rows::<T, 1>(f, cols.clone(), us, ys),
         };
     }
     let _ = simd;
@@ -132,7 +136,7 @@ unsafe fn expand(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us:
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Factors;
+    use super::{Element, Factors};
 
     /// [`super::expand`] from B transposed, 8 W outputs a step for N rows (N W chains); returns
     /// the first column it left (fewer than 8 from the end).
@@ -140,25 +144,25 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; as `expand`, with `us.len() == N`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn expand_transposed<const N: usize, const W: usize>(f: &Factors, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
+    pub unsafe fn expand_transposed<T: Element, const N: usize, const W: usize>(f: &Factors<T>, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
         let mut j = cols.start;
         while j + 8 * W <= cols.end {
-            columns_transposed::<N, W>(f, cols_out, j, us, ys);
+            columns_transposed::<T, N, W>(f, cols_out, j, us, ys);
             j += 8 * W;
         }
         while j + 8 <= cols.end {
-            columns_transposed::<N, 1>(f, cols_out, j, us, ys);
+            columns_transposed::<T, N, 1>(f, cols_out, j, us, ys);
             j += 8;
         }
         j
     }
 
     #[inline(always)]
-    unsafe fn columns_transposed<const N: usize, const W: usize>(f: &Factors, cols_out: usize, j: usize, us: &[&[f32]], ys: &[*mut f32]) {
+    unsafe fn columns_transposed<T: Element, const N: usize, const W: usize>(f: &Factors<T>, cols_out: usize, j: usize, us: &[&[f32]], ys: &[*mut f32]) {
         let mut acc = [[_mm256_setzero_ps(); W]; N];
         for k in 0..f.r {
             let row = f.b.as_ptr().add(k * cols_out + j);
-            let b: [__m256; W] = std::array::from_fn(|w| _mm256_loadu_ps(row.add(8 * w)));
+            let b: [__m256; W] = std::array::from_fn(|w| T::load8(row.add(8 * w)));
             for n in 0..N {
                 let u = _mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k));
                 for w in 0..W {
@@ -188,14 +192,14 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; as `expand`, with `us.len() == N`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn expand_rows<const N: usize>(f: &Factors, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
+    pub unsafe fn expand_rows<T: Element, const N: usize>(f: &Factors<T>, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
         let (r, mut j) = (f.r, cols.start);
         while j + 8 <= cols.end {
             let base = f.b.as_ptr().add(j * r);
             let mut acc = [[_mm256_setzero_ps(); 1]; N];
             let mut k = 0;
             while k + 8 <= r {
-                let columns = transpose8(std::array::from_fn(|t| _mm256_loadu_ps(base.add(t * r + k))));
+                let columns = transpose8(std::array::from_fn(|t| T::load8(base.add(t * r + k))));
                 for (m, column) in columns.iter().enumerate() {
                     for n in 0..N {
                         acc[n][0] = _mm256_fmadd_ps(_mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k + m)), *column, acc[n][0]);
@@ -204,7 +208,7 @@ mod x86 {
                 k += 8;
             }
             for k in k..r {
-                let column: [f32; 8] = std::array::from_fn(|t| *base.add(t * r + k));
+                let column: [f32; 8] = std::array::from_fn(|t| (*base.add(t * r + k)).into());
                 let column = _mm256_loadu_ps(column.as_ptr());
                 for n in 0..N {
                     acc[n][0] = _mm256_fmadd_ps(_mm256_set1_ps(*us.get_unchecked(n).get_unchecked(k)), column, acc[n][0]);
@@ -245,7 +249,7 @@ mod x86 {
 const PARALLEL_WORK: usize = 1 << 18;
 
 /// `out[k] = v · m[k]` for the rows of `m` ([out.len(), len]).
-fn dots_into(v: &[f32], m: &[f32], len: usize, out: &mut [f32], simd: bool) {
+fn dots_into<T: Element>(v: &[f32], m: &[T], len: usize, out: &mut [f32], simd: bool) {
     let mut k = 0;
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -266,8 +270,8 @@ fn dots_into(v: &[f32], m: &[f32], len: usize, out: &mut [f32], simd: bool) {
 /// AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots8(v: &[f32], rows: [&[f32]; 8]) -> [f32; 8] {
-    super::attention_cpu::x86::dots::<f32>(v, rows)
+unsafe fn dots8<T: Element>(v: &[f32], rows: [&[T]; 8]) -> [f32; 8] {
+    super::attention_cpu::x86::dots::<T>(v, rows)
 }
 
 /// Whether [`add_tensor`] takes x: f32 on the CPU, or a CUDA device (`kernels/lora_rows.cu`).
@@ -295,13 +299,18 @@ pub fn add_tensor(
     if !takes(x) || y.dtype() != x.dtype() || !y.device().same_device(x.device()) || adapter_of.len() != rows || rows_of(&y)? != rows {
         return Err(crate::Error::msg(format!("lora_rows: x {:?} {:?}, y {:?} {:?}, {} row adapters", x.dims(), x.dtype(), y.dims(), y.dtype(), adapter_of.len())));
     }
+    // On the CPU, factors all in one half type are read as stored; any other mix in f32.
+    let stored = match factors.first().map(|(a, _, _)| a.dtype()) {
+        Some(d @ (DType::BF16 | DType::F16)) if y.device().is_cpu() && factors.iter().all(|(a, b, _)| a.dtype() == d && b.dtype() == d) => d,
+        _ => DType::F32,
+    };
     let factors: Vec<(candle_core::Tensor, candle_core::Tensor, f64)> = factors
         .iter()
         .map(|(a, b, s)| {
-            let f32 = |t: &candle_core::Tensor| -> crate::Result<candle_core::Tensor> { Ok(t.to_device(y.device())?.to_dtype(candle_core::DType::F32)?.contiguous()?) };
+            let cast = |t: &candle_core::Tensor| -> crate::Result<candle_core::Tensor> { Ok(t.to_device(y.device())?.to_dtype(stored)?.contiguous()?) };
             // The CUDA kernel reads B by rows.
             let b = if b_transposed && !y.device().is_cpu() { b.t()? } else { b.clone() };
-            Ok((f32(a)?, f32(&b)?, *s))
+            Ok((cast(a)?, cast(&b)?, *s))
         })
         .collect::<crate::Result<_>>()?;
     let y = y.contiguous()?;
@@ -318,9 +327,34 @@ struct LoraRows<'a> {
     b_transposed: bool,
 }
 
-/// B [out, r] in the CPU's faster layout for [`add_tensor`]: [r, out], f32, contiguous.
+/// B [out, r] in the CPU's faster layout for [`add_tensor`]: [r, out], contiguous, in its dtype.
 pub fn transpose_b(b: &candle_core::Tensor) -> crate::Result<candle_core::Tensor> {
-    Ok(b.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?)
+    Ok(b.t()?.contiguous()?)
+}
+
+/// A CPU tensor's storage and layout, borrowed.
+type StorageView<'a> = (&'a candle_core::Storage, &'a candle_core::Layout);
+
+impl LoraRows<'_> {
+    /// The factors' slices, every one stored in T.
+    fn cpu_factors<'a, T: candle_core::WithDType>(&self, views: &[(StorageView<'a>, StorageView<'a>)], (cols_in, cols_out): (usize, usize)) -> candle_core::Result<Vec<Factors<'a, T>>> {
+        fn slice<'a, T: candle_core::WithDType>(&(storage, layout): &StorageView<'a>) -> candle_core::Result<&'a [T]> {
+            match (storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<T>()?[start..end]),
+                _ => candle_core::bail!("lora-rows: the factors must be contiguous on the CPU"),
+            }
+        }
+        let mut adapters = Vec::with_capacity(self.factors.len());
+        for ((va, vb), (a, _, s)) in views.iter().zip(self.factors) {
+            let r = a.dim(0)?;
+            let (a, b) = (slice::<T>(va)?, slice::<T>(vb)?);
+            if a.len() != r * cols_in || b.len() != cols_out * r {
+                candle_core::bail!("lora-rows: A of {} and B of {} values do not fit rank {r}, [{cols_in} -> {cols_out}]", a.len(), b.len());
+            }
+            adapters.push(Factors { a, b, b_transposed: self.b_transposed, r, scale: *s as f32 });
+        }
+        Ok(adapters)
+    }
 }
 
 impl candle_core::InplaceOp2 for LoraRows<'_> {
@@ -329,29 +363,21 @@ impl candle_core::InplaceOp2 for LoraRows<'_> {
     }
 
     fn cpu_fwd(&self, y: &mut candle_core::CpuStorage, ly: &candle_core::Layout, x: &candle_core::CpuStorage, lx: &candle_core::Layout) -> candle_core::Result<()> {
-        use candle_core::{CpuStorage, Storage};
+        use candle_core::CpuStorage;
         let (Some((ys, ye)), Some((xs, xe))) = (ly.contiguous_offsets(), lx.contiguous_offsets()) else {
             candle_core::bail!("lora-rows: x and y must be contiguous")
         };
         let (CpuStorage::F32(y), CpuStorage::F32(x)) = (y, x) else { candle_core::bail!("lora-rows: x and y must be f32 on the CPU") };
         let (cols_in, cols_out) = (*lx.dims().last().unwrap_or(&0), *ly.dims().last().unwrap_or(&0));
         let guards: Vec<_> = self.factors.iter().map(|(a, b, _)| (a.storage_and_layout(), b.storage_and_layout())).collect();
-        fn slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
-            match (storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<f32>()?[start..end]),
-                _ => candle_core::bail!("lora-rows: the factors must be on the CPU"),
-            }
+        let views: Vec<_> = guards.iter().map(|(a, b)| ((&*a.0, a.1), (&*b.0, b.1))).collect();
+        let (x, y, shape) = (&x[xs..xe], &mut y[ys..ye], (cols_in, cols_out));
+        // Every factor of the call is in one dtype (`add_tensor`).
+        match self.factors.first().map(|(a, _, _)| a.dtype()) {
+            Some(DType::BF16) => add(x, y, shape, self.adapter_of, &self.cpu_factors::<half::bf16>(&views, shape)?),
+            Some(DType::F16) => add(x, y, shape, self.adapter_of, &self.cpu_factors::<half::f16>(&views, shape)?),
+            _ => add(x, y, shape, self.adapter_of, &self.cpu_factors::<f32>(&views, shape)?),
         }
-        let mut adapters = Vec::with_capacity(self.factors.len());
-        for ((ga, gb), (a, _, s)) in guards.iter().zip(self.factors) {
-            let r = a.dim(0)?;
-            let (a, b) = (slice(&ga.0, ga.1)?, slice(&gb.0, gb.1)?);
-            if a.len() != r * cols_in || b.len() != cols_out * r {
-                candle_core::bail!("lora-rows: A of {} and B of {} values do not fit rank {r}, [{cols_in} -> {cols_out}]", a.len(), b.len());
-            }
-            adapters.push(Factors { a, b, b_transposed: self.b_transposed, r, scale: *s as f32 });
-        }
-        add(&x[xs..xe], &mut y[ys..ye], (cols_in, cols_out), self.adapter_of, &adapters);
         Ok(())
     }
 
@@ -386,7 +412,7 @@ pub fn selftest(c: &mut crate::selftest::Case) -> crate::Result<()> {
 }
 
 /// The composition in f64, for the tests.
-pub fn reference(x: &[f32], y: &[f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors]) -> Vec<f64> {
+pub fn reference(x: &[f32], y: &[f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<f32>]) -> Vec<f64> {
     let mut out: Vec<f64> = y.iter().map(|&v| v as f64).collect();
     for (i, adapter) in adapter_of.iter().enumerate() {
         let Some(f) = adapter.map(|a| &adapters[a]) else { continue };
@@ -430,11 +456,28 @@ mod tests {
         matches_the_reference((300, 701), &many);
     }
 
+    #[test]
+    fn half_factors_are_read_as_stored() {
+        // bf16 and f16 widen to f32 exactly: the half factors give the bits of their f32 values.
+        let (cols_in, cols_out, r) = (41, 203, 16);
+        let adapter_of = [Some(0), None, Some(0), Some(0), Some(0), Some(0)];
+        let (a, b) = (random(r * cols_in, 3), random(cols_out * r, 4));
+        let (a16, b16): (Vec<half::bf16>, Vec<half::bf16>) = (a.iter().map(|&v| half::bf16::from_f32(v)).collect(), b.iter().map(|&v| half::bf16::from_f32(v)).collect());
+        let (a32, b32): (Vec<f32>, Vec<f32>) = (a16.iter().map(|v| v.to_f32()).collect(), b16.iter().map(|v| v.to_f32()).collect());
+        let x = random(adapter_of.len() * cols_in, 5);
+        let y0 = random(adapter_of.len() * cols_out, 6);
+        let (mut half, mut full) = (y0.clone(), y0.clone());
+        add(&x, &mut half, (cols_in, cols_out), &adapter_of, &[Factors { a: &a16, b: &b16, b_transposed: false, r, scale: 1.5 }]);
+        add(&x, &mut full, (cols_in, cols_out), &adapter_of, &[Factors { a: &a32, b: &b32, b_transposed: false, r, scale: 1.5 }]);
+        assert_eq!(half, full);
+        assert_ne!(half, y0);
+    }
+
     /// Ranks 3, 16 and 9.
     fn matches_the_reference((cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>]) {
         let shapes = [3usize, 16, 9];
         let factors: Vec<(Vec<f32>, Vec<f32>)> = shapes.iter().enumerate().map(|(s, &r)| (random(r * cols_in, 2 * s as u64), random(cols_out * r, 2 * s as u64 + 1))).collect();
-        let adapters: Vec<Factors> = factors.iter().zip(shapes).map(|((a, b), r)| Factors { a, b, b_transposed: false, r, scale: 0.7 + r as f32 / 10.0 }).collect();
+        let adapters: Vec<Factors<f32>> = factors.iter().zip(shapes).map(|((a, b), r)| Factors { a, b, b_transposed: false, r, scale: 0.7 + r as f32 / 10.0 }).collect();
         let x = random(adapter_of.len() * cols_in, 10);
         let y0 = random(adapter_of.len() * cols_out, 11);
         let mut y = y0.clone();
@@ -454,7 +497,7 @@ mod tests {
         }
         // B transposed gives the same bits too.
         let transposed: Vec<Vec<f32>> = factors.iter().zip(shapes).map(|((_, b), r)| (0..r * cols_out).map(|e| b[(e % cols_out) * r + e / cols_out]).collect()).collect();
-        let adapters_t: Vec<Factors> = adapters.iter().zip(&transposed).map(|(f, bt)| Factors { b: bt, b_transposed: true, ..*f }).collect();
+        let adapters_t: Vec<Factors<f32>> = adapters.iter().zip(&transposed).map(|(f, bt)| Factors { b: bt, b_transposed: true, ..*f }).collect();
         let mut y_t = y0.clone();
         add(&x, &mut y_t, (cols_in, cols_out), adapter_of, &adapters_t);
         assert_eq!(y_t, y);

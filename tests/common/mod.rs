@@ -174,8 +174,13 @@ pub fn start_server(args: &[&str]) -> Server {
 
 /// `candle-peft generate`'s greedy answer (its stdout without the last newline).
 pub fn generate_greedy(model: &std::path::Path, adapter: Option<&std::path::Path>, prompt: &str, max_new: usize) -> String {
+    generate_greedy_with(model, adapter, prompt, max_new, &[])
+}
+
+/// [`generate_greedy`] with more flags.
+pub fn generate_greedy_with(model: &std::path::Path, adapter: Option<&std::path::Path>, prompt: &str, max_new: usize, flags: &[&str]) -> String {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]);
+    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new.to_string()]).args(flags);
     if let Some(a) = adapter {
         cmd.args(["--adapter", a.to_str().unwrap()]);
     }

@@ -43,6 +43,17 @@ impl LoraLinear {
         })
     }
 
+    /// Keep A and B in `dtype` for inference (`--adapter-dtype`): a half type halves the bytes
+    /// that a batch of many adapters reads a step (`ops::lora_rows` reads them as stored); the
+    /// term is computed in f32 all the same. Not for training: AdamW keeps f32 variables.
+    pub fn cast_factors(&mut self, dtype: DType) -> Result<()> {
+        if self.a.dtype() != dtype || self.b.dtype() != dtype {
+            self.a = Var::from_tensor(&self.a.as_tensor().to_dtype(dtype)?)?;
+            self.b = Var::from_tensor(&self.b.as_tensor().to_dtype(dtype)?)?;
+        }
+        Ok(())
+    }
+
     /// `s · B A` in the base weight's dtype.
     pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?.to_dtype(dtype)?)
@@ -135,4 +146,21 @@ impl LinearAdapter for LoraLinear {
     fn params(&self) -> Vec<(String, Var)> {
         vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
     }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// [`LoraLinear::cast_factors`] for every LoRA layer of `model` (LoRA and rsLoRA; the methods
+/// that change the product itself keep their dtypes); returns how many layers were cast.
+pub fn cast_factors(model: &mut crate::model::Llama, dtype: DType) -> Result<usize> {
+    let mut cast = 0;
+    for (_, linear) in model.named_linears_mut() {
+        if let Some(lora) = linear.adapter_mut().and_then(|a| a.as_any_mut()).and_then(|a| a.downcast_mut::<LoraLinear>()) {
+            lora.cast_factors(dtype)?;
+            cast += 1;
+        }
+    }
+    Ok(cast)
 }
