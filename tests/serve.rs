@@ -1,7 +1,8 @@
 //! `serve` end to end on a tiny model directory with two LoRA adapters the test writes: the
 //! OpenAI endpoints whole and streamed, each answer equal to `generate`'s greedy answer for its
 //! adapter, 32 concurrent clients over mixed adapters each getting its single-request answer,
-//! every error case with the server healthy afterwards, a client that leaves mid-stream, a full
+//! every error case with the server healthy afterwards, a client that leaves mid-stream or while
+//! waiting for a whole answer, a full
 //! queue, and SIGTERM.
 
 mod common;
@@ -198,6 +199,25 @@ fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
     let spent = metric(&s, "candle_peft_generation_tokens_total") - generated;
     assert!(spent < 500.0, "the answer went on to its end ({spent} tokens) after the client left");
     eprintln!("the client left; its row decoded {spent} tokens");
+
+    // So does a client that leaves while waiting for a whole (non-streamed) answer.
+    let (generated, cancelled) = (metric(&s, "candle_peft_generation_tokens_total"), metric(&s, "candle_peft_requests_cancelled_total"));
+    let mut conn = std::net::TcpStream::connect(s.url.strip_prefix("http://").unwrap()).unwrap();
+    let body = json!({ "model": "two", "prompt": "She painted", "max_tokens": 500, "temperature": 1.0, "ignore_eos": true }).to_string();
+    write!(conn, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let started = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        metric(&s, "candle_peft_running_requests") >= 1.0
+    });
+    assert!(started, "the request never started");
+    drop(conn);
+    let freed = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        metric(&s, "candle_peft_requests_cancelled_total") > cancelled && metric(&s, "candle_peft_running_requests") == 0.0
+    });
+    assert!(freed, "the row of the client that left a whole answer is still decoding");
+    let spent = metric(&s, "candle_peft_generation_tokens_total") - generated;
+    assert!(spent < 500.0, "the whole answer went on to its end ({spent} tokens) after the client left");
     assert_eq!(completion(&s, "base", prompts[1], 10), answers[&("base", prompts[1])]);
 
     // SIGTERM: the server stops by itself.

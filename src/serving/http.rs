@@ -217,6 +217,8 @@ async fn answer(s: Arc<AppState>, prepared: Result<Prepared, Refusal>) -> Respon
         let include_usage = p.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return stream(s.created, p.endpoint, id, model, prompt_tokens, include_usage, rx).into_response();
     }
+    // A client that leaves drops this handler's future (hyper drops it when the connection
+    // closes), and with it `rx`: the engine sees the receiver closed and frees the row.
     let mut rx = rx;
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
