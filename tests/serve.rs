@@ -2,8 +2,7 @@
 //! OpenAI endpoints whole and streamed, each answer equal to `generate`'s greedy answer for its
 //! adapter, 32 concurrent clients over mixed adapters each getting its single-request answer,
 //! every error case with the server healthy afterwards, a client that leaves mid-stream or while
-//! waiting for a whole answer, a full
-//! queue, and SIGTERM.
+//! waiting for a whole answer, a full queue, and SIGTERM.
 
 mod common;
 
