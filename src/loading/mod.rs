@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod onnx;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -6,6 +6,7 @@ pub mod linear;
 pub mod linear_cross_entropy;
 pub mod llama;
 pub mod mixed;
+pub mod vit;
 
 pub use batch::TrainBatch;
 pub use config::{LlamaConfig, RopeScaling};

