@@ -216,19 +216,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bicubic_keeps_a_plane_of_the_same_size_and_constants_and_ramps() {
+    fn bicubic_keeps_a_plane_of_the_same_size_constants_and_mirror_symmetry() {
         let plane: Vec<f32> = (0..20).map(|i| (i * 7 % 11) as f32).collect();
         assert_eq!(resize_bicubic(&plane, 1, (4, 5), (4, 5)), plane);
         // The kernel's weights sum to 1, so a constant stays constant at any size.
         let constant = resize_bicubic(&[2.5; 12], 1, (3, 4), (7, 2));
         assert!(constant.iter().all(|v| (v - 2.5).abs() < 1e-6), "{constant:?}");
-        // A linear ramp along the columns stays linear inside (the cubic reproduces lines away
-        // from the clamped edges): upsampling 8 → 16, output j sits at (j + 0.5) / 2 − 0.5.
-        let ramp: Vec<f32> = (0..8).map(|j| j as f32).collect();
-        let up = resize_bicubic(&ramp, 1, (1, 8), (1, 16));
-        for (j, v) in up.iter().enumerate().take(13).skip(3) {
-            assert!((v - ((j as f32 + 0.5) / 2.0 - 0.5)).abs() < 1e-5, "{j}: {v}");
+        // Half-pixel centres are symmetric: the mirrored input gives the mirrored output.
+        let ramp: Vec<f32> = (0..8).map(|j| (j * j) as f32).collect();
+        let mirrored: Vec<f32> = ramp.iter().rev().copied().collect();
+        let (up, up_mirrored) = (resize_bicubic(&ramp, 1, (1, 8), (1, 13)), resize_bicubic(&mirrored, 1, (1, 8), (1, 13)));
+        for (a, b) in up.iter().zip(up_mirrored.iter().rev()) {
+            assert!((a - b).abs() < 1e-4, "{up:?}");
         }
+        // Keys' kernel at a = −0.75: W(0) = 1, W(1) = W(2) = 0, W(0.5) = 0.59375, W(1.5) = −0.09375.
+        assert_eq!([cubic(0.0), cubic(1.0), cubic(2.0), cubic(0.5), cubic(1.5)], [1.0, 0.0, 0.0, 0.59375, -0.09375]);
     }
 
     #[test]
