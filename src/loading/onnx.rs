@@ -120,8 +120,7 @@ pub fn load_dinov2(path: &Path, prefix: &str, config: crate::model::vit::VitConf
         n.inputs.get(i).cloned().ok_or_else(|| Error::msg(format!("{}: node `{}` has no input {i}", path.display(), n.name)))
     };
     let dense = |module: &str, node: &str, (inp, out): (usize, usize)| -> Result<Dense> {
-        let weight = tensor(&input_of(node, 1)?, &[inp, out])?.t()?.contiguous()?;
-        Ok(Dense { weight, bias: named(&format!("{module}.bias"), &[out])? })
+        Ok(Dense { weight_t: tensor(&input_of(node, 1)?, &[inp, out])?, bias: named(&format!("{module}.bias"), &[out])? })
     };
     let norm = |module: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: named(&format!("{module}.weight"), &[h])?, bias: named(&format!("{module}.bias"), &[h])?, eps: config.layer_norm_eps }) };
     let mut blocks = Vec::with_capacity(config.depth);

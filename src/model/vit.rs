@@ -39,16 +39,22 @@ impl VitConfig {
     }
 }
 
-/// `x Wᵀ + b` with W [out, in].
+/// `x Wᵀ + b`, W kept transposed ([in, out], contiguous: ONNX's MatMul layout) so that the rows
+/// of x, flattened, make one GEMM.
 #[derive(Debug, Clone)]
 pub struct Dense {
-    pub weight: Tensor,
+    /// Wᵀ [in, out]
+    pub weight_t: Tensor,
     pub bias: Tensor,
 }
 
 impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+        let (inp, out) = self.weight_t.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / inp.max(1);
+        *dims.last_mut().ok_or_else(|| Error::msg("a dense layer's input has no dims"))? = out;
+        Ok(x.reshape((rows, inp))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?.reshape(dims)?)
     }
 }
 
