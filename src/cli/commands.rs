@@ -56,6 +56,7 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Probe(args) => super::probe_cmd::probe(&args).map(|_| ()),
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }

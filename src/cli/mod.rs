@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
+pub mod probe_cmd;
 pub mod selftest;
 pub mod serve_cmd;
 
@@ -65,6 +66,9 @@ pub enum Command {
     Bench(BenchCommand),
     /// PNG charts: loss curves from finetune's metrics.jsonl, accuracy bars from eval's JSON.
     Plot(plot_cmd::PlotArgs),
+    /// The linear probe of a vision backbone (DINOv2 from ONNX) on an image classification task
+    /// in IDX files, VTAB-1k style: 800 training and 200 validation images, the test split.
+    Probe(probe_cmd::ProbeArgs),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
     /// Check every CUDA kernel against its CPU reference (forward and backward, f32/f16/bf16,

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod commonsense;
 pub mod dataset;
+pub mod images;
 pub mod prompt;
 pub mod task;
 pub mod tokenize;

@@ -7,6 +7,7 @@ pub mod answer;
 pub mod chat;
 pub mod evaluate;
 pub mod generate;
+pub mod linear_probe;
 pub mod report;
 
 pub use answer::{extract_answer, Task};
