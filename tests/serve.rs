@@ -49,15 +49,44 @@ fn metric(s: &Server, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} not in {text}"))
 }
 
-#[test]
-fn adapters_kept_in_bf16_answer_as_generate_does_with_the_same_flag() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, one, two) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"));
+/// A tiny model directory and two LoRA adapters on different layers, in `dir`.
+fn tiny_model_with_two_adapters(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let (model, one, two) = (dir.join("model"), dir.join("one"), dir.join("two"));
     common::write_tiny_model_dir(&model);
     write_adapter(&model, &one, 1, &["q_proj", "v_proj", "down_proj"]);
     write_adapter(&model, &two, 2, &["k_proj", "o_proj", "up_proj"]);
+    (model, one, two)
+}
+
+/// `serve` over the model with the adapters as `one` and `two`, batches of up to 8, and `flags`.
+fn serve_two(model: &Path, one: &Path, two: &Path, flags: &[&str]) -> Server {
     let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
-    let s = start(&["--model", model.to_str().unwrap(), "--adapter-dtype", "bf16", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-batch", "8"]);
+    let (one, two) = (spec("one", one), spec("two", two));
+    start(&[&["--model", model.to_str().unwrap(), "--adapter", &one, "--adapter", &two, "--max-batch", "8"], flags].concat())
+}
+
+/// `clients` greedy requests of 10 tokens at once, client i asking `pick(i)` = (model, prompt):
+/// each client's model, prompt and answer.
+fn concurrent(s: &Server, clients: usize, pick: impl Fn(usize) -> (&'static str, &'static str)) -> Vec<(&'static str, &'static str, String)> {
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (name, p) = pick(i);
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "model": name, "prompt": p, "max_tokens": 10, "temperature": 0 }).to_string();
+                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
+                (name, p, r["choices"][0]["text"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn adapters_kept_in_bf16_answer_as_generate_does_with_the_same_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, one, two) = tiny_model_with_two_adapters(dir.path());
+    let s = serve_two(&model, &one, &two, &["--adapter-dtype", "bf16"]);
     let prompts = ["She painted the old door", "The river ran"];
     let mut answers = std::collections::HashMap::new();
     for (name, adapter) in [("one", &one), ("two", &two)] {
@@ -68,19 +97,7 @@ fn adapters_kept_in_bf16_answer_as_generate_does_with_the_same_flag() {
         }
     }
     // Mixed in one batch, each still its single-request answer.
-    let threads: Vec<_> = (0..12)
-        .map(|i| {
-            let (name, p) = (["one", "two"][i % 2], prompts[(i / 2) % 2]);
-            let url = s.url.clone();
-            std::thread::spawn(move || {
-                let body = json!({ "model": name, "prompt": p, "max_tokens": 10, "temperature": 0 }).to_string();
-                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
-                (name, p, r["choices"][0]["text"].as_str().unwrap().to_string())
-            })
-        })
-        .collect();
-    for t in threads {
-        let (name, p, got) = t.join().unwrap();
+    for (name, p, got) in concurrent(&s, 12, |i| (["one", "two"][i % 2], prompts[(i / 2) % 2])) {
         assert_eq!(got, answers[&(name, p)], "{name}, {p:?} among 12 clients");
     }
     drop(s);
@@ -93,12 +110,8 @@ fn adapters_kept_in_bf16_answer_as_generate_does_with_the_same_flag() {
 #[test]
 fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, one, two) = (dir.path().join("model"), dir.path().join("one"), dir.path().join("two"));
-    common::write_tiny_model_dir(&model);
-    write_adapter(&model, &one, 1, &["q_proj", "v_proj", "down_proj"]);
-    write_adapter(&model, &two, 2, &["k_proj", "o_proj", "up_proj"]);
-    let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
-    let s = start(&["--model", model.to_str().unwrap(), "--name", "base", "--adapter", &spec("one", &one), "--adapter", &spec("two", &two), "--max-batch", "8"]);
+    let (model, one, two) = tiny_model_with_two_adapters(dir.path());
+    let s = serve_two(&model, &one, &two, &["--name", "base"]);
 
     let (status, body) = get(&s, "/v1/models");
     let ids: Vec<String> = serde_json::from_str::<Value>(&body).unwrap()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
@@ -139,19 +152,7 @@ fn serves_the_base_and_two_adapters_like_generate_and_survives_bad_requests() {
     assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
 
     // 32 concurrent clients over the three models: each gets its single-request answer.
-    let threads: Vec<_> = (0..32)
-        .map(|i| {
-            let (name, p) = (["base", "one", "two"][i % 3], prompts[(i / 3) % 3]);
-            let url = s.url.clone();
-            std::thread::spawn(move || {
-                let body = json!({ "model": name, "prompt": p, "max_tokens": 10, "temperature": 0 }).to_string();
-                let r: Value = ureq::post(&format!("{url}/v1/completions")).set("Content-Type", "application/json").send_string(&body).unwrap().into_json().unwrap();
-                (name, p, r["choices"][0]["text"].as_str().unwrap().to_string())
-            })
-        })
-        .collect();
-    for t in threads {
-        let (name, p, got) = t.join().unwrap();
+    for (name, p, got) in concurrent(&s, 32, |i| (["base", "one", "two"][i % 3], prompts[(i / 3) % 3])) {
         assert_eq!(got, answers[&(name, p)], "{name}, {p:?} among 32 clients");
     }
     assert!(metric(&s, "candle_peft_batch_rows_bucket{le=\"1\"}") < metric(&s, "candle_peft_batch_rows_count"), "no step ever decoded more than one row");
