@@ -15,7 +15,7 @@
 //! The configuration (patch size, width, depth, heads, MLP width, LayerScale, LayerNorm ε, the
 //! position grid) covers DINOv2's ViT-S/14 (`VitConfig::dinov2_small`) and the seeds' ViT-B/16.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -66,11 +66,9 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// `(x − mean) / √(var + ε) · w + b` over the last dim.
+    /// `(x − mean) / √(var + ε) · w + b` over the last dim (candle-nn's fused op).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok(centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
     }
 }
 

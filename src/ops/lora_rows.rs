@@ -80,11 +80,15 @@ pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, us
         let cols = block * COLUMNS..((block + 1) * COLUMNS).min(cols_out);
         for (f, rows) in adapters.iter().zip(&rows_of_adapter) {
             for group in rows.chunks(ROW_GROUP) {
-                let us: Vec<&[f32]> = group.iter().map(|&i| &u[i * r_max..i * r_max + f.r]).collect();
-                // SAFETY: row i of y [rows, cols_out]; this task writes only its columns `cols`.
-                let ys: Vec<*mut f32> = group.iter().map(|&i| unsafe { out.0.add(i * cols_out) }).collect();
+                // On the stack: this runs for every adapter of every column block of every call.
+                let (mut us, mut ys) = ([&[][..]; ROW_GROUP], [std::ptr::null_mut(); ROW_GROUP]);
+                for (n, &i) in group.iter().enumerate() {
+                    us[n] = &u[i * r_max..i * r_max + f.r];
+                    // SAFETY: row i of y [rows, cols_out]; this task writes only its columns `cols`.
+                    ys[n] = unsafe { out.0.add(i * cols_out) };
+                }
                 // SAFETY: as above; B holds [cols_out, r] values.
-                unsafe { expand(f, cols_out, cols.clone(), &us, &ys, simd) };
+                unsafe { expand(f, cols_out, cols.clone(), &us[..group.len()], &ys[..group.len()], simd) };
             }
         }
     };

@@ -153,14 +153,12 @@ impl LinearAdapter for LoraLinear {
 }
 
 /// [`LoraLinear::cast_factors`] for every LoRA layer of `model` (LoRA and rsLoRA; the methods
-/// that change the product itself keep their dtypes); returns how many layers were cast.
-pub fn cast_factors(model: &mut crate::model::Llama, dtype: DType) -> Result<usize> {
-    let mut cast = 0;
+/// that change the product itself keep their dtypes).
+pub fn cast_factors(model: &mut crate::model::Llama, dtype: DType) -> Result<()> {
     for (_, linear) in model.named_linears_mut() {
         if let Some(lora) = linear.adapter_mut().and_then(|a| a.as_any_mut()).and_then(|a| a.downcast_mut::<LoraLinear>()) {
             lora.cast_factors(dtype)?;
-            cast += 1;
         }
     }
-    Ok(cast)
+    Ok(())
 }
