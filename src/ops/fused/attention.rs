@@ -1,9 +1,12 @@
-//! The training attention core, flash-style on the CPU.
+//! The training attention core: on the CPU in f32 a block of query rows at a time
+//! (`attention_blocks`), composed candle ops for other dtypes (and as the reference), and the
+//! CUDA kernels.
 
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
+use super::attention_blocks;
 use crate::ops::{cpu_tensor, tensor_cpu_storage};
 use candle_core::{DType, Device, Var};
 use rand::Rng;
@@ -87,6 +90,48 @@ impl Attention {
         Ok(())
     }
 
+    /// The dims of q [b, h, t, d] and k [b, g, s, d] for `attention_blocks`, when it takes them.
+    fn block_dims(&self, q: &[usize], k: &[usize]) -> Option<attention_blocks::Dims> {
+        let (&[b, h, t, d], &[_, g, s, _]) = (q, k) else { return None };
+        let dims = attention_blocks::Dims { b, h, g, t, s, d };
+        (self.bias.dtype() == DType::F32 && dims.fit(self.causal)).then_some(dims)
+    }
+
+    /// The forward by `attention_blocks` for f32 inputs (None: the composed ops run instead).
+    fn cpu_fwd_blocks(&self, q: (&CpuStorage, &Layout), k: (&CpuStorage, &Layout), v: (&CpuStorage, &Layout)) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        fn values<'a>((s, l): (&'a CpuStorage, &Layout)) -> Option<&'a [f32]> {
+            match (s, l.contiguous_offsets()) {
+                (CpuStorage::F32(values), Some((start, end))) => Some(&values[start..end]),
+                _ => None,
+            }
+        }
+        let (Some(dims), Some(qs), Some(ks), Some(vs)) = (self.block_dims(q.1.dims(), k.1.dims()), values(q), values(k), values(v)) else {
+            return Ok(None);
+        };
+        let (o, lse) = crate::threads::with_values(&self.bias, |bias: &[f32]| {
+            attention_blocks::forward(qs, ks, vs, bias, dims, self.scale as f32, self.causal)
+        })?;
+        let attention_blocks::Dims { b, h, t, d, .. } = dims;
+        self.save_lse(Tensor::from_vec(lse, (b, h, t, 1), &Device::Cpu)?)?;
+        Ok(Some((CpuStorage::F32(o), Shape::from((b, t, h * d)))))
+    }
+
+    /// The backward by `attention_blocks`, when the forward ran there.
+    fn cpu_bwd_blocks(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, dout: &Tensor) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some(lse) = self.lse.get() else { candle_core::bail!("{}: backward before forward", self.name()) };
+        let Some(dims) = self.block_dims(q.dims(), k.dims()) else { return Ok(None) };
+        if !q.device().is_cpu() || [q, k, v, o, dout, lse].iter().any(|t| t.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let values = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let (q, k, v, o, dout, lse, bias) = (values(q)?, values(k)?, values(v)?, values(o)?, values(dout)?, values(lse)?, values(&self.bias)?);
+        let saved = attention_blocks::Saved { o: &o, lse: &lse, dout: &dout };
+        let (dq, dk, dv) = attention_blocks::backward(&q, &k, &v, &bias, saved, dims, self.scale as f32, self.causal);
+        let attention_blocks::Dims { b, h, g, t, s, d } = dims;
+        let cpu = &Device::Cpu;
+        Ok(Some((Tensor::from_vec(dq, (b, h, t, d), cpu)?, Tensor::from_vec(dk, (b, g, s, d), cpu)?, Tensor::from_vec(dv, (b, g, s, d), cpu)?)))
+    }
+
     fn scores(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
         (q * self.scale)?.matmul(&k.t()?)?.broadcast_add(&self.bias.to_dtype(q.dtype())?)
     }
@@ -108,6 +153,9 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, t, d) = self.check(l1, l2, l3)?;
         let g = l2.dims()[1];
+        if let Some(out) = self.cpu_fwd_blocks((s1, l1), (s2, l2), (s3, l3))? {
+            return Ok(out);
+        }
         let q = cpu_tensor(s1, l1, self.name())?;
         let k = repeat_heads(&cpu_tensor(s2, l2, self.name())?, h / g)?;
         let v = repeat_heads(&cpu_tensor(s3, l3, self.name())?, h / g)?;
@@ -161,6 +209,9 @@ impl CustomOp3 for Attention {
                 crate::ops::AttentionKernel::Flash => crate::ops::cuda::attention::backward(&self.bias, self.scale, self.causal, &q, &k, &v, &o, &dout, lse)?,
                 crate::ops::AttentionKernel::Gemm => crate::ops::cuda::attention_gemm::backward(&self.bias, self.scale, &q, &k, &v, &o, &dout, lse)?,
             };
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
+        if let Some((dq, dk, dv)) = self.cpu_bwd_blocks(&q, &k, &v, &o, dout)? {
             return Ok((Some(dq), Some(dk), Some(dv)));
         }
         let (b, h, t, d) = q.dims4()?;
@@ -268,8 +319,8 @@ fn gemm_cases(c: &mut Case) -> crate::Result<()> {
 /// The causal self-attention of training, forward + backward: `--tokens` (the first) split into
 /// sequences of each of `--seqs`, `--attention-heads` heads of `--head-dim` over `--kv-heads`
 /// key/value heads. TFLOP/s counts the
-/// whole [t, t] score matrix (forward 4·b·h·t²·d, backward 10·b·h·t²·d: neither variant skips
-/// the causally masked half).
+/// whole [t, t] score matrix (forward 4·b·h·t²·d, backward 10·b·h·t²·d), although the fused op
+/// skips the causally masked half.
 pub fn bench(shapes: &BenchShapes, device: &Device, dtype: DType, out: &mut Vec<KernelTiming>) -> crate::Result<()> {
     let tokens = shapes.tokens.first().copied().unwrap_or(4096);
     let (h, d) = (shapes.attention_heads, shapes.head_dim);

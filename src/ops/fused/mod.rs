@@ -18,7 +18,8 @@
 //! SwiGLU (`kernels/swiglu.cu`), the heads split (`kernels/rope.cu`) and the frozen matmuls
 //! (cuBLAS); `selftest` checks each against this CPU op in f64.
 //!
-//! One file an op: `softmax`, `cross_entropy`, `rms_norm`, `swiglu`, `heads`, `attention`, `frozen_matmul`.
+//! One file an op: `softmax`, `cross_entropy`, `rms_norm`, `swiglu`, `heads`, `attention` (on the CPU in f32 by
+//! `attention_blocks`), `frozen_matmul`.
 
 mod softmax;
 mod cross_entropy;
@@ -26,6 +27,7 @@ pub mod rms_norm;
 pub mod swiglu;
 pub mod heads;
 pub mod attention;
+pub mod attention_blocks;
 pub mod frozen_matmul;
 
 pub use attention::{repeat_heads, Attention};
