@@ -134,13 +134,14 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
 }
 
 /// Whether this run's step is the anchor's recipe (LoRA r 32, alpha 64 on q,k,v,up,down, SmolLM2's
-/// shape, batch 4 x 256, f32 on the CPU): only then is the ratio like for like.
+/// shape, batch 4 x 256, on the CPU, f32 or bf16 (the mixed precision the anchor's autocast
+/// row runs)): only then is the ratio like for like.
 fn anchor_recipe(args: &BenchStepArgs) -> Result<bool> {
     let cfg = args.adapter.to_config()?;
     let targets = crate::adapters::Targets::List(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"].map(String::from).to_vec());
     let lora = cfg.downcast_ref::<crate::adapters::LoraConfig>().is_some_and(|c| c.r == 32 && c.lora_alpha == 64.0 && !c.use_rslora && !c.use_dora && c.target_modules == targets);
     let run = &args.run;
-    Ok(lora && run.shape == "smollm2" && run.layers.is_none() && run.batch == 4 && run.seq == 256 && run.dtype == "f32" && run.device == "cpu" && run.quantize.is_none())
+    Ok(lora && run.shape == "smollm2" && run.layers.is_none() && run.batch == 4 && run.seq == 256 && matches!(run.dtype.as_str(), "f32" | "bf16") && run.device == "cpu" && run.quantize.is_none())
 }
 
 /// This run's tokens/s beside the anchor's, f32 and bf16 autocast, with the ratios.

@@ -171,7 +171,10 @@ pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale
     }
     // Keys and values from a cache kept in another dtype than the queries (`set_kv_dtype`).
     let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
-    if fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
+    // Prompts on the CPU in f32 take the training op's forward too: its blocks of query rows
+    // skip the causally masked keys (`fused::attention_blocks`).
+    let prompt = !train && q.dtype() == DType::F32 && fused_cpu(true, &[q, k, v, bias]);
+    if prompt || fused_cpu(train, &[q, k, v, bias]) || fused_cuda_attention(train, q, k, v) {
         let op = super::fused::Attention::causal(bias.contiguous()?, scale);
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
