@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::full::galore::GaloreConfig;
 use super::{StepHook, Targets};
 use crate::error::{Error, Result};
-use crate::model::{FrozenLinear, LinearAdapter, Llama, TrainBatch};
+use crate::model::{FrozenLinear, Linear, LinearAdapter, Llama, TrainBatch};
 
 /// The adapter of one layer and, for the methods that move part of W into the adapter
 /// (PiSSA, OLoRA), the residual weight that replaces the base.
@@ -147,9 +147,15 @@ impl PartialEq for AdapterConfig {
 
 /// Build the method's adapter on every linear layer its targets match.
 pub fn inject_linears<M: AdapterMethod + ?Sized>(method: &M, model: &mut Llama, rng: &mut StdRng) -> Result<usize> {
+    inject_named(method, model.named_linears_mut(), rng)
+}
+
+/// Build the method's adapter on every layer of `linears` (module path, layer) its targets
+/// match: the injection of any model that names its linear layers (the LLaMA decoder, the ViT).
+pub fn inject_named<M: AdapterMethod + ?Sized>(method: &M, linears: Vec<(String, &mut Linear)>, rng: &mut StdRng) -> Result<usize> {
     let targets = method.targets().ok_or_else(|| Error::Adapter(format!("{} adapts no linear layer", method.peft_type())))?;
     let mut count = 0;
-    for (path, linear) in model.named_linears_mut() {
+    for (path, linear) in linears {
         if !targets.matches(&path)? {
             continue;
         }

@@ -56,7 +56,8 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Probe(args) => super::probe_cmd::probe(&args).map(|_| ()),
+        Command::Probe(args) => super::vision_cmd::probe(&args).map(|_| ()),
+        Command::VisionFinetune(args) => super::vision_cmd::vision_finetune(&args).map(|_| ()),
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }

@@ -9,7 +9,7 @@ pub mod commands;
 pub mod config_file;
 pub mod eval_cmd;
 pub mod plot_cmd;
-pub mod probe_cmd;
+pub mod vision_cmd;
 pub mod selftest;
 pub mod serve_cmd;
 
@@ -68,7 +68,10 @@ pub enum Command {
     Plot(plot_cmd::PlotArgs),
     /// The linear probe of a vision backbone (DINOv2 from ONNX) on an image classification task
     /// in IDX files, VTAB-1k style: 800 training and 200 validation images, the test split.
-    Probe(probe_cmd::ProbeArgs),
+    Probe(vision_cmd::ProbeArgs),
+    /// Fine-tune a method's adapters (LoRA...) on a vision backbone with a linear head, on the
+    /// probe's task: the epoch chosen on validation, its test accuracy.
+    VisionFinetune(vision_cmd::VisionFinetuneArgs),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
     /// Check every CUDA kernel against its CPU reference (forward and backward, f32/f16/bf16,

@@ -120,7 +120,9 @@ pub fn load_dinov2(path: &Path, prefix: &str, config: crate::model::vit::VitConf
         n.inputs.get(i).cloned().ok_or_else(|| Error::msg(format!("{}: node `{}` has no input {i}", path.display(), n.name)))
     };
     let dense = |module: &str, node: &str, (inp, out): (usize, usize)| -> Result<Dense> {
-        Ok(Dense { weight_t: tensor(&input_of(node, 1)?, &[inp, out])?, bias: named(&format!("{module}.bias"), &[out])? })
+        // ONNX's MatMul holds Wᵀ [in, out]; the linear layers keep W [out, in].
+        let weight = tensor(&input_of(node, 1)?, &[inp, out])?.t()?.contiguous()?;
+        Ok(Dense { linear: crate::model::Linear::new(weight), bias: named(&format!("{module}.bias"), &[out])? })
     };
     let norm = |module: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: named(&format!("{module}.weight"), &[h])?, bias: named(&format!("{module}.bias"), &[h])?, eps: config.layer_norm_eps }) };
     let mut blocks = Vec::with_capacity(config.depth);

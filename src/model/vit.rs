@@ -15,9 +15,10 @@
 //! The configuration (patch size, width, depth, heads, MLP width, LayerScale, LayerNorm ε, the
 //! position grid) covers DINOv2's ViT-S/14 (`VitConfig::dinov2_small`) and the seeds' ViT-B/16.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::model::Linear;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VitConfig {
@@ -39,22 +40,16 @@ impl VitConfig {
     }
 }
 
-/// `x Wᵀ + b`, W kept transposed ([in, out], contiguous: ONNX's MatMul layout) so that the rows
-/// of x, flattened, make one GEMM.
-#[derive(Debug, Clone)]
+/// `x Wᵀ + b`: a [`Linear`] (frozen W [out, in], and an adapter when a method is injected) and
+/// its bias.
 pub struct Dense {
-    /// Wᵀ [in, out]
-    pub weight_t: Tensor,
+    pub linear: Linear,
     pub bias: Tensor,
 }
 
 impl Dense {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (inp, out) = self.weight_t.dims2()?;
-        let mut dims = x.dims().to_vec();
-        let rows = x.elem_count() / inp.max(1);
-        *dims.last_mut().ok_or_else(|| Error::msg("a dense layer's input has no dims"))? = out;
-        Ok(x.reshape((rows, inp))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?.reshape(dims)?)
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.linear.forward(x, train)?.broadcast_add(&self.bias)?)
     }
 }
 
@@ -66,13 +61,18 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// `(x − mean) / √(var + ε) · w + b` over the last dim (candle-nn's fused op).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+    /// `(x − mean) / √(var + ε) · w + b` over the last dim: candle-nn's fused op, which has no
+    /// backward, or in training the same math as differentiable ops.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
 
-#[derive(Debug, Clone)]
 pub struct VitBlock {
     pub norm1: LayerNorm,
     pub query: Dense,
@@ -87,32 +87,40 @@ pub struct VitBlock {
     pub scale2: Option<Tensor>,
 }
 
+/// The linear layers of a block by their module paths inside Hugging Face's `Dinov2Layer`.
+const BLOCK_LINEARS: [&str; 6] = ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense", "mlp.fc1", "mlp.fc2"];
+
 impl VitBlock {
-    fn forward(&self, z: &Tensor, heads: usize) -> Result<Tensor> {
+    fn forward(&self, z: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         let scaled = |y: Tensor, gamma: &Option<Tensor>| -> Result<Tensor> {
             Ok(match gamma {
                 Some(g) => y.broadcast_mul(g)?,
                 None => y,
             })
         };
-        let h = (z + scaled(self.output.forward(&self.attention(&self.norm1.forward(z)?, heads)?)?, &self.scale1)?)?;
-        let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h)?)?.gelu_erf()?)?;
+        let attended = self.attention(&self.norm1.forward(z, train)?, heads, train)?;
+        let h = (z + scaled(self.output.forward(&attended, train)?, &self.scale1)?)?;
+        let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h, train)?, train)?.gelu_erf()?, train)?;
         Ok((&h + scaled(mlp, &self.scale2)?)?)
     }
 
     /// Softmax attention over all tokens, heads merged back: x [b, t, hidden] → [b, t, hidden].
-    fn attention(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+    /// The training attention op with a zero bias (no mask): on the CPU in f32 its blocks of
+    /// query rows (`ops::fused::attention_blocks`), which never hold the [b, heads, t, t] scores.
+    fn attention(&self, x: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         let (b, t, width) = x.dims3()?;
         let d = width / heads;
         let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (split(self.query.forward(x)?)?, split(self.key.forward(x)?)?, split(self.value.forward(x)?)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, width))?)
+        let (q, k, v) = (split(self.query.forward(x, train)?)?, split(self.key.forward(x, train)?)?, split(self.value.forward(x, train)?)?);
+        let bias = Tensor::zeros((b, 1, t, t), x.dtype(), x.device())?;
+        Ok(q.apply_op3(&k, &v, crate::ops::fused::Attention::new(bias, 1.0 / (d as f64).sqrt()))?)
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [&mut self.query.linear, &mut self.key.linear, &mut self.value.linear, &mut self.output.linear, &mut self.fc1.linear, &mut self.fc2.linear]
     }
 }
 
-#[derive(Debug, Clone)]
 pub struct Vit {
     pub config: VitConfig,
     /// [hidden, 3, p, p]
@@ -128,10 +136,22 @@ pub struct Vit {
     pub norm: LayerNorm,
 }
 
+impl std::fmt::Debug for Vit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vit").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
 impl Vit {
     /// The final LayerNorm's output for images [b, 3, H, W] (H and W multiples of the patch
     /// size): [b, 1 + (H/p)(W/p), hidden], the CLS token's row first.
     pub fn forward_features(&self, images: &Tensor) -> Result<Tensor> {
+        self.forward_tokens(images, false)
+    }
+
+    /// [`forward_features`](Self::forward_features), recording the graph of the adapters'
+    /// parameters when `train`.
+    pub fn forward_tokens(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         let p = self.config.patch_size;
         let (b, channels, h, w) = images.dims4()?;
         if channels != 3 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
@@ -143,14 +163,31 @@ impl Vit {
         let pos = Tensor::cat(&[self.pos_cls.reshape((1, self.config.hidden))?, self.pos_for(h / p, w / p)?], 0)?;
         let mut z = Tensor::cat(&[cls, tokens], 1)?.broadcast_add(&pos)?;
         for block in &self.blocks {
-            z = block.forward(&z, self.config.heads)?;
+            z = block.forward(&z, self.config.heads, train)?;
         }
-        self.norm.forward(&z)
+        self.norm.forward(&z, train)
     }
 
     /// The CLS feature of each image: [b, hidden].
     pub fn cls_features(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_features(images)?.narrow(1, 0, 1)?.squeeze(1)?)
+        self.cls(images, false)
+    }
+
+    /// The CLS feature of each image, through the adapters' graph when `train`: [b, hidden].
+    pub fn cls(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_tokens(images, train)?.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+
+    /// Every linear layer with its module path as Hugging Face's `Dinov2Model` names it
+    /// (`encoder.layer.0.attention.attention.query`), for the methods' `target_modules`.
+    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (name, linear) in BLOCK_LINEARS.iter().zip(block.linears_mut()) {
+                out.push((format!("encoder.layer.{i}.{name}"), linear));
+            }
+        }
+        out
     }
 
     /// The patches' position embeddings for a grid of `rows` x `cols` patches: [rows·cols, hidden].

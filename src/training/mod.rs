@@ -6,6 +6,7 @@ pub mod gradient_checkpointing;
 pub mod optim;
 pub mod run;
 pub mod step;
+pub mod vision;
 
 pub use optim::{AdamW, AdamWConfig};
 pub use gradient_checkpointing::LayerTape;
