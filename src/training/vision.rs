@@ -123,6 +123,13 @@ pub fn finetune(
     if let Some(&bad) = train.labels.iter().chain(&val.labels).chain(&test.labels).find(|&&l| l as usize >= classes) {
         return Err(Error::msg(format!("vision fine-tuning: label {bad} with {classes} classes")));
     }
+    // The per-linear methods whose training is AdamW on their parameters alone: AdaLoRA's and
+    // SIFT's step hooks, GaLore's projection and EVA's initialisation from data are LLaMA's
+    // training loop's, not this one's.
+    let per_linear = matches!(method.peft_type(), "LORA" | "IA3" | "SNELL") && method.init_batches() == 0;
+    if !per_linear {
+        return Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3 and SNELL do", method.peft_type())));
+    }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let adapted_modules = crate::adapters::method::inject_named(&**method, vit.named_linears_mut(), &mut rng)?;
     let mut params: Vec<(String, Var, f64)> = Vec::new();
@@ -308,6 +315,9 @@ mod tests {
         assert!(err.contains("label 1 with 1 classes"), "{err}");
         let err = finetune(&mut vit, &lora(&["q_proj"]), (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).unwrap_err().to_string();
         assert!(err.contains("matched no module"), "{err}");
+        let adalora = crate::adapters::flags::AdapterArgs::parse(["--method", "adalora", "--target-modules", "query"]).unwrap().to_config().unwrap();
+        let err = finetune(&mut vit, &adalora, (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).unwrap_err().to_string();
+        assert!(err.contains("ADALORA") && err.contains("does not train on the ViT"), "{err}");
         let cfg = VisionConfig { batch: 0, ..Default::default() };
         assert!(finetune(&mut vit, &lora(&["query"]), (&train, &val, &val), 2, &cfg, |_| ()).unwrap_err().to_string().contains("batch 0"));
     }
