@@ -102,7 +102,8 @@ fn the_linear_probe_learns_fashion_mnist_from_a_few_images() {
 /// `vision-finetune` end to end: LoRA on the real DINOv2's query and value maps with a linear
 /// head, on a small sample of Fashion-MNIST at 56 px (4 x 4 patches, to keep CI short): the
 /// training loss falls, the test accuracy is well above chance, and the report counts LoRA's
-/// parameters (12 blocks x 2 maps x r (384 + 384)) and the head's (384 x 10 + 10).
+/// parameters (12 blocks x 2 maps x r (384 + 384)) and the head's (384 x 10 + 10); the adapter
+/// saved with `--output` gives the same test accuracy through `vision-eval`.
 #[test]
 #[ignore = "needs the real assets: scripts/fetch_assets.sh dinov2 fashion-mnist, then --ignored"]
 fn lora_on_the_real_backbone_learns_fashion_mnist() {
@@ -112,12 +113,22 @@ fn lora_on_the_real_backbone_learns_fashion_mnist() {
         .args(["vision-finetune", "--backbone", asset("dinov2/vit_s_focus.onnx").to_str().unwrap(), "--data", asset("fashion-mnist").to_str().unwrap()])
         .args(["--train", "64", "--val", "32", "--test", "64", "--image-size", "56", "--epochs", "3", "--batch", "16", "--lr", "2e-3"])
         .args(["--method", "lora", "--r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--target-modules", "query,value"])
-        .args(["--json", json.to_str().unwrap()])
+        .args(["--json", json.to_str().unwrap(), "--output", dir.path().join("adapter").to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     eprintln!("{report}");
+    // The saved adapter, read back by `vision-eval`, classifies the test images as reported.
+    let eval_json = dir.path().join("eval.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"))
+        .args(["vision-eval", "--backbone", asset("dinov2/vit_s_focus.onnx").to_str().unwrap(), "--data", asset("fashion-mnist").to_str().unwrap()])
+        .args(["--test", "64", "--image-size", "56", "--adapter", dir.path().join("adapter").to_str().unwrap(), "--json", eval_json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
+    assert_eq!(eval["test_accuracy"], report["test_accuracy"], "{eval}");
     assert_eq!(report["trainable_params"].as_u64(), Some(12 * 2 * 4 * (384 + 384) + 384 * 10 + 10));
     assert_eq!(report["adapted_modules"].as_u64(), Some(24));
     let losses: Vec<f64> = report["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect();

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{inject, AdapterConfig};
 use crate::error::{Error, Result};
 use crate::hub::ModelSource;
-use crate::model::Llama;
+use crate::model::{Linear, Llama};
 use crate::weights::Weights;
 
 /// Save the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` in `dir`
@@ -20,20 +20,29 @@ use crate::weights::Weights;
 /// each file is written to a temporary name and renamed, so an interrupted save leaves the
 /// previous files whole.
 pub fn save_adapter(model: &Llama, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
-    let tensors = adapter_tensors(model)?;
+    save_tensors(&adapter_tensors(model)?, cfg, dir, base_model)
+}
+
+/// [`save_adapter`] of tensors already gathered (any model's: [`named_adapter_tensors`]).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, cfg: &AdapterConfig, dir: &Path, base_model: Option<&str>) -> Result<()> {
     if dir.is_dir() {
-        write_adapter_files(dir, cfg, &tensors, base_model)
+        write_adapter_files(dir, cfg, tensors, base_model)
     } else {
-        crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, &tensors, base_model))
+        crate::fsutil::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, tensors, base_model))
     }
 }
 
 /// Every trainable tensor of the model's adapters, contiguous, keyed as in PEFT's file, and the
 /// adapters' untrained state (SIFT's indices: part of the adapter).
 pub fn adapter_tensors(model: &Llama) -> Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> =
-        model.trainable_params().into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect::<Result<_>>()?;
-    for (path, linear) in model.named_linears() {
+    named_adapter_tensors(model.trainable_params(), model.named_linears())
+}
+
+/// The tensors of [`adapter_tensors`] for any model: its trainable parameters by their keys, and
+/// the untrained state of the adapters on its named linear layers.
+pub fn named_adapter_tensors(params: Vec<(String, candle_core::Var)>, linears: Vec<(String, &Linear)>) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = params.into_iter().map(|(k, v)| Ok((k, v.as_tensor().contiguous()?))).collect::<Result<_>>()?;
+    for (path, linear) in linears {
         for (suffix, _, value) in linear.adapter().map(|a| a.state()).unwrap_or_default() {
             if let Some(t) = value {
                 out.insert(format!("base_model.model.{path}.{suffix}"), t.contiguous()?);
@@ -93,9 +102,14 @@ pub fn load_adapter(model: &mut Llama, source: &ModelSource) -> Result<AdapterCo
 }
 
 pub fn load_adapter_tensors(model: &Llama, weights: &Weights) -> Result<()> {
-    let params = model.trainable_params();
+    load_named_adapter_tensors(model.trainable_params(), model.named_linears(), weights)
+}
+
+/// [`load_adapter_tensors`] for any model: `params` (each key's saved tensor replaces its value)
+/// and the adapters on its named linear layers (their untrained state read too).
+pub fn load_named_adapter_tensors(params: Vec<(String, candle_core::Var)>, linears: Vec<(String, &Linear)>, weights: &Weights) -> Result<()> {
     let mut expected: std::collections::HashSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
-    for (path, linear) in model.named_linears() {
+    for (path, linear) in linears {
         let Some(adapter) = linear.adapter() else { continue };
         for (suffix, dtype, _) in adapter.state() {
             let key = format!("base_model.model.{path}.{suffix}");

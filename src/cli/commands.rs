@@ -58,6 +58,7 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Probe(args) => super::vision_cmd::probe(&args).map(|_| ()),
         Command::VisionFinetune(args) => super::vision_cmd::vision_finetune(&args).map(|_| ()),
+        Command::VisionEval(args) => super::vision_cmd::vision_eval(&args).map(|_| ()),
         Command::Demo(args) => crate::demo::run(&args.output_dir, args.seed, &crate::demo::DemoSize::default()).map(|_| ()),
     }
 }

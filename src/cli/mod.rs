@@ -72,6 +72,8 @@ pub enum Command {
     /// Fine-tune a method's adapters (LoRA...) on a vision backbone with a linear head, on the
     /// probe's task: the epoch chosen on validation, its test accuracy.
     VisionFinetune(vision_cmd::VisionFinetuneArgs),
+    /// The test accuracy of an adapter saved by `vision-finetune --output`.
+    VisionEval(vision_cmd::VisionEvalArgs),
     /// Fine-tune a small LLaMA built on the spot on a task built on the spot, and show it learn.
     Demo(DemoArgs),
     /// Check every CUDA kernel against its CPU reference (forward and backward, f32/f16/bf16,

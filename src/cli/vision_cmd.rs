@@ -76,6 +76,20 @@ pub struct VisionFinetuneArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
+    /// Save the chosen epoch's adapter and head here, as PEFT keeps an adapter
+    /// (`adapter_config.json`, `adapter_model.safetensors` with `classifier.*`); an existing
+    /// adapter there is replaced only with `--overwrite`.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VisionEvalArgs {
+    #[command(flatten)]
+    pub task: VisionTaskArgs,
+    /// An adapter saved by `vision-finetune --output`.
+    #[arg(long)]
+    pub adapter: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -177,11 +191,15 @@ pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport
     crate::validate::int_in("batch", args.batch, 1, 1 << 16)?;
     let method = args.adapter.to_config()?;
     let task = &args.task;
+    if let Some(dir) = &args.output {
+        let files = ["adapter_config.json", "adapter_model.safetensors"].map(|f| dir.join(f));
+        crate::fsutil::refuse_to_replace(&files, "--output", task.overwrite)?;
+    }
     let VisionTask { mut vit, train, val, test, classes } = task.load()?;
     let images = |set: &ImageSet| -> Result<Images> { Ok(Images { x: set.backbone_input(task.image_size, &candle_core::Device::Cpu)?, labels: set.labels.clone() }) };
     let (train_x, val_x, test_x) = (images(&train)?, images(&val)?, images(&test)?);
     let cfg = VisionConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, weight_decay: args.weight_decay, seed: task.seed };
-    let result = finetune(&mut vit, &method, (&train_x, &val_x, &test_x), classes, &cfg, |e| {
+    let (result, head) = finetune(&mut vit, &method, (&train_x, &val_x, &test_x), classes, &cfg, |e| {
         eprintln!("epoch {}: train loss {:.4}, validation {:.2}% ({:.0} s)", e.epoch, e.train_loss, 100.0 * e.val_accuracy, e.seconds);
     })?;
     let report = VisionFinetuneReport {
@@ -209,6 +227,37 @@ pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport
         report.result.step_seconds,
         report.peak_rss_mib
     );
+    if let Some(dir) = &args.output {
+        crate::training::vision::save(&vit, &head, &method, dir)?;
+        eprintln!("saved the adapter of epoch {} to {}", report.result.epoch, dir.display());
+    }
+    if let Some(path) = &task.json {
+        super::bench_args::write_json(path, &report)?;
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VisionEvalReport {
+    pub method: String,
+    pub test: usize,
+    pub image_size: usize,
+    pub test_accuracy: f64,
+}
+
+/// A saved vision adapter's accuracy on the task's test images.
+pub fn vision_eval(args: &VisionEvalArgs) -> Result<VisionEvalReport> {
+    use crate::training::vision::{accuracy, load, Images};
+    let task = &args.task;
+    let VisionTask { mut vit, test, classes, .. } = task.load()?;
+    let (method, head) = load(&mut vit, &args.adapter)?;
+    let head_classes = head.bias.elem_count();
+    if head_classes < classes {
+        return Err(Error::msg(format!("--adapter {}: its head has {head_classes} classes, the task {classes}", args.adapter.display())));
+    }
+    let images = Images { x: test.backbone_input(task.image_size, &candle_core::Device::Cpu)?, labels: test.labels.clone() };
+    let report = VisionEvalReport { method: method.peft_type().to_string(), test: test.len(), image_size: task.image_size, test_accuracy: accuracy(&vit, &head, &images, 32)? };
+    println!("{} adapter {}: test {:.2}% of {} images at {} px", report.method, args.adapter.display(), 100.0 * report.test_accuracy, report.test, report.image_size);
     if let Some(path) = &task.json {
         super::bench_args::write_json(path, &report)?;
     }

@@ -178,6 +178,30 @@ impl Vit {
         Ok(self.forward_tokens(images, train)?.narrow(1, 0, 1)?.squeeze(1)?)
     }
 
+    /// [`named_linears_mut`](Self::named_linears_mut), shared.
+    pub fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let linears = [&block.query.linear, &block.key.linear, &block.value.linear, &block.output.linear, &block.fc1.linear, &block.fc2.linear];
+            for (name, linear) in BLOCK_LINEARS.iter().zip(linears) {
+                out.push((format!("encoder.layer.{i}.{name}"), linear));
+            }
+        }
+        out
+    }
+
+    /// The adapters' parameters, keyed as PEFT's file keys them
+    /// (`base_model.model.encoder.layer.0.attention.attention.query.lora_A.weight`).
+    pub fn trainable_params(&self) -> Vec<(String, candle_core::Var)> {
+        let mut out = Vec::new();
+        for (path, linear) in self.named_linears() {
+            if let Some(adapter) = linear.adapter() {
+                out.extend(adapter.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
+            }
+        }
+        out
+    }
+
     /// Every linear layer with its module path as Hugging Face's `Dinov2Model` names it
     /// (`encoder.layer.0.attention.attention.query`), for the methods' `target_modules`.
     pub fn named_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

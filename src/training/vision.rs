@@ -71,28 +71,74 @@ pub struct VisionReport {
     pub step_seconds: f64,
 }
 
-/// The classifier: the backbone with its adapters and the head on its CLS feature.
-struct Classifier<'a> {
-    vit: &'a Vit,
-    weight: Var,
-    bias: Var,
+/// The linear head on the CLS feature, W [classes, hidden] as PyTorch's `nn.Linear` keeps it,
+/// saved beside the adapters as `classifier.weight` / `classifier.bias` (PEFT's place for a
+/// head trained with the adapter).
+#[derive(Clone)]
+pub struct Head {
+    pub weight: Var,
+    pub bias: Var,
 }
 
-impl Classifier<'_> {
-    fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.vit.cls(x, train)?.matmul(self.weight.as_tensor())?.broadcast_add(self.bias.as_tensor())?)
+impl Head {
+    pub fn zeros(hidden: usize, classes: usize, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self { weight: Var::zeros((classes, hidden), DType::F32, device)?, bias: Var::zeros(classes, DType::F32, device)? })
     }
 
-    fn accuracy(&self, set: &Images, batch: usize) -> Result<f64> {
-        let mut right = 0;
-        let all: Vec<usize> = (0..set.len()).collect();
-        for chunk in all.chunks(batch.max(1)) {
-            let (x, _) = set.batch(chunk)?;
-            let predicted: Vec<u32> = self.logits(&x, false)?.argmax(D::Minus1)?.to_vec1()?;
-            right += predicted.iter().zip(chunk).filter(|(p, &i)| **p == set.labels[i] as u32).count();
-        }
-        Ok(right as f64 / set.len().max(1) as f64)
+    /// The head's parameters by their keys in the adapter's file.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        vec![("base_model.model.classifier.weight".into(), self.weight.clone()), ("base_model.model.classifier.bias".into(), self.bias.clone())]
     }
+
+    fn logits(&self, vit: &Vit, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(vit.cls(x, train)?.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+/// The share of `set` the backbone with its adapters and `head` classifies right.
+pub fn accuracy(vit: &Vit, head: &Head, set: &Images, batch: usize) -> Result<f64> {
+    let mut right = 0;
+    let all: Vec<usize> = (0..set.len()).collect();
+    for chunk in all.chunks(batch.max(1)) {
+        let (x, _) = set.batch(chunk)?;
+        let predicted: Vec<u32> = head.logits(vit, &x, false)?.argmax(D::Minus1)?.to_vec1()?;
+        right += predicted.iter().zip(chunk).filter(|(p, &i)| **p == set.labels[i] as u32).count();
+    }
+    Ok(right as f64 / set.len().max(1) as f64)
+}
+
+/// The methods this loop trains: per-linear, their training AdamW on their parameters alone.
+fn check_method(method: &AdapterConfig) -> Result<()> {
+    // AdaLoRA's and SIFT's step hooks, GaLore's projection and EVA's initialisation from data
+    // are LLaMA's training loop's, not this one's.
+    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL") && method.init_batches() == 0 {
+        return Ok(());
+    }
+    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3 and SNELL do", method.peft_type())))
+}
+
+/// Save the adapters on `vit` and `head` as PEFT keeps an adapter (`adapters::files`).
+pub fn save(vit: &Vit, head: &Head, method: &AdapterConfig, dir: &std::path::Path) -> Result<()> {
+    let mut params = vit.trainable_params();
+    params.extend(head.params());
+    let tensors = crate::adapters::files::named_adapter_tensors(params, vit.named_linears())?;
+    crate::adapters::files::save_tensors(&tensors, method, dir, None)
+}
+
+/// Attach a saved adapter and its head to `vit`: injected by its config, every tensor read back.
+pub fn load(vit: &mut Vit, dir: &std::path::Path) -> Result<(AdapterConfig, Head)> {
+    let source = crate::hub::ModelSource::Dir(dir.to_path_buf());
+    let method = crate::adapters::files::read_adapter_config(&source)?;
+    check_method(&method)?;
+    crate::adapters::method::inject_named(&*method, vit.named_linears_mut(), &mut StdRng::seed_from_u64(0))?;
+    let weights = crate::weights::Weights::from_safetensors(&[source.file("adapter_model.safetensors")?])?;
+    let key = "base_model.model.classifier.weight";
+    let classes = weights.get_any(key, DType::F32, &candle_core::Device::Cpu)?.dims2()?.0;
+    let head = Head::zeros(vit.config.hidden, classes, &candle_core::Device::Cpu)?;
+    let mut params = vit.trainable_params();
+    params.extend(head.params());
+    crate::adapters::files::load_named_adapter_tensors(params, vit.named_linears(), &weights)?;
+    Ok((method, head))
 }
 
 /// The learning rate of step `step` of `total`: linear warmup over the first tenth, then a
@@ -108,7 +154,8 @@ pub fn warmup_cosine(step: usize, total: usize, peak: f64) -> f64 {
 }
 
 /// Inject `method` into `vit` and train it with a new head on `train`, choosing the epoch by
-/// `val` and reporting its accuracy on `test`. `on_epoch` sees each epoch's figures as they come.
+/// `val` and reporting its accuracy on `test`; the adapters and the head are left as they were
+/// after the chosen epoch. `on_epoch` sees each epoch's figures as they come.
 pub fn finetune(
     vit: &mut Vit,
     method: &AdapterConfig,
@@ -116,69 +163,60 @@ pub fn finetune(
     classes: usize,
     cfg: &VisionConfig,
     mut on_epoch: impl FnMut(&EpochStats),
-) -> Result<VisionReport> {
+) -> Result<(VisionReport, Head)> {
     if train.len() == 0 || val.len() == 0 || cfg.batch == 0 || cfg.epochs == 0 {
         return Err(Error::msg(format!("vision fine-tuning: {} training and {} validation images, batch {}, {} epochs: each must be positive", train.len(), val.len(), cfg.batch, cfg.epochs)));
     }
     if let Some(&bad) = train.labels.iter().chain(&val.labels).chain(&test.labels).find(|&&l| l as usize >= classes) {
         return Err(Error::msg(format!("vision fine-tuning: label {bad} with {classes} classes")));
     }
-    // The per-linear methods whose training is AdamW on their parameters alone: AdaLoRA's and
-    // SIFT's step hooks, GaLore's projection and EVA's initialisation from data are LLaMA's
-    // training loop's, not this one's.
-    let per_linear = matches!(method.peft_type(), "LORA" | "IA3" | "SNELL") && method.init_batches() == 0;
-    if !per_linear {
-        return Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3 and SNELL do", method.peft_type())));
-    }
+    check_method(method)?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let adapted_modules = crate::adapters::method::inject_named(&**method, vit.named_linears_mut(), &mut rng)?;
-    let mut params: Vec<(String, Var, f64)> = Vec::new();
-    for (path, linear) in vit.named_linears_mut() {
-        if let Some(adapter) = linear.adapter() {
-            params.extend(adapter.params().into_iter().map(|(name, var)| (format!("{path}.{name}"), var, 1.0)));
-        }
-    }
-    let device = train.x.device();
-    let hidden = vit.config.hidden;
-    let weight = Var::from_tensor(&Tensor::zeros((hidden, classes), DType::F32, device)?)?;
-    let bias = Var::from_tensor(&Tensor::zeros(classes, DType::F32, device)?)?;
-    params.push(("classifier.weight".into(), weight.clone(), 1.0));
-    params.push(("classifier.bias".into(), bias.clone(), 1.0));
-    let trainable_params = params.iter().map(|(_, v, _)| v.elem_count()).sum();
-    let mut optimizer = AdamW::new(params.clone(), AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
-    let classifier = Classifier { vit, weight, bias };
+    let head = Head::zeros(vit.config.hidden, classes, train.x.device())?;
+    let mut params = vit.trainable_params();
+    params.extend(head.params());
+    let trainable_params = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let with_scale = params.iter().map(|(k, v)| (k.clone(), v.clone(), 1.0)).collect();
+    let mut optimizer = AdamW::new(with_scale, AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let vit = &*vit;
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let total = steps_per_epoch * cfg.epochs;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut epochs, mut step, mut step_seconds) = (Vec::new(), 0, 0.0);
-    let mut best: Option<(usize, f64, f64)> = None;
+    // The chosen epoch: its number, accuracies and parameters.
+    let mut best: Option<(usize, f64, f64, Vec<Tensor>)> = None;
     for epoch in 1..=cfg.epochs {
         let started = std::time::Instant::now();
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(cfg.batch) {
             let (x, y) = train.batch(chunk)?;
-            let loss = candle_nn::loss::cross_entropy(&classifier.logits(&x, true)?, &y)?;
+            let loss = candle_nn::loss::cross_entropy(&head.logits(vit, &x, true)?, &y)?;
             let grads = super::step::backward_to_variables(&loss)?;
-            let by_name: HashMap<String, Tensor> =
-                params.iter().filter_map(|(name, var, _)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect();
+            let by_name: HashMap<String, Tensor> = params.iter().filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect();
             optimizer.step(&by_name, warmup_cosine(step, total, cfg.lr))?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
             step += 1;
         }
         let seconds = started.elapsed().as_secs_f64();
         step_seconds += seconds;
-        let val_accuracy = classifier.accuracy(val, cfg.batch)?;
+        let val_accuracy = accuracy(vit, &head, val, cfg.batch)?;
         let stats = EpochStats { epoch, train_loss: loss_sum / train.len() as f64, val_accuracy, seconds };
         on_epoch(&stats);
         epochs.push(stats);
-        if best.is_none_or(|(_, acc, _)| val_accuracy > acc) {
-            best = Some((epoch, val_accuracy, classifier.accuracy(test, cfg.batch)?));
+        if best.as_ref().is_none_or(|b| val_accuracy > b.1) {
+            let values = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            best = Some((epoch, val_accuracy, accuracy(vit, &head, test, cfg.batch)?, values));
         }
     }
-    let (epoch, val_accuracy, test_accuracy) = best.expect("at least one epoch ran");
-    Ok(VisionReport { trainable_params, adapted_modules, epoch, val_accuracy, test_accuracy, epochs, step_seconds: step_seconds / total as f64 })
+    let (epoch, val_accuracy, test_accuracy, values) = best.expect("at least one epoch ran");
+    for ((_, var), value) in params.iter().zip(values) {
+        var.set(&value)?;
+    }
+    let report = VisionReport { trainable_params, adapted_modules, epoch, val_accuracy, test_accuracy, epochs, step_seconds: step_seconds / total as f64 };
+    Ok((report, head))
 }
 
 /// A grid of tiny random ViTs for the tests of the vision methods.
@@ -243,7 +281,7 @@ mod tests {
         let (train, val, test) = (bright_or_dark(48, 1), bright_or_dark(16, 2), bright_or_dark(16, 3));
         let cfg = VisionConfig { epochs: 8, batch: 8, lr: 1e-2, weight_decay: 0.0, seed: 5 };
         let mut seen = Vec::new();
-        let report = finetune(&mut vit, &lora(&["query", "value", "fc1"]), (&train, &val, &test), 2, &cfg, |e| seen.push(e.epoch)).unwrap();
+        let (report, head) = finetune(&mut vit, &lora(&["query", "value", "fc1"]), (&train, &val, &test), 2, &cfg, |e| seen.push(e.epoch)).unwrap();
         // 2 blocks x 3 targets, each r (in + out) parameters, plus the head.
         assert_eq!(report.adapted_modules, 6);
         assert_eq!(report.trainable_params, 4 * 4 * (8 + 8) + 2 * 4 * (8 + 16) + 8 * 2 + 2);
@@ -259,6 +297,22 @@ mod tests {
         assert_eq!(diff(&untrained.cls_features(&images).unwrap(), &plain), 0.0);
         assert_eq!(diff(&fresh.cls_features(&images).unwrap(), &plain), 0.0);
         assert!(diff(&vit.cls_features(&images).unwrap(), &plain) > 1e-3);
+        // The chosen epoch's parameters are the ones left: they give the reported accuracy.
+        assert_eq!(accuracy(&vit, &head, &test, 5).unwrap(), report.test_accuracy);
+
+        // Saved and loaded into a fresh backbone: the same classifier.
+        let dir = tempfile::tempdir().unwrap();
+        let method = lora(&["query", "value", "fc1"]);
+        save(&vit, &head, &method, &dir.path().join("adapter")).unwrap();
+        let mut loaded = tiny_vit(3, &dev);
+        let (method_back, head_back) = load(&mut loaded, &dir.path().join("adapter")).unwrap();
+        assert!(method_back == method);
+        let logits = |vit: &Vit, head: &Head| head.logits(vit, &test.x, false).unwrap();
+        assert_eq!(diff(&logits(&loaded, &head_back), &logits(&vit, &head)), 0.0);
+        // A saved adapter on a backbone of another width is an error naming the tensor.
+        let mut narrow = tiny_vit(3, &dev);
+        narrow.config.hidden = 16;
+        assert!(load(&mut narrow, &dir.path().join("adapter")).is_err());
     }
 
     /// The gradient of the loss in LoRA's B of the first block's query, by autograd through the
@@ -311,14 +365,14 @@ mod tests {
         let dev = Device::Cpu;
         let mut vit = tiny_vit(3, &dev);
         let (train, val) = (bright_or_dark(4, 1), bright_or_dark(4, 2));
-        let err = finetune(&mut vit, &lora(&["query"]), (&train, &val, &val), 1, &VisionConfig::default(), |_| ()).unwrap_err().to_string();
+        let err = finetune(&mut vit, &lora(&["query"]), (&train, &val, &val), 1, &VisionConfig::default(), |_| ()).err().unwrap().to_string();
         assert!(err.contains("label 1 with 1 classes"), "{err}");
-        let err = finetune(&mut vit, &lora(&["q_proj"]), (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).unwrap_err().to_string();
+        let err = finetune(&mut vit, &lora(&["q_proj"]), (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).err().unwrap().to_string();
         assert!(err.contains("matched no module"), "{err}");
         let adalora = crate::adapters::flags::AdapterArgs::parse(["--method", "adalora", "--target-modules", "query"]).unwrap().to_config().unwrap();
-        let err = finetune(&mut vit, &adalora, (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).unwrap_err().to_string();
+        let err = finetune(&mut vit, &adalora, (&train, &val, &val), 2, &VisionConfig::default(), |_| ()).err().unwrap().to_string();
         assert!(err.contains("ADALORA") && err.contains("does not train on the ViT"), "{err}");
         let cfg = VisionConfig { batch: 0, ..Default::default() };
-        assert!(finetune(&mut vit, &lora(&["query"]), (&train, &val, &val), 2, &cfg, |_| ()).unwrap_err().to_string().contains("batch 0"));
+        assert!(finetune(&mut vit, &lora(&["query"]), (&train, &val, &val), 2, &cfg, |_| ()).err().unwrap().to_string().contains("batch 0"));
     }
 }
