@@ -141,6 +141,8 @@ pub fn load_dinov2(path: &Path, prefix: &str, config: crate::model::vit::VitConf
             fc1: dense(&format!("{module}.mlp.fc1"), &format!("{node}/mlp/fc1/MatMul"), (h, m))?,
             fc2: dense(&format!("{module}.mlp.fc2"), &format!("{node}/mlp/fc2/MatMul"), (m, h))?,
             scale2: scale(2)?,
+            attn_control: None,
+            mlp_control: None,
         });
     }
     // The position embeddings: the CLS one is the first input of the concatenation that rebuilds

@@ -41,6 +41,13 @@ pub trait BlockControl: Send + Sync {
     }
 }
 
+/// Where a residual layer takes its two controls: across its attention block and its MLP block
+/// (a LLaMA decoder layer's, a ViT block's).
+pub struct ControlSlots<'a> {
+    pub attn: &'a mut Option<Box<dyn BlockControl>>,
+    pub mlp: &'a mut Option<Box<dyn BlockControl>>,
+}
+
 /// What a block control may need besides its block input [b, t, d].
 pub struct ControlContext<'a> {
     /// The additive attention bias [b, 1, t, past + t] of the attention (causal and padding).

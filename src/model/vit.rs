@@ -18,7 +18,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::Linear;
+use crate::model::{BlockControl, ControlContext, ControlSlots, Linear};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VitConfig {
@@ -85,6 +85,10 @@ pub struct VitBlock {
     pub fc1: Dense,
     pub fc2: Dense,
     pub scale2: Option<Tensor>,
+    /// Parallel / Double Control's controls across the attention and the MLP block
+    /// (`adapters::control`): `α·B(A x)` of the block's input added to its output.
+    pub attn_control: Option<Box<dyn BlockControl>>,
+    pub mlp_control: Option<Box<dyn BlockControl>>,
 }
 
 /// The linear layers of a block by their module paths inside Hugging Face's `Dinov2Layer`.
@@ -98,10 +102,16 @@ impl VitBlock {
                 None => y,
             })
         };
+        // The controls span the whole residual branch, LayerScale included.
+        let controlled = |branch: Tensor, input: &Tensor, control: &Option<Box<dyn BlockControl>>| -> Result<Tensor> {
+            let Some(control) = control else { return Ok(branch) };
+            let bias = Tensor::zeros((1, 1, 1, 1), input.dtype(), input.device())?;
+            control.add_to(&branch, input, &ControlContext { bias: &bias, past_input: None }, train)
+        };
         let attended = self.attention(&self.norm1.forward(z, train)?, heads, train)?;
-        let h = (z + scaled(self.output.forward(&attended, train)?, &self.scale1)?)?;
+        let h = (z + controlled(scaled(self.output.forward(&attended, train)?, &self.scale1)?, z, &self.attn_control)?)?;
         let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h, train)?, train)?.gelu_erf()?, train)?;
-        Ok((&h + scaled(mlp, &self.scale2)?)?)
+        Ok((&h + controlled(scaled(mlp, &self.scale2)?, &h, &self.mlp_control)?)?)
     }
 
     /// Softmax attention over all tokens, heads merged back: x [b, t, hidden] → [b, t, hidden].
@@ -190,8 +200,9 @@ impl Vit {
         out
     }
 
-    /// The adapters' parameters, keyed as PEFT's file keys them
-    /// (`base_model.model.encoder.layer.0.attention.attention.query.lora_A.weight`).
+    /// The adapters' and controls' parameters, keyed as PEFT's file keys them
+    /// (`base_model.model.encoder.layer.0.attention.attention.query.lora_A.weight`,
+    /// `base_model.model.encoder.layer.0.mlp_control.lora_A.weight`).
     pub fn trainable_params(&self) -> Vec<(String, candle_core::Var)> {
         let mut out = Vec::new();
         for (path, linear) in self.named_linears() {
@@ -199,7 +210,19 @@ impl Vit {
                 out.extend(adapter.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
             }
         }
+        for (i, block) in self.blocks.iter().enumerate() {
+            for (name, control) in [("attn_control", &block.attn_control), ("mlp_control", &block.mlp_control)] {
+                if let Some(c) = control {
+                    out.extend(c.params().into_iter().map(|(k, v)| (format!("base_model.model.encoder.layer.{i}.{name}.{k}"), v)));
+                }
+            }
+        }
         out
+    }
+
+    /// Each block's two control slots (Parallel and Double Control attach there).
+    pub fn control_slots(&mut self) -> impl Iterator<Item = ControlSlots<'_>> {
+        self.blocks.iter_mut().map(|b| ControlSlots { attn: &mut b.attn_control, mlp: &mut b.mlp_control })
     }
 
     /// Every linear layer with its module path as Hugging Face's `Dinov2Model` names it

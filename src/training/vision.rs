@@ -1,6 +1,7 @@
 //! Fine-tuning a frozen ViT for image classification with a per-linear method (LoRA and its
-//! family, IA3...): the method injected into the backbone's linear layers by their Hugging Face
-//! module paths (`encoder.layer.N.attention.attention.query`...), a linear head on the CLS
+//! family, IA3, SNELL) injected into the backbone's linear layers by their Hugging Face module
+//! paths (`encoder.layer.N.attention.attention.query`...), or Parallel / Double Control's
+//! controls across its blocks (seed 001's ViT experiment), a linear head on the CLS
 //! feature, `p = softmax(cls(x) W + b)`, and cross-entropy; AdamW on the adapters and the head,
 //! the learning rate warmed up linearly over the first tenth of the steps, then cosine-decayed to
 //! a hundredth of its peak (the seeds' VTAB-1k recipe: AdamW, cosine, lr 1e-3, no augmentation,
@@ -111,10 +112,27 @@ pub fn accuracy(vit: &Vit, head: &Head, set: &Images, batch: usize) -> Result<f6
 fn check_method(method: &AdapterConfig) -> Result<()> {
     // AdaLoRA's and SIFT's step hooks, GaLore's projection and EVA's initialisation from data
     // are LLaMA's training loop's, not this one's.
-    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL") && method.init_batches() == 0 {
+    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL" | "CONTROL") && method.init_batches() == 0 {
         return Ok(());
     }
-    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3 and SNELL do", method.peft_type())))
+    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3, SNELL and Parallel / Double Control do", method.peft_type())))
+}
+
+/// Attach `method` to the ViT: a per-linear method on the layers it targets; Parallel / Double
+/// Control's controls across every block's MLP (and attention), with its LoRA on its targets.
+/// Returns how many modules were adapted.
+fn inject(vit: &mut Vit, method: &AdapterConfig, rng: &mut StdRng) -> Result<usize> {
+    use crate::adapters::method::inject_named;
+    check_method(method)?;
+    let Some(control) = method.downcast_ref::<crate::adapters::ControlConfig>() else {
+        return inject_named(&**method, vit.named_linears_mut(), rng);
+    };
+    let (hidden, device) = (vit.config.hidden, vit.patch_weight.device().clone());
+    let controls = crate::adapters::control::attach_to(vit.control_slots(), hidden, &device, control, rng)?;
+    match &control.lora {
+        Some(lora) => Ok(controls + inject_named(lora, vit.named_linears_mut(), rng)?),
+        None => Ok(controls),
+    }
 }
 
 /// Save the adapters on `vit` and `head` as PEFT keeps an adapter (`adapters::files`).
@@ -129,8 +147,7 @@ pub fn save(vit: &Vit, head: &Head, method: &AdapterConfig, dir: &std::path::Pat
 pub fn load(vit: &mut Vit, dir: &std::path::Path) -> Result<(AdapterConfig, Head)> {
     let source = crate::hub::ModelSource::Dir(dir.to_path_buf());
     let method = crate::adapters::files::read_adapter_config(&source)?;
-    check_method(&method)?;
-    crate::adapters::method::inject_named(&*method, vit.named_linears_mut(), &mut StdRng::seed_from_u64(0))?;
+    inject(vit, &method, &mut StdRng::seed_from_u64(0))?;
     let weights = crate::weights::Weights::from_safetensors(&[source.file("adapter_model.safetensors")?])?;
     let key = "base_model.model.classifier.weight";
     let classes = weights.get_any(key, DType::F32, &candle_core::Device::Cpu)?.dims2()?.0;
@@ -170,9 +187,8 @@ pub fn finetune(
     if let Some(&bad) = train.labels.iter().chain(&val.labels).chain(&test.labels).find(|&&l| l as usize >= classes) {
         return Err(Error::msg(format!("vision fine-tuning: label {bad} with {classes} classes")));
     }
-    check_method(method)?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let adapted_modules = crate::adapters::method::inject_named(&**method, vit.named_linears_mut(), &mut rng)?;
+    let adapted_modules = inject(vit, method, &mut rng)?;
     let head = Head::zeros(vit.config.hidden, classes, train.x.device())?;
     let mut params = vit.trainable_params();
     params.extend(head.params());
@@ -237,7 +253,7 @@ pub(crate) fn tiny_vit(seed: u64, device: &candle_core::Device) -> Vit {
     for _ in 0..cfg.depth {
         let (query, key, value, output, fc1, fc2) = (dense(h, h), dense(h, h), dense(h, h), dense(h, h), dense(cfg.mlp, h), dense(h, cfg.mlp));
         let norm = || LayerNorm { weight: Tensor::ones(h, DType::F32, device).unwrap(), bias: Tensor::zeros(h, DType::F32, device).unwrap(), eps: 1e-6 };
-        blocks.push(VitBlock { norm1: norm(), query, key, value, output, scale1: Some(Tensor::full(0.5f32, h, device).unwrap()), norm2: norm(), fc1, fc2, scale2: None });
+        blocks.push(VitBlock { norm1: norm(), query, key, value, output, scale1: Some(Tensor::full(0.5f32, h, device).unwrap()), norm2: norm(), fc1, fc2, scale2: None, attn_control: None, mlp_control: None });
     }
     Vit {
         patch_weight: draw(&[h, 3, 4, 4], 0.3),
@@ -313,6 +329,28 @@ mod tests {
         let mut narrow = tiny_vit(3, &dev);
         narrow.config.hidden = 16;
         assert!(load(&mut narrow, &dir.path().join("adapter")).is_err());
+    }
+
+    /// Double Control (controls across both blocks of each layer) learns the task and round-trips.
+    #[test]
+    fn double_control_on_the_vit_learns_a_task_and_round_trips() {
+        let dev = Device::Cpu;
+        let mut vit = tiny_vit(3, &dev);
+        let method = crate::adapters::flags::AdapterArgs::parse(["--method", "double_control", "--control-rank", "4", "--double-control-rank", "4"]).unwrap().to_config().unwrap();
+        let (train, val, test) = (bright_or_dark(48, 1), bright_or_dark(16, 2), bright_or_dark(16, 3));
+        let cfg = VisionConfig { epochs: 8, batch: 8, lr: 1e-2, weight_decay: 0.0, seed: 5 };
+        let (report, head) = finetune(&mut vit, &method, (&train, &val, &test), 2, &cfg, |_| ()).unwrap();
+        // 2 blocks x 2 controls x (A [4, 8] + B [8, 4]), plus the head.
+        assert_eq!((report.adapted_modules, report.trainable_params), (4, 2 * 2 * 64 + 8 * 2 + 2));
+        assert!(report.val_accuracy >= 0.9 && report.test_accuracy >= 0.9, "{report:?}");
+        let dir = tempfile::tempdir().unwrap();
+        save(&vit, &head, &method, dir.path()).unwrap();
+        let mut loaded = tiny_vit(3, &dev);
+        let (_, head_back) = load(&mut loaded, dir.path()).unwrap();
+        let logits = |vit: &Vit, head: &Head| head.logits(vit, &test.x, false).unwrap();
+        let diff = (logits(&loaded, &head_back) - logits(&vit, &head)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(loaded.blocks.iter().all(|b| b.attn_control.is_some() && b.mlp_control.is_some()));
     }
 
     /// The gradient of the loss in LoRA's B of the first block's query, by autograd through the

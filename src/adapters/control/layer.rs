@@ -8,7 +8,7 @@ use crate::ops::dropout::Dropout;
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::ops::nn::matmul_t;
-use crate::model::{BlockControl, ControlContext, Llama};
+use crate::model::{BlockControl, ControlContext, ControlSlots, Llama};
 use super::ControlConfig;
 
 /// `α·B(drop(A x))` across one residual block.
@@ -58,10 +58,17 @@ impl BlockControl for ParallelControl {
 /// Attach the controls of `cfg` to every decoder layer (the LoRA part is injected by the
 /// caller); returns how many controls.
 pub fn attach(model: &mut Llama, cfg: &ControlConfig, rng: &mut StdRng) -> Result<usize> {
+    let (hidden, device) = (model.config.hidden_size, model.device().clone());
+    let slots = model.layers.iter_mut().map(|l| ControlSlots { attn: &mut l.attn_control, mlp: &mut l.mlp_control });
+    attach_to(slots, hidden, &device, cfg, rng)
+}
+
+/// The controls of `cfg` in the slots of every layer of a model of width `hidden` (a LLaMA
+/// decoder's, a ViT's); returns how many controls.
+pub fn attach_to<'a>(layers: impl Iterator<Item = ControlSlots<'a>>, hidden: usize, device: &Device, cfg: &ControlConfig, rng: &mut StdRng) -> Result<usize> {
     if cfg.control_rank == 0 || (cfg.double_control && cfg.double_control_rank == 0) {
         return Err(Error::Adapter("control ranks must be at least 1".into()));
     }
-    let (hidden, device) = (model.config.hidden_size, model.device().clone());
     // Checked before anything is allocated from them: a rank read from a file could be any size.
     for (name, rank) in [("control_rank", cfg.control_rank), ("double_control_rank", cfg.double_control_rank)] {
         if rank > hidden && (name == "control_rank" || cfg.double_control) {
@@ -69,14 +76,14 @@ pub fn attach(model: &mut Llama, cfg: &ControlConfig, rng: &mut StdRng) -> Resul
         }
     }
     let mut count = 0;
-    for layer in &mut model.layers {
+    for layer in layers {
         if cfg.double_control {
-            let c = ParallelControl::new(hidden, cfg.double_control_rank, cfg.control_alpha, cfg.control_dropout, rng, &device)?;
-            layer.attn_control = Some(Box::new(c));
+            let c = ParallelControl::new(hidden, cfg.double_control_rank, cfg.control_alpha, cfg.control_dropout, rng, device)?;
+            *layer.attn = Some(Box::new(c));
             count += 1;
         }
-        let c = ParallelControl::new(hidden, cfg.control_rank, cfg.control_alpha, cfg.control_dropout, rng, &device)?;
-        layer.mlp_control = Some(Box::new(c));
+        let c = ParallelControl::new(hidden, cfg.control_rank, cfg.control_alpha, cfg.control_dropout, rng, device)?;
+        *layer.mlp = Some(Box::new(c));
         count += 1;
     }
     Ok(count)
