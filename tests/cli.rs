@@ -74,6 +74,26 @@ fn bench_methods_reports_every_method_asked_for() {
     assert!(reports.iter().all(|r| r["trainable_params"].as_u64().unwrap() > 0 && r["step_seconds"].as_f64().unwrap() > 0.0));
 }
 
+/// The methods on a ViT (`--shape vit-s14`, random weights; 2 blocks, 28 px images): LoRA on the
+/// query maps, Parallel Control and SNELL, each with its own parameter count and the head's.
+#[test]
+fn bench_methods_runs_the_vision_methods_on_a_vit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let shape = ["--shape", "vit-s14", "--layers", "2", "--batch", "2", "--seq", "28", "--steps", "2"];
+    let flags = ["--r", "4", "--target-modules", "query", "--control-rank", "8", "--snell-heads", "2"];
+    cli(&[&["bench", "methods", "--methods", "lora,control,snell", "--output", json.to_str().unwrap()][..], &shape, &flags].concat());
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let trainable: Vec<u64> = reports.iter().map(|r| r["trainable_params"].as_u64().unwrap()).collect();
+    let head = 384 * 10 + 10;
+    // LoRA and SNELL: 2 blocks x r 4 x (384 + 384); Control: 2 blocks x (A [8, 384] + B [384, 8]).
+    assert_eq!(trainable, [2 * 4 * 768 + head, 2 * 2 * 8 * 384 + head, 2 * 4 * 768 + head]);
+    assert!(reports.iter().all(|r| r["step_seconds"].as_f64().unwrap() > 0.0 && r["last_loss"].as_f64().unwrap().is_finite()));
+    // Not on a GPU, nor in another dtype.
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-peft")).args(["bench", "step", "--dtype", "bf16"]).args(shape).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--shape vit-s14 runs on the CPU in f32 only"));
+}
+
 /// Each method runs in a `bench step` child: the adapter flags must reach it (a flag left behind
 /// used to run the child with its default, e.g. SNELL's `--sparsity`).
 #[test]

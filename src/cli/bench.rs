@@ -71,6 +71,9 @@ fn random_batch(vocab: usize, b: usize, t: usize, seed: u64, device: &Device) ->
 /// One method in this process: prints its report as one JSON line.
 pub fn step(args: &BenchStepArgs) -> Result<()> {
     args.run.validate()?;
+    if args.run.shape == "vit-s14" {
+        return vit_step(args);
+    }
     let device = super::parse_device(&args.run.device)?;
     let quantize = args.run.quantize.as_deref().map(str::parse).transpose()?;
     let mut config = shape(&args.run.shape)?;
@@ -129,6 +132,61 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
         eprintln!("{}", anchor_line(&report, &anchor, anchor_recipe(args)?));
         report.anchor = Some(anchor);
     }
+    println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
+    Ok(())
+}
+
+/// One method on DINOv2 ViT-S/14's shape with random weights (`--shape vit-s14`): `--batch`
+/// random images of `--seq` x `--seq` pixels, 10 classes, the method's adapters and a linear head
+/// trained by `training::vision`; the report's tokens are each image's patches and its CLS.
+fn vit_step(args: &BenchStepArgs) -> Result<()> {
+    use crate::model::vit::{Vit, VitConfig};
+    use crate::training::vision::{Trainer as VisionTrainer, VisionConfig};
+    let run = &args.run;
+    if run.device != "cpu" || run.dtype != "f32" || run.quantize.is_some() || run.gradient_checkpointing || args.anchor_python.is_some() {
+        return Err(Error::msg("--shape vit-s14 runs on the CPU in f32 only, without --quantize, --gradient-checkpointing or an anchor"));
+    }
+    let mut config = VitConfig::dinov2_small();
+    if let Some(layers) = run.layers {
+        config.depth = layers;
+    }
+    let (side, p) = (run.seq, config.patch_size);
+    if !side.is_multiple_of(p) {
+        return Err(Error::msg(format!("--seq {side}: the images' side must be a multiple of the patch size {p}")));
+    }
+    let device = Device::Cpu;
+    let mut vit = Vit::random(config, 0, &device)?;
+    let x = Tensor::randn(0f32, 1.0, (run.batch, 3, side, side), &device)?;
+    let y = Tensor::from_vec((0..run.batch).map(|i| (i % 10) as u32).collect::<Vec<_>>(), run.batch, &device)?;
+    let adapter = args.adapter.to_config()?;
+    let cfg = VisionConfig { lr: 1e-4, ..Default::default() };
+    let mut trainer = VisionTrainer::new(&mut vit, &adapter, 10, &cfg, &mut StdRng::seed_from_u64(0))?;
+    let baseline = proc_status_mib("VmRSS")?;
+    reset_peak_rss();
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for _ in 0..run.steps {
+        let start = Instant::now();
+        losses.push(trainer.step(&vit, &x, &y, cfg.lr)?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let later = if times.len() > 1 { &times[1..] } else { &times[..] };
+    let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
+    let peak = proc_status_mib("VmHWM")?;
+    let report = MethodReport {
+        method: args.adapter.method.clone(),
+        trainable_params: trainer.trainable_params(),
+        optimizer_state_bytes: trainer.optimizer.state_tensors()?.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+        peak_extra_mib: peak - baseline,
+        peak_rss_mib: peak,
+        gpu_peak_extra_mib: None,
+        gpu_loaded_mib: None,
+        step_seconds,
+        tokens_per_second: (run.batch * (1 + (side / p) * (side / p))) as f64 / step_seconds,
+        first_loss: losses[0],
+        last_loss: *losses.last().unwrap_or(&f64::NAN),
+        kernels: kernels_in_use(),
+        anchor: None,
+    };
     println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
     Ok(())
 }

@@ -94,7 +94,9 @@ pub struct BenchStepArgs {
 /// The model and batch every method of a benchmark runs on.
 #[derive(Args, Debug, Clone)]
 pub struct BenchRunArgs {
-    /// smollm2 (SmolLM2-135M's shape), llama2-7b or tiny, with random weights.
+    /// smollm2 (SmolLM2-135M's shape), llama2-7b or tiny, with random weights; or vit-s14
+    /// (DINOv2 ViT-S/14 with random weights, a linear head of 10 classes, `--seq` the images'
+    /// side in pixels: 224 is 16 x 16 patches).
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
     /// Keep only this many decoder layers of the shape (a slice of a large model: the memory of

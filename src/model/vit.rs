@@ -153,6 +153,41 @@ impl std::fmt::Debug for Vit {
 }
 
 impl Vit {
+    /// A ViT of `config` with random weights (each map uniform in ±1/√in, biases and position
+    /// embeddings small, LayerScale 0.5, norms the identity): for benchmarks and tests.
+    pub fn random(config: VitConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut draw = |dims: &[usize], bound: f32| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..=bound)).collect();
+            Ok(Tensor::from_vec(v, dims, device)?)
+        };
+        let (h, m, p) = (config.hidden, config.mlp, config.patch_size);
+        let mut dense = |out: usize, inp: usize| -> Result<Dense> {
+            Ok(Dense { linear: Linear::new(draw(&[out, inp], 1.0 / (inp as f32).sqrt())?), bias: draw(&[out], 0.1)? })
+        };
+        let norm = || -> Result<LayerNorm> { Ok(LayerNorm { weight: Tensor::ones(h, DType::F32, device)?, bias: Tensor::zeros(h, DType::F32, device)?, eps: config.layer_norm_eps }) };
+        let gamma = || -> Result<Option<Tensor>> { Ok(if config.layer_scale { Some(Tensor::full(0.5f32, h, device)?) } else { None }) };
+        let mut blocks = Vec::with_capacity(config.depth);
+        for _ in 0..config.depth {
+            let (query, key, value, output) = (dense(h, h)?, dense(h, h)?, dense(h, h)?, dense(h, h)?);
+            let (fc1, fc2) = (dense(m, h)?, dense(h, m)?);
+            let (scale1, scale2) = (gamma()?, gamma()?);
+            blocks.push(VitBlock { norm1: norm()?, query, key, value, output, scale1, norm2: norm()?, fc1, fc2, scale2, attn_control: None, mlp_control: None });
+        }
+        Ok(Vit {
+            patch_weight: draw(&[h, 3, p, p], 1.0 / ((3 * p * p) as f32).sqrt())?,
+            patch_bias: draw(&[h], 0.1)?,
+            cls: draw(&[h], 1.0)?,
+            pos_cls: draw(&[h], 0.1)?,
+            pos_grid: draw(&[config.pos_grid * config.pos_grid, h], 0.1)?,
+            blocks,
+            norm: norm()?,
+            config,
+        })
+    }
+
     /// The final LayerNorm's output for images [b, 3, H, W] (H and W multiples of the patch
     /// size): [b, 1 + (H/p)(W/p), hidden], the CLS token's row first.
     pub fn forward_features(&self, images: &Tensor) -> Result<Tensor> {

@@ -170,6 +170,42 @@ pub fn warmup_cosine(step: usize, total: usize, peak: f64) -> f64 {
     floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
+/// The method's adapters on a ViT, a new head and AdamW on both: one optimizer step at a time.
+pub struct Trainer {
+    pub head: Head,
+    /// The adapters' and the head's parameters by their keys in the adapter's file.
+    pub params: Vec<(String, Var)>,
+    pub optimizer: AdamW,
+    pub adapted_modules: usize,
+}
+
+impl Trainer {
+    /// Inject `method` into `vit` (seeded by `rng`) and add a zero head of `classes` outputs.
+    pub fn new(vit: &mut Vit, method: &AdapterConfig, classes: usize, cfg: &VisionConfig, rng: &mut StdRng) -> Result<Self> {
+        let adapted_modules = inject(vit, method, rng)?;
+        let head = Head::zeros(vit.config.hidden, classes, vit.patch_weight.device())?;
+        let mut params = vit.trainable_params();
+        params.extend(head.params());
+        let with_scale = params.iter().map(|(k, v)| (k.clone(), v.clone(), 1.0)).collect();
+        let optimizer = AdamW::new(with_scale, AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
+        Ok(Self { head, params, optimizer, adapted_modules })
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// One step on images x [b, 3, H, W] with labels y [b] at learning rate `lr`; returns the
+    /// batch's mean cross-entropy before the step.
+    pub fn step(&mut self, vit: &Vit, x: &Tensor, y: &Tensor, lr: f64) -> Result<f64> {
+        let loss = candle_nn::loss::cross_entropy(&self.head.logits(vit, x, true)?, y)?;
+        let grads = super::step::backward_to_variables(&loss)?;
+        let by_name: HashMap<String, Tensor> = self.params.iter().filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect();
+        self.optimizer.step(&by_name, lr)?;
+        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+}
+
 /// Inject `method` into `vit` and train it with a new head on `train`, choosing the epoch by
 /// `val` and reporting its accuracy on `test`; the adapters and the head are left as they were
 /// after the chosen epoch. `on_epoch` sees each epoch's figures as they come.
@@ -188,13 +224,7 @@ pub fn finetune(
         return Err(Error::msg(format!("vision fine-tuning: label {bad} with {classes} classes")));
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let adapted_modules = inject(vit, method, &mut rng)?;
-    let head = Head::zeros(vit.config.hidden, classes, train.x.device())?;
-    let mut params = vit.trainable_params();
-    params.extend(head.params());
-    let trainable_params = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let with_scale = params.iter().map(|(k, v)| (k.clone(), v.clone(), 1.0)).collect();
-    let mut optimizer = AdamW::new(with_scale, AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let mut trainer = Trainer::new(vit, method, classes, cfg, &mut rng)?;
     let vit = &*vit;
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
@@ -209,62 +239,34 @@ pub fn finetune(
         let mut loss_sum = 0.0;
         for chunk in order.chunks(cfg.batch) {
             let (x, y) = train.batch(chunk)?;
-            let loss = candle_nn::loss::cross_entropy(&head.logits(vit, &x, true)?, &y)?;
-            let grads = super::step::backward_to_variables(&loss)?;
-            let by_name: HashMap<String, Tensor> = params.iter().filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect();
-            optimizer.step(&by_name, warmup_cosine(step, total, cfg.lr))?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+            loss_sum += trainer.step(vit, &x, &y, warmup_cosine(step, total, cfg.lr))? * chunk.len() as f64;
             step += 1;
         }
         let seconds = started.elapsed().as_secs_f64();
         step_seconds += seconds;
-        let val_accuracy = accuracy(vit, &head, val, cfg.batch)?;
+        let val_accuracy = accuracy(vit, &trainer.head, val, cfg.batch)?;
         let stats = EpochStats { epoch, train_loss: loss_sum / train.len() as f64, val_accuracy, seconds };
         on_epoch(&stats);
         epochs.push(stats);
         if best.as_ref().is_none_or(|b| val_accuracy > b.1) {
-            let values = params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
-            best = Some((epoch, val_accuracy, accuracy(vit, &head, test, cfg.batch)?, values));
+            let values = trainer.params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            best = Some((epoch, val_accuracy, accuracy(vit, &trainer.head, test, cfg.batch)?, values));
         }
     }
     let (epoch, val_accuracy, test_accuracy, values) = best.expect("at least one epoch ran");
-    for ((_, var), value) in params.iter().zip(values) {
+    for ((_, var), value) in trainer.params.iter().zip(values) {
         var.set(&value)?;
     }
+    let (trainable_params, adapted_modules) = (trainer.trainable_params(), trainer.adapted_modules);
     let report = VisionReport { trainable_params, adapted_modules, epoch, val_accuracy, test_accuracy, epochs, step_seconds: step_seconds / total as f64 };
-    Ok((report, head))
+    Ok((report, trainer.head))
 }
 
-/// A grid of tiny random ViTs for the tests of the vision methods.
+/// A tiny random ViT (8 wide, 2 blocks of 2 heads, 4 x 4 patches) for the tests.
 #[cfg(test)]
 pub(crate) fn tiny_vit(seed: u64, device: &candle_core::Device) -> Vit {
-    use crate::model::vit::{Dense, LayerNorm, VitBlock, VitConfig};
-    let cfg = VitConfig { patch_size: 4, hidden: 8, depth: 2, heads: 2, mlp: 16, layer_norm_eps: 1e-6, layer_scale: true, pos_grid: 2 };
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut draw = |dims: &[usize], std: f32| -> Tensor {
-        use rand::Rng;
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0) * std).collect();
-        Tensor::from_vec(v, dims, device).unwrap()
-    };
-    let h = cfg.hidden;
-    let mut dense = |out: usize, inp: usize| Dense { linear: crate::model::Linear::new(draw(&[out, inp], 0.5)), bias: draw(&[out], 0.1) };
-    let mut blocks = Vec::new();
-    for _ in 0..cfg.depth {
-        let (query, key, value, output, fc1, fc2) = (dense(h, h), dense(h, h), dense(h, h), dense(h, h), dense(cfg.mlp, h), dense(h, cfg.mlp));
-        let norm = || LayerNorm { weight: Tensor::ones(h, DType::F32, device).unwrap(), bias: Tensor::zeros(h, DType::F32, device).unwrap(), eps: 1e-6 };
-        blocks.push(VitBlock { norm1: norm(), query, key, value, output, scale1: Some(Tensor::full(0.5f32, h, device).unwrap()), norm2: norm(), fc1, fc2, scale2: None, attn_control: None, mlp_control: None });
-    }
-    Vit {
-        patch_weight: draw(&[h, 3, 4, 4], 0.3),
-        patch_bias: draw(&[h], 0.1),
-        cls: draw(&[h], 1.0),
-        pos_cls: draw(&[h], 0.1),
-        pos_grid: draw(&[4, h], 0.1),
-        blocks,
-        norm: LayerNorm { weight: Tensor::ones(h, DType::F32, device).unwrap(), bias: Tensor::zeros(h, DType::F32, device).unwrap(), eps: 1e-6 },
-        config: cfg,
-    }
+    let cfg = crate::model::vit::VitConfig { patch_size: 4, hidden: 8, depth: 2, heads: 2, mlp: 16, layer_norm_eps: 1e-6, layer_scale: true, pos_grid: 2 };
+    Vit::random(cfg, seed, device).unwrap()
 }
 
 #[cfg(test)]
