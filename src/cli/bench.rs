@@ -99,15 +99,7 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     let steps = StepConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, warmup_steps: 0, total_steps: args.run.steps, max_grad_norm: Some(1.0), gradient_checkpointing: args.run.gradient_checkpointing };
     let mut trainer = Trainer::new(&model, steps, |_| 1.0)?;
     configure_trainer(&mut trainer, &model, &adapter)?;
-    let mut times = Vec::new();
-    let mut losses = Vec::new();
-    for _ in 0..args.run.steps {
-        let start = Instant::now();
-        losses.push(trainer.step(&model, std::slice::from_ref(&batch))?.loss);
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let later = if times.len() > 1 { &times[1..] } else { &times[..] };
-    let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
+    let (step_seconds, losses) = timed_steps(args.run.steps, || Ok(trainer.step(&model, std::slice::from_ref(&batch))?.loss))?;
     let optimizer_state_bytes = trainer.optimizer.state_tensors()?.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
     let peak = proc_status_mib("VmHWM")?;
     let gpu_loaded_mib = gpu.as_ref().map(GpuMemory::baseline_mib);
@@ -134,6 +126,19 @@ pub fn step(args: &BenchStepArgs) -> Result<()> {
     }
     println!("{}", serde_json::to_string(&report).map_err(|e| Error::msg(e.to_string()))?);
     Ok(())
+}
+
+/// `steps` optimizer steps, each returning its loss: the mean seconds of a step after the first
+/// (the first also pays for first-touch allocations), and the losses.
+fn timed_steps(steps: usize, mut step: impl FnMut() -> Result<f64>) -> Result<(f64, Vec<f64>)> {
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let start = Instant::now();
+        losses.push(step()?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let later = if times.len() > 1 { &times[1..] } else { &times[..] };
+    Ok((later.iter().sum::<f64>() / later.len().max(1) as f64, losses))
 }
 
 /// One method on DINOv2 ViT-S/14's shape with random weights (`--shape vit-s14`): `--batch`
@@ -163,14 +168,7 @@ fn vit_step(args: &BenchStepArgs) -> Result<()> {
     let mut trainer = VisionTrainer::new(&mut vit, &adapter, 10, &cfg, &mut StdRng::seed_from_u64(0))?;
     let baseline = proc_status_mib("VmRSS")?;
     reset_peak_rss();
-    let (mut times, mut losses) = (Vec::new(), Vec::new());
-    for _ in 0..run.steps {
-        let start = Instant::now();
-        losses.push(trainer.step(&vit, &x, &y, cfg.lr)?);
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let later = if times.len() > 1 { &times[1..] } else { &times[..] };
-    let step_seconds = later.iter().sum::<f64>() / later.len().max(1) as f64;
+    let (step_seconds, losses) = timed_steps(run.steps, || trainer.step(&vit, &x, &y, cfg.lr))?;
     let peak = proc_status_mib("VmHWM")?;
     let report = MethodReport {
         method: args.adapter.method.clone(),

@@ -196,8 +196,8 @@ pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport
         crate::fsutil::refuse_to_replace(&files, "--output", task.overwrite)?;
     }
     let VisionTask { mut vit, train, val, test, classes } = task.load()?;
-    let images = |set: &ImageSet| -> Result<Images> { Ok(Images { x: set.backbone_input(task.image_size, &candle_core::Device::Cpu)?, labels: set.labels.clone() }) };
-    let (train_x, val_x, test_x) = (images(&train)?, images(&val)?, images(&test)?);
+    let size = task.image_size;
+    let (train_x, val_x, test_x) = (Images::of(&train, size)?, Images::of(&val, size)?, Images::of(&test, size)?);
     let cfg = VisionConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, weight_decay: args.weight_decay, seed: task.seed };
     let (result, head) = finetune(&mut vit, &method, (&train_x, &val_x, &test_x), classes, &cfg, |e| {
         eprintln!("epoch {}: train loss {:.4}, validation {:.2}% ({:.0} s)", e.epoch, e.train_loss, 100.0 * e.val_accuracy, e.seconds);
@@ -255,7 +255,7 @@ pub fn vision_eval(args: &VisionEvalArgs) -> Result<VisionEvalReport> {
     if head_classes < classes {
         return Err(Error::msg(format!("--adapter {}: its head has {head_classes} classes, the task {classes}", args.adapter.display())));
     }
-    let images = Images { x: test.backbone_input(task.image_size, &candle_core::Device::Cpu)?, labels: test.labels.clone() };
+    let images = Images::of(&test, task.image_size)?;
     let report = VisionEvalReport { method: method.peft_type().to_string(), test: test.len(), image_size: task.image_size, test_accuracy: accuracy(&vit, &head, &images, 32)? };
     println!("{} adapter {}: test {:.2}% of {} images at {} px", report.method, args.adapter.display(), 100.0 * report.test_accuracy, report.test, report.image_size);
     if let Some(path) = &task.json {

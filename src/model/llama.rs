@@ -41,6 +41,29 @@ pub trait BlockControl: Send + Sync {
     }
 }
 
+/// The trainable tensors of the adapters on `linears` (module path, layer) and of the controls
+/// of each layer (its module path, its attention and MLP controls), keyed as in the adapter file:
+/// `base_model.model.{path}.lora_A.weight`, `base_model.model.{layer}.mlp_control.lora_A.weight`.
+pub fn adapter_params<'a>(
+    linears: Vec<(String, &'a Linear)>,
+    controls: impl Iterator<Item = (String, [&'a Option<Box<dyn BlockControl>>; 2])>,
+) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (path, lin) in linears {
+        if let Some(a) = lin.adapter() {
+            out.extend(a.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
+        }
+    }
+    for (layer, slots) in controls {
+        for (block, control) in ["attn_control", "mlp_control"].into_iter().zip(slots) {
+            if let Some(c) = control {
+                out.extend(c.params().into_iter().map(|(k, v)| (format!("base_model.model.{layer}.{block}.{k}"), v)));
+            }
+        }
+    }
+    out
+}
+
 /// Where a residual layer takes its two controls: across its attention block and its MLP block
 /// (a LLaMA decoder layer's, a ViT block's).
 pub struct ControlSlots<'a> {
@@ -569,21 +592,8 @@ impl Llama {
     /// Every trainable tensor of every adapter, keyed as in the adapter file
     /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
     pub fn trainable_params(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
-        for (path, lin) in self.named_linears() {
-            if let Some(a) = lin.adapter() {
-                out.extend(a.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
-            }
-        }
-        for (i, l) in self.layers.iter().enumerate() {
-            for (block, control) in [("attn_control", &l.attn_control), ("mlp_control", &l.mlp_control)] {
-                if let Some(c) = control {
-                    let p = format!("base_model.model.model.layers.{i}.{block}");
-                    out.extend(c.params().into_iter().map(|(k, v)| (format!("{p}.{k}"), v)));
-                }
-            }
-        }
-        out
+        let controls = self.layers.iter().enumerate().map(|(i, l)| (format!("model.layers.{i}"), [&l.attn_control, &l.mlp_control]));
+        adapter_params(self.named_linears(), controls)
     }
 
     /// Logits [b, t, vocab] in f32. `mask` is [b][t] (1 = token, 0 = padding) for the new tokens;

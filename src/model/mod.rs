@@ -11,5 +11,5 @@ pub mod vit;
 pub use batch::TrainBatch;
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{FrozenLinear, Linear, LinearAdapter};
-pub use llama::{BlockControl, ControlContext, ControlSlots, KvCache, Llama, Positions};
+pub use llama::{adapter_params, BlockControl, ControlContext, ControlSlots, KvCache, Llama, Positions};
 pub use mixed::RowModels;

@@ -18,7 +18,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::{BlockControl, ControlContext, ControlSlots, Linear};
+use crate::model::{adapter_params, BlockControl, ControlContext, ControlSlots, Linear};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VitConfig {
@@ -95,7 +95,8 @@ pub struct VitBlock {
 const BLOCK_LINEARS: [&str; 6] = ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense", "mlp.fc1", "mlp.fc2"];
 
 impl VitBlock {
-    fn forward(&self, z: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
+    /// `bias`: the attention's additive bias [b, 1, t, t], zeros (no mask), made once a forward.
+    fn forward(&self, z: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         let scaled = |y: Tensor, gamma: &Option<Tensor>| -> Result<Tensor> {
             Ok(match gamma {
                 Some(g) => y.broadcast_mul(g)?,
@@ -105,10 +106,9 @@ impl VitBlock {
         // The controls span the whole residual branch, LayerScale included.
         let controlled = |branch: Tensor, input: &Tensor, control: &Option<Box<dyn BlockControl>>| -> Result<Tensor> {
             let Some(control) = control else { return Ok(branch) };
-            let bias = Tensor::zeros((1, 1, 1, 1), input.dtype(), input.device())?;
-            control.add_to(&branch, input, &ControlContext { bias: &bias, past_input: None }, train)
+            control.add_to(&branch, input, &ControlContext { bias, past_input: None }, train)
         };
-        let attended = self.attention(&self.norm1.forward(z, train)?, heads, train)?;
+        let attended = self.attention(&self.norm1.forward(z, train)?, bias, heads, train)?;
         let h = (z + controlled(scaled(self.output.forward(&attended, train)?, &self.scale1)?, z, &self.attn_control)?)?;
         let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h, train)?, train)?.gelu_erf()?, train)?;
         Ok((&h + controlled(scaled(mlp, &self.scale2)?, &h, &self.mlp_control)?)?)
@@ -117,15 +117,20 @@ impl VitBlock {
     /// Softmax attention over all tokens, heads merged back: x [b, t, hidden] → [b, t, hidden].
     /// The training attention op with a zero bias (no mask): on the CPU in f32 its blocks of
     /// query rows (`ops::fused::attention_blocks`), which never hold the [b, heads, t, t] scores.
-    fn attention(&self, x: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
+    fn attention(&self, x: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         let (b, t, width) = x.dims3()?;
         let d = width / heads;
         let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (split(self.query.forward(x, train)?)?, split(self.key.forward(x, train)?)?, split(self.value.forward(x, train)?)?);
-        let bias = Tensor::zeros((b, 1, t, t), x.dtype(), x.device())?;
-        Ok(q.apply_op3(&k, &v, crate::ops::fused::Attention::new(bias, 1.0 / (d as f64).sqrt()))?)
+        Ok(q.apply_op3(&k, &v, crate::ops::fused::Attention::new(bias.clone(), 1.0 / (d as f64).sqrt()))?)
     }
 
+    /// The six maps in the order of `BLOCK_LINEARS`.
+    fn linears(&self) -> [&Linear; 6] {
+        [&self.query.linear, &self.key.linear, &self.value.linear, &self.output.linear, &self.fc1.linear, &self.fc2.linear]
+    }
+
+    /// [`VitBlock::linears`], mutable.
     fn linears_mut(&mut self) -> [&mut Linear; 6] {
         [&mut self.query.linear, &mut self.key.linear, &mut self.value.linear, &mut self.output.linear, &mut self.fc1.linear, &mut self.fc2.linear]
     }
@@ -207,8 +212,10 @@ impl Vit {
         let cls = self.cls.reshape((1, 1, self.config.hidden))?.broadcast_as((b, 1, self.config.hidden))?;
         let pos = Tensor::cat(&[self.pos_cls.reshape((1, self.config.hidden))?, self.pos_for(h / p, w / p)?], 0)?;
         let mut z = Tensor::cat(&[cls, tokens], 1)?.broadcast_add(&pos)?;
+        let t = z.dim(1)?;
+        let bias = Tensor::zeros((b, 1, t, t), z.dtype(), z.device())?;
         for block in &self.blocks {
-            z = block.forward(&z, self.config.heads, train)?;
+            z = block.forward(&z, &bias, self.config.heads, train)?;
         }
         self.norm.forward(&z, train)
     }
@@ -227,8 +234,7 @@ impl Vit {
     pub fn named_linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let linears = [&block.query.linear, &block.key.linear, &block.value.linear, &block.output.linear, &block.fc1.linear, &block.fc2.linear];
-            for (name, linear) in BLOCK_LINEARS.iter().zip(linears) {
+            for (name, linear) in BLOCK_LINEARS.iter().zip(block.linears()) {
                 out.push((format!("encoder.layer.{i}.{name}"), linear));
             }
         }
@@ -239,20 +245,8 @@ impl Vit {
     /// (`base_model.model.encoder.layer.0.attention.attention.query.lora_A.weight`,
     /// `base_model.model.encoder.layer.0.mlp_control.lora_A.weight`).
     pub fn trainable_params(&self) -> Vec<(String, candle_core::Var)> {
-        let mut out = Vec::new();
-        for (path, linear) in self.named_linears() {
-            if let Some(adapter) = linear.adapter() {
-                out.extend(adapter.params().into_iter().map(|(k, v)| (format!("base_model.model.{path}.{k}"), v)));
-            }
-        }
-        for (i, block) in self.blocks.iter().enumerate() {
-            for (name, control) in [("attn_control", &block.attn_control), ("mlp_control", &block.mlp_control)] {
-                if let Some(c) = control {
-                    out.extend(c.params().into_iter().map(|(k, v)| (format!("base_model.model.encoder.layer.{i}.{name}.{k}"), v)));
-                }
-            }
-        }
-        out
+        let controls = self.blocks.iter().enumerate().map(|(i, b)| (format!("encoder.layer.{i}"), [&b.attn_control, &b.mlp_control]));
+        adapter_params(self.named_linears(), controls)
     }
 
     /// Each block's two control slots (Parallel and Double Control attach there).

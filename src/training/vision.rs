@@ -40,6 +40,11 @@ pub struct Images {
 }
 
 impl Images {
+    /// A set's images as the backbone's input at `size` (`ImageSet::backbone_input`), on the CPU.
+    pub fn of(set: &crate::data::images::ImageSet, size: usize) -> Result<Self> {
+        Ok(Self { x: set.backbone_input(size, &candle_core::Device::Cpu)?, labels: set.labels.clone() })
+    }
+
     fn len(&self) -> usize {
         self.labels.len()
     }
@@ -231,8 +236,8 @@ pub fn finetune(
     let total = steps_per_epoch * cfg.epochs;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut epochs, mut step, mut step_seconds) = (Vec::new(), 0, 0.0);
-    // The chosen epoch: its number, accuracies and parameters.
-    let mut best: Option<(usize, f64, f64, Vec<Tensor>)> = None;
+    // The chosen epoch: its number, validation accuracy and parameters.
+    let mut best: Option<(usize, f64, Vec<Tensor>)> = None;
     for epoch in 1..=cfg.epochs {
         let started = std::time::Instant::now();
         order.shuffle(&mut rng);
@@ -250,13 +255,15 @@ pub fn finetune(
         epochs.push(stats);
         if best.as_ref().is_none_or(|b| val_accuracy > b.1) {
             let values = trainer.params.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
-            best = Some((epoch, val_accuracy, accuracy(vit, &trainer.head, test, cfg.batch)?, values));
+            best = Some((epoch, val_accuracy, values));
         }
     }
-    let (epoch, val_accuracy, test_accuracy, values) = best.expect("at least one epoch ran");
+    let (epoch, val_accuracy, values) = best.expect("at least one epoch ran");
     for ((_, var), value) in trainer.params.iter().zip(values) {
         var.set(&value)?;
     }
+    // The test images are read once, by the chosen epoch's parameters.
+    let test_accuracy = accuracy(vit, &trainer.head, test, cfg.batch)?;
     let (trainable_params, adapted_modules) = (trainer.trainable_params(), trainer.adapted_modules);
     let report = VisionReport { trainable_params, adapted_modules, epoch, val_accuracy, test_accuracy, epochs, step_seconds: step_seconds / total as f64 };
     Ok((report, trainer.head))
