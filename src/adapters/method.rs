@@ -34,6 +34,11 @@ pub trait AdapterMethod: AnyMethod {
     /// `peft_type` in `adapter_config.json` (PEFT's name where PEFT has the method).
     fn peft_type(&self) -> &'static str;
 
+    /// Whether it attaches to the LLaMA decoder (SynQT is a ViT's side network only).
+    fn trains_llama(&self) -> bool {
+        true
+    }
+
     /// The linear layers the method adapts (None: it only attaches block controls).
     fn targets(&self) -> Option<&Targets>;
 

@@ -21,6 +21,7 @@ pub mod lora;
 pub mod method;
 pub mod sift;
 pub mod snell;
+pub mod synqt;
 pub mod step_hook;
 pub mod nonlinear_control;
 pub mod registry;
@@ -42,6 +43,7 @@ pub use lora::init::{convert_to_lora, save_converted, InitKind, InitLoraLinear, 
 pub use method::{AdapterMethod, TrainingExtras};
 pub use sift::{SiftConfig, SiftHook, SiftLinear};
 pub use snell::{SnellConfig, SnellLinear};
+pub use synqt::{Synqt, SynqtConfig};
 pub use step_hook::StepHook;
 pub use ia3::{Ia3Config, Ia3Linear};
 pub use lora::{LoraConfig, LoraLinear};

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use super::config::ReadConfig;
 use super::flags::{FlagGroup, Flags};
-use super::{adalora, control, full, ia3, lora, nonlinear_control, sift, snell};
-use super::{AdaLoraConfig, AdapterConfig, ControlConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, LoraInitConfig, NonlinearControlConfig, SiftConfig, SnellConfig};
+use super::{adalora, control, full, ia3, lora, nonlinear_control, sift, snell, synqt};
+use super::{AdaLoraConfig, AdapterConfig, ControlConfig, EvaConfig, FullConfig, Ia3Config, InitKind, LoraConfig, LoraInitConfig, NonlinearControlConfig, SiftConfig, SnellConfig, SynqtConfig};
 use crate::error::{Error, Result};
 
 /// One row of the table.
@@ -62,6 +62,8 @@ pub const METHODS: &[Method] = &[
         config: |f| Ok(NonlinearControlConfig::from_flags(f)?.into()) },
     Method { name: "snell", peft_type: "SNELL", read: snell::read_snell, flags: snell::FLAGS, summary: "SNELL: kernelized LoRA with competition-based sparsification (--sparsity 0: KLoRA)",
         config: |f| Ok(SnellConfig::from_flags(f)?.into()) },
+    Method { name: "synqt", peft_type: "SYNQT", read: synqt::read_synqt, flags: synqt::FLAGS, summary: "SynQT: query tokens beside a frozen ViT, the image path without a graph (vision only)",
+        config: |f| Ok(SynqtConfig::from_flags(f)?.into()) },
 ];
 
 /// The method called `name`, or an error listing them all.

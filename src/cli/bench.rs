@@ -238,7 +238,17 @@ pub fn methods(args: &BenchMethodsArgs) -> Result<Vec<MethodReport>> {
     if let Some(path) = &args.output {
         crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--output", args.overwrite)?;
     }
-    let methods: Vec<&'static Method> = if args.methods.is_empty() { METHODS.iter().collect() } else { args.methods.iter().map(|name| registry::method(name)).collect::<Result<_>>()? };
+    let methods: Vec<&'static Method> = if args.methods.is_empty() {
+        // Every method the shape's model trains.
+        let fits = |m: &&'static Method| match args.adapter.config_for(m) {
+            Ok(cfg) if args.run.shape == "vit-s14" => crate::training::vision::check_method(&cfg).is_ok(),
+            Ok(cfg) => cfg.trains_llama(),
+            Err(_) => true,
+        };
+        METHODS.iter().filter(fits).collect()
+    } else {
+        args.methods.iter().map(|name| registry::method(name)).collect::<Result<_>>()?
+    };
     // Each method's flags in range, and none given that no method run reads.
     args.adapter.check_read_by(&methods)?;
     for method in &methods {

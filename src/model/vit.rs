@@ -91,38 +91,99 @@ pub struct VitBlock {
     pub mlp_control: Option<Box<dyn BlockControl>>,
 }
 
+/// What a frozen block gives SynQT's query tokens ([`VitBlock::forward_queries`]).
+pub struct QueryPass {
+    /// The image's tokens after the block (None when not asked for).
+    pub images: Option<Tensor>,
+    /// The query tokens after the block, [b, T, hidden].
+    pub queries: Tensor,
+    /// The attention branch's and the MLP branch's outputs on the queries (`h`, `hh`).
+    pub attn: Tensor,
+    pub mlp: Tensor,
+}
+
+/// `γ ⊙ y` (LayerScale), or y without it.
+fn scaled(y: Tensor, gamma: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match gamma {
+        Some(g) => y.broadcast_mul(g)?,
+        None => y,
+    })
+}
+
+/// [b, t, heads·d] → [b, heads, t, d], contiguous.
+fn split_heads(y: Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = y.dims3()?;
+    Ok(y.reshape((b, t, heads, width / heads))?.transpose(1, 2)?.contiguous()?)
+}
+
 /// The linear layers of a block by their module paths inside Hugging Face's `Dinov2Layer`.
 const BLOCK_LINEARS: [&str; 6] = ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense", "mlp.fc1", "mlp.fc2"];
 
 impl VitBlock {
     /// `bias`: the attention's additive bias [b, 1, t, t], zeros (no mask), made once a forward.
     fn forward(&self, z: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
-        let scaled = |y: Tensor, gamma: &Option<Tensor>| -> Result<Tensor> {
-            Ok(match gamma {
-                Some(g) => y.broadcast_mul(g)?,
-                None => y,
-            })
-        };
+        let normed = self.norm1.forward(z, train)?;
+        let keys_values = self.keys_values(&normed, heads, train)?;
+        self.forward_from(z, &normed, &keys_values, bias, heads, train)
+    }
+
+    /// The block's inference forward with an attention bias [b, 1, t, t] (tests compare the
+    /// query-only pass with the block on the masked joint sequence).
+    #[cfg(test)]
+    pub(crate) fn forward_pub(&self, z: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+        self.forward(z, bias, heads, false)
+    }
+
+    /// The block's output from its input z, LN₁(z) and that's keys and values.
+    fn forward_from(&self, z: &Tensor, normed: &Tensor, (k, v): &(Tensor, Tensor), bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         // The controls span the whole residual branch, LayerScale included.
         let controlled = |branch: Tensor, input: &Tensor, control: &Option<Box<dyn BlockControl>>| -> Result<Tensor> {
             let Some(control) = control else { return Ok(branch) };
             control.add_to(&branch, input, &ControlContext { bias, past_input: None }, train)
         };
-        let attended = self.attention(&self.norm1.forward(z, train)?, bias, heads, train)?;
+        // Softmax attention over all tokens by the training attention op with a zero bias (no
+        // mask): on the CPU in f32 its blocks of query rows (`ops::fused::attention_blocks`),
+        // which never hold the [b, heads, t, t] scores. Heads merged back: [b, t, hidden].
+        let q = split_heads(self.query.forward(normed, train)?, heads)?;
+        let d = q.dim(3)?;
+        let attended = q.apply_op3(k, v, crate::ops::fused::Attention::new(bias.clone(), 1.0 / (d as f64).sqrt()))?;
         let h = (z + controlled(scaled(self.output.forward(&attended, train)?, &self.scale1)?, z, &self.attn_control)?)?;
-        let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h, train)?, train)?.gelu_erf()?, train)?;
-        Ok((&h + controlled(scaled(mlp, &self.scale2)?, &h, &self.mlp_control)?)?)
+        Ok((&h + controlled(self.mlp(&h, train)?, &h, &self.mlp_control)?)?)
     }
 
-    /// Softmax attention over all tokens, heads merged back: x [b, t, hidden] → [b, t, hidden].
-    /// The training attention op with a zero bias (no mask): on the CPU in f32 its blocks of
-    /// query rows (`ops::fused::attention_blocks`), which never hold the [b, heads, t, t] scores.
-    fn attention(&self, x: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
-        let (b, t, width) = x.dims3()?;
+    /// The keys and values of LN₁(z) for each head, [b, heads, t, d].
+    fn keys_values(&self, normed: &Tensor, heads: usize, train: bool) -> Result<(Tensor, Tensor)> {
+        Ok((split_heads(self.key.forward(normed, train)?, heads)?, split_heads(self.value.forward(normed, train)?, heads)?))
+    }
+
+    /// The MLP branch with its LayerScale: `γ₂ ⊙ fc2(GELU(fc1(LN₂(h))))`.
+    fn mlp(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        scaled(self.fc2.forward(&self.fc1.forward(&self.norm2.forward(h, train)?, train)?.gelu_erf()?, train)?, &self.scale2)
+    }
+
+    /// The frozen block applied "query-only" to SynQT's query tokens p [b, T, hidden] beside the
+    /// image's tokens z (Zhang et al. 2024, `adapters::synqt`): p attends to the image's keys and
+    /// values, never the other way, so the image path is the frozen block's own forward and
+    /// records no graph; p goes through the same residual branches:
+    /// `h = γ₁ ⊙ O·softmax(q(LN₁ p) k(LN₁ z)ᵀ/√d) v(LN₁ z)`, `p' = p + h`, `hh = γ₂ ⊙ MLP(LN₂ p')`,
+    /// `p'' = p' + hh`. The image's next tokens are computed only when `next_images` (the last
+    /// block's are not needed).
+    pub fn forward_queries(&self, z: &Tensor, p: &Tensor, bias: &Tensor, heads: usize, next_images: bool) -> Result<QueryPass> {
+        if self.attn_control.is_some() || self.mlp_control.is_some() || self.linears().iter().any(|l| l.adapter().is_some()) {
+            return Err(Error::msg("SynQT runs the backbone frozen: this block carries an adapter or a control"));
+        }
+        let normed = self.norm1.forward(z, false)?;
+        let (k, v) = self.keys_values(&normed, heads, false)?;
+        let (b, tokens, width) = p.dims3()?;
+        let q = split_heads(self.query.forward(&self.norm1.forward(p, true)?, true)?, heads)?;
         let d = width / heads;
-        let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (split(self.query.forward(x, train)?)?, split(self.key.forward(x, train)?)?, split(self.value.forward(x, train)?)?);
-        Ok(q.apply_op3(&k, &v, crate::ops::fused::Attention::new(bias.clone(), 1.0 / (d as f64).sqrt()))?)
+        let scores = (q.matmul(&k.transpose(2, 3)?)? * (1.0 / (d as f64).sqrt()))?;
+        let attended = crate::ops::nn::softmax_last_dim(&scores, true)?.matmul(&v)?.transpose(1, 2)?.reshape((b, tokens, width))?;
+        let attn = scaled(self.output.forward(&attended, true)?, &self.scale1)?;
+        let after_attn = (p + &attn)?;
+        let mlp = self.mlp(&after_attn, true)?;
+        let images = if next_images { Some(self.forward_from(z, &normed, &(k, v), bias, heads, false)?) } else { None };
+        Ok(QueryPass { images, queries: (&after_attn + &mlp)?, attn, mlp })
     }
 
     /// The six maps in the order of `BLOCK_LINEARS`.
@@ -202,6 +263,16 @@ impl Vit {
     /// [`forward_features`](Self::forward_features), recording the graph of the adapters'
     /// parameters when `train`.
     pub fn forward_tokens(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let (mut z, bias) = self.embed(images)?;
+        for block in &self.blocks {
+            z = block.forward(&z, &bias, self.config.heads, train)?;
+        }
+        self.norm.forward(&z, train)
+    }
+
+    /// The first block's input for images [b, 3, H, W], `[cls; E · patches] + pos`, and the
+    /// attention's zero bias [b, 1, t, t] that every block reads.
+    pub fn embed(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let p = self.config.patch_size;
         let (b, channels, h, w) = images.dims4()?;
         if channels != 3 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
@@ -211,13 +282,10 @@ impl Vit {
         let tokens = patches.flatten_from(2)?.transpose(1, 2)?;
         let cls = self.cls.reshape((1, 1, self.config.hidden))?.broadcast_as((b, 1, self.config.hidden))?;
         let pos = Tensor::cat(&[self.pos_cls.reshape((1, self.config.hidden))?, self.pos_for(h / p, w / p)?], 0)?;
-        let mut z = Tensor::cat(&[cls, tokens], 1)?.broadcast_add(&pos)?;
+        let z = Tensor::cat(&[cls, tokens], 1)?.broadcast_add(&pos)?;
         let t = z.dim(1)?;
         let bias = Tensor::zeros((b, 1, t, t), z.dtype(), z.device())?;
-        for block in &self.blocks {
-            z = block.forward(&z, &bias, self.config.heads, train)?;
-        }
-        self.norm.forward(&z, train)
+        Ok((z, bias))
     }
 
     /// The CLS feature of each image: [b, hidden].

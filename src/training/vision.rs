@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor, Var, D};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::optim::{AdamW, AdamWConfig};
-use crate::adapters::AdapterConfig;
+use crate::adapters::{AdapterConfig, Synqt, SynqtConfig};
 use crate::error::{Error, Result};
 use crate::model::vit::Vit;
 
@@ -77,27 +77,34 @@ pub struct VisionReport {
     pub step_seconds: f64,
 }
 
-/// The linear head on the CLS feature, W [classes, hidden] as PyTorch's `nn.Linear` keeps it,
-/// saved beside the adapters as `classifier.weight` / `classifier.bias` (PEFT's place for a
-/// head trained with the adapter).
+/// The linear head, W [classes, hidden] as PyTorch's `nn.Linear` keeps it, saved beside the
+/// adapters as `classifier.weight` / `classifier.bias` (PEFT's place for a head trained with the
+/// adapter), on the CLS feature, or on SynQT's combined features when the method is SynQT.
 #[derive(Clone)]
 pub struct Head {
     pub weight: Var,
     pub bias: Var,
+    pub synqt: Option<Synqt>,
 }
 
 impl Head {
     pub fn zeros(hidden: usize, classes: usize, device: &candle_core::Device) -> Result<Self> {
-        Ok(Self { weight: Var::zeros((classes, hidden), DType::F32, device)?, bias: Var::zeros(classes, DType::F32, device)? })
+        Ok(Self { weight: Var::zeros((classes, hidden), DType::F32, device)?, bias: Var::zeros(classes, DType::F32, device)?, synqt: None })
     }
 
-    /// The head's parameters by their keys in the adapter's file.
+    /// The head's parameters (SynQT's too) by their keys in the adapter's file.
     pub fn params(&self) -> Vec<(String, Var)> {
-        vec![("base_model.model.classifier.weight".into(), self.weight.clone()), ("base_model.model.classifier.bias".into(), self.bias.clone())]
+        let mut params = vec![("base_model.model.classifier.weight".into(), self.weight.clone()), ("base_model.model.classifier.bias".into(), self.bias.clone())];
+        params.extend(self.synqt.iter().flat_map(Synqt::params));
+        params
     }
 
     fn logits(&self, vit: &Vit, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(vit.cls(x, train)?.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+        let features = match &self.synqt {
+            Some(synqt) => synqt.features(vit, x)?,
+            None => vit.cls(x, train)?,
+        };
+        Ok(features.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }
 }
 
@@ -114,13 +121,29 @@ pub fn accuracy(vit: &Vit, head: &Head, set: &Images, batch: usize) -> Result<f6
 }
 
 /// The methods this loop trains: per-linear, their training AdamW on their parameters alone.
-fn check_method(method: &AdapterConfig) -> Result<()> {
+pub fn check_method(method: &AdapterConfig) -> Result<()> {
     // AdaLoRA's and SIFT's step hooks, GaLore's projection and EVA's initialisation from data
     // are LLaMA's training loop's, not this one's.
-    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL" | "CONTROL") && method.init_batches() == 0 {
+    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL" | "CONTROL" | "SYNQT") && method.init_batches() == 0 {
         return Ok(());
     }
-    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3, SNELL and Parallel / Double Control do", method.peft_type())))
+    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3, SNELL, Parallel / Double Control and SynQT do", method.peft_type())))
+}
+
+/// Attach `method` to `vit` and make the classifier of `classes` outputs (zero; SynQT's side
+/// network drawn from `rng`). Returns the head and how many modules were adapted (SynQT: the
+/// blocks it runs beside).
+fn attach(vit: &mut Vit, method: &AdapterConfig, classes: usize, rng: &mut StdRng) -> Result<(Head, usize)> {
+    check_method(method)?;
+    let mut head = Head::zeros(vit.config.hidden, classes, vit.patch_weight.device())?;
+    if let Some(synqt) = method.downcast_ref::<SynqtConfig>() {
+        let network = Synqt::new(vit, synqt, rng)?;
+        let blocks = network.blocks();
+        head.synqt = Some(network);
+        return Ok((head, blocks));
+    }
+    let adapted = inject(vit, method, rng)?;
+    Ok((head, adapted))
 }
 
 /// Attach `method` to the ViT: a per-linear method on the layers it targets; Parallel / Double
@@ -128,7 +151,6 @@ fn check_method(method: &AdapterConfig) -> Result<()> {
 /// Returns how many modules were adapted.
 fn inject(vit: &mut Vit, method: &AdapterConfig, rng: &mut StdRng) -> Result<usize> {
     use crate::adapters::method::inject_named;
-    check_method(method)?;
     let Some(control) = method.downcast_ref::<crate::adapters::ControlConfig>() else {
         return inject_named(&**method, vit.named_linears_mut(), rng);
     };
@@ -152,11 +174,10 @@ pub fn save(vit: &Vit, head: &Head, method: &AdapterConfig, dir: &std::path::Pat
 pub fn load(vit: &mut Vit, dir: &std::path::Path) -> Result<(AdapterConfig, Head)> {
     let source = crate::hub::ModelSource::Dir(dir.to_path_buf());
     let method = crate::adapters::files::read_adapter_config(&source)?;
-    inject(vit, &method, &mut StdRng::seed_from_u64(0))?;
     let weights = crate::weights::Weights::from_safetensors(&[source.file("adapter_model.safetensors")?])?;
     let key = "base_model.model.classifier.weight";
     let classes = weights.get_any(key, DType::F32, &candle_core::Device::Cpu)?.dims2()?.0;
-    let head = Head::zeros(vit.config.hidden, classes, &candle_core::Device::Cpu)?;
+    let (head, _) = attach(vit, &method, classes, &mut StdRng::seed_from_u64(0))?;
     let mut params = vit.trainable_params();
     params.extend(head.params());
     crate::adapters::files::load_named_adapter_tensors(params, vit.named_linears(), &weights)?;
@@ -187,8 +208,7 @@ pub struct Trainer {
 impl Trainer {
     /// Inject `method` into `vit` (seeded by `rng`) and add a zero head of `classes` outputs.
     pub fn new(vit: &mut Vit, method: &AdapterConfig, classes: usize, cfg: &VisionConfig, rng: &mut StdRng) -> Result<Self> {
-        let adapted_modules = inject(vit, method, rng)?;
-        let head = Head::zeros(vit.config.hidden, classes, vit.patch_weight.device())?;
+        let (head, adapted_modules) = attach(vit, method, classes, rng)?;
         let mut params = vit.trainable_params();
         params.extend(head.params());
         let with_scale = params.iter().map(|(k, v)| (k.clone(), v.clone(), 1.0)).collect();
@@ -360,6 +380,40 @@ mod tests {
         let diff = (logits(&loaded, &head_back) - logits(&vit, &head)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
         assert!(loaded.blocks.iter().all(|b| b.attn_control.is_some() && b.mlp_control.is_some()));
+    }
+
+    /// SynQT beside the frozen backbone learns the task, leaves the backbone's own features as
+    /// they were, and round-trips with its head.
+    #[test]
+    fn synqt_on_the_vit_learns_a_task_and_round_trips() {
+        let dev = Device::Cpu;
+        let images = bright_or_dark(4, 9).x;
+        let plain = tiny_vit(3, &dev).cls_features(&images).unwrap();
+        let mut vit = tiny_vit(3, &dev);
+        let args = ["--method", "synqt", "--synqt-tokens", "2", "--synqt-adapter-width", "4", "--synqt-attention-width", "2"];
+        let method = crate::adapters::flags::AdapterArgs::parse(args).unwrap().to_config().unwrap();
+        let (train, val, test) = (bright_or_dark(48, 1), bright_or_dark(16, 2), bright_or_dark(16, 3));
+        let cfg = VisionConfig { epochs: 8, batch: 8, lr: 1e-2, weight_decay: 0.0, seed: 5 };
+        let (report, head) = finetune(&mut vit, &method, (&train, &val, &test), 2, &cfg, |_| ()).unwrap();
+        // Per block: tokens [2, 8], three adapters of width 4 (prompt_ffn, ffn: 2 x 8 x 4 + 4 + 8
+        // each), four of width 2 (2 x 8 x 2 + 2 + 8), four norms, two scales. The head: its
+        // norm and adapter, the weigher [6, 8] + 6, the head's norm, the classifier.
+        let adapter = |n: usize| 2 * 8 * n + n + 8;
+        let block = 2 * 8 + 2 * adapter(4) + 4 * adapter(2) + 4 * 16 + 2;
+        assert_eq!((report.adapted_modules, report.trainable_params), (2, 2 * block + 16 + adapter(4) + 6 * 8 + 6 + 16 + 8 * 2 + 2));
+        assert!(report.val_accuracy >= 0.9 && report.test_accuracy >= 0.9, "{report:?}");
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff(&vit.cls_features(&images).unwrap(), &plain), 0.0);
+        let dir = tempfile::tempdir().unwrap();
+        save(&vit, &head, &method, dir.path()).unwrap();
+        let mut loaded = tiny_vit(3, &dev);
+        let (method_back, head_back) = load(&mut loaded, dir.path()).unwrap();
+        assert!(method_back == method);
+        let logits = |vit: &Vit, head: &Head| head.logits(vit, &test.x, false).unwrap();
+        assert_eq!(diff(&logits(&loaded, &head_back), &logits(&vit, &head)), 0.0);
+        // SynQT does not attach to LLaMA.
+        let mut llama = crate::model::Llama::random(crate::model::LlamaConfig::tiny(32), 0, DType::F32, &dev).unwrap();
+        assert!(method.inject(&mut llama, &mut StdRng::seed_from_u64(0)).unwrap_err().to_string().contains("does not attach to LLaMA"));
     }
 
     /// The gradient of the loss in LoRA's B of the first block's query, by autograd through the
