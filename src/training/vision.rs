@@ -1,8 +1,9 @@
 //! Fine-tuning a frozen ViT for image classification with a per-linear method (LoRA and its
 //! family, IA3, SNELL) injected into the backbone's linear layers by their Hugging Face module
 //! paths (`encoder.layer.N.attention.attention.query`...), or Parallel / Double Control's
-//! controls across its blocks (seed 001's ViT experiment), a linear head on the CLS
-//! feature, `p = softmax(cls(x) W + b)`, and cross-entropy; AdamW on the adapters and the head,
+//! controls across its blocks (seed 001's ViT experiment), or the nonlinear controller across
+//! each MLP (seed 000's), a linear head on the CLS feature, `p = softmax(cls(x) W + b)`, and
+//! cross-entropy; or SynQT's side network beside the frozen backbone (seed 004) under the head; AdamW on the adapters and the head,
 //! the learning rate warmed up linearly over the first tenth of the steps, then cosine-decayed to
 //! a hundredth of its peak (the seeds' VTAB-1k recipe: AdamW, cosine, lr 1e-3, no augmentation,
 //! images resized directly). After each epoch the validation accuracy chooses the epoch whose
@@ -124,10 +125,10 @@ pub fn accuracy(vit: &Vit, head: &Head, set: &Images, batch: usize) -> Result<f6
 pub fn check_method(method: &AdapterConfig) -> Result<()> {
     // AdaLoRA's and SIFT's step hooks, GaLore's projection and EVA's initialisation from data
     // are LLaMA's training loop's, not this one's.
-    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL" | "CONTROL" | "SYNQT") && method.init_batches() == 0 {
+    if matches!(method.peft_type(), "LORA" | "IA3" | "SNELL" | "CONTROL" | "NONLINEAR_CONTROL" | "SYNQT") && method.init_batches() == 0 {
         return Ok(());
     }
-    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3, SNELL, Parallel / Double Control and SynQT do", method.peft_type())))
+    Err(Error::Adapter(format!("{} (with its options) does not train on the ViT yet: LoRA and its variants, IA3, SNELL, Parallel / Double Control, nonlinear Control and SynQT do", method.peft_type())))
 }
 
 /// Attach `method` to `vit` and make the classifier of `classes` outputs (zero; SynQT's side
@@ -147,14 +148,17 @@ fn attach(vit: &mut Vit, method: &AdapterConfig, classes: usize, rng: &mut StdRn
 }
 
 /// Attach `method` to the ViT: a per-linear method on the layers it targets; Parallel / Double
-/// Control's controls across every block's MLP (and attention), with its LoRA on its targets.
-/// Returns how many modules were adapted.
+/// Control's controls across every block's MLP (and attention), with its LoRA on its targets;
+/// the nonlinear controller across every block's MLP. Returns how many modules were adapted.
 fn inject(vit: &mut Vit, method: &AdapterConfig, rng: &mut StdRng) -> Result<usize> {
     use crate::adapters::method::inject_named;
+    let (hidden, device) = (vit.config.hidden, vit.patch_weight.device().clone());
+    if let Some(nonlinear) = method.downcast_ref::<crate::adapters::NonlinearControlConfig>() {
+        return crate::adapters::nonlinear_control::attach_to(vit.control_slots(), hidden, &device, nonlinear, rng);
+    }
     let Some(control) = method.downcast_ref::<crate::adapters::ControlConfig>() else {
         return inject_named(&**method, vit.named_linears_mut(), rng);
     };
-    let (hidden, device) = (vit.config.hidden, vit.patch_weight.device().clone());
     let controls = crate::adapters::control::attach_to(vit.control_slots(), hidden, &device, control, rng)?;
     match &control.lora {
         Some(lora) => Ok(controls + inject_named(lora, vit.named_linears_mut(), rng)?),
@@ -360,17 +364,31 @@ mod tests {
         assert!(load(&mut narrow, &dir.path().join("adapter")).is_err());
     }
 
-    /// Double Control (controls across both blocks of each layer) learns the task and round-trips.
+    /// Double Control (controls across both blocks of each layer) and the nonlinear controller
+    /// (across each MLP) learn the task and round-trip.
     #[test]
-    fn double_control_on_the_vit_learns_a_task_and_round_trips() {
+    fn the_controls_on_the_vit_learn_a_task_and_round_trip() {
+        // 2 blocks x 2 controls x (A [4, 8] + B [8, 4]); 2 blocks x (down [4, 8] + 4, up [8, 4]
+        // + 8); plus the head.
+        let double = (["--method", "double_control", "--control-rank", "4", "--double-control-rank", "4"].as_slice(), 4, 2 * 2 * 64);
+        let nonlinear = (["--method", "nonlinear_control", "--control-rank", "4"].as_slice(), 2, 2 * (36 + 40));
+        for (args, modules, params) in [double, nonlinear] {
+            control_learns_a_task_and_round_trips(args, modules, params + 8 * 2 + 2);
+        }
+        let mut vit = tiny_vit(3, &Device::Cpu);
+        let stable = crate::adapters::flags::AdapterArgs::parse(["--method", "nonlinear_control", "--control-rank", "4", "--stable-mode"]).unwrap().to_config().unwrap();
+        let err = inject(&mut vit, &stable, &mut StdRng::seed_from_u64(0)).unwrap_err().to_string();
+        assert!(err.contains("stable mode"), "{err}");
+    }
+
+    fn control_learns_a_task_and_round_trips(args: &[&str], modules: usize, params: usize) {
         let dev = Device::Cpu;
         let mut vit = tiny_vit(3, &dev);
-        let method = crate::adapters::flags::AdapterArgs::parse(["--method", "double_control", "--control-rank", "4", "--double-control-rank", "4"]).unwrap().to_config().unwrap();
+        let method = crate::adapters::flags::AdapterArgs::parse(args).unwrap().to_config().unwrap();
         let (train, val, test) = (bright_or_dark(48, 1), bright_or_dark(16, 2), bright_or_dark(16, 3));
         let cfg = VisionConfig { epochs: 8, batch: 8, lr: 1e-2, weight_decay: 0.0, seed: 5 };
         let (report, head) = finetune(&mut vit, &method, (&train, &val, &test), 2, &cfg, |_| ()).unwrap();
-        // 2 blocks x 2 controls x (A [4, 8] + B [8, 4]), plus the head.
-        assert_eq!((report.adapted_modules, report.trainable_params), (4, 2 * 2 * 64 + 8 * 2 + 2));
+        assert_eq!((report.adapted_modules, report.trainable_params), (modules, params), "{args:?}");
         assert!(report.val_accuracy >= 0.9 && report.test_accuracy >= 0.9, "{report:?}");
         let dir = tempfile::tempdir().unwrap();
         save(&vit, &head, &method, dir.path()).unwrap();
@@ -379,7 +397,7 @@ mod tests {
         let logits = |vit: &Vit, head: &Head| head.logits(vit, &test.x, false).unwrap();
         let diff = (logits(&loaded, &head_back) - logits(&vit, &head)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
-        assert!(loaded.blocks.iter().all(|b| b.attn_control.is_some() && b.mlp_control.is_some()));
+        assert!(loaded.blocks.iter().all(|b| b.mlp_control.is_some()));
     }
 
     /// SynQT beside the frozen backbone learns the task, leaves the backbone's own features as

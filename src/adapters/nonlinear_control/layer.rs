@@ -7,7 +7,7 @@ use crate::adapters::uniform_var;
 use crate::error::{Error, Result};
 use crate::ops::nn::matmul_t;
 use crate::ops::nn as ops;
-use crate::model::{BlockControl, ControlContext, Llama};
+use crate::model::{BlockControl, ControlContext, ControlSlots, Llama};
 use super::NonlinearControlConfig;
 
 /// The controller of one layer, added in parallel with its MLP block.
@@ -85,18 +85,40 @@ impl BlockControl for NonlinearControl {
     }
 }
 
-/// Attach a controller across the MLP block of every decoder layer; returns how many.
-pub fn attach(model: &mut Llama, cfg: &NonlinearControlConfig, rng: &mut StdRng) -> Result<usize> {
+/// The rank against the model's width, checked before anything is allocated from it.
+fn check_rank(cfg: &NonlinearControlConfig, hidden: usize) -> Result<()> {
     if cfg.control_rank == 0 {
         return Err(Error::Adapter("control_rank must be at least 1".into()));
     }
-    let (hidden, eps, device) = (model.config.hidden_size, model.config.rms_norm_eps, model.device().clone());
     if cfg.control_rank > hidden {
         return Err(Error::Adapter(format!("control_rank = {} is larger than the model's hidden size {hidden}", cfg.control_rank)));
     }
+    Ok(())
+}
+
+/// Attach a controller across the MLP block of every decoder layer; returns how many.
+pub fn attach(model: &mut Llama, cfg: &NonlinearControlConfig, rng: &mut StdRng) -> Result<usize> {
+    let (hidden, eps, device) = (model.config.hidden_size, model.config.rms_norm_eps, model.device().clone());
+    check_rank(cfg, hidden)?;
     for layer in &mut model.layers {
         let norm = cfg.stable_mode.then(|| (layer.post_attention_layernorm.clone(), eps));
         layer.mlp_control = Some(Box::new(NonlinearControl::new(hidden, cfg.control_rank, norm, rng, &device)?));
     }
     Ok(model.layers.len())
+}
+
+/// Attach a controller across the MLP block of every layer of a model that lists its control
+/// slots (the ViT: the seed's own placement, its attention unmasked); returns how many. Stable
+/// mode normalises by the layer's RMSNorm, which only LLaMA has: on another model it is an error.
+pub fn attach_to<'a>(layers: impl Iterator<Item = ControlSlots<'a>>, hidden: usize, device: &Device, cfg: &NonlinearControlConfig, rng: &mut StdRng) -> Result<usize> {
+    check_rank(cfg, hidden)?;
+    if cfg.stable_mode {
+        return Err(Error::Adapter("nonlinear Control's stable mode normalises by LLaMA's RMSNorm; on this model it is not implemented".into()));
+    }
+    let mut count = 0;
+    for layer in layers {
+        *layer.mlp = Some(Box::new(NonlinearControl::new(hidden, cfg.control_rank, None, rng, device)?));
+        count += 1;
+    }
+    Ok(count)
 }
