@@ -125,6 +125,15 @@ impl VisionTaskArgs {
     fn load(&self) -> Result<VisionTask> {
         crate::validate::int_in("train", self.train, 1, 1 << 24)?;
         crate::validate::int_in("val", self.val, 1, 1 << 24)?;
+        let (vit, test_split) = self.backbone_and_test()?;
+        let train_split = split(&self.data, "train")?;
+        let (train_idx, val_idx) = vtab_sample(train_split.len(), self.train, self.val, self.seed)?;
+        let classes = train_split.labels.iter().chain(&test_split.labels).map(|&l| l as usize + 1).max().unwrap_or(1);
+        Ok(VisionTask { vit, train: train_split.select(&train_idx), val: train_split.select(&val_idx), test: test_split, classes })
+    }
+
+    /// The backbone and the test images (the first `--test` of the test split), the flags checked.
+    fn backbone_and_test(&self) -> Result<(crate::model::vit::Vit, ImageSet)> {
         if let Some(path) = &self.json {
             crate::fsutil::refuse_to_replace(std::slice::from_ref(path), "--json", self.overwrite)?;
         }
@@ -133,12 +142,9 @@ impl VisionTaskArgs {
             return Err(Error::msg(format!("--image-size {}: must be a positive multiple of the patch size {}", self.image_size, config.patch_size)));
         }
         let vit = crate::loading::onnx::load_dinov2(&self.backbone, &self.prefix, config)?;
-        let (train_split, test_split) = (split(&self.data, "train")?, split(&self.data, "t10k")?);
-        let (train_idx, val_idx) = vtab_sample(train_split.len(), self.train, self.val, self.seed)?;
+        let test_split = split(&self.data, "t10k")?;
         let test_n = self.test.unwrap_or(test_split.len()).min(test_split.len());
-        let test_idx: Vec<usize> = (0..test_n).collect();
-        let classes = train_split.labels.iter().chain(&test_split.labels).map(|&l| l as usize + 1).max().unwrap_or(1);
-        Ok(VisionTask { vit, train: train_split.select(&train_idx), val: train_split.select(&val_idx), test: test_split.select(&test_idx), classes })
+        Ok((vit, test_split.select(&(0..test_n).collect::<Vec<_>>())))
     }
 }
 
@@ -249,11 +255,12 @@ pub struct VisionEvalReport {
 pub fn vision_eval(args: &VisionEvalArgs) -> Result<VisionEvalReport> {
     use crate::training::vision::{accuracy, load, Images};
     let task = &args.task;
-    let VisionTask { mut vit, test, classes, .. } = task.load()?;
+    // Only the test split is read: the adapter's head says how many classes there are.
+    let (mut vit, test) = task.backbone_and_test()?;
     let (method, head) = load(&mut vit, &args.adapter)?;
     let head_classes = head.bias.elem_count();
-    if head_classes < classes {
-        return Err(Error::msg(format!("--adapter {}: its head has {head_classes} classes, the task {classes}", args.adapter.display())));
+    if let Some(&label) = test.labels.iter().find(|&&l| l as usize >= head_classes) {
+        return Err(Error::msg(format!("--adapter {}: its head has {head_classes} classes, the test images a label {label}", args.adapter.display())));
     }
     let images = Images::of(&test, task.image_size)?;
     let report = VisionEvalReport { method: method.peft_type().to_string(), test: test.len(), image_size: task.image_size, test_accuracy: accuracy(&vit, &head, &images, 32)? };

@@ -15,7 +15,7 @@
 //! The configuration (patch size, width, depth, heads, MLP width, LayerScale, LayerNorm ε, the
 //! position grid) covers DINOv2's ViT-S/14 (`VitConfig::dinov2_small`) and the seeds' ViT-B/16.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{adapter_params, BlockControl, ControlContext, ControlSlots, Linear};
@@ -61,15 +61,9 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// `(x − mean) / √(var + ε) · w + b` over the last dim: candle-nn's fused op, which has no
-    /// backward, or in training the same math as differentiable ops.
+    /// `(x − mean) / √(var + ε) · w + b` over the last dim (`ops::nn::layer_norm`).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train {
-            return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
-        }
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok(centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        crate::ops::nn::layer_norm(x, &self.weight, &self.bias, self.eps, train)
     }
 }
 
@@ -121,20 +115,13 @@ const BLOCK_LINEARS: [&str; 6] = ["attention.attention.query", "attention.attent
 
 impl VitBlock {
     /// `bias`: the attention's additive bias [b, 1, t, t], zeros (no mask), made once a forward.
-    fn forward(&self, z: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
+    pub(crate) fn forward(&self, z: &Tensor, bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         let normed = self.norm1.forward(z, train)?;
         let keys_values = self.keys_values(&normed, heads, train)?;
         self.forward_from(z, &normed, &keys_values, bias, heads, train)
     }
 
-    /// The block's inference forward with an attention bias [b, 1, t, t] (tests compare the
-    /// query-only pass with the block on the masked joint sequence).
-    #[cfg(test)]
-    pub(crate) fn forward_pub(&self, z: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
-        self.forward(z, bias, heads, false)
-    }
-
-    /// The block's output from its input z, LN₁(z) and that's keys and values.
+    /// The block's output from its input z, `normed` = LN₁(z), and the keys and values of LN₁(z).
     fn forward_from(&self, z: &Tensor, normed: &Tensor, (k, v): &(Tensor, Tensor), bias: &Tensor, heads: usize, train: bool) -> Result<Tensor> {
         // The controls span the whole residual branch, LayerScale included.
         let controlled = |branch: Tensor, input: &Tensor, control: &Option<Box<dyn BlockControl>>| -> Result<Tensor> {
@@ -158,7 +145,8 @@ impl VitBlock {
 
     /// The MLP branch with its LayerScale: `γ₂ ⊙ fc2(GELU(fc1(LN₂(h))))`.
     fn mlp(&self, h: &Tensor, train: bool) -> Result<Tensor> {
-        scaled(self.fc2.forward(&self.fc1.forward(&self.norm2.forward(h, train)?, train)?.gelu_erf()?, train)?, &self.scale2)
+        let hidden = crate::ops::nn::gelu_erf(&self.fc1.forward(&self.norm2.forward(h, train)?, train)?, train)?;
+        scaled(self.fc2.forward(&hidden, train)?, &self.scale2)
     }
 
     /// The frozen block applied "query-only" to SynQT's query tokens p [b, T, hidden] beside the

@@ -40,6 +40,35 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, train: bool) -> Result<Te
     rms_norm_reference(x, weight, eps)
 }
 
+/// LayerNorm over the last dimension, `(x − μ)/√(var + ε) ⊙ w + b`: candle-nn's fused op at
+/// inference (it has no backward); in training the fused op on the CPU (f32, f64), which keeps
+/// x and two statistics per row, else the composed ops.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
+    if !train {
+        return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?);
+    }
+    if fused_cpu(train, &[x, weight, bias]) {
+        return Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, super::fused::LayerNorm::new(eps))?);
+    }
+    layer_norm_reference(x, weight, bias, eps)
+}
+
+/// The exact (erf) GELU, `x·Φ(x)`: in training on the CPU (f32, f64) the fused op, whose erf is
+/// a polynomial within 1.5e-7 and whose backward is one pass; else candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor, train: bool) -> Result<Tensor> {
+    if fused_cpu(train, &[x]) {
+        return Ok(x.contiguous()?.apply_op1(super::fused::Gelu)?);
+    }
+    Ok(x.gelu_erf()?)
+}
+
+/// The differentiable LayerNorm as plain candle ops: the reference for the fused op.
+pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
 /// Whether training on CUDA takes the ops of `fused.rs` (their kernels: `kernels/rms_norm.cu`,
 /// `kernels/swiglu.cu`, cuBLAS): the graph then keeps what the CPU op keeps.
 fn fused_cuda(train: bool, tensors: &[&Tensor]) -> bool {

@@ -68,7 +68,7 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x + affine(&affine(x, &self.fc1)?.gelu_erf()?, &self.fc2)?)?)
+        Ok((x + affine(&crate::ops::nn::gelu_erf(&affine(x, &self.fc1)?, true)?, &self.fc2)?)?)
     }
 }
 
@@ -218,7 +218,7 @@ impl Synqt {
         features.extend(pooled.into_iter().chain(attn).chain(mlp));
         let f = Tensor::cat(&features, 1)?;
         let g = (&f + self.out_adapter.forward(&self.out_norm.forward(&f, true)?)?)?;
-        let w = affine(&g.narrow(1, 0, 1)?.squeeze(1)?, &self.weigher)?.gelu_erf()?.tanh()?;
+        let w = crate::ops::nn::gelu_erf(&affine(&g.narrow(1, 0, 1)?.squeeze(1)?, &self.weigher)?, true)?.tanh()?;
         let w = Tensor::cat(&[Tensor::ones((batch, 1), w.dtype(), w.device())?, w], 1)?;
         let combined = g.broadcast_mul(&w.unsqueeze(2)?)?.mean(1)?;
         self.head_norm.forward(&combined, true)
@@ -257,8 +257,8 @@ mod tests {
         let pass = block.forward_queries(&z, &p, &bias, 2, true).unwrap();
         let mask: Vec<f32> = (0..(t + 3) * (t + 3)).map(|i| if i % (t + 3) >= t { -1e9 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, (1, 1, t + 3, t + 3), &Device::Cpu).unwrap().broadcast_as((b, 1, t + 3, t + 3)).unwrap().contiguous().unwrap();
-        let both = block.forward_pub(&Tensor::cat(&[&z, &p], 1).unwrap(), &mask, 2).unwrap();
-        assert_eq!(max_diff(pass.images.as_ref().unwrap(), &block.forward_pub(&z, &bias, 2).unwrap()), 0.0);
+        let both = block.forward(&Tensor::cat(&[&z, &p], 1).unwrap(), &mask, 2, false).unwrap();
+        assert_eq!(max_diff(pass.images.as_ref().unwrap(), &block.forward(&z, &bias, 2, false).unwrap()), 0.0);
         assert!(max_diff(pass.images.as_ref().unwrap(), &both.narrow(1, 0, t).unwrap()) < 1e-5);
         assert!(max_diff(&pass.queries, &both.narrow(1, t, 3).unwrap()) < 1e-5);
         // h and hh are the two residual branches.

@@ -18,12 +18,14 @@
 //! SwiGLU (`kernels/swiglu.cu`), the heads split (`kernels/rope.cu`) and the frozen matmuls
 //! (cuBLAS); `selftest` checks each against this CPU op in f64.
 //!
-//! One file an op: `softmax`, `cross_entropy`, `rms_norm`, `swiglu`, `heads`, `attention` (on the CPU in f32 by
+//! One file an op: `softmax`, `cross_entropy`, `rms_norm`, `layer_norm` and `gelu` (CPU only), `swiglu`, `heads`, `attention` (on the CPU in f32 by
 //! `attention_blocks`), `frozen_matmul`.
 
 mod softmax;
 mod cross_entropy;
 pub mod rms_norm;
+pub mod layer_norm;
+pub mod gelu;
 pub mod swiglu;
 pub mod heads;
 pub mod attention;
@@ -35,6 +37,8 @@ pub use cross_entropy::CrossEntropyRows;
 pub use frozen_matmul::{FrozenMatmulT, FrozenMatmulTAdd, SwiGluProjectAdd};
 pub use heads::{HeadsShape, OutputFreeBackward, ProjectedHeads, RopeHeads};
 pub use rms_norm::RmsNorm;
+pub use layer_norm::LayerNorm;
+pub use gelu::Gelu;
 pub use softmax::SoftmaxLastDim;
 pub use swiglu::SwiGlu;
 
