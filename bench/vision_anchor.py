@@ -15,8 +15,8 @@ checks the import first: the largest difference of the CLS features is printed, 
 the script stops.
 
 The task and recipe, as `vision-finetune` has them (docs/METHODS.md §6): 800 training and 200
-validation images drawn from the training split with the seed (numpy's permutation, so not the
-engine's draw: compare over seeds), the first `--test` test images; grey levels in [0, 1] resized
+validation images drawn from the training split with the seed (numpy's permutation, not the
+engine's draw; `--sample REPORT.json` takes the images a `vision-finetune --json` run drew), the first `--test` test images; grey levels in [0, 1] resized
 bicubically to the input size, clamped, repeated over 3 channels, ImageNet-normalised; a zero
 linear head on the final LayerNorm's CLS row; AdamW (weight decay 1e-4) on the LoRA factors and
 the head, lr warmed up linearly over the first tenth of the steps then cosine to a hundredth;
@@ -175,14 +175,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference", help="onnxruntime's features (tests/reference/dinov2_onnx_reference.py)")
+    ap.add_argument("--sample", help="a vision-finetune --json report: train on the images it drew")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     train_images, train_labels = split(args.data, "train")
     test_images, test_labels = split(args.data, "t10k")
-    order = np.random.default_rng(args.seed).permutation(len(train_labels))
-    tr, va = order[: args.train], order[args.train: args.train + args.val]
+    if args.sample:
+        with open(args.sample) as f:
+            sample = json.load(f)["sample"]
+        tr, va = np.array(sample["train"]), np.array(sample["val"])
+    else:
+        order = np.random.default_rng(args.seed).permutation(len(train_labels))
+        tr, va = order[: args.train], order[args.train: args.train + args.val]
     data = {
         "train": (backbone_input(train_images[tr], args.image_size), torch.from_numpy(train_labels[tr].astype(np.int64))),
         "val": (backbone_input(train_images[va], args.image_size), torch.from_numpy(train_labels[va].astype(np.int64))),

@@ -119,6 +119,16 @@ struct VisionTask {
     val: ImageSet,
     test: ImageSet,
     classes: usize,
+    /// The training split's images drawn for training and validation.
+    sample: Sample,
+}
+
+/// Which images of the training split a run drew (in its report, so that an anchor can train on
+/// the same ones: `bench/vision_anchor.py --sample`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
 }
 
 impl VisionTaskArgs {
@@ -129,7 +139,8 @@ impl VisionTaskArgs {
         let train_split = split(&self.data, "train")?;
         let (train_idx, val_idx) = vtab_sample(train_split.len(), self.train, self.val, self.seed)?;
         let classes = train_split.labels.iter().chain(&test_split.labels).map(|&l| l as usize + 1).max().unwrap_or(1);
-        Ok(VisionTask { vit, train: train_split.select(&train_idx), val: train_split.select(&val_idx), test: test_split, classes })
+        let (train, val) = (train_split.select(&train_idx), train_split.select(&val_idx));
+        Ok(VisionTask { vit, train, val, test: test_split, classes, sample: Sample { train: train_idx, val: val_idx } })
     }
 
     /// The backbone and the test images (the first `--test` of the test split), the flags checked.
@@ -151,7 +162,7 @@ impl VisionTaskArgs {
 pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
     crate::validate::int_in("steps", args.steps, 0, 1_000_000)?;
     let task = &args.task;
-    let VisionTask { vit, train, val, test, classes } = task.load()?;
+    let VisionTask { vit, train, val, test, classes, .. } = task.load()?;
     let started = std::time::Instant::now();
     let take = |set: &ImageSet| features(&vit, set, task.image_size, 16);
     let (train_f, val_f, test_f) = (take(&train)?, take(&val)?, take(&test)?);
@@ -189,6 +200,7 @@ pub struct VisionFinetuneReport {
     #[serde(flatten)]
     pub result: crate::training::vision::VisionReport,
     pub peak_rss_mib: f64,
+    pub sample: Sample,
 }
 
 pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport> {
@@ -201,7 +213,7 @@ pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport
         let files = ["adapter_config.json", "adapter_model.safetensors"].map(|f| dir.join(f));
         crate::fsutil::refuse_to_replace(&files, "--output", task.overwrite)?;
     }
-    let VisionTask { mut vit, train, val, test, classes } = task.load()?;
+    let VisionTask { mut vit, train, val, test, classes, sample } = task.load()?;
     let size = task.image_size;
     let (train_x, val_x, test_x) = (Images::of(&train, size)?, Images::of(&val, size)?, Images::of(&test, size)?);
     let cfg = VisionConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, weight_decay: args.weight_decay, seed: task.seed };
@@ -217,6 +229,7 @@ pub fn vision_finetune(args: &VisionFinetuneArgs) -> Result<VisionFinetuneReport
         image_size: task.image_size,
         result,
         peak_rss_mib: crate::memory::proc_status_mib("VmHWM")?,
+        sample,
     };
     println!(
         "{} on the backbone: {} train / {} val / {} test images at {} px, seed {}: validation {:.2}% (epoch {}), test {:.2}%; {} trainable parameters, {:.2} s a step, peak RSS {:.0} MiB",
