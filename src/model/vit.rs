@@ -135,6 +135,13 @@ impl VitBlock {
         let d = q.dim(3)?;
         let attended = q.apply_op3(k, v, crate::ops::fused::Attention::new(bias.clone(), 1.0 / (d as f64).sqrt()))?;
         let h = (z + controlled(scaled(self.output.forward(&attended, train)?, &self.scale1)?, z, &self.attn_control)?)?;
+        if train && self.fc2.linear.adapter().is_none() {
+            // A frozen fc2: GELU, fc2, its bias and LayerScale as one op adding into h (and the
+            // control's term), which does not keep GELU's output for backward.
+            let residual = controlled(h.clone(), &h, &self.mlp_control)?;
+            let a = self.fc1.forward(&self.norm2.forward(&h, train)?, train)?;
+            return crate::ops::nn::gelu_frozen_matmul_t_add(&a, self.fc2.linear.base().base_weight(), &self.fc2.bias, self.scale2.as_ref(), &residual, train);
+        }
         Ok((&h + controlled(self.mlp(&h, train)?, &h, &self.mlp_control)?)?)
     }
 

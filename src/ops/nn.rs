@@ -62,6 +62,23 @@ pub fn gelu_erf(x: &Tensor, train: bool) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
+/// `residual + γ ⊙ (GELU(a) Wᵀ + b)` for a frozen dense W (the ViT's MLP after fc1): in training
+/// on the CPU one op ([`super::fused::GeluProjectAdd`]) that keeps a and not GELU(a); else the
+/// separate ops.
+pub fn gelu_frozen_matmul_t_add(a: &Tensor, w: &BaseWeight, bias: &Tensor, scale: Option<&Tensor>, residual: &Tensor, train: bool) -> Result<Tensor> {
+    let constants: Vec<&Tensor> = [Some(bias), scale].into_iter().flatten().collect();
+    if fused_cpu(train, &[a, residual]) && matches!(w, BaseWeight::Dense(_)) && weight_fits(a, w) && constants.iter().all(|t| t.dtype() == a.dtype() && !t.track_op()) {
+        let op = super::fused::GeluProjectAdd { projection: super::fused::FrozenMatmulT { weight: w.clone() }, bias: bias.clone(), scale: scale.cloned() };
+        return Ok(a.contiguous()?.apply_op2(&residual.contiguous()?, op)?);
+    }
+    let branch = frozen_matmul_t(&gelu_erf(a, train)?, w)?.broadcast_add(bias)?;
+    let branch = match scale {
+        Some(g) => branch.broadcast_mul(g)?,
+        None => branch,
+    };
+    Ok((residual + branch)?)
+}
+
 /// The differentiable LayerNorm as plain candle ops: the reference for the fused op.
 pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;

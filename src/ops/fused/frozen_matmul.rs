@@ -119,6 +119,53 @@ impl CustomOp3 for SwiGluProjectAdd {
     }
 }
 
+/// `residual + γ ⊙ (GELU(a) Wᵀ + b)` with W, b and γ constant: the ViT MLP's exact GELU, its
+/// frozen fc2 and its LayerScale adding into the residual, as one node. The graph holds a
+/// (GELU's backward reads it) and the residual, and not GELU(a) [tokens, mlp], which only the
+/// frozen fc2 read (as separate ops the graph would keep it until backward, and the bias and
+/// LayerScale would each be a pass of their own). Backward: `da = GELU′(a) ⊙ ((dy ⊙ γ) W)`, and
+/// dy itself for the residual. γ is None without LayerScale.
+pub struct GeluProjectAdd {
+    pub projection: FrozenMatmulT,
+    pub bias: Tensor,
+    pub scale: Option<Tensor>,
+}
+
+impl OutputFreeBackward for GeluProjectAdd {}
+
+impl CustomOp2 for GeluProjectAdd {
+    fn name(&self) -> &'static str {
+        "gelu-frozen-matmul-t-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (activation, shape) = super::Gelu.cpu_fwd(s1, l1)?;
+        let branch = self.projection.product(&cpu_tensor(&activation, &Layout::contiguous(shape), self.name())?)?.broadcast_add(&self.bias)?;
+        let branch = match &self.scale {
+            Some(g) => branch.broadcast_mul(g)?,
+            None => branch,
+        };
+        let residual = cpu_tensor(s2, l2, self.name())?;
+        if residual.shape() != branch.shape() {
+            candle_core::bail!("{}: residual {:?} for an output {:?}", self.name(), residual.dims(), branch.dims());
+        }
+        let y = (residual + branch)?;
+        Ok((tensor_cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, _residual: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let scaled = match &self.scale {
+            Some(g) => dy.broadcast_mul(g)?,
+            None => dy.clone(),
+        };
+        let Some(dactivation) = self.projection.bwd(a, y, &scaled)? else {
+            candle_core::bail!("{}: the projection gave no input gradient", self.name())
+        };
+        let da = super::Gelu.bwd(a, y, &dactivation)?;
+        Ok((da, Some(dy.detach())))
+    }
+}
+
 impl FrozenMatmulT {
     fn dense(&self) -> candle_core::Result<std::borrow::Cow<'_, Tensor>> {
         self.weight.dense().map_err(candle_core::Error::wrap)

@@ -118,4 +118,33 @@ mod tests {
             assert!(diff(a, b) < 2e-6, "{dtype:?}: {}", diff(a, b));
         }
     }
+
+    /// GELU, a frozen projection with its bias and LayerScale, and the residual as one op
+    /// against the same composed of candle's ops, in f64: values and the gradients of a and the
+    /// residual, with and without LayerScale.
+    #[test]
+    fn gelu_into_a_frozen_projection_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let draw = |dims: &[usize], k: usize| {
+            let n: usize = dims.iter().product();
+            Tensor::from_vec((0..n).map(|i| ((i * k % 31) as f64 - 15.0) / 8.0).collect::<Vec<_>>(), dims, &dev).unwrap()
+        };
+        let (w, bias, gamma, weights) = (draw(&[5, 7], 3), draw(&[5], 5), draw(&[5], 11), draw(&[2, 3, 5], 13));
+        for scale in [Some(&gamma), None] {
+            let (a, residual) = (Var::from_tensor(&draw(&[2, 3, 7], 7)).unwrap(), Var::from_tensor(&draw(&[2, 3, 5], 17)).unwrap());
+            let fused = crate::ops::nn::gelu_frozen_matmul_t_add(&a, &w.clone().into(), &bias, scale, &residual, true).unwrap();
+            let branch = a.as_tensor().gelu_erf().unwrap().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+            let branch = match scale {
+                Some(g) => branch.broadcast_mul(g).unwrap(),
+                None => branch,
+            };
+            let composed = (residual.as_tensor() + branch).unwrap();
+            let diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff(&fused, &composed) < 1e-6);
+            let (gf, gc) = ((fused * &weights).unwrap().sum_all().unwrap().backward().unwrap(), (composed * &weights).unwrap().sum_all().unwrap().backward().unwrap());
+            for v in [&a, &residual] {
+                assert!(diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()) < 2e-6);
+            }
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub mod frozen_matmul;
 
 pub use attention::{repeat_heads, Attention};
 pub use cross_entropy::CrossEntropyRows;
-pub use frozen_matmul::{FrozenMatmulT, FrozenMatmulTAdd, SwiGluProjectAdd};
+pub use frozen_matmul::{FrozenMatmulT, FrozenMatmulTAdd, GeluProjectAdd, SwiGluProjectAdd};
 pub use heads::{HeadsShape, OutputFreeBackward, ProjectedHeads, RopeHeads};
 pub use rms_norm::RmsNorm;
 pub use layer_norm::LayerNorm;
