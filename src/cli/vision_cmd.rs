@@ -135,8 +135,8 @@ impl VisionTaskArgs {
     fn load(&self) -> Result<VisionTask> {
         crate::validate::int_in("train", self.train, 1, 1 << 24)?;
         crate::validate::int_in("val", self.val, 1, 1 << 24)?;
-        let (vit, test_split) = self.backbone_and_test()?;
         let train_split = split(&self.data, "train")?;
+        let (vit, test_split) = self.backbone_and_test()?;
         let (train_idx, val_idx) = vtab_sample(train_split.len(), self.train, self.val, self.seed)?;
         let classes = train_split.labels.iter().chain(&test_split.labels).map(|&l| l as usize + 1).max().unwrap_or(1);
         let (train, val) = (train_split.select(&train_idx), train_split.select(&val_idx));
