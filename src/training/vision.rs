@@ -3,9 +3,9 @@
 //! paths (`encoder.layer.N.attention.attention.query`...), or Parallel / Double Control's
 //! controls across its blocks (seed 001's ViT experiment), or the nonlinear controller across
 //! each MLP (seed 000's), a linear head on the CLS feature, `p = softmax(cls(x) W + b)`, and
-//! cross-entropy; or SynQT's side network beside the frozen backbone (seed 004) under the head; AdamW on the adapters and the head,
-//! the learning rate warmed up linearly over the first tenth of the steps, then cosine-decayed to
-//! a hundredth of its peak (the seeds' VTAB-1k recipe: AdamW, cosine, lr 1e-3, no augmentation,
+//! cross-entropy; or SynQT's side network beside the frozen backbone (seed 004) under the head.
+//! AdamW on the adapters and the head, the learning rate warmed up linearly over the first tenth
+//! of the steps, then cosine-decayed to a hundredth of its peak (the seeds' VTAB-1k recipe: AdamW, cosine, lr 1e-3, no augmentation,
 //! images resized directly). After each epoch the validation accuracy chooses the epoch whose
 //! test accuracy is reported (the probe's protocol, `eval::linear_probe`).
 
