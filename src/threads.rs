@@ -1,5 +1,9 @@
 //! The thread pool the CPU work runs on.
 
+mod hot;
+
+pub use hot::{for_each_chunk_mut, for_each_task};
+
 /// Run `f` on a worker of a rayon pool (as many threads as rayon's global pool). A parallel
 /// loop started there splits with the pool's other workers directly; started from an outside
 /// thread (main), every loop is injected into the pool and the caller blocks on a latch, a
@@ -25,10 +29,9 @@ unsafe impl Sync for DisjointOut {}
 /// per 16 rows costs more in scheduling than a small matrix's rows take), each row read once
 /// for all t rows of x. `dot(first, out)` fills `out`, [n, t], for W's rows `first..first + n`.
 pub fn rows_product(rows: usize, t: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
     let mut y_t = vec![0f32; rows * t];
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
-    y_t.par_chunks_mut(chunk * t).enumerate().for_each(|(c, out)| dot(c * chunk, out));
+    for_each_chunk_mut(&mut y_t, chunk * t, |c, out| dot(c * chunk, out));
     // [rows, t] → [t, rows].
     if t == 1 {
         return y_t;

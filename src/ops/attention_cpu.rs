@@ -16,7 +16,6 @@
 //! below compares the two.
 
 use candle_core::{Layout, Storage, Tensor};
-use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -145,7 +144,7 @@ fn attention_typed<T: Element>(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor
     let mut out = vec![0f32; b * t * h * d];
     let shape = Shape { h, t, s, d, n, scale };
     let simd = crate::simd::avx2_fma_f16c();
-    out.par_chunks_mut(h * d).enumerate().for_each(|(row, o)| {
+    crate::threads::for_each_chunk_mut(&mut out, h * d, |row, o| {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the CPU has AVX2, FMA and F16C.

@@ -20,7 +20,6 @@
 //! the tests compare the two.
 
 use candle_core::DType;
-use rayon::prelude::*;
 
 use super::attention_cpu::Element;
 
@@ -55,15 +54,16 @@ pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, us
     let work: usize = adapter_of.iter().flatten().map(|&a| adapters[a].r * (cols_in + cols_out)).sum();
     let parallel = work >= PARALLEL_WORK;
     let mut u = vec![0f32; rows * r_max];
-    let project = |(u, (x, adapter)): (&mut [f32], (&[f32], &Option<usize>))| {
-        if let Some(f) = adapter.map(|a| &adapters[a]) {
+    let project = |i: usize, u: &mut [f32]| {
+        let x = &x[i * cols_in..(i + 1) * cols_in];
+        if let Some(f) = adapter_of[i].map(|a| &adapters[a]) {
             dots_into(x, f.a, cols_in, &mut u[..f.r], simd);
         }
     };
     if parallel {
-        u.par_chunks_mut(r_max.max(1)).zip(x.par_chunks(cols_in).zip(adapter_of.par_iter())).for_each(project);
+        crate::threads::for_each_chunk_mut(&mut u, r_max.max(1), project);
     } else {
-        u.chunks_mut(r_max.max(1)).zip(x.chunks(cols_in).zip(adapter_of.iter())).for_each(project);
+        u.chunks_mut(r_max.max(1)).enumerate().for_each(|(i, u)| project(i, u));
     }
     // y[i] += s · B u[i] over column blocks (each task writes its own columns), up to ROW_GROUP
     // rows of an adapter at once.
@@ -93,7 +93,7 @@ pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, us
         }
     };
     if parallel {
-        (0..cols_out.div_ceil(COLUMNS)).into_par_iter().for_each(expand_block);
+        crate::threads::for_each_task(cols_out.div_ceil(COLUMNS), expand_block);
     } else {
         (0..cols_out.div_ceil(COLUMNS)).for_each(expand_block);
     }
