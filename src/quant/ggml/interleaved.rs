@@ -37,6 +37,17 @@ use super::{BlockType, QMatrix, QuantizedRow, BLOCK};
 /// Rows per group.
 pub const GROUP: usize = 8;
 
+/// How far ahead each product prefetches the blocks it reads (`simd::prefetch`), in each of
+/// a pair's two streams. The hardware's prefetchers stop at 4 KiB pages, and a group's
+/// blocks for a row of 576 columns are 2.9 KiB: without this the products waited on memory
+/// about as long as they computed at 8 rows of x. Measured on a 2-core Xeon: with 150 MB
+/// of 1536 x 576 Q4_1 matrices in turn, one at 8 rows of x took 66 us with no prefetch,
+/// 53-71 us with 320 B to 1.3 KiB ahead (a fixed distance from each stream), 36-38 us with
+/// 4-8 KiB. Prefetching in the order the loop reads, into the next pair, and 3 KiB ahead:
+/// decoding LLaMA-7B's shape (Q4_0, rows of 18 KiB) reads 94% of the measured bandwidth
+/// (78% at a fixed 6 KiB), SmolLM2 at batch 1 and 8 a little faster than at 6 KiB.
+const PREFETCH: usize = 3 << 10;
+
 /// Whether a type has the interleaved layout.
 pub fn supported(kind: BlockType) -> bool {
     matches!(kind, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q8_0)
@@ -205,7 +216,7 @@ pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [std::mem::MaybeU
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BlockType, QuantizedRow, GROUP};
+    use super::{BlockType, QuantizedRow, GROUP, PREFETCH};
 
     /// # Safety
     /// AVX2, FMA, F16C, AVX-512 F/VL/BW/VNNI; `xs.len() == N`.
@@ -221,25 +232,6 @@ mod x86 {
         group_dot::<false, N>(kind, group, xs, out)
     }
 
-    /// Asks for the `bytes` at `at` to be brought into the cache: each product prefetches the
-    /// blocks it reads `PREFETCH` bytes later. The hardware's prefetchers stop at 4 KiB pages,
-    /// and a group's blocks for a row of 576 columns are 2.9 KiB: without this the products
-    /// waited on memory about as long as they computed at 8 rows of x. Past the matrix's end
-    /// it reads nothing (a prefetch never faults).
-    #[inline(always)]
-    unsafe fn prefetch(at: *const u8, bytes: usize) {
-        for line in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line) as *const i8);
-        }
-    }
-
-    /// How far ahead, in each of a pair's two streams. Measured on a 2-core Xeon: with 150 MB
-    /// of 1536 x 576 Q4_1 matrices in turn, one at 8 rows of x took 66 us with no prefetch,
-    /// 53-71 us with 320 B to 1.3 KiB ahead (a fixed distance from each stream), 36-38 us with
-    /// 4-8 KiB. Prefetching in the order the loop reads, into the next pair, and 3 KiB ahead:
-    /// decoding LLaMA-7B's shape (Q4_0, rows of 18 KiB) reads 94% of the measured bandwidth
-    /// (78% at a fixed 6 KiB), SmolLM2 at batch 1 and 8 a little faster than at 6 KiB.
-    const PREFETCH: usize = 3 << 10;
 
     /// Two consecutive groups (16 rows) against N rows of x: `group_dot` in 512-bit registers,
     /// the low half of each holding the first group's lanes, the high half the second's.
@@ -263,8 +255,8 @@ mod x86 {
             // after this one once it passes this pair's end: the pairs lie one after another.
             let ahead = b + PREFETCH.div_ceil(gb);
             let next = first.wrapping_add(ahead / blocks * 2 * blocks * gb + ahead % blocks * gb);
-            prefetch(next, gb);
-            prefetch(next.wrapping_add(blocks * gb), gb);
+            crate::simd::prefetch(next, gb);
+            crate::simd::prefetch(next.wrapping_add(blocks * gb), gb);
             let d = _mm512_cvtph_ps(halves16(ba, bb));
             let mut u = [_mm512_setzero_si512(); 8];
             let c = match kind {
@@ -329,7 +321,7 @@ mod x86 {
         let low = _mm256_set1_epi8(0x0f);
         for b in 0..blocks {
             let blk = group.as_ptr().add(b * gb);
-            prefetch(blk.wrapping_add(PREFETCH), gb);
+            crate::simd::prefetch(blk.wrapping_add(PREFETCH), gb);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut u = [_mm256_setzero_si256(); 8];
             let mut signs = [_mm256_setzero_si256(); 8];
