@@ -92,7 +92,7 @@ pub fn greedy(model: &Llama, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Re
     // `running[r]` is the prompt index of cache row r.
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new_tokens {
-        let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let next = argmax_rows(&logits)?;
         let mut keep = Vec::with_capacity(running.len());
         for (row, (&p, &token)) in running.iter().zip(&next).enumerate() {
             out[p].push(token);
@@ -340,6 +340,18 @@ impl BeamGroup {
 const LENGTH_PENALTY: f32 = 1.0;
 
 /// Indices of the `k` largest values, largest first; equal values in index order.
+/// The arg-max of each row of logits [rows, vocab] (`sampling::argmax`), the rows over the
+/// threads.
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let vocab = logits.dim(D::Minus1)?;
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    let mut next = vec![0u32; logits.elem_count() / vocab.max(1)];
+    crate::threads::with_values(&logits, |values: &[f32]| {
+        crate::threads::for_each_chunk_mut(&mut next, 1, |row, out| out[0] = sampling::argmax(&values[row * vocab..(row + 1) * vocab]) as u32)
+    })?;
+    Ok(next)
+}
+
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let mut best: Vec<usize> = Vec::with_capacity(k + 1);
     for (i, &v) in values.iter().enumerate() {

@@ -151,9 +151,22 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// The index of the largest value, the lowest one on a tie (what `Tensor::argmax` returns).
+/// The index of the largest value, the lowest one on a tie (what `Tensor::argmax` returns);
+/// NaNs are passed over, and a row of nothing else gives 0. Two passes, the maximum over 16
+/// lanes and then its first position, since a single pass that tracks the index does not
+/// vectorize: greedy decoding takes it over a [batch, 49152] row each step.
 pub fn argmax(values: &[f32]) -> usize {
-    super::top_k(values, 1).first().copied().unwrap_or(0)
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    values.iter().position(|&v| v == max).unwrap_or(0)
 }
 
 /// The processors and the seeded random numbers of one generation.
@@ -306,6 +319,25 @@ mod tests {
         let p0 = counts[0] as f64 / 4000.0;
         let want = 1.0 / (1.0 + 2f64.exp());
         assert!((p0 - want).abs() < 0.02, "token 0 drawn {p0}, want {want}");
+    }
+
+    /// The two-pass arg-max equals candle's on rows of every length around the 16 lanes, with
+    /// ties (values on a coarse grid) and the maximum anywhere; NaNs are passed over.
+    #[test]
+    fn argmax_is_candles() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        for len in [1usize, 2, 15, 16, 17, 31, 33, 100, 49152] {
+            for _ in 0..20 {
+                let row: Vec<f32> = (0..len).map(|_| rng.random_range(-8i32..8) as f32 * 0.5).collect();
+                let t = candle_core::Tensor::from_slice(&row, len, &candle_core::Device::Cpu).unwrap();
+                let want = t.argmax(0).unwrap().to_scalar::<u32>().unwrap() as usize;
+                assert_eq!(argmax(&row), want, "length {len}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NAN; 3]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
     #[test]
