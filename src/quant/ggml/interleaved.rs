@@ -6,7 +6,9 @@
 //! every block of every row, about as many instructions as the 32 multiply-adds themselves. With
 //! 8 rows interleaved, one register holds 4 consecutive codes of each of 8 rows, and `vpdpbusd`
 //! against 4 bytes of x broadcast to every lane adds 32 products into 8 per-row sums at once; the
-//! scaling then costs one conversion and two multiply-adds per block for 8 rows.
+//! scaling then costs one conversion and two multiply-adds per block for 8 rows. With AVX-512
+//! two consecutive groups share each 512-bit register (16 rows), so one broadcast of x serves
+//! 16 rows.
 //!
 //! Layout: the rows in groups of 8 (the last group padded with zero blocks), each group block
 //! after block; a group's block holds the 8 rows' scales, then their codes:
