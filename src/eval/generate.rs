@@ -339,7 +339,6 @@ impl BeamGroup {
 /// HF's default `length_penalty`.
 const LENGTH_PENALTY: f32 = 1.0;
 
-/// Indices of the `k` largest values, largest first; equal values in index order.
 /// The arg-max of each row of logits [rows, vocab] (`sampling::argmax`), the rows over the
 /// threads.
 fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
@@ -352,6 +351,7 @@ fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(next)
 }
 
+/// Indices of the `k` largest values, largest first; equal values in index order.
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let mut best: Vec<usize> = Vec::with_capacity(k + 1);
     for (i, &v) in values.iter().enumerate() {
