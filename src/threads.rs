@@ -2,7 +2,7 @@
 
 mod hot;
 
-pub use hot::{for_each_chunk_mut, for_each_task};
+pub use hot::{for_each_chunk_mut, for_each_product_task, for_each_task};
 
 /// Run `f` on a worker of a rayon pool (as many threads as rayon's global pool). A parallel
 /// loop started there splits with the pool's other workers directly; started from an outside
@@ -31,7 +31,13 @@ unsafe impl Sync for DisjointOut {}
 pub fn rows_product(rows: usize, t: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut y_t = vec![0f32; rows * t];
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
-    for_each_chunk_mut(&mut y_t, chunk * t, |c, out| dot(c * chunk, out));
+    let out = DisjointOut(y_t.as_mut_ptr());
+    for_each_product_task(t, rows.div_ceil(chunk), |c| {
+        let out = &out;
+        let n = chunk.min(rows - c * chunk);
+        // SAFETY: chunk c's rows [c·chunk, c·chunk + n) of y_t [rows, t]: this task's alone.
+        dot(c * chunk, unsafe { std::slice::from_raw_parts_mut(out.0.add(c * chunk * t), n * t) })
+    });
     // [rows, t] → [t, rows].
     if t == 1 {
         return y_t;

@@ -123,10 +123,10 @@ pub fn for_each_task(tasks: usize, f: impl Fn(usize) + Sync) {
     if tasks > MAX_TASKS || HOT.owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         return rayon_loop(tasks, f);
     }
-    // Workers that have gone back to rayon are called again (one wake each, as rayon's own loop
-    // would cost); they find this loop when they start.
-    let serving = HOT.serving.load(Ordering::Acquire);
-    if serving < threads - 1 {
+    // Once every worker has gone back to rayon they are called again (one wake each, as rayon's
+    // own loop would cost); they find this loop when they start. Not while some still serve: a
+    // worker's second `serve` job would run after its first and count itself out twice.
+    if HOT.serving.load(Ordering::Acquire) == 0 {
         HOT.serving.store(threads - 1, Ordering::Release);
         rayon::spawn_broadcast(move |ctx| {
             if ctx.index() != me {
@@ -170,6 +170,21 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usiz
         let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), chunk.min(len - start)) };
         f(i, part)
     });
+}
+
+/// Rows of x up to which a product's loop runs on [`for_each_task`] (decoding's batches). A
+/// prompt's products take rayon's loop, whose workers also run candle's own parallel ops between
+/// the products (a worker spinning here would leave those to the calling thread).
+const HOT_ROWS: usize = 32;
+
+/// The loop of a product over `rows` rows of x: [`for_each_task`] up to [`HOT_ROWS`], else
+/// rayon's.
+pub fn for_each_product_task(rows: usize, tasks: usize, f: impl Fn(usize) + Sync) {
+    if rows <= HOT_ROWS {
+        for_each_task(tasks, f)
+    } else {
+        rayon_loop(tasks, f)
+    }
 }
 
 fn rayon_loop(tasks: usize, f: impl Fn(usize) + Sync) {

@@ -150,9 +150,6 @@ pub fn row_blocks(kind: BlockType, blocks: usize, data: &[u8], r: usize) -> Vec<
     out
 }
 
-/// Rows of x up to which a product runs on `threads::for_each_task` (decoding's batches).
-const HOT_ROWS: usize = 32;
-
 /// `y = x Wᵀ` into `y` [t, rows] for the quantized rows `xq` of x, W interleaved; `vnni` picks
 /// `vpdpbusd` over AVX2's `vpmaddubsw`, on two groups at once in 512-bit registers (one
 /// broadcast of x's bytes serves 16 rows, and a 512-bit `vpdpbusd` does twice the work of a
@@ -217,15 +214,7 @@ pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [std::mem::MaybeU
             }
         }
     };
-    // A decode step's few rows on the threads kept hot between loops; a prompt's many on
-    // rayon's loop, whose workers also serve candle's own parallel ops between the products (a
-    // 400-token prefill was 0.87-0.90x as fast on the hot threads).
-    if t <= HOT_ROWS {
-        crate::threads::for_each_task(units.div_ceil(per_task), run_task);
-    } else {
-        use rayon::prelude::*;
-        (0..units.div_ceil(per_task)).into_par_iter().for_each(run_task);
-    }
+    crate::threads::for_each_product_task(t, units.div_ceil(per_task), run_task);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -248,7 +237,6 @@ mod x86 {
         group_dot::<false, N>(kind, group, xs, out, fetch)
     }
 
-
     /// Two consecutive groups (16 rows) against N rows of x: `group_dot` in 512-bit registers,
     /// the low half of each holding the first group's lanes, the high half the second's.
     ///
@@ -269,9 +257,9 @@ mod x86 {
             let (ba, bb) = (first.add(b * gb), second.add(b * gb));
             // The blocks this loop reads PREFETCH bytes later (in each group), in the pairs
             // after this one once it passes this pair's end: the pairs lie one after another.
-            let ahead = b + PREFETCH.div_ceil(gb);
-            let next = first.wrapping_add(ahead / blocks * 2 * blocks * gb + ahead % blocks * gb);
             if fetch {
+                let ahead = b + PREFETCH.div_ceil(gb);
+                let next = first.wrapping_add(ahead / blocks * 2 * blocks * gb + ahead % blocks * gb);
                 crate::simd::prefetch(next, gb);
                 crate::simd::prefetch(next.wrapping_add(blocks * gb), gb);
             }
