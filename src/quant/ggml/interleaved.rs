@@ -253,15 +253,20 @@ mod x86 {
         let halves32 = |a: *const u8, b: *const u8| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(a as *const __m256i)), _mm256_loadu_si256(b as *const __m256i));
         let mut acc = [_mm512_setzero_ps(); N];
         let low = _mm512_set1_epi8(0x0f);
+        // The block this loop reads PREFETCH bytes later (in each group): `ahead_pair` pairs on
+        // (the pairs lie one after another), block `ahead_block` there; counted, not divided.
+        let ahead = PREFETCH.div_ceil(gb);
+        let (mut ahead_pair, mut ahead_block) = (ahead / blocks, ahead % blocks);
         for b in 0..blocks {
             let (ba, bb) = (first.add(b * gb), second.add(b * gb));
-            // The blocks this loop reads PREFETCH bytes later (in each group), in the pairs
-            // after this one once it passes this pair's end: the pairs lie one after another.
             if fetch {
-                let ahead = b + PREFETCH.div_ceil(gb);
-                let next = first.wrapping_add(ahead / blocks * 2 * blocks * gb + ahead % blocks * gb);
+                let next = first.wrapping_add(ahead_pair * 2 * blocks * gb + ahead_block * gb);
                 crate::simd::prefetch(next, gb);
                 crate::simd::prefetch(next.wrapping_add(blocks * gb), gb);
+                ahead_block += 1;
+                if ahead_block == blocks {
+                    (ahead_pair, ahead_block) = (ahead_pair + 1, 0);
+                }
             }
             let d = _mm512_cvtph_ps(halves16(ba, bb));
             let mut u = [_mm512_setzero_si512(); 8];
