@@ -99,6 +99,38 @@ impl FrozenLinear {
     }
 }
 
+/// The outputs of linears that read the same x (q, k and v; gate and up) by one packed product
+/// at inference on the CPU (`QMatrix::matmul_many`: x quantized once, one parallel loop), when
+/// every one is an interleaved packed base without an active adapter and x is f32; `None`
+/// otherwise, and each layer then computes its own.
+pub fn packed_siblings<const N: usize>(linears: [&Linear; N], x: &Tensor, train: bool) -> Result<Option<[Tensor; N]>> {
+    use crate::quant::ggml::Layout;
+    if train || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 || N == 0 {
+        return Ok(None);
+    }
+    let cols = linears[0].base.in_features();
+    let rows = x.elem_count() / cols.max(1);
+    let mut ws = Vec::with_capacity(N);
+    for linear in linears {
+        match (linear.active_adapter(), linear.base.base_weight()) {
+            (None, BaseWeight::Packed { weight, .. }) if weight.layout == Layout::Interleaved && weight.cols == cols && weight.packed_product_pays(rows) => ws.push(weight.as_ref()),
+            _ => return Ok(None),
+        }
+    }
+    let dims = x.dims();
+    if dims.last() != Some(&cols) {
+        return Ok(None);
+    }
+    let ys = crate::threads::with_values(x, |values: &[f32]| QMatrix::matmul_many(&ws, values, rows))??;
+    let mut outs = Vec::with_capacity(N);
+    for (y, w) in ys.into_iter().zip(&ws) {
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("x has a last dim") = w.rows;
+        outs.push(Tensor::from_vec(y, shape, x.device())?);
+    }
+    Ok(Some(outs.try_into().unwrap_or_else(|_| unreachable!("one output a linear"))))
+}
+
 /// Inference: not training, and no input carries a graph.
 pub fn inference(inputs: &[&Tensor], train: bool) -> bool {
     !train && inputs.iter().all(|x| !x.track_op())

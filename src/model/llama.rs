@@ -731,7 +731,10 @@ impl Llama {
         }
         let mlp_in = ops::rms_norm(&h2, &layer.post_attention_layernorm, eps, train)?;
         let m = &layer.mlp;
-        let (gate, up) = (m.gate_proj.forward(&mlp_in, train)?, m.up_proj.forward(&mlp_in, train)?);
+        let (gate, up) = match super::linear::packed_siblings([&m.gate_proj, &m.up_proj], &mlp_in, train)? {
+            Some([gate, up]) => (gate, up),
+            None => (m.gate_proj.forward(&mlp_in, train)?, m.up_proj.forward(&mlp_in, train)?),
+        };
         let mut out = match output {
             LayerOutput::Values => m.down_proj.forward_swiglu_add(&gate, &up, &h2, train)?,
             LayerOutput::GradientsOnly => m.down_proj.forward_swiglu_add_backward_only(&gate, &up, &h2, train)?,
@@ -764,9 +767,15 @@ impl Llama {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let q = attn.q_proj.forward_heads(x, AttentionHeads::rotated(nh, cos, sin), train)?;
-        let mut k = attn.k_proj.forward_heads(x, AttentionHeads::rotated(nkv, cos, sin), train)?;
-        let mut v = attn.v_proj.forward_heads(x, AttentionHeads::plain(nkv), train)?;
+        let heads = [AttentionHeads::rotated(nh, cos, sin), AttentionHeads::rotated(nkv, cos, sin), AttentionHeads::plain(nkv)];
+        let [q, mut k, mut v] = match super::linear::packed_siblings([&attn.q_proj, &attn.k_proj, &attn.v_proj], x, train)? {
+            Some([q, k, v]) => [heads[0].split(&q, train)?, heads[1].split(&k, train)?, heads[2].split(&v, train)?],
+            None => [
+                attn.q_proj.forward_heads(x, heads[0], train)?,
+                attn.k_proj.forward_heads(x, heads[1], train)?,
+                attn.v_proj.forward_heads(x, heads[2], train)?,
+            ],
+        };
         let stored = self.kv_dtype;
         match kv {
             Some(cache) => (k, v) = cache.append(&k.detach().to_dtype(stored)?, &v.detach().to_dtype(stored)?)?,

@@ -160,17 +160,41 @@ pub fn row_blocks(kind: BlockType, blocks: usize, data: &[u8], r: usize) -> Vec<
 /// The CPU has AVX2, FMA and F16C, and with `vnni` AVX-512 F, VL, BW and VNNI.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [std::mem::MaybeUninit<f32>], vnni: bool) {
-    let (t, rows, blocks) = (xq.len(), w.rows, w.cols / BLOCK);
-    let groups = rows.div_ceil(GROUP);
-    let group_bytes = blocks * group_block_bytes(w.kind);
+    matmul_many(&[w], xq, &mut [y], vnni)
+}
+
+/// [`matmul`] of several matrices against the same x (q, k and v; gate and up), `ys[i]` [t,
+/// rows_i] for `ws[i]`: one parallel loop over all their tasks, so that the threads meet once
+/// instead of once a matrix.
+///
+/// # Safety
+/// As [`matmul`]; every matrix interleaved, of x's columns, `ys[i]` of t · rows_i values.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn matmul_many(ws: &[&QMatrix], xq: &[QuantizedRow], ys: &mut [&mut [std::mem::MaybeUninit<f32>]], vnni: bool) {
+    let t = xq.len();
     // A unit of work: two groups with VNNI (the last may be one), else one.
     let per_unit = if vnni { 2 } else { 1 };
-    let units = groups.div_ceil(per_unit);
-    let per_task = units.div_ceil(4 * rayon::current_num_threads()).max(1);
+    // Each matrix's units in tasks of `per_task`, its tasks after the previous matrix's.
+    let plans: Vec<(usize, usize, usize)> = ws
+        .iter()
+        .scan(0, |first_task, w| {
+            let units = w.rows.div_ceil(GROUP).div_ceil(per_unit);
+            let per_task = units.div_ceil(4 * rayon::current_num_threads()).max(1);
+            let plan = (*first_task, units, per_task);
+            *first_task += units.div_ceil(per_task);
+            Some(plan)
+        })
+        .collect();
+    let tasks = plans.last().map_or(0, |&(first, units, per_task)| first + units.div_ceil(per_task));
     // Each task writes its own groups' columns.
-    let out = crate::threads::DisjointOut(y.as_mut_ptr().cast::<f32>());
+    let outs: Vec<crate::threads::DisjointOut> = ys.iter_mut().map(|y| crate::threads::DisjointOut(y.as_mut_ptr().cast::<f32>())).collect();
     let run_task = |task: usize| {
-        let out = &out;
+        let m = plans.partition_point(|&(first, _, _)| first <= task) - 1;
+        let ((first, units, per_task), w, out) = (plans[m], ws[m], &outs[m]);
+        let (rows, blocks) = (w.rows, w.cols / BLOCK);
+        let groups = rows.div_ceil(GROUP);
+        let group_bytes = blocks * group_block_bytes(w.kind);
+        let task = task - first;
         // Each kernel call writes the rows and lanes that are copied out of it.
         let mut sums = [[0f32; 2 * GROUP]; 8];
         for unit in task * per_task..((task + 1) * per_task).min(units) {
@@ -214,7 +238,7 @@ pub unsafe fn matmul(w: &QMatrix, xq: &[QuantizedRow], y: &mut [std::mem::MaybeU
             }
         }
     };
-    crate::threads::for_each_product_task(t, units.div_ceil(per_task), run_task);
+    crate::threads::for_each_product_task(t, tasks, run_task);
 }
 
 #[cfg(target_arch = "x86_64")]

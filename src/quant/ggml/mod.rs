@@ -378,6 +378,32 @@ impl QMatrix {
         Ok(self.rows_product(t, |w, out| dot_rows(self.kind, w, &xq, out, simd)))
     }
 
+    /// `y_i = x W_iᵀ` for matrices that read the same x [t, cols] (q, k and v; gate and up):
+    /// interleaved ones quantize x once and share one parallel loop (`interleaved::matmul_many`),
+    /// others are [`QMatrix::matmul`] each.
+    pub fn matmul_many(ws: &[&QMatrix], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+        let simd = Simd::detected();
+        let cols = ws.first().map_or(0, |w| w.cols);
+        let shared = ws.iter().all(|w| w.layout == Layout::Interleaved && w.cols == cols) && simd >= Simd::Avx2;
+        if !shared || x.len() != t * cols {
+            return ws.iter().map(|w| w.matmul(x, t)).collect();
+        }
+        let xq = quantize_rows(x, cols, simd);
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(t * w.rows)).collect();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut outs: Vec<&mut [std::mem::MaybeUninit<f32>]> = ys.iter_mut().map(|y| y.spare_capacity_mut()).collect();
+            // SAFETY: the level is one this CPU has (`Simd::detected`); every matrix is
+            // interleaved with x's columns, and the product writes every element of each y.
+            unsafe { interleaved::matmul_many(ws, &xq, &mut outs, simd == Simd::Avx512Vnni) };
+            for (y, w) in ys.iter_mut().zip(ws) {
+                // SAFETY: written above.
+                unsafe { y.set_len(t * w.rows) };
+            }
+        }
+        Ok(ys)
+    }
+
     /// y [t, rows] of a row-major matrix, `dot(weight row, out)` giving a weight row's t outputs.
     fn rows_product(&self, t: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
         crate::threads::rows_product(self.rows, t, |first, out| {
@@ -744,6 +770,29 @@ mod tests {
             for (a, b) in quantize_rows(&x, 96, simd).iter().zip(&want) {
                 assert_eq!((&a.p, &a.d, &a.s), (&b.p, &b.d, &b.s), "{simd:?}");
             }
+        }
+    }
+
+    /// Matrices sharing x in one loop give each matrix's own product bit for bit: interleaved
+    /// ones of several types and row counts (a part pair of groups, a part group), and a
+    /// row-major one among them (then each alone).
+    #[test]
+    fn products_sharing_x_equal_each_alone() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let cols = 96;
+        let ms: Vec<QMatrix> = [(BlockType::Q4_1, 40), (BlockType::Q8_0, 13), (BlockType::Q4_0, 24)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (kind, rows))| random(kind, rows, cols, 20 + i as u64).for_this_cpu())
+            .collect();
+        for t in [1, 3, 8, 11] {
+            let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let alone: Vec<Vec<f32>> = ms.iter().map(|m| m.matmul(&x, t).unwrap()).collect();
+            assert_eq!(QMatrix::matmul_many(&ms.iter().collect::<Vec<_>>(), &x, t).unwrap(), alone, "t {t}");
+            let rows = random(BlockType::Q4_0, 5, cols, 3);
+            assert_eq!(rows.layout, Layout::Rows);
+            let mixed = QMatrix::matmul_many(&[&ms[0], &rows], &x, t).unwrap();
+            assert_eq!(mixed, vec![alone[0].clone(), rows.matmul(&x, t).unwrap()], "t {t}, one row-major");
         }
     }
 
