@@ -98,3 +98,33 @@ fn adapters_load_and_unload_in_a_running_mixed_model() {
     assert_eq!(logits(&mixed, &ids), want_base);
     assert!(mixed.set_mixed_model(&rows, 0, None).unwrap_err().to_string().contains("model 0 is the base"));
 }
+
+/// A packed base (interleaved Q8_0 blocks, as a GGUF decodes on the CPU): a mixed batch of the
+/// base's and LoRA adapters' rows takes q, k, v (and gate, up) in one product with each row's
+/// low-rank term added after (`packed_siblings`), and still gives each row its own model's logits.
+#[test]
+fn a_packed_base_shares_its_sibling_products_across_the_rows_of_a_mixed_batch() {
+    let config = candle_peft::model::LlamaConfig { intermediate_size: 192, ..candle_peft::model::LlamaConfig::tiny(50) };
+    let base = candle_peft::loading::random_packed(config, candle_peft::quant::ggml::BlockType::Q8_0, 3).unwrap();
+    let models = vec![
+        base.share_base(),
+        adapted(&base, &lora(&["q_proj", "v_proj", "down_proj"], false), 1),
+        adapted(&base, &lora(&["k_proj", "gate_proj", "up_proj"], false), 2),
+    ];
+    let ids = Tensor::new(&[[3u32, 8, 1], [7, 7, 2], [1, 2, 3], [9, 8, 7]], &Device::Cpu).unwrap();
+    let assignment = vec![1, 0, 2, 1];
+    let alone: Vec<Vec<Vec<Vec<f32>>>> = models.iter().map(|m| logits(m, &ids)).collect();
+    let moved = alone[2][0].iter().flatten().zip(alone[0][0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the adapters change the logits: {moved}");
+    let (mixed, rows) = Llama::mixed(models).unwrap();
+    rows.set(assignment.clone());
+    let got = logits(&mixed, &ids);
+    for (r, &m) in assignment.iter().enumerate() {
+        let diff = got[r].iter().flatten().zip(alone[m][r].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "row {r} of model {m}: max |diff| {diff}");
+    }
+    for (m, want) in alone.iter().enumerate() {
+        rows.set(vec![m; 4]);
+        assert_eq!(&logits(&mixed, &ids), want, "model {m}");
+    }
+}

@@ -101,8 +101,9 @@ impl FrozenLinear {
 
 /// The outputs of linears that read the same x (q, k and v; gate and up) by one packed product
 /// at inference on the CPU (`QMatrix::matmul_many`: x quantized once, one parallel loop), when
-/// every one is an interleaved packed base without an active adapter and x is f32; `None`
-/// otherwise, and each layer then computes its own.
+/// every one is an interleaved packed base whose adapter, if active, adds its term to the base's
+/// output (`LinearAdapter::takes_base_output`) and x is f32; `None` otherwise, and each layer
+/// then computes its own.
 pub fn packed_siblings<const N: usize>(linears: [&Linear; N], x: &Tensor, train: bool) -> Result<Option<[Tensor; N]>> {
     use crate::quant::ggml::Layout;
     if train || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 || N == 0 {
@@ -112,8 +113,11 @@ pub fn packed_siblings<const N: usize>(linears: [&Linear; N], x: &Tensor, train:
     let rows = x.elem_count() / cols.max(1);
     let mut ws = Vec::with_capacity(N);
     for linear in linears {
-        match (linear.active_adapter(), linear.base.base_weight()) {
-            (None, BaseWeight::Packed { weight, .. }) if weight.layout == Layout::Interleaved && weight.cols == cols && weight.packed_product_pays(rows) => ws.push(weight.as_ref()),
+        if linear.active_adapter().is_some_and(|a| !a.takes_base_output(x)) {
+            return Ok(None);
+        }
+        match linear.base.base_weight() {
+            BaseWeight::Packed { weight, .. } if weight.layout == Layout::Interleaved && weight.cols == cols && weight.packed_product_pays(rows) => ws.push(weight.as_ref()),
             _ => return Ok(None),
         }
     }
@@ -123,10 +127,14 @@ pub fn packed_siblings<const N: usize>(linears: [&Linear; N], x: &Tensor, train:
     }
     let ys = crate::threads::with_values(x, |values: &[f32]| QMatrix::matmul_many(&ws, values, rows))??;
     let mut outs = Vec::with_capacity(N);
-    for (y, w) in ys.into_iter().zip(&ws) {
+    for ((y, w), linear) in ys.into_iter().zip(&ws).zip(linears) {
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("x has a last dim") = w.rows;
-        outs.push(Tensor::from_vec(y, shape, x.device())?);
+        let y = Tensor::from_vec(y, shape, x.device())?;
+        outs.push(match linear.active_adapter() {
+            Some(adapter) => adapter.add_to_base(x, y)?,
+            None => y,
+        });
     }
     Ok(Some(outs.try_into().unwrap_or_else(|_| unreachable!("one output a linear"))))
 }
@@ -171,6 +179,16 @@ pub trait LinearAdapter: Send + Sync {
     /// SNELL, ...), whose rows a mixed batch computes whole.
     fn low_rank_factors(&self) -> Option<(Tensor, Tensor, f64)> {
         None
+    }
+    /// Whether, at inference, this adapter's output for x is the base's output plus a term that
+    /// [`LinearAdapter::add_to_base`] adds, so that the base's product may come from elsewhere
+    /// (siblings that read the same x in one packed product, `packed_siblings`).
+    fn takes_base_output(&self, _x: &Tensor) -> bool {
+        false
+    }
+    /// The output for x from the base's output `y = base(x)`, where `takes_base_output(x)`.
+    fn add_to_base(&self, _x: &Tensor, _y: Tensor) -> Result<Tensor> {
+        Err(crate::Error::msg("this adapter computes its own base product"))
     }
     /// The weight that computes the adapted layer with a plain linear (for `merge`).
     fn merged_weight(&self, base: &Tensor) -> Result<Tensor>;

@@ -139,6 +139,20 @@ impl MixedLinear {
         Ok(())
     }
 
+    /// `y` plus each row's low-rank term (`ops::lora_rows`), `models` the batch rows' models.
+    fn add_low_rank_rows(&self, x: &Tensor, y: Tensor, models: &[usize]) -> Result<Tensor> {
+        // Each batch row's positions (x [b, t, in]: t rows of x a batch row) take its adapter.
+        let rows = crate::ops::lora_rows::rows_of(x)?;
+        let t = rows / x.dim(0)?.max(1);
+        let adapter_of: Vec<Option<usize>> = (0..rows)
+            .map(|r| match self.slot(models[r / t]) {
+                Slot::LowRank(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors, self.b_transposed)
+    }
+
     fn model(&self, m: usize) -> Option<&Linear> {
         self.models.get(m).and_then(Option::as_ref)
     }
@@ -166,17 +180,8 @@ impl LinearAdapter for MixedLinear {
         };
         let mut y = base.forward(x)?;
         if !self.factors.is_empty() {
-            // Each batch row's positions (x [b, t, in]: t rows of x a batch row) take its adapter.
-            let rows = crate::ops::lora_rows::rows_of(x)?;
-            let t = rows / x.dim(0)?.max(1);
-            let adapter_of: Vec<Option<usize>> = (0..rows)
-                .map(|r| match self.slot(models[r / t]) {
-                    Slot::LowRank(i) => Some(*i),
-                    _ => None,
-                })
-                .collect();
             if fast {
-                y = crate::ops::lora_rows::add_tensor(x, y, &adapter_of, &self.factors, self.b_transposed)?;
+                y = self.add_low_rank_rows(x, y, &models)?;
             } else {
                 // Another device or dtype: each adapter's term by candle ops on its rows.
                 for (m, idx) in &groups {
@@ -200,6 +205,26 @@ impl LinearAdapter for MixedLinear {
             });
         }
         Ok(Tensor::cat(&parts, 0)?.index_select(&back, 0)?)
+    }
+
+    /// Rows of the base alone, or of several models none of which computes its rows whole,
+    /// on the `lora_rows` path: the base's output plus each row's low-rank term.
+    fn takes_base_output(&self, x: &Tensor) -> bool {
+        let Ok(models) = x.dim(0).map_err(Error::from).and_then(|b| models_of_rows(&self.rows, b)) else {
+            return false;
+        };
+        if models.iter().all(|&m| m == models[0]) {
+            return self.model(models[0]).is_none();
+        }
+        crate::ops::lora_rows::takes(x) && !models.iter().any(|&m| matches!(self.slot(m), Slot::Whole))
+    }
+
+    fn add_to_base(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let models = models_of_rows(&self.rows, x.dim(0)?)?;
+        if self.factors.is_empty() || models.iter().all(|&m| m == models[0]) {
+            return Ok(y);
+        }
+        self.add_low_rank_rows(x, y, &models)
     }
 
     fn merged_weight(&self, _base: &Tensor) -> Result<Tensor> {
