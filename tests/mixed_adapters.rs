@@ -38,6 +38,18 @@ fn logits(m: &Llama, ids: &Tensor) -> Vec<Vec<Vec<f32>>> {
     m.forward(ids, None, None, false).unwrap().to_vec3().unwrap()
 }
 
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
+/// Row r of the mixed batch's logits `got` against model `assignment[r]`'s own, `alone[m]`.
+fn each_row_matches_its_model(got: &[Vec<Vec<f32>>], alone: &[Vec<Vec<Vec<f32>>>], assignment: &[usize]) {
+    for (r, &m) in assignment.iter().enumerate() {
+        let diff = max_diff(&got[r], &alone[m][r]);
+        assert!(diff < 1e-4, "row {r} of model {m}: max |diff| {diff}");
+    }
+}
+
 #[test]
 fn each_row_of_a_mixed_batch_gets_its_own_models_logits() {
     let base = common::tiny(DType::F32);
@@ -56,13 +68,9 @@ fn each_row_of_a_mixed_batch_gets_its_own_models_logits() {
     let (mixed, rows) = Llama::mixed(models).unwrap();
 
     rows.set(assignment.clone());
-    let got = logits(&mixed, &ids);
-    for (r, &m) in assignment.iter().enumerate() {
-        let diff = got[r].iter().flatten().zip(alone[m][r].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "row {r} of model {m}: max |diff| {diff}");
-    }
+    each_row_matches_its_model(&logits(&mixed, &ids), &alone, &assignment);
     // Model 1's rows alone differ from the base's: the test sees the adapters.
-    let moved = alone[1][0].iter().flatten().zip(alone[0][0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let moved = max_diff(&alone[1][0], &alone[0][0]);
     assert!(moved > 1e-3, "{moved}");
 
     // Every row one model's: its own path, the same bits.
@@ -114,15 +122,11 @@ fn a_packed_base_shares_its_sibling_products_across_the_rows_of_a_mixed_batch() 
     let ids = Tensor::new(&[[3u32, 8, 1], [7, 7, 2], [1, 2, 3], [9, 8, 7]], &Device::Cpu).unwrap();
     let assignment = vec![1, 0, 2, 1];
     let alone: Vec<Vec<Vec<Vec<f32>>>> = models.iter().map(|m| logits(m, &ids)).collect();
-    let moved = alone[2][0].iter().flatten().zip(alone[0][0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let moved = max_diff(&alone[2][0], &alone[0][0]);
     assert!(moved > 1e-3, "the adapters change the logits: {moved}");
     let (mixed, rows) = Llama::mixed(models).unwrap();
     rows.set(assignment.clone());
-    let got = logits(&mixed, &ids);
-    for (r, &m) in assignment.iter().enumerate() {
-        let diff = got[r].iter().flatten().zip(alone[m][r].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "row {r} of model {m}: max |diff| {diff}");
-    }
+    each_row_matches_its_model(&logits(&mixed, &ids), &alone, &assignment);
     for (m, want) in alone.iter().enumerate() {
         rows.set(vec![m; 4]);
         assert_eq!(&logits(&mixed, &ids), want, "model {m}");
