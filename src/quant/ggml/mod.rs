@@ -384,7 +384,7 @@ impl QMatrix {
     pub fn matmul_many(ws: &[&QMatrix], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
         let simd = Simd::detected();
         let cols = ws.first().map_or(0, |w| w.cols);
-        let shared = ws.iter().all(|w| w.layout == Layout::Interleaved && w.cols == cols) && simd >= Simd::Avx2;
+        let shared = cfg!(target_arch = "x86_64") && simd >= Simd::Avx2 && ws.iter().all(|w| w.layout == Layout::Interleaved && w.cols == cols);
         if !shared || x.len() != t * cols {
             return ws.iter().map(|w| w.matmul(x, t)).collect();
         }
