@@ -48,6 +48,19 @@ pub fn avx2_fma_f16c() -> bool {
     }
 }
 
+/// Whether a kernel may use AVX-512 F, BW and VL (with AVX2, FMA and F16C): the CPU has them
+/// and the cap allows them.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cap() == Cap::Any && avx2_fma_f16c() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether a kernel may use AVX2 and FMA: the CPU has them and the cap allows them.
 pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

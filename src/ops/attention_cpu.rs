@@ -457,7 +457,7 @@ pub(crate) mod x86 {
 
 /// The AVX-512 rows: a task's query heads against the key/value head they share.
 #[cfg(target_arch = "x86_64")]
-mod x512 {
+pub(crate) mod x512 {
     use std::arch::x86_64::*;
 
     use super::{first_key, lanes, Element, Shape, Views, MASKED};
@@ -469,7 +469,7 @@ mod x512 {
     /// # Safety
     /// AVX2, FMA, F16C and AVX-512 F, BW, VL; o is HG · d long; h0 + HG ≤ h.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn heads<T: Element, const HG: usize, const KEYS: usize>(
+    pub(super) unsafe fn heads<T: Element, const HG: usize, const KEYS: usize>(
         row: usize,
         h0: usize,
         o: &mut [f32],
@@ -530,7 +530,7 @@ mod x512 {
 
     /// The first `left` of 16 lanes (all of them from 16 on).
     #[inline(always)]
-    fn mask(left: usize) -> u16 {
+    pub(crate) fn lane_mask(left: usize) -> u16 {
         if left >= 16 {
             u16::MAX
         } else {
@@ -544,7 +544,7 @@ mod x512 {
         let mut acc = [[_mm512_setzero_ps(); KEYS]; HG];
         let mut c = 0;
         while c < d {
-            let m = mask(d - c);
+            let m = lane_mask(d - c);
             let mut x = [_mm512_setzero_ps(); HG];
             for hh in 0..HG {
                 x[hh] = _mm512_maskz_loadu_ps(m, q[hh].add(c));
@@ -577,7 +577,7 @@ mod x512 {
     /// and added within each 128-bit quarter, then quarters of 4 registers' partial sums, then
     /// the quarters added across.
     #[inline(always)]
-    unsafe fn sums8(a: [__m512; 8]) -> __m256 {
+    pub(crate) unsafe fn sums8(a: [__m512; 8]) -> __m256 {
         // Per quarter: [a0+a2, b0+b2, a1+a3, b1+b3] of registers a, b.
         let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
         // Per quarter: the four registers' partial sums side by side.
@@ -603,7 +603,7 @@ mod x512 {
         while c0 < d {
             let mut m = [0u16; SPAN];
             for (r, m) in m.iter_mut().enumerate() {
-                *m = mask(d.saturating_sub(c0 + 16 * r));
+                *m = lane_mask(d.saturating_sub(c0 + 16 * r));
             }
             let mut acc = [[_mm512_setzero_ps(); SPAN]; HG];
             for (j, &value) in values.iter().enumerate() {

@@ -9,7 +9,9 @@
 //! Layout: x [rows, in] and y [rows, out], row-major f32; A [r, in] row-major (PEFT's `lora_A`),
 //! B [out, r] row-major (PEFT's `lora_B`) or transposed, [r, out] (`Factors::b_transposed`: what a
 //! mixed layer keeps, made once when an adapter is attached). First `u = A x[i]`, r dot products
-//! of length in, 8 at a time with their sums reduced together (`attention_cpu::x86::dots`). Then
+//! of length in, 8 at a time with their sums reduced together (`attention_cpu::x86::dots`); with
+//! AVX-512, up to 4 rows of one adapter at once against 4 rows of A, so that each load of A is
+//! widened once for all of them (the same sums in the same order for a row alone). Then
 //! `y[i][j] += s · Σ_k u[k] B[j][k]`: every output one chain of fused multiply-adds over k in
 //! order, 8 outputs side by side in a register's lanes, up to 4 rows of one adapter at once
 //! sharing B's loads. From B transposed a lane's values are one load; from B by rows, 8 rows are
@@ -44,7 +46,12 @@ impl<T: Element> Factors<'_, T> {
 }
 
 /// `y[i] += s · B (A x[i])` for each row i with `adapter_of[i] = Some(a)`, factors `adapters[a]`.
-pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<T>]) {
+pub fn add<T: Element>(x: &[f32], y: &mut [f32], shape: (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<T>]) {
+    add_at(x, y, shape, adapter_of, adapters, crate::simd::avx512());
+}
+
+/// [`add`], `u = A x` on AVX-512 (`wide`, where the CPU has it) or not.
+fn add_at<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<T>], wide: bool) {
     let rows = adapter_of.len();
     debug_assert!(x.len() == rows * cols_in && y.len() == rows * cols_out);
     let simd = crate::simd::avx2_fma_f16c();
@@ -54,25 +61,52 @@ pub fn add<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, us
     let work: usize = adapter_of.iter().flatten().map(|&a| adapters[a].r * (cols_in + cols_out)).sum();
     let parallel = work >= PARALLEL_WORK;
     let mut u = vec![0f32; rows * r_max];
-    let project = |i: usize, u: &mut [f32]| {
-        let x = &x[i * cols_in..(i + 1) * cols_in];
-        if let Some(f) = adapter_of[i].map(|a| &adapters[a]) {
-            dots_into(x, f.a, cols_in, &mut u[..f.r], simd);
-        }
-    };
-    if parallel {
-        crate::threads::for_each_chunk_mut(&mut u, r_max.max(1), project);
-    } else {
-        u.chunks_mut(r_max.max(1)).enumerate().for_each(|(i, u)| project(i, u));
-    }
-    // y[i] += s · B u[i] over column blocks (each task writes its own columns), up to ROW_GROUP
-    // rows of an adapter at once.
     let mut rows_of_adapter = vec![Vec::new(); adapters.len()];
     for (i, a) in adapter_of.iter().enumerate() {
         if let Some(a) = a {
             rows_of_adapter[*a].push(i);
         }
     }
+    if wide {
+        // Up to ROW_GROUP rows of one adapter at once, sharing each load of A.
+        let groups: Vec<(usize, &[usize])> = rows_of_adapter.iter().enumerate().flat_map(|(a, rows)| rows.chunks(ROW_GROUP).map(move |g| (a, g))).collect();
+        let out = crate::threads::DisjointOut(u.as_mut_ptr());
+        let shrink = |g: usize| {
+            let out = &out;
+            let (a, rows) = groups[g];
+            let (mut xs, mut us) = ([std::ptr::null(); ROW_GROUP], [std::ptr::null_mut(); ROW_GROUP]);
+            for (n, &i) in rows.iter().enumerate() {
+                xs[n] = x[i * cols_in..].as_ptr();
+                // SAFETY: row i of u [rows, r_max]: each row is in one group only.
+                us[n] = unsafe { out.0.add(i * r_max) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F, BW, VL (`wide`); rows of x of cols_in values, of u
+            // of at least r values.
+            unsafe {
+                x512::shrink(&adapters[a], cols_in, &xs[..rows.len()], &us[..rows.len()])
+            };
+        };
+        if parallel {
+            crate::threads::for_each_task(groups.len(), shrink);
+        } else {
+            (0..groups.len()).for_each(shrink);
+        }
+    } else {
+        let project = |i: usize, u: &mut [f32]| {
+            let x = &x[i * cols_in..(i + 1) * cols_in];
+            if let Some(f) = adapter_of[i].map(|a| &adapters[a]) {
+                dots_into(x, f.a, cols_in, &mut u[..f.r], simd);
+            }
+        };
+        if parallel {
+            crate::threads::for_each_chunk_mut(&mut u, r_max.max(1), project);
+        } else {
+            u.chunks_mut(r_max.max(1)).enumerate().for_each(|(i, u)| project(i, u));
+        }
+    }
+    // y[i] += s · B u[i] over column blocks (each task writes its own columns), up to ROW_GROUP
+    // rows of an adapter at once.
     const COLUMNS: usize = 128;
     let out = crate::threads::DisjointOut(y.as_mut_ptr());
     let expand_block = |block: usize| {
@@ -246,6 +280,70 @@ mod x86 {
             _mm256_permute2f128_ps::<0x31>(u2, u6),
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ]
+    }
+}
+
+/// AVX-512's `u = A x`: rows of one adapter together, each load of A widened once for them.
+#[cfg(target_arch = "x86_64")]
+mod x512 {
+    use std::arch::x86_64::*;
+
+    use super::{Element, Factors};
+    use crate::ops::attention_cpu::x512::{lane_mask, sums8};
+
+    /// `us[n][k] = A[k] · xs[n]` for k < r, 4 rows of A at a time (4 · N sums of 16 lanes, each
+    /// over the columns in order, then the lanes by one fixed tree: a row's bits do not depend on
+    /// its companions).
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C and AVX-512 F, BW, VL; each `xs[n]` holds `len` values, each `us[n]` r;
+    /// 1 to 4 rows.
+    pub unsafe fn shrink<T: Element>(f: &Factors<T>, len: usize, xs: &[*const f32], us: &[*mut f32]) {
+        match xs.len() {
+            4 => shrink_n::<T, 4>(f, len, xs, us),
+            3 => shrink_n::<T, 3>(f, len, xs, us),
+            2 => shrink_n::<T, 2>(f, len, xs, us),
+            _ => shrink_n::<T, 1>(f, len, xs, us),
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn shrink_n<T: Element, const N: usize>(f: &Factors<T>, len: usize, xs: &[*const f32], us: &[*mut f32]) {
+        const K: usize = 4;
+        let mut k = 0;
+        while k < f.r {
+            let kk = (f.r - k).min(K);
+            // A part block's missing rows repeat its last one; their sums are not stored.
+            let mut a = [std::ptr::null::<T>(); K];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = f.a.as_ptr().add((k + i.min(kk - 1)) * len);
+            }
+            let mut acc = [[_mm512_setzero_ps(); K]; N];
+            let mut c = 0;
+            while c < len {
+                let m = lane_mask(len - c);
+                let mut x = [_mm512_setzero_ps(); N];
+                for n in 0..N {
+                    x[n] = _mm512_maskz_loadu_ps(m, xs.get_unchecked(n).add(c));
+                }
+                for i in 0..K {
+                    let w = T::load16(a[i].add(c), m);
+                    for n in 0..N {
+                        acc[n][i] = _mm512_fmadd_ps(x[n], w, acc[n][i]);
+                    }
+                }
+                c += 16;
+            }
+            for n in 0..N {
+                let z = _mm512_setzero_ps();
+                let sums = sums8([acc[n][0], acc[n][1], acc[n][2], acc[n][3], z, z, z, z]);
+                let mut out = [0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), sums);
+                std::ptr::copy_nonoverlapping(out.as_ptr(), us.get_unchecked(n).add(k), kk);
+            }
+            k += kk;
+        }
     }
 }
 
@@ -482,13 +580,21 @@ mod tests {
         let shapes = [3usize, 16, 9];
         let factors: Vec<(Vec<f32>, Vec<f32>)> = shapes.iter().enumerate().map(|(s, &r)| (random(r * cols_in, 2 * s as u64), random(cols_out * r, 2 * s as u64 + 1))).collect();
         let adapters: Vec<Factors<f32>> = factors.iter().zip(shapes).map(|((a, b), r)| Factors { a, b, b_transposed: false, r, scale: 0.7 + r as f32 / 10.0 }).collect();
+        for wide in [false, true].into_iter().filter(|&w| !w || crate::simd::avx512()) {
+            matches_the_reference_at((cols_in, cols_out), adapter_of, &factors, &adapters, wide);
+        }
+    }
+
+    fn matches_the_reference_at((cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], factors: &[(Vec<f32>, Vec<f32>)], adapters: &[Factors<f32>], wide: bool) {
+        let shapes = [3usize, 16, 9];
+        let add = |x: &[f32], y: &mut [f32], adapter_of: &[Option<usize>], adapters: &[Factors<f32>]| add_at(x, y, (cols_in, cols_out), adapter_of, adapters, wide);
         let x = random(adapter_of.len() * cols_in, 10);
         let y0 = random(adapter_of.len() * cols_out, 11);
         let mut y = y0.clone();
-        add(&x, &mut y, (cols_in, cols_out), adapter_of, &adapters);
-        let want = reference(&x, &y0, (cols_in, cols_out), adapter_of, &adapters);
+        add(&x, &mut y, adapter_of, adapters);
+        let want = reference(&x, &y0, (cols_in, cols_out), adapter_of, adapters);
         let diff = y.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0f64, f64::max);
-        assert!(diff < 1e-5, "{diff}");
+        assert!(diff < 1e-5, "wide {wide}: {diff}");
         // Rows without an adapter are untouched, to the bit.
         for i in (0..adapter_of.len()).filter(|&i| adapter_of[i].is_none()) {
             assert_eq!(y[i * cols_out..(i + 1) * cols_out], y0[i * cols_out..(i + 1) * cols_out]);
@@ -496,14 +602,14 @@ mod tests {
         // A row alone gives the same bits as in the batch.
         for (i, &adapter) in adapter_of.iter().enumerate() {
             let mut alone = y0[i * cols_out..(i + 1) * cols_out].to_vec();
-            add(&x[i * cols_in..(i + 1) * cols_in], &mut alone, (cols_in, cols_out), &[adapter], &adapters);
-            assert_eq!(alone, y[i * cols_out..(i + 1) * cols_out], "row {i}");
+            add(&x[i * cols_in..(i + 1) * cols_in], &mut alone, &[adapter], adapters);
+            assert_eq!(alone, y[i * cols_out..(i + 1) * cols_out], "wide {wide}: row {i}");
         }
         // B transposed gives the same bits too.
         let transposed: Vec<Vec<f32>> = factors.iter().zip(shapes).map(|((_, b), r)| (0..r * cols_out).map(|e| b[(e % cols_out) * r + e / cols_out]).collect()).collect();
         let adapters_t: Vec<Factors<f32>> = adapters.iter().zip(&transposed).map(|(f, bt)| Factors { b: bt, b_transposed: true, ..*f }).collect();
         let mut y_t = y0.clone();
-        add(&x, &mut y_t, (cols_in, cols_out), adapter_of, &adapters_t);
-        assert_eq!(y_t, y);
+        add(&x, &mut y_t, adapter_of, &adapters_t);
+        assert_eq!(y_t, y, "wide {wide}");
     }
 }
