@@ -13,8 +13,8 @@
 //! AVX-512, up to 4 rows of one adapter at once against 4 rows of A, so that each load of A is
 //! widened once for all of them (the same sums in the same order for a row alone). Then
 //! `y[i][j] += s · Σ_k u[k] B[j][k]`: every output one chain of fused multiply-adds over k in
-//! order, 8 outputs side by side in a register's lanes, up to 4 rows of one adapter at once
-//! sharing B's loads. From B transposed a lane's values are one load; from B by rows, 8 rows are
+//! order, 8 outputs side by side in a register's lanes (16 with AVX-512 from Bᵀ), up to 4 rows
+//! of one adapter at once sharing B's loads. From B transposed a lane's values are one load; from B by rows, 8 rows are
 //! read and transposed in registers (which costs shuffles, so the mixed layer keeps Bᵀ). Both give
 //! the same bits, as does the one-output-at-a-time path for the columns left over: a row's sums
 //! run in one fixed order whatever its layout, its companions or the other rows of the batch, so a
@@ -122,7 +122,7 @@ fn add_at<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usi
                     ys[n] = unsafe { out.0.add(i * cols_out) };
                 }
                 // SAFETY: as above; B holds [cols_out, r] values.
-                unsafe { expand(f, cols_out, cols.clone(), &us[..group.len()], &ys[..group.len()], simd) };
+                unsafe { expand(f, cols_out, cols.clone(), &us[..group.len()], &ys[..group.len()], simd, wide) };
             }
         }
     };
@@ -142,10 +142,21 @@ const ROW_GROUP: usize = 4;
 /// # Safety
 /// `ys[n]` points at a row of y of `cols_out` values that no one else writes in `cols`;
 /// `us.len() == ys.len() <= ROW_GROUP`, each u of f.r values.
-unsafe fn expand<T: Element>(f: &Factors<T>, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32], simd: bool) {
+unsafe fn expand<T: Element>(f: &Factors<T>, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32], simd: bool, wide: bool) {
     let mut j = cols.start;
     #[cfg(target_arch = "x86_64")]
     if simd {
+        if wide && f.b_transposed {
+            // SAFETY: the CPU has AVX-512 F, BW and VL (`wide`). Lane for lane the same
+            // multiply-adds as the 8-lane code: the same bits.
+            j = match us.len() {
+                4 => x512::expand_transposed::<T, 4>(f, cols_out, cols.clone(), us, ys),
+                3 => x512::expand_transposed::<T, 3>(f, cols_out, cols.clone(), us, ys),
+                2 => x512::expand_transposed::<T, 2>(f, cols_out, cols.clone(), us, ys),
+                _ => x512::expand_transposed::<T, 1>(f, cols_out, cols.clone(), us, ys),
+            };
+        }
+        let cols = j..cols.end;
         // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
         j = match (us.len(), f.b_transposed) {
             (4, true) => x86::expand_transposed::<T, 4, 2>(f, cols_out, cols.clone(), us, ys),
@@ -158,7 +169,7 @@ unsafe fn expand<T: Element>(f: &Factors<T>, cols_out: usize, cols: std::ops::Ra
             (_, false) => x86::expand_rows::<T, 1>(f, cols.clone(), us, ys),
         };
     }
-    let _ = simd;
+    let _ = (simd, wide);
     for j in j..cols.end {
         for (u, y) in us.iter().zip(ys) {
             let acc = (0..f.r).fold(0f32, |acc, k| u[k].mul_add(f.b_at(j, k, cols_out), acc));
@@ -343,6 +354,51 @@ mod x512 {
                 std::ptr::copy_nonoverlapping(out.as_ptr(), us.get_unchecked(n).add(k), kk);
             }
             k += kk;
+        }
+    }
+
+    /// `super::expand` from Bᵀ, 64 and then 16 outputs a step in 16-lane registers; returns the
+    /// first column it left.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C and AVX-512 F, BW, VL; as `expand`, with `us.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn expand_transposed<T: Element, const N: usize>(f: &Factors<T>, cols_out: usize, cols: std::ops::Range<usize>, us: &[&[f32]], ys: &[*mut f32]) -> usize {
+        let mut j = cols.start;
+        while j + 64 <= cols.end {
+            columns_transposed::<T, N, 4>(f, cols_out, j, us, ys);
+            j += 64;
+        }
+        while j + 16 <= cols.end {
+            columns_transposed::<T, N, 1>(f, cols_out, j, us, ys);
+            j += 16;
+        }
+        j
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn columns_transposed<T: Element, const N: usize, const W: usize>(f: &Factors<T>, cols_out: usize, j: usize, us: &[&[f32]], ys: &[*mut f32]) {
+        let mut acc = [[_mm512_setzero_ps(); W]; N];
+        for k in 0..f.r {
+            let row = f.b.as_ptr().add(k * cols_out + j);
+            let mut b = [_mm512_setzero_ps(); W];
+            for w in 0..W {
+                b[w] = T::load16(row.add(16 * w), u16::MAX);
+            }
+            for n in 0..N {
+                let u = _mm512_set1_ps(*us.get_unchecked(n).get_unchecked(k));
+                for w in 0..W {
+                    acc[n][w] = _mm512_fmadd_ps(u, b[w], acc[n][w]);
+                }
+            }
+        }
+        let s = _mm512_set1_ps(f.scale);
+        for n in 0..N {
+            for w in 0..W {
+                let y = ys.get_unchecked(n).add(j + 16 * w);
+                _mm512_storeu_ps(y, _mm512_fmadd_ps(s, acc[n][w], _mm512_loadu_ps(y)));
+            }
         }
     }
 }
