@@ -14,9 +14,9 @@
 //! widened once for all of them (the same sums in the same order for a row alone). Then
 //! `y[i][j] += s · Σ_k u[k] B[j][k]`: every output one chain of fused multiply-adds over k in
 //! order, 8 outputs side by side in a register's lanes (16 with AVX-512 from Bᵀ), up to 4 rows
-//! of one adapter at once sharing B's loads. From B transposed a lane's values are one load; from B by rows, 8 rows are
-//! read and transposed in registers (which costs shuffles, so the mixed layer keeps Bᵀ). Both give
-//! the same bits, as does the one-output-at-a-time path for the columns left over: a row's sums
+//! of one adapter at once sharing B's loads. From B transposed a lane's values are one load; from
+//! B by rows, 8 rows are read and transposed in registers (which costs shuffles, so the mixed
+//! layer keeps Bᵀ). Both give the same bits, as does the one-output-at-a-time path for the columns left over: a row's sums
 //! run in one fixed order whatever its layout, its companions or the other rows of the batch, so a
 //! row gives the same bits alone or batched. The reference is the f64 composition `reference`;
 //! the tests compare the two.
@@ -50,7 +50,7 @@ pub fn add<T: Element>(x: &[f32], y: &mut [f32], shape: (usize, usize), adapter_
     add_at(x, y, shape, adapter_of, adapters, crate::simd::avx512());
 }
 
-/// [`add`], `u = A x` on AVX-512 (`wide`, where the CPU has it) or not.
+/// [`add`], on the AVX-512 kernels (`wide`, where the CPU has them) or not.
 fn add_at<T: Element>(x: &[f32], y: &mut [f32], (cols_in, cols_out): (usize, usize), adapter_of: &[Option<usize>], adapters: &[Factors<T>], wide: bool) {
     let rows = adapter_of.len();
     debug_assert!(x.len() == rows * cols_in && y.len() == rows * cols_out);
