@@ -16,10 +16,10 @@
 //! order, 8 outputs side by side in a register's lanes (16 with AVX-512 from Bᵀ), up to 4 rows
 //! of one adapter at once sharing B's loads. From B transposed a lane's values are one load; from
 //! B by rows, 8 rows are read and transposed in registers (which costs shuffles, so the mixed
-//! layer keeps Bᵀ). Both give the same bits, as does the one-output-at-a-time path for the columns left over: a row's sums
-//! run in one fixed order whatever its layout, its companions or the other rows of the batch, so a
-//! row gives the same bits alone or batched. The reference is the f64 composition `reference`;
-//! the tests compare the two.
+//! layer keeps Bᵀ). Both give the same bits, as does the one-output-at-a-time path for the
+//! columns left over: a row's sums run in one fixed order whatever its layout, its companions or
+//! the other rows of the batch, so a row gives the same bits alone or batched. The reference is
+//! the f64 composition `reference`; the tests compare the two.
 
 use candle_core::DType;
 
