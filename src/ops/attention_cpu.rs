@@ -539,8 +539,10 @@ pub(crate) mod x512 {
     }
 
     /// `q[hh] · keys[k]` over d values, 16 a register: each key widened once for the HG heads.
+    /// Each sum runs over the values in order and then its lanes by one fixed tree, so it does
+    /// not depend on HG, KEYS or its companions (`lora_rows` takes its rows of x as the q).
     #[inline(always)]
-    unsafe fn dots<T: Element, const HG: usize, const KEYS: usize>(q: &[*const f32; HG], keys: &[*const T; KEYS], d: usize) -> [[f32; KEYS]; HG] {
+    pub(crate) unsafe fn dots<T: Element, const HG: usize, const KEYS: usize>(q: &[*const f32; HG], keys: &[*const T; KEYS], d: usize) -> [[f32; KEYS]; HG] {
         let mut acc = [[_mm512_setzero_ps(); KEYS]; HG];
         let mut c = 0;
         while c < d {

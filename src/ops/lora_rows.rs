@@ -300,7 +300,7 @@ mod x512 {
     use std::arch::x86_64::*;
 
     use super::{Element, Factors};
-    use crate::ops::attention_cpu::x512::{lane_mask, sums8};
+    use crate::ops::attention_cpu::x512::dots;
 
     /// `us[n][k] = A[k] · xs[n]` for k < r, 4 rows of A at a time (4 · N sums of 16 lanes, each
     /// over the columns in order, then the lanes by one fixed tree: a row's bits do not depend on
@@ -318,10 +318,11 @@ mod x512 {
         }
     }
 
-    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn shrink_n<T: Element, const N: usize>(f: &Factors<T>, len: usize, xs: &[*const f32], us: &[*mut f32]) {
         const K: usize = 4;
+        let mut x = [std::ptr::null::<f32>(); N];
+        x.copy_from_slice(&xs[..N]);
         let mut k = 0;
         while k < f.r {
             let kk = (f.r - k).min(K);
@@ -330,28 +331,10 @@ mod x512 {
             for (i, a) in a.iter_mut().enumerate() {
                 *a = f.a.as_ptr().add((k + i.min(kk - 1)) * len);
             }
-            let mut acc = [[_mm512_setzero_ps(); K]; N];
-            let mut c = 0;
-            while c < len {
-                let m = lane_mask(len - c);
-                let mut x = [_mm512_setzero_ps(); N];
-                for n in 0..N {
-                    x[n] = _mm512_maskz_loadu_ps(m, xs.get_unchecked(n).add(c));
-                }
-                for i in 0..K {
-                    let w = T::load16(a[i].add(c), m);
-                    for n in 0..N {
-                        acc[n][i] = _mm512_fmadd_ps(x[n], w, acc[n][i]);
-                    }
-                }
-                c += 16;
-            }
-            for n in 0..N {
-                let z = _mm512_setzero_ps();
-                let sums = sums8([acc[n][0], acc[n][1], acc[n][2], acc[n][3], z, z, z, z]);
-                let mut out = [0f32; 8];
-                _mm256_storeu_ps(out.as_mut_ptr(), sums);
-                std::ptr::copy_nonoverlapping(out.as_ptr(), us.get_unchecked(n).add(k), kk);
+            // The rows of x against 4 rows of A: attention's query heads against its keys.
+            let sums = dots::<T, N, K>(&x, &a, len);
+            for (sums, u) in sums.iter().zip(us) {
+                std::ptr::copy_nonoverlapping(sums.as_ptr(), u.add(k), kk);
             }
             k += kk;
         }
