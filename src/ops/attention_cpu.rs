@@ -314,12 +314,7 @@ fn output_row<T: Element, const SIMD: bool>(row: usize, o: &mut [f32], Shape { h
                 *pj = if b <= MASKED { f32::NEG_INFINITY } else { dot * scale + b };
             }
         }
-        let max = lanes(&p, f32::NEG_INFINITY, f32::max);
-        for pj in p.iter_mut() {
-            *pj -= max;
-        }
-        super::exp::exp_in_place(&mut p);
-        let inv = 1.0 / lanes(&p, 0.0, |a, b| a + b);
+        let inv = unnormalized_softmax(&mut p);
         let (oh, value) = (&mut o[hi * d..(hi + 1) * d], |j| vv.row(bi, kh, first + j, d));
         #[cfg(target_arch = "x86_64")]
         if SIMD {
@@ -329,6 +324,18 @@ fn output_row<T: Element, const SIMD: bool>(row: usize, o: &mut [f32], Shape { h
         }
         weighted_values(&p, inv, value, oh);
     }
+}
+
+/// A row's scores `p` into `exp(p − max p)` in place; returns 1 / their sum, the factor that
+/// makes them the softmax (applied once to the weighted values rather than to every weight).
+#[inline(always)]
+fn unnormalized_softmax(p: &mut [f32]) -> f32 {
+    let max = lanes(p, f32::NEG_INFINITY, f32::max);
+    for pj in p.iter_mut() {
+        *pj -= max;
+    }
+    super::exp::exp_in_place(p);
+    1.0 / lanes(p, 0.0, |a, b| a + b)
 }
 
 /// `p`'s values folded by `f` in 8 lanes, then the lanes folded: the max or the sum of a row's
@@ -460,7 +467,7 @@ pub(crate) mod x86 {
 pub(crate) mod x512 {
     use std::arch::x86_64::*;
 
-    use super::{first_key, lanes, Element, Shape, Views, MASKED};
+    use super::{first_key, Element, Shape, Views, MASKED};
 
     /// The outputs of query heads h0 .. h0 + HG of one (batch row, query position), which share
     /// key/value head h0 / n, into o [HG · d]: KEYS keys' scores at a time (HG · KEYS
@@ -517,12 +524,7 @@ pub(crate) mod x512 {
         }
         let mut inv = [0f32; HG];
         for (p, inv) in p.chunks_exact_mut(len).zip(inv.iter_mut()) {
-            let max = lanes(p, f32::NEG_INFINITY, f32::max);
-            for pj in p.iter_mut() {
-                *pj -= max;
-            }
-            crate::ops::exp::exp_in_place(p);
-            *inv = 1.0 / lanes(p, 0.0, |a, b| a + b);
+            *inv = super::unnormalized_softmax(p);
         }
         let values: Vec<*const T> = (0..len).map(|j| if bias[j] <= MASKED { std::ptr::null() } else { vv.row(bi, kh, first + j, d).as_ptr() }).collect();
         weighted_values::<T, HG>(&p, &values, inv, o, d);
