@@ -51,9 +51,15 @@ pub fn avx2_fma_f16c() -> bool {
 /// Whether a kernel may use AVX-512 F, BW and VL (with AVX2, FMA and F16C): the CPU has them
 /// and the cap allows them.
 pub fn avx512() -> bool {
+    cap() == Cap::Any && avx2_fma_f16c() && cpu_has_avx512()
+}
+
+/// Whether the CPU has AVX-512 F, BW and VL, whatever the cap (a kernel's own level list, for
+/// its tests of every level).
+pub fn cpu_has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        cap() == Cap::Any && avx2_fma_f16c() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -197,8 +197,7 @@ impl Level {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl");
-            match (avx2, avx512) {
+            match (avx2, crate::simd::cpu_has_avx512()) {
                 (true, true) => return Level::Avx512,
                 (true, false) => return Level::Avx2,
                 _ => {}

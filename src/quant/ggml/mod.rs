@@ -186,7 +186,7 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            let vnni = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw");
+            let vnni = crate::simd::cpu_has_avx512() && is_x86_feature_detected!("avx512vnni");
             if avx2 && vnni {
                 return Simd::Avx512Vnni;
             }
